@@ -1,0 +1,182 @@
+"""The runtime: schedule, per-branch state, and the aggregated per-solver history (NOTES §4).
+
+At a skip step every block is forecast and none computed, so the stack output telescopes,
+``h_out = h_in + sum_l R_l``, and the forecast of that sum regroups by solver:
+
+    sum_l R_hat_l = sum_s sum_j w_{s,j} * A_s(t_j),    A_s = sum_l mask_{l,s} * R_l
+
+where ``mask_{l,s}`` selects the dimensions of block ``l`` whose cluster uses solver ``s``.
+So one history per solver in use replaces one per block: S x K tensors instead of
+blocks x K, with the same result up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..math.solvers import Solver, pool
+from ..profiles.profile import Profile
+from .forecast import forecast
+from .schedule import Schedule
+
+POSITION_AXES = ("step", "sigma")
+
+
+@dataclass
+class RunStats:
+    computed: int = 0
+    forecast: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.computed + self.forecast
+
+    def describe(self) -> str:
+        if not self.total:
+            return "no steps"
+        return (
+            f"{self.computed} of {self.total} steps computed, {self.forecast} forecast "
+            f"(~{self.forecast / self.total:.0%} fewer transformer FLOPs)"
+        )
+
+
+@dataclass
+class BranchState:
+    """Everything one guidance branch (cond or uncond) of one generation accumulates."""
+
+    step: int = 0
+    total_steps: int | None = None
+    first_position: float | None = None
+    signature: tuple | None = None
+    current_position: float = 0.0
+    computing: bool = True
+    failed: bool = False
+    positions: deque = field(default_factory=deque)
+    histories: list[deque] = field(default_factory=list)
+    accumulators: list[torch.Tensor | None] = field(default_factory=list)
+    stats: RunStats = field(default_factory=RunStats)
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class HybridCache:
+    """Forecasts the summed block residuals of skipped steps from a :class:`Profile`."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        schedule: Schedule,
+        positions: str = "step",
+        cache_dtype: torch.dtype | None = None,
+    ) -> None:
+        if positions not in POSITION_AXES:
+            raise ValueError(f"positions must be one of {POSITION_AXES}, got {positions!r}")
+        self.profile = profile
+        self.schedule = schedule
+        self.positions = positions
+        self.cache_dtype = cache_dtype
+        dim_solvers = profile.dim_solvers()  # (blocks, dim)
+        self.solver_ids: list[int] = torch.unique(dim_solvers).tolist()
+        self.solvers: list[Solver] = [pool()[i] for i in self.solver_ids]
+        # one_hot[l, s, d] = 1 where dimension d of block l uses the s-th solver in use
+        ids = torch.tensor(self.solver_ids)
+        self._one_hot = (dim_solvers.unsqueeze(1) == ids.view(1, -1, 1))
+        self._block_masks: dict[tuple, list[list[tuple[int, torch.Tensor | None]]]] = {}
+        self._max_history = max(s.history for s in self.solvers)
+        self.last_stats = RunStats()
+
+    # --- per step ---------------------------------------------------------------
+
+    def new_state(self) -> BranchState:
+        return BranchState()
+
+    def begin_step(self, state: BranchState, position: float | None, signature: tuple,
+                   total_steps: int | None = None) -> bool:
+        """Decide whether this step runs the blocks. Resets the branch when the input
+        shape changes (batch or resolution) or the sampler is back at its first position
+        (a new generation that nobody reset)."""
+        if state.step > 0 and (signature != state.signature or
+                               (position is not None and position == state.first_position)):
+            state.reset()
+        if state.step == 0:
+            state.first_position = position
+            state.signature = signature
+            state.total_steps = total_steps
+            state.histories = [deque(maxlen=s.history) for s in self.solvers]
+            state.positions = deque(maxlen=self._max_history)
+        use_step = self.positions == "step" or position is None
+        state.current_position = float(state.step) if use_step else float(position)
+        state.computing = state.failed or not state.positions or self.schedule.computes(state.step, state.total_steps)
+        if state.computing:
+            state.accumulators = [None] * len(self.solvers)
+        return state.computing
+
+    def record(self, state: BranchState, block: int, residual: torch.Tensor) -> None:
+        """Add block ``block``'s residual (output stream minus input stream) to the
+        per-solver sums of this compute step."""
+        for s, mask in self._masks_for(residual)[block]:
+            acc = state.accumulators[s]
+            if acc is None:
+                acc = state.accumulators[s] = self._fresh_accumulator(state, s, residual)
+            if mask is None:
+                acc.add_(residual)
+            else:
+                acc.addcmul_(residual, mask)
+
+    def predicted_residual(self, state: BranchState) -> torch.Tensor:
+        """The forecast of ``sum_l R_l`` at this skip step, one weighted sum over all
+        per-solver histories."""
+        positions = list(state.positions)
+        values, rows = [], []
+        for solver, history in zip(self.solvers, state.histories):
+            w = solver.weights(positions[: len(history)], state.current_position)
+            values.extend(list(history)[: len(w)])
+            rows.extend(w.tolist())
+        return forecast(values, torch.tensor(rows).unsqueeze(1))
+
+    def end_step(self, state: BranchState) -> None:
+        if state.computing:
+            recorded = all(acc is not None for acc in state.accumulators)
+            if not recorded:
+                state.failed = True  # some block did not report: the history would be inconsistent
+            if not state.failed:
+                for history, acc in zip(state.histories, state.accumulators):
+                    history.appendleft(acc)
+                state.positions.appendleft(state.current_position)
+            state.accumulators = []
+            state.stats.computed += 1
+        else:
+            state.stats.forecast += 1
+        state.step += 1
+        self.last_stats = state.stats
+
+    def history_bytes(self, state: BranchState) -> int:
+        return sum(t.numel() * t.element_size() for h in state.histories for t in h)
+
+    # --- helpers -----------------------------------------------------------------
+
+    def _fresh_accumulator(self, state: BranchState, s: int, residual: torch.Tensor) -> torch.Tensor:
+        dtype = self.cache_dtype or residual.dtype
+        history = state.histories[s]
+        if len(history) == history.maxlen and history[-1].shape == residual.shape:
+            recycled = history.pop()  # the value about to fall out of the window
+            return recycled.zero_()
+        return torch.zeros(residual.shape, device=residual.device, dtype=dtype)
+
+    def _masks_for(self, residual: torch.Tensor) -> list[list[tuple[int, torch.Tensor | None]]]:
+        """Per block: (solver slot, dimension mask or None when the block uses one solver)."""
+        key = (residual.device, self.cache_dtype or residual.dtype)
+        if key not in self._block_masks:
+            per_block = []
+            for one_hot in self._one_hot:  # (solvers, dim)
+                used = [s for s in range(len(self.solvers)) if one_hot[s].any()]
+                if len(used) == 1:
+                    per_block.append([(used[0], None)])
+                else:
+                    per_block.append([(s, one_hot[s].to(device=key[0], dtype=key[1])) for s in used])
+            self._block_masks[key] = per_block
+        return self._block_masks[key]

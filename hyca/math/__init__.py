@@ -1,0 +1,1 @@
+"""Pure math: the solver pool (and, with the probe, indicators and clustering)."""

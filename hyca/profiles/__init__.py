@@ -1,0 +1,5 @@
+"""Profiles: what the probe chose, as data the engine reads."""
+
+from .profile import Profile
+
+__all__ = ["Profile"]
