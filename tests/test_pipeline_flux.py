@@ -1,0 +1,71 @@
+"""HyCa inside diffusers' own FluxPipeline.__call__ (tiny transformer, precomputed prompt
+embeddings, latent output: the text encoders and VAE play no part in caching)."""
+
+import logging
+
+import pytest
+import torch
+
+import hyca
+
+from tiny import fresh_copy, tiny_flux, tiny_pipeline
+
+STEPS = 12
+
+
+def generate(pipe, **extra):
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, 5, 32, generator=g)
+    pooled = torch.randn(1, 24, generator=g)
+    return pipe(prompt_embeds=text, pooled_prompt_embeds=pooled, height=64, width=64,
+                num_inference_steps=STEPS, output_type="latent",
+                generator=torch.Generator().manual_seed(1), **extra).images
+
+
+@pytest.fixture()
+def pipe():
+    return tiny_pipeline(tiny_flux())
+
+
+def test_pipeline_schedule_and_reset(pipe, caplog):
+    full = generate(pipe)
+    hyca.enable(pipe, profile="taylor-2", interval=3, warmup=2)
+    with caplog.at_level(logging.INFO, logger="hyca"):
+        first = generate(pipe)
+        second = generate(pipe)
+    # steps 0, 1 (warm-up), 4, 7, 10 and the last one, read from the pipeline's scheduler
+    assert hyca.stats(pipe)[0].computed == 6 and hyca.stats(pipe)[0].forecast == 6
+    assert sum("HyCa [cond]: 6 of 12 steps computed" in r.message for r in caplog.records) == 2
+    assert torch.equal(first, second)  # the pipeline reset the state after the first call
+    assert not torch.equal(first, full)
+
+
+def test_true_cfg_gets_one_state_per_branch(pipe, caplog):
+    g = torch.Generator().manual_seed(5)
+    negative = dict(negative_prompt_embeds=torch.randn(1, 5, 32, generator=g),
+                    negative_pooled_prompt_embeds=torch.randn(1, 24, generator=g), true_cfg_scale=3.0)
+    hyca.enable(pipe, profile="taylor-2", interval=3, warmup=2)
+    with caplog.at_level(logging.INFO, logger="hyca"):
+        generate(pipe, **negative)
+    messages = [r.message for r in caplog.records]
+    assert any("HyCa [cond]: 6 of 12 steps computed" in m for m in messages)
+    assert any("HyCa [uncond]: 6 of 12 steps computed" in m for m in messages)
+
+
+def test_disable_is_bit_identical_to_a_never_patched_pipeline():
+    base = tiny_flux()
+    never = tiny_pipeline(base)
+    patched = tiny_pipeline(fresh_copy(base))
+    hyca.enable(patched, profile="lagrange-3", interval=4, warmup=2)
+    generate(patched)
+    hyca.disable(patched)
+    assert torch.equal(generate(patched), generate(never))
+
+
+def test_enable_twice_replaces_the_settings(pipe):
+    hyca.enable(pipe, profile="fora", interval=2, warmup=1)
+    hyca.enable(pipe, profile="taylor-1", interval=4, warmup=2)
+    generate(pipe)
+    assert hyca.stats(pipe)[0].computed == 5  # 0, 1, 5, 9, 11
+    hyca.disable(pipe)
+    assert not hyca.is_enabled(pipe)

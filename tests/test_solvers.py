@@ -1,0 +1,138 @@
+"""The solver pool: each entry is a linear extrapolator with the properties it claims."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from hyca.math.solvers import get_solver, pool
+
+RNG = np.random.default_rng(1234)
+
+
+def random_configuration(history: int):
+    """Decreasing positions with uneven gaps and a target past the newest one."""
+    gaps = RNG.uniform(0.3, 2.0, size=history - 1)
+    t0 = RNG.uniform(-3, 3)
+    positions = t0 - np.concatenate([[0.0], np.cumsum(gaps)])
+    target = t0 + RNG.uniform(0.2, 2.5)
+    return positions, target
+
+
+def runtime_configurations(history: int, interval: int = 5):
+    """History spaced ``interval`` steps apart, targets 1 .. interval-1 steps ahead."""
+    positions = 20.0 - interval * np.arange(history)
+    return [(positions, positions[0] + k) for k in range(1, interval)]
+
+
+@pytest.mark.parametrize("solver", pool(), ids=lambda s: s.name)
+def test_weights_sum_to_one(solver):
+    for _ in range(20):
+        t, x = random_configuration(solver.history)
+        assert solver.weights(t, x).sum() == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("solver", pool(), ids=lambda s: s.name)
+def test_exact_on_polynomials_of_its_degree_and_not_beyond(solver):
+    for _ in range(10):
+        t, x = random_configuration(solver.history)
+        w = solver.weights(t, x)
+        for degree in range(solver.exact_degree + 1):
+            coefficients = RNG.normal(size=degree + 1)
+            assert w @ np.polyval(coefficients, t) == pytest.approx(np.polyval(coefficients, x), abs=1e-8)
+        # the declared degree is tight: the next monomial is not reproduced
+        d = solver.exact_degree + 1
+        assert abs(w @ t**d - x**d) > 1e-6
+
+
+def test_rk2_from_the_paper_derivation():
+    """NOTES §2: eq. 30-32 give F_n + 3/2 (F_n - F_{n-1}) - 1/2 (F_{n-1} - F_{n-2}); with a
+    uniform step that is 5/2 F_n - 2 F_{n-1} + 1/2 F_{n-2}, which is also AB2."""
+    h = 0.7
+    t = np.array([3.0, 3.0 - h, 3.0 - 2 * h])
+    rk2 = get_solver("rk2").weights(t, 3.0 + h)
+    np.testing.assert_allclose(rk2, [2.5, -2.0, 0.5], atol=1e-12)
+    np.testing.assert_allclose(get_solver("ab2").weights(t, 3.0 + h), rk2, atol=1e-12)
+    # eq. 33 as printed (3/2 F_n - 1/2 F_{n-2}) does not follow from eq. 32
+    assert not np.allclose(rk2, [1.5, 0.0, -0.5])
+
+
+def test_rk2_heun_form_on_uneven_positions():
+    """RK2 written as Heun with finite-difference slopes, k2 extrapolated linearly from
+    the last two slopes, equals the pool entry for any spacing."""
+    for _ in range(10):
+        t, x = random_configuration(3)
+        F = RNG.normal(size=3)
+        s0 = (F[0] - F[1]) / (t[0] - t[1])
+        s1 = (F[1] - F[2]) / (t[1] - t[2])
+        k1 = s0
+        k2 = s0 + (x - t[0]) * (s0 - s1) / (t[0] - t[1])
+        heun = F[0] + (x - t[0]) / 2 * (k1 + k2)
+        assert get_solver("rk2").weights(t, x) @ F == pytest.approx(heun, abs=1e-10)
+
+
+class TaylorSeerReference:
+    """TaylorSeer's factor update and prediction, as its cache does it per module."""
+
+    def __init__(self, order):
+        self.order, self.factors, self.last = order, {}, None
+
+    def update(self, feature, position):
+        new = {0: feature}
+        if self.last is not None:
+            distance = position - self.last
+            for i in range(self.order):
+                if i not in self.factors:
+                    break
+                new[i + 1] = (new[i] - self.factors[i]) / distance
+        self.factors, self.last = new, position
+
+    def predict(self, position):
+        offset = position - self.last
+        return sum(f * offset**i / math.factorial(i) for i, f in self.factors.items())
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_taylor_matches_taylorseer_recursion(order):
+    solver = get_solver(f"taylor-{order}")
+    for _ in range(10):
+        t, x = random_configuration(order + 1)
+        F = RNG.normal(size=order + 1)
+        reference = TaylorSeerReference(order)
+        for position, value in zip(t[::-1], F[::-1]):  # oldest first, as sampling runs
+            reference.update(value, position)
+        assert solver.weights(t, x) @ F == pytest.approx(reference.predict(x), abs=1e-9)
+
+
+def test_short_history_falls_back_like_taylorseer():
+    """Right after warm-up TaylorSeer uses the orders it has; every solver does the same."""
+    t, x = np.array([4.0, 3.0]), 6.0
+    for solver in pool():
+        if solver.history > 2:
+            np.testing.assert_allclose(solver.weights(t, x), get_solver("taylor-1").weights(t, x))
+    np.testing.assert_allclose(get_solver("lagrange-4").weights(t[:1], x), [1.0])
+
+
+def test_no_two_entries_share_a_coefficient_set():
+    """Compared where the engine uses them (runtime spacing) and at random uneven spacing."""
+    for a, b in itertools.combinations(pool(), 2):
+        if a.history != b.history:
+            continue  # different numbers of cached values: different coefficient sets
+        configurations = runtime_configurations(a.history) + [random_configuration(a.history) for _ in range(3)]
+        assert any(not np.allclose(a.weights(t, x), b.weights(t, x)) for t, x in configurations), (a.name, b.name)
+
+
+@pytest.mark.parametrize("solver", pool(), ids=lambda s: s.name)
+def test_weights_do_not_depend_on_the_units_of_position(solver):
+    """Step index, sigma and timestep=1000*sigma are affine maps of each other."""
+    t, x = random_configuration(solver.history)
+    np.testing.assert_allclose(solver.weights(1000 * t + 7, 1000 * x + 7), solver.weights(t, x), atol=1e-8)
+
+
+def test_names_and_aliases():
+    assert get_solver("FORA").name == "reuse"
+    assert get_solver("rk2") is get_solver("taylor-2")
+    assert len({s.name for s in pool()}) == len(pool())
+    with pytest.raises(ValueError, match="unknown solver 'rk4'.*known solvers"):
+        get_solver("rk4")
