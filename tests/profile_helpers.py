@@ -1,0 +1,49 @@
+"""Profiles for the tiny FLUX model, shared by the profile, source, Hub and CLI tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import safe_open, save_file
+
+from hyca.math.solvers import pool_names
+from hyca.profiles.fingerprint import fingerprint, total_blocks
+from hyca.profiles.profile import Profile
+
+from tiny import tiny_flux
+
+_FP: dict | None = None
+
+
+def tiny_fingerprint() -> dict:
+    """Fingerprint of tests/tiny.py's tiny_flux() (computed once: building the model is slow-ish)."""
+    global _FP
+    if _FP is None:
+        _FP = fingerprint(tiny_flux())
+    return dict(_FP)
+
+
+def random_profile(fp: dict, clusters: int = 4, seed: int = 0, **metadata) -> Profile:
+    """Labels and solvers drawn at random, shaped for the model ``fp`` names."""
+    g = torch.Generator().manual_seed(seed)
+    blocks, dim = total_blocks(fp), fp["hidden_size"]
+    return Profile(
+        labels=torch.randint(0, clusters, (blocks, dim), generator=g),
+        solvers=torch.randint(0, len(pool_names()), (blocks, clusters), generator=g),
+        metadata={"fingerprint": fp, **metadata},
+    )
+
+
+def read_parts(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the decoded HyCa header of a profile file."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["hyca"])
+
+
+def write_parts(path: Path, tensors: dict[str, torch.Tensor], header: dict | str) -> Path:
+    """A safetensors file with the given tensors and HyCa header (to forge bad profiles)."""
+    text = header if isinstance(header, str) else json.dumps(header)
+    save_file(tensors, str(path), metadata={"hyca": text})
+    return path
