@@ -1,0 +1,203 @@
+"""Where profiles come from: explicit path > HYCA_PROFILES > shipped > cache > Hub > probe,
+and every broken source is a warning and the next source, never a crash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hyca.profiles import sources
+from hyca.profiles.io import ProfileError, load_profile, profile_filename, save_profile
+from hyca.profiles.sources import candidate_names, default_cache_dir, resolve_profile
+
+from hub_standin import closed_port_endpoint, hub, online  # noqa: F401  (fixtures)
+from profile_helpers import random_profile, tiny_fingerprint
+
+REPO = "someone/hyca-profiles"
+
+
+@pytest.fixture()
+def fp():
+    return tiny_fingerprint()
+
+
+@pytest.fixture()
+def dirs(tmp_path, monkeypatch):
+    """Empty extra, shipped and cache folders; the Hub off unless a test names a repo."""
+    d = {name: tmp_path / name for name in ("extra", "shipped", "cache", "hf")}
+    for folder in d.values():
+        folder.mkdir()
+    monkeypatch.setenv("HYCA_PROFILES", str(d["extra"]))
+    monkeypatch.setattr(sources, "shipped_dir", lambda: d["shipped"])
+    monkeypatch.setenv("HYCA_CACHE", str(d["cache"]))
+    monkeypatch.setenv("HYCA_HUB_REPO", "none")
+    return d
+
+
+class Probe:
+    """A probe callable that records its calls and returns a fixed profile."""
+
+    def __init__(self, profile):
+        self.profile, self.calls = profile, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.profile
+
+
+def same(a, b) -> bool:
+    return torch.equal(a.labels, b.labels) and torch.equal(a.solvers, b.solvers)
+
+
+def test_order_of_sources(dirs, fp, hub, tmp_path):
+    """Each source wins over all later ones; removing it hands over to the next."""
+    profiles = {name: random_profile(fp, seed=i) for i, name in
+                enumerate(["path", "extra", "shipped", "cache", "hub", "probe"])}
+    explicit = save_profile(profiles["path"], tmp_path / "mine.safetensors")
+    placed = {name: save_profile(profiles[name], dirs[name] / profile_filename(fp))
+              for name in ("extra", "shipped", "cache")}
+    push = save_profile(profiles["hub"], tmp_path / "hub.safetensors")
+    hub.state.put_file(REPO, profile_filename(fp), push.read_bytes())
+    probe = Probe(profiles["probe"])
+
+    def resolve(hub_cache=dirs["hf"], **kw):
+        return resolve_profile(fp, hub_repo=REPO, hub_endpoint=hub.endpoint, hub_cache_dir=hub_cache,
+                               probe=probe, **kw)
+
+    found = resolve(path=explicit)
+    assert (found.source, found.path) == ("path", explicit) and same(found.profile, profiles["path"])
+    for name in ("extra", "shipped", "cache"):
+        found = resolve()
+        assert (found.source, found.path) == (name, placed[name]) and same(found.profile, profiles[name])
+        assert found.warnings == []
+        placed[name].unlink()
+    found = resolve()
+    assert found.source == "hub" and same(found.profile, profiles["hub"]) and found.warnings == []
+    hub.state.repos.clear()
+    # (huggingface_hub would still serve its cached copy of a vanished repo: use an empty Hub cache)
+    with pytest.warns(UserWarning, match="not found"):
+        found = resolve(hub_cache=tmp_path / "fresh-hf")
+    assert found.source == "probe" and probe.calls == 1 and same(found.profile, profiles["probe"])
+
+
+def test_interval_specific_file_is_preferred(dirs, fp):
+    general = save_profile(random_profile(fp, seed=1, interval=5), dirs["cache"] / profile_filename(fp))
+    specific = save_profile(random_profile(fp, seed=2, interval=6), dirs["cache"] / profile_filename(fp, 6))
+    assert candidate_names(fp, 6) == [specific.name, general.name]
+    assert resolve_profile(fp, interval=6).path == specific
+    with pytest.warns(UserWarning, match="chosen for interval N=5, it is used at N=7"):
+        found = resolve_profile(fp, interval=7)
+    assert found.path == general and len(found.warnings) == 1
+
+
+def test_corrupt_cache_falls_through_to_probe_and_is_replaced(dirs, fp):
+    cached = dirs["cache"] / profile_filename(fp)
+    cached.write_bytes(b"\x20\x00\x00\x00\x00\x00\x00\x00{half")
+    probe = Probe(random_profile(fp, seed=3, interval=5, warmup=2))
+    with pytest.warns(UserWarning, match="skipping cache profile.*truncated"):
+        found = resolve_profile(fp, probe=probe)
+    assert (found.source, found.path, probe.calls) == ("probe", cached, 1)
+    assert any("truncated" in w for w in found.warnings)
+    # The probed profile replaced the corrupt file and is found there next time, without probing.
+    assert same(load_profile(cached, fp), probe.profile)
+    again = resolve_profile(fp, probe=probe)
+    assert (again.source, probe.calls) == ("cache", 1) and again.warnings == []
+
+
+def test_profile_for_another_model_is_skipped(dirs, fp):
+    other = {**fp, "config_sha256": "f" * 64}
+    save_profile(random_profile(other), dirs["shipped"] / profile_filename(fp))  # right name, wrong model
+    good = save_profile(random_profile(fp, seed=4), dirs["cache"] / profile_filename(fp))
+    with pytest.warns(UserWarning, match="skipping shipped profile.*differently configured"):
+        found = resolve_profile(fp)
+    assert found.path == good
+
+
+def test_offline_skips_the_hub_with_one_warning(dirs, fp, monkeypatch):
+    """The test suite runs with HF_HUB_OFFLINE=1: the default Hub repo is skipped, not a crash."""
+    monkeypatch.setenv("HYCA_HUB_REPO", REPO)
+    probe = Probe(random_profile(fp))
+    with pytest.warns(UserWarning, match=r"offline mode \(HF_HUB_OFFLINE=1\)"):
+        found = resolve_profile(fp, probe=probe, hub_cache_dir=dirs["hf"])
+    assert found.source == "probe" and len(found.warnings) == 1 and REPO in found.warnings[0]
+
+
+def test_offline_still_reads_a_prepopulated_hub_cache(dirs, fp, hub, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    profile = random_profile(fp, seed=5)
+    hub.state.put_file(REPO, profile_filename(fp), save_profile(profile, tmp_path / "p.safetensors").read_bytes())
+    first = resolve_profile(fp, hub_repo=REPO, hub_endpoint=hub.endpoint, hub_cache_dir=dirs["hf"])
+    assert first.source == "hub"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.state.repos.clear()  # the Hub has nothing now; the cached copy must serve
+    again = resolve_profile(fp, hub_repo=REPO, hub_endpoint=hub.endpoint, hub_cache_dir=dirs["hf"])
+    assert again.source == "hub" and same(again.profile, profile) and again.warnings == []
+
+
+def test_unreachable_hub_warns_once_and_moves_on(dirs, fp, online):
+    probe = Probe(random_profile(fp))
+    with pytest.warns(UserWarning, match="unreachable"):
+        found = resolve_profile(fp, hub_repo=REPO, hub_endpoint=closed_port_endpoint(), hub_cache_dir=dirs["hf"],
+                                probe=probe, interval=6)
+    assert found.source == "probe" and len(found.warnings) == 1
+
+
+def test_hub_without_the_file_and_with_a_bad_file(dirs, fp, hub):
+    hub.state.put_file(REPO, "README.md", b"profiles")
+    probe = Probe(random_profile(fp))
+    with pytest.warns(UserWarning, match="has no profile for FluxTransformer2DModel.*-n6.safetensors"):
+        found = resolve_profile(fp, hub_repo=REPO, hub_endpoint=hub.endpoint, hub_cache_dir=dirs["hf"],
+                                probe=probe, interval=6)
+    assert found.source == "probe" and len(found.warnings) == 1
+    (dirs["cache"] / profile_filename(fp)).unlink()  # the first probe's result, saved to the cache
+    hub.state.put_file(REPO, profile_filename(fp), b"garbage garbage garbage")
+    with pytest.warns(UserWarning, match="skipping hub profile.*not a profile file"):
+        found = resolve_profile(fp, hub_repo=REPO, hub_endpoint=hub.endpoint, hub_cache_dir=dirs["hf"],
+                                probe=probe)
+    assert found.source == "probe" and probe.calls == 2
+
+
+def test_explicit_path_errors_are_raised(dirs, fp, tmp_path):
+    bad = tmp_path / "mine.safetensors"
+    bad.write_bytes(b"nonsense")
+    save_profile(random_profile(fp), dirs["cache"] / profile_filename(fp))
+    with pytest.raises(ProfileError, match="not a profile file"):
+        resolve_profile(fp, path=bad)
+    with pytest.raises(ProfileError, match="no such profile file"):
+        resolve_profile(fp, path=tmp_path / "missing.safetensors")
+
+
+def test_nothing_found_without_a_probe_says_where_it_looked(dirs, fp):
+    with pytest.raises(ProfileError, match=r"no profile for FluxTransformer2DModel.*cache.*python -m hyca probe"):
+        resolve_profile(fp)
+
+
+def test_unwritable_cache_still_returns_the_probed_profile(dirs, fp, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    probe = Probe(random_profile(fp))
+    with pytest.warns(UserWarning, match="could not save it to the cache"):
+        found = resolve_profile(fp, probe=probe, cache_dir=blocker / "cache")
+    assert found.source == "probe" and found.path is None and same(found.profile, probe.profile)
+
+
+def test_accepts_a_transformer(dirs, fp):
+    from tiny import tiny_flux
+
+    path = save_profile(random_profile(fp), dirs["cache"] / profile_filename(fp))
+    assert resolve_profile(tiny_flux()).path == path
+
+
+def test_default_locations(monkeypatch, tmp_path):
+    assert sources.shipped_dir() == Path(__file__).resolve().parents[1] / "profiles"
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("HYCA_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "hyca" / "profiles"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "hyca" / "profiles"
