@@ -9,12 +9,17 @@ dimension (NOTES §5). Every "norm" and "dot product" below runs over that ``r``
 Per-step indicators (differences, ratios, cosines, energy) are averaged over the steps
 where they are defined (``d1`` from the second step on, ``d2``/``eta``/``rho`` from the
 third, ``d3``/``kappa`` from the fourth); an indicator with no defined step is 0. The
-two spectral ones use the orthonormal DCT-II over the time axis, power summed over ``r``.
+two spectral ones use the orthonormal DCT-II over the time axis, power summed over ``r``
+(or over its first ``spectral_rows`` rows: a sub-sketch, see below).
 
 :func:`indicators` is the vectorized reference; :class:`IndicatorAccumulator` computes
 the same values one step at a time, holding a window of 4 steps, running sums, and the
 DCT coefficients (the basis is known from the step count), so a probe never has to keep
-the whole trajectory of sketches in a list.
+the whole trajectory of sketches in a list. Its DCT coefficients are the one part as
+large as a whole trajectory, ``(steps, blocks, rows, dim)``; ``spectral_rows`` keeps them
+for the first rows of the sketch only. The first rows of a Gaussian sketch are a smaller
+Gaussian sketch, and both spectral indicators are ratios, so they stay unbiased, only
+noisier; for FLUX.1-dev (57 blocks x 3072 dims, 50 steps) two rows take 70 MB.
 """
 
 from __future__ import annotations
@@ -87,10 +92,19 @@ def _stack(values: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([values[name].float() for name in INDICATOR_NAMES], dim=-1)
 
 
-def indicators(traj: torch.Tensor | np.ndarray) -> torch.Tensor:
+def _spectral_rows(rows: int, spectral_rows: int | None) -> int:
+    if spectral_rows is None:
+        return rows
+    if not isinstance(spectral_rows, int) or spectral_rows < 1:
+        raise ValueError(f"spectral_rows must be a positive integer or None (all rows), got {spectral_rows!r}")
+    return min(rows, spectral_rows)
+
+
+def indicators(traj: torch.Tensor | np.ndarray, spectral_rows: int | None = None) -> torch.Tensor:
     """All ten indicators, ``(steps, blocks, r, dim)`` -> ``(blocks, dim, 10)`` float32.
 
-    Fully vectorized; memory is a few copies of ``traj``.
+    Fully vectorized; memory is a few copies of ``traj``. ``spectral_rows``: how many
+    of the ``r`` rows the two spectral indicators use (all when None).
     """
     f = torch.as_tensor(traj).float()
     if f.ndim != 4:
@@ -114,8 +128,9 @@ def indicators(traj: torch.Tensor | np.ndarray) -> torch.Tensor:
         "gamma": _mean_or_zero((n1 / (n0[:-1] + EPS)).sum(0), steps - 1),
         "energy": n0.mean(0),
     }
-    coefficients = dct_basis(steps, device=f.device) @ f.reshape(steps, -1)
-    power = coefficients.reshape(steps, blocks, r, dim).square().sum(2)
+    rs = _spectral_rows(r, spectral_rows)
+    coefficients = dct_basis(steps, device=f.device) @ f[:, :, :rs].reshape(steps, -1)
+    power = coefficients.reshape(steps, blocks, rs, dim).square().sum(2)
     out["lfr"], out["sf"] = _spectral(power)
     return _stack(out)
 
@@ -125,15 +140,17 @@ class IndicatorAccumulator:
     ``(blocks, r, dim)``, in order, then :meth:`finalize`.
 
     Holds the last 4 sketches, one running sum per indicator, and the DCT coefficients
-    ``(num_steps, blocks, r, dim)`` updated with a rank-one product per step (the power
-    spectrum needs the coefficients before squaring, so they cannot be reduced further).
-    Tensors live on the device and in float32 like the first sketch given.
+    ``(num_steps, blocks, spectral_rows, dim)`` updated with a rank-one product per step
+    (the power spectrum needs the coefficients before squaring, so they cannot be reduced
+    further). Tensors live on the device of the first sketch given, in float32.
     """
 
-    def __init__(self, num_blocks: int, dim: int, num_steps: int) -> None:
+    def __init__(self, num_blocks: int, dim: int, num_steps: int, spectral_rows: int | None = None) -> None:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        _spectral_rows(1, spectral_rows)  # validates
         self.num_blocks, self.dim, self.num_steps = num_blocks, dim, num_steps
+        self.spectral_rows = spectral_rows
         self.step = 0
         self._window: list[torch.Tensor] = []  # newest first: f_k, f_{k-1}, f_{k-2}, f_{k-3}
         self._sums: dict[str, torch.Tensor] = {}
@@ -156,11 +173,13 @@ class IndicatorAccumulator:
             raise ValueError(f"more updates than the {self.num_steps} steps announced")
         if self._coefficients is None:
             self._basis = dct_basis(self.num_steps, device=f.device)
-            self._coefficients = torch.zeros((self.num_steps, *f.shape), device=f.device)
+            rs = _spectral_rows(f.shape[1], self.spectral_rows)
+            self._coefficients = torch.zeros((self.num_steps, f.shape[0], rs, f.shape[2]), device=f.device)
         elif f.shape != self._window[0].shape:
             raise ValueError(f"sketch shape changed from {tuple(self._window[0].shape)} to {tuple(f.shape)}")
         # DCT: coefficients[i] += C[i, k] * f_k, one outer product.
-        self._coefficients.view(self.num_steps, -1).addr_(self._basis[:, self.step], f.reshape(-1))
+        rows = f[:, : self._coefficients.shape[2]].reshape(-1)
+        self._coefficients.view(self.num_steps, -1).addr_(self._basis[:, self.step], rows)
 
         w = [f, *self._window]
         n0 = _norm(f, 1)
