@@ -2,12 +2,12 @@
 
 __version__ = "0.1.0"
 
-from .adapters.diffusers import disable, enable, is_enabled, reset, stats
+from .adapters.diffusers import disable, enable, is_enabled, recommended_settings, reset, stats
 from .engine import HybridCache, Schedule
 from .math.solvers import get_solver, pool
 from .profiles import Profile
 
 __all__ = [
     "HybridCache", "Profile", "Schedule", "__version__", "disable", "enable", "get_solver",
-    "is_enabled", "pool", "reset", "stats",
+    "is_enabled", "pool", "recommended_settings", "reset", "stats",
 ]

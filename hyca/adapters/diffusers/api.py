@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -15,26 +15,64 @@ from .families import blocks_of, family_of, hidden_size
 TRANSFORMER_ATTRIBUTES = ("transformer", "transformer_2")
 
 
-def transformers_of(target: Any) -> list[torch.nn.Module]:
-    """The transformer itself, or every transformer a pipeline holds (Wan 2.2 has two)."""
+def named_transformers(target: Any) -> list[tuple[str, torch.nn.Module]]:
+    """``(attribute, transformer)`` for a transformer itself (named ``"transformer"``) or
+    for every transformer a pipeline holds (Wan 2.2 A14B has two)."""
     if isinstance(target, torch.nn.Module):
-        return [target]
-    found = [getattr(target, a) for a in TRANSFORMER_ATTRIBUTES if getattr(target, a, None) is not None]
+        return [(TRANSFORMER_ATTRIBUTES[0], target)]
+    found = [(a, getattr(target, a)) for a in TRANSFORMER_ATTRIBUTES if getattr(target, a, None) is not None]
     if not found:
         raise TypeError(f"{type(target).__name__} is neither a transformer nor a pipeline with one")
     return found
 
 
-def _steps_from(scheduler: Any):
-    """Model calls per branch in the current run, read from the scheduler when it is set."""
+def transformers_of(target: Any) -> list[torch.nn.Module]:
+    """The transformer itself, or every transformer a pipeline holds (Wan 2.2 has two)."""
+    return [t for _, t in named_transformers(target)]
 
-    def total_steps() -> int | None:
-        timesteps = getattr(scheduler, "timesteps", None)
-        if timesteps is None:
-            return None
-        return len(timesteps) - (getattr(scheduler, "begin_index", None) or 0)
+
+def _remaining_timesteps(scheduler: Any) -> torch.Tensor | None:
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return None
+    return timesteps[getattr(scheduler, "begin_index", None) or 0:]
+
+
+def _steps_from(scheduler: Any) -> Callable[[int | None], int | None]:
+    """Model calls per branch in the current run: the count the pipeline gives in its
+    cache context, else the scheduler's."""
+
+    def total_steps(from_context: int | None) -> int | None:
+        if from_context:
+            return from_context
+        timesteps = _remaining_timesteps(scheduler)
+        return None if timesteps is None else len(timesteps)
 
     return total_steps
+
+
+def _expert_steps(pipe: Any, attribute: str) -> Callable[[int | None], int | None]:
+    """Calls one expert of a two-transformer pipeline (Wan 2.2 A14B) receives: the
+    high-noise ``transformer`` runs while ``t >= boundary_ratio * num_train_timesteps``,
+    ``transformer_2`` after. The pipeline's cache context gives the whole run's count,
+    which neither expert sees, so the count comes from the scheduler."""
+    scheduler = pipe.scheduler
+
+    def total_steps(from_context: int | None) -> int | None:
+        timesteps = _remaining_timesteps(scheduler)
+        if timesteps is None:
+            return None
+        boundary = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
+        high_noise = int((timesteps >= boundary).sum())
+        return high_noise if attribute == "transformer" else len(timesteps) - high_noise
+
+    return total_steps
+
+
+def _has_experts(target: Any) -> bool:
+    config = getattr(target, "config", None)
+    return (not isinstance(target, torch.nn.Module) and getattr(target, "transformer_2", None) is not None
+            and config is not None and config.get("boundary_ratio") is not None)
 
 
 def _profile_for(profile: Profile | str, transformer: torch.nn.Module, num_blocks: int, dim: int) -> Profile:
@@ -46,9 +84,18 @@ def _profile_for(profile: Profile | str, transformer: torch.nn.Module, num_block
     raise TypeError(f"profile must be a Profile or a solver name such as 'fora' or 'taylor-2', got {profile!r}")
 
 
+def _profile_of(profile: Any, attribute: str) -> Profile | str:
+    if isinstance(profile, Mapping):
+        if attribute not in profile:
+            raise KeyError(f"profile has no entry for {attribute!r}; give one per transformer, "
+                           f"e.g. {{'transformer': p1, 'transformer_2': p2}} (got keys {sorted(profile)})")
+        return profile[attribute]
+    return profile
+
+
 def enable(
     target: Any,
-    profile: Profile | str,
+    profile: Profile | str | Mapping[str, Profile | str],
     interval: int = 5,
     warmup: int = 3,
     compute_last: bool = True,
@@ -59,7 +106,11 @@ def enable(
     """Accelerate ``target`` (a pipeline or a transformer) with hybrid feature caching.
 
     ``profile``: a :class:`Profile`, or a solver name for the one-cluster methods
-    (``"fora"``, ``"taylor-1"``, ``"taylor-2"``, ...). ``interval``: one computed step in
+    (``"fora"``, ``"taylor-1"``, ``"taylor-2"``, ...), or for a pipeline with two
+    transformers (Wan 2.2 A14B) a dict ``{"transformer": p1, "transformer_2": p2}``.
+    Each transformer counts its own calls: warm-up is its first ``warmup`` calls and
+    ``compute_last`` computes its last one (for Wan 2.2's high-noise expert, the step
+    before the switch). ``interval``: one computed step in
     every N after ``warmup`` computed steps. ``positions``: ``"step"`` (step index) or
     ``"sigma"`` (the model's timestep input) as the axis the solvers extrapolate along.
     ``scheduler``: where to read the step count in a hand-written loop (a pipeline's own
@@ -69,7 +120,8 @@ def enable(
     schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
     scheduler = scheduler if scheduler is not None else getattr(target, "scheduler", None)
     engines = []
-    for transformer in transformers_of(target):
+    experts = _has_experts(target)
+    for attribute, transformer in named_transformers(target):
         family = family_of(transformer)
         if getattr(transformer, "is_cache_enabled", False):
             raise RuntimeError(
@@ -77,10 +129,11 @@ def enable(
                 f"({type(transformer._cache_config).__name__}); call transformer.disable_cache() first"
             )
         blocks = blocks_of(transformer, family)
-        engine = HybridCache(_profile_for(profile, transformer, len(blocks), hidden_size(transformer)),
-                             schedule, positions, cache_dtype)
+        chosen = _profile_for(_profile_of(profile, attribute), transformer, len(blocks), hidden_size(transformer))
+        engine = HybridCache(chosen, schedule, positions, cache_dtype)
+        total_steps = _expert_steps(target, attribute) if experts else _steps_from(scheduler)
         hooks.unregister(transformer)
-        hooks.register(transformer, blocks, engine, family, _steps_from(scheduler))
+        hooks.register(transformer, blocks, engine, family, total_steps)
         engines.append(engine)
     return engines
 
@@ -106,3 +159,23 @@ def stats(target: Any) -> list[RunStats]:
 
 def is_enabled(target: Any) -> bool:
     return any(hooks.root_hook(t) is not None for t in transformers_of(target))
+
+
+FEW_STEPS = 10  # distilled models: FLUX.1-schnell (4 steps), Qwen-Image-Lightning (8)
+MEDIUM_STEPS = 30
+
+
+def recommended_settings(target: Any, num_inference_steps: int) -> dict[str, Any]:
+    """Schedule settings for a run of ``num_inference_steps``, as keyword arguments of
+    :func:`enable`. Few-step distilled models get ``interval=2, warmup=1``: with 4 or 8
+    steps a longer interval leaves too few computed steps for any history. A pipeline
+    with two experts (Wan 2.2 A14B) is judged by the calls one expert sees, about half.
+    """
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    calls = num_inference_steps // 2 if _has_experts(target) else num_inference_steps
+    if calls <= FEW_STEPS:
+        return dict(interval=2, warmup=1, compute_last=True)
+    if calls <= MEDIUM_STEPS:
+        return dict(interval=3, warmup=2, compute_last=True)
+    return dict(interval=5, warmup=3, compute_last=True)

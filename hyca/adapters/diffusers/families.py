@@ -1,5 +1,13 @@
 """Per model family: which block lists exist, what each block returns, which stream reaches
-the output. This table is the only model-specific knowledge the diffusers hooks need."""
+the output. This table is the only model-specific knowledge the diffusers hooks need.
+
+Read from the diffusers 0.42 sources of each transformer's ``forward``. The rule every
+entry obeys: the cached residual is that of the stream which, after the last block,
+is the only thing ``norm_out``/``proj_out`` read. At a skip step the first block adds the
+forecast of the summed residuals to that stream and every block passes its inputs
+through; the other streams (text) then leave the stack unchanged, which is harmless
+because no later block runs to read them.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +15,28 @@ from dataclasses import dataclass
 
 import torch
 
+TEXT = "encoder_hidden_states"
+IMAGE = "hidden_states"
+
 
 @dataclass(frozen=True)
 class BlockList:
     """``attribute``: the ``nn.ModuleList`` on the transformer, run in table order.
     ``returns``: for each output position of a block, the name of the input argument it
-    updates (a plain string when the block returns one tensor). ``"hidden_states"`` is
-    the stream that reaches the output; its residual is what HyCa caches."""
+    updates (a plain string when the block returns one tensor). ``stream`` is the input
+    that reaches the output; its residual is what HyCa caches.
+
+    ``stream_tokens="tail"``: the block sees text and image tokens concatenated
+    (``[text, image]``) and only the last tokens, as many as the first block's stream
+    has, reach the output (Chroma's single blocks). ``text_dropped_if``: a block
+    attribute which, when true, makes every output but the stream ``None`` (SD3's last
+    joint block has ``context_pre_only`` and returns ``(None, hidden_states)``)."""
 
     attribute: str
     returns: tuple[str, ...] | str
-    stream: str = "hidden_states"
+    stream: str = IMAGE
+    stream_tokens: str = "all"
+    text_dropped_if: str | None = None
 
 
 @dataclass(frozen=True)
@@ -26,21 +45,100 @@ class Family:
     block_lists: tuple[BlockList, ...]
     timestep_arg: str = "timestep"
     input_arg: str = "hidden_states"
+    bypass_args: tuple[str, ...] = ()
     notes: str = ""
 
+
+# Blocks that return (text, image) and take both by keyword: FLUX's double and single
+# blocks, Qwen-Image's, SD3's joint blocks, Chroma's double blocks.
+TEXT_IMAGE = (TEXT, IMAGE)
+# HunyuanVideo and CogView4 return them the other way round.
+IMAGE_TEXT = (IMAGE, TEXT)
 
 FAMILIES: dict[str, Family] = {
     "FluxTransformer2DModel": Family(
         name="FLUX",
         block_lists=(
-            BlockList("transformer_blocks", ("encoder_hidden_states", "hidden_states")),
-            BlockList("single_transformer_blocks", ("encoder_hidden_states", "hidden_states")),
+            BlockList("transformer_blocks", TEXT_IMAGE),
+            BlockList("single_transformer_blocks", TEXT_IMAGE),
         ),
         notes=(
             "double blocks update (text, image) and return (text, image); single blocks take "
             "both streams, attend jointly and return (text, image); only the image stream "
             "reaches norm_out/proj_out, so a skip step forecasts the image stream alone"
         ),
+    ),
+    "QwenImageTransformer2DModel": Family(
+        name="Qwen-Image",
+        block_lists=(BlockList("transformer_blocks", TEXT_IMAGE),),
+        notes=(
+            "one list of dual-stream blocks returning (text, image); the Edit pipelines append "
+            "the reference image's latent tokens to the image stream, so the cached residual "
+            "covers them too (the pipeline slices them off after the transformer)"
+        ),
+    ),
+    "HunyuanVideoTransformer3DModel": Family(
+        name="HunyuanVideo",
+        block_lists=(
+            BlockList("transformer_blocks", IMAGE_TEXT),
+            BlockList("single_transformer_blocks", IMAGE_TEXT),
+        ),
+        notes=(
+            "the token refiner lives inside context_embedder and runs every step (text only); "
+            "dual- and single-stream blocks are called positionally and return (image, text); "
+            "the image stream's tokens cover every latent frame"
+        ),
+    ),
+    "WanTransformer3DModel": Family(
+        name="Wan",
+        block_lists=(BlockList("blocks", IMAGE),),
+        notes=(
+            "cross-attention blocks called positionally, returning the video stream alone; "
+            "Wan 2.2 A14B pipelines hold two of these (transformer, transformer_2), each with "
+            "its own engine, profile and step count"
+        ),
+    ),
+    "SD3Transformer2DModel": Family(
+        name="SD3 / SD3.5",
+        block_lists=(BlockList("transformer_blocks", TEXT_IMAGE, text_dropped_if="context_pre_only"),),
+        bypass_args=("skip_layers",),
+        notes=(
+            "joint blocks return (text, image); the last has context_pre_only and returns "
+            "(None, image). Skip-layer guidance calls the transformer a second time with "
+            "skip_layers set and some blocks never run: HyCa stays out of that call"
+        ),
+    ),
+    "ChromaTransformer2DModel": Family(
+        name="Chroma",
+        block_lists=(
+            BlockList("transformer_blocks", TEXT_IMAGE),
+            BlockList("single_transformer_blocks", IMAGE, stream_tokens="tail"),
+        ),
+        notes=(
+            "double blocks return (text, image); the forward concatenates [text, image] for "
+            "the single blocks, which return that one tensor; the image tokens at its tail "
+            "reach the output. The pipeline runs cond and uncond without a cache_context"
+        ),
+    ),
+    "Lumina2Transformer2DModel": Family(
+        name="Lumina2",
+        block_lists=(BlockList("layers", IMAGE),),
+        notes=(
+            "context_refiner and noise_refiner run every step (each on its own stream); the "
+            "main layers see one joint [text, image] sequence, cached whole (text and padding "
+            "included: the output reads the image part). The pipeline runs cond and uncond "
+            "without a cache_context"
+        ),
+    ),
+    "CogView4Transformer2DModel": Family(
+        name="CogView4",
+        block_lists=(BlockList("transformer_blocks", IMAGE_TEXT),),
+        notes="dual-stream blocks called positionally, returning (image, text)",
+    ),
+    "SanaTransformer2DModel": Family(
+        name="Sana",
+        block_lists=(BlockList("transformer_blocks", IMAGE),),
+        notes="linear-attention blocks with cross-attention, returning the image stream alone",
     ),
 }
 

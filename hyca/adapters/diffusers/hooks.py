@@ -28,18 +28,46 @@ DEFAULT_BRANCH = "default"
 
 
 class BranchStates(StateManager):
-    """diffusers' ``StateManager`` keyed by cache context, plus one default branch for
-    sampling loops that call the transformer without opening a ``cache_context``."""
+    """diffusers' ``StateManager`` keyed by cache context, plus default branches for
+    sampling loops that call the transformer without opening a ``cache_context``.
+
+    Also the scratch space of one transformer call, shared by the root and block hooks:
+    whether HyCa stays out of it (``bypass``) and how many tokens the output stream has
+    (``stream_tokens``, for blocks that see it concatenated behind the text)."""
+
+    def __init__(self, state_cls: type) -> None:
+        super().__init__(state_cls)
+        self._unnamed = DEFAULT_BRANCH
+        self._last_unnamed_position: float | None = None
+        self._calls_at_position = 0
+        self.bypass = False
+        self.stream_tokens: int | None = None
+
+    def name_unnamed_call(self, position: float | None) -> None:
+        """Pick the branch of a call made outside any ``cache_context``. Pipelines such as
+        Chroma's and Lumina2's run cond, then uncond, at the same timestep without naming
+        them: the k-th call at one position is the k-th branch of that step."""
+        if self._context is not None:
+            return
+        same = position is not None and position == self._last_unnamed_position
+        self._calls_at_position = self._calls_at_position + 1 if same else 0
+        self._last_unnamed_position = position
+        k = self._calls_at_position
+        self._unnamed = DEFAULT_BRANCH if k == 0 else f"{DEFAULT_BRANCH}#{k + 1}"
 
     def get_state(self) -> BranchState:
         if self._context is None:
-            if DEFAULT_BRANCH not in self._state_cache:
-                self._state_cache[DEFAULT_BRANCH] = self._state_cls()
-            return self._state_cache[DEFAULT_BRANCH]
+            if self._unnamed not in self._state_cache:
+                self._state_cache[self._unnamed] = self._state_cls()
+            return self._state_cache[self._unnamed]
         return super().get_state()
 
     def all_states(self) -> dict[str, BranchState]:
         return dict(self._state_cache)
+
+    def reset(self) -> None:
+        super().reset()
+        self._unnamed, self._last_unnamed_position, self._calls_at_position = DEFAULT_BRANCH, None, 0
 
 
 def _parameter_names(function: Callable) -> tuple[str, ...]:
@@ -59,7 +87,7 @@ class HyCaHook(ModelHook):
     _is_stateful = True
 
     def __init__(self, engine: HybridCache, family: Family, states: BranchStates,
-                 total_steps: Callable[[], int | None]) -> None:
+                 total_steps: Callable[[int | None], int | None]) -> None:
         super().__init__()
         self.engine = engine
         self.family = family
@@ -72,7 +100,10 @@ class HyCaHook(ModelHook):
         return module
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        state = self.states.get_state()
+        bypass = self.states.bypass = any(
+            _argument(self._names, name, args, kwargs) is not None for name in self.family.bypass_args)
+        if bypass:  # e.g. SD3's skip-layer guidance pass: some blocks never run, nothing to cache
+            return args, kwargs
         context = self.states._context
         timestep = _argument(self._names, self.family.timestep_arg, args, kwargs)
         position = None
@@ -80,14 +111,19 @@ class HyCaHook(ModelHook):
             position = float(context.sigma)
         elif timestep is not None:
             position = float(torch.as_tensor(timestep).flatten()[0])
+        self.states.name_unnamed_call(position)
+        state = self.states.get_state()
         sample = _argument(self._names, self.family.input_arg, args, kwargs)
         signature = tuple(sample.shape) if isinstance(sample, torch.Tensor) else None
         total = context.num_inference_steps if context is not None and context.num_inference_steps else None
-        self.engine.begin_step(state, position, signature, total or self.total_steps())
+        self.engine.begin_step(state, position, signature, self.total_steps(total))
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        self.engine.end_step(self.states.get_state())
+        if self.states.bypass:
+            self.states.bypass = False
+        else:
+            self.engine.end_step(self.states.get_state())
         return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -114,8 +150,12 @@ class HyCaBlockHook(ModelHook):
         return module
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self.states.bypass:
+            return self.fn_ref.original_forward(*args, **kwargs)
         state = self.states.get_state()
         stream = _argument(self._names, self.spec.stream, args, kwargs)
+        if self.index == 0:
+            self.states.stream_tokens = stream.shape[1]
         if not state.computing and self.index == 0:
             try:
                 stream = stream + self.engine.predicted_residual(state).to(stream.dtype)
@@ -124,7 +164,7 @@ class HyCaBlockHook(ModelHook):
                 state.failed = state.computing = True
         if state.computing:
             return self._compute(state, stream, args, kwargs)
-        return self._pass_through(stream, args, kwargs)
+        return self._pass_through(module, stream, args, kwargs)
 
     def _compute(self, state: BranchState, stream: torch.Tensor, args: tuple, kwargs: dict):
         output = self.fn_ref.original_forward(*args, **kwargs)
@@ -132,22 +172,32 @@ class HyCaBlockHook(ModelHook):
             returns = self.spec.returns
             out_stream = output if isinstance(returns, str) else output[returns.index(self.spec.stream)]
             try:
-                self.engine.record(state, self.index, out_stream - stream)
+                self.engine.record(state, self.index, self._output_part(out_stream - stream))
             except Exception as error:
                 logger.warning("HyCa: caching failed (%s); computing every remaining step", error)
                 state.failed = True
         return output
 
-    def _pass_through(self, stream: torch.Tensor, args: tuple, kwargs: dict):
+    def _output_part(self, residual: torch.Tensor) -> torch.Tensor:
+        """The tokens of ``residual`` that reach the transformer's output."""
+        if self.spec.stream_tokens == "tail":
+            return residual[:, residual.shape[1] - self.states.stream_tokens:]
+        return residual
+
+    def _pass_through(self, module: torch.nn.Module, stream: torch.Tensor, args: tuple, kwargs: dict):
         returns = self.spec.returns
         if isinstance(returns, str):
             return stream
-        return tuple(stream if name == self.spec.stream else _argument(self._names, name, args, kwargs)
+        dropped = self.spec.text_dropped_if is not None and getattr(module, self.spec.text_dropped_if, False)
+        return tuple(stream if name == self.spec.stream else
+                     None if dropped else _argument(self._names, name, args, kwargs)
                      for name in returns)
 
 
 def register(transformer: torch.nn.Module, blocks: list[tuple[BlockList, torch.nn.Module]],
-             engine: HybridCache, family: Family, total_steps: Callable[[], int | None]) -> None:
+             engine: HybridCache, family: Family, total_steps: Callable[[int | None], int | None]) -> None:
+    """``total_steps(count_from_cache_context)``: the number of calls this transformer
+    will see in the current run, for ``compute_last``."""
     states = BranchStates(BranchState)
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     registry.register_hook(HyCaHook(engine, family, states, total_steps), ROOT_HOOK)

@@ -1,0 +1,313 @@
+"""Tiny pipelines of every supported DiT family, for tests.
+
+Each :class:`Case` builds the real diffusers pipeline class around real transformers
+made from small configs (nothing mocked, nothing downloaded). Text encoders play no part
+in caching: prompts go in as random ``prompt_embeds``; the VAE is left out and the
+pipelines return latents, except Qwen-Image-Edit, whose reference image goes through a
+tiny ``AutoencoderKLQwenImage``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers import (AutoencoderKLQwenImage, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
+                       CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                       HunyuanVideoTransformer3DModel, Lumina2Pipeline, Lumina2Transformer2DModel,
+                       QwenImageEditPipeline, QwenImagePipeline, QwenImageTransformer2DModel, SanaPipeline,
+                       SanaTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, WanPipeline,
+                       WanTransformer3DModel)
+from PIL import Image
+
+TEXT_TOKENS = 5
+
+
+@dataclass
+class Case:
+    """One family's tiny pipeline. ``streams``: per block list, written out here from
+    diffusers' sources independently of HyCa's table, ``(attribute, index of the
+    output stream in the block's returned tuple or None for a lone tensor, whether
+    only the tail tokens reach the output)``."""
+
+    name: str
+    transformer: Callable[[int], torch.nn.Module]
+    pipeline: Callable[..., object]
+    call: Callable[..., torch.Tensor]
+    streams: list[tuple[str, int | None, bool]]
+    experts: tuple[str, ...] = ("transformer",)
+    extra: dict = field(default_factory=dict)
+
+    def build(self, seed: int = 0):
+        """A pipeline with fresh transformers (identical weights for equal seeds)."""
+        models = {name: self.transformer(seed + i) for i, name in enumerate(self.experts)}
+        return self.pipeline(**models)
+
+    def copy_of(self, pipe):
+        models = {name: copy.deepcopy(getattr(pipe, name)) for name in self.experts}
+        return self.pipeline(**models)
+
+    def run(self, pipe, steps: int, **extra) -> torch.Tensor:
+        with torch.no_grad():
+            return self.call(pipe, steps, **{**self.extra, **extra})
+
+
+def _seeded(cls, seed: int, gain: float = 1.0, **config):
+    torch.manual_seed(seed)
+    model = cls(**config).eval()
+    if gain != 1.0:  # random init leaves modulation gates small: make block residuals matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ("norm" in name or "mod" in name) and name.endswith("linear.weight"):
+                    p.mul_(gain)
+    return model
+
+
+def _embeds(dim: int, seed: int, batch: int = 1, tokens: int = TEXT_TOKENS) -> torch.Tensor:
+    return torch.randn(batch, tokens, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator().manual_seed(1)
+
+
+def _scheduler(**config) -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(**config)
+
+
+# --- Qwen-Image (and Edit) ------------------------------------------------------------
+
+QWEN = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6))
+
+
+def _qwen_cfg(cfg: bool) -> dict:
+    if not cfg:
+        return {}
+    return dict(negative_prompt_embeds=_embeds(16, 7), negative_prompt_embeds_mask=torch.ones(1, TEXT_TOKENS),
+                true_cfg_scale=3.0)
+
+
+def _qwen_call(pipe, steps, cfg=False, **extra):
+    return pipe(prompt_embeds=_embeds(16, 3), prompt_embeds_mask=torch.ones(1, TEXT_TOKENS), height=64, width=64,
+                num_inference_steps=steps, output_type="latent", generator=_generator(),
+                **_qwen_cfg(cfg), **extra).images
+
+
+def _qwen_pipeline(transformer):
+    return QwenImagePipeline(scheduler=_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                             transformer=transformer)
+
+
+def _tiny_qwen_vae() -> AutoencoderKLQwenImage:
+    torch.manual_seed(5)
+    return AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                  temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                  latents_std=[1.0] * 4).eval()
+
+
+def _remember_encodings(vae: AutoencoderKLQwenImage) -> AutoencoderKLQwenImage:
+    """The Edit pipeline resizes every reference image to about 1024 x 1024 pixels, which
+    costs even a tiny VAE seconds on a CPU. Every test encodes the same image, so keep
+    the real encoder's result per input instead of recomputing it."""
+    encode, seen = vae.encode, {}
+
+    def remembered(x, *args, **kwargs):
+        key = (tuple(x.shape), x.dtype, hash(x.numpy().tobytes()))
+        if key not in seen:
+            seen[key] = encode(x, *args, **kwargs)
+        return seen[key]
+
+    vae.encode = remembered
+    return vae
+
+
+QWEN_EDIT_VAE = _remember_encodings(_tiny_qwen_vae())
+
+
+def _qwen_edit_pipeline(transformer):
+    return QwenImageEditPipeline(scheduler=_scheduler(), vae=QWEN_EDIT_VAE, text_encoder=None, tokenizer=None,
+                                 processor=None, transformer=transformer)
+
+
+def _reference_image(side: int) -> Image.Image:
+    pixels = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _qwen_edit_call(pipe, steps, cfg=False, **extra):
+    # The pipeline resizes the reference image to about 1024 x 1024 before encoding it;
+    # a small source image keeps the tiny VAE's work to that one resize target.
+    return pipe(image=_reference_image(32), prompt_embeds=_embeds(16, 3),
+                prompt_embeds_mask=torch.ones(1, TEXT_TOKENS), height=64, width=64, num_inference_steps=steps,
+                output_type="latent", generator=_generator(), **_qwen_cfg(cfg), **extra).images
+
+
+# --- HunyuanVideo -----------------------------------------------------------------------
+
+HUNYUAN = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+               num_single_layers=2, num_refiner_layers=1, patch_size=1, text_embed_dim=16,
+               pooled_projection_dim=8, rope_axes_dim=(4, 6, 6))
+
+
+def _hunyuan_call(pipe, steps, cfg=False, **extra):
+    negative = dict(negative_prompt_embeds=_embeds(16, 7), negative_pooled_prompt_embeds=torch.ones(1, 8),
+                    negative_prompt_attention_mask=torch.ones(1, TEXT_TOKENS), true_cfg_scale=3.0) if cfg else {}
+    return pipe(prompt_embeds=_embeds(16, 3), pooled_prompt_embeds=torch.zeros(1, 8),
+                prompt_attention_mask=torch.ones(1, TEXT_TOKENS), height=32, width=32, num_frames=5,
+                num_inference_steps=steps, output_type="latent", generator=_generator(),
+                **negative, **extra).frames
+
+
+def _hunyuan_pipeline(transformer):
+    return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
+                                scheduler=_scheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None)
+
+
+# --- Wan 2.1 / 2.2 ----------------------------------------------------------------------
+
+WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+           text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+
+
+def _wan_call(pipe, steps, cfg=False, **extra):
+    guidance = dict(guidance_scale=3.0, negative_prompt_embeds=_embeds(16, 7)) if cfg else dict(guidance_scale=1.0)
+    if getattr(pipe, "transformer_2", None) is not None:
+        guidance["guidance_scale_2"] = guidance["guidance_scale"]
+    return pipe(prompt_embeds=_embeds(16, 3), height=32, width=32, num_frames=5, num_inference_steps=steps,
+                output_type="latent", generator=_generator(), **guidance, **extra).frames
+
+
+def _wan_pipeline(transformer, transformer_2=None):
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=_scheduler(shift=5.0),
+                       transformer=transformer, transformer_2=transformer_2,
+                       boundary_ratio=0.5 if transformer_2 is not None else None)
+
+
+# --- SD3 / SD3.5 ------------------------------------------------------------------------
+
+SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+           joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+           pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+def _sd3_call(pipe, steps, cfg=False, **extra):
+    negative = dict(negative_prompt_embeds=_embeds(16, 7), negative_pooled_prompt_embeds=torch.ones(1, 8))
+    guidance = dict(guidance_scale=3.0, **negative) if cfg else dict(guidance_scale=1.0)
+    return pipe(prompt_embeds=_embeds(16, 3), pooled_prompt_embeds=torch.zeros(1, 8), height=64, width=64,
+                num_inference_steps=steps, output_type="latent", generator=_generator(),
+                **guidance, **extra).images
+
+
+def _sd3_pipeline(transformer):
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=_scheduler(shift=3.0), vae=None,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+
+
+# --- Chroma -----------------------------------------------------------------------------
+
+CHROMA = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+              num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+              approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=1)
+
+
+def _chroma_call(pipe, steps, cfg=False, **extra):
+    negative = dict(guidance_scale=3.0, negative_prompt_embeds=_embeds(16, 7),
+                    negative_prompt_attention_mask=torch.ones(1, TEXT_TOKENS)) if cfg else dict(guidance_scale=1.0)
+    return pipe(prompt_embeds=_embeds(16, 3), prompt_attention_mask=torch.ones(1, TEXT_TOKENS), height=64, width=64,
+                num_inference_steps=steps, output_type="latent", generator=_generator(), **negative, **extra).images
+
+
+def _chroma_pipeline(transformer):
+    return ChromaPipeline(scheduler=_scheduler(), vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+
+
+# --- Lumina2 ----------------------------------------------------------------------------
+
+LUMINA2 = dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
+               num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6),
+               axes_lens=(32, 32, 32), cap_feat_dim=16)
+
+
+def _lumina2_call(pipe, steps, cfg=False, **extra):
+    negative = dict(guidance_scale=3.0, negative_prompt_embeds=_embeds(16, 7),
+                    negative_prompt_attention_mask=torch.ones(1, TEXT_TOKENS, dtype=torch.long)) if cfg \
+        else dict(guidance_scale=1.0)
+    return pipe(prompt_embeds=_embeds(16, 3), prompt_attention_mask=torch.ones(1, TEXT_TOKENS, dtype=torch.long),
+                height=64, width=64, num_inference_steps=steps, output_type="latent", generator=_generator(),
+                system_prompt="", **negative, **extra).images
+
+
+def _lumina2_pipeline(transformer):
+    return Lumina2Pipeline(transformer=transformer, scheduler=_scheduler(), vae=None, text_encoder=None, tokenizer=None)
+
+
+# --- CogView4 ---------------------------------------------------------------------------
+
+COGVIEW4 = dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                num_attention_heads=2, text_embed_dim=16, time_embed_dim=8, condition_dim=4, pos_embed_max_size=16,
+                sample_size=8, rope_axes_dim=(4, 4))
+
+
+def _cogview4_call(pipe, steps, cfg=False, **extra):
+    negative = dict(guidance_scale=3.0, negative_prompt_embeds=_embeds(16, 7)) if cfg else dict(guidance_scale=1.0)
+    return pipe(prompt_embeds=_embeds(16, 3), height=64, width=64, num_inference_steps=steps, output_type="latent",
+                generator=_generator(), **negative, **extra).images
+
+
+def _cogview4_pipeline(transformer):
+    return CogView4Pipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                            scheduler=_scheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                 use_dynamic_shifting=True, time_shift_type="linear"))
+
+
+# --- Sana -------------------------------------------------------------------------------
+
+SANA = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+            sample_size=8, patch_size=1)
+
+
+def _sana_call(pipe, steps, cfg=False, **extra):
+    negative = dict(guidance_scale=3.0, negative_prompt_embeds=_embeds(16, 7),
+                    negative_prompt_attention_mask=torch.ones(1, TEXT_TOKENS)) if cfg else dict(guidance_scale=1.0)
+    return pipe(prompt_embeds=_embeds(16, 3), prompt_attention_mask=torch.ones(1, TEXT_TOKENS), height=128,
+                width=128, num_inference_steps=steps, output_type="latent", generator=_generator(),
+                use_resolution_binning=False, negative_prompt=None, **negative, **extra).images
+
+
+def _sana_pipeline(transformer):
+    return SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                        scheduler=_scheduler(shift=3.0))
+
+
+def _maker(cls, config, gain):
+    return lambda seed: _seeded(cls, seed, gain, **config)
+
+
+CASES: dict[str, Case] = {
+    "qwenimage": Case("qwenimage", _maker(QwenImageTransformer2DModel, QWEN, 20.0), _qwen_pipeline, _qwen_call,
+                      [("transformer_blocks", 1, False)]),
+    "qwenimage-edit": Case("qwenimage-edit", _maker(QwenImageTransformer2DModel, QWEN, 20.0), _qwen_edit_pipeline,
+                           _qwen_edit_call, [("transformer_blocks", 1, False)]),
+    "hunyuanvideo": Case("hunyuanvideo", _maker(HunyuanVideoTransformer3DModel, HUNYUAN, 20.0), _hunyuan_pipeline,
+                         _hunyuan_call, [("transformer_blocks", 0, False), ("single_transformer_blocks", 0, False)]),
+    "wan2.1": Case("wan2.1", _maker(WanTransformer3DModel, WAN, 1.0), _wan_pipeline, _wan_call,
+                   [("blocks", None, False)]),
+    "wan2.2": Case("wan2.2", _maker(WanTransformer3DModel, WAN, 1.0), _wan_pipeline, _wan_call,
+                   [("blocks", None, False)], experts=("transformer", "transformer_2")),
+    "sd3": Case("sd3", _maker(SD3Transformer2DModel, SD3, 20.0), _sd3_pipeline, _sd3_call,
+                [("transformer_blocks", 1, False)]),
+    "chroma": Case("chroma", _maker(ChromaTransformer2DModel, CHROMA, 20.0), _chroma_pipeline, _chroma_call,
+                   [("transformer_blocks", 1, False), ("single_transformer_blocks", None, True)]),
+    "lumina2": Case("lumina2", _maker(Lumina2Transformer2DModel, LUMINA2, 20.0), _lumina2_pipeline, _lumina2_call,
+                    [("layers", None, False)]),
+    "cogview4": Case("cogview4", _maker(CogView4Transformer2DModel, COGVIEW4, 20.0), _cogview4_pipeline,
+                     _cogview4_call, [("transformer_blocks", 0, False)]),
+    "sana": Case("sana", _maker(SanaTransformer2DModel, SANA, 1.0), _sana_pipeline, _sana_call,
+                 [("transformer_blocks", None, False)]),
+}
