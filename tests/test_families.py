@@ -7,6 +7,7 @@ calls, and bit-identical outputs after ``hyca.disable``.
 """
 
 import logging
+from collections import defaultdict
 
 import pytest
 import torch
@@ -87,14 +88,19 @@ def _structure(output):
 
 
 def block_structures(case, pipe) -> tuple[list, dict]:
-    """Torch hooks recording every block call's output structure, per block."""
-    seen, handles = {}, []
+    """Torch hooks recording every block call's output structure, per block and batch
+    size (SD3's skip-layer guidance pass runs with a smaller batch)."""
+    seen, handles = defaultdict(set), []
+
+    def record(key, output):
+        structure = _structure(output)
+        batch = next(shape[0] for shape in structure if shape is not None)
+        seen[key + (batch,)].add(structure)
+
     for expert in case.experts:
         for attribute, _, _ in case.streams:
             for i, block in enumerate(getattr(getattr(pipe, expert), attribute)):
-                key = (expert, attribute, i)
-                seen[key] = set()
-                handles.append(block.register_forward_hook(lambda m, a, o, k=key: seen[k].add(_structure(o))))
+                handles.append(block.register_forward_hook(lambda m, a, o, k=(expert, attribute, i): record(k, o)))
     return handles, seen
 
 
@@ -116,3 +122,78 @@ def test_disable_is_bit_identical_to_a_never_patched_pipeline(name):
     untouched = case.run(never, STEPS)
     assert not torch.equal(with_hyca, untouched)
     assert torch.equal(case.run(patched, STEPS), untouched)
+
+
+def test_sd3_skip_layer_guidance_pass_is_left_alone():
+    case = CASES["sd3-slg"]
+    pipe = case.build()
+    hyca.enable(pipe, profile="taylor-2", interval=INTERVAL, warmup=WARMUP)
+    skip_layer_calls = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: skip_layer_calls.append(k.get("skip_layers")), with_kwargs=True)
+    case.run(pipe, STEPS)
+    handle.remove()
+    assert skip_layer_calls.count([1]) == STEPS - 1  # steps 1 .. 7 add the guidance pass
+    stats = hyca.stats(pipe)[0]
+    assert (stats.computed, stats.forecast) == (sum(expected_plan(INTERVAL, WARMUP, STEPS)), 3)
+
+
+def test_wan22_experts_have_their_own_profile_state_and_step_count(caplog):
+    case = CASES["wan2.2"]
+    pipe = case.build()
+    calls = count_calls(case, pipe, lambda: case.run(pipe, STEPS))
+    high, low = calls[("transformer", 0)], calls[("transformer_2", 0)]
+    assert (high, low) == (4, 4)  # boundary_ratio 0.85 splits the shifted schedule in half
+
+    profiles = {"transformer": "taylor-2", "transformer_2": "fora"}
+    engines = hyca.enable(pipe, profile=profiles, interval=INTERVAL, warmup=WARMUP)
+    assert [e.solvers[0].name for e in engines] == ["taylor-2", "reuse"]
+    with caplog.at_level(logging.INFO, logger="hyca"):
+        case.run(pipe, STEPS, cfg=True)
+    # each expert counts only its own calls: warm-up, cycle and last call within its segment
+    for expert, stats in zip(case.experts, hyca.stats(pipe)):
+        n = calls[(expert, 0)]
+        assert (stats.computed, stats.total) == (sum(expected_plan(INTERVAL, WARMUP, n)), n)
+    logged = [r.message for r in caplog.records if r.message.startswith("HyCa [")]
+    assert sorted(m.split(":")[0] for m in logged) == ["HyCa [cond]", "HyCa [cond]", "HyCa [uncond]",
+                                                        "HyCa [uncond]"]
+
+    with pytest.raises(KeyError, match="profile has no entry for 'transformer_2'"):
+        hyca.enable(pipe, profile={"transformer": "fora"})
+
+
+def test_unnamed_guidance_calls_get_one_state_each(caplog):
+    """Chroma's pipeline runs cond and uncond without a cache context."""
+    case = CASES["chroma"]
+    pipe = case.build()
+    hyca.enable(pipe, profile="taylor-1", interval=INTERVAL, warmup=WARMUP)
+    with caplog.at_level(logging.INFO, logger="hyca"):
+        first = case.run(pipe, STEPS, cfg=True)
+        second = case.run(pipe, STEPS, cfg=True)
+    computed = sum(expected_plan(INTERVAL, WARMUP, STEPS))
+    for branch in ("default", "default#2"):
+        assert sum(f"HyCa [{branch}]: {computed} of {STEPS} steps computed" in r.message
+                   for r in caplog.records) == 2
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("steps, plan", [
+    (4, [True, False, True, True]),  # FLUX.1-schnell: N=2, warm-up 1, last step computed
+    (8, [True, False, True, False, True, False, True, True]),  # Lightning
+])
+def test_few_step_defaults(steps, plan):
+    case = CASES["qwenimage"]
+    pipe = case.build()
+    settings = hyca.recommended_settings(pipe, steps)
+    assert (settings["interval"], settings["warmup"]) == (2, 1)
+    hyca.enable(pipe, profile="taylor-1", **settings)
+    assert observe_computed(case, pipe, lambda: case.run(pipe, steps)) == {("transformer", 0): plan}
+
+
+def test_recommended_settings_scale_with_steps():
+    pipe = CASES["wan2.2"].build()
+    assert hyca.recommended_settings(pipe.transformer, 28)["interval"] == 3
+    assert hyca.recommended_settings(pipe.transformer, 50) == dict(interval=5, warmup=3, compute_last=True)
+    assert hyca.recommended_settings(pipe, 16)["interval"] == 2  # two experts: about 8 calls each
+    with pytest.raises(ValueError, match="num_inference_steps must be a positive integer"):
+        hyca.recommended_settings(pipe, 0)

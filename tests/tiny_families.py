@@ -28,8 +28,9 @@ TEXT_TOKENS = 5
 
 @dataclass
 class Case:
-    """One family's tiny pipeline. ``streams``: per block list, written out here from
-    diffusers' sources independently of HyCa's table, ``(attribute, index of the
+    """One family's tiny pipeline; ``extra`` call arguments override the test's.
+    ``streams``: per block list, written out here from diffusers' sources
+    independently of HyCa's table, ``(attribute, index of the
     output stream in the block's returned tuple or None for a lone tensor, whether
     only the tail tokens reach the output)``."""
 
@@ -52,7 +53,7 @@ class Case:
 
     def run(self, pipe, steps: int, **extra) -> torch.Tensor:
         with torch.no_grad():
-            return self.call(pipe, steps, **{**self.extra, **extra})
+            return self.call(pipe, steps, **{**extra, **self.extra})
 
 
 def _seeded(cls, seed: int, gain: float = 1.0, **config):
@@ -184,7 +185,7 @@ def _wan_call(pipe, steps, cfg=False, **extra):
 def _wan_pipeline(transformer, transformer_2=None):
     return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=_scheduler(shift=5.0),
                        transformer=transformer, transformer_2=transformer_2,
-                       boundary_ratio=0.5 if transformer_2 is not None else None)
+                       boundary_ratio=0.85 if transformer_2 is not None else None)
 
 
 # --- SD3 / SD3.5 ------------------------------------------------------------------------
@@ -302,6 +303,11 @@ CASES: dict[str, Case] = {
                    [("blocks", None, False)], experts=("transformer", "transformer_2")),
     "sd3": Case("sd3", _maker(SD3Transformer2DModel, SD3, 20.0), _sd3_pipeline, _sd3_call,
                 [("transformer_blocks", 1, False)]),
+    # batched CFG plus skip-layer guidance: a second call per step with skip_layers set
+    "sd3-slg": Case("sd3-slg", _maker(SD3Transformer2DModel, SD3, 20.0), _sd3_pipeline, _sd3_call,
+                    [("transformer_blocks", 1, False)],
+                    extra=dict(cfg=True, skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
+                               skip_layer_guidance_stop=1.0)),
     "chroma": Case("chroma", _maker(ChromaTransformer2DModel, CHROMA, 20.0), _chroma_pipeline, _chroma_call,
                    [("transformer_blocks", 1, False), ("single_transformer_blocks", None, True)]),
     "lumina2": Case("lumina2", _maker(Lumina2Transformer2DModel, LUMINA2, 20.0), _lumina2_pipeline, _lumina2_call,
