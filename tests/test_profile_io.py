@@ -87,6 +87,20 @@ def test_saving_needs_a_model(tmp_path, fp):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_probe_metadata_is_kept_with_non_finite_numbers_as_null(tmp_path, fp):
+    """What hyca.probing puts in metadata (nested reports, its own timestamps) survives the file."""
+    report = {"blocks": [[{"solver": "reuse", "errors": [0.5, float("nan"), float("inf")]}]]}
+    profile = random_profile(fp, interval=4, compute_last=True, positions="sigma", selection=report,
+                             created="2000-01-01T00:00:00+00:00", pool_version=POOL_VERSION)
+    path = save_profile(profile, tmp_path / "p.safetensors")
+    header = read_parts(path)[1]
+    assert header["metadata"]["selection"]["blocks"][0][0]["errors"] == [0.5, None, None]
+    assert "created" not in header["metadata"] and "pool_version" not in header["metadata"]
+    loaded = load_profile(path)
+    assert (loaded.metadata["compute_last"], loaded.metadata["positions"]) == (True, "sigma")
+    assert loaded.metadata["created"] == header["created"] != "2000-01-01T00:00:00+00:00"
+
+
 def test_solvers_are_mapped_by_name_not_position(tmp_path, saved):
     """A file whose pool lists the solvers in another order still means the same solvers."""
     profile, path = saved

@@ -1,5 +1,13 @@
-"""Profiles: what the probe chose, as data the engine reads."""
+"""Profiles: what the probe chose, as data the engine reads, and where the data lives."""
 
+from .compare import Comparison, compare_profiles
+from .hub import DEFAULT_HUB_REPO, HubError, pull_profile, push_profile
+from .io import ProfileError, load_profile, profile_filename, save_profile
 from .profile import Profile
+from .sources import ResolvedProfile, resolve_profile
 
-__all__ = ["Profile"]
+__all__ = [
+    "DEFAULT_HUB_REPO", "Comparison", "HubError", "Profile", "ProfileError", "ResolvedProfile",
+    "compare_profiles", "load_profile", "profile_filename", "pull_profile", "push_profile", "resolve_profile",
+    "save_profile",
+]

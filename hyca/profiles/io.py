@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import struct
 import tempfile
@@ -43,6 +44,8 @@ FORMAT_VERSION = 1
 HEADER_KEY = "hyca"
 #: Profile.metadata keys that the header stores as structured fields.
 STRUCTURED = ("fingerprint", "interval", "warmup", "probe")
+#: Profile.metadata keys the header rewrites on every save (a loaded profile gets them back).
+DERIVED = ("created", "hyca_version", "pool_version", "format_version")
 #: Refuse headers larger than this: a profile header is a few KiB.
 MAX_HEADER_BYTES = 4 * 1024 * 1024
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -70,6 +73,17 @@ def model_fingerprint(model: Any) -> dict[str, Any] | None:
     return fpmod.fingerprint(model)
 
 
+def _finite(value: Any) -> Any:
+    """Non-finite floats become None: JSON has no NaN or infinity (a probe's error report may hold one)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def build_header(profile: Profile, model: Any = None, *, interval: int | None = None,
                  warmup: int | None = None, probe: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The JSON header for ``profile``; arguments override what ``profile.metadata`` says."""
@@ -82,7 +96,7 @@ def build_header(profile: Profile, model: Any = None, *, interval: int | None = 
         )
     _check_fingerprint(fp)
     _check_shapes(profile.labels.shape, profile.solvers.shape, fp)
-    extra = {k: v for k, v in meta.items() if k not in STRUCTURED}
+    extra = {k: v for k, v in meta.items() if k not in STRUCTURED + DERIVED}
     from .. import __version__
 
     header = {
@@ -97,10 +111,12 @@ def build_header(profile: Profile, model: Any = None, *, interval: int | None = 
         "probe": dict(probe) if probe is not None else meta.get("probe", {}),
         "metadata": extra,
     }
+    header = _finite(header)
     try:
         json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as err:
-        raise ProfileError(f"profile metadata must be plain JSON (str, int, float, bool, lists, dicts): {err}") from None
+        raise ProfileError(f"profile metadata must be plain JSON (str, int, float, bool, lists, dicts): {err}"
+                           ) from None
     return header
 
 

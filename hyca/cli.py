@@ -1,0 +1,250 @@
+"""``python -m hyca``: make, inspect, compare and share profiles.
+
+Subcommands: ``probe`` (run a model once and save its profile), ``show`` (summarise a
+profile file), ``compare`` (adjusted Rand index between two profiles), ``push`` / ``pull``
+(Hugging Face Hub). Exit codes: 0 success, 2 usage error (argparse), 1 a one-line error
+for anything the user can fix (bad profile file, Hub failure, missing model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .profiles import fingerprint as fpmod
+from .profiles.hub import HubError, pull_profile, push_profile
+from .profiles.io import ProfileError, load_profile, profile_filename, save_profile
+from .profiles.profile import Profile
+
+
+class CLIError(RuntimeError):
+    """A user-fixable problem outside profiles and the Hub (e.g. a model that will not load)."""
+
+
+# --- probe ------------------------------------------------------------------------------
+
+def _is_reference(model: str) -> bool:
+    """``reference``, or a folder holding a saved reference pipeline (e.g. a retrained one)."""
+    import json
+
+    index = Path(model) / "model_index.json"
+    if model == "reference":
+        return True
+    try:
+        return index.is_file() and json.loads(index.read_text()).get("_class_name") == "ReferencePipeline"
+    except (OSError, ValueError):
+        return False
+
+
+def _load_pipeline(model: str, dtype: str | None, device: str | None) -> Any:
+    """The shipped reference model (``reference`` or its folder) or any diffusers pipeline path / repo id."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 halves memory on GPUs; CPUs (and the small reference model) run float32.
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") and model != "reference" else "float32")
+    if _is_reference(model):
+        try:
+            from .reference import load_pipeline
+        except ImportError as err:
+            raise CLIError(f"the reference model is not available in this install ({err}); "
+                           "pass --model <diffusers path or repo id>") from None
+        try:
+            pipe = load_pipeline(None if model == "reference" else model, dtype=getattr(torch, dtype))
+        except FileNotFoundError as err:
+            raise CLIError(str(err)) from None
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model, dtype=getattr(torch, dtype))
+        except (OSError, ValueError) as err:
+            raise CLIError(f"cannot load a diffusers pipeline from {model!r}: {str(err).splitlines()[0]}") from None
+    return pipe.to(device)
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    try:
+        from .probing import probe
+    except ImportError as err:
+        raise CLIError(f"the probe is not available in this install ({err})") from None
+    pipe = _load_pipeline(args.model, args.dtype, args.device)
+    # The reference pipeline works in pixel space and has no "latent" output (the probe's
+    # default); its images are tiny, so asking for tensors costs nothing.
+    extra = {"output_type": "pt"} if type(pipe).__name__ == "ReferencePipeline" else {}
+    settings = {k: getattr(args, k) for k in ("prompt", "height", "width", "steps", "interval", "warmup", "clusters",
+                                              "seed", "positions") if getattr(args, k) is not None}
+    profile = probe(pipe, shared=args.shared, progress=True, **settings, **extra)
+    fp = fpmod.fingerprint(pipe.transformer)
+    if args.output is not None:
+        out = Path(args.output)
+    else:
+        from .profiles.sources import default_cache_dir
+
+        out = default_cache_dir() / profile_filename(fp)
+    save_profile(profile, out, fp, interval=args.interval)
+    print(f"saved profile to {out}")
+    print(summary(load_profile(out), out))
+    return 0
+
+
+# --- show / compare ---------------------------------------------------------------------------
+
+def _solver_counts(profile: Profile) -> list[str]:
+    """``name: clusters (share of dims)`` per solver, most dims first."""
+    from .math.solvers import pool
+
+    dims = Counter(profile.dim_solvers().flatten().tolist())
+    clusters = Counter(profile.solvers.flatten().tolist())
+    total = profile.labels.numel()
+    return [f"{pool()[i].name}: {clusters[i]} clusters, {100 * n / total:.1f}% of dims" for i, n in dims.most_common()]
+
+
+def summary(profile: Profile, path: str | Path | None = None) -> str:
+    """What ``show`` prints: model, shape, solvers, schedule, probe settings, provenance."""
+    meta = profile.metadata
+    fp = meta.get("fingerprint") or {}
+    shared = bool((profile.labels == profile.labels[:1]).all()) and profile.num_blocks > 1
+    probe = meta.get("probe") or {}
+    lines = [
+        *([f"file:      {path}"] if path is not None else []),
+        f"model:     {fpmod.describe(fp) if fp else 'not recorded'}",
+        f"blocks:    {', '.join(f'{k} x{v}' for k, v in fp.get('blocks', {}).items()) or '?'}",
+        f"shape:     {profile.num_blocks} blocks x {profile.dim} dims, {profile.num_clusters} clusters per block"
+        f"{' (one labelling shared by all blocks)' if shared else ''}",
+        "solvers:   " + "\n           ".join(_solver_counts(profile)),
+        f"schedule:  chosen for interval N={meta.get('interval', '?')}, warm-up {meta.get('warmup', '?')}",
+        f"probe:     {', '.join(f'{k}={v}' for k, v in probe.items()) or 'not recorded'}",
+        f"created:   {meta.get('created', '?')} by hyca {meta.get('hyca_version', '?')} "
+        f"(format {meta.get('format_version', '?')}, solver pool {meta.get('pool_version', '?')})",
+    ]
+    return "\n".join(lines)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    print(summary(load_profile(args.file), args.file))
+    return 0
+
+
+def _block_names(fp: dict[str, Any], count: int) -> list[str]:
+    names = [f"{attr}.{i}" for attr, n in fp.get("blocks", {}).items() for i in range(int(n))]
+    return names if len(names) == count else [f"block {i}" for i in range(count)]
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .profiles.compare import compare_profiles
+
+    a, b = load_profile(args.a), load_profile(args.b)
+    result = compare_profiles(a, b)
+    names = _block_names(a.metadata.get("fingerprint") or {}, a.num_blocks)
+    width = max(len(n) for n in names)
+    print(f"a: {args.a}\nb: {args.b}")
+    print(f"{'block':<{width}}  ARI")
+    for name, ari in zip(names, result.ari_per_block):
+        print(f"{name:<{width}}  {ari:6.3f}")
+    same = {True: "yes", False: "NO: the ARI compares different models", None: "unknown"}[result.same_model]
+    print(f"overall ARI (mean over {a.num_blocks} blocks): {result.ari_overall:.3f}")
+    print(f"solver agreement: {100 * result.solver_agreement:.1f}% of dims use the same solver")
+    print(f"same model: {same}")
+    return 0
+
+
+# --- Hub ------------------------------------------------------------------------------------
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    url = push_profile(args.file, args.repo, token=args.token, private=args.private, path_in_repo=args.path_in_repo,
+                       commit_message=args.message, endpoint=args.endpoint)
+    print(f"uploaded {args.file} to {url}")
+    return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    path = pull_profile(args.repo, args.file, output_dir=args.output, revision=args.revision, token=args.token,
+                        endpoint=args.endpoint, cache_dir=args.cache_dir)
+    print(f"downloaded {args.repo}/{args.file} to {path}")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+def _add_probe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help='diffusers pipeline path or Hub repo id; "reference" (or a saved reference folder) '
+                        "for the shipped reference model")
+    for name, kind, what in [
+        ("prompt", str, "prompt of the probing run"), ("height", int, "image height in pixels"),
+        ("width", int, "image width in pixels"), ("steps", int, "sampling steps"),
+        ("interval", int, "interval N it will run at"), ("warmup", int, "fully computed warm-up steps"),
+        ("clusters", int, "clusters per block"), ("seed", int, "random seed"),
+    ]:
+        p.add_argument(f"--{name}", type=kind, help=f"{what} (default: the probe's)")
+    p.add_argument("--positions", choices=["step", "sigma"], help="axis the solvers extrapolate along")
+    p.add_argument("--shared", action="store_true", help="one labelling for all blocks")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: bfloat16 for diffusers models on a GPU, else float32)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("-o", "--output", help="profile file to write (default: the local cache, where hyca finds it)")
+
+
+def _add_hub_auth(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--endpoint", help="Hub endpoint, e.g. a mirror (default: HF_ENDPOINT or huggingface.co)")
+
+
+def _add_push(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="profile file to upload (validated first)")
+    p.add_argument("--repo", required=True, help="Hub repo id, e.g. your-name/hyca-profiles (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--path-in-repo", help="file name in the repo (default: <Class>-<config hash>.safetensors)")
+    p.add_argument("--message", help="commit message")
+    _add_hub_auth(p)
+
+
+def _add_pull(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", required=True, help="Hub repo id")
+    p.add_argument("--file", required=True, help="file name in the repo")
+    p.add_argument("-o", "--output", help="folder to copy it to (default: leave it in the Hub cache)")
+    p.add_argument("--revision", help="branch, tag or commit (default: main)")
+    p.add_argument("--cache-dir", help="Hub cache folder (default: huggingface_hub's, e.g. ~/.cache/huggingface)")
+    _add_hub_auth(p)
+
+
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", help="first profile file")
+    p.add_argument("b", help="second profile file")
+
+
+#: name -> (help, add arguments, run). Other subcommands register here.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "probe": ("run a model once, choose solvers, save the profile", _add_probe, _cmd_probe),
+    "show": ("summarise a profile file", lambda p: p.add_argument("file", help="profile file"), _cmd_show),
+    "compare": ("adjusted Rand index between two profiles of one model", _add_compare, _cmd_compare),
+    "push": ("upload a profile to the Hugging Face Hub", _add_push, _cmd_push),
+    "pull": ("download a profile from the Hugging Face Hub", _add_pull, _cmd_pull),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hyca", description="HyCa profiles: probe, inspect and share.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (help_text, add, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # usage errors exit with 2
+    try:
+        return args.run(args)
+    except (ProfileError, HubError, CLIError) as err:
+        print(f"hyca {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hyca {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,172 @@
+"""``python -m hyca``: show / compare / push / pull / probe, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from hyca.cli import main
+from hyca.math.solvers import pool_names
+from hyca.profiles.fingerprint import describe
+from hyca.profiles.io import load_profile, profile_filename, save_profile
+from hyca.profiles.profile import Profile
+
+from hub_standin import HubStandIn
+from profile_helpers import random_profile, tiny_fingerprint
+from test_compare import permuted
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def fp():
+    return tiny_fingerprint()
+
+
+@pytest.fixture()
+def saved(tmp_path, fp):
+    profile = random_profile(fp, interval=5, warmup=3, probe={"prompt": "a cat", "steps": 10})
+    return profile, save_profile(profile, tmp_path / profile_filename(fp))
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hyca", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def our_stderr(text: str) -> list[str]:
+    """stderr lines written by hyca (libraries imported on the way may print notices)."""
+    return [line for line in text.splitlines() if line.startswith("hyca ")]
+
+
+def test_show_summarises_the_file(saved, fp, capsys):
+    profile, path = saved
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert describe(fp) in out
+    assert "transformer_blocks x2" in out and "single_transformer_blocks x3" in out
+    assert "5 blocks x 32 dims, 4 clusters per block" in out
+    names = pool_names()
+    clusters = Counter(profile.solvers.flatten().tolist())
+    dims = Counter(profile.dim_solvers().flatten().tolist())
+    for sid, n in dims.items():  # every solver in use, with its own counts
+        assert f"{names[sid]}: {clusters[sid]} clusters, {100 * n / profile.labels.numel():.1f}% of dims" in out
+    assert "interval N=5, warm-up 3" in out and "prompt=a cat" in out
+    created = load_profile(path).metadata["created"]
+    assert f"created:   {created} by hyca 0.1.0 (format 1, solver pool 1)" in out
+
+
+def test_show_marks_a_shared_labelling(tmp_path, fp, capsys):
+    base = random_profile(fp)
+    shared = Profile(base.labels[:1].expand(5, -1).clone(), base.solvers, base.metadata)
+    main(["show", str(save_profile(shared, tmp_path / "s.safetensors"))])
+    assert "one labelling shared by all blocks" in capsys.readouterr().out
+
+
+def overall(out: str) -> float:
+    return float(re.search(r"overall ARI \(mean over 5 blocks\): (-?[\d.]+)", out).group(1))
+
+
+def test_compare_prints_per_block_and_overall_ari(saved, tmp_path, fp, capsys):
+    profile, path = saved
+    relabelled = save_profile(permuted(profile, seed=3), tmp_path / "b.safetensors")
+    assert main(["compare", str(path), str(relabelled)]) == 0
+    out = capsys.readouterr().out
+    for name in ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.2"]:
+        assert re.search(rf"^{re.escape(name)}\s+1\.000$", out, re.M), name
+    assert overall(out) == 1.0
+    assert "solver agreement: 100.0% of dims" in out and "same model: yes" in out
+
+    other = save_profile(random_profile(fp, seed=11), tmp_path / "c.safetensors")
+    main(["compare", str(path), str(other)])
+    assert abs(overall(capsys.readouterr().out)) < 0.2  # independent labellings of 32 dims
+
+
+def test_compare_of_different_models_exits_with_one_line(saved, tmp_path, capsys):
+    small = Profile(torch.zeros(2, 8, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64))
+    other = save_profile(small, tmp_path / "small.safetensors",
+                         {"class": "X", "hidden_size": 8, "blocks": {"b": 2}, "config_sha256": "0" * 64})
+    assert main(["compare", str(saved[1]), str(other)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hyca compare: error: profiles cover different shapes")
+
+
+def test_bad_file_is_exit_1_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"junk" * 10)
+    assert main(["show", str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"hyca show: error: {bad}: not a profile file: it does not start with a safetensors header"]
+
+
+def test_usage_errors_exit_2(capsys):
+    for argv in ([], ["show"], ["compare", "only-one"], ["push", "f.safetensors"], ["nonsense"]):
+        with pytest.raises(SystemExit) as err:
+            main(argv)
+        assert err.value.code == 2, argv
+
+
+def test_module_entry_point_help_and_error_exit(tmp_path):
+    helped = run_cli("--help")
+    assert helped.returncode == 0
+    for command in ("probe", "show", "compare", "push", "pull"):
+        assert re.search(rf"^\s+{command}\s", helped.stdout, re.M), command
+    failed = run_cli("show", str(tmp_path / "missing.safetensors"))
+    assert failed.returncode == 1
+    assert "Traceback" not in failed.stderr
+    assert our_stderr(failed.stderr) == [f"hyca show: error: {tmp_path / 'missing.safetensors'}: no such profile file"]
+
+
+def test_push_and_pull_through_the_hub_standin(saved, tmp_path, capsys, monkeypatch):
+    """Push: the real command line, huggingface_hub pointed at the stand-in by HF_ENDPOINT.
+    Pull: in-process with --endpoint (a subprocess costs seconds of imports)."""
+    from huggingface_hub import constants
+
+    _, path = saved
+    with HubStandIn() as hub:
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": hub.token,
+               "HF_HOME": str(tmp_path / "hf-home")}
+        pushed = run_cli("push", str(path), "--repo", "me/profiles", env=env)
+        assert pushed.returncode == 0, pushed.stderr
+        assert f"uploaded {path} to {hub.endpoint}/me/profiles/blob/main/{path.name}" in pushed.stdout
+        assert hub.state.repos["me/profiles"].files[path.name] == path.read_bytes()
+
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        common = ["--repo", "me/profiles", "--endpoint", hub.endpoint, "--cache-dir", str(tmp_path / "hf")]
+        assert main(["pull", *common, "--file", path.name, "-o", str(tmp_path / "got")]) == 0
+        assert (tmp_path / "got" / path.name).read_bytes() == path.read_bytes()
+        capsys.readouterr()
+        assert main(["pull", *common, "--file", "nope.safetensors"]) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [
+            "hyca pull: error: Hub repo me/profiles has no file nope.safetensors: check the file name "
+            "(hyca probe names files <Class>-<config hash>.safetensors)"]
+        assert main(["push", str(path), "--repo", "me/profiles", "--endpoint", hub.endpoint, "--token", "bad"]) == 1
+        assert capsys.readouterr().err.startswith("hyca push: error: Hub refused access to me/profiles (HTTP 401)")
+
+
+def test_probe_writes_a_profile_for_a_saved_reference_model(tmp_path, capsys):
+    reference = pytest.importorskip("hyca.reference")
+    reference.tiny_components().save_pretrained(tmp_path / "ref")
+    out = tmp_path / "probed.safetensors"
+    code = main(["probe", "--model", str(tmp_path / "ref"), "--prompt", "a red circle", "--height", "32",
+                 "--width", "32", "--steps", "8", "--interval", "3", "--warmup", "2", "--clusters", "2",
+                 "-o", str(out)])
+    assert code == 0
+    assert f"saved profile to {out}" in capsys.readouterr().out
+    profile = load_profile(out, reference.load_pipeline(tmp_path / "ref").transformer)
+    assert (profile.metadata["interval"], profile.metadata["warmup"]) == (3, 2)
+    assert profile.metadata["probe"]["prompt"] == "a red circle" and profile.num_clusters == 2
+
+
+def test_probe_of_a_missing_model_is_one_line(tmp_path, capsys):
+    assert main(["probe", "--model", str(tmp_path / "no-such-model")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hyca probe: error: cannot load a diffusers pipeline")
