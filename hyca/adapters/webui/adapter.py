@@ -1,0 +1,65 @@
+"""What one frontend hook point looks like: the model class, its block lists in the order
+they run, how each kind of block is called, and whether the frontend offers
+``patches_replace["dit"]`` keys for them. The thin per-frontend modules each declare one
+:class:`Adapter`; the registry picks the one that matches the loaded model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+#: Which gate wraps a block of each kind (style "gate").
+GATE_KINDS = ("img_txt", "concat_tail", "joint", "single")
+#: Which replace patch serves a block of each kind (style "replace").
+PATCH_KINDS = ("img_txt", "concat_tail", "img")
+
+
+@dataclass(frozen=True)
+class BlockList:
+    attribute: str            # the ModuleList on the model, e.g. "double_blocks"
+    kind: str                 # see GATE_KINDS / PATCH_KINDS
+    dit_key: str | None = None  # patches_replace["dit"] key name, e.g. "double_block"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str                             # shown in the console, e.g. "Forge FLUX"
+    frontend: str                         # "forge", "neo" or "a1111"
+    classes: tuple[str, ...]              # class names of the diffusion model
+    block_lists: tuple[BlockList, ...]
+    style: str                            # "gate" (wrap block forwards) or "replace" (dit patches)
+    requires: tuple[str, ...] = ()        # methods the model must have (duck-typed version check)
+    refuses: tuple[str, ...] = ()         # methods whose presence means another variant
+    dim: Callable[[torch.nn.Module], int] | None = None
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        return (type(model).__name__ in self.classes
+                and all(isinstance(getattr(model, b.attribute, None), torch.nn.ModuleList) for b in self.block_lists)
+                and all(callable(getattr(model, m, None)) for m in self.requires)
+                and not any(callable(getattr(model, m, None)) for m in self.refuses))
+
+    def blocks(self, model: torch.nn.Module) -> list[tuple[BlockList, int, torch.nn.Module]]:
+        """``(list, index within the list, block)`` in the order the blocks run."""
+        return [(spec, i, block) for spec in self.block_lists for i, block in enumerate(getattr(model, spec.attribute))]
+
+    def hidden_size(self, model: torch.nn.Module) -> int:
+        if self.dim is not None:
+            return int(self.dim(model))
+        for name in ("hidden_size", "inner_dim", "dim"):
+            value = getattr(model, name, None)
+            if isinstance(value, int):
+                return value
+        raise TypeError(f"cannot tell the hidden size of {type(model).__name__}")
+
+
+def embedder_width(attribute: str) -> Callable[[torch.nn.Module], int]:
+    """Hidden size read off a patch embedder's output channels (SD3 has no attribute)."""
+
+    def width(model: torch.nn.Module) -> int:
+        layer = getattr(model, attribute)
+        proj = getattr(layer, "proj", layer)
+        return int(getattr(proj, "out_channels", None) or proj.out_features)
+
+    return width

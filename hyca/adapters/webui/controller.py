@@ -1,0 +1,247 @@
+"""The glue between a WebUI generation and the engine: one :class:`PassSession` per
+sampling pass, hooked in through the frontend's own extension points, and dropped when
+the pass ends whatever happened.
+
+Forge / Forge Neo: ``p.sd_model.forge_objects.unet`` is cloned with a model-function
+wrapper (chained with any existing one) that opens each model call, plus, where the
+frontend has them, ``patches_replace["dit"]`` block patches. Models without replace
+hooks get gated blocks (gates.py). A1111: the diffusion model's instance ``forward``
+opens each call (sigma from ``on_cfg_denoiser``) and its blocks are gated; everything
+is removed when the generation ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ...engine.cache import HybridCache
+from ...engine.schedule import Schedule
+from . import gates, kinds
+from .adapter import Adapter
+from .profiles import Chosen, ProfileBook
+from .registry import recognise, supported
+from .session import PassSession, PassStats
+from .settings import Settings
+
+logger = logging.getLogger("hyca.webui")
+
+GATES = {"img_txt": kinds.gate_img_txt, "concat_tail": kinds.gate_concat_tail, "single": kinds.gate_single}
+PATCHES = {"img_txt": kinds.patch_img_txt, "concat_tail": kinds.patch_concat_tail, "img": kinds.patch_img}
+
+
+def console(message: str) -> None:
+    print(f"[HyCa] {message}")
+    logger.info(message)
+
+
+def diffusion_model_of(p: Any) -> tuple[str, Any, torch.nn.Module | None]:
+    """``("forge", unet patcher, model)`` or ``("a1111", None, model)``."""
+    sd_model = getattr(p, "sd_model", None)
+    forge_objects = getattr(sd_model, "forge_objects", None)
+    if forge_objects is not None:
+        unet = forge_objects.unet
+        return "forge", unet, getattr(getattr(unet, "model", None), "diffusion_model", None)
+    return "a1111", None, getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+
+
+def pass_sigmas(p: Any, hires: bool) -> list[float] | None:
+    """The sigmas this pass walks: the full schedule, cut where img2img (denoising
+    strength) or the hires pass starts. ``None`` when the frontend does not tell."""
+    try:
+        if hires:
+            steps, img2img = int(getattr(p, "hr_second_pass_steps", 0) or p.steps), True
+        else:
+            steps, img2img = int(p.steps), getattr(p, "init_images", None) is not None
+        if not img2img:
+            return [float(s) for s in p.sampler.get_sigmas(p, steps)]
+        from modules import sd_samplers_common
+
+        total, t_enc = sd_samplers_common.setup_img2img_steps(p, steps if hires else None)
+        sigmas = p.sampler.get_sigmas(p, total)
+        return [float(s) for s in sigmas[total - t_enc - 1:]]
+    except Exception as error:  # noqa: BLE001 - steps are then told apart by sigma alone
+        logger.info("HyCa: could not read the sigma schedule (%s); counting steps by sigma", error)
+        return None
+
+
+class Controller:
+    """Process-wide: at most one pass runs at a time in a WebUI."""
+
+    def __init__(self) -> None:
+        self.session: PassSession | None = None
+        self.pass_key: tuple | None = None
+        self.passes: list[tuple[str, PassStats]] = []
+        self.gated: list[torch.nn.Module] = []
+        self.noted_sigma: float | None = None
+        self.book = ProfileBook()
+        self.chosen: Chosen | None = None
+        self._said: set[str] = set()
+
+    # --- messages ---------------------------------------------------------------------
+
+    def say_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            console(message)
+
+    # --- generation lifetime ----------------------------------------------------------
+
+    def reset(self) -> None:
+        """Drop every trace of HyCa: session, gates, stats. Safe to call at any time."""
+        self.session, self.pass_key, self.noted_sigma, self.chosen = None, None, None, None
+        self.passes = []
+        for module in self.gated:
+            gates.remove_all(module)
+        self.gated = []
+
+    def finish_pass(self) -> None:
+        if self.session is not None:
+            stats = self.session.stats()
+            if stats.steps.total:
+                self.passes.append((self.session.label, stats))
+        self.session, self.pass_key = None, None
+
+    def start_pass(self, p: Any, settings: Settings, hires: bool | None = None) -> bool:
+        """Set up HyCa for the sampling pass about to run; ``True`` when it is on. Never
+        raises. ``hires``: whether this is the hires pass (default: ``p.is_hr_pass``)."""
+        try:
+            return self._start_pass(p, settings, bool(getattr(p, "is_hr_pass", False)) if hires is None else hires)
+        except Exception as error:  # noqa: BLE001 - never break the host UI
+            self.session = None
+            console(f"could not start ({type(error).__name__}: {error}); this pass runs uncached")
+            return False
+
+    def _start_pass(self, p: Any, settings: Settings, hires: bool) -> bool:
+        key = (id(p), getattr(p, "iteration", 0), hires)
+        frontend, unet, model = diffusion_model_of(p)
+        if self.session is not None and key == self.pass_key and not self.session.calls_computed:
+            if frontend == "forge":  # hires calls this twice, either side of a unet reset
+                self._patch_unet(p, unet, self.session_adapter)
+            return True
+        if self.pass_key is not None and key[:2] != self.pass_key[:2]:
+            self.passes = []  # a new batch iteration: its own infotext
+        self.finish_pass()
+        if not settings.enabled:
+            return False
+        if hires and not settings.hires:
+            console("off for the hires pass (as set)")
+            return False
+        adapter = recognise(model)
+        if adapter is None:
+            self.say_once(f"{type(model).__name__} is not supported, left untouched "
+                          f"(supported: {', '.join(supported())})")
+            return False
+        lora_key = str(getattr(getattr(p, "sd_model", None), "current_lora_hash", "") or "")
+        chosen = self.book.choose(model, adapter, settings.profile, settings.hub_repo, settings.interval,
+                                  lora_key, settings.lora_reuse)
+        for note in chosen.notes:
+            self.say_once(note)
+        self.chosen = chosen
+        schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)
+        label = "hires pass" if hires else "pass"
+        self.session = PassSession(HybridCache(chosen.profile, schedule), pass_sigmas(p, hires), label)
+        self.pass_key, self.session_adapter = key, adapter
+        self.say_once(f"{adapter.name}: hooked through "
+                      f"{'block replace patches' if adapter.style == 'replace' else 'block wrappers'}")
+        if adapter.style == "gate":
+            self._gate_blocks(model, adapter)
+        if frontend == "forge":
+            self._patch_unet(p, unet, adapter)
+        else:
+            self._gate_calls(model)
+        return True
+
+    # --- hooking ----------------------------------------------------------------------
+
+    def current(self) -> PassSession | None:
+        return self.session
+
+    def _gate_blocks(self, model: torch.nn.Module, adapter: Adapter) -> None:
+        for index, (spec, _, block) in enumerate(adapter.blocks(model)):
+            if spec.kind == "joint":
+                pre_only = bool(getattr(getattr(block, "context_block", None), "pre_only", False))
+                gate = kinds.gate_joint(self.current, index, pre_only)
+            else:
+                gate = GATES[spec.kind](self.current, index)
+            gates.install(block, gate)
+        if model not in self.gated:
+            self.gated.append(model)
+
+    def _gate_calls(self, model: torch.nn.Module) -> None:
+        """A1111: the model's own forward opens each call."""
+
+        def call_gate(original, x, t, *args, **kwargs):
+            session = self.session
+            if session is None:
+                return original(x, t, *args, **kwargs)
+            sigma = self.noted_sigma if self.noted_sigma is not None else t
+            return session.run_call(x, sigma, None, lambda: original(x, t, *args, **kwargs))
+
+        gates.install(model, call_gate)
+        if model not in self.gated:
+            self.gated.append(model)
+
+    def _patch_unet(self, p: Any, unet: Any, adapter: Adapter) -> None:
+        options = getattr(unet, "model_options", {}) or {}
+        if getattr(options.get("model_function_wrapper"), "_hyca", False):
+            return
+        clone = unet.clone()
+        previous = clone.model_options.get("model_function_wrapper")
+
+        def wrapper(model_function, kw):
+            def ours(x, t, **c):
+                session = self.session
+                if session is None:
+                    return model_function(x, t, **c)
+                hint = (c.get("transformer_options") or {}).get("cond_or_uncond", kw.get("cond_or_uncond"))
+                hint = tuple(hint) if hint is not None else None
+                return session.run_call(x, t, hint, lambda: model_function(x, t, **c))
+
+            if previous is not None:  # another extension's wrapper stays in charge of the call
+                return previous(ours, kw)
+            return ours(kw["input"], kw["timestep"], **kw["c"])
+
+        wrapper._hyca = True  # type: ignore[attr-defined]
+        clone.set_model_unet_function_wrapper(wrapper)
+        if adapter.style == "replace":
+            model = clone.model.diffusion_model
+            replace = clone.model_options.setdefault("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+            for index, (spec, i, _) in enumerate(adapter.blocks(model)):
+                existing = replace.get((spec.dit_key, i))
+                clone.set_model_patch_replace(PATCHES[spec.kind](self.current, index, existing), "dit", spec.dit_key, i)
+        p.sd_model.forge_objects.unet = clone
+
+    # --- results ----------------------------------------------------------------------
+
+    def totals(self) -> PassStats | None:
+        if not self.passes:
+            return None
+        total = PassStats()
+        for _, stats in self.passes:
+            total.steps.computed += stats.steps.computed
+            total.steps.forecast += stats.steps.forecast
+            total.calls_computed += stats.calls_computed
+            total.calls_forecast += stats.calls_forecast
+        return total
+
+    def results(self) -> dict[str, str]:
+        """Infotext entries for the passes run since the batch began."""
+        total = self.totals()
+        if total is None:
+            return {}
+        out = {"HyCa steps": f"{total.steps.computed} computed, {total.steps.forecast} forecast",
+               "HyCa saving": f"{total.flops_saving:.0%}"}
+        if self.chosen is not None and self.chosen.lora_ari is not None:
+            out["HyCa LoRA ARI"] = f"{self.chosen.lora_ari:.3f}"
+        return out
+
+    def report(self) -> None:
+        for label, stats in self.passes:
+            console(f"{label}: {stats.steps.computed} of {stats.steps.total} steps computed, "
+                    f"{stats.steps.forecast} forecast; {stats.flops_saving:.0%} of block compute skipped")
+
+
+CONTROLLER = Controller()

@@ -1,0 +1,139 @@
+"""How each kind of block is called and what it returns: where the stream that reaches
+the output comes in and goes out, and what a skipped block hands on.
+
+Two hook styles: ``gate_*`` functions wrap a block's own ``forward`` (see gates.py);
+``patch_*`` functions are ComfyUI-style ``patches_replace["dit"]`` entries,
+``fn(args: dict, extra: {"original_block": fn}) -> dict``, chained with any patch that
+was already there. Both ask ``session_of()`` for the pass in progress and stay out of
+the way when there is none.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .session import HyCaFailure, PassSession
+
+SessionOf = Callable[[], "PassSession | None"]
+
+
+def _arg(args: tuple, kwargs: dict, name: str, position: int) -> Any:
+    return kwargs[name] if name in kwargs else args[position]
+
+
+def _tail(call: Any, index: int) -> int:
+    tokens = call.image_tokens
+    if tokens is None:
+        raise HyCaFailure(f"block {index} found no image-stream length (no dual-stream block ran first)")
+    return tokens
+
+
+# --- gates: wrappers of a block's forward ----------------------------------------------
+
+def gate_img_txt(session_of: SessionOf, index: int) -> Callable[..., Any]:
+    """``img, txt = block(img=, txt=, ...)`` (Forge FLUX / Chroma double blocks)."""
+
+    def gate(original, *args, **kwargs):
+        session = session_of()
+        if session is None or session.active is None:
+            return original(*args, **kwargs)
+        img, txt = _arg(args, kwargs, "img", 0), _arg(args, kwargs, "txt", 1)
+        session.active.image_tokens = img.shape[1]
+        return session.block(index, img, lambda: original(*args, **kwargs), lambda out: out[0],
+                             lambda stream: (stream, txt))
+
+    return gate
+
+
+def gate_concat_tail(session_of: SessionOf, index: int) -> Callable[..., Any]:
+    """``x = block(cat(txt, img), ...)`` (FLUX / Chroma single blocks): only the image
+    tokens at the tail reach the output, so only their residual is kept."""
+
+    def gate(original, *args, **kwargs):
+        session = session_of()
+        if session is None or session.active is None:
+            return original(*args, **kwargs)
+        x = _arg(args, kwargs, "img", 0) if ("img" in kwargs or args) else kwargs["x"]
+        n = _tail(session.active, index)
+        return session.block(index, x[:, -n:], lambda: original(*args, **kwargs), lambda out: out[:, -n:],
+                             lambda stream: torch.cat((x[:, :-n], stream), 1) if index == 0 else x)
+
+    return gate
+
+
+def gate_joint(session_of: SessionOf, index: int, pre_only: bool) -> Callable[..., Any]:
+    """``context, x = block(context, x, c=)`` (SD3 / SD3.5 joint blocks; the last one is
+    ``pre_only`` and hands back no context)."""
+
+    def gate(original, *args, **kwargs):
+        session = session_of()
+        if session is None or session.active is None:
+            return original(*args, **kwargs)
+        context, x = _arg(args, kwargs, "context", 0), _arg(args, kwargs, "x", 1)
+        return session.block(index, x, lambda: original(*args, **kwargs), lambda out: out[1],
+                             lambda stream: (None if pre_only else context, stream))
+
+    return gate
+
+
+def gate_single(session_of: SessionOf, index: int) -> Callable[..., Any]:
+    """``x = layer(x, ...)`` over one joint token stream (Lumina2 / Z-Image layers)."""
+
+    def gate(original, *args, **kwargs):
+        session = session_of()
+        if session is None or session.active is None:
+            return original(*args, **kwargs)
+        x = _arg(args, kwargs, "x", 0)
+        return session.block(index, x, lambda: original(*args, **kwargs), lambda out: out, lambda stream: stream)
+
+    return gate
+
+
+# --- replace patches: patches_replace["dit"] entries -------------------------------------
+
+def _patch(session_of: SessionOf, index: int, previous: Callable | None, stream_of: Callable[[dict, Any], torch.Tensor],
+           out_stream: Callable[[dict, Any], torch.Tensor], passthrough: Callable[[dict, torch.Tensor], dict],
+           on_call: Callable[[dict, Any], None] | None = None) -> Callable[[dict, dict], dict]:
+    def run(args: dict, extra: dict) -> dict:
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+    def patch(args: dict, extra: dict) -> dict:
+        session = session_of()
+        if session is None or session.active is None:
+            return run(args, extra)
+        call = session.active
+        if on_call is not None:
+            on_call(args, call)
+        return session.block(index, stream_of(args, call), lambda: run(args, extra),
+                             lambda out: out_stream(out, call), lambda stream: passthrough(args, stream))
+
+    return patch
+
+
+def _note_tokens(args: dict, call: Any) -> None:
+    call.image_tokens = args["img"].shape[1]
+
+
+def patch_img_txt(session_of: SessionOf, index: int, previous: Callable | None) -> Callable[[dict, dict], dict]:
+    """``{"img", "txt", ...} -> {"img", "txt"}`` (Neo FLUX double blocks, Qwen-Image)."""
+    return _patch(session_of, index, previous, lambda a, c: a["img"], lambda o, c: o["img"],
+                  lambda a, s: {"img": s, "txt": a["txt"]}, _note_tokens)
+
+
+def patch_img(session_of: SessionOf, index: int, previous: Callable | None) -> Callable[[dict, dict], dict]:
+    """``{"img", ...} -> {"img"}`` over the image stream alone (Wan blocks)."""
+    return _patch(session_of, index, previous, lambda a, c: a["img"], lambda o, c: o["img"],
+                  lambda a, s: {"img": s})
+
+
+def patch_concat_tail(session_of: SessionOf, index: int, previous: Callable | None) -> Callable[[dict, dict], dict]:
+    """``{"img": cat(txt, img), ...} -> {"img"}`` (Neo FLUX single blocks)."""
+
+    def passthrough(args: dict, stream: torch.Tensor) -> dict:
+        x = args["img"]
+        return {"img": torch.cat((x[:, :-stream.shape[1]], stream), 1) if index == 0 else x}
+
+    return _patch(session_of, index, previous, lambda a, c: a["img"][:, -_tail(c, index):],
+                  lambda o, c: o["img"][:, -_tail(c, index):], passthrough)

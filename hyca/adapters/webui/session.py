@@ -1,0 +1,233 @@
+"""One sampling pass of a WebUI generation: which step each model call belongs to, which
+guidance branch it serves, and whether its blocks run or are forecast.
+
+Frontends call the model once per branch chunk per evaluation, and second-order samplers
+evaluate it more than once per step, so calls are mapped to steps by their sigma, never
+by counting: a call belongs to step ``k`` of the pass's sigma schedule when
+``s_k >= sigma > s_{k+1}``. The first call of a step begins it in the engine; further
+calls of the same step (Heun's correction, DPM2's midpoint) repeat its decision: on a
+computed step they run the blocks without recording, on a forecast step they forecast at
+their fractional position. Without a schedule, each new lower sigma opens a step.
+
+Branches: a call carries a hint (Forge's ``cond_or_uncond``; ``None`` where the frontend
+does not say) and an input shape; calls with the same hint and shape at one sigma are
+numbered, and the number of such calls at the pass's first sigma fixes how many branches
+share that key. A HyCa-internal error raises :class:`HyCaFailure`, which the frontend
+glue turns into an uncached re-run of the call and uncached sampling for the rest of the
+pass (one console line).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ...engine.cache import BranchState, HybridCache, RunStats
+
+logger = logging.getLogger("hyca.webui")
+
+
+class HyCaFailure(RuntimeError):
+    """Something inside HyCa went wrong: the call is re-run uncached, never the host's fault."""
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-5 * max(1.0, abs(a), abs(b))
+
+
+def step_of(sigma: float, schedule: list[float]) -> tuple[int, float] | None:
+    """Step ``k`` with ``s_k >= sigma > s_{k+1}`` and the fraction of the way from
+    ``s_k`` to ``s_{k+1}``; ``None`` when ``sigma`` lies outside the schedule."""
+    if not schedule or sigma > schedule[0] and not _close(sigma, schedule[0]):
+        return None
+    for k in range(len(schedule) - 1):
+        high, low = schedule[k], schedule[k + 1]
+        if _close(sigma, high):
+            return k, 0.0
+        if high > sigma > low and not _close(sigma, low):
+            return k, (high - sigma) / (high - low)
+    return None
+
+
+@dataclass
+class Branch:
+    state: BranchState
+    step: int = -1              # the pass step this branch last began
+    decision: bool = True       # whether that step computes
+
+
+@dataclass
+class Call:
+    """What the blocks of one model call need to know."""
+
+    branch: Branch
+    computing: bool
+    began: bool                       # the first call of its step: its residuals are recorded
+
+    @property
+    def record(self) -> bool:
+        return self.computing and self.began
+    image_tokens: int | None = None   # length of the image stream, for concatenated streams
+
+
+@dataclass
+class PassStats:
+    steps: RunStats = field(default_factory=RunStats)
+    calls_computed: int = 0
+    calls_forecast: int = 0
+
+    @property
+    def flops_saving(self) -> float:
+        """Fraction of block-stack evaluations skipped (embeddings and output layers run
+        on every call and are not counted)."""
+        total = self.calls_computed + self.calls_forecast
+        return self.calls_forecast / total if total else 0.0
+
+
+class PassSession:
+    """State of one pass; created when the pass starts, dropped when it ends."""
+
+    def __init__(self, engine: HybridCache, schedule: list[float] | None, label: str = "pass") -> None:
+        self.engine = engine
+        self.schedule = [float(s) for s in schedule] if schedule is not None else None
+        self.label = label
+        self.failed = False
+        self.active: Call | None = None
+        self._branches: dict[tuple, Branch] = {}
+        self._per_key: dict[Any, int] = {}        # branches per (hint, shape), fixed after the first sigma
+        self._ordinals: dict[Any, int] = {}       # calls per (hint, shape) at the current sigma
+        self._sigma: float | None = None
+        self._first_sigma: float | None = None
+        self._fallback_steps: list[float] = []    # distinct sigmas seen, when there is no schedule
+        self.calls_computed = 0
+        self.calls_forecast = 0
+
+    # --- calls ------------------------------------------------------------------------
+
+    @property
+    def total_steps(self) -> int | None:
+        return len(self.schedule) - 1 if self.schedule else None
+
+    def locate(self, sigma: float) -> tuple[int, float]:
+        if self.schedule is not None:
+            found = step_of(sigma, self.schedule)
+            if found is not None:
+                return found
+            logger.warning("HyCa: sigma %.6g is not on this pass's schedule; counting steps by sigma instead", sigma)
+            self.schedule = None
+        if not self._fallback_steps or (sigma < self._fallback_steps[-1] and not _close(sigma, self._fallback_steps[-1])):
+            self._fallback_steps.append(sigma)
+        return len(self._fallback_steps) - 1, 0.0
+
+    def _branch_for(self, sigma: float, key: Any) -> Branch:
+        if self._sigma is None or not _close(sigma, self._sigma):
+            if self._sigma is not None and self._first_sigma is not None and _close(self._sigma, self._first_sigma):
+                self._per_key.update({k: n for k, n in self._ordinals.items() if k not in self._per_key})
+            self._sigma, self._ordinals = sigma, {}
+            if self._first_sigma is None:
+                self._first_sigma = sigma
+        ordinal = self._ordinals.get(key, 0)
+        self._ordinals[key] = ordinal + 1
+        slot = ordinal % self._per_key[key] if key in self._per_key else ordinal
+        branch_key = (key, slot)
+        if branch_key not in self._branches:
+            self._branches[branch_key] = Branch(self.engine.new_state())
+        return self._branches[branch_key]
+
+    def begin_call(self, x: torch.Tensor, sigma: Any, hint: Any = None) -> Call | None:
+        """Decide what this call's blocks do; ``None`` when HyCa stays out of it."""
+        if self.failed:
+            return None
+        try:
+            sigma = float(torch.as_tensor(sigma).flatten()[0])
+            key = (hint, tuple(x.shape))
+            branch = self._branch_for(sigma, key)
+            step, fraction = self.locate(sigma)
+            began = step > branch.step
+            if began:
+                branch.state.step = step  # steps are counted by sigma, not by calls
+                branch.decision = self.engine.begin_step(branch.state, sigma, key, self.total_steps)
+                branch.step = step
+            branch.state.current_position = step + fraction if self.engine.positions == "step" else sigma
+            return Call(branch, computing=branch.decision, began=began)
+        except Exception as error:  # noqa: BLE001 - HyCa must never break the host
+            raise HyCaFailure(f"could not place the call on the schedule ({error})") from error
+
+    def end_call(self, call: Call) -> None:
+        """Count the call; the call that began a step closes it in the engine (its
+        residuals, recorded by the blocks, join the history)."""
+        try:
+            if call.computing:
+                self.calls_computed += 1
+            else:
+                self.calls_forecast += 1
+            if call.began:
+                self.engine.end_step(call.branch.state)
+        except Exception as error:  # noqa: BLE001
+            raise HyCaFailure(f"could not close the step ({error})") from error
+
+    def fail(self, why: str) -> None:
+        if not self.failed:
+            logger.warning("HyCa: %s; sampling continues uncached for the rest of this %s", why, self.label)
+            print(f"[HyCa] {why}; sampling continues uncached for the rest of this {self.label}")
+        self.failed = True
+        self.active = None
+
+    def run_call(self, x: torch.Tensor, sigma: Any, hint: Any, model_call: Callable[[], Any]) -> Any:
+        """Run one model call under HyCa. A HyCa failure re-runs the call uncached and
+        leaves the rest of the pass uncached; the host's own exceptions (interrupts,
+        out of memory) pass through untouched, with no call left active."""
+        if self.failed:
+            return model_call()
+        try:
+            call = self.begin_call(x, sigma, hint)
+        except HyCaFailure as error:
+            self.fail(str(error))
+            return model_call()
+        self.active = call
+        try:
+            out = model_call()
+            self.end_call(call)
+            return out
+        except HyCaFailure as error:
+            self.fail(str(error))
+            return model_call()
+        finally:
+            self.active = None
+
+    # --- blocks -----------------------------------------------------------------------
+
+    def block(self, index: int, stream: torch.Tensor, run: Callable[[], Any],
+              out_stream: Callable[[Any], torch.Tensor], passthrough: Callable[[torch.Tensor], Any]) -> Any:
+        """Run block ``index`` (``run``) and record the residual of the stream that reaches
+        the output, or, on a forecast step, return its inputs with the forecast added at
+        the first block (``passthrough``)."""
+        call = self.active
+        if call is None:
+            return run()
+        if call.computing:
+            out = run()
+            if call.record:
+                try:
+                    self.engine.record(call.branch.state, index, out_stream(out) - stream)
+                except Exception as error:  # noqa: BLE001
+                    raise HyCaFailure(f"could not record block {index} ({error})") from error
+            return out
+        try:
+            if index == 0:
+                stream = stream + self.engine.predicted_residual(call.branch.state).to(stream.dtype)
+            return passthrough(stream)
+        except Exception as error:  # noqa: BLE001
+            raise HyCaFailure(f"could not forecast block {index} ({error})") from error
+
+    # --- results ----------------------------------------------------------------------
+
+    def stats(self) -> PassStats:
+        steps = RunStats()
+        for branch in self._branches.values():
+            steps.computed = max(steps.computed, branch.state.stats.computed)
+            steps.forecast = max(steps.forecast, branch.state.stats.forecast)
+        return PassStats(steps, self.calls_computed, self.calls_forecast)

@@ -1,0 +1,85 @@
+"""The script's arguments, in the order ``ui()`` returns them (and the API's
+``alwayson_scripts`` sends them), and the infotext keys they are written under."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
+
+#: Infotext key of each setting; written only when HyCa is on.
+INFOTEXT_KEYS = {
+    "interval": "HyCa N",
+    "warmup": "HyCa warm-up",
+    "compute_last": "HyCa last step",
+    "hires": "HyCa hires",
+    "profile": "HyCa profile",
+    "hub_repo": "HyCa hub repo",
+    "lora_reuse": "HyCa LoRA reuse",
+}
+#: Results, written after sampling.
+RESULT_KEYS = ("HyCa steps", "HyCa saving", "HyCa LoRA ARI")
+
+
+@dataclass(frozen=True)
+class Settings:
+    enabled: bool = False
+    interval: int = 5
+    warmup: int = 3
+    compute_last: bool = True
+    hires: bool = True
+    profile: str = "automatic"
+    hub_repo: str = ""
+    lora_reuse: bool = True
+
+    @classmethod
+    def from_args(cls, args: Sequence[Any]) -> "Settings":
+        """From positional script arguments; missing trailing ones take their defaults
+        (API callers may send fewer), numbers arrive as floats from sliders and JSON."""
+        values: dict[str, Any] = {}
+        for spec, value in zip(fields(cls), args):
+            if value is None:
+                continue
+            if spec.type in ("bool", bool):
+                value = _as_bool(value)
+            elif spec.type in ("int", int):
+                value = int(round(float(value)))
+            else:
+                value = str(value).strip()
+            values[spec.name] = value
+        settings = cls(**values)
+        if settings.interval < 1 or settings.warmup < 1:
+            raise ValueError(f"HyCa: N and warm-up must be at least 1 (got N={settings.interval}, warm-up={settings.warmup})")
+        return settings
+
+    def args(self) -> list[Any]:
+        return list(asdict(self).values())
+
+    def infotext(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
+        out: dict[str, Any] = {}
+        for name, key in INFOTEXT_KEYS.items():
+            value = getattr(self, name)
+            if name == "hub_repo" and not value:
+                continue
+            out[key] = value if not isinstance(value, bool) else ("on" if value else "off")
+        return out
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "on", "yes")
+    return bool(value)
+
+
+def from_infotext(params: dict[str, Any], name: str) -> Any:
+    """The value of setting ``name`` as pasted text holds it (``None`` when absent)."""
+    raw = params.get(INFOTEXT_KEYS[name])
+    if raw is None:
+        return None
+    kind = next(f.type for f in fields(Settings) if f.name == name)
+    if kind in ("bool", bool):
+        return _as_bool(raw)
+    if kind in ("int", int):
+        return int(float(raw))
+    return str(raw)

@@ -1,0 +1,1 @@
+"""Stand-in of the forge frontend's `backend` package (tests only; see the modules inside)."""

@@ -1,0 +1,50 @@
+"""Stand-in of Forge Neo's ``backend/nn/lumina.py`` (Haoming02/sd-webui-forge-classic, neo
+branch, 2026): ``NextDiT.forward(x, timesteps, context, num_tokens=None,
+attention_mask=None, **kw)`` uses ``t = 1 - timesteps``, joins caption and image tokens
+(caption first), runs ``x = layer(x, mask, freqs_cis, adaln_input,
+transformer_options=...)`` over ``self.layers`` (no replace hook), keeps the image tokens
+and returns the negated output. Tiny random weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from standin_layers import Modulated, StreamBlock, scale_gates, timestep_embedding
+
+
+class JointTransformerBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.body = StreamBlock(dim)
+
+    def forward(self, x, x_mask, freqs_cis, adaln_input=None, transformer_options={}):  # noqa: B006
+        return self.body(x, adaln_input, freqs_cis)
+
+
+class NextDiT(nn.Module):
+    def __init__(self, in_channels=4, dim=32, cap_feat_dim=16, n_layers=4, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.dim, self.in_channels, self.patch_size = dim, in_channels, 2
+        self.x_embedder = nn.Linear(in_channels * 4, dim)
+        self.cap_embedder = nn.Linear(cap_feat_dim, dim)
+        self.t_embedder = nn.Linear(256, dim)
+        self.layers = nn.ModuleList([JointTransformerBlock(dim) for _ in range(n_layers)])
+        self.norm_final = Modulated(dim)
+        self.final_layer = nn.Linear(dim, in_channels * 4)
+        scale_gates(self)
+
+    def forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, **kwargs):
+        t = 1.0 - timesteps
+        transformer_options = kwargs.get("transformer_options", {})
+        bs, c, h, w = x.shape
+        img = x.reshape(bs, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(bs, (h // 2) * (w // 2), c * 4)
+        adaln_input = self.t_embedder(timestep_embedding(t, 256))
+        cap = self.cap_embedder(context)
+        tokens = torch.cat((cap, self.x_embedder(img)), 1)
+        for layer in self.layers:
+            tokens = layer(tokens, None, None, adaln_input, transformer_options=transformer_options)
+        out = self.final_layer(self.norm_final(tokens, adaln_input)[0])[:, cap.shape[1]:]
+        out = out.reshape(bs, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(bs, c, h, w)
+        return -out

@@ -1,0 +1,1 @@
+"""Stand-in of `backend/sampling` (neo)."""

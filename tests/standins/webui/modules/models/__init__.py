@@ -1,0 +1,1 @@
+"""Stand-in package (A1111 `modules/models`)."""

@@ -1,0 +1,131 @@
+"""An independent reference for HyCa in the WebUI stand-ins, built only from plain torch
+hooks on an unpatched model and the solver weights (tested on their own).
+
+What it restates, from the issue and NOTES: a call belongs to step ``k`` of the pass's
+sigma schedule when ``s_k >= sigma > s_{k+1}`` (position ``k`` plus the fraction of the
+way to ``s_{k+1}``); each branch (cond / uncond, told apart by the order of calls at one
+sigma) keeps every block's residual of the stream that reaches the output; the first call
+of a computed step stores them; a forecast call replaces every block by a pass-through,
+the first adding the per-block forecast (``references.per_block_forecast``). Computed
+steps follow the plan written out in ``expected_plan``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from references import per_block_forecast
+
+# Per model kind: block lists, and for each list how a block's stream comes in, goes out
+# and is handed on when skipped. ``n`` is the image-token count seen at the first list.
+LAYOUTS: dict[str, list[tuple[str, Any, Any, Any]]] = {}
+
+
+def _double(args, kwargs):
+    return kwargs["img"]
+
+
+FLUX_LIKE = [
+    ("double_blocks", lambda a, k, n: k["img"], lambda o, n: o[0], lambda a, k, s, first, n: (s, k["txt"])),
+    ("single_blocks", lambda a, k, n: a[0][:, -n:], lambda o, n: o[:, -n:],
+     lambda a, k, s, first, n: torch.cat((a[0][:, :-n], s), 1) if first else a[0]),
+]
+JOINT = [("joint_blocks", lambda a, k, n: a[1], lambda o, n: o[1], None)]  # hand-on depends on pre_only
+LAYOUTS.update({
+    "forge_flux": FLUX_LIKE, "forge_chroma": FLUX_LIKE, "neo_flux": FLUX_LIKE,
+    "forge_mmditx": JOINT, "a1111_sd3": JOINT,
+    "neo_qwen": [("transformer_blocks", lambda a, k, n: k["hidden_states"], lambda o, n: o[1],
+                  lambda a, k, s, first, n: (k["encoder_hidden_states"], s))],
+    "neo_wan": [("blocks", lambda a, k, n: a[0], lambda o, n: o, lambda a, k, s, first, n: s)],
+    "neo_lumina": [("layers", lambda a, k, n: a[0], lambda o, n: o, lambda a, k, s, first, n: s)],
+})
+
+
+def expected_plan(steps: int, interval: int, warmup: int, compute_last: bool = True) -> list[bool]:
+    """W warm-up steps, the last of them opening a cycle of N, and the final step."""
+    computed = set(range(warmup)) | set(range(warmup - 1, steps, interval)) | ({steps - 1} if compute_last else set())
+    return [i in computed for i in range(steps)]
+
+
+def locate(sigma: float, schedule: list[float]) -> tuple[int, float]:
+    for k in range(len(schedule) - 1):
+        if abs(sigma - schedule[k]) < 1e-6:
+            return k, 0.0
+        if schedule[k] > sigma > schedule[k + 1] + 1e-6:
+            return k, (schedule[k] - sigma) / (schedule[k] - schedule[k + 1])
+    raise AssertionError(f"sigma {sigma} not on the schedule {schedule}")
+
+
+class ReferenceHyCa:
+    def __init__(self, model, kind: str, dim_solvers: torch.Tensor, interval: int, warmup: int,
+                 branches: int, timestep_multiplier: float, compute_last: bool = True, depth: int = 4):
+        self.model, self.kind, self.dim_solvers = model, kind, dim_solvers
+        self.interval, self.warmup, self.compute_last = interval, warmup, compute_last
+        self.branches, self.multiplier, self.depth = branches, timestep_multiplier, depth
+        self.blocks = [(spec, b) for spec in LAYOUTS[kind] for b in getattr(model, spec[0])]
+        self.handles = []
+        self.computed_steps: list[int] = []
+
+    def start_pass(self, schedule: list[float]) -> None:
+        self.schedule, self.plan = schedule, expected_plan(len(schedule) - 1, self.interval, self.warmup, self.compute_last)
+        self.state: dict[int, dict] = {}
+        self.sigma, self.ordinal = None, 0
+
+    def __enter__(self):
+        self.handles.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
+        self.handles.append(self.model.register_forward_hook(self._end, with_kwargs=True))
+        for index, (spec, block) in enumerate(self.blocks):
+            self.handles.append(block.register_forward_hook(self._block_hook(index, spec, block), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _begin(self, module, args, kwargs):
+        t = args[1] if len(args) > 1 else next(kwargs[k] for k in ("timestep", "timesteps", "t") if k in kwargs)
+        sigma = float(t.flatten()[0]) / self.multiplier
+        if self.sigma is None or abs(sigma - self.sigma) > 1e-7:
+            self.sigma, self.ordinal = sigma, 0
+        branch = self.state.setdefault(self.ordinal % self.branches, {"history": [], "began": -1})
+        self.ordinal += 1
+        k, fraction = locate(sigma, self.schedule)
+        first = k > branch["began"]
+        if first:
+            branch["began"], branch["decision"] = k, self.plan[k] or not branch["history"]
+            if branch["decision"]:
+                self.computed_steps.append(k)
+        self.call = {"branch": branch, "position": k + fraction, "store": first and branch["decision"],
+                     "compute": branch["decision"], "residuals": [], "n": None}
+        if not self.call["compute"]:
+            recent = branch["history"][: self.depth]
+            per_block = [[res[l] for _, res in recent] for l in range(len(self.blocks))]
+            self.call["forecast"] = per_block_forecast(self.dim_solvers, per_block, [p for p, _ in recent],
+                                                       self.call["position"])
+
+    def _end(self, module, args, kwargs, output):
+        call = self.call
+        if call["store"]:
+            call["branch"]["history"].insert(0, (call["position"], call["residuals"]))
+
+    def _block_hook(self, index, spec, block):
+        _, stream_in, stream_out, hand_on = spec
+        pre_only = bool(getattr(getattr(block, "context_block", None), "pre_only", False))
+
+        def hook(module, args, kwargs, output):
+            call = self.call
+            if index == 0:
+                call["n"] = stream_in(args, kwargs, None).shape[1]
+            n = call["n"]
+            s_in = stream_in(args, kwargs, n)
+            if call["compute"]:
+                call["residuals"].append(stream_out(output, n) - s_in)
+                return output
+            s = s_in + call["forecast"].to(s_in.dtype) if index == 0 else s_in
+            if hand_on is None:  # joint blocks
+                return (None if pre_only else args[0], s)
+            return hand_on(args, kwargs, s, index == 0, n)
+
+        return hook
