@@ -6,8 +6,9 @@ from .adapters.diffusers import disable, enable, is_enabled, recommended_setting
 from .engine import HybridCache, Schedule
 from .math.solvers import get_solver, pool
 from .profiles import Profile
+from .probing import probe
 
 __all__ = [
     "HybridCache", "Profile", "Schedule", "__version__", "disable", "enable", "get_solver",
-    "is_enabled", "pool", "recommended_settings", "reset", "stats",
+    "is_enabled", "pool", "probe", "recommended_settings", "reset", "stats",
 ]

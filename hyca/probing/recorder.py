@@ -1,0 +1,169 @@
+"""Recording a fully computed run: block residuals reduced to sketches as they arrive.
+
+The recorder stands in for the engine inside HyCa's own diffusers hooks
+(:mod:`hyca.adapters.diffusers.hooks`): it offers the engine's hook-facing methods
+(``begin_step``, ``record``, ``end_step``), always computes, and so receives exactly the
+residual the engine would cache (the output-reaching stream of each block, per the model
+family table) with the same step positions.
+
+Each residual ``(batch, tokens, dim)`` becomes a sketch ``(rows, dim)``: the batch and
+token axes are projected by one fixed, seeded Gaussian matrix ``P`` (entries of variance
+``1/rows``), so for every dimension the norm over rows estimates the norm over tokens
+without bias, and differences and weighted sums of sketches are sketches of differences
+and weighted sums. At the end of each step the step's sketches ``(blocks, rows, dim)``
+feed the incremental indicators and the schedule replay, and are dropped.
+
+Branches: only one guidance branch is recorded, the one named ``branch`` ("cond") by the
+pipeline's ``cache_context``, or calls made outside any context (a plain sampling loop);
+when several unnamed calls share one timestep (pipelines that run cond then uncond
+without naming them) the first is recorded. A batch of several images is one sketch over
+all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..engine.cache import POSITION_AXES
+from ..engine.schedule import Schedule
+from ..math.indicators import IndicatorAccumulator
+from ..math.selection import Replay, ReplayErrors
+from ..math.solvers import Solver
+
+
+def projection(rows: int, count: int, seed: int) -> torch.Tensor:
+    """The ``(rows, count)`` Gaussian sketching matrix, on the CPU, from its own generator
+    (the global random state is left alone)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, count, generator=generator, dtype=torch.float32) / math.sqrt(rows)
+
+
+class SketchRecorder:
+    """Turns one branch of a fully computed run into indicators and replay errors."""
+
+    def __init__(self, num_blocks: int, steps: int, schedule: Schedule, positions: str = "step",
+                 rows: int = 8, spectral_rows: int | None = 2, seed: int = 0, branch: str = "cond",
+                 candidates: tuple[Solver, ...] | None = None, progress: Any = None) -> None:
+        if positions not in POSITION_AXES:
+            raise ValueError(f"positions must be one of {POSITION_AXES}, got {positions!r}")
+        if not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"rows (sketch size) must be a positive integer, got {rows!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        self.num_blocks, self.steps, self.positions = num_blocks, steps, positions
+        self.rows, self.spectral_rows, self.seed, self.branch = rows, spectral_rows, seed, branch
+        self.replay = ReplayErrors(schedule.plan(steps), candidates)
+        self.accumulator: IndicatorAccumulator | None = None
+        self.progress = progress
+        self.states: Any = None  # the hooks' BranchStates, set by whoever registers the hooks
+        self.error: BaseException | None = None
+        self.step = 0
+        self._recording: Any = None  # the BranchState of the recorded branch
+        self._current: Any = None  # that state while one of its calls runs, else None
+        self._position: float | None = None
+        self._last_unnamed: float | None = None
+        self._signature: tuple | None = None
+        self._sketches: dict[int, torch.Tensor] = {}
+        self._projection: torch.Tensor | None = None
+
+    # --- the engine's hook-facing interface ------------------------------------------------
+
+    def begin_step(self, state: Any, position: float | None, signature: tuple | None,
+                   total_steps: int | None = None) -> bool:
+        state.computing = True
+        self._current = state if self._records(state, position) else None
+        if self._current is not None:
+            if self._signature is not None and signature != self._signature:
+                self._fail(ValueError(f"the input shape changed from {self._signature} to {signature} "
+                                      "during the probe; probe one resolution and batch size at a time"))
+                raise self.error
+            self._signature = signature
+            self._position = position
+            self._sketches = {}
+        return True
+
+    def record(self, state: Any, block: int, residual: torch.Tensor) -> None:
+        if state is not self._current or self.error is not None:
+            return
+        try:
+            self._sketches[block] = self._sketch(residual)
+        except Exception as error:  # the hooks would only log it; the probe must fail
+            self._fail(error)
+            raise
+
+    def end_step(self, state: Any) -> None:
+        if state is not self._current:
+            return
+        self._current = None
+        if self.error is not None:  # raised in a block hook, which only logs: stop the run here
+            raise RuntimeError(f"the probe's recording failed: {self.error}") from self.error
+        try:
+            self._finish_step()
+        except Exception as error:
+            self._fail(error)
+            raise
+
+    def predicted_residual(self, state: Any) -> torch.Tensor:
+        raise RuntimeError("the probe computes every step; nothing is forecast")
+
+    # --- results ---------------------------------------------------------------------------
+
+    def finish(self) -> tuple[torch.Tensor, Replay]:
+        """``(indicators (blocks, dim, 10), replay)`` once every step was recorded."""
+        if self.error is not None:
+            raise RuntimeError(f"the probe's recording failed: {self.error}") from self.error
+        if self.step != self.steps:
+            raise RuntimeError(
+                f"the probe recorded {self.step} transformer calls of the {self.branch!r} branch, "
+                f"but steps={self.steps}: pass the number of sampling steps the run makes"
+            )
+        return self.accumulator.finalize(), self.replay.result()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _records(self, state: Any, position: float | None) -> bool:
+        context = getattr(self.states, "_context", None)
+        if context is not None:
+            chosen = context.name == self.branch
+        else:  # unnamed: the first call at each timestep
+            chosen = position is None or position != self._last_unnamed
+            self._last_unnamed = position
+        if chosen and self._recording is None:
+            self._recording = state
+        return chosen and state is self._recording
+
+    def _sketch(self, residual: torch.Tensor) -> torch.Tensor:
+        flat = residual.detach().reshape(-1, residual.shape[-1])
+        if self._projection is None:
+            self._projection = projection(self.rows, flat.shape[0], self.seed).to(flat.device)
+        if self._projection.shape[1] != flat.shape[0]:
+            raise ValueError(f"a residual has {flat.shape[0]} tokens x batch, the first had "
+                             f"{self._projection.shape[1]}; every block must see the same tokens")
+        return self._projection @ flat.float()
+
+    def _finish_step(self) -> None:
+        missing = sorted(set(range(self.num_blocks)) - set(self._sketches))
+        if missing:
+            raise RuntimeError(f"blocks {missing[:5]} did not run at step {self.step}; the probe needs "
+                               "a fully computed run (is another cache or a skip-layer option active?)")
+        sketch = torch.stack([self._sketches[b] for b in range(self.num_blocks)]).cpu()
+        self._sketches = {}
+        if self.accumulator is None:
+            self.accumulator = IndicatorAccumulator(self.num_blocks, sketch.shape[2], self.steps,
+                                                    self.spectral_rows)
+        if self.step >= self.steps:
+            raise RuntimeError(f"the run made more than steps={self.steps} transformer calls in the "
+                               f"{self.branch!r} branch; pass the number of sampling steps it makes")
+        use_step = self.positions == "step" or self._position is None
+        self.accumulator.update(sketch)
+        self.replay.update(sketch, float(self.step) if use_step else float(self._position))
+        self.step += 1
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def _fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error

@@ -1,0 +1,230 @@
+"""The probe on a real (tiny) FluxPipeline and on hand-written sampling loops.
+
+The tiny model has random weights on a sinusoidal timestep embedding, so its residuals are
+rough over a full 1 -> 0 sigma schedule (reuse is best there); over a narrow sigma window
+they move smoothly, as a trained model's do over neighbouring steps, and extrapolating
+solvers can win. Both are used below."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers.hooks import HookRegistry
+
+import hyca
+from hyca.adapters.diffusers import hooks
+from hyca.engine.schedule import Schedule
+from hyca.math.solvers import pool, pool_names
+from hyca.probing import probe, probe_transformer
+from hyca.profiles.fingerprint import fingerprint
+
+from references import capture_residuals, flux_blocks
+from tiny import Inputs, euler_sample, fresh_copy, sigmas, tiny_flux, tiny_pipeline
+
+STEPS, INTERVAL, WARMUP = 16, 3, 2
+SMOOTH = list(np.linspace(0.5, 0.495, STEPS))  # a narrow sigma window: smooth residuals
+
+
+def conditioning(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(prompt_embeds=torch.randn(1, 5, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 24, generator=g))
+
+
+def generate(pipe, **extra):
+    return pipe(**conditioning(), height=64, width=64, num_inference_steps=STEPS, output_type="latent",
+                generator=torch.Generator().manual_seed(1), **extra).images
+
+
+def run_probe(pipe, **extra):
+    settings = dict(height=64, width=64, steps=STEPS, interval=INTERVAL, warmup=WARMUP, clusters=3, progress=False)
+    return probe(pipe, **{**settings, **conditioning(), **extra})
+
+
+@pytest.fixture()
+def pipe():
+    return tiny_pipeline(tiny_flux())
+
+
+def no_hooks_left(model):
+    registries = [getattr(m, "_diffusers_hook", None) for m in [model, *flux_blocks(model)]]
+    return all(r is None or not r.hooks for r in registries)
+
+
+def test_probe_returns_a_valid_profile_with_json_metadata(pipe):
+    profile = run_probe(pipe, sigmas=SMOOTH)
+    assert profile.labels.shape == (5, 32) and profile.solvers.shape == (5, 3)
+    assert int(profile.labels.min()) >= 0 and int(profile.labels.max()) < 3
+    assert int(profile.solvers.max()) < len(pool())
+    meta = profile.metadata
+    assert meta["fingerprint"] == fingerprint(pipe.transformer)
+    assert (meta["interval"], meta["warmup"], meta["positions"]) == (INTERVAL, WARMUP, "step")
+    assert meta["probe"]["steps"] == STEPS and meta["probe"]["height"] == 64
+    blocks = meta["selection"]["blocks"]
+    assert len(blocks) == 5 and all(len(row) == 3 for row in blocks)
+    assert sum(c["dims"] for c in blocks[0]) == 32
+    assert meta["selection"]["targets"] == Schedule(INTERVAL, WARMUP).plan(STEPS).count(False)
+    json.dumps(meta, allow_nan=False)  # what the profile file stores
+    hyca.enable(pipe, profile, interval=INTERVAL, warmup=WARMUP)  # the engine takes it
+    assert hyca.stats(pipe) is not None and generate(pipe).isfinite().all()
+
+
+def exact_replay_error(residuals, dim_solvers, plan):
+    """Replay on the exact residuals (every token, no sketch): summed squared error of
+    each dimension's solver over all forecast steps, relative to the summed energy."""
+    error = energy = 0.0
+    for target in range(len(plan)):
+        if plan[target]:
+            continue
+        computed = [k for k in range(target) if plan[k]][::-1]
+        truth = residuals[target]  # (blocks, tokens, dim)
+        forecast = torch.zeros_like(truth)
+        for solver_id in dim_solvers.unique().tolist():
+            solver = pool()[solver_id]
+            used = computed[: solver.history]
+            w = solver.weights([float(k) for k in used], float(target))
+            mask = (dim_solvers == solver_id).unsqueeze(1)  # (blocks, 1, dim)
+            forecast += mask * sum(wj * residuals[k] for wj, k in zip(w, used))
+        error += float(((forecast - truth) ** 2).sum())
+        energy += float((truth**2).sum())
+    return error / energy
+
+
+def test_chosen_solvers_beat_reuse_on_an_exact_replay(pipe):
+    profile = run_probe(pipe, sigmas=SMOOTH)
+    _, captured = capture_residuals(pipe.transformer, lambda: generate(pipe, sigmas=SMOOTH))
+    residuals = torch.stack([torch.stack(captured[i:i + 5]) for i in range(0, len(captured), 5)])
+    residuals = residuals.squeeze(2)  # (steps, blocks, tokens, dim)
+    plan = Schedule(INTERVAL, WARMUP).plan(STEPS)
+    chosen = exact_replay_error(residuals, profile.dim_solvers(), plan)
+    reuse = exact_replay_error(residuals, torch.zeros_like(profile.labels), plan)
+    assert chosen < 0.5 * reuse
+    assert set(profile.solver_names()) != {"reuse"}
+
+
+def test_sketch_errors_estimate_the_exact_errors():
+    model, inputs = tiny_flux(), Inputs()
+    loop = lambda: euler_sample(model, inputs, STEPS, velocity=smooth_velocity(inputs))  # noqa: E731
+    profile = probe_transformer(model, loop, STEPS, interval=INTERVAL, warmup=WARMUP, rows=512, progress=False)
+    _, captured = capture_residuals(model, loop)
+    residuals = torch.stack([torch.stack(captured[i:i + 5]) for i in range(0, len(captured), 5)]).squeeze(2)
+    plan = Schedule(INTERVAL, WARMUP).plan(STEPS)
+    for name in ("reuse", "taylor-1", "lagrange-3"):
+        estimate = profile.metadata["selection"]["replay_error"]["uniform"][name]
+        # the probe weighs every (block, step) alike; with one solver everywhere, that is
+        # the mean over (block, step) of the relative error, computed here exactly
+        exact = block_step_mean_error(residuals, pool_names().index(name), plan)
+        assert estimate == pytest.approx(exact, rel=0.15), name
+
+
+def block_step_mean_error(residuals, solver_id, plan):
+    solver, values = pool()[solver_id], []
+    for target in range(len(plan)):
+        if plan[target]:
+            continue
+        used = [k for k in range(target) if plan[k]][::-1][: solver.history]
+        w = solver.weights([float(k) for k in used], float(target))
+        forecast = sum(wj * residuals[k] for wj, k in zip(w, used))
+        values.append(((forecast - residuals[target]) ** 2).sum((1, 2)) / (residuals[target] ** 2).sum((1, 2)))
+    return float(torch.stack(values).mean())
+
+
+def smooth_velocity(inputs, lo=0.5, hi=0.495):
+    window = torch.linspace(lo, hi, STEPS)
+
+    def velocity(model, x, sigma, step):
+        with model.cache_context("cond"):
+            return inputs.call(model, x, window[step])
+
+    return velocity
+
+
+def test_the_probe_leaves_the_model_bit_identical(pipe):
+    never = tiny_pipeline(fresh_copy(pipe.transformer))
+    before = generate(pipe)
+    run_probe(pipe)
+    assert torch.equal(generate(pipe), before)
+    assert torch.equal(generate(pipe), generate(never))
+    assert no_hooks_left(pipe.transformer)
+
+
+def test_hooks_are_removed_when_the_run_raises():
+    model, inputs = tiny_flux(), Inputs()
+    before = euler_sample(model, inputs, 6)[0]
+
+    def failing(m, x, sigma, step):
+        if step == 3:
+            raise KeyboardInterrupt  # the user stops the probe
+        return inputs.call(m, x, sigma)
+
+    with pytest.raises(KeyboardInterrupt):
+        probe_transformer(model, lambda: euler_sample(model, inputs, 6, failing), 6, progress=False)
+    assert no_hooks_left(model)
+    assert torch.equal(euler_sample(model, inputs, 6)[0], before)
+
+
+def test_an_enabled_hyca_is_set_aside_and_restored(pipe):
+    hyca.enable(pipe, "taylor-2", interval=INTERVAL, warmup=WARMUP)
+    engine = hooks.root_hook(pipe.transformer).engine
+    cached = generate(pipe)
+    profile = run_probe(pipe)
+    assert hooks.root_hook(pipe.transformer).engine is engine
+    assert torch.equal(generate(pipe), cached)
+    assert hyca.stats(pipe)[0].forecast > 0
+    # the probe itself saw every step computed: its profile equals one from a plain pipeline
+    hyca.disable(pipe)
+    assert torch.equal(run_probe(pipe).labels, profile.labels)
+
+
+def branch_loop(model, inputs, other_inputs, names):
+    """Euler sampling driven by ``inputs``; each step also calls the model with
+    ``other_inputs`` in a second branch (named ``names[1]``, or unnamed when None)."""
+    sig = sigmas(STEPS)
+
+    def velocity(m, x, sigma, step):
+        def call(name, inp):
+            if name is None:
+                return inp.call(m, x, sigma)
+            with m.cache_context(name):
+                return inp.call(m, x, sigma)
+
+        out = call(names[0], inputs)
+        if other_inputs is not None:
+            call(names[1], other_inputs)
+        return out
+
+    return lambda: euler_sample(model, inputs, STEPS, velocity)
+
+
+@pytest.mark.parametrize("names", [("cond", "uncond"), (None, None)])
+def test_only_the_conditional_branch_is_recorded(names):
+    model, inputs, other = tiny_flux(), Inputs(seed=1), Inputs(seed=7)
+    alone = probe_transformer(model, branch_loop(model, inputs, None, names), STEPS, progress=False)
+    both = probe_transformer(model, branch_loop(model, inputs, other, names), STEPS, progress=False)
+    assert torch.equal(alone.labels, both.labels) and torch.equal(alone.solvers, both.solvers)
+    assert alone.metadata["selection"]["blocks"] == both.metadata["selection"]["blocks"]
+    swapped = probe_transformer(model, branch_loop(model, other, None, names), STEPS, progress=False)
+    assert swapped.metadata["selection"]["blocks"] != both.metadata["selection"]["blocks"]
+
+
+def test_a_batch_of_images_is_probed_as_one(pipe):
+    profile = run_probe(pipe, num_images_per_prompt=2)
+    assert profile.labels.shape == (5, 32)
+
+
+def test_a_wrong_step_count_is_named():
+    model, inputs = tiny_flux(), Inputs()
+    with pytest.raises(RuntimeError, match="recorded 6 transformer calls .* but steps=8"):
+        probe_transformer(model, lambda: euler_sample(model, inputs, 6), 8, progress=False)
+    with pytest.raises(RuntimeError, match="more than steps=4"):
+        probe_transformer(model, lambda: euler_sample(model, inputs, 6), 4, progress=False)
+    assert no_hooks_left(model)
+
+
+def test_a_diffusers_cache_must_be_disabled_first(pipe):
+    from diffusers import FirstBlockCacheConfig
+
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    with pytest.raises(RuntimeError, match="disable_cache"):
+        run_probe(pipe)
+    assert isinstance(HookRegistry.check_if_exists_or_initialize(pipe.transformer), HookRegistry)
