@@ -80,12 +80,14 @@ def _cmd_probe(args: argparse.Namespace) -> int:
                                               "seed", "positions") if getattr(args, k) is not None}
     profile = probe(pipe, shared=args.shared, progress=True, **settings, **extra)
     fp = fpmod.fingerprint(pipe.transformer)
-    if args.output is not None:
-        out = Path(args.output)
-    else:
+    if args.output is None:
         from .profiles.sources import default_cache_dir
 
         out = default_cache_dir() / profile_filename(fp)
+    elif Path(args.output).is_dir() or args.output.endswith(("/", "\\")):
+        out = Path(args.output) / profile_filename(fp)  # a folder: the name resolution looks for
+    else:
+        out = Path(args.output)
     save_profile(profile, out, fp, interval=args.interval)
     print(f"saved profile to {out}")
     print(summary(load_profile(out), out))
@@ -187,7 +189,8 @@ def _add_probe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16 for diffusers models on a GPU, else float32)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("-o", "--output", help="profile file to write (default: the local cache, where hyca finds it)")
+    p.add_argument("-o", "--output", help="profile file, or folder to write <Class>-<hash>.safetensors into "
+                   "(default: the local cache, where hyca finds it)")
 
 
 def _add_hub_auth(p: argparse.ArgumentParser) -> None:

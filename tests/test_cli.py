@@ -14,7 +14,7 @@ import torch
 
 from hyca.cli import main
 from hyca.math.solvers import pool_names
-from hyca.profiles.fingerprint import describe
+from hyca.profiles.fingerprint import describe, fingerprint
 from hyca.profiles.io import load_profile, profile_filename, save_profile
 from hyca.profiles.profile import Profile
 
@@ -155,13 +155,16 @@ def test_push_and_pull_through_the_hub_standin(saved, tmp_path, capsys, monkeypa
 def test_probe_writes_a_profile_for_a_saved_reference_model(tmp_path, capsys):
     reference = pytest.importorskip("hyca.reference")
     reference.tiny_components().save_pretrained(tmp_path / "ref")
-    out = tmp_path / "probed.safetensors"
+    folder = tmp_path / "profiles"
+    folder.mkdir()
     code = main(["probe", "--model", str(tmp_path / "ref"), "--prompt", "a red circle", "--height", "32",
                  "--width", "32", "--steps", "8", "--interval", "3", "--warmup", "2", "--clusters", "2",
-                 "-o", str(out)])
+                 "-o", str(folder)])
     assert code == 0
+    transformer = reference.load_pipeline(tmp_path / "ref").transformer
+    out = folder / profile_filename(fingerprint(transformer))  # a folder gets the name resolution looks for
     assert f"saved profile to {out}" in capsys.readouterr().out
-    profile = load_profile(out, reference.load_pipeline(tmp_path / "ref").transformer)
+    profile = load_profile(out, transformer)
     assert (profile.metadata["interval"], profile.metadata["warmup"]) == (3, 2)
     assert profile.metadata["probe"]["prompt"] == "a red circle" and profile.num_clusters == 2
 
