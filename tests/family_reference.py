@@ -31,7 +31,9 @@ def expected_plan(interval: int, warmup: int, steps: int) -> list[bool]:
 
 
 def _timestep_of(args, kwargs) -> float:
-    return float(torch.as_tensor(kwargs["timestep"]).flatten()[0])
+    # Z-Image's pipeline passes (x, t, cap_feats) positionally
+    timestep = kwargs["timestep"] if "timestep" in kwargs else kwargs.get("t", args[1] if len(args) > 1 else None)
+    return float(torch.as_tensor(timestep).flatten()[0])
 
 
 def _stream_in(args, kwargs) -> torch.Tensor:

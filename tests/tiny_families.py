@@ -20,7 +20,7 @@ from diffusers import (AutoencoderKLQwenImage, ChromaPipeline, ChromaTransformer
                        HunyuanVideoTransformer3DModel, Lumina2Pipeline, Lumina2Transformer2DModel,
                        QwenImageEditPipeline, QwenImagePipeline, QwenImageTransformer2DModel, SanaPipeline,
                        SanaTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, WanPipeline,
-                       WanTransformer3DModel)
+                       WanTransformer3DModel, ZImagePipeline, ZImageTransformer2DModel)
 from PIL import Image
 
 TEXT_TOKENS = 5
@@ -247,6 +247,24 @@ def _lumina2_pipeline(transformer):
     return Lumina2Pipeline(transformer=transformer, scheduler=_scheduler(), vae=None, text_encoder=None, tokenizer=None)
 
 
+# --- Z-Image ----------------------------------------------------------------------------
+
+ZIMAGE = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+              n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[128, 32, 32])
+
+
+def _zimage_call(pipe, steps, cfg=False, **extra):
+    guidance = dict(guidance_scale=3.0, negative_prompt_embeds=[_embeds(16, 7)[0]]) if cfg \
+        else dict(guidance_scale=1.0)
+    return pipe(prompt_embeds=[_embeds(16, 3)[0]], height=64, width=64, num_inference_steps=steps,
+                output_type="latent", generator=_generator(), **guidance, **extra).images
+
+
+def _zimage_pipeline(transformer):
+    return ZImagePipeline(scheduler=_scheduler(shift=3.0), vae=None, text_encoder=None, tokenizer=None,
+                          transformer=transformer)
+
+
 # --- CogView4 ---------------------------------------------------------------------------
 
 COGVIEW4 = dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
@@ -312,6 +330,8 @@ CASES: dict[str, Case] = {
                    [("transformer_blocks", 1, False), ("single_transformer_blocks", None, True)]),
     "lumina2": Case("lumina2", _maker(Lumina2Transformer2DModel, LUMINA2, 20.0), _lumina2_pipeline, _lumina2_call,
                     [("layers", None, False)]),
+    "zimage": Case("zimage", _maker(ZImageTransformer2DModel, ZIMAGE, 20.0), _zimage_pipeline, _zimage_call,
+                   [("layers", None, False)], extra=dict(cfg=True)),
     "cogview4": Case("cogview4", _maker(CogView4Transformer2DModel, COGVIEW4, 20.0), _cogview4_pipeline,
                      _cogview4_call, [("transformer_blocks", 0, False)]),
     "sana": Case("sana", _maker(SanaTransformer2DModel, SANA, 1.0), _sana_pipeline, _sana_call,

@@ -130,6 +130,18 @@ FAMILIES: dict[str, Family] = {
             "without a cache_context"
         ),
     ),
+    "ZImageTransformer2DModel": Family(
+        name="Z-Image",
+        block_lists=(BlockList("layers", "x", stream="x"),),
+        timestep_arg="t",
+        input_arg="x",
+        notes=(
+            "Lumina2's design with other names: the input is a list of latents, refiners run "
+            "every step, the main layers see one padded [image, text] sequence, cached whole. "
+            "Its pipeline batches cond and uncond; CFG truncation halves the batch mid-run, "
+            "which restarts HyCa's warm-up"
+        ),
+    ),
     "CogView4Transformer2DModel": Family(
         name="CogView4",
         block_lists=(BlockList("transformer_blocks", IMAGE_TEXT),),
@@ -160,4 +172,4 @@ def hidden_size(transformer: torch.nn.Module) -> int:
     config = transformer.config
     if "num_attention_heads" in config and "attention_head_dim" in config:
         return config.num_attention_heads * config.attention_head_dim
-    return config.hidden_size
+    return config["hidden_size"] if "hidden_size" in config else config["dim"]

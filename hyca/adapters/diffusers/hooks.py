@@ -81,6 +81,16 @@ def _argument(names: tuple[str, ...], name: str, args: tuple, kwargs: dict) -> A
     return args[index] if index < len(args) else None
 
 
+def _shape_signature(sample: Any) -> tuple | None:
+    """Shape of the model input (a tensor, or Z-Image's list of tensors): a new one
+    means a new batch or resolution, and a fresh state."""
+    if isinstance(sample, torch.Tensor):
+        return tuple(sample.shape)
+    if isinstance(sample, (list, tuple)) and all(isinstance(s, torch.Tensor) for s in sample):
+        return tuple(tuple(s.shape) for s in sample)
+    return None
+
+
 class HyCaHook(ModelHook):
     """On the transformer: step counting, positions, and the compute/forecast decision."""
 
@@ -114,7 +124,7 @@ class HyCaHook(ModelHook):
         self.states.name_unnamed_call(position)
         state = self.states.get_state()
         sample = _argument(self._names, self.family.input_arg, args, kwargs)
-        signature = tuple(sample.shape) if isinstance(sample, torch.Tensor) else None
+        signature = _shape_signature(sample)
         total = context.num_inference_steps if context is not None and context.num_inference_steps else None
         self.engine.begin_step(state, position, signature, self.total_steps(total))
         return args, kwargs
