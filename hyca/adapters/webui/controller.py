@@ -19,8 +19,9 @@ import torch
 
 from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule
-from . import gates, kinds
+from . import gates, kinds, probe
 from .adapter import Adapter
+from .fingerprint import fingerprint
 from .profiles import Chosen, ProfileBook
 from .registry import recognise, supported
 from .session import PassSession, PassStats
@@ -78,6 +79,7 @@ class Controller:
         self.noted_sigma: float | None = None
         self.book = ProfileBook()
         self.chosen: Chosen | None = None
+        self.probe_fp: dict | None = None
         self._said: set[str] = set()
 
     # --- messages ---------------------------------------------------------------------
@@ -100,9 +102,33 @@ class Controller:
     def finish_pass(self) -> None:
         if self.session is not None:
             stats = self.session.stats()
-            if stats.steps.total:
+            if isinstance(self.session.engine, probe.ProbeEngine):
+                self._learn(self.session)
+            elif stats.steps.total:
                 self.passes.append((self.session.label, stats))
         self.session, self.pass_key = None, None
+
+    def _probe_engine(self, model, adapter, chosen: Chosen, schedule: Schedule, sigmas) -> "probe.ProbeEngine | None":
+        if not sigmas:
+            console("cannot probe: the frontend does not tell this pass's step count; this pass runs uncached")
+            return None
+        console(f"probing {adapter.name} on this pass ({len(sigmas) - 1} steps computed in full)")
+        return probe.ProbeEngine(len(adapter.blocks(model)), len(sigmas) - 1, schedule)
+
+    def _learn(self, session: PassSession) -> None:
+        """A probing pass ended: keep its profile, or say why not (the next pass then
+        probes again, unless the failure was HyCa's own)."""
+        if session.failed:
+            return
+        try:
+            learned = self.book.learn(self.chosen, session.engine, self.probe_fp)
+        except Exception as error:  # noqa: BLE001 - an interrupted or odd pass: no profile this time
+            console(f"no profile from this pass ({error}); the next generation probes again")
+            return
+        self.chosen = learned
+        console(f"profile ready ({learned.source})")
+        for note in learned.notes:
+            console(note)
 
     def start_pass(self, p: Any, settings: Settings, hires: bool | None = None) -> bool:
         """Set up HyCa for the sampling pass about to run; ``True`` when it is on. Never
@@ -139,10 +165,18 @@ class Controller:
                                   lora_key, settings.lora_reuse)
         for note in chosen.notes:
             self.say_once(note)
-        self.chosen = chosen
         schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)
         label = "hires pass" if hires else "pass"
-        self.session = PassSession(HybridCache(chosen.profile, schedule), pass_sigmas(p, hires), label)
+        sigmas = pass_sigmas(p, hires)
+        if chosen.profile is None:
+            engine = self._probe_engine(model, adapter, chosen, schedule, sigmas)
+        else:
+            engine = HybridCache(chosen.profile, schedule)
+        if engine is None:
+            return False
+        self.chosen = chosen
+        self.session = PassSession(engine, sigmas, label)
+        self.probe_fp = fingerprint(model, adapter) if isinstance(engine, probe.ProbeEngine) else None
         self.pass_key, self.session_adapter = key, adapter
         self.say_once(f"{adapter.name}: hooked through "
                       f"{'block replace patches' if adapter.style == 'replace' else 'block wrappers'}")

@@ -4,8 +4,10 @@ Sources, in the order the user's choice selects them: a uniform method by name, 
 profile file (shipped in the extension's ``profiles/`` folder or in the cache folder),
 a Hub repo id, or "automatic". "automatic" and Hub ids go through
 ``hyca.profiles.sources.resolve_profile`` when that module is installed; when it is not,
-or it finds nothing, HyCa runs with a uniform second-order Taylor profile and says so once
-in the console. Profiles are kept per model fingerprint, choice and LoRA set for the session.
+or it finds nothing, the pass is probed (hyca.probing) and the profile saved to the cache;
+without hyca.probing HyCa runs with a uniform second-order Taylor profile and says so once
+in the console. With LoRA reuse off, each new LoRA set gets its own probe and the ARI of
+its clusters against the base profile is reported. Profiles are kept per model fingerprint, choice and LoRA set for the session.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from ...profiles.profile import Profile
+from . import probe
 from .adapter import Adapter
 from .fingerprint import fingerprint
 
@@ -34,16 +37,26 @@ EXTENSION_ROOT = Path(__file__).resolve().parents[3]
 
 @dataclass
 class Chosen:
-    profile: Profile
+    """A profile, where it came from, and what to tell the user. ``profile`` is ``None``
+    when it must be probed: the next pass records, and :meth:`ProfileBook.learn` stores
+    the result under ``key``."""
+
+    profile: Profile | None
     source: str                       # what to print and write: "uniform taylor-2", a file name, ...
     notes: list[str] = field(default_factory=list)
     lora_ari: float | None = None
+    key: tuple = ()
+    base: Profile | None = None       # a LoRA set's probe is compared with this profile
 
 
 def profile_dirs() -> list[Path]:
-    """Shipped profiles, then the user's cache (``$HYCA_PROFILE_DIR`` or ``~/.cache/hyca/profiles``)."""
-    cache = os.environ.get("HYCA_PROFILE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hyca", "profiles")
-    return [EXTENSION_ROOT / "profiles", Path(cache)]
+    """Where local profiles are listed from: the folders hyca.profiles.sources searches
+    (``$HYCA_PROFILES``, the shipped ``profiles/``, the cache) when it is installed, else the
+    extension's ``profiles/`` folder and ``~/.cache/hyca/profiles``."""
+    sources = _optional("hyca.profiles.sources")
+    if sources is not None:
+        return [*sources.extra_dirs(), sources.shipped_dir(), sources.default_cache_dir()]
+    return [EXTENSION_ROOT / "profiles", Path(os.path.expanduser("~")) / ".cache" / "hyca" / "profiles"]
 
 
 def local_profiles() -> dict[str, Path]:
@@ -77,7 +90,7 @@ def adjusted_rand_index(a: Profile, b: Profile) -> float:
 
 
 class ProfileBook:
-    """Profiles resolved so far in this WebUI session."""
+    """Profiles resolved (or probed) so far in this WebUI session."""
 
     def __init__(self) -> None:
         self._known: dict[tuple, Chosen] = {}
@@ -89,17 +102,38 @@ class ProfileBook:
                interval: int | None = None, lora_key: str = "", lora_reuse: bool = True) -> Chosen:
         fp = fingerprint(model, adapter)
         base_key = (fp["config_sha256"], choice, hub_repo, interval)
-        if base_key not in self._known:
-            self._known[base_key] = self._resolve(fp, choice, hub_repo, interval)
-        base = self._known[base_key]
-        if not lora_key or lora_reuse:
+        base = self._known.get(base_key) or self._resolve(fp, choice, hub_repo, interval, base_key)
+        if base.profile is not None:
+            self._known[base_key] = base
+        if not lora_key or lora_reuse or base.profile is None:
             return base
-        lora_key_full = base_key + (lora_key,)
-        if lora_key_full not in self._known:
-            self._known[lora_key_full] = self._for_lora(fp, base, lora_key)
-        return self._known[lora_key_full]
+        key = base_key + (lora_key,)
+        if key in self._known:
+            return self._known[key]
+        if probe.available():
+            return Chosen(None, "probe", [f"LoRA set {lora_key[:12]}: probing its own profile on this pass"],
+                          key=key, base=base.profile)
+        return Chosen(base.profile, base.source,
+                      [f"LoRA set {lora_key[:12]}: a profile of its own needs hyca.probing; using the base profile"])
 
-    def _resolve(self, fp: dict, choice: str, hub_repo: str, interval: int | None) -> Chosen:
+    def learn(self, chosen: Chosen, engine: "probe.ProbeEngine", fp: dict) -> Chosen:
+        """Turn a finished probing pass into the profile ``chosen`` was waiting for."""
+        profile = engine.profile(fp)
+        if chosen.base is not None:  # a LoRA set: compared with the base, kept for this session
+            ari = adjusted_rand_index(chosen.base, profile)
+            learned = Chosen(profile, "probe (LoRA set)", [f"LoRA profile: ARI {ari:.3f} against the base profile"],
+                             lora_ari=ari)
+        else:
+            learned = Chosen(profile, "probe", [])
+            sources = _optional("hyca.profiles.sources")
+            if sources is not None:  # saved to the cache, read back: what later sessions will load
+                resolved = sources.resolve_profile(fp, interval=chosen.key[3], hub_repo=None,
+                                                   probe=lambda: profile)
+                learned = Chosen(resolved.profile, f"probe, saved to {resolved.path}", list(resolved.warnings))
+        self._known[chosen.key] = learned
+        return learned
+
+    def _resolve(self, fp: dict, choice: str, hub_repo: str, interval: int | None, key: tuple) -> Chosen:
         blocks, dim = sum(fp["blocks"].values()), fp["hidden_size"]
         if choice in UNIFORM:
             return Chosen(Profile.uniform(UNIFORM[choice], blocks, dim), f"uniform {UNIFORM[choice]}")
@@ -112,27 +146,15 @@ class ProfileBook:
         sources = _optional("hyca.profiles.sources")
         if sources is not None:
             try:
-                resolved = sources.resolve_profile(fp, hub_repo=hub_repo or None, interval=interval)
-                profile = getattr(resolved, "profile", None)
-                if profile is not None:
-                    return Chosen(profile, str(getattr(resolved, "source", "resolved")), list(getattr(resolved, "warnings", [])))
-            except Exception as error:  # noqa: BLE001 - any source failure falls back, with the reason
-                note = f"no profile found for {fp['class']} ({error})"
-            else:
-                note = f"no profile found for {fp['class']}"
+                kwargs = {"hub_repo": hub_repo} if hub_repo else {}
+                resolved = sources.resolve_profile(fp, interval=interval, **kwargs)
+                return Chosen(resolved.profile, f"{resolved.source} {resolved.path or ''}".strip(),
+                              list(resolved.warnings))
+            except Exception as error:  # noqa: BLE001 - nothing found: probe, or fall back, with the reason
+                note = str(error).split(": looked in")[0]
         else:
             note = "hyca.profiles.sources is not installed, so no profile can be looked up"
+        if probe.available():
+            return Chosen(None, "probe", [f"{note}; probing one on this pass (computed in full)"], key=key)
         message = f"{note}; using a uniform {FALLBACK_SOLVER} profile (TaylorSeer-like)"
         return Chosen(Profile.uniform(FALLBACK_SOLVER, blocks, dim), f"uniform {FALLBACK_SOLVER}", [message])
-
-    def _for_lora(self, fp: dict, base: Chosen, lora_key: str) -> Chosen:
-        """A LoRA set's own profile needs a probe of the model with that LoRA applied."""
-        probing = _optional("hyca.probing")
-        if probing is None or not hasattr(probing, "probe_transformer"):
-            note = (f"LoRA set {lora_key[:12]}: a profile of its own needs hyca.probing, which is not "
-                    f"installed; using the base profile")
-            return Chosen(base.profile, base.source, [note])
-        # Probing needs a sampling run of the patched model; until the frontend glue drives one,
-        # report that the base profile serves this LoRA set.
-        note = f"LoRA set {lora_key[:12]}: probing inside a WebUI run is not wired yet; using the base profile"
-        return Chosen(base.profile, base.source, [note])

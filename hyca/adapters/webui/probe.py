@@ -1,0 +1,70 @@
+"""Probing inside a WebUI generation: the first pass of a model without a profile runs
+fully computed while :class:`hyca.probing.recorder.SketchRecorder` records it, and the
+profile chosen from that record serves the following generations.
+
+The recorder offers the engine's hook-facing methods, so it takes the engine's place in
+a :class:`~.session.PassSession`: the session maps calls to steps and branches exactly as
+it does for caching, the blocks report the same residuals, and the recorder keeps the
+first (cond) branch.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+from ...engine.cache import BranchState
+from ...engine.schedule import Schedule
+from ...profiles.profile import Profile
+
+
+def available() -> bool:
+    try:
+        from ...probing import recorder, runner  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(runner, "analyse") and hasattr(recorder, "SketchRecorder")
+
+
+class ProbeEngine:
+    """The engine interface the session uses, backed by a SketchRecorder."""
+
+    positions = "step"
+
+    def __init__(self, num_blocks: int, steps: int, schedule: Schedule, seed: int = 0) -> None:
+        from ...probing.recorder import SketchRecorder
+
+        self.recorder = SketchRecorder(num_blocks, steps, schedule, "step", seed=seed)
+        self.steps, self.schedule = steps, schedule
+
+    def new_state(self) -> BranchState:
+        return BranchState()
+
+    def begin_step(self, state: BranchState, position: float | None, signature: Any, total_steps: int | None = None) -> bool:
+        self.recorder.begin_step(state, position, signature, total_steps)
+        state.computing = True
+        return True
+
+    def record(self, state: BranchState, block: int, residual: Any) -> None:
+        self.recorder.record(state, block, residual)
+
+    def end_step(self, state: BranchState) -> None:
+        self.recorder.end_step(state)
+        state.stats.computed += 1
+
+    def predicted_residual(self, state: BranchState) -> Any:
+        raise RuntimeError("a probing pass computes every step")
+
+    def profile(self, fp: dict[str, Any], clusters: int = 4) -> Profile:
+        """The profile chosen from what was recorded (raises if the pass was incomplete)."""
+        from ...probing.runner import analyse
+
+        indicators, replay = self.recorder.finish()
+        profile, report = analyse(indicators, replay, clusters)
+        profile.metadata = {
+            "method": "hyca", "fingerprint": fp, "interval": self.schedule.interval, "warmup": self.schedule.warmup,
+            "compute_last": self.schedule.compute_last, "positions": "step",
+            "probe": {"frontend": "webui", "steps": self.steps, "clusters": clusters},
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "selection": report,
+        }
+        return profile

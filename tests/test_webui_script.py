@@ -1,0 +1,195 @@
+"""The extension's Script against the WebUI's interface contract (stand-ins of
+``modules.scripts``, ``ui_components.InputAccordion``, ``infotext_utils``,
+``script_callbacks``, ``launch``), with real gradio components: UI, element ids, argument
+order for the API, infotext round trip, XYZ-grid axes, install.py, metadata.ini, hover help."""
+
+import configparser
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+
+from webui_harness import ROOT, Processing, generate, load_script, model_kinds, standins
+
+
+@pytest.fixture
+def webui():
+    with standins("forge"):
+        module = load_script()
+        yield module
+        from hyca.adapters.webui.controller import CONTROLLER
+
+        CONTROLLER.reset()
+
+
+def build_ui(module, is_img2img=False):
+    script = module.HyCaScript()
+    script.is_img2img = is_img2img
+    with gr.Blocks():
+        components = script.ui(is_img2img)
+    return script, components
+
+
+def test_script_contract(webui):
+    from modules import scripts
+
+    script = webui.HyCaScript()
+    assert isinstance(script, scripts.Script)
+    assert script.title() == "HyCa"  # the API's alwayson_scripts key is the title lowercased: "hyca"
+    assert script.show(False) is scripts.AlwaysVisible and script.show(True) is scripts.AlwaysVisible
+    for hook in ("process", "process_before_every_sampling", "process_batch", "before_hr", "post_sample",
+                 "postprocess_batch", "postprocess"):
+        assert type(script).__dict__.get(hook) is not None, f"{hook} not implemented"
+
+
+def test_ui_components_in_argument_order_with_unique_ids(webui):
+    from modules.ui_components import InputAccordion
+
+    ids = []
+    for is_img2img in (False, True):
+        script, components = build_ui(webui, is_img2img)
+        assert len(components) == len(webui.ARGUMENTS) == 8
+        assert isinstance(components[0], InputAccordion)  # the enable box is the accordion itself
+        values = [c.value for c in components]
+        assert values == [False, 5, 3, True, True, "automatic", "", True]
+        ids += [c.accordion.elem_id if isinstance(c, InputAccordion) else c.elem_id for c in components]
+    assert all(i.startswith("hyca_") for i in ids)
+    assert len(set(ids)) == len(ids) == 16
+
+
+def test_api_arguments_follow_ui_order(webui):
+    from hyca.adapters.webui.settings import Settings
+
+    # what a client sends: {"alwayson_scripts": {"hyca": {"args": [...]}}}, positional, JSON numbers
+    payload = json.loads('{"alwayson_scripts": {"hyca": {"args": [true, 6.0, 2, false, false, "FORA (reuse)", "me/p", false]}}}')
+    settings = Settings.from_args(payload["alwayson_scripts"]["hyca"]["args"])
+    assert settings == Settings(True, 6, 2, False, False, "FORA (reuse)", "me/p", False)
+    assert Settings.from_args([True, 4]) == Settings(enabled=True, interval=4)  # trailing ones default
+    assert Settings.from_args(settings.args()) == settings
+    with pytest.raises(ValueError, match="at least 1"):
+        Settings.from_args([True, 0])
+
+
+def test_bad_api_arguments_turn_hyca_off_with_a_message(webui, capsys):
+    with torch.no_grad():
+        model = model_kinds()["forge_flux"].factory()
+        p = Processing("forge_flux", model, steps=4)
+        generate(p, webui.HyCaScript(), [True, "many"])
+    assert "ignoring HyCa's arguments" in capsys.readouterr().out
+    assert not any(k.startswith("HyCa") for k in p.extra_generation_params)
+
+
+def test_infotext_round_trip(webui):
+    from modules.infotext_utils import paste_values, parse_generation_parameters
+
+    script, components = build_ui(webui)
+    args = [True, 4, 2, False, False, "FORA (reuse)", "me/profiles", True]
+    model = model_kinds()["forge_flux"].factory()
+    with torch.no_grad():
+        out = generate(Processing("forge_flux", model, steps=6), script, args)
+    params = parse_generation_parameters("a cat\nNegative prompt: dog\n" + out.infotexts[0])
+    assert params["HyCa steps"] == "3 computed, 3 forecast"  # N=4, W=2, 6 steps: 0, 1, 5
+    assert params["HyCa saving"] == "50%"
+    pasted = paste_values(script.infotext_fields, params)
+    assert pasted[0] is True  # the enable box
+    assert pasted[1:] == args[1:]  # infotext_fields follow the settings' order after the box
+    assert set(script.paste_field_names) <= set(params)
+
+
+def test_no_infotext_when_off_and_paste_leaves_controls(webui):
+    from modules.infotext_utils import paste_values, parse_generation_parameters
+
+    script, _ = build_ui(webui)
+    model = model_kinds()["forge_flux"].factory()
+    with torch.no_grad():
+        out = generate(Processing("forge_flux", model, steps=4), script, [False, 4, 2, True, True, "automatic", "", True])
+    assert "HyCa" not in out.infotexts[0]
+    pasted = paste_values(script.infotext_fields, parse_generation_parameters(out.infotexts[0]))
+    assert pasted == [False] + [None] * 7
+
+
+def xyz_stand_in():
+    """Stand-in of ``scripts/xyz_grid.py`` (A1111 1.10): ``AxisOption`` and ``axis_options``."""
+    module = types.ModuleType("xyz_grid.py")
+
+    class AxisOption:
+        def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+            self.label, self.type, self.apply, self.choices = label, type, apply, choices
+
+    module.AxisOption, module.axis_options = AxisOption, [AxisOption("Seed", int, lambda p, x, xs: None)]
+    return module
+
+
+def test_xyz_axes(webui):
+    from modules import script_callbacks, scripts
+
+    assert webui.add_xyz_axes() is False  # no grid script: nothing happens
+    xyz = xyz_stand_in()
+    scripts.scripts_data.append(scripts.ScriptClassData(object, "/webui/scripts/xyz_grid.py", "/webui", xyz))
+    script_callbacks.before_ui_callback()
+    script_callbacks.before_ui_callback()  # a reloaded UI does not add them twice
+    labels = [o.label for o in xyz.axis_options]
+    assert labels == ["Seed", "[HyCa] N", "[HyCa] Warm-up steps", "[HyCa] On/off"]
+    assert xyz.axis_options[3].choices() == ["on", "off"]
+
+    # a grid cell: the axis turns HyCa on with N=3 though the UI says off
+    model = model_kinds()["forge_flux"].factory()
+    p = Processing("forge_flux", model, steps=10)
+    xyz.axis_options[1].apply(p, "3", ["3", "5"])
+    xyz.axis_options[3].apply(p, "on", ["on", "off"])
+    with torch.no_grad():
+        generate(p, webui.HyCaScript(), [False, 5, 2, True, True, "TaylorSeer (taylor-2)", "", True])
+    assert p.extra_generation_params["HyCa N"] == 3
+    assert p.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
+
+
+def test_install_installs_only_what_is_missing_and_never_torch(webui, monkeypatch):
+    import launch
+
+    present = {"safetensors", "huggingface-hub", "diffusers", "torch"}
+    monkeypatch.setattr(launch, "is_installed", lambda name: name in present)
+    launch.pip_commands.clear()
+    spec = importlib.util.spec_from_file_location("hyca_install", ROOT / "install.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert [c for c, _ in launch.pip_commands] == ['install "scikit-learn>=1.3"']
+    present.clear()
+    launch.pip_commands.clear()
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    commands = " ".join(c for c, _ in launch.pip_commands)
+    assert "torch" not in commands and "-U" not in commands and "--upgrade" not in commands
+    assert len(launch.pip_commands) == 4
+
+
+def test_metadata_ini():
+    parser = configparser.ConfigParser()
+    assert parser.read(ROOT / "metadata.ini")
+    assert parser["Extension"]["Name"] == "sd-webui-hyca"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_hover_help_covers_every_control(webui, tmp_path):
+    from modules.ui_components import InputAccordion
+
+    ids = []
+    for is_img2img in (False, True):
+        _, components = build_ui(webui, is_img2img)
+        ids += [c.accordion.elem_id if isinstance(c, InputAccordion) else c.elem_id for c in components]
+    runner = tmp_path / "run.js"
+    runner.write_text(
+        "const ids = " + json.dumps(ids) + ";\n"
+        "const elements = {}; for (const id of ids) elements[id] = {title: '', querySelector: () => null};\n"
+        "let callbacks = [];\n"
+        "global.gradioApp = () => ({getElementById: (id) => elements[id] || null});\n"
+        "global.onUiUpdate = (f) => callbacks.push(f);\n"
+        f"require({json.dumps(str(ROOT / 'javascript' / 'hyca.js'))});\n"
+        "callbacks.forEach((f) => f());\n"
+        "console.log(JSON.stringify(ids.filter((id) => !elements[id].title)));\n")
+    untitled = json.loads(subprocess.run(["node", str(runner)], capture_output=True, text=True, check=True).stdout)
+    assert untitled == []
