@@ -31,8 +31,8 @@ def expected_plan(interval: int, warmup: int, steps: int) -> list[bool]:
 
 
 def _timestep_of(args, kwargs) -> float:
-    # Z-Image's pipeline passes (x, t, cap_feats) positionally
-    timestep = kwargs["timestep"] if "timestep" in kwargs else kwargs.get("t", args[1] if len(args) > 1 else None)
+    named = [kwargs[k] for k in ("timestep", "timesteps", "t") if k in kwargs]  # HiDream: timesteps
+    timestep = named[0] if named else args[1]  # Z-Image's pipeline passes (x, t, cap_feats) positionally
     return float(torch.as_tensor(timestep).flatten()[0])
 
 
@@ -146,7 +146,8 @@ class Reference:
                 if l == 0:
                     current["tokens"] = stream_in.shape[1]
                 out = output if index is None else output[index]
-                part = slice(out.shape[1] - current["tokens"], None) if tail else slice(None)
+                part = {False: slice(None), True: slice(out.shape[1] - current["tokens"], None),
+                        "head": slice(0, current["tokens"])}[tail]
                 if current["computing"]:
                     current["residuals"].append((out - stream_in)[:, part])
                     return None

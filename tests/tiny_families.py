@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKLQwenImage, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
+from diffusers import (AutoencoderKLQwenImage, ChromaPipeline, HiDreamImagePipeline, HiDreamImageTransformer2DModel, ChromaTransformer2DModel, CogView4Pipeline,
                        CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
                        HunyuanVideoTransformer3DModel, Lumina2Pipeline, Lumina2Transformer2DModel,
                        QwenImageEditPipeline, QwenImagePipeline, QwenImageTransformer2DModel, SanaPipeline,
@@ -31,8 +31,8 @@ class Case:
     """One family's tiny pipeline; ``extra`` call arguments override the test's.
     ``streams``: per block list, written out here from diffusers' sources
     independently of HyCa's table, ``(attribute, index of the
-    output stream in the block's returned tuple or None for a lone tensor, whether
-    only the tail tokens reach the output)``."""
+    output stream in the block's returned tuple or None for a lone tensor, which of the
+    stream's tokens reach the output: False all, True the tail, "head" the head)``."""
 
     name: str
     transformer: Callable[[int], torch.nn.Module]
@@ -265,6 +265,33 @@ def _zimage_pipeline(transformer):
                           transformer=transformer)
 
 
+# --- HiDream ----------------------------------------------------------------------------
+
+HIDREAM = dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8,
+               num_attention_heads=2, caption_channels=[16, 16], text_emb_dim=16, num_routed_experts=2,
+               num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=(16, 16), llama_layers=[0, 1, 2])
+
+
+def _hidream_call(pipe, steps, cfg=False, **extra):
+    g = torch.Generator().manual_seed(9)
+    guidance = dict(guidance_scale=3.0, negative_prompt_embeds_t5=_embeds(16, 7),
+                    negative_prompt_embeds_llama3=torch.randn(3, 1, TEXT_TOKENS, 16, generator=g),
+                    negative_pooled_prompt_embeds=torch.ones(1, 16)) if cfg else dict(guidance_scale=1.0)
+    return pipe(prompt_embeds_t5=_embeds(16, 3), prompt_embeds_llama3=torch.randn(3, 1, TEXT_TOKENS, 16, generator=g),
+                pooled_prompt_embeds=torch.zeros(1, 16), height=64, width=64, num_inference_steps=steps,
+                output_type="latent", generator=_generator(), **guidance, **extra).images
+
+
+def _hidream_pipeline(transformer):
+    pipe = HiDreamImagePipeline(scheduler=_scheduler(shift=3.0), vae=None, text_encoder=None, tokenizer=None,
+                                text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+                                text_encoder_4=None, tokenizer_4=None, transformer=transformer)
+    # The pipeline rescales every request to the area of its default size (1024 x 1024
+    # pixels); the tiny model gets a 64 x 64 default instead.
+    pipe.default_sample_size = 8
+    return pipe
+
+
 # --- CogView4 ---------------------------------------------------------------------------
 
 COGVIEW4 = dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
@@ -332,6 +359,9 @@ CASES: dict[str, Case] = {
                     [("layers", None, False)]),
     "zimage": Case("zimage", _maker(ZImageTransformer2DModel, ZIMAGE, 20.0), _zimage_pipeline, _zimage_call,
                    [("layers", None, False)], extra=dict(cfg=True)),
+    "hidream": Case("hidream", _maker(HiDreamImageTransformer2DModel, HIDREAM, 20.0), _hidream_pipeline,
+                    _hidream_call, [("double_stream_blocks", 0, False), ("single_stream_blocks", None, "head")],
+                    extra=dict(cfg=True)),
     "cogview4": Case("cogview4", _maker(CogView4Transformer2DModel, COGVIEW4, 20.0), _cogview4_pipeline,
                      _cogview4_call, [("transformer_blocks", 0, False)]),
     "sana": Case("sana", _maker(SanaTransformer2DModel, SANA, 1.0), _sana_pipeline, _sana_call,

@@ -28,7 +28,8 @@ class BlockList:
 
     ``stream_tokens="tail"``: the block sees text and image tokens concatenated
     (``[text, image]``) and only the last tokens, as many as the first block's stream
-    has, reach the output (Chroma's single blocks). ``text_dropped_if``: a block
+    has, reach the output (Chroma's single blocks); ``"head"``: the same with
+    ``[image, text]`` (HiDream's single blocks). ``text_dropped_if``: a block
     attribute which, when true, makes every output but the stream ``None`` (SD3's last
     joint block has ``context_pre_only`` and returns ``(None, hidden_states)``)."""
 
@@ -140,6 +141,19 @@ FAMILIES: dict[str, Family] = {
             "every step, the main layers see one padded [image, text] sequence, cached whole. "
             "Its pipeline batches cond and uncond; CFG truncation halves the batch mid-run, "
             "which restarts HyCa's warm-up"
+        ),
+    ),
+    "HiDreamImageTransformer2DModel": Family(
+        name="HiDream-I1",
+        block_lists=(
+            BlockList("double_stream_blocks", IMAGE_TEXT),
+            BlockList("single_stream_blocks", IMAGE, stream_tokens="head"),
+        ),
+        timestep_arg="timesteps",
+        notes=(
+            "double blocks (MoE feed-forward) return (image, text) and get a fresh Llama layer "
+            "appended to the text each block; the forward concatenates [image, text] for the "
+            "single blocks, which return one tensor whose leading image tokens reach the output"
         ),
     ),
     "CogView4Transformer2DModel": Family(

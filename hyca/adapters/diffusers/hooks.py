@@ -192,6 +192,8 @@ class HyCaBlockHook(ModelHook):
         """The tokens of ``residual`` that reach the transformer's output."""
         if self.spec.stream_tokens == "tail":
             return residual[:, residual.shape[1] - self.states.stream_tokens:]
+        if self.spec.stream_tokens == "head":
+            return residual[:, :self.states.stream_tokens]
         return residual
 
     def _pass_through(self, module: torch.nn.Module, stream: torch.Tensor, args: tuple, kwargs: dict):
