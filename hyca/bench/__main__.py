@@ -1,0 +1,94 @@
+"""``python -m hyca.bench``: HyCa against every peer, side by side, in one run.
+
+    python -m hyca.bench                 # default set: reference model, 32 prompts, 50 and 28 steps
+    python -m hyca.bench --quick         # 4 prompts, 50 steps, two levels: a few minutes
+    python -m hyca.bench --model tiny    # random-weight model of the same layout (wiring only)
+    python -m hyca.bench --gpu           # FLUX.1-dev architecture, random weights: latency/memory (CUDA)
+
+Writes ``<out>/<name>.md`` (tables), ``.png`` (fidelity against FLOPs speed-up) and
+``.json`` (everything measured); ``--redraw`` rebuilds the first two from the third.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+DEFAULT_OUT = Path("bench/results")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hyca.bench", description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="4 prompts, 50 steps, levels N=4 and 7 (< 3 min)")
+    mode.add_argument("--full", action="store_true", help="the default set, explicitly (32 prompts, 50 + 28 steps)")
+    mode.add_argument("--gpu", action="store_true", help="FLUX.1-dev architecture on CUDA: latency and memory only")
+    p.add_argument("--model", choices=("reference", "tiny"), default="reference",
+                   help="reference: the shipped trained model; tiny: random weights, for wiring checks")
+    p.add_argument("--model-path", help="reference-model folder (default: the shipped models/reference)")
+    p.add_argument("--steps", type=int, nargs="+", help="step counts to run (default 50 28; --quick: 50)")
+    p.add_argument("--prompts", type=int, help="number of prompt/seed pairs (default 32; --quick: 4)")
+    p.add_argument("--flops-prompts", type=int, help="prompts also run under the FLOPs counter (default 8)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads, fixed for the whole run")
+    p.add_argument("--no-cache-dit", action="store_true", help="leave out cache-dit's DBCache")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    p.add_argument("--name", help="file name stem (default peers, peers-quick, peers-tiny or peers-gpu)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    p.add_argument("--redraw", type=Path, metavar="JSON", help="rebuild table and plot from a results JSON")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace):
+    from .runner import DEFAULT, QUICK
+
+    settings = QUICK if args.quick else DEFAULT
+    changes = {"model": args.model, "model_path": args.model_path, "threads": args.threads, "cache_dit": not args.no_cache_dit}
+    if args.steps:
+        changes["steps"] = tuple(args.steps)
+    if args.prompts:
+        changes["prompts"] = args.prompts
+    if args.flops_prompts:
+        changes["flops_prompts"] = args.flops_prompts
+    return replace(settings, **changes)
+
+
+def default_name(args: argparse.Namespace) -> str:
+    if args.gpu:
+        return "peers-gpu"
+    suffix = "-tiny" if args.model == "tiny" else ""
+    return ("peers-quick" if args.quick else "peers") + suffix
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python -m hyca.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    name = args.name or default_name(args)
+    from . import report
+
+    if args.redraw:
+        result = json.loads(args.redraw.read_text())
+        paths = report.write(result, args.out, name, result.get("command", command), with_plot=not args.no_plot)
+    elif args.gpu:
+        from . import gpu
+
+        result = gpu.run(tuple(args.steps or (28, 50)))
+        args.out.mkdir(parents=True, exist_ok=True)
+        paths = [args.out / f"{name}.md", args.out / f"{name}.json"]
+        paths[0].write_text(gpu.markdown(result, command))
+        paths[1].write_text(json.dumps(result, indent=1) + "\n")
+    else:
+        from .runner import run
+
+        result = run(settings_from(args))
+        paths = report.write(result, args.out, name, command, with_plot=not args.no_plot)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

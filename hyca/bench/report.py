@@ -1,0 +1,176 @@
+"""The benchmark's outputs: a markdown table, a PNG plot of fidelity against FLOPs
+speed-up, and the raw results as JSON (from which both can be redrawn).
+
+matplotlib is the ``bench`` extra and is imported only when a plot is drawn.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import methods as m
+
+# Families in the order the tables list them; HyCa first among the accelerated ones.
+ORDER = (m.FULL, m.HYCA, m.HYCA_SIGMA, m.STEPS, m.FORA, m.TAYLOR_1, m.TAYLOR_2, m.DIFFUSERS_TAYLOR,
+         m.DIFFUSERS_FBCACHE, m.DIFFUSERS_MAGCACHE, m.DBCACHE, m.DBCACHE_TAYLOR)
+MATCH_TOLERANCE = 0.05  # a peer's FLOPs speed-up within 5% of HyCa's counts as matched
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2 ** 20:.3f}"
+
+
+def _family_rank(row: dict) -> tuple:
+    family = row["family"]
+    return (ORDER.index(family) if family in ORDER else len(ORDER), row["level"] or 0, row["setting"])
+
+
+def _peer_label(row: dict) -> str:
+    """Families with several settings per level (diffusers' TaylorSeer orders) are told apart."""
+    if row["family"] == m.DIFFUSERS_TAYLOR:
+        return f"{row['family']} ({row['setting'].split(', ', 1)[1]})"
+    return row["family"]
+
+
+def hyca_rows(rows: list[dict], steps: int) -> dict[int, dict]:
+    return {r["level"]: r for r in rows if r["steps"] == steps and r["family"] == m.HYCA}
+
+
+def matched_table(rows: list[dict], steps: int, levels: list[int]) -> list[str]:
+    """PSNR / SSIM of every family at each level; the FLOPs speed-up each actually reached
+    is shown when it is more than 5% from HyCa's."""
+    hyca = hyca_rows(rows, steps)
+    header = "| method | " + " | ".join(f"N={n}: {hyca[n]['flops_speedup']:.2f}x FLOPs" for n in levels) + " |"
+    lines = [header, "|---|" + "---|" * len(levels)]
+    labels: dict[str, dict[int, dict]] = {}
+    for r in sorted((r for r in rows if r["steps"] == steps and r["level"] in levels), key=_family_rank):
+        if r["family"] in (m.HYCA_SIGMA,):
+            continue
+        labels.setdefault(_peer_label(r), {})[r["level"]] = r
+    for label, by_level in labels.items():
+        cells = []
+        for n in levels:
+            r = by_level.get(n)
+            if r is None:
+                cells.append("—")
+                continue
+            cell = f"{r['psnr']:.2f} / {r['ssim']:.4f}"
+            off = r["flops_speedup"] / hyca[n]["flops_speedup"] - 1
+            if abs(off) > MATCH_TOLERANCE:
+                cell += f" (at {r['flops_speedup']:.2f}x)"
+            if r["family"] != m.HYCA:
+                cell = ("**+** " if hyca[n]["psnr"] > r["psnr"] else "**−** ") + cell
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def detail_table(rows: list[dict], steps: int) -> list[str]:
+    lines = ["| method | setting | FLOPs speed-up | wall-clock speed-up | wall / FLOPs | cache MiB (peak) "
+             "| PSNR dB | SSIM |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["steps"] == steps), key=_family_rank):
+        efficiency = r["wall_speedup"] / r["flops_speedup"]
+        lines.append(f"| {r['family']} | {r['setting'] or '—'} | {r['flops_speedup']:.2f}x | {r['wall_speedup']:.2f}x "
+                     f"| {efficiency:.0%} | {_mib(r['cache_bytes'])} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
+    return lines
+
+
+def notes(rows: list[dict], steps: int) -> list[str]:
+    out = []
+    for r in sorted((r for r in rows if r["steps"] == steps and r["note"]), key=_family_rank):
+        out.append(f"- {r['family']} at N={r['level']} ({r['setting']}): {r['note']}")
+    return out
+
+
+def markdown(result: dict[str, Any], command: str, plot_name: str | None) -> str:
+    env = result["environment"]
+    settings = env["settings"]
+    rows = result["rows"]
+    levels = list(settings["levels"])
+    lines = [
+        "# HyCa against its peers",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Model: {settings['model']}; {settings['prompts']} prompt/seed pairs; FLOPs and cache bytes counted on "
+        f"the first {settings['flops_prompts']}; thresholds searched and HyCa probed on "
+        f"{settings['calibration_prompts']} separate calibration prompt(s). {env['date']}, "
+        f"torch {env['torch']}, diffusers {env['diffusers']}, cache-dit {env['cache_dit']}, "
+        f"{env['cpus']} CPUs, {env['torch_threads']} torch thread(s). Whole run: {result['seconds'] / 60:.1f} min.",
+        "",
+        "PSNR / SSIM against full compute of the same prompt and seed (mean over prompts; PSNR capped at "
+        "100 dB per image). **+**: HyCa's PSNR is higher than this peer's at that level; **−**: lower. "
+        "Peers whose FLOPs speed-up is more than 5% from HyCa's show the speed-up they reached.",
+    ]
+    if plot_name:
+        lines += ["", f"![fidelity against FLOPs speed-up]({plot_name})"]
+    for steps in settings["steps"]:
+        info = result["runs"][str(steps)]
+        lines += ["", f"## {steps} steps", "", "### At matched FLOPs (HyCa's interval N sets the level)", ""]
+        lines += matched_table(rows, steps, levels)
+        lines += ["", "### Every method", ""]
+        lines += detail_table(rows, steps)
+        extra = notes(rows, steps)
+        if extra:
+            lines += ["", "Threshold searches (on the calibration prompts):", ""] + extra
+        lines += ["", f"HyCa profiles (share of dimensions per solver): "
+                      + "; ".join(f"N={n}: " + ", ".join(f"{k} {v:.0%}" for k, v in p.items())
+                                  for n, p in info["profiles"].items()),
+                  f"Probing all {len(info['profiles']) + 1} profiles took {info['probe_seconds']:.1f} s. "
+                  f"cache-dit: {info['cache_dit']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """PSNR and SSIM against FLOPs speed-up, one panel pair per step count."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise SystemExit(f"the plot needs matplotlib ({error}); install the bench extra: pip install -e '.[bench]'")
+    rows = result["rows"]
+    all_steps = result["environment"]["settings"]["steps"]
+    fig, axes = plt.subplots(2, len(all_steps), figsize=(7 * len(all_steps), 9), squeeze=False)
+    for column, steps in enumerate(all_steps):
+        series: dict[str, list[dict]] = {}
+        for r in sorted((r for r in rows if r["steps"] == steps and r["family"] != m.FULL), key=_family_rank):
+            series.setdefault(_peer_label(r), []).append(r)
+        for label, points in series.items():
+            points.sort(key=lambda r: r["flops_speedup"])
+            hyca = label.startswith(m.HYCA)
+            style = dict(linewidth=3 if hyca else 1.2, marker="o" if hyca else ".", zorder=3 if hyca else 2)
+            if label == m.HYCA_SIGMA:
+                style.update(linestyle="", marker="*", markersize=12)
+            for row, metric in ((0, "psnr"), (1, "ssim")):
+                axes[row][column].plot([p["flops_speedup"] for p in points], [p[metric] for p in points],
+                                       label=label, **style)
+        for row, metric in ((0, "PSNR (dB) vs full compute"), (1, "SSIM vs full compute")):
+            ax = axes[row][column]
+            ax.set_title(f"{steps} steps")
+            ax.set_xlabel("FLOPs speed-up (x)")
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(result: dict[str, Any], out: Path, name: str, command: str, with_plot: bool = True) -> list[Path]:
+    """``<out>/<name>.json``, ``.md`` and ``.png``; returns the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = {**result, "command": command}
+    written = [out / f"{name}.json"]
+    written[0].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    plot_name = None
+    if with_plot:
+        plot(result, out / f"{name}.png")
+        plot_name = f"{name}.png"
+        written.append(out / plot_name)
+    (out / f"{name}.md").write_text(markdown(result, command, plot_name))
+    written.append(out / f"{name}.md")
+    return written
