@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fingerprint as fpmod
-from .io import ProfileError, profile_filename, read_profile, save_profile
+from .io import profile_filename, read_profile, save_profile
 from .profile import Profile
 
 #: Where hyca looks for shared profiles unless HYCA_HUB_REPO says otherwise.
@@ -191,5 +191,5 @@ def push_profile(path_or_profile: str | os.PathLike | Profile, repo_id: str, *, 
     return f"{api.endpoint}/{repo_id}/blob/main/{name}"
 
 
-__all__ = ["DEFAULT_HUB_REPO", "HubError", "ProfileError", "download_file", "hub_offline", "hub_repo_id",
+__all__ = ["DEFAULT_HUB_REPO", "HubError", "download_file", "hub_offline", "hub_repo_id",
            "pull_profile", "push_profile"]
