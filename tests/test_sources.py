@@ -201,3 +201,37 @@ def test_default_locations(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "xdg" / "hyca" / "profiles"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir() == Path.home() / ".cache" / "hyca" / "profiles"
+
+
+def test_first_use_probe_end_to_end(dirs, fp):
+    """The real probe as the fallback: its profile is cached, found again, and runs in hyca.enable."""
+    import hyca
+    from hyca.probing import probe
+
+    from tiny import tiny_flux, tiny_pipeline
+
+    pipe = tiny_pipeline(tiny_flux())
+    g = torch.Generator().manual_seed(0)
+    embeds = dict(prompt_embeds=torch.randn(1, 5, 32, generator=g),
+                  pooled_prompt_embeds=torch.randn(1, 24, generator=g))
+    calls = []
+
+    def first_use():
+        calls.append(1)
+        return probe(pipe, prompt=None, height=64, width=64, steps=10, interval=3, warmup=2, clusters=2,
+                     progress=False, **embeds)
+
+    with pytest.warns(UserWarning, match="offline mode"):  # the suite is offline: the Hub is skipped
+        found = resolve_profile(pipe.transformer, interval=3, probe=first_use, hub_repo=REPO,
+                                hub_cache_dir=dirs["hf"])
+    assert found.source == "probe" and found.path == dirs["cache"] / profile_filename(fp)
+    assert found.profile.metadata["interval"] == 3 and found.profile.metadata["positions"] == "step"
+    again = resolve_profile(pipe.transformer, interval=3, probe=first_use, hub_repo=None)
+    assert again.source == "cache" and len(calls) == 1 and same(again.profile, found.profile)
+    hyca.enable(pipe, again.profile, interval=3, warmup=2)
+    try:
+        pipe(num_inference_steps=10, height=64, width=64, output_type="latent",
+             generator=torch.Generator().manual_seed(1), **embeds)
+        assert hyca.stats(pipe)[0].forecast > 0
+    finally:
+        hyca.disable(pipe)
