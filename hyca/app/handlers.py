@@ -1,0 +1,361 @@
+"""What each control of the app does, with per-session state.
+
+Every handler takes plain values (what the Gradio components hold) plus the session's
+state dict, and returns plain values; ``app.py`` only lays the components out and wires
+them here. A session's state (a ``gr.State``, one per browser tab or API client) holds
+its profiles per model: ``current`` (what HyCa uses), ``previous`` (the one it
+replaced, for the ARI), ``base`` (probed without a LoRA) and ``lora`` (one per LoRA
+when the reuse switch is off). Models are shared between sessions; every use of one
+happens under its lock, so HyCa hooks set by one session never touch another's run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ..profiles import fingerprint as fpmod
+from ..profiles.compare import compare_profiles
+from ..profiles.hub import DEFAULT_HUB_REPO, HubError, hub_offline, pull_profile, push_profile
+from ..profiles.io import ProfileError, load_profile, profile_filename, save_profile
+from ..profiles.profile import Profile
+from ..profiles.sources import resolve_profile
+from . import compare, profile_view
+from .metrics import describe_psnr
+from .models import REFERENCE, STORE, LoadedModel, ModelChoice, ModelError, check, choice, custom_choice
+
+Progress = Callable[[float, str], None]
+
+
+class AppError(RuntimeError):
+    """Something the user can fix; the app shows the message (``gr.Error``)."""
+
+
+USER_ERRORS = (AppError, ModelError, HubError, ProfileError, ValueError, KeyError)
+
+
+def chosen_model(model_key: str, custom: str | None) -> ModelChoice:
+    """The menu entry, or the folder / Hub id typed in the custom box when it is filled."""
+    custom = (custom or "").strip()
+    return custom_choice(custom) if custom else choice(model_key or REFERENCE)
+
+
+def model_status(model_key: str, custom: str | None) -> str:
+    """The sentence under the model menu: ready, or why not."""
+    try:
+        verdict = check(chosen_model(model_key, custom))
+    except USER_ERRORS as err:
+        return f"⚠️ {err}"
+    return ("✅ " if verdict.ok else "⚠️ ") + verdict.message
+
+
+# --- session state -------------------------------------------------------------------------
+
+def new_state() -> dict[str, Any]:
+    return {"profiles": {}, "dir": None}
+
+
+def _slot(state: dict[str, Any], key: str) -> dict[str, Any]:
+    return state.setdefault("profiles", {}).setdefault(key, {"current": None, "previous": None, "base": None,
+                                                             "lora": {}, "file": None})
+
+
+def _session_dir(state: dict[str, Any]) -> Path:
+    if not state.get("dir"):
+        state["dir"] = tempfile.mkdtemp(prefix="hyca-app-")
+    return Path(state["dir"])
+
+
+def _fits(profile: Profile | None, model: LoadedModel) -> bool:
+    if profile is None:
+        return False
+    fp = profile.metadata.get("fingerprint")
+    if fp:
+        return fpmod.mismatch(fp, fpmod.fingerprint(model.transformer)) is None
+    from ..adapters.diffusers.families import blocks_of, family_of, hidden_size
+
+    t = model.transformer
+    return (profile.num_blocks, profile.dim) == (len(blocks_of(t, family_of(t))), hidden_size(t))
+
+
+def _set_current(state: dict[str, Any], model: LoadedModel, profile: Profile, lora: str = "none") -> str:
+    """Make ``profile`` the session's current one (the old one becomes ``previous``); save it
+    as a file for download and return its path."""
+    slot = _slot(state, model.choice.key)
+    if slot["current"] is not None and slot["current"] is not profile:
+        slot["previous"] = slot["current"]
+    slot["current"] = profile
+    if lora in ("none", "", None):
+        slot["base"] = profile
+    fp = fpmod.fingerprint(model.transformer)
+    name = profile_filename(fp, profile.metadata.get("interval"))
+    if lora not in ("none", "", None):
+        name = name.replace(".safetensors", f"-lora-{lora}.safetensors")
+    slot["file"] = str(save_profile(profile, _session_dir(state) / name, fp))
+    return slot["file"]
+
+
+# --- running under the model's lock ----------------------------------------------------------
+
+def load_model(c: ModelChoice, progress: Progress | None) -> LoadedModel:
+    if progress is not None:
+        progress(0.0, f"loading {c.label}")
+    try:
+        return STORE.get(c)
+    except ModelError:
+        raise
+    except Exception as err:  # any failure while loading is reported, never a crash
+        raise ModelError(f"could not load {c.label}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def holding(model: LoadedModel, progress: Progress | None) -> Iterator[None]:
+    """The model's lock; says so when another session's run is being waited for."""
+    if not model.lock.acquire(blocking=False):
+        if progress is not None:
+            progress(0.0, "waiting for another session's run on this model")
+        model.lock.acquire()
+    try:
+        yield
+    finally:
+        model.lock.release()
+
+
+def _probe_size(model: LoadedModel) -> tuple[int, int]:
+    """Small models are probed at their own size; large ones at the probe's 256x256."""
+    return model.size if max(model.size) <= 256 else (256, 256)
+
+
+def probe_locked(model: LoadedModel, prompt: str, steps: int, interval: int, warmup: int, clusters: int,
+                 lora: str, progress: Progress | None) -> Profile:
+    """Run the probe (caller holds the lock) with ``lora`` active; progress per transformer call."""
+    from ..probing import probe
+
+    compare.apply_lora(model, lora)
+    height, width = _probe_size(model)
+    options: dict[str, Any] = {}
+    if model.choice.key == REFERENCE or "Reference" in type(model.pipe).__name__:
+        options["output_type"] = "np"  # the reference pipeline has no latent output
+    if model.choice.guidance is not None:
+        options["guidance_scale"] = model.choice.guidance
+    handle = compare._reporting_calls(model.transformer, steps, "probe", progress)
+    try:
+        profile = probe(model.pipe, prompt=prompt, height=height, width=width, steps=steps, interval=interval,
+                        warmup=warmup, clusters=clusters, progress=False, **options)
+    finally:
+        handle.remove()
+    profile.metadata.setdefault("probe", {})["lora"] = lora
+    return profile
+
+
+def _base_profile(state: dict[str, Any], model: LoadedModel, s: compare.Settings,
+                  progress: Progress | None) -> tuple[Profile, str]:
+    """The session's profile without LoRA; else one from the files / Hub / an automatic probe."""
+    slot = _slot(state, model.choice.key)
+    for key in ("base", "current"):
+        if _fits(slot[key], model) and slot[key].metadata.get("probe", {}).get("lora", "none") == "none":
+            return slot[key], "session profile"
+    resolved = resolve_profile(
+        model.transformer, interval=s.interval,
+        probe=lambda: probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, 4, "none", progress))
+    _set_current(state, model, resolved.profile)
+    where = {"probe": "probed now (saved to the local cache)"}.get(resolved.source, f"from {resolved.source}")
+    return resolved.profile, f"profile {where}"
+
+
+def _profile_for_run(state: dict[str, Any], model: LoadedModel, s: compare.Settings, lora_reuse: bool,
+                     progress: Progress | None) -> tuple[Profile | None, str, float | None]:
+    """(profile, where it came from, ARI vs the base profile when a LoRA was probed)."""
+    if s.method != "HyCa":
+        return None, f"{s.method}: one solver ({compare.METHODS[s.method]}) for every dimension", None
+    base, where = _base_profile(state, model, s, progress)
+    if s.lora in ("none", "") or lora_reuse:
+        note = f" (reused for LoRA '{s.lora}')" if s.lora not in ("none", "") else ""
+        return base, where + note, None
+    slot = _slot(state, model.choice.key)
+    lora_profile = slot["lora"].get(s.lora)
+    if not (_fits(lora_profile, model) and lora_profile.metadata.get("interval") == s.interval):
+        lora_profile = probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, base.num_clusters, s.lora,
+                                    progress)
+        slot["lora"][s.lora] = lora_profile
+    ari = compare_profiles(base, lora_profile).ari_overall
+    return lora_profile, f"probed again with LoRA '{s.lora}'", ari
+
+
+# --- the side-by-side tab -------------------------------------------------------------------
+
+@dataclass
+class GenerateResult:
+    full: np.ndarray
+    fast: np.ndarray
+    report: str
+    numbers: dict[str, Any]
+
+
+def _settings(model: LoadedModel, prompt: str, seed: Any, steps: Any, method: str, interval: Any, warmup: Any,
+              lora: str) -> compare.Settings:
+    if not (prompt or "").strip():
+        raise AppError("enter a prompt")
+    if int(interval) < 1 or int(warmup) < 1 or int(steps) < 1:
+        raise AppError("steps, N and warm-up must be at least 1")
+    height, width = model.size
+    return compare.Settings(prompt=prompt.strip(), seed=int(seed), steps=int(steps), height=height,
+                            width=width, guidance=model.choice.guidance, method=method, interval=int(interval),
+                            warmup=int(warmup), lora=lora or "none")
+
+
+def report_numbers(r: compare.SideBySide, s: compare.Settings, where: str, ari: float | None) -> dict[str, Any]:
+    numbers = {
+        "method": s.method, "interval": s.interval, "warmup": s.warmup, "lora": s.lora,
+        "full_seconds": r.full_seconds, "fast_seconds": r.fast_seconds, "speedup": r.speedup,
+        "full_flops": r.full_flops, "fast_flops": r.fast_flops, "flops_ratio": r.flops_ratio,
+        "computed_steps": r.run.computed, "forecast_steps": r.run.forecast,
+        "psnr": None if np.isinf(r.psnr) else r.psnr, "ssim": r.ssim, "profile": where,
+    }
+    if ari is not None:
+        numbers["ari_vs_base"] = ari
+    return numbers
+
+
+def report_markdown(n: dict[str, Any]) -> str:
+    psnr = describe_psnr(float("inf") if n["psnr"] is None else n["psnr"])
+    lines = [
+        f"| | full compute | {n['method']} (N={n['interval']}, warm-up {n['warmup']}) |",
+        "|---|---|---|",
+        f"| wall clock | {n['full_seconds']:.2f} s | {n['fast_seconds']:.2f} s |",
+        f"| transformer FLOPs | {n['full_flops'] / 1e9:.3g} G | {n['fast_flops'] / 1e9:.3g} G |",
+        f"| steps computed | {n['computed_steps'] + n['forecast_steps']} | {n['computed_steps']} "
+        f"(+{n['forecast_steps']} forecast) |",
+        "",
+        f"**{n['speedup']:.2f}x** faster (wall clock, both runs in this request) · "
+        f"**{n['flops_ratio']:.2f}x** fewer transformer FLOPs (torch.utils.flop_counter) · "
+        f"PSNR **{psnr}** · SSIM **{n['ssim']:.4f}** (vs full compute)",
+        "",
+        f"Profile: {n['profile']}.",
+    ]
+    if "ari_vs_base" in n:
+        lines.append(f"ARI of the LoRA profile vs the base profile: **{n['ari_vs_base']:.3f}** "
+                     "(1 = same clusters; the paper reports > 0.8, which is what makes reuse safe).")
+    return "\n".join(lines)
+
+
+def generate(state: dict[str, Any], model_key: str, custom: str | None, prompt: str, seed: Any, steps: Any,
+             method: str, interval: Any, warmup: Any, lora: str, lora_reuse: bool,
+             progress: Progress | None = None) -> GenerateResult:
+    model = load_model(chosen_model(model_key, custom), progress)
+    s = _settings(model, prompt, seed, steps, method, interval, warmup, lora)
+    with holding(model, progress):
+        profile, where, ari = _profile_for_run(state, model, s, bool(lora_reuse), progress)
+        result = compare.side_by_side(model, s, profile, progress)
+    numbers = report_numbers(result, s, where, ari)
+    return GenerateResult(compare.upscale(result.full), compare.upscale(result.fast), report_markdown(numbers),
+                          numbers)
+
+
+# --- the profile panel ------------------------------------------------------------------------
+
+@dataclass
+class ProfileView:
+    picture: np.ndarray | None
+    legend: str
+    table: list[list[Any]]
+    summary: str
+    file: str | None
+
+
+def view(state: dict[str, Any], model_key: str, custom: str | None, by: str = "cluster",
+         message: str = "") -> ProfileView:
+    """The current profile of the chosen model, as picture, table and summary."""
+    slot = _slot(state, chosen_model(model_key, custom).key)
+    profile = slot["current"]
+    if profile is None:
+        return ProfileView(None, "", [], message or "No profile yet: run the probe, or load one.", None)
+    text = profile_view.summary(profile) + (f"\n\n{message}" if message else "")
+    return ProfileView(profile_view.cluster_image(profile, by), profile_view.legend(profile, by),
+                       profile_view.solver_rows(profile), text, slot["file"])
+
+
+def run_probe(state: dict[str, Any], model_key: str, custom: str | None, prompt: str, steps: Any, interval: Any,
+              warmup: Any, clusters: Any, lora: str, progress: Progress | None = None) -> str:
+    """Probe the chosen model (with ``lora`` active) and make the result current; returns a message."""
+    c = chosen_model(model_key, custom)
+    model = load_model(c, progress)
+    s = _settings(model, prompt, 0, steps, "HyCa", interval, warmup, lora)
+    with holding(model, progress):
+        profile = probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, int(clusters), s.lora, progress)
+    slot = _slot(state, c.key)
+    base = slot["base"]
+    if s.lora != "none":
+        slot["lora"][s.lora] = profile
+    _set_current(state, model, profile, s.lora)
+    message = f"Probed {c.label} with prompt {s.prompt!r}" + (f" and LoRA '{s.lora}'" if s.lora != "none" else "")
+    if s.lora != "none" and base is not None and _fits(base, model):
+        cmp = compare_profiles(base, profile)
+        message += f". ARI vs the profile without LoRA: {cmp.ari_overall:.3f}"
+    return message + "."
+
+
+def describe_comparison(a: Profile, b: Profile, what: str) -> str:
+    cmp = compare_profiles(a, b)
+    per_block = ", ".join(f"{v:.2f}" for v in cmp.ari_per_block)
+    return (f"ARI current vs {what}: **{cmp.ari_overall:.3f}** (per block: {per_block}); the same solver for "
+            f"{cmp.solver_agreement:.0%} of dimensions.")
+
+
+def ari_vs_previous(state: dict[str, Any], model_key: str, custom: str | None) -> str:
+    slot = _slot(state, chosen_model(model_key, custom).key)
+    if slot["current"] is None or slot["previous"] is None:
+        raise AppError("there is no earlier profile to compare with: probe twice (e.g. with and without a "
+                       "LoRA, or another prompt) or load a file")
+    return describe_comparison(slot["current"], slot["previous"], "previous profile")
+
+
+def ari_vs_file(state: dict[str, Any], model_key: str, custom: str | None, path: str | None) -> str:
+    slot = _slot(state, chosen_model(model_key, custom).key)
+    if not path:
+        raise AppError("choose a profile file (.safetensors) to compare with")
+    if slot["current"] is None:
+        raise AppError("there is no current profile: run the probe or load one first")
+    return describe_comparison(slot["current"], load_profile(path), Path(path).name)
+
+
+def use_file(state: dict[str, Any], model_key: str, custom: str | None, path: str | None) -> str:
+    """Load a profile file as the current profile (checked against the model)."""
+    if not path:
+        raise AppError("choose a profile file (.safetensors) first")
+    c = chosen_model(model_key, custom)
+    model = load_model(c, None)
+    profile = load_profile(path, model.transformer)
+    _set_current(state, model, profile)
+    return f"Loaded {Path(path).name}."
+
+
+def pull(state: dict[str, Any], model_key: str, custom: str | None, repo: str | None, filename: str | None,
+         interval: Any) -> str:
+    """Download a profile from the Hub (default name: the one ``hyca probe`` gives this model)."""
+    c = chosen_model(model_key, custom)
+    model = load_model(c, None)
+    repo = (repo or "").strip() or DEFAULT_HUB_REPO
+    filename = (filename or "").strip() or profile_filename(fpmod.fingerprint(model.transformer), int(interval))
+    path = pull_profile(repo, filename, model=model.transformer)
+    _set_current(state, model, load_profile(path, model.transformer))
+    return f"Loaded {filename} from the Hub repo {repo}."
+
+
+def push(state: dict[str, Any], model_key: str, custom: str | None, repo: str | None) -> str:
+    slot = _slot(state, chosen_model(model_key, custom).key)
+    if slot["file"] is None:
+        raise AppError("there is no profile to push: run the probe or load one first")
+    repo = (repo or "").strip()
+    if not repo:
+        raise AppError("enter a Hub repo id you can write to, e.g. your-name/hyca-profiles")
+    if hub_offline():
+        raise AppError("the app is offline (HF_HUB_OFFLINE=1), so nothing can be pushed; download the profile "
+                       "file instead and upload it later with `python -m hyca push`")
+    url = push_profile(slot["file"], repo, path_in_repo=Path(slot["file"]).name)
+    return f"Pushed to {url}"

@@ -1,0 +1,88 @@
+"""What a profile looks like: a picture of the clusters and a table of the solvers.
+
+The picture has one band of rows per block (top: first block) and one column per hidden
+dimension, in the model's own dimension order; each pixel is coloured by the cluster
+of that dimension in that block (or by the solver its cluster uses). Cluster numbers
+are per block, so the same colour in two blocks means "cluster k of each", not the
+same dimensions; the solver view is comparable across blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..math.solvers import pool_names
+from ..profiles.profile import Profile
+
+# Tableau-like colours, distinct for up to ten clusters or solvers.
+PALETTE = np.array([
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+], dtype=np.uint8)
+TARGET_HEIGHT = 240
+
+
+def colour(index: int) -> tuple[int, int, int]:
+    return tuple(int(v) for v in PALETTE[index % len(PALETTE)])
+
+
+def cluster_image(profile: Profile, by: str = "cluster", row_height: int | None = None) -> np.ndarray:
+    """(blocks * row_height, dim, 3) uint8: every dimension of every block coloured by its
+    cluster (``by="cluster"``) or by its solver's pool index (``by="solver"``)."""
+    if by == "cluster":
+        values = profile.labels.numpy()
+    elif by == "solver":
+        values = profile.dim_solvers().numpy()
+    else:
+        raise ValueError(f"by must be 'cluster' or 'solver', got {by!r}")
+    rows = row_height or max(1, TARGET_HEIGHT // max(profile.num_blocks, 1))
+    picture = PALETTE[values % len(PALETTE)]  # (blocks, dim, 3)
+    return np.repeat(picture, rows, axis=0)
+
+
+def legend(profile: Profile, by: str = "cluster") -> str:
+    """Markdown naming each colour of :func:`cluster_image`."""
+    if by == "cluster":
+        items = [(k, f"cluster {k}") for k in range(profile.num_clusters)]
+    else:
+        names = pool_names()
+        items = [(i, names[i]) for i in sorted(set(profile.solvers.flatten().tolist()))]
+    swatches = [f"<span style='color:rgb{colour(i)}'>■</span> {name}" for i, name in items]
+    return "Colours: " + " · ".join(swatches) + f" — {profile.num_blocks} blocks (rows) × {profile.dim} dims (columns)"
+
+
+def solver_rows(profile: Profile) -> list[list[Any]]:
+    """``[block, cluster, dims, solver, replay error]`` per cluster; the error (relative, from
+    the probe's replay of the schedule) when the profile's metadata records it."""
+    names = pool_names()
+    report = (profile.metadata.get("selection") or {}).get("blocks")
+    rows = []
+    for b in range(profile.num_blocks):
+        sizes = np.bincount(profile.labels[b].numpy(), minlength=profile.num_clusters)
+        for c in range(profile.num_clusters):
+            error = None
+            if report and b < len(report) and c < len(report[b]):
+                error = report[b][c].get("error")
+            rows.append([b, c, int(sizes[c]), names[int(profile.solvers[b, c])],
+                         "" if error is None else f"{error:.4g}"])
+    return rows
+
+
+def summary(profile: Profile) -> str:
+    """One paragraph: shape, solvers in use, the schedule it was chosen for, replay errors."""
+    meta = profile.metadata
+    used = ", ".join(profile.solver_names())
+    lines = [f"**{profile.num_blocks} blocks × {profile.dim} dims, {profile.num_clusters} clusters per block**; "
+             f"solvers in use: {used}."]
+    if meta.get("interval") is not None:
+        lines.append(f"Chosen for N={meta['interval']}, warm-up {meta.get('warmup')}.")
+    replay = (meta.get("selection") or {}).get("replay_error")
+    if replay and replay.get("profile") is not None:
+        uniform = ", ".join(f"{k} {v:.3g}" for k, v in replay.get("uniform", {}).items() if v is not None)
+        lines.append(f"Relative replay error of the profile: {replay['profile']:.3g} (one solver everywhere: {uniform}).")
+    timing = meta.get("timing")
+    if timing:
+        lines.append(f"Probe took {timing.get('record_s', 0) + timing.get('analysis_s', 0):.1f} s.")
+    return " ".join(lines)

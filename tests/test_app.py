@@ -1,0 +1,295 @@
+"""The Gradio app: metrics, the cluster picture, model checks, and the running app driven
+through ``gradio_client`` (generation, probe, concurrency, errors), checked against the
+pipeline run directly, outside the app."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import hyca
+from hyca.app import metrics, profile_view
+from hyca.app.compare import upscale
+from hyca.app.models import GB, Facts, choice, choices, decide, gather_facts
+from hyca.adapters.diffusers.families import FAMILIES
+from hyca.engine.schedule import Schedule
+from hyca.math.solvers import pool_names
+from hyca.profiles import Profile, load_profile
+
+from app_server import running_app
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def test_psnr_of_a_uniform_offset_is_its_closed_form():
+    a = np.random.default_rng(0).uniform(0.2, 0.8, (16, 16, 3))
+    # mse = 0.1^2 -> PSNR = 10 log10(1 / 0.01) = 20 dB
+    assert metrics.psnr(a, a + 0.1) == pytest.approx(20.0, abs=1e-9)
+    assert math.isinf(metrics.psnr(a, a))
+
+
+def test_ssim_of_two_flat_images_is_the_luminance_term():
+    # Flat images: both variances and the covariance are 0, so SSIM = (2 mu_a mu_b + C1) / (mu_a^2 + mu_b^2 + C1).
+    a, b = np.full((32, 32, 3), 0.2), np.full((32, 32, 3), 0.6)
+    expected = (2 * 0.2 * 0.6 + 0.01 ** 2) / (0.2 ** 2 + 0.6 ** 2 + 0.01 ** 2)
+    assert metrics.ssim(a, b) == pytest.approx(expected, abs=1e-12)
+    assert metrics.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+
+
+def _ssim_one_window_by_hand(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM of two 11x11 grey images (exactly one window position), written out with loops."""
+    weights = np.zeros((11, 11))
+    for i in range(11):
+        for j in range(11):
+            weights[i, j] = math.exp(-((i - 5) ** 2 + (j - 5) ** 2) / (2 * 1.5 ** 2))
+    weights /= weights.sum()
+    mx = sum(weights[i, j] * x[i, j] for i in range(11) for j in range(11))
+    my = sum(weights[i, j] * y[i, j] for i in range(11) for j in range(11))
+    vx = sum(weights[i, j] * (x[i, j] - mx) ** 2 for i in range(11) for j in range(11))
+    vy = sum(weights[i, j] * (y[i, j] - my) ** 2 for i in range(11) for j in range(11))
+    cxy = sum(weights[i, j] * (x[i, j] - mx) * (y[i, j] - my) for i in range(11) for j in range(11))
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+
+
+def test_ssim_matches_the_gaussian_window_formula_written_out():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, (11, 11))
+    y = np.clip(x + rng.normal(0, 0.1, (11, 11)), 0, 1)
+    assert metrics.ssim(x, y) == pytest.approx(_ssim_one_window_by_hand(x, y), rel=1e-10)
+    assert metrics.ssim(x, y) == pytest.approx(metrics.ssim(y, x), rel=1e-12)
+    # a larger image is the mean over every window position
+    big_x, big_y = rng.uniform(0, 1, (13, 12)), rng.uniform(0, 1, (13, 12))
+    by_hand = np.mean([_ssim_one_window_by_hand(big_x[i:i + 11, j:j + 11], big_y[i:i + 11, j:j + 11])
+                       for i in range(3) for j in range(2)])
+    assert metrics.ssim(big_x, big_y) == pytest.approx(by_hand, rel=1e-10)
+
+
+def test_metrics_refuse_images_of_different_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.ssim(np.zeros((8, 8, 3)), np.zeros((8, 9, 3)))
+
+
+def test_upscale_repeats_whole_pixels():
+    image = np.random.default_rng(2).uniform(0, 1, (32, 32, 3)).astype(np.float32)
+    big = upscale(image, 256)
+    assert big.shape == (256, 256, 3) and big.dtype == np.uint8
+    assert np.array_equal(big[::8, ::8], np.round(image * 255).astype(np.uint8))
+    assert np.array_equal(big[7::8, 7::8], big[::8, ::8])
+
+
+# --- the cluster picture ------------------------------------------------------------------------
+
+
+def _profile(blocks: int = 3, dim: int = 10) -> Profile:
+    rng = np.random.default_rng(3)
+    labels = torch.as_tensor(rng.integers(0, 3, (blocks, dim)))
+    solvers = torch.as_tensor(rng.integers(0, len(pool_names()), (blocks, 3)))
+    selection = {"blocks": [[{"error": 0.1 * b + 0.01 * c} for c in range(3)] for b in range(blocks)]}
+    return Profile(labels, solvers, {"selection": selection})
+
+
+def test_cluster_picture_colours_every_dimension_by_its_cluster_and_solver():
+    p = _profile()
+    picture = profile_view.cluster_image(p, "cluster", row_height=4)
+    assert picture.shape == (3 * 4, 10, 3)
+    for b in range(3):
+        for d in range(10):
+            assert tuple(picture[4 * b + 3, d]) == profile_view.colour(int(p.labels[b, d]))
+    by_solver = profile_view.cluster_image(p, "solver", row_height=1)
+    for b in range(3):
+        for d in range(10):
+            assert tuple(by_solver[b, d]) == profile_view.colour(int(p.solvers[b, p.labels[b, d]]))
+
+
+def test_solver_table_lists_each_cluster_with_its_size_solver_and_error():
+    p = _profile()
+    rows = profile_view.solver_rows(p)
+    assert len(rows) == 3 * 3
+    for block, cluster, dims, solver, error in rows:
+        assert dims == int((p.labels[block] == cluster).sum())
+        assert solver == pool_names()[int(p.solvers[block, cluster])]
+        assert float(error) == pytest.approx(0.1 * block + 0.01 * cluster)
+
+
+# --- model choices ------------------------------------------------------------------------------
+
+
+def test_every_offered_model_has_a_supported_family():
+    keys = [c.key for c in choices()]
+    assert keys[0] == "reference" and {"flux-schnell", "flux-dev", "qwen-image"} <= set(keys)
+    assert all(c.transformer in FAMILIES for c in choices())
+
+
+def _facts(**kw) -> Facts:
+    base = dict(local_folder=None, on_disk_bytes=None, offline=False, gpu_free_bytes=80 * GB,
+                ram_available_bytes=64 * GB)
+    return Facts(**{**base, **kw})
+
+
+def test_model_verdicts_explain_why_a_model_cannot_run():
+    dev = choice("flux-dev")
+    offline = decide(dev, _facts(offline=True))
+    assert not offline.ok and "offline" in offline.message and "hf download black-forest-labs/FLUX.1-dev" in offline.message
+    no_gpu = decide(dev, _facts(gpu_free_bytes=None))
+    assert not no_gpu.ok and "needs a GPU" in no_gpu.message
+    small_gpu = decide(dev, _facts(gpu_free_bytes=24 * GB))
+    assert small_gpu.ok and small_gpu.offload and "offload" in small_gpu.message
+    too_big = decide(choice("qwen-image"), _facts(gpu_free_bytes=24 * GB, ram_available_bytes=32 * GB))
+    assert not too_big.ok and "does not fit" in too_big.message and "57.7 GB" in too_big.message
+    fits = decide(dev, _facts(gpu_free_bytes=80 * GB, local_folder="/models/flux", on_disk_bytes=30 * GB))
+    assert fits.ok and fits.device == "cuda" and not fits.offload and "30.0 GB" in fits.message
+
+
+def test_uncached_model_is_reported_offline_on_this_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty Hub cache
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    facts = gather_facts(choice("flux-schnell"))
+    assert facts.local_folder is None and facts.offline
+    assert not decide(choice("flux-schnell"), facts).ok
+
+
+# --- the running app, through gradio_client ---------------------------------------------------
+
+PROMPT = "a red circle on a blue background"
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("app")) as (url, folder):
+        yield url, folder
+
+
+@pytest.fixture(scope="module")
+def solo_pipe(served):
+    from hyca.reference import load_pipeline
+
+    return load_pipeline(served[1])
+
+
+def _client(url: str):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def _generate(client, method="HyCa", seed=0, interval=4, warmup=2, lora="none", reuse=True, model="reference",
+              custom=""):
+    return client.predict(model, custom, PROMPT, seed, STEPS, method, interval, warmup, lora, reuse,
+                          api_name="/generate")
+
+
+def _pixels(path: str) -> np.ndarray:
+    """The model's own 32x32 pixels back from the nearest-neighbour enlargement shown."""
+    big = np.asarray(Image.open(path).convert("RGB"))
+    factor = big.shape[0] // 32
+    return big[::factor, ::factor]
+
+
+def _solo(pipe, seed: int, profile=None, interval=4, warmup=2) -> np.ndarray:
+    if profile is not None:
+        hyca.enable(pipe, profile, interval=interval, warmup=warmup)
+    try:
+        out = pipe(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed),
+                   output_type="np").images[0]
+    finally:
+        hyca.disable(pipe)
+    return out
+
+
+def _as_uint8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+
+
+def test_generation_returns_both_images_and_the_metrics(served, solo_pipe):
+    full, fast, report, numbers = _generate(_client(served[0]), method="FORA", seed=3, interval=4, warmup=2)
+    expected_full = _solo(solo_pipe, 3)
+    expected_fast = _solo(solo_pipe, 3, "fora", interval=4, warmup=2)
+    assert np.array_equal(_pixels(full), _as_uint8(expected_full))
+    assert np.array_equal(_pixels(fast), _as_uint8(expected_fast))
+    plan = Schedule(interval=4, warmup=2, compute_last=True).plan(STEPS)
+    assert numbers["computed_steps"] == sum(plan) and numbers["forecast_steps"] == STEPS - sum(plan)
+    assert numbers["full_flops"] > numbers["fast_flops"] > 0 and numbers["flops_ratio"] > 1
+    assert numbers["full_seconds"] > 0 and numbers["fast_seconds"] > 0
+    assert numbers["psnr"] == pytest.approx(metrics.psnr(expected_fast, expected_full), rel=1e-5)
+    assert numbers["ssim"] == pytest.approx(metrics.ssim(expected_fast, expected_full), rel=1e-5)
+    assert "PSNR" in report and "SSIM" in report and "FLOPs" in report
+
+
+def test_probe_returns_a_profile_that_hyca_uses(served, solo_pipe):
+    client = _client(served[0])
+    picture, legend, table, summary, file = client.predict(
+        "reference", "", PROMPT, STEPS, 4, 2, 3, "none", "cluster", api_name="/probe")
+    profile = load_profile(file, solo_pipe.transformer)
+    blocks = len(solo_pipe.transformer.transformer_blocks) + len(solo_pipe.transformer.single_transformer_blocks)
+    assert (profile.num_blocks, profile.dim, profile.num_clusters) == (blocks, solo_pipe.transformer.inner_dim, 3)
+    assert profile.metadata["interval"] == 4 and profile.metadata["warmup"] == 2
+    assert len(table["data"]) == blocks * 3 and Image.open(picture).size[0] == profile.dim
+    # HyCa in the same session now uses that profile: its image is the solo run with it.
+    full, fast, _, numbers = _generate(client, method="HyCa", seed=5)
+    assert numbers["profile"] == "session profile"
+    assert np.array_equal(_pixels(fast), _as_uint8(_solo(solo_pipe, 5, profile)))
+
+
+def test_two_concurrent_generations_each_equal_their_solo_results(served):
+    a, b = _client(served[0]), _client(served[0])
+    settings_a = dict(method="FORA", seed=1, interval=3, warmup=1)
+    settings_b = dict(method="TaylorSeer", seed=2, interval=5, warmup=2)
+    solo_a, solo_b = _generate(a, **settings_a), _generate(b, **settings_b)
+    job_a = a.submit("reference", "", PROMPT, settings_a["seed"], STEPS, settings_a["method"], 3, 1, "none", True,
+                     api_name="/generate")
+    job_b = b.submit("reference", "", PROMPT, settings_b["seed"], STEPS, settings_b["method"], 5, 2, "none", True,
+                     api_name="/generate")
+    together_a, together_b = job_a.result(timeout=300), job_b.result(timeout=300)
+    for solo, together in ((solo_a, together_a), (solo_b, together_b)):
+        assert np.array_equal(_pixels(solo[0]), _pixels(together[0]))
+        assert np.array_equal(_pixels(solo[1]), _pixels(together[1]))
+        assert solo[3]["computed_steps"] == together[3]["computed_steps"]
+    assert not np.array_equal(_pixels(together_a[1]), _pixels(together_b[1]))
+
+
+def test_unavailable_model_and_offline_hub_are_explained_not_crashes(served):
+    from gradio_client.exceptions import AppError
+
+    client = _client(served[0])
+    with pytest.raises(AppError, match="offline|needs a GPU"):
+        _generate(client, model="flux-dev")
+    with pytest.raises(AppError, match="offline"):
+        client.predict("reference", "", "", "", 4, api_name="/pull")
+    with pytest.raises(AppError, match="no profile to push|offline"):
+        client.predict("reference", "", "someone/profiles", api_name="/push")
+    status = client.predict("flux-dev", "", api_name="/check_model")[0]
+    assert "FLUX.1-dev" in status and ("offline" in status or "GPU" in status)
+    full, fast, _, _ = _generate(client, method="FORA")  # the app still works
+    assert Path(full).is_file() and Path(fast).is_file()
+
+
+def test_a_local_diffusers_folder_loads_as_a_custom_model(served, tmp_path):
+    from hyca.reference import tiny_components
+
+    folder = tmp_path / "tiny"
+    tiny_components(seed=4).save_pretrained(str(folder))
+    full, fast, _, numbers = _generate(_client(served[0]), method="FORA", custom=str(folder))
+    assert _pixels(full).shape == (32, 32, 3) and numbers["forecast_steps"] > 0
+
+
+def test_lora_without_reuse_probes_again_and_reports_the_ari(served):
+    from hyca.app.models import reference_folder
+
+    if not (reference_folder() / "loras" / "outline.safetensors").is_file():
+        pytest.skip("the reference LoRAs (models/reference/loras) are not in this checkout yet")
+    client = _client(served[0])
+    _, _, _, reused = _generate(client, lora="outline", reuse=True)
+    assert "reused for LoRA 'outline'" in reused["profile"] and "ari_vs_base" not in reused
+    _, _, report, again = _generate(client, lora="outline", reuse=False)
+    assert "probed again with LoRA 'outline'" in again["profile"]
+    assert -1.0 <= again["ari_vs_base"] <= 1.0 and "ARI" in report
