@@ -59,10 +59,7 @@ def kmeans_labels(values: np.ndarray, k: int, seed: int = 0, n_init: int = 1) ->
     k_used = min(k, len(x))
     if k_used <= 1:
         return np.zeros(len(x), dtype=np.int64)
-    # One thread: for a few thousand 10-d points, threading overhead outweighs the work,
-    # and on a busy 2-core machine oversubscribed OpenMP threads made it 30x slower.
-    with threadpool_limits(limits=1):
-        found = KMeans(n_clusters=k_used, random_state=seed, n_init=n_init).fit_predict(x)
+    found = KMeans(n_clusters=k_used, random_state=seed, n_init=n_init).fit_predict(x)
     return _ordered(found, x[:, _ORDER_BY], k)
 
 
@@ -82,8 +79,11 @@ def cluster(indicator_values: torch.Tensor | np.ndarray, k: int, seed: int = 0, 
     if not np.isfinite(values).all():
         raise ValueError("indicators contain NaN or infinity: the recorded run produced non-finite features")
     blocks, dim, _ = values.shape
-    if shared:
-        labels = kmeans_labels(values.reshape(blocks * dim, -1), k, seed, n_init).reshape(blocks, dim)
-    else:
-        labels = np.stack([kmeans_labels(values[b], k, seed, n_init) for b in range(blocks)])
+    # One thread: for a few thousand 10-d points, threading overhead outweighs the work,
+    # and on a busy 2-core machine oversubscribed OpenMP threads made k-means 30x slower.
+    with threadpool_limits(limits=1):
+        if shared:
+            labels = kmeans_labels(values.reshape(blocks * dim, -1), k, seed, n_init).reshape(blocks, dim)
+        else:
+            labels = np.stack([kmeans_labels(values[b], k, seed, n_init) for b in range(blocks)])
     return torch.as_tensor(labels, dtype=torch.int64)

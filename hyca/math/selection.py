@@ -32,6 +32,8 @@ from .solvers import Solver, pool
 
 # Guards the per-step normalization of a block whose residual is exactly zero.
 _TINY = 1e-30
+# Blocks scored together: keeps the (solvers, blocks, rows, dim) forecast errors in cache.
+_CHUNK_BLOCKS = 2
 
 
 @dataclass
@@ -82,21 +84,26 @@ class ReplayErrors:
         self.step += 1
 
     def _score(self, target: torch.Tensor, position: float) -> None:
+        blocks, rows, dim = target.shape
         if self._errors is None:
-            blocks, _, dim = target.shape
-            self._errors = torch.zeros(len(self.solvers), blocks, dim, dtype=torch.float64)
-            self._energy = torch.zeros(blocks, dim, dtype=torch.float64)
+            self._errors = torch.zeros(len(self.solvers), blocks, dim, dtype=torch.float64, device=target.device)
+            self._energy = torch.zeros(blocks, dim, dtype=torch.float64, device=target.device)
         dim_energy = target.square().sum(1)  # (blocks, dim)
         weight = 1.0 / (dim_energy.sum(1, keepdim=True).double() + _TINY)  # one per block
         self._energy += dim_energy * weight
+        # Row s of `coefficients` turns (history..., target) into solver s's forecast error:
+        # one small matmul per chunk of blocks instead of a pass over the data per solver.
+        values = torch.stack([*self._history, target]).view(len(self._history) + 1, blocks, -1)
+        coefficients = torch.zeros(len(self.solvers), len(self._history) + 1, device=target.device)
         positions = list(self._positions)
-        history = list(self._history)
         for s, solver in enumerate(self.solvers):
             w = solver.weights(positions[: solver.history], position)  # falls back like the engine
-            forecast = torch.zeros_like(target)
-            for value, weight_j in zip(history, w.tolist()):
-                forecast.add_(value, alpha=weight_j)
-            self._errors[s] += (forecast - target).square().sum(1) * weight
+            coefficients[s, : len(w)] = torch.as_tensor(w, dtype=torch.float32, device=target.device)
+        coefficients[:, -1] = -1.0
+        for start in range(0, blocks, _CHUNK_BLOCKS):
+            chunk = values[:, start:start + _CHUNK_BLOCKS]
+            error = (coefficients @ chunk.reshape(chunk.shape[0], -1)).view(len(self.solvers), -1, rows, dim)
+            self._errors[:, start:start + _CHUNK_BLOCKS] += error.square().sum(2) * weight[start:start + _CHUNK_BLOCKS]
         self.targets += 1
 
     def result(self) -> Replay:
@@ -107,7 +114,7 @@ class ReplayErrors:
                 "the schedule forecasts no step, so no solver can be compared: use more steps "
                 "or a larger interval"
             )
-        return Replay(self._errors, self._energy, self.targets, self.solvers)
+        return Replay(self._errors.cpu(), self._energy.cpu(), self.targets, self.solvers)
 
 
 @dataclass

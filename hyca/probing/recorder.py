@@ -18,6 +18,11 @@ pipeline's ``cache_context``, or calls made outside any context (a plain samplin
 when several unnamed calls share one timestep (pipelines that run cond then uncond
 without naming them) the first is recorded. A batch of several images is one sketch over
 all of them.
+
+Where the accumulators live (``accumulate_on``): on the CPU by default, about 125 MiB for
+FLUX.1-dev at 50 steps with 8 rows (2 for the spectrum), and some 0.1 s of CPU work per
+step on one core; ``None`` keeps them next to the residuals (the GPU), where that work is
+negligible.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ class SketchRecorder:
 
     def __init__(self, num_blocks: int, steps: int, schedule: Schedule, positions: str = "step",
                  rows: int = 8, spectral_rows: int | None = 2, seed: int = 0, branch: str = "cond",
-                 candidates: tuple[Solver, ...] | None = None, progress: Any = None) -> None:
+                 candidates: tuple[Solver, ...] | None = None, progress: Any = None,
+                 accumulate_on: str | torch.device | None = "cpu") -> None:
         if positions not in POSITION_AXES:
             raise ValueError(f"positions must be one of {POSITION_AXES}, got {positions!r}")
         if not isinstance(rows, int) or rows < 1:
@@ -58,6 +64,7 @@ class SketchRecorder:
         self.replay = ReplayErrors(schedule.plan(steps), candidates)
         self.accumulator: IndicatorAccumulator | None = None
         self.progress = progress
+        self.accumulate_on = accumulate_on  # None: where the residuals are (the GPU)
         self.states: Any = None  # the hooks' BranchStates, set by whoever registers the hooks
         self.error: BaseException | None = None
         self.step = 0
@@ -120,7 +127,7 @@ class SketchRecorder:
                 f"the probe recorded {self.step} transformer calls of the {self.branch!r} branch, "
                 f"but steps={self.steps}: pass the number of sampling steps the run makes"
             )
-        return self.accumulator.finalize(), self.replay.result()
+        return self.accumulator.finalize().cpu(), self.replay.result()
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -149,7 +156,9 @@ class SketchRecorder:
         if missing:
             raise RuntimeError(f"blocks {missing[:5]} did not run at step {self.step}; the probe needs "
                                "a fully computed run (is another cache or a skip-layer option active?)")
-        sketch = torch.stack([self._sketches[b] for b in range(self.num_blocks)]).cpu()
+        sketch = torch.stack([self._sketches[b] for b in range(self.num_blocks)])
+        if self.accumulate_on is not None:
+            sketch = sketch.to(self.accumulate_on)
         self._sketches = {}
         if self.accumulator is None:
             self.accumulator = IndicatorAccumulator(self.num_blocks, sketch.shape[2], self.steps,

@@ -122,6 +122,7 @@ def probe_transformer(
     branch: str = "cond",
     progress: bool = True,
     settings: dict[str, Any] | None = None,
+    accumulate_on: str | torch.device | None = "cpu",
 ) -> Profile:
     """Probe ``transformer`` while ``run()`` makes one fully computed generation of
     ``steps`` transformer calls per branch (a hand-written sampling loop, a frontend's
@@ -129,12 +130,13 @@ def probe_transformer(
     ``positions`` axis, as :func:`hyca.enable` will use them; ``clusters`` per block (or
     shared by all blocks), k-means seeded by ``seed``; sketches of ``rows`` rows (the
     spectral indicators use the first ``spectral_rows``). ``settings``: extra facts for the
-    metadata's ``probe`` entry (prompt, resolution, ...)."""
+    metadata's ``probe`` entry (prompt, resolution, ...). ``accumulate_on``: where the
+    recording's running sums live, ``"cpu"`` or None for the residuals' device."""
     schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
     blocks = blocks_of(transformer, family_of(transformer))
     with tqdm(total=steps, desc="HyCa probe", unit="step", disable=not progress) as bar:
         recorder = SketchRecorder(len(blocks), steps, schedule, positions, rows, spectral_rows, seed, branch,
-                                  candidate_solvers(candidates), bar)
+                                  candidate_solvers(candidates), bar, accumulate_on)
         started = time.perf_counter()
         with recording(transformer, recorder):
             run()
@@ -203,10 +205,10 @@ def probe(
     positions=positions)``.
 
     ``options``: settings of :func:`probe_transformer` (``compute_last``, ``rows``,
-    ``spectral_rows``, ``n_init``, ``candidates``, ``branch``); everything else goes to
+    ``spectral_rows``, ``n_init``, ``candidates``, ``branch``, ``accumulate_on``); everything else goes to
     the pipeline call (e.g. ``guidance_scale``, or ``prompt_embeds`` instead of a prompt).
     """
-    probe_keys = ("compute_last", "rows", "spectral_rows", "n_init", "candidates", "branch")
+    probe_keys = ("compute_last", "rows", "spectral_rows", "n_init", "candidates", "branch", "accumulate_on")
     probe_options = {k: options.pop(k) for k in probe_keys if k in options}
     call = {"output_type": "latent", **options}
     if "prompt_embeds" not in call:
