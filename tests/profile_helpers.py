@@ -10,6 +10,7 @@ from safetensors.torch import safe_open, save_file
 
 from hyca.math.solvers import pool_names
 from hyca.profiles.fingerprint import fingerprint, total_blocks
+from hyca.profiles.io import tensor_digest
 from hyca.profiles.profile import Profile
 
 from tiny import tiny_flux
@@ -42,8 +43,11 @@ def read_parts(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["hyca"])
 
 
-def write_parts(path: Path, tensors: dict[str, torch.Tensor], header: dict | str) -> Path:
-    """A safetensors file with the given tensors and HyCa header (to forge bad profiles)."""
+def write_parts(path: Path, tensors: dict[str, torch.Tensor], header: dict | str, checksum: bool = True) -> Path:
+    """A safetensors file with the given tensors and HyCa header (to forge bad profiles);
+    ``checksum``: give the header the right checksum for the forged tensors."""
+    if checksum and isinstance(header, dict) and {"labels", "solvers"} <= set(tensors):
+        header = {**header, "tensors_sha256": tensor_digest(tensors)}
     text = header if isinstance(header, str) else json.dumps(header)
     save_file(tensors, str(path), metadata={"hyca": text})
     return path

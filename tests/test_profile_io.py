@@ -6,8 +6,10 @@ import datetime as dt
 import json
 import os
 import pickle
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -156,6 +158,53 @@ def test_truncated_file(tmp_path, saved):
         cut.write_bytes(data[:size])
         with pytest.raises(ProfileError, match=message):
             load_profile(cut)
+
+
+def test_flipped_data_byte_fails_the_checksum(tmp_path, saved):
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last solver id: still in range, so only the checksum can tell
+    bad = tmp_path / "flipped-data.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ProfileError, match="tensor data does not match its checksum"):
+        load_profile(bad)
+
+
+def test_fuzzed_files_fail_only_with_profile_errors(tmp_path, saved):
+    """Random byte flips and cuts anywhere: a ProfileError, never another exception. The
+    few files that load had a flip in free text of the header (a date, a version): their
+    tensors are intact (the checksum covers the tensors, not the header)."""
+    profile, path = saved
+    data = path.read_bytes()
+    rng = np.random.default_rng(0)
+    outcomes = Counter()
+    for i in range(300):
+        fuzzed = bytearray(data)
+        if i % 3 == 0:
+            fuzzed = fuzzed[: int(rng.integers(0, len(data)))]
+        else:
+            for pos in rng.integers(0, len(data), size=int(rng.integers(1, 4))):
+                fuzzed[pos] = int(rng.integers(0, 256))
+        target = tmp_path / "fuzzed.safetensors"
+        target.write_bytes(bytes(fuzzed))
+        try:
+            loaded = load_profile(target)
+        except ProfileError:
+            outcomes["rejected"] += 1
+            continue
+        assert torch.equal(loaded.labels, profile.labels) and torch.equal(loaded.solvers, profile.solvers)
+        outcomes["loaded"] += 1
+    assert outcomes["rejected"] > 250
+
+
+def test_oversized_file_is_refused_before_reading(tmp_path, monkeypatch):
+    from hyca.profiles import io
+
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(b"\0" * 2048)
+    monkeypatch.setattr(io, "MAX_FILE_BYTES", 1024)
+    with pytest.raises(ProfileError, match="far larger than any profile"):
+        load_profile(big)
 
 
 def test_corrupt_header_bytes(tmp_path, saved):

@@ -22,6 +22,7 @@ interrupted save never leaves half a file.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -48,6 +49,8 @@ STRUCTURED = ("fingerprint", "interval", "warmup", "probe")
 DERIVED = ("created", "hyca_version", "pool_version", "format_version")
 #: Refuse headers larger than this: a profile header is a few KiB.
 MAX_HEADER_BYTES = 4 * 1024 * 1024
+#: Refuse files larger than this: FLUX.1's profile is about 180 KiB.
+MAX_FILE_BYTES = 64 * 1024 * 1024
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
@@ -71,6 +74,17 @@ def model_fingerprint(model: Any) -> dict[str, Any] | None:
     if isinstance(model, Mapping):
         return dict(model)
     return fpmod.fingerprint(model)
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over ``labels`` then ``solvers`` as stored (dtype and bytes): catches flipped
+    bits in the data, which safetensors itself does not check."""
+    digest = hashlib.sha256()
+    for name in ("labels", "solvers"):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _finite(value: Any) -> Any:
@@ -135,6 +149,7 @@ def save_profile(profile: Profile, path: str | os.PathLike, model: Any = None, *
         "labels": profile.labels.to(_smallest_dtype(max(profile.num_clusters - 1, 0))).contiguous(),
         "solvers": profile.solvers.to(_smallest_dtype(len(pool_names()) - 1)).contiguous(),
     }
+    header["tensors_sha256"] = tensor_digest(tensors)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder as the target, so os.replace is an atomic rename on one filesystem.
@@ -163,6 +178,8 @@ def read_raw_header(path: Path) -> dict[str, Any]:
     """The safetensors JSON header of ``path``, checked against the file's real size."""
     try:
         size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ProfileError(f"{path}: not a profile file: {size / 2**20:.0f} MiB is far larger than any profile")
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -237,11 +254,11 @@ def _check_fingerprint(fp: Any, where: str = "the fingerprint") -> None:
         raise ProfileError(f"{where} must be a JSON object, got {type(fp).__name__}")
     for key, kind in fpmod.FIELDS.items():
         if not isinstance(fp.get(key), kind) or isinstance(fp.get(key), bool):
-            raise ProfileError(f"{where} field {key!r} is {fp.get(key)!r}, expected {kind.__name__}")
+            raise ProfileError(f"{where} field {key!r} is {fp.get(key)!r:.80}, expected {kind.__name__}")
     blocks = fp["blocks"]
     if not blocks or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
                              for k, v in blocks.items()):
-        raise ProfileError(f"{where} field 'blocks' must map block lists to positive counts, got {blocks!r}")
+        raise ProfileError(f"{where} field 'blocks' must map block lists to positive counts, got {blocks!r:.80}")
     if fp["hidden_size"] <= 0:
         raise ProfileError(f"{where} field 'hidden_size' must be positive, got {fp['hidden_size']}")
 
@@ -317,6 +334,9 @@ def read_profile(path: str | os.PathLike, expected: Any = None, *,
             labels, solvers = f.get_tensor("labels"), f.get_tensor("solvers")
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise ProfileError(f"{path}: corrupt file: safetensors could not read it ({err})") from None
+    if _field(path, header, "tensors_sha256", str) != tensor_digest({"labels": labels, "solvers": solvers}):
+        raise ProfileError(f"{path}: corrupt file: the tensor data does not match its checksum; "
+                           "download or copy it again")
     for name, t in (("labels", labels), ("solvers", solvers)):
         if t.dtype not in _INT_DTYPES:
             raise ProfileError(f"{path}: corrupt profile: {name} has dtype {t.dtype}, expected an integer dtype")
