@@ -105,8 +105,9 @@ def _qwen_pipeline(transformer):
 
 def _tiny_qwen_vae() -> AutoencoderKLQwenImage:
     torch.manual_seed(5)
-    return AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                  temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+    # five down-sampling levels (32x): the 1024 x 1024 reference image becomes 256 tokens
+    return AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1] * 6, num_res_blocks=1,
+                                  temperal_downsample=[False, False, False, True, True], latents_mean=[0.0] * 4,
                                   latents_std=[1.0] * 4).eval()
 
 
@@ -143,7 +144,7 @@ def _qwen_edit_call(pipe, steps, cfg=False, **extra):
     # The pipeline resizes the reference image to about 1024 x 1024 before encoding it;
     # a small source image keeps the tiny VAE's work to that one resize target.
     return pipe(image=_reference_image(32), prompt_embeds=_embeds(16, 3),
-                prompt_embeds_mask=torch.ones(1, TEXT_TOKENS), height=64, width=64, num_inference_steps=steps,
+                prompt_embeds_mask=torch.ones(1, TEXT_TOKENS), height=256, width=256, num_inference_steps=steps,
                 output_type="latent", generator=_generator(), **_qwen_cfg(cfg), **extra).images
 
 
