@@ -23,6 +23,7 @@ from .forecast import forecast
 from .schedule import Schedule
 
 POSITION_AXES = ("step", "sigma")
+WEIGHT_MEMO_SIZE = 4096  # distinct (positions, target) keys kept; a run of 50 steps needs under 50
 
 
 @dataclass
@@ -87,6 +88,7 @@ class HybridCache:
         self._one_hot = (dim_solvers.unsqueeze(1) == ids.view(1, -1, 1))
         self._block_masks: dict[tuple, list[list[tuple[int, torch.Tensor | None]]]] = {}
         self._max_history = max(s.history for s in self.solvers)
+        self._weight_memo: dict[tuple, tuple[tuple[int, ...], torch.Tensor]] = {}
         self.last_stats = RunStats()
 
     # --- per step ---------------------------------------------------------------
@@ -130,13 +132,29 @@ class HybridCache:
     def predicted_residual(self, state: BranchState) -> torch.Tensor:
         """The forecast of ``sum_l R_l`` at this skip step, one weighted sum over all
         per-solver histories."""
-        positions = list(state.positions)
-        values, rows = [], []
-        for solver, history in zip(self.solvers, state.histories):
-            w = solver.weights(positions[: len(history)], state.current_position)
-            values.extend(list(history)[: len(w)])
-            rows.extend(w.tolist())
-        return forecast(values, torch.tensor(rows).unsqueeze(1))
+        counts, column = self._weights(state)
+        values = []
+        for history, count in zip(state.histories, counts):
+            values.extend(list(history)[:count])
+        return forecast(values, column)
+
+    def _weights(self, state: BranchState) -> tuple[tuple[int, ...], torch.Tensor]:
+        """Per solver, how many history terms it uses; all their weights as one (terms, 1)
+        column. Weights are pure functions of the history positions and the target, and
+        every generation on one schedule repeats the same few, so they are computed once
+        per (positions, target) and reused: recomputing them in Python was most of a skip
+        step's own cost."""
+        key = (tuple(state.positions), state.current_position, tuple(len(h) for h in state.histories))
+        found = self._weight_memo.get(key)
+        if found is None:
+            positions = list(state.positions)
+            per_solver = [solver.weights(positions[: len(history)], state.current_position).tolist()
+                          for solver, history in zip(self.solvers, state.histories)]
+            if len(self._weight_memo) >= WEIGHT_MEMO_SIZE:
+                self._weight_memo.clear()
+            found = self._weight_memo[key] = (tuple(len(w) for w in per_solver),
+                                              torch.tensor([w for ws in per_solver for w in ws]).unsqueeze(1))
+        return found
 
     def end_step(self, state: BranchState) -> None:
         if state.computing:
