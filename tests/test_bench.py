@@ -34,7 +34,7 @@ def pipe():
 @pytest.fixture(scope="module")
 def result(pipe):
     settings = Settings(model="tiny", prompts=2, steps=(STEPS,), intervals=(INTERVAL,), levels=(INTERVAL,),
-                        sigma_interval=INTERVAL, flops_prompts=2, calibration_prompts=1, search_iterations=2)
+                        sigma_interval=INTERVAL, overhead_interval=INTERVAL, flops_prompts=2, calibration_prompts=1, search_iterations=2)
     return run(settings, pipe=pipe)
 
 

@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-path", help="reference-model folder (default: the shipped models/reference)")
     p.add_argument("--steps", type=int, nargs="+", help="step counts to run (default 50 28; --quick: 50)")
     p.add_argument("--prompts", type=int, help="number of prompt/seed pairs (default 32; --quick: 4)")
-    p.add_argument("--flops-prompts", type=int, help="prompts also run under the FLOPs counter (default 8)")
+    p.add_argument("--flops-prompts", type=int, help="prompts also run under the FLOPs counter (default 4)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads, fixed for the whole run")
     p.add_argument("--no-cache-dit", action="store_true", help="leave out cache-dit's DBCache")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")

@@ -84,6 +84,22 @@ def notes(rows: list[dict], steps: int) -> list[str]:
     return out
 
 
+def overhead_lines(o: dict) -> list[str]:
+    """HyCa's wall-clock taken apart (see :mod:`hyca.bench.overhead`)."""
+    own = o["hyca_skip_call_ms"] - o["blockless_call_ms"]
+    return [
+        f"Where HyCa's wall-clock goes at N={o['interval']}, {o['steps']} steps ({o['computed']} computed), "
+        f"medians of per-call times: full call {o['full_call_ms']:.2f} ms; HyCa computed call "
+        f"{o['hyca_compute_call_ms']:.2f} ms; HyCa skip call {o['hyca_skip_call_ms']:.2f} ms, of which "
+        f"{o['blockless_call_ms']:.2f} ms is the transformer without blocks (embeddings, RoPE, output layers: "
+        f"any skip step pays it) and {own:.2f} ms is HyCa's own forecast and hooks; the pipeline spends "
+        f"{o['outside_transformer_ms_per_step']:.2f} ms per step outside the transformer (every method pays it). "
+        f"Speed-ups: skip steps free {o['steps_ratio']:.2f}x; an ideal cache (skip call = block-less "
+        f"transformer) {o['ideal_cache_speedup']:.2f}x; HyCa modelled from its call times "
+        f"{o['modelled_hyca_speedup']:.2f}x, measured {o['measured_hyca_speedup']:.2f}x.",
+    ]
+
+
 def markdown(result: dict[str, Any], command: str, plot_name: str | None) -> str:
     env = result["environment"]
     settings = env["settings"]
@@ -115,6 +131,8 @@ def markdown(result: dict[str, Any], command: str, plot_name: str | None) -> str
         extra = notes(rows, steps)
         if extra:
             lines += ["", "Threshold searches (on the calibration prompts):", ""] + extra
+        if "overhead" in info:
+            lines += ["", "### HyCa's wall-clock, taken apart", ""] + overhead_lines(info["overhead"])
         lines += ["", f"HyCa profiles (share of dimensions per solver): "
                       + "; ".join(f"N={n}: " + ", ".join(f"{k} {v:.0%}" for k, v in p.items())
                                   for n, p in info["profiles"].items()),

@@ -33,6 +33,7 @@ from .calibrate import Found, search
 from .flops import TransformerFlops
 from .memory import PeakCacheBytes
 from .metrics import psnr, ssim
+from .overhead import decompose
 from .workload import Case, cases, generate, load
 
 PSNR_CAP = 100.0  # dB; an image identical to full compute would otherwise make a mean infinite
@@ -47,15 +48,16 @@ class Settings:
     intervals: tuple[int, ...] = (3, 4, 5, 6, 7, 8, 10)  # HyCa's N
     levels: tuple[int, ...] = (4, 5, 7, 10)  # the N at which every peer is matched to HyCa's FLOPs
     sigma_interval: int = 6  # the N at which HyCa also runs on the sigma axis
-    flops_prompts: int = 8
+    overhead_interval: int = 7  # the N at which HyCa's wall-clock is taken apart (first step count only)
+    flops_prompts: int = 4
     calibration_prompts: int = 2
     clusters: int = 4
     threads: int = 1
-    search_iterations: int = 9
+    search_iterations: int = 7
     cache_dit: bool = True
 
     def check(self) -> None:
-        missing = [n for n in (*self.levels, self.sigma_interval) if n not in self.intervals]
+        missing = [n for n in (*self.levels, self.sigma_interval, self.overhead_interval) if n not in self.intervals]
         if missing:
             raise ValueError(f"levels and sigma_interval must be among the HyCa intervals {self.intervals}; "
                              f"{missing} are not")
@@ -130,8 +132,10 @@ def probe_profiles(pipe: Any, case: Case, steps: int, settings: Settings) -> tup
     return profiles, sigma, time.perf_counter() - started
 
 
-def build_methods(pipe: Any, steps: int, settings: Settings, calibration: list[Case]) -> tuple[list[m.Method], dict]:
-    """Every method for one step count, the peers matched to HyCa at each level."""
+def build_methods(pipe: Any, steps: int, settings: Settings,
+                  calibration: list[Case]) -> tuple[list[m.Method], dict, dict]:
+    """Every method for one step count, the peers matched to HyCa at each level; run
+    information; HyCa's profiles by interval."""
     log(f"{steps} steps: probing HyCa at N={list(settings.intervals)} and sigma axis at N={settings.sigma_interval}")
     profiles, sigma_profile, probe_seconds = probe_profiles(pipe, calibration[0], steps, settings)
     full_flops = sum(execute(pipe, m.full(), c, steps, counted=True).flops for c in calibration)
@@ -169,7 +173,7 @@ def build_methods(pipe: Any, steps: int, settings: Settings, calibration: list[C
             "cache_dit": skip_cache_dit or "used",
             "profiles": {n: profile_summary(p) for n, p in profiles.items()},
             "sigma_profile": profile_summary(sigma_profile)}
-    return methods, info
+    return methods, info, profiles
 
 
 def describe_search(found: Found) -> str:
@@ -269,11 +273,15 @@ def run(settings: Settings, pipe: Any = None) -> dict:
     result = {"environment": environment(settings), "rows": [], "runs": {}}
     for steps in settings.steps:
         step_started = time.perf_counter()
-        methods, info = build_methods(pipe, steps, settings, calibration)
+        methods, info, profiles = build_methods(pipe, steps, settings, calibration)
         build_seconds = time.perf_counter() - step_started
         log(f"{steps} steps: measuring {len(methods)} methods on {len(eval_cases)} prompts")
         runs = measure(pipe, methods, eval_cases, steps, settings)
         result["rows"] += [asdict(r) for r in aggregate(methods, runs, steps)]
+        if steps == settings.steps[0]:
+            log(f"{steps} steps: timing HyCa's calls at N={settings.overhead_interval}")
+            info["overhead"] = decompose(pipe, eval_cases[0], steps, settings.overhead_interval,
+                                         profiles[settings.overhead_interval])
         result["runs"][str(steps)] = {**info, "build_seconds": round(build_seconds, 1),
                                       "seconds": round(time.perf_counter() - step_started, 1)}
     result["seconds"] = round(time.perf_counter() - started, 1)

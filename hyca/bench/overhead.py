@@ -1,0 +1,95 @@
+"""Where HyCa's wall-clock goes, when its wall-clock speed-up falls short of its FLOPs one.
+
+Per-call times (a pre- and a post-hook on the transformer) in a fully computed run and a
+HyCa run: a computed call, a skip call, the same transformer with its block lists
+emptied (what any skip step must still run: embeddings, RoPE, norm_out, proj_out), and the
+pipeline's time outside the transformer per step (scheduler, token ids). From these, the
+speed-up an ideal cache would reach (a skip call costing only the block-less
+transformer) separates what HyCa adds from what no cache can remove.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Any, Iterator
+
+import torch
+
+import hyca
+
+from .methods import WARMUP
+from .workload import Case, generate
+
+
+class CallTimes:
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def _before(self, module: Any, args: tuple) -> None:
+        self.calls.append(-time.perf_counter())
+
+    def _after(self, module: Any, args: tuple, output: Any) -> None:
+        self.calls[-1] += time.perf_counter()
+
+    @contextlib.contextmanager
+    def attached(self, transformer: torch.nn.Module) -> Iterator["CallTimes"]:
+        handles = [transformer.register_forward_pre_hook(self._before), transformer.register_forward_hook(self._after)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@contextlib.contextmanager
+def without_blocks(transformer: torch.nn.Module) -> Iterator[None]:
+    saved = transformer.transformer_blocks, transformer.single_transformer_blocks
+    transformer.transformer_blocks = torch.nn.ModuleList()
+    transformer.single_transformer_blocks = torch.nn.ModuleList()
+    try:
+        yield
+    finally:
+        transformer.transformer_blocks, transformer.single_transformer_blocks = saved
+
+
+def _timed(pipe: Any, case: Case, steps: int) -> tuple[float, list[float]]:
+    times = CallTimes()
+    with times.attached(pipe.transformer):
+        started = time.perf_counter()
+        generate(pipe, case, steps)
+        total = time.perf_counter() - started
+    return total, times.calls
+
+
+def decompose(pipe: Any, case: Case, steps: int, interval: int, profile: Any, repeats: int = 3) -> dict:
+    """Medians over ``repeats`` interleaved runs, in milliseconds, and the derived speed-ups."""
+    plan = hyca.Schedule(interval, WARMUP).plan(steps)
+    computed = sum(plan)
+    full_calls, compute_calls, skip_calls, bare_calls, outside, full_totals, hyca_totals = [], [], [], [], [], [], []
+    for _ in range(repeats):
+        total, calls = _timed(pipe, case, steps)
+        full_calls += calls
+        full_totals.append(total)
+        outside.append((total - sum(calls)) / steps)
+        hyca.enable(pipe, profile=profile, interval=interval, warmup=WARMUP)
+        try:
+            total, calls = _timed(pipe, case, steps)
+        finally:
+            hyca.disable(pipe)
+        hyca_totals.append(total)
+        compute_calls += [c for c, p in zip(calls, plan) if p]
+        skip_calls += [c for c, p in zip(calls, plan) if not p]
+        with without_blocks(pipe.transformer):
+            bare_calls += _timed(pipe, case, steps)[1]
+    ms = lambda values: 1e3 * statistics.median(values)  # noqa: E731
+    full, compute, skip, bare, out = ms(full_calls), ms(compute_calls), ms(skip_calls), ms(bare_calls), ms(outside)
+    flops_like = steps / computed  # the speed-up if skip steps cost nothing at all
+    ideal = steps * (full + out) / (computed * full + (steps - computed) * bare + steps * out)
+    modelled = steps * (full + out) / (computed * compute + (steps - computed) * skip + steps * out)
+    measured = statistics.median(full_totals) / statistics.median(hyca_totals)
+    return {"interval": interval, "steps": steps, "computed": computed, "full_call_ms": full,
+            "hyca_compute_call_ms": compute, "hyca_skip_call_ms": skip, "blockless_call_ms": bare,
+            "outside_transformer_ms_per_step": out, "steps_ratio": flops_like, "ideal_cache_speedup": ideal,
+            "modelled_hyca_speedup": modelled, "measured_hyca_speedup": measured}
