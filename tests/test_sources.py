@@ -127,7 +127,7 @@ def test_offline_skips_the_hub_with_one_warning(dirs, fp, monkeypatch):
 def test_offline_still_reads_a_prepopulated_hub_cache(dirs, fp, hub, monkeypatch, tmp_path):
     from huggingface_hub import constants
 
-    profile = random_profile(fp, seed=5)
+    profile = random_profile(fp, seed=5, interval=5)
     hub.state.put_file(REPO, profile_filename(fp), save_profile(profile, tmp_path / "p.safetensors").read_bytes())
     first = resolve_profile(fp, hub_repo=REPO, hub_endpoint=hub.endpoint, hub_cache_dir=dirs["hf"])
     assert first.source == "hub"
@@ -136,6 +136,11 @@ def test_offline_still_reads_a_prepopulated_hub_cache(dirs, fp, hub, monkeypatch
     hub.state.repos.clear()  # the Hub has nothing now; the cached copy must serve
     again = resolve_profile(fp, hub_repo=REPO, hub_endpoint=hub.endpoint, hub_cache_dir=dirs["hf"])
     assert again.source == "hub" and same(again.profile, profile) and again.warnings == []
+    # With an interval, the -n<N> name is missing from the Hub cache; the general one still serves.
+    with pytest.warns(UserWarning, match="chosen for interval"):
+        specific = resolve_profile(fp, hub_repo=REPO, hub_endpoint=hub.endpoint, hub_cache_dir=dirs["hf"],
+                                   interval=6)
+    assert specific.source == "hub" and same(specific.profile, profile)
 
 
 def test_unreachable_hub_warns_once_and_moves_on(dirs, fp, online):

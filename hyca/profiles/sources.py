@@ -95,25 +95,33 @@ def _try_file(path: Path, fp: Mapping[str, Any], interval: int | None, log: _Log
     return ResolvedProfile(profile, source, path, log.messages)
 
 
+#: Hub failures that concern one file name only (not the repo or the connection as a
+#: whole): the next candidate name may still be there, e.g. in the Hub cache when offline.
+_PER_FILE = {"no-file", "offline", "unreachable"}
+
+
 def _try_hub(repo: str, names: list[str], fp: Mapping[str, Any], interval: int | None, log: _Log, *,
              offline: bool, cache_dir: str | os.PathLike | None, endpoint: str | None,
              token: str | bool | None) -> ResolvedProfile | None:
-    missing = []
+    misses: list[HubError] = []
     for name in names:
         try:
             path = download_file(repo, name, token=token, endpoint=endpoint, cache_dir=cache_dir,
                                  local_files_only=offline, retry=False)
         except HubError as err:
-            if err.kind == "no-file":
-                missing.append(name)
-                continue
-            log(f"{err}; trying the next source")
-            return None
+            if err.kind not in _PER_FILE:
+                log(f"{err}; trying the next source")
+                return None
+            misses.append(err)
+            continue
         found = _try_file(path, fp, interval, log, "hub")
         if found is not None:
             return found
-    if missing:
-        log(f"Hub repo {repo} has no profile for {fpmod.describe(fp)} (looked for {', '.join(missing)}); "
+    cut_off = [err for err in misses if err.kind != "no-file"]
+    if cut_off:
+        log(f"{cut_off[0]}; trying the next source")
+    elif misses:
+        log(f"Hub repo {repo} has no profile for {fpmod.describe(fp)} (looked for {', '.join(names)}); "
             "trying the next source")
     return None
 
