@@ -50,8 +50,8 @@ def model_status(model_key: str, custom: str | None) -> str:
     try:
         verdict = check(chosen_model(model_key, custom))
     except USER_ERRORS as err:
-        return f"⚠️ {err}"
-    return ("✅ " if verdict.ok else "⚠️ ") + verdict.message
+        return f"**Not available:** {err}"
+    return ("**Ready.** " if verdict.ok else "**Not available:** ") + verdict.message
 
 
 # --- session state -------------------------------------------------------------------------
