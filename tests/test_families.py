@@ -6,6 +6,7 @@ multi-solver profile, with guidance branches where the pipeline runs them as sep
 calls, and bit-identical outputs after ``hyca.disable``.
 """
 
+import inspect
 import logging
 from collections import defaultdict
 
@@ -198,3 +199,28 @@ def test_recommended_settings_scale_with_steps():
     assert hyca.recommended_settings(pipe, 16)["interval"] == 2  # two experts: about 8 calls each
     with pytest.raises(ValueError, match="num_inference_steps must be a positive integer"):
         hyca.recommended_settings(pipe, 0)
+
+
+def test_every_family_in_the_table_has_a_tiny_pipeline_test():
+    covered = {type(CASES[name].transformer(0)).__name__ for name in CASES} | {"FluxTransformer2DModel"}
+    assert covered == set(FAMILIES)  # FLUX: tests/test_engine_flux.py, tests/test_pipeline_flux.py
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_table_matches_the_model(name):
+    """Every name the table uses exists where the hooks will look for it."""
+    transformer = CASES[name].transformer(0)
+    family = FAMILIES[type(transformer).__name__]
+    forward = inspect.signature(type(transformer).forward).parameters
+    assert {family.timestep_arg, family.input_arg, *family.bypass_args} <= set(forward)
+    # the first block receives the forecast: its stream must be the output stream, whole
+    assert family.block_lists[0].stream_tokens == "all"
+    for spec in family.block_lists:
+        blocks = getattr(transformer, spec.attribute)
+        assert len(blocks) > 0
+        returns = {spec.returns} if isinstance(spec.returns, str) else set(spec.returns)
+        assert spec.stream in returns
+        for block in blocks:
+            assert returns <= set(inspect.signature(type(block).forward).parameters)
+            if spec.text_dropped_if is not None:
+                assert isinstance(getattr(block, spec.text_dropped_if), bool)
