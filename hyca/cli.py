@@ -73,13 +73,19 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise CLIError(f"the probe is not available in this install ({err})") from None
     pipe = _load_pipeline(args.model, args.dtype, args.device)
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise CLIError(f"{type(pipe).__name__} has no transformer: HyCa accelerates diffusion transformers")
+    try:  # before the probe: an unsupported model should fail at once, not after a run
+        fp = fpmod.fingerprint(transformer)
+    except TypeError as err:
+        raise CLIError(str(err)) from None
     # The reference pipeline works in pixel space and has no "latent" output (the probe's
     # default); its images are tiny, so asking for tensors costs nothing.
     extra = {"output_type": "pt"} if type(pipe).__name__ == "ReferencePipeline" else {}
     settings = {k: getattr(args, k) for k in ("prompt", "height", "width", "steps", "interval", "warmup", "clusters",
                                               "seed", "positions") if getattr(args, k) is not None}
     profile = probe(pipe, shared=args.shared, progress=True, **settings, **extra)
-    fp = fpmod.fingerprint(pipe.transformer)
     if args.output is None:
         from .profiles.sources import default_cache_dir
 
