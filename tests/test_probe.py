@@ -102,35 +102,43 @@ def test_chosen_solvers_beat_reuse_on_an_exact_replay(pipe):
     assert set(profile.solver_names()) != {"reuse"}
 
 
-def test_sketch_errors_estimate_the_exact_errors():
+@pytest.mark.parametrize("positions", ["step", "sigma"])
+def test_sketch_errors_estimate_the_exact_errors(positions):
     model, inputs = tiny_flux(), Inputs()
-    loop = lambda: euler_sample(model, inputs, STEPS, velocity=smooth_velocity(inputs))  # noqa: E731
-    profile = probe_transformer(model, loop, STEPS, interval=INTERVAL, warmup=WARMUP, rows=512, progress=False)
+    window = 0.5 - 0.005 * torch.linspace(0, 1, STEPS) ** 2  # uneven: step and sigma axes differ
+    loop = lambda: euler_sample(model, inputs, STEPS, velocity=window_velocity(inputs, window))  # noqa: E731
+    profile = probe_transformer(model, loop, STEPS, interval=INTERVAL, warmup=WARMUP, positions=positions,
+                                rows=512, progress=False)
     _, captured = capture_residuals(model, loop)
     residuals = torch.stack([torch.stack(captured[i:i + 5]) for i in range(0, len(captured), 5)]).squeeze(2)
     plan = Schedule(INTERVAL, WARMUP).plan(STEPS)
+    axis = window.tolist() if positions == "sigma" else [float(k) for k in range(STEPS)]
+    other = [float(k) for k in range(STEPS)] if positions == "sigma" else window.tolist()
     for name in ("reuse", "taylor-1", "lagrange-3"):
         estimate = profile.metadata["selection"]["replay_error"]["uniform"][name]
         # the probe weighs every (block, step) alike; with one solver everywhere, that is
         # the mean over (block, step) of the relative error, computed here exactly
-        exact = block_step_mean_error(residuals, pool_names().index(name), plan)
+        exact = block_step_mean_error(residuals, pool_names().index(name), plan, axis)
         assert estimate == pytest.approx(exact, rel=0.15), name
+        if name == "lagrange-3":  # here the axes give 0.039 (sigma) vs 0.008 (step): the probe used the right one
+            assert estimate != pytest.approx(block_step_mean_error(residuals, pool_names().index(name), plan, other),
+                                             rel=0.3), name
 
 
-def block_step_mean_error(residuals, solver_id, plan):
+def block_step_mean_error(residuals, solver_id, plan, axis):
     solver, values = pool()[solver_id], []
     for target in range(len(plan)):
         if plan[target]:
             continue
         used = [k for k in range(target) if plan[k]][::-1][: solver.history]
-        w = solver.weights([float(k) for k in used], float(target))
+        w = solver.weights([axis[k] for k in used], axis[target])
         forecast = sum(wj * residuals[k] for wj, k in zip(w, used))
         values.append(((forecast - residuals[target]) ** 2).sum((1, 2)) / (residuals[target] ** 2).sum((1, 2)))
     return float(torch.stack(values).mean())
 
 
-def smooth_velocity(inputs, lo=0.5, hi=0.495):
-    window = torch.linspace(lo, hi, STEPS)
+def window_velocity(inputs, window):
+    """The model evaluated along ``window`` (sigmas), in a named cond branch."""
 
     def velocity(model, x, sigma, step):
         with model.cache_context("cond"):
