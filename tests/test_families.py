@@ -6,6 +6,7 @@ multi-solver profile, with guidance branches where the pipeline runs them as sep
 calls, and bit-identical outputs after ``hyca.disable``.
 """
 
+import copy
 import inspect
 import logging
 from collections import defaultdict
@@ -224,3 +225,33 @@ def test_table_matches_the_model(name):
             assert returns <= set(inspect.signature(type(block).forward).parameters)
             if spec.text_dropped_if is not None:
                 assert isinstance(getattr(block, spec.text_dropped_if), bool)
+
+
+def test_failed_edit_then_text_to_image_on_one_transformer_leave_no_state_behind():
+    """Qwen-Image-Edit's extra image tokens change the sequence length. A run that dies
+    half-way (so the pipeline never resets), then a text-to-image run and an edit run on
+    the same transformer, each equal the same run on a fresh copy."""
+    edit_case, t2i_case = CASES["qwenimage-edit"], CASES["qwenimage"]
+    base = edit_case.transformer(0)
+    settings = dict(profile="taylor-2", interval=INTERVAL, warmup=WARMUP)
+    alone = {}
+    for name, case in (("edit", edit_case), ("t2i", t2i_case)):
+        pipe = case.pipeline(copy.deepcopy(base))
+        hyca.enable(pipe, **settings)
+        alone[name] = case.run(pipe, STEPS)
+
+    shared = copy.deepcopy(base)
+    hyca.enable(shared, **settings)
+    edit, t2i = edit_case.pipeline(shared), t2i_case.pipeline(shared)
+
+    def die_at_step_4(pipe, step, timestep, tensors):
+        if step == 4:
+            raise KeyboardInterrupt("user pressed stop")
+        return tensors
+
+    with pytest.raises(KeyboardInterrupt):
+        edit_case.run(edit, STEPS, callback_on_step_end=die_at_step_4)
+    assert torch.equal(t2i_case.run(t2i, STEPS), alone["t2i"])
+    with pytest.raises(KeyboardInterrupt):
+        edit_case.run(edit, STEPS, callback_on_step_end=die_at_step_4)
+    assert torch.equal(edit_case.run(edit, STEPS), alone["edit"])

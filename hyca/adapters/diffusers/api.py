@@ -81,7 +81,8 @@ def _profile_for(profile: Profile | str, transformer: torch.nn.Module, num_block
         return profile
     if isinstance(profile, str):
         return Profile.uniform(profile, num_blocks, dim)
-    raise TypeError(f"profile must be a Profile or a solver name such as 'fora' or 'taylor-2', got {profile!r}")
+    raise TypeError(f"profile must be a Profile, a solver name such as 'fora' or 'taylor-2', or a dict of "
+                    f"those per transformer attribute ('transformer', 'transformer_2'); got {profile!r}")
 
 
 def _profile_of(profile: Any, attribute: str) -> Profile | str:
@@ -110,8 +111,8 @@ def enable(
     transformers (Wan 2.2 A14B) a dict ``{"transformer": p1, "transformer_2": p2}``.
     Each transformer counts its own calls: warm-up is its first ``warmup`` calls and
     ``compute_last`` computes its last one (for Wan 2.2's high-noise expert, the step
-    before the switch). ``interval``: one computed step in
-    every N after ``warmup`` computed steps. ``positions``: ``"step"`` (step index) or
+    before the switch). ``interval``: one computed step in every N after ``warmup``
+    computed steps (:func:`recommended_settings` picks both from the step count). ``positions``: ``"step"`` (step index) or
     ``"sigma"`` (the model's timestep input) as the axis the solvers extrapolate along.
     ``scheduler``: where to read the step count in a hand-written loop (a pipeline's own
     scheduler is used automatically); it lets ``compute_last`` find the last step.
