@@ -38,6 +38,12 @@ def hyca_rows(rows: list[dict], steps: int) -> dict[int, dict]:
     return {r["level"]: r for r in rows if r["steps"] == steps and r["family"] == m.HYCA}
 
 
+def _marker(hyca_psnr: float, peer_psnr: float) -> str:
+    if hyca_psnr == peer_psnr:
+        return "**=** "
+    return "**+** " if hyca_psnr > peer_psnr else "**−** "
+
+
 def matched_table(rows: list[dict], steps: int, levels: list[int]) -> list[str]:
     """PSNR / SSIM of every family at each level; the FLOPs speed-up each actually reached
     is shown when it is more than 5% from HyCa's."""
@@ -61,7 +67,7 @@ def matched_table(rows: list[dict], steps: int, levels: list[int]) -> list[str]:
             if abs(off) > MATCH_TOLERANCE:
                 cell += f" (at {r['flops_speedup']:.2f}x)"
             if r["family"] != m.HYCA:
-                cell = ("**+** " if hyca[n]["psnr"] > r["psnr"] else "**−** ") + cell
+                cell = _marker(hyca[n]["psnr"], r["psnr"]) + cell
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
@@ -75,6 +81,38 @@ def detail_table(rows: list[dict], steps: int) -> list[str]:
         lines.append(f"| {r['family']} | {r['setting'] or '—'} | {r['flops_speedup']:.2f}x | {r['wall_speedup']:.2f}x "
                      f"| {efficiency:.0%} | {_mib(r['cache_bytes'])} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
     return lines
+
+
+def positions_line(rows: list[dict], steps: int) -> list[str]:
+    """HyCa on the step axis against the sigma axis at the interval where both ran."""
+    sigma = [r for r in rows if r["steps"] == steps and r["family"] == m.HYCA_SIGMA]
+    if not sigma:
+        return []
+    s = sigma[0]
+    step = hyca_rows(rows, steps).get(s["level"])
+    if step is None:
+        return []
+    if (step["psnr"], step["ssim"]) == (s["psnr"], s["ssim"]):
+        verdict = "identical images on both axes"
+    else:
+        verdict = f"{'step' if step['psnr'] > s['psnr'] else 'sigma'} axis better by PSNR"
+    return [f"Positions axis at N={s['level']}: step {step['psnr']:.2f} dB / {step['ssim']:.4f}, "
+            f"sigma {s['psnr']:.2f} dB / {s['ssim']:.4f} ({verdict})."]
+
+
+def standings(rows: list[dict], steps: int, levels: list[int]) -> list[str]:
+    """Per level: the peers HyCa beats and the ones that beat it, by mean PSNR."""
+    hyca = hyca_rows(rows, steps)
+    out = []
+    for n in levels:
+        peers = [r for r in rows if r["steps"] == steps and r["level"] == n and r["family"] not in (m.HYCA, m.HYCA_SIGMA)]
+        better = [f"{_peer_label(r)} {r['psnr']:.2f}" for r in peers if r["psnr"] > hyca[n]["psnr"]]
+        tied = [_peer_label(r) for r in peers if r["psnr"] == hyca[n]["psnr"]]
+        beaten = len(peers) - len(better) - len(tied)
+        out.append(f"- N={n} ({hyca[n]['flops_speedup']:.2f}x FLOPs): HyCa {hyca[n]['psnr']:.2f} dB is ahead of "
+                   f"{beaten} of {len(peers)} peers" + (f"; equal to: {', '.join(tied)}" if tied else "")
+                   + (f"; behind: {', '.join(better)}" if better else ""))
+    return out
 
 
 def notes(rows: list[dict], steps: int) -> list[str]:
@@ -117,7 +155,8 @@ def markdown(result: dict[str, Any], command: str, plot_name: str | None) -> str
         f"{env['cpus']} CPUs, {env['torch_threads']} torch thread(s). Whole run: {result['seconds'] / 60:.1f} min.",
         "",
         "PSNR / SSIM against full compute of the same prompt and seed (mean over prompts; PSNR capped at "
-        "100 dB per image). **+**: HyCa's PSNR is higher than this peer's at that level; **−**: lower. "
+        "100 dB per image). **+**: HyCa's PSNR is higher than this peer's at that level; **−**: lower; "
+        "**=**: equal. "
         "Peers whose FLOPs speed-up is more than 5% from HyCa's show the speed-up they reached.",
     ]
     if plot_name:
@@ -126,6 +165,7 @@ def markdown(result: dict[str, Any], command: str, plot_name: str | None) -> str
         info = result["runs"][str(steps)]
         lines += ["", f"## {steps} steps", "", "### At matched FLOPs (HyCa's interval N sets the level)", ""]
         lines += matched_table(rows, steps, levels)
+        lines += [""] + standings(rows, steps, levels) + [""] + positions_line(rows, steps)
         lines += ["", "### Every method", ""]
         lines += detail_table(rows, steps)
         extra = notes(rows, steps)
@@ -152,15 +192,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
         raise SystemExit(f"the plot needs matplotlib ({error}); install the bench extra: pip install -e '.[bench]'")
     rows = result["rows"]
     all_steps = result["environment"]["settings"]["steps"]
-    fig, axes = plt.subplots(2, len(all_steps), figsize=(7 * len(all_steps), 9), squeeze=False)
+    fig, axes = plt.subplots(2, len(all_steps), figsize=(6 * len(all_steps) + 3, 9), squeeze=False)
     for column, steps in enumerate(all_steps):
         series: dict[str, list[dict]] = {}
         for r in sorted((r for r in rows if r["steps"] == steps and r["family"] != m.FULL), key=_family_rank):
             series.setdefault(_peer_label(r), []).append(r)
-        for label, points in series.items():
+        colours = plt.get_cmap("tab20").colors
+        for index, (label, points) in enumerate(series.items()):
             points.sort(key=lambda r: r["flops_speedup"])
             hyca = label.startswith(m.HYCA)
-            style = dict(linewidth=3 if hyca else 1.2, marker="o" if hyca else ".", zorder=3 if hyca else 2)
+            style = dict(linewidth=3 if hyca else 1.2, marker="o" if hyca else ".", zorder=3 if hyca else 2,
+                         color="black" if label == m.HYCA else colours[index % len(colours)])
             if label == m.HYCA_SIGMA:
                 style.update(linestyle="", marker="*", markersize=12)
             for row, metric in ((0, "psnr"), (1, "ssim")):
@@ -172,7 +214,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.set_xlabel("FLOPs speed-up (x)")
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="best")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

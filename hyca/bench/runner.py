@@ -65,7 +65,7 @@ class Settings:
             raise ValueError("prompts, flops_prompts and calibration_prompts must be >= 1")
 
 
-QUICK = Settings(prompts=4, steps=(50,), intervals=(4, 7), levels=(4, 7), sigma_interval=7, flops_prompts=2,
+QUICK = Settings(prompts=4, steps=(50,), intervals=(4, 7), levels=(4, 7), sigma_interval=7, flops_prompts=1,
                  calibration_prompts=1, search_iterations=6)
 DEFAULT = Settings()
 
