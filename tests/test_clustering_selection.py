@@ -191,3 +191,15 @@ def test_fewer_dimensions_than_clusters_and_bad_input():
     replay.update(torch.zeros(1, 1, 2), 1.0)
     with pytest.raises(ValueError, match="forecasts no step"):
         replay.result()
+
+
+def test_a_block_without_residual_at_a_step_is_skipped_there():
+    replay = ReplayErrors([True, False, False])
+    replay.update(torch.ones(2, 1, 3), 0.0)
+    replay.update(torch.stack([torch.zeros(1, 3), torch.full((1, 3), 2.0)]), 1.0)  # block 0 silent
+    replay.update(torch.full((2, 1, 3), 3.0), 2.0)
+    result = replay.result()
+    assert torch.isfinite(result.errors).all()
+    # block 0 counts only the last target: reuse misses 3 by 2 in each of 3 dims, over energy 27
+    assert result.errors[0, 0].tolist() == pytest.approx([4 / 27] * 3)
+    assert result.errors[0, 1].tolist() == pytest.approx([1 / 12 + 4 / 27] * 3)

@@ -30,7 +30,7 @@ import torch
 
 from .solvers import Solver, pool
 
-# Guards the per-step normalization of a block whose residual is exactly zero.
+# Keeps the division finite where torch.where discards it anyway.
 _TINY = 1e-30
 # Blocks scored together: keeps the (solvers, blocks, rows, dim) forecast errors in cache.
 _CHUNK_BLOCKS = 2
@@ -89,7 +89,9 @@ class ReplayErrors:
             self._errors = torch.zeros(len(self.solvers), blocks, dim, dtype=torch.float64, device=target.device)
             self._energy = torch.zeros(blocks, dim, dtype=torch.float64, device=target.device)
         dim_energy = target.square().sum(1)  # (blocks, dim)
-        weight = 1.0 / (dim_energy.sum(1, keepdim=True).double() + _TINY)  # one per block
+        block_energy = dim_energy.sum(1, keepdim=True).double()
+        # one weight per block; a block with no residual at this step has nothing to compare
+        weight = torch.where(block_energy > 0, 1.0 / block_energy.clamp_min(_TINY), 0.0)
         self._energy += dim_energy * weight
         # Row s of `coefficients` turns (history..., target) into solver s's forecast error:
         # one small matmul per chunk of blocks instead of a pass over the data per solver.
