@@ -182,19 +182,19 @@ class HyCaBlockHook(ModelHook):
             returns = self.spec.returns
             out_stream = output if isinstance(returns, str) else output[returns.index(self.spec.stream)]
             try:
-                self.engine.record(state, self.index, self._output_part(out_stream - stream))
+                self.engine.record(state, self.index, self._output_part(out_stream) - self._output_part(stream))
             except Exception as error:
                 logger.warning("HyCa: caching failed (%s); computing every remaining step", error)
                 state.failed = True
         return output
 
-    def _output_part(self, residual: torch.Tensor) -> torch.Tensor:
-        """The tokens of ``residual`` that reach the transformer's output."""
+    def _output_part(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens of a stream that reach the transformer's output."""
         if self.spec.stream_tokens == "tail":
-            return residual[:, residual.shape[1] - self.states.stream_tokens:]
+            return tokens[:, tokens.shape[1] - self.states.stream_tokens:]
         if self.spec.stream_tokens == "head":
-            return residual[:, :self.states.stream_tokens]
-        return residual
+            return tokens[:, :self.states.stream_tokens]
+        return tokens
 
     def _pass_through(self, module: torch.nn.Module, stream: torch.Tensor, args: tuple, kwargs: dict):
         returns = self.spec.returns
