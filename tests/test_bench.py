@@ -97,6 +97,15 @@ def test_flops_counter_agrees_with_plain_flop_counter_mode(pipe):
     assert image.shape == one.shape
 
 
+def test_fixed_schedules_cost_the_same_on_every_prompt(pipe):
+    """Why the benchmark counts fixed-schedule methods on one prompt only."""
+    first, second = cases(2)
+    assert first.prompt != second.prompt
+    for method in (m.taylor(2, INTERVAL), m.diffusers_taylorseer(INTERVAL), m.fewer_steps(COMPUTED)):
+        flops = [execute(pipe, method, case, STEPS, counted=True).flops for case in (first, second)]
+        assert flops[0] == flops[1], method.name
+
+
 def test_cache_bytes_are_the_history_tensors(pipe):
     """taylor-2 keeps 3 aggregated residuals, FORA 1: (1, 64 image tokens, 32 dims) float32."""
     residual = 64 * 32 * 4

@@ -51,6 +51,10 @@ class Method:
     note: str = ""
     knob: float | None = None
     extra: dict = field(default_factory=dict)
+    # Threshold-driven: which steps it skips depends on the prompt, so are its FLOPs.
+    # A fixed schedule's FLOPs do not (same steps, same token counts), so counting it on
+    # one prompt is exact for all.
+    adaptive: bool = False
 
     @property
     def name(self) -> str:
@@ -122,7 +126,7 @@ def first_block_cache(threshold: float) -> Method:
     from diffusers import FirstBlockCacheConfig
 
     return _diffusers(DIFFUSERS_FBCACHE, f"threshold={threshold:.4g}",
-                      lambda: FirstBlockCacheConfig(threshold=threshold), knob=threshold)
+                      lambda: FirstBlockCacheConfig(threshold=threshold), knob=threshold, adaptive=True)
 
 
 # MagCache's defaults (retention 0.2, at most 3 skips in a row) cap it near 2.5x at 50
@@ -139,7 +143,7 @@ def mag_cache(threshold: float, ratios: list[float], steps: int) -> Method:
         DIFFUSERS_MAGCACHE, f"threshold={threshold:.4g}",
         lambda: MagCacheConfig(threshold=threshold, max_skip_steps=MAG_MAX_SKIPS, retention_ratio=retention,
                                num_inference_steps=steps, mag_ratios=torch.tensor(ratios)),
-        knob=threshold)
+        knob=threshold, adaptive=True)
 
 
 def calibrate_mag_ratios(pipe: Any, run: Callable[[], Any], steps: int) -> list[float]:
@@ -219,7 +223,7 @@ def dbcache(threshold: float, steps: int, taylorseer: bool = False) -> Method:
             _swap_back(pipe)
 
     family = DBCACHE_TAYLOR if taylorseer else DBCACHE
-    return Method(family, f"F1B0, threshold={threshold:.4g}", enable, disable, knob=threshold)
+    return Method(family, f"F1B0, threshold={threshold:.4g}", enable, disable, knob=threshold, adaptive=True)
 
 
 def quiet_cache_dit() -> None:

@@ -208,7 +208,9 @@ def measure(pipe: Any, methods: list[m.Method], eval_cases: list[Case], steps: i
         for method in order:
             runs[method.key].append(execute(pipe, method, case, steps))
         if i < settings.flops_prompts:
-            for method in methods:
+            # full compute is the denominator on every counted prompt; fixed schedules
+            # are counted on the first prompt only (their FLOPs do not depend on it)
+            for method in (mm for mm in methods if i == 0 or mm.adaptive or mm.family == m.FULL):
                 counted = execute(pipe, method, case, steps, counted=True)
                 timed = runs[method.key][-1]
                 timed.flops, timed.cache_bytes = counted.flops, counted.cache_bytes
