@@ -133,11 +133,8 @@ class HyCaScript(scripts.Script):
 
     def _report(self, p) -> None:
         CONTROLLER.finish_pass()
-        results = CONTROLLER.results()
-        if results and results != getattr(p, "_hyca_reported", None):
-            p.extra_generation_params.update(results)
-            CONTROLLER.report()
-            p._hyca_reported = results
+        p.extra_generation_params.update(CONTROLLER.results())
+        CONTROLLER.report()
 
 
 def _reader(name: str):

@@ -64,6 +64,7 @@ def load_script():
     from hyca.adapters.webui.controller import CONTROLLER
 
     CONTROLLER.reset()
+    CONTROLLER.book.clear()  # profiles resolved by an earlier test's script
     name = "hyca_webui_script"
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "hyca.py")
     module = importlib.util.module_from_spec(spec)
@@ -246,8 +247,9 @@ def generate(p: Processing, script, args: list) -> SimpleNamespace:
     script.process(p, *args)
     for n in range(p.n_iter):
         p.iteration, p.is_hr_pass = n, False
-        p.sampler = Sampler(p.sampler_name)
+        p.sampler = Sampler(p.sampler_name) if forge else None
         script.process_batch(p, *args, batch_number=n, prompts=[], seeds=[], subseeds=[])
+        p.sampler = Sampler(p.sampler_name)  # A1111 creates it in sample(), after process_batch
         g = torch.Generator().manual_seed(100 + n)
         noise = torch.randn(p.batch_size, *p.spec.latent, generator=g)
         init = torch.randn(p.batch_size, *p.spec.latent, generator=g) if p.img2img else None
@@ -266,7 +268,7 @@ def generate(p: Processing, script, args: list) -> SimpleNamespace:
             else:
                 script.before_hr(p, *args)
             dims = x.shape[-2:]
-            up = F.interpolate(x.flatten(0, x.ndim - 3), scale_factor=2, mode="nearest").reshape(*x.shape[:-2], 2 * dims[0], 2 * dims[1])
+            up = F.interpolate(x.reshape(-1, 1, *dims), scale_factor=2, mode="nearest").reshape(*x.shape[:-2], 2 * dims[0], 2 * dims[1])
             hr_noise = torch.randn(up.shape, generator=g)
             x = _pass(p, up, hr_noise, p.hr_second_pass_steps or p.steps, denoise)
             p.is_hr_pass = False

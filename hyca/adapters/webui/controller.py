@@ -80,6 +80,8 @@ class Controller:
         self.book = ProfileBook()
         self.chosen: Chosen | None = None
         self.probe_fp: dict | None = None
+        self.batch_key: tuple | None = None
+        self.reported = 0
         self._said: set[str] = set()
 
     # --- messages ---------------------------------------------------------------------
@@ -94,7 +96,7 @@ class Controller:
     def reset(self) -> None:
         """Drop every trace of HyCa: session, gates, stats. Safe to call at any time."""
         self.session, self.pass_key, self.noted_sigma, self.chosen = None, None, None, None
-        self.passes = []
+        self.passes, self.batch_key, self.reported = [], None, 0
         for module in self.gated:
             gates.remove_all(module)
         self.gated = []
@@ -107,13 +109,6 @@ class Controller:
             elif stats.steps.total:
                 self.passes.append((self.session.label, stats))
         self.session, self.pass_key = None, None
-
-    def _probe_engine(self, model, adapter, chosen: Chosen, schedule: Schedule, sigmas) -> "probe.ProbeEngine | None":
-        if not sigmas:
-            console("cannot probe: the frontend does not tell this pass's step count; this pass runs uncached")
-            return None
-        console(f"probing {adapter.name} on this pass ({len(sigmas) - 1} steps computed in full)")
-        return probe.ProbeEngine(len(adapter.blocks(model)), len(sigmas) - 1, schedule)
 
     def _learn(self, session: PassSession) -> None:
         """A probing pass ended: keep its profile, or say why not (the next pass then
@@ -147,9 +142,9 @@ class Controller:
             if frontend == "forge":  # hires calls this twice, either side of a unet reset
                 self._patch_unet(p, unet, self.session_adapter)
             return True
-        if self.pass_key is not None and key[:2] != self.pass_key[:2]:
-            self.passes = []  # a new batch iteration: its own infotext
         self.finish_pass()
+        if key[:2] != self.batch_key:
+            self.passes, self.reported, self.batch_key = [], 0, key[:2]  # a new batch: its own infotext
         if not settings.enabled:
             return False
         if hires and not settings.hires:
@@ -167,15 +162,13 @@ class Controller:
             self.say_once(note)
         schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)
         label = "hires pass" if hires else "pass"
-        sigmas = pass_sigmas(p, hires)
         if chosen.profile is None:
-            engine = self._probe_engine(model, adapter, chosen, schedule, sigmas)
+            console(f"probing {adapter.name} on this pass (every step computed)")
+            engine = probe.ProbeEngine(len(adapter.blocks(model)), schedule)
         else:
             engine = HybridCache(chosen.profile, schedule)
-        if engine is None:
-            return False
         self.chosen = chosen
-        self.session = PassSession(engine, sigmas, label)
+        self.session = PassSession(engine, lambda: pass_sigmas(p, hires), label)
         self.probe_fp = fingerprint(model, adapter) if isinstance(engine, probe.ProbeEngine) else None
         self.pass_key, self.session_adapter = key, adapter
         self.say_once(f"{adapter.name}: hooked through "
@@ -273,7 +266,9 @@ class Controller:
         return out
 
     def report(self) -> None:
-        for label, stats in self.passes:
+        """Console lines for the passes not reported yet."""
+        fresh, self.reported = self.passes[self.reported:], len(self.passes)
+        for label, stats in fresh:
             console(f"{label}: {stats.steps.computed} of {stats.steps.total} steps computed, "
                     f"{stats.steps.forecast} forecast; {stats.flops_saving:.0%} of block compute skipped")
 

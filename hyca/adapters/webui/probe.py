@@ -31,11 +31,18 @@ class ProbeEngine:
 
     positions = "step"
 
-    def __init__(self, num_blocks: int, steps: int, schedule: Schedule, seed: int = 0) -> None:
+    def __init__(self, num_blocks: int, schedule: Schedule, seed: int = 0) -> None:
+        self.num_blocks, self.schedule, self.seed = num_blocks, schedule, seed
+        self.recorder, self.steps = None, None
+
+    def prepare(self, steps: int | None) -> None:
+        """Called with the pass's step count once the sampler is known."""
         from ...probing.recorder import SketchRecorder
 
-        self.recorder = SketchRecorder(num_blocks, steps, schedule, "step", seed=seed)
-        self.steps, self.schedule = steps, schedule
+        if not steps:
+            raise RuntimeError("cannot probe: the frontend does not tell this pass's step count")
+        self.recorder = SketchRecorder(self.num_blocks, steps, self.schedule, "step", seed=self.seed)
+        self.steps = steps
 
     def new_state(self) -> BranchState:
         return BranchState()
@@ -59,6 +66,8 @@ class ProbeEngine:
         """The profile chosen from what was recorded (raises if the pass was incomplete)."""
         from ...probing.runner import analyse
 
+        if self.recorder is None:
+            raise RuntimeError("the probing pass made no model call")
         indicators, replay = self.recorder.finish()
         profile, report = analyse(indicators, replay, clusters)
         profile.metadata = {

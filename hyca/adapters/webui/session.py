@@ -90,9 +90,12 @@ class PassStats:
 class PassSession:
     """State of one pass; created when the pass starts, dropped when it ends."""
 
-    def __init__(self, engine: HybridCache, schedule: list[float] | None, label: str = "pass") -> None:
+    def __init__(self, engine: HybridCache, schedule: list[float] | Callable[[], list[float] | None] | None,
+                 label: str = "pass") -> None:
         self.engine = engine
-        self.schedule = [float(s) for s in schedule] if schedule is not None else None
+        # A callable is asked at the first call: A1111 creates its sampler after process_batch.
+        self._schedule_source = schedule if callable(schedule) else None
+        self.schedule = [float(s) for s in schedule] if schedule is not None and not callable(schedule) else None
         self.label = label
         self.failed = False
         self.active: Call | None = None
@@ -142,6 +145,13 @@ class PassSession:
         if self.failed:
             return None
         try:
+            if self._schedule_source is not None:
+                source, self._schedule_source = self._schedule_source, None
+                found = source()
+                self.schedule = [float(s) for s in found] if found else None
+                prepare = getattr(self.engine, "prepare", None)
+                if prepare is not None:
+                    prepare(self.total_steps)
             sigma = float(torch.as_tensor(sigma).flatten()[0])
             key = (hint, tuple(x.shape))
             branch = self._branch_for(sigma, key)
