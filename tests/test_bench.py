@@ -161,7 +161,13 @@ def test_report_writes_table_and_plot(result, tmp_path):
     text = (tmp_path / "peers-test.md").read_text()
     assert "python -m hyca.bench --model tiny" in text and f"N={INTERVAL}" in text
     assert (tmp_path / "peers-test.png").stat().st_size > 1000
-    assert len(paths) == 3
+    grid = tmp_path / f"peers-test-samples-{STEPS}.png"
+    assert grid in paths and f"peers-test-samples-{STEPS}.png" in text
+    from PIL import Image
+
+    with Image.open(grid) as image:  # full compute + one row per method at the level, 2 prompts
+        rows = 1 + sum(r["level"] == INTERVAL and r["family"] != m.HYCA_SIGMA for r in result["rows"])
+        assert image.height == rows * (32 * 3 + 2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the refusal on a machine without CUDA")

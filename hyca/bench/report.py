@@ -138,7 +138,8 @@ def overhead_lines(o: dict) -> list[str]:
     ]
 
 
-def markdown(result: dict[str, Any], command: str, plot_name: str | None) -> str:
+def markdown(result: dict[str, Any], command: str, plot_name: str | None,
+             sample_names: dict[int, str] | None = None) -> str:
     env = result["environment"]
     settings = env["settings"]
     rows = result["rows"]
@@ -171,6 +172,9 @@ def markdown(result: dict[str, Any], command: str, plot_name: str | None) -> str
         extra = notes(rows, steps)
         if extra:
             lines += ["", "Threshold searches (on the calibration prompts):", ""] + extra
+        if sample_names and steps in sample_names:
+            lines += ["", f"First prompts at N={settings['overhead_interval']} (rows: full compute, then each "
+                          f"method at that level): ![samples]({sample_names[steps]})"]
         if "overhead" in info:
             lines += ["", "### HyCa's wall-clock, taken apart", ""] + overhead_lines(info["overhead"])
         lines += ["", f"HyCa profiles (share of dimensions per solver): "
@@ -220,17 +224,45 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def sample_grid(samples: dict[str, list], path: Path, scale: int = 3) -> None:
+    """One row per method (name on the left), one column per prompt, pixels enlarged."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    label_width, gap = 260, 2
+    first = next(iter(samples.values()))
+    h, w = first[0].shape[-2] * scale, first[0].shape[-1] * scale
+    columns = max(len(images) for images in samples.values())
+    canvas = Image.new("RGB", (label_width + columns * (w + gap), len(samples) * (h + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, (label, images) in enumerate(samples.items()):
+        y = row * (h + gap)
+        draw.text((4, y + h // 2 - 6), label, fill="black")
+        for column, image in enumerate(images):
+            pixels = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+            tile = Image.fromarray(pixels).resize((w, h), Image.NEAREST)
+            canvas.paste(tile, (label_width + column * (w + gap), y))
+    canvas.save(path)
+
+
 def write(result: dict[str, Any], out: Path, name: str, command: str, with_plot: bool = True) -> list[Path]:
-    """``<out>/<name>.json``, ``.md`` and ``.png``; returns the paths written."""
+    """``<out>/<name>.json``, ``.md`` and ``.png`` (and ``-samples-<steps>.png`` image grids
+    when the run kept sample images); returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
-    result = {**result, "command": command}
-    written = [out / f"{name}.json"]
-    written[0].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    samples = result.get("samples", {})
+    result = {**{k: v for k, v in result.items() if k != "samples"}, "command": command}
+    written = []
+    for steps, images in samples.items():
+        written.append(out / f"{name}-samples-{steps}.png")
+        sample_grid(images, written[-1])
+    written.append(out / f"{name}.json")
+    written[-1].write_text(json.dumps(result, indent=1, default=str) + "\n")
     plot_name = None
     if with_plot:
         plot(result, out / f"{name}.png")
         plot_name = f"{name}.png"
         written.append(out / plot_name)
-    (out / f"{name}.md").write_text(markdown(result, command, plot_name))
+    sample_names = {int(steps): f"{name}-samples-{steps}.png" for steps in samples}
+    (out / f"{name}.md").write_text(markdown(result, command, plot_name, sample_names))
     written.append(out / f"{name}.md")
     return written

@@ -238,6 +238,16 @@ def aggregate(methods: list[m.Method], runs: dict[str, list[Run]], steps: int) -
     return rows
 
 
+SAMPLE_PROMPTS = 4
+
+
+def samples(methods: list[m.Method], runs: dict[str, list[Run]], level: int) -> dict[str, list[torch.Tensor]]:
+    """Images of the first prompts: full compute, then every family at one level (not
+    written to the JSON; drawn as a grid)."""
+    chosen = [mm for mm in methods if mm.family == m.FULL or (mm.level == level and mm.family != m.HYCA_SIGMA)]
+    return {mm.name: [r.image for r in runs[mm.key][:SAMPLE_PROMPTS]] for mm in chosen}
+
+
 def environment(settings: Settings) -> dict:
     import diffusers
 
@@ -280,6 +290,7 @@ def run(settings: Settings, pipe: Any = None) -> dict:
         log(f"{steps} steps: measuring {len(methods)} methods on {len(eval_cases)} prompts")
         runs = measure(pipe, methods, eval_cases, steps, settings)
         result["rows"] += [asdict(r) for r in aggregate(methods, runs, steps)]
+        result.setdefault("samples", {})[steps] = samples(methods, runs, settings.overhead_interval)
         if steps == settings.steps[0]:
             log(f"{steps} steps: timing HyCa's calls at N={settings.overhead_interval}")
             info["overhead"] = decompose(pipe, eval_cases[0], steps, settings.overhead_interval,
