@@ -65,7 +65,7 @@ def default_name(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python -m hyca.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = ("python -m hyca.bench " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     name = args.name or default_name(args)
     from . import report
 
