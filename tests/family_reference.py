@@ -56,6 +56,7 @@ class _Calls:
         position = _timestep_of(args, kwargs)
         self.repeat = self.repeat + 1 if position == self.last_position else 0
         self.last_position, self.branch = position, self.repeat
+        self.timestep = position
 
     def end(self) -> None:
         if not self.bypass:
@@ -107,8 +108,10 @@ class Reference:
     """Install on an unpatched pipeline with :meth:`attach`; ``plans[(expert, branch)]``
     says which calls compute; ``profiles[expert]`` gives the per-dimension solvers."""
 
-    def __init__(self, case, profiles: dict, plans: dict[tuple[str, int], list[bool]]):
-        self.case, self.profiles, self.plans = case, profiles, plans
+    def __init__(self, case, profiles: dict, plans: dict[tuple[str, int], list[bool]],
+                 position_of=None):
+        """``position_of(timestep)``: the solvers' axis; by default the call's step index."""
+        self.case, self.profiles, self.plans, self.position_of = case, profiles, plans, position_of
         self.watchers: list[_Calls] = []
 
     def attach(self, pipe) -> None:
@@ -133,9 +136,12 @@ class Reference:
             if not calls.bypass:
                 current.update(computing=self.plans[(expert, calls.branch)][calls.step], residuals=[])
 
+        def position() -> float:
+            return float(calls.step) if self.position_of is None else self.position_of(calls.timestep)
+
         def end(module, args, output):
             if not calls.bypass and current["computing"]:
-                history[calls.branch].insert(0, (float(calls.step), current["residuals"]))
+                history[calls.branch].insert(0, (position(), current["residuals"]))
             calls.end()
 
         def block_hook(l, index, tail):
@@ -153,7 +159,7 @@ class Reference:
                     return None
                 past = history[calls.branch]
                 predicted = per_block_forecast(dim_solvers[l:l + 1], [[r[l] for _, r in past]],
-                                               [p for p, _ in past], float(calls.step))
+                                               [p for p, _ in past], position())
                 replaced = out.clone()
                 replaced[:, part] = stream_in[:, part] + predicted
                 if index is None:

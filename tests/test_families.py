@@ -255,3 +255,28 @@ def test_failed_edit_then_text_to_image_on_one_transformer_leave_no_state_behind
     with pytest.raises(KeyboardInterrupt):
         edit_case.run(edit, STEPS, callback_on_step_end=die_at_step_4)
     assert torch.equal(edit_case.run(edit, STEPS), alone["edit"])
+
+
+@pytest.mark.parametrize("name, sigma_of", [
+    ("wan2.1", lambda t: t / 1000),  # the pipeline gives sigma in its cache context; t = 1000 sigma
+    ("qwenimage", lambda t: t),  # no sigma in the context: the transformer's timestep input (t / 1000)
+])
+def test_sigma_positions(name, sigma_of):
+    case = CASES[name]
+    base = case.build()
+    reference_pipe, hyca_pipe = case.copy_of(base), case.copy_of(base)
+    calls = count_calls(case, base, lambda: case.run(base, STEPS, cfg=True))
+    plans = {key: expected_plan(INTERVAL, WARMUP, n) for key, n in calls.items()}
+    settings, profiles = settings_for(case, hyca_pipe)
+    reference = Reference(case, profiles, plans, position_of=sigma_of)
+    reference.attach(reference_pipe)
+    try:
+        expected = case.run(reference_pipe, STEPS, cfg=True)
+    finally:
+        reference.detach()
+    step_pipe = case.copy_of(base)
+    hyca.enable(step_pipe, positions="step", **settings)
+    hyca.enable(hyca_pipe, positions="sigma", **settings)
+    result = case.run(hyca_pipe, STEPS, cfg=True)
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4)
+    assert (result - case.run(step_pipe, STEPS, cfg=True)).abs().max() > 1e-3  # the axis matters

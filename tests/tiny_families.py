@@ -99,7 +99,7 @@ def _qwen_call(pipe, steps, cfg=False, **extra):
 
 
 def _qwen_pipeline(transformer):
-    return QwenImagePipeline(scheduler=_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+    return QwenImagePipeline(scheduler=_scheduler(shift=3.0), vae=None, text_encoder=None, tokenizer=None,
                              transformer=transformer)
 
 
@@ -131,8 +131,8 @@ QWEN_EDIT_VAE = _remember_encodings(_tiny_qwen_vae())
 
 
 def _qwen_edit_pipeline(transformer):
-    return QwenImageEditPipeline(scheduler=_scheduler(), vae=QWEN_EDIT_VAE, text_encoder=None, tokenizer=None,
-                                 processor=None, transformer=transformer)
+    return QwenImageEditPipeline(scheduler=_scheduler(shift=3.0), vae=QWEN_EDIT_VAE, text_encoder=None,
+                                 tokenizer=None, processor=None, transformer=transformer)
 
 
 def _reference_image(side: int) -> Image.Image:
