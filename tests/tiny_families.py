@@ -15,12 +15,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKLQwenImage, ChromaPipeline, HiDreamImagePipeline, HiDreamImageTransformer2DModel, ChromaTransformer2DModel, CogView4Pipeline,
-                       CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
-                       HunyuanVideoTransformer3DModel, Lumina2Pipeline, Lumina2Transformer2DModel,
-                       QwenImageEditPipeline, QwenImagePipeline, QwenImageTransformer2DModel, SanaPipeline,
-                       SanaTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, WanPipeline,
-                       WanTransformer3DModel, ZImagePipeline, ZImageTransformer2DModel)
+from diffusers import (AutoencoderKLQwenImage, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
+                       CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline,
+                       HiDreamImageTransformer2DModel, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel,
+                       Lumina2Pipeline, Lumina2Transformer2DModel, QwenImageEditPipeline, QwenImagePipeline,
+                       QwenImageTransformer2DModel, SanaPipeline, SanaTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline, WanPipeline, WanTransformer3DModel, ZImagePipeline,
+                       ZImageTransformer2DModel)
 from PIL import Image
 
 TEXT_TOKENS = 5

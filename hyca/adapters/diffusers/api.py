@@ -112,8 +112,10 @@ def enable(
     Each transformer counts its own calls: warm-up is its first ``warmup`` calls and
     ``compute_last`` computes its last one (for Wan 2.2's high-noise expert, the step
     before the switch). ``interval``: one computed step in every N after ``warmup``
-    computed steps (:func:`recommended_settings` picks both from the step count). ``positions``: ``"step"`` (step index) or
-    ``"sigma"`` (the model's timestep input) as the axis the solvers extrapolate along.
+    computed steps (:func:`recommended_settings` picks both from the step count).
+    ``positions``: ``"step"`` (step index) or ``"sigma"`` (the pipeline's sigma when its
+    cache context gives one, else the model's timestep input) as the axis the solvers
+    extrapolate along.
     ``scheduler``: where to read the step count in a hand-written loop (a pipeline's own
     scheduler is used automatically); it lets ``compute_last`` find the last step.
     Enabling again replaces the previous settings. Returns the engine of each transformer.
