@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from hyca import Profile
-from hyca.math.solvers import pool_names
 from webui_harness import Processing, ReferenceScript, flavour_of, generate, load_script, model_kinds, standins
 from webui_reference import ReferenceHyCa, expected_plan
 

@@ -8,9 +8,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 import types
-from pathlib import Path
 
 import gradio as gr
 import pytest

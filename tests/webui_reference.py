@@ -23,10 +23,6 @@ from references import per_block_forecast
 LAYOUTS: dict[str, list[tuple[str, Any, Any, Any]]] = {}
 
 
-def _double(args, kwargs):
-    return kwargs["img"]
-
-
 FLUX_LIKE = [
     ("double_blocks", lambda a, k, n: k["img"], lambda o, n: o[0], lambda a, k, s, first, n: (s, k["txt"])),
     ("single_blocks", lambda a, k, n: a[0][:, -n:], lambda o, n: o[:, -n:],

@@ -138,7 +138,7 @@ class Controller:
     def _start_pass(self, p: Any, settings: Settings, hires: bool) -> bool:
         key = (id(p), getattr(p, "iteration", 0), hires)
         frontend, unet, model = diffusion_model_of(p)
-        if self.session is not None and key == self.pass_key and not self.session.calls_computed:
+        if self.session is not None and key == self.pass_key and not (self.session.calls_computed or self.session.calls_forecast):
             if frontend == "forge":  # hires calls this twice, either side of a unet reset
                 self._patch_unet(p, unet, self.session_adapter)
             return True
@@ -167,7 +167,7 @@ class Controller:
             engine = probe.ProbeEngine(len(adapter.blocks(model)), schedule)
         else:
             engine = HybridCache(chosen.profile, schedule)
-        self.chosen = chosen
+        self.chosen, self.noted_sigma = chosen, None
         self.session = PassSession(engine, lambda: pass_sigmas(p, hires), label)
         self.probe_fp = fingerprint(model, adapter) if isinstance(engine, probe.ProbeEngine) else None
         self.pass_key, self.session_adapter = key, adapter

@@ -80,7 +80,11 @@ def _optional(module: str) -> Any:
 
 
 def adjusted_rand_index(a: Profile, b: Profile) -> float:
-    """Mean over blocks of the ARI between two profiles' cluster labels (1 = same clustering)."""
+    """Mean over blocks of the ARI between two profiles' cluster labels (1 = same
+    clustering): :func:`hyca.profiles.compare.compare_profiles` when installed."""
+    compare = _optional("hyca.profiles.compare")
+    if compare is not None:
+        return float(compare.compare_profiles(a, b).ari_overall)
     from sklearn.metrics import adjusted_rand_score
 
     if a.labels.shape != b.labels.shape:
