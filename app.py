@@ -15,7 +15,7 @@ import gradio as gr
 
 from hyca.app import handlers as h
 from hyca.app.compare import METHODS
-from hyca.app.models import LORA_STYLES, REFERENCE, choice, choices
+from hyca.app.models import LORA_STYLES, REFERENCE, choice, choices, configure_cpu_threads
 
 INTRO = """# HyCa — hybrid feature caching for diffusion transformers
 The same prompt and seed, once with every transformer step computed and once with HyCa, which computes
@@ -152,4 +152,5 @@ def build() -> gr.Blocks:
 demo = build()
 
 if __name__ == "__main__":
+    configure_cpu_threads()
     demo.launch()
