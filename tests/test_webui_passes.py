@@ -9,6 +9,8 @@ import re
 import pytest
 import torch
 
+from hyca import Profile
+
 from test_webui_adapters import Frontend, args, no_hyca_left
 from webui_harness import ReferenceScript
 from webui_reference import expected_plan
@@ -244,3 +246,40 @@ def test_automatic_profile_probes_once_then_caches(kind, tmp_path, monkeypatch, 
     assert re.search(r"ARI 1\.000 against the base profile", out)
     assert p4.extra_generation_params["HyCa LoRA ARI"] == "1.000"
     torch.testing.assert_close(lora_run.images[0], cached.images[0], rtol=0, atol=0)
+
+
+def hybrid_profile(blocks, dim, seed=0):
+    """Four clusters per block, five different solvers."""
+    from hyca.math.solvers import pool_names
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([pool_names().index(n) for n in ("reuse", "taylor-2", "lagrange-3", "bdf3", "am2")])
+    return Profile(torch.randint(0, 4, (blocks, dim), generator=g), ids[torch.randint(0, 5, (blocks, 4), generator=g)])
+
+
+@pytest.mark.parametrize("kind", ["neo_flux", "forge_mmditx"])
+def test_local_profile_file_is_listed_validated_and_used(kind, tmp_path, monkeypatch, capsys):
+    from hyca.adapters.webui import profiles
+    from hyca.adapters.webui.fingerprint import fingerprint
+    from hyca.adapters.webui.registry import recognise
+    from hyca.profiles.io import save_profile
+
+    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path))
+    with Frontend(kind) as f:
+        fp = fingerprint(f.model, recognise(f.model))
+        profile = hybrid_profile(sum(fp["blocks"].values()), fp["hidden_size"])
+        save_profile(profile, tmp_path / "mine.safetensors", fp)
+        foreign = dict(fp, blocks={"other_blocks": 1}, hidden_size=8)
+        save_profile(Profile.uniform("reuse", 1, 8), tmp_path / "foreign.safetensors", foreign)
+        assert {"mine.safetensors", "foreign.safetensors"} <= set(profiles.choices())
+        expected = f.reference(profile.dim_solvers(), 3, 2, steps=10)[0]
+        out, p = f.run(args(True, 3, 2, profile="mine.safetensors"), steps=10)
+        plain, _ = f.run(args(False), steps=10)
+        wrong, p_wrong = f.run(args(True, 3, 2, profile="foreign.safetensors"), steps=10)
+    torch.testing.assert_close(out.images[0], expected.images[0], rtol=1e-4, atol=1e-4)
+    assert p.extra_generation_params["HyCa profile"] == "mine.safetensors"
+    # a profile for another model: one clear line, and the generation runs uncached
+    assert torch.equal(wrong.images[0], plain.images[0])
+    assert "HyCa steps" not in p_wrong.extra_generation_params
+    lines = [line for line in capsys.readouterr().out.splitlines() if "could not start" in line]
+    assert len(lines) == 1 and "foreign.safetensors" in lines[0]
