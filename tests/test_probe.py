@@ -236,3 +236,20 @@ def test_a_diffusers_cache_must_be_disabled_first(pipe):
     with pytest.raises(RuntimeError, match="disable_cache"):
         run_probe(pipe)
     assert isinstance(HookRegistry.check_if_exists_or_initialize(pipe.transformer), HookRegistry)
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+def test_few_step_probe_uses_only_the_history_the_schedule_provides(pipe, steps):
+    """Distilled models (schnell at 4 steps, Lightning at 8) run with N=2, warm-up 1: the
+    probe must work there, and may only pick solvers whose history the engine will have."""
+    settings = hyca.recommended_settings(pipe, steps)
+    assert (settings["interval"], settings["warmup"]) == (2, 1)
+    profile = run_probe(pipe, steps=steps, interval=2, warmup=1)
+    plan = Schedule(interval=2, warmup=1).plan(steps)
+    computed_before_last_forecast = sum(plan[: max(i for i, c in enumerate(plan) if not c)])
+    assert all(pool()[i].history <= max(1, computed_before_last_forecast) or pool()[i].name == "reuse"
+               for i in profile.solvers.unique().tolist())
+    hyca.enable(pipe, profile=profile, interval=2, warmup=1)
+    generate_steps = pipe(**conditioning(), height=64, width=64, num_inference_steps=steps, output_type="latent")
+    assert generate_steps.images.isfinite().all()
+    assert hyca.stats(pipe)[0].forecast == plan.count(False)
