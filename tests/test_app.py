@@ -22,6 +22,7 @@ from hyca.math.solvers import pool_names
 from hyca.profiles import Profile, load_profile
 
 from app_server import running_app
+from hub_standin import hub, online  # noqa: F401  (fixtures: a local stand-in for the Hub)
 
 # --- metrics ------------------------------------------------------------------------------
 
@@ -293,3 +294,23 @@ def test_lora_without_reuse_probes_again_and_reports_the_ari(served):
     _, _, report, again = _generate(client, lora="outline", reuse=False)
     assert "probed again with LoRA 'outline'" in again["profile"]
     assert -1.0 <= again["ari_vs_base"] <= 1.0 and "ARI" in report
+
+
+def test_profile_round_trip_through_a_hub_standin(served, hub, tmp_path):
+    """Probe in one session, push, pull in a fresh session: the same profile comes back."""
+    from hyca.app import handlers as h
+
+    first, second = h.new_state(), h.new_state()
+    h.run_probe(first, "reference", "", PROMPT, STEPS, 4, 2, 3, "none")
+    message = h.push(first, "reference", "", "someone/profiles", endpoint=hub.endpoint, token=hub.token)
+    name = message.rsplit("/", 1)[1]
+    assert message.startswith(f"Pushed to {hub.endpoint}/someone/profiles/") and name.endswith("-n4.safetensors")
+    h.pull(second, "reference", "", "someone/profiles", name, 4, endpoint=hub.endpoint, token=hub.token,
+           cache_dir=str(tmp_path / "hf"))
+    sent, got = first["profiles"]["reference"]["current"], second["profiles"]["reference"]["current"]
+    assert torch.equal(sent.labels, got.labels) and torch.equal(sent.solvers, got.solvers)
+    assert "ARI current vs previous" not in h.view(second, "reference", "").summary
+    with pytest.raises(h.AppError, match="no earlier profile"):
+        h.ari_vs_previous(second, "reference", "")
+    h.run_probe(second, "reference", "", "a blue square", STEPS, 4, 2, 3, "none")
+    assert "ARI current vs previous profile" in h.ari_vs_previous(second, "reference", "")

@@ -336,18 +336,21 @@ def use_file(state: dict[str, Any], model_key: str, custom: str | None, path: st
 
 
 def pull(state: dict[str, Any], model_key: str, custom: str | None, repo: str | None, filename: str | None,
-         interval: Any) -> str:
-    """Download a profile from the Hub (default name: the one ``hyca probe`` gives this model)."""
+         interval: Any, *, endpoint: str | None = None, token: str | bool | None = None,
+         cache_dir: str | None = None) -> str:
+    """Download a profile from the Hub (default name: the one ``hyca probe`` gives this model).
+    ``endpoint`` / ``token`` / ``cache_dir``: huggingface_hub's, for another Hub than the default."""
     c = chosen_model(model_key, custom)
     model = load_model(c, None)
     repo = (repo or "").strip() or DEFAULT_HUB_REPO
     filename = (filename or "").strip() or profile_filename(fpmod.fingerprint(model.transformer), int(interval))
-    path = pull_profile(repo, filename, model=model.transformer)
+    path = pull_profile(repo, filename, model=model.transformer, endpoint=endpoint, token=token, cache_dir=cache_dir)
     _set_current(state, model, load_profile(path, model.transformer))
     return f"Loaded {filename} from the Hub repo {repo}."
 
 
-def push(state: dict[str, Any], model_key: str, custom: str | None, repo: str | None) -> str:
+def push(state: dict[str, Any], model_key: str, custom: str | None, repo: str | None, *,
+         endpoint: str | None = None, token: str | bool | None = None) -> str:
     slot = _slot(state, chosen_model(model_key, custom).key)
     if slot["file"] is None:
         raise AppError("there is no profile to push: run the probe or load one first")
@@ -357,5 +360,5 @@ def push(state: dict[str, Any], model_key: str, custom: str | None, repo: str | 
     if hub_offline():
         raise AppError("the app is offline (HF_HUB_OFFLINE=1), so nothing can be pushed; download the profile "
                        "file instead and upload it later with `python -m hyca push`")
-    url = push_profile(slot["file"], repo, path_in_repo=Path(slot["file"]).name)
+    url = push_profile(slot["file"], repo, path_in_repo=Path(slot["file"]).name, endpoint=endpoint, token=token)
     return f"Pushed to {url}"
