@@ -314,3 +314,19 @@ def test_profile_round_trip_through_a_hub_standin(served, hub, tmp_path):
         h.ari_vs_previous(second, "reference", "")
     h.run_probe(second, "reference", "", "a blue square", STEPS, 4, 2, 3, "none")
     assert "ARI current vs previous profile" in h.ari_vs_previous(second, "reference", "")
+
+
+def test_generation_and_probe_report_progress_per_transformer_call(served):
+    from hyca.app import handlers as h
+
+    reports: list[tuple[float, str]] = []
+    state = h.new_state()
+    h.run_probe(state, "reference", "", PROMPT, STEPS, 4, 2, 3, "none", progress=lambda f, d: reports.append((f, d)))
+    probe_steps = [d for _, d in reports if d.startswith("probe: step")]
+    assert probe_steps == [f"probe: step {i}/{STEPS}" for i in range(1, STEPS + 1)]
+    reports.clear()
+    h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 4, 2, "none", True,
+               progress=lambda f, d: reports.append((f, d)))
+    for label in ("full compute", "HyCa"):
+        fractions = [f for f, d in reports if d.startswith(f"{label}: step")]
+        assert len(fractions) == STEPS and fractions == sorted(fractions) and fractions[-1] == 1.0

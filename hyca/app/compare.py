@@ -105,7 +105,7 @@ def generate(pipe: Any, s: Settings) -> np.ndarray:
     return np.asarray(images[0], dtype=np.float32)
 
 
-def _reporting_calls(transformer: torch.nn.Module, total: int, label: str, progress: Progress | None):
+def report_calls(transformer: torch.nn.Module, total: int, label: str, progress: Progress | None):
     """A forward pre-hook that reports each transformer call to ``progress``; returns its handle."""
     calls = [0]
 
@@ -118,7 +118,7 @@ def _reporting_calls(transformer: torch.nn.Module, total: int, label: str, progr
 
 
 def _timed(pipe: Any, s: Settings, label: str, progress: Progress | None) -> tuple[np.ndarray, float]:
-    handle = _reporting_calls(pipe.transformer, s.steps, label, progress)
+    handle = report_calls(pipe.transformer, s.steps, label, progress)
     try:
         started = time.perf_counter()
         image = generate(pipe, s)

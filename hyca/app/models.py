@@ -256,7 +256,7 @@ def _load_diffusers(c: ModelChoice, verdict: Verdict, folder: str | None) -> Any
     source = folder or c.repo_id
     try:
         pipe = DiffusionPipeline.from_pretrained(source, dtype=getattr(torch, c.dtype))
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise ModelError(f"could not load {c.label} from {source}: {str(err).splitlines()[0]}") from None
     transformer = getattr(pipe, "transformer", None)
     if transformer is None or type(transformer).__name__ not in FAMILIES:
