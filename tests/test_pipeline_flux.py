@@ -69,3 +69,41 @@ def test_enable_twice_replaces_the_settings(pipe):
     assert hyca.stats(pipe)[0].computed == 5  # 0, 1, 5, 9, 11
     hyca.disable(pipe)
     assert not hyca.is_enabled(pipe)
+
+
+def probe_settings():
+    g = torch.Generator().manual_seed(0)
+    return dict(prompt_embeds=torch.randn(1, 5, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 24, generator=g),
+                height=32, width=32, steps=8, clusters=2, progress=False)
+
+
+def test_auto_profile_probes_once_then_comes_from_the_cache(pipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
+    monkeypatch.setenv("HYCA_HUB_REPO", "none")
+    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path / "nothing-here"))
+    (first,) = hyca.enable(pipe, interval=3, warmup=2, probe_kwargs=probe_settings())
+    saved = list(tmp_path.glob("*.safetensors"))
+    assert len(saved) == 1 and first.profile.metadata.get("probe", {}).get("steps") == 8
+    out_first = generate(pipe)
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the cached profile should have been used")
+
+    monkeypatch.setattr("hyca.probing.probe", no_probe)
+    (second,) = hyca.enable(pipe, interval=3, warmup=2)
+    assert torch.equal(second.profile.labels, first.profile.labels)
+    assert torch.equal(second.profile.solvers, first.profile.solvers)
+    assert torch.equal(generate(pipe), out_first)
+
+    (from_file,) = hyca.enable(pipe, profile=str(saved[0]), interval=3, warmup=2)
+    assert torch.equal(from_file.profile.labels, first.profile.labels)
+
+
+def test_auto_profile_for_a_bare_transformer_needs_a_file(tmp_path, monkeypatch):
+    from hyca.profiles.io import ProfileError
+
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
+    monkeypatch.setenv("HYCA_HUB_REPO", "none")
+    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path / "nothing-here"))
+    with pytest.raises(ProfileError, match="python -m hyca probe"):
+        hyca.enable(tiny_flux(), interval=3, warmup=2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Callable, Mapping
 
 import torch
@@ -13,6 +15,10 @@ from . import hooks
 from .families import blocks_of, family_of, hidden_size
 
 TRANSFORMER_ATTRIBUTES = ("transformer", "transformer_2")
+#: ``profile=AUTO``: find the model's profile (shipped, cache, Hub) or probe it on first use.
+AUTO = "auto"
+
+logger = logging.getLogger("hyca")
 
 
 def named_transformers(target: Any) -> list[tuple[str, torch.nn.Module]]:
@@ -81,8 +87,45 @@ def _profile_for(profile: Profile | str, transformer: torch.nn.Module, num_block
         return profile
     if isinstance(profile, str):
         return Profile.uniform(profile, num_blocks, dim)
-    raise TypeError(f"profile must be a Profile, a solver name such as 'fora' or 'taylor-2', or a dict of "
-                    f"those per transformer attribute ('transformer', 'transformer_2'); got {profile!r}")
+    raise TypeError(f"profile must be a Profile, 'auto', a profile file, a solver name such as 'fora' or "
+                    f"'taylor-2', or a dict of those per transformer attribute ('transformer', "
+                    f"'transformer_2'); got {profile!r}")
+
+
+def _is_profile_file(spec: Any) -> bool:
+    return isinstance(spec, os.PathLike) or (isinstance(spec, str) and (
+        spec.endswith(".safetensors") or os.path.isfile(spec)))
+
+
+def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile] | None, interval: int) -> Any:
+    """Turn ``"auto"`` or a file path into a :class:`Profile`; leave anything else as given."""
+    from ...profiles.sources import resolve_profile
+
+    if _is_profile_file(spec):
+        return resolve_profile(transformer, path=spec, interval=interval).profile
+    if spec != AUTO:
+        return spec
+    resolved = resolve_profile(transformer, interval=interval, probe=make)
+    logger.info("HyCa: %s profile from %s", type(transformer).__name__, resolved.path or resolved.source)
+    return resolved.profile
+
+
+def _first_use_probe(target: Any, attribute: str, interval: int, warmup: int, positions: str,
+                     probe_kwargs: Mapping[str, Any] | None) -> Callable[[], Profile] | None:
+    """A probe for ``profile="auto"``: only a pipeline can generate, and the probe drives
+    the pipeline's main transformer (a bare transformer or Wan 2.2's second expert needs
+    a profile from a file or the Hub)."""
+    if isinstance(target, torch.nn.Module) or attribute != TRANSFORMER_ATTRIBUTES[0]:
+        return None
+
+    def make() -> Profile:
+        from ...probing import probe
+
+        logger.warning("HyCa: no profile for %s yet; probing it once (saved to the local cache)",
+                       type(getattr(target, attribute)).__name__)
+        return probe(target, interval=interval, warmup=warmup, positions=positions, **dict(probe_kwargs or {}))
+
+    return make
 
 
 def _profile_of(profile: Any, attribute: str) -> Profile | str:
@@ -96,17 +139,21 @@ def _profile_of(profile: Any, attribute: str) -> Profile | str:
 
 def enable(
     target: Any,
-    profile: Profile | str | Mapping[str, Profile | str],
+    profile: Profile | str | os.PathLike | Mapping[str, Profile | str] = AUTO,
     interval: int = 5,
     warmup: int = 3,
     compute_last: bool = True,
     positions: str = "step",
     cache_dtype: torch.dtype | None = None,
     scheduler: Any = None,
+    probe_kwargs: Mapping[str, Any] | None = None,
 ) -> list[HybridCache]:
     """Accelerate ``target`` (a pipeline or a transformer) with hybrid feature caching.
 
-    ``profile``: a :class:`Profile`, or a solver name for the one-cluster methods
+    ``profile``: ``"auto"`` (the default: the model's profile from ``$HYCA_PROFILES``, the
+    shipped ``profiles/``, the local cache or the Hub, else a probe on first use, saved to
+    the cache; ``probe_kwargs`` go to :func:`hyca.probe`, e.g. ``prompt``, ``height``), a
+    profile file, a :class:`Profile`, or a solver name for the one-cluster methods
     (``"fora"``, ``"taylor-1"``, ``"taylor-2"``, ...), or for a pipeline with two
     transformers (Wan 2.2 A14B) a dict ``{"transformer": p1, "transformer_2": p2}``.
     Each transformer counts its own calls: warm-up is its first ``warmup`` calls and
@@ -132,7 +179,9 @@ def enable(
                 f"({type(transformer._cache_config).__name__}); call transformer.disable_cache() first"
             )
         blocks = blocks_of(transformer, family)
-        chosen = _profile_for(_profile_of(profile, attribute), transformer, len(blocks), hidden_size(transformer))
+        make = _first_use_probe(target, attribute, interval, warmup, positions, probe_kwargs)
+        spec = _resolve(_profile_of(profile, attribute), transformer, make, interval)
+        chosen = _profile_for(spec, transformer, len(blocks), hidden_size(transformer))
         engine = HybridCache(chosen, schedule, positions, cache_dtype)
         total_steps = _expert_steps(target, attribute) if experts else _steps_from(scheduler)
         hooks.unregister(transformer)
