@@ -126,6 +126,21 @@ def holding(model: LoadedModel, progress: Progress | None) -> Iterator[None]:
         model.lock.release()
 
 
+@contextlib.contextmanager
+def out_of_memory_explained(model: LoadedModel) -> Iterator[None]:
+    """A run that exhausts GPU memory becomes a message (and frees what it can), not a crash."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise AppError(f"{model.choice.label} ran out of GPU memory during this run; try fewer steps or a "
+                       "machine with more GPU memory (the app uses model CPU offload only when the weights "
+                       "alone do not fit)") from None
+
+
 def _probe_size(model: LoadedModel) -> tuple[int, int]:
     """Small models are probed at their own size; large ones at the probe's 256x256."""
     return model.size if max(model.size) <= 256 else (256, 256)
@@ -249,7 +264,7 @@ def generate(state: dict[str, Any], model_key: str, custom: str | None, prompt: 
              progress: Progress | None = None) -> GenerateResult:
     model = load_model(chosen_model(model_key, custom), progress)
     s = _settings(model, prompt, seed, steps, method, interval, warmup, lora)
-    with holding(model, progress):
+    with holding(model, progress), out_of_memory_explained(model):
         profile, where, ari = _profile_for_run(state, model, s, bool(lora_reuse), progress)
         result = compare.side_by_side(model, s, profile, progress)
     numbers = report_numbers(result, s, where, ari)
@@ -286,7 +301,7 @@ def run_probe(state: dict[str, Any], model_key: str, custom: str | None, prompt:
     c = chosen_model(model_key, custom)
     model = load_model(c, progress)
     s = _settings(model, prompt, 0, steps, "HyCa", interval, warmup, lora)
-    with holding(model, progress):
+    with holding(model, progress), out_of_memory_explained(model):
         profile = probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, int(clusters), s.lora, progress)
     slot = _slot(state, c.key)
     base = slot["base"]
