@@ -184,15 +184,21 @@ def cache_dit_available() -> str | None:
 # block lists are re-registered in another order, which breaks diffusers' own caches
 # (they take the first registered block list as the head). So cache-dit gets its own
 # copy of the transformer, made once per model and swapped in only while it runs.
-_cache_dit_copies: dict[int, torch.nn.Module] = {}
+# The original is kept in the value so that its id is never reused for another model.
+_cache_dit_copies: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}
 
 
 def _swap_in_copy(pipe: Any) -> None:
     original = pipe.transformer
     if id(original) not in _cache_dit_copies:
-        _cache_dit_copies[id(original)] = copy.deepcopy(original)
+        _cache_dit_copies[id(original)] = (original, copy.deepcopy(original))
     pipe._bench_original_transformer = original
-    pipe.transformer = _cache_dit_copies[id(original)]
+    pipe.transformer = _cache_dit_copies[id(original)][1]
+
+
+def forget_copies() -> None:
+    """Drop cache-dit's transformer copies (the benchmark calls this after each measurement)."""
+    _cache_dit_copies.clear()
 
 
 def _swap_back(pipe: Any) -> None:

@@ -9,7 +9,9 @@ Per step count (50 and 28 by default):
    interval and warm-up), the step-reduction baseline runs as many steps as HyCa
    computes, and the threshold-driven peers are searched to HyCa's FLOPs ratio on the
    calibration prompts (:mod:`.calibrate`).
-3. On every evaluation prompt, every method runs once, timed, in an order rotated per
+3. Every method is switched on once, on its own copy of the transformer (timings are of
+   steady use, as in an application, not of switching on). On every evaluation prompt,
+   every method runs once, timed (garbage collector paused), in an order rotated per
    prompt (so slow drift of a shared machine spreads over all methods); fidelity is
    against full compute of the same prompt and seed. On the first ``flops_prompts``
    prompts every method runs once more under the FLOPs counter and the cache-bytes probe
@@ -18,12 +20,15 @@ Per step count (50 and 28 by default):
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime as _dt
+import gc
 import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -101,20 +106,56 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def execute(pipe: Any, method: m.Method, case: Case, steps: int, counted: bool = False) -> Run:
-    """Enable ``method``, generate ``case``, disable; timed, or counted (FLOPs and cache bytes)."""
+def prepare(pipe: Any, method: m.Method) -> torch.nn.Module:
+    """``method`` switched on, once, on its own copy of the transformer: each run then
+    only swaps it in, so timings are of steady use (enable once, generate many), as in
+    an application, not of switching on (hooks, masks, first-use tables)."""
+    original = pipe.transformer
+    pipe.transformer = copy.deepcopy(original)
+    try:
+        method.enable(pipe)
+        return pipe.transformer
+    finally:
+        pipe.__dict__.pop("_bench_original_transformer", None)  # cache-dit's own swap: keep its copy
+        pipe.transformer = original
+
+
+@contextlib.contextmanager
+def switched_on(pipe: Any, method: m.Method, prepared: torch.nn.Module | None) -> Iterator[None]:
+    """``method`` active on ``pipe`` for the duration: its prepared transformer swapped in,
+    or (none prepared) enabled and disabled around it."""
+    if prepared is not None:
+        original, pipe.transformer = pipe.transformer, prepared
+        try:
+            yield
+        finally:
+            pipe.transformer = original
+        return
     method.enable(pipe)
     try:
+        yield
+    finally:
+        method.disable(pipe)
+
+
+def execute(pipe: Any, method: m.Method, case: Case, steps: int, counted: bool = False,
+            prepared: torch.nn.Module | None = None) -> Run:
+    """Generate ``case`` with ``method`` on; timed, or counted (FLOPs and cache bytes)."""
+    with switched_on(pipe, method, prepared):
         if counted:
             flops, peak = TransformerFlops(), PeakCacheBytes()
             with flops.attached(pipe.transformer), peak.attached(pipe.transformer):
                 image = generate(pipe, case, method.steps(steps))
             return Run(image, flops=flops.total, cache_bytes=peak.peak)
-        started = time.perf_counter()
-        image = generate(pipe, case, method.steps(steps))
-        return Run(image, seconds=time.perf_counter() - started)
-    finally:
-        method.disable(pipe)
+        gc.collect()  # as timeit does: no collector pause lands inside one method's timing
+        gc.disable()
+        try:
+            started = time.perf_counter()
+            image = generate(pipe, case, method.steps(steps))
+            seconds = time.perf_counter() - started
+        finally:
+            gc.enable()
+        return Run(image, seconds=seconds)
 
 
 def probe_profiles(pipe: Any, case: Case, steps: int, settings: Settings) -> tuple[dict, Any, float]:
@@ -203,18 +244,20 @@ def measure(pipe: Any, methods: list[m.Method], eval_cases: list[Case], steps: i
             settings: Settings) -> dict[str, list[Run]]:
     """Every method on every prompt, timed, interleaved; counted runs on the first prompts."""
     runs: dict[str, list[Run]] = {mm.key: [] for mm in methods}
+    prepared = {mm.key: prepare(pipe, mm) for mm in methods}
     for i, case in enumerate(eval_cases):
         order = methods[i % len(methods):] + methods[: i % len(methods)]
         for method in order:
-            runs[method.key].append(execute(pipe, method, case, steps))
+            runs[method.key].append(execute(pipe, method, case, steps, prepared=prepared[method.key]))
         if i < settings.flops_prompts:
             # full compute is the denominator on every counted prompt; fixed schedules
             # are counted on the first prompt only (their FLOPs do not depend on it)
             for method in (mm for mm in methods if i == 0 or mm.adaptive or mm.family == m.FULL):
-                counted = execute(pipe, method, case, steps, counted=True)
+                counted = execute(pipe, method, case, steps, counted=True, prepared=prepared[method.key])
                 timed = runs[method.key][-1]
                 timed.flops, timed.cache_bytes = counted.flops, counted.cache_bytes
         log(f"  {steps} steps: prompt {i + 1}/{len(eval_cases)} done")
+    m.forget_copies()
     return runs
 
 
