@@ -9,6 +9,7 @@
         hires: "Use HyCa on the hires-fix second pass too. Turn off if the hires pass (or ADetailer-style refiners) shows artefacts.",
         lora_reuse: "On: the base model's profile serves every LoRA set (fast). Off: each new LoRA set is probed once and the console and infotext report how much its clusters agree with the base profile (ARI; 1 = identical).",
         profile: "Which profile forecasts each block dimension: automatic = shipped, cached or Hub profile, else probe this model on the first generation (computed in full) and cache the result. TaylorSeer / FORA = one method for every dimension.",
+        cache_dtype: "Precision of the cached block outputs: model = as the model computes; bfloat16 / float16 halve the cache memory of a float32 model (forecasts are still summed in float32).",
         hub_repo: "Optional Hugging Face repo id (user/repo) to fetch a profile for this model from.",
     };
 

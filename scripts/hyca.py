@@ -27,7 +27,7 @@ from modules import script_callbacks, scripts  # noqa: E402
 
 from hyca.adapters.webui import profiles  # noqa: E402
 from hyca.adapters.webui.controller import CONTROLLER, console  # noqa: E402
-from hyca.adapters.webui.settings import INFOTEXT_KEYS, Settings, from_infotext  # noqa: E402
+from hyca.adapters.webui.settings import CACHE_DTYPES, INFOTEXT_KEYS, Settings, from_infotext  # noqa: E402
 
 try:
     from modules.ui_components import InputAccordion
@@ -86,8 +86,11 @@ class HyCaScript(scripts.Script):
                                       allow_custom_value=True, elem_id=element_id(tab, "profile"))
                 hub_repo = gr.Textbox(defaults.hub_repo, label="Hub repo id (optional)", placeholder="user/repo",
                                       elem_id=element_id(tab, "hub_repo"))
+                cache_dtype = gr.Dropdown(list(CACHE_DTYPES), value=defaults.cache_dtype, label="Cache precision",
+                                          elem_id=element_id(tab, "cache_dtype"))
         components = dict(enabled=enabled, interval=interval, warmup=warmup, compute_last=compute_last,
-                          hires=hires, profile=profile, hub_repo=hub_repo, lora_reuse=lora_reuse)
+                          hires=hires, profile=profile, hub_repo=hub_repo, lora_reuse=lora_reuse,
+                          cache_dtype=cache_dtype)
         self.infotext_fields = [PasteField(enabled, lambda params: INFOTEXT_KEYS["interval"] in params)]
         self.infotext_fields += [PasteField(components[name], _reader(name)) for name in INFOTEXT_KEYS]
         self.paste_field_names = list(INFOTEXT_KEYS.values())
@@ -101,7 +104,7 @@ class HyCaScript(scripts.Script):
             overrides = getattr(p, XYZ_ATTRIBUTE, None) or {}
             return dataclasses.replace(settings, **overrides) if overrides else settings
         except Exception as error:  # noqa: BLE001 - bad arguments turn HyCa off, with the reason
-            console(f"ignoring HyCa's arguments ({error}); this generation runs uncached")
+            CONTROLLER.say_once(f"ignoring HyCa's arguments ({error}); generations with them run uncached")
             return Settings(enabled=False)
 
     def process(self, p, *args):

@@ -14,8 +14,9 @@ KINDS = ["forge_flux", "forge_chroma", "forge_mmditx", "neo_flux", "neo_qwen", "
 UNIFORM = "TaylorSeer (taylor-2)"
 
 
-def args(enabled=True, interval=3, warmup=2, compute_last=True, hires=True, profile=UNIFORM, hub_repo="", lora_reuse=True):
-    return [enabled, interval, warmup, compute_last, hires, profile, hub_repo, lora_reuse]
+def args(enabled=True, interval=3, warmup=2, compute_last=True, hires=True, profile=UNIFORM, hub_repo="", lora_reuse=True,
+         cache_dtype="model"):
+    return [enabled, interval, warmup, compute_last, hires, profile, hub_repo, lora_reuse, cache_dtype]
 
 
 class Frontend:

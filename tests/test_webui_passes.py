@@ -283,3 +283,23 @@ def test_local_profile_file_is_listed_validated_and_used(kind, tmp_path, monkeyp
     assert "HyCa steps" not in p_wrong.extra_generation_params
     lines = [line for line in capsys.readouterr().out.splitlines() if "could not start" in line]
     assert len(lines) == 1 and "foreign.safetensors" in lines[0]
+
+
+def test_cache_precision_setting_stores_the_history_in_that_dtype(monkeypatch):
+    from hyca.engine.cache import HybridCache
+
+    seen = set()
+    real_end_step = HybridCache.end_step
+
+    def spy(self, state):  # the real end_step, noting the dtype of what the history holds
+        real_end_step(self, state)
+        seen.update(t.dtype for h in state.histories for t in h)
+
+    monkeypatch.setattr(HybridCache, "end_step", spy)
+    with Frontend("forge_flux") as f:
+        reference = f.reference(f.uniform_solvers(), 3, 2, steps=10)[0]
+        half, p = f.run(args(True, 3, 2, cache_dtype="bfloat16"), steps=10)
+    assert seen == {torch.bfloat16}
+    assert p.extra_generation_params["HyCa cache dtype"] == "bfloat16"
+    error = (half.images[0] - reference.images[0]).abs().max()
+    assert 0 < error < 0.05  # rounded history, same forecast up to bf16 precision

@@ -53,26 +53,28 @@ def test_ui_components_in_argument_order_with_unique_ids(webui):
     ids = []
     for is_img2img in (False, True):
         script, components = build_ui(webui, is_img2img)
-        assert len(components) == len(webui.ARGUMENTS) == 8
+        assert len(components) == len(webui.ARGUMENTS) == 9
         assert isinstance(components[0], InputAccordion)  # the enable box is the accordion itself
         values = [c.value for c in components]
-        assert values == [False, 5, 3, True, True, "automatic", "", True]
+        assert values == [False, 5, 3, True, True, "automatic", "", True, "model"]
         ids += [c.accordion.elem_id if isinstance(c, InputAccordion) else c.elem_id for c in components]
     assert all(i.startswith("hyca_") for i in ids)
-    assert len(set(ids)) == len(ids) == 16
+    assert len(set(ids)) == len(ids) == 18
 
 
 def test_api_arguments_follow_ui_order(webui):
     from hyca.adapters.webui.settings import Settings
 
     # what a client sends: {"alwayson_scripts": {"hyca": {"args": [...]}}}, positional, JSON numbers
-    payload = json.loads('{"alwayson_scripts": {"hyca": {"args": [true, 6.0, 2, false, false, "FORA (reuse)", "me/p", false]}}}')
+    payload = json.loads('{"alwayson_scripts": {"hyca": {"args": [true, 6.0, 2, false, false, "FORA (reuse)", "me/p", false, "float16"]}}}')
     settings = Settings.from_args(payload["alwayson_scripts"]["hyca"]["args"])
-    assert settings == Settings(True, 6, 2, False, False, "FORA (reuse)", "me/p", False)
+    assert settings == Settings(True, 6, 2, False, False, "FORA (reuse)", "me/p", False, "float16")
     assert Settings.from_args([True, 4]) == Settings(enabled=True, interval=4)  # trailing ones default
     assert Settings.from_args(settings.args()) == settings
     with pytest.raises(ValueError, match="at least 1"):
         Settings.from_args([True, 0])
+    with pytest.raises(ValueError, match="cache dtype must be one of"):
+        Settings.from_args([True, 5, 3, True, True, "automatic", "", True, "int8"])
 
 
 def test_bad_api_arguments_turn_hyca_off_with_a_message(webui, capsys):
@@ -88,7 +90,7 @@ def test_infotext_round_trip(webui):
     from modules.infotext_utils import paste_values, parse_generation_parameters
 
     script, components = build_ui(webui)
-    args = [True, 4, 2, False, False, "FORA (reuse)", "me/profiles", True]
+    args = [True, 4, 2, False, False, "FORA (reuse)", "me/profiles", True, "bfloat16"]
     model = model_kinds()["forge_flux"].factory()
     with torch.no_grad():
         out = generate(Processing("forge_flux", model, steps=6), script, args)
@@ -110,7 +112,7 @@ def test_no_infotext_when_off_and_paste_leaves_controls(webui):
         out = generate(Processing("forge_flux", model, steps=4), script, [False, 4, 2, True, True, "automatic", "", True])
     assert "HyCa" not in out.infotexts[0]
     pasted = paste_values(script.infotext_fields, parse_generation_parameters(out.infotexts[0]))
-    assert pasted == [False] + [None] * 7
+    assert pasted == [False] + [None] * 8
 
 
 def xyz_stand_in():

@@ -65,6 +65,7 @@ def load_script():
 
     CONTROLLER.reset()
     CONTROLLER.book.clear()  # profiles resolved by an earlier test's script
+    CONTROLLER._said.clear()  # once-per-session console lines: a new WebUI session
     name = "hyca_webui_script"
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "hyca.py")
     module = importlib.util.module_from_spec(spec)

@@ -25,7 +25,7 @@ from .fingerprint import fingerprint
 from .profiles import Chosen, ProfileBook
 from .registry import recognise, supported
 from .session import PassSession, PassStats
-from .settings import Settings
+from .settings import Settings, torch_dtype
 
 logger = logging.getLogger("hyca.webui")
 
@@ -166,7 +166,7 @@ class Controller:
             console(f"probing {adapter.name} on this pass (every step computed)")
             engine = probe.ProbeEngine(len(adapter.blocks(model)), schedule)
         else:
-            engine = HybridCache(chosen.profile, schedule)
+            engine = HybridCache(chosen.profile, schedule, cache_dtype=torch_dtype(settings.cache_dtype))
         self.chosen, self.noted_sigma = chosen, None
         self.session = PassSession(engine, lambda: pass_sigmas(p, hires), label)
         self.probe_fp = fingerprint(model, adapter) if isinstance(engine, probe.ProbeEngine) else None

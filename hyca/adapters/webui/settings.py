@@ -15,7 +15,10 @@ INFOTEXT_KEYS = {
     "profile": "HyCa profile",
     "hub_repo": "HyCa hub repo",
     "lora_reuse": "HyCa LoRA reuse",
+    "cache_dtype": "HyCa cache dtype",
 }
+#: History precision choices; "model" keeps the dtype the blocks compute in.
+CACHE_DTYPES = ("model", "bfloat16", "float16", "float32")
 #: Results, written after sampling.
 RESULT_KEYS = ("HyCa steps", "HyCa saving", "HyCa LoRA ARI")
 
@@ -30,6 +33,7 @@ class Settings:
     profile: str = "automatic"
     hub_repo: str = ""
     lora_reuse: bool = True
+    cache_dtype: str = "model"  # appended last: API callers' positional args keep their meaning
 
     @classmethod
     def from_args(cls, args: Sequence[Any]) -> "Settings":
@@ -47,6 +51,8 @@ class Settings:
                 value = str(value).strip()
             values[spec.name] = value
         settings = cls(**values)
+        if settings.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"HyCa: cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {settings.cache_dtype!r}")
         if settings.interval < 1 or settings.warmup < 1:
             raise ValueError(f"HyCa: N and warm-up must be at least 1 (got N={settings.interval}, warm-up={settings.warmup})")
         return settings
@@ -60,7 +66,7 @@ class Settings:
         out: dict[str, Any] = {}
         for name, key in INFOTEXT_KEYS.items():
             value = getattr(self, name)
-            if name == "hub_repo" and not value:
+            if (name == "hub_repo" and not value) or (name == "cache_dtype" and value == "model"):
                 continue
             out[key] = value if not isinstance(value, bool) else ("on" if value else "off")
         return out
@@ -83,3 +89,10 @@ def from_infotext(params: dict[str, Any], name: str) -> Any:
     if kind in ("int", int):
         return int(float(raw))
     return str(raw)
+
+
+def torch_dtype(name: str):
+    """The engine's ``cache_dtype`` for a setting: ``None`` keeps the model's dtype."""
+    import torch
+
+    return None if name == "model" else getattr(torch, name)
