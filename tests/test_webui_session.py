@@ -81,3 +81,16 @@ def test_ari_is_label_permutation_invariant_and_matches_sklearn():
     assert adjusted_rand_index(a, relabelled) == pytest.approx(1.0)
     expected = sum(adjusted_rand_score(x.tolist(), y.tolist()) for x, y in zip(a.labels, other.labels)) / 4
     assert adjusted_rand_index(a, other) == pytest.approx(expected)
+
+
+def test_a_nested_call_is_left_to_the_outer_one():
+    s = session()
+    x = torch.zeros(1, 3, 4)
+    inner = []
+
+    def outer_call():
+        return s.run_call(x, 1.0, None, lambda: inner.append(s.active) or x)
+
+    s.run_call(x, 1.0, None, outer_call)
+    assert len(inner) == 1 and inner[0] is not None  # ran inside the outer call's context
+    assert s.calls_computed == 1 and len(s._branches) == 1

@@ -190,7 +190,7 @@ class PassSession:
         """Run one model call under HyCa. A HyCa failure re-runs the call uncached and
         leaves the rest of the pass uncached; the host's own exceptions (interrupts,
         out of memory) pass through untouched, with no call left active."""
-        if self.failed:
+        if self.failed or self.active is not None:  # nested: HyCa's wrapper ended up in a chain twice
             return model_call()
         try:
             call = self.begin_call(x, sigma, hint)
