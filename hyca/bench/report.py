@@ -153,7 +153,8 @@ def markdown(result: dict[str, Any], command: str, plot_name: str | None,
         f"the first {settings['flops_prompts']}; thresholds searched and HyCa probed on "
         f"{settings['calibration_prompts']} separate calibration prompt(s). {env['date']}, "
         f"torch {env['torch']}, diffusers {env['diffusers']}, cache-dit {env['cache_dit']}, "
-        f"{env['cpus']} CPUs, {env['torch_threads']} torch thread(s). Whole run: {result['seconds'] / 60:.1f} min.",
+        f"{env['cpus']} CPUs, {env['torch_threads']} torch thread(s). Whole run: {result['seconds'] / 60:.1f} min."
+        + (f" Transformer weights sha256 {env['model_weights_sha256'][:16]}…" if env.get("model_weights_sha256") else ""),
         "",
         "PSNR / SSIM against full compute of the same prompt and seed (mean over prompts; PSNR capped at "
         "100 dB per image). **+**: HyCa's PSNR is higher than this peer's at that level; **−**: lower; "

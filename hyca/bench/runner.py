@@ -302,6 +302,20 @@ def environment(settings: Settings) -> dict:
     }
 
 
+def weights_digest(settings: Settings) -> str | None:
+    """SHA-256 of the reference transformer's weights file: which model the numbers are for."""
+    import hashlib
+    from pathlib import Path
+
+    if settings.model != "reference":
+        return None
+    from ..reference import shipped_path
+
+    folder = Path(settings.model_path) if settings.model_path else shipped_path()
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+
+
 def _version_of(package: str) -> str | None:
     try:
         from importlib.metadata import version
@@ -325,7 +339,8 @@ def run(settings: Settings, pipe: Any = None) -> dict:
     pipe = pipe if pipe is not None else load(settings.model, settings.model_path)
     eval_cases = cases(settings.prompts)
     calibration = cases(settings.calibration_prompts, calibration=True)
-    result = {"environment": environment(settings), "rows": [], "runs": {}}
+    result = {"environment": {**environment(settings), "model_weights_sha256": weights_digest(settings)},
+              "rows": [], "runs": {}}
     for steps in settings.steps:
         step_started = time.perf_counter()
         methods, info, profiles = build_methods(pipe, steps, settings, calibration)
