@@ -15,7 +15,8 @@ import gradio as gr
 
 from hyca.app import handlers as h
 from hyca.app.compare import METHODS
-from hyca.app.models import LORA_STYLES, REFERENCE, choice, choices, configure_cpu_threads
+from hyca.app.models import (DEFAULT_PROMPT, LORA_STYLES, REFERENCE, choice, choices, configure_cpu_threads,
+                             reference_prompt_hint)
 
 INTRO = """# HyCa — hybrid feature caching for diffusion transformers
 The same prompt and seed, once with every transformer step computed and once with HyCa, which computes
@@ -85,7 +86,7 @@ def build() -> gr.Blocks:
             custom = gr.Textbox(label="…or a local diffusers folder / Hub repo id", placeholder="optional", scale=2)
         status = gr.Markdown(h.model_status(REFERENCE, ""))
         with gr.Row():
-            prompt = gr.Textbox("a red circle on a blue background", label="Prompt", scale=3)
+            prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", info=reference_prompt_hint(), scale=3)
             seed = gr.Number(0, label="Seed", precision=0, minimum=0)
             steps = gr.Slider(4, 100, value=choice(REFERENCE).steps, step=1, label="Steps")
         with gr.Row():

@@ -160,7 +160,7 @@ def test_uncached_model_is_reported_offline_on_this_machine(monkeypatch, tmp_pat
 
 # --- the running app, through gradio_client ---------------------------------------------------
 
-PROMPT = "a red circle on a blue background"
+PROMPT = "a small blue square at the top left on a gray background"
 STEPS = 12
 
 
@@ -312,7 +312,7 @@ def test_profile_round_trip_through_a_hub_standin(served, hub, tmp_path):
     assert "ARI current vs previous" not in h.view(second, "reference", "").summary
     with pytest.raises(h.AppError, match="no earlier profile"):
         h.ari_vs_previous(second, "reference", "")
-    h.run_probe(second, "reference", "", "a blue square", STEPS, 4, 2, 3, "none")
+    h.run_probe(second, "reference", "", "a large yellow diamond at the center on a black background", STEPS, 4, 2, 3, "none")
     assert "ARI current vs previous profile" in h.ari_vs_previous(second, "reference", "")
 
 

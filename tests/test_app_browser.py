@@ -47,7 +47,7 @@ class Browser:
 
         self.process = subprocess.Popen(
             [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--remote-debugging-pipe", f"--user-data-dir={profile_dir}", "--window-size=1280,1600",
+             "--remote-debugging-pipe", f"--user-data-dir={profile_dir}", "--window-size=1280,1250",
              "about:blank"],
             # subprocess closes other descriptors after preexec_fn: keep 3 and 4 open.
             preexec_fn=as_fds_3_and_4, pass_fds=(3, 4),
@@ -85,7 +85,7 @@ class Browser:
         self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True},
                                  session=False)["sessionId"]
         self.send("Emulation.setDeviceMetricsOverride",
-                  {"width": 1280, "height": 1600, "deviceScaleFactor": 1, "mobile": False})
+                  {"width": 1280, "height": 1250, "deviceScaleFactor": 1, "mobile": False})
 
     def evaluate(self, expression: str) -> Any:
         result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})

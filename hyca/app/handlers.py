@@ -51,7 +51,7 @@ def model_status(model_key: str, custom: str | None) -> str:
         verdict = check(chosen_model(model_key, custom))
     except USER_ERRORS as err:
         return f"**Not available:** {err}"
-    return ("**Ready.** " if verdict.ok else "**Not available:** ") + verdict.message
+    return ("**Ready:** " if verdict.ok else "**Not available:** ") + verdict.message
 
 
 # --- session state -------------------------------------------------------------------------

@@ -85,6 +85,21 @@ def choice(key: str) -> ModelChoice:
     raise KeyError(f"unknown model {key!r}; choose one of {[c.key for c in choices()]}")
 
 
+DEFAULT_PROMPT = "a large red circle at the center on a white background"
+
+
+def reference_prompt_hint() -> str:
+    """The caption grammar the reference model was trained on, from its own data module."""
+    from ..reference import data
+
+    def one_of(names) -> str:
+        return "{" + "|".join(names) + "}"
+
+    return (f"The reference model knows captions like: a {one_of(data.SIZE_NAMES)} {one_of(data.COLOUR_NAMES)} "
+            f"{one_of(data.SHAPES)} at the {one_of(data.POSITION_NAMES)} on a {one_of(data.BACKGROUND_NAMES)} "
+            f"(or 'X and Y') background")
+
+
 def custom_choice(path_or_repo: str) -> ModelChoice:
     """A model the user named: a local diffusers folder or a Hub repo id, family found on load."""
     return ModelChoice(f"custom:{path_or_repo}", path_or_repo, path_or_repo, "?", 0.0, 28, 512, 512)
@@ -122,7 +137,7 @@ def decide(c: ModelChoice, facts: Facts) -> Verdict:
         if facts.local_folder is None:
             return Verdict(False, "The shipped reference model is missing (models/reference). Run from a source "
                                   "checkout of hyca, or retrain it with `python -m hyca.reference.train`.")
-        return Verdict(True, "Reference model: ready (CPU).")
+        return Verdict(True, "the shipped reference model runs on the CPU.")
     need = estimated_bytes(c, facts)
     size = f"about {need / GB:.1f} GB" if need else "of unknown size"
     if facts.local_folder is None and facts.offline:
