@@ -9,7 +9,10 @@ put on ``sys.path`` by ``scripts/hyca.py``: nothing to install for it.
 
 from __future__ import annotations
 
-import launch
+try:
+    import launch
+except ImportError:  # a frontend without A1111's launch helpers: say what to install by hand
+    launch = None
 
 #: distribution name -> pip requirement used when it is missing.
 REQUIREMENTS = {
@@ -26,6 +29,9 @@ def missing(requirements: dict[str, str] = REQUIREMENTS) -> list[str]:
 
 
 def install() -> list[str]:
+    if launch is None:
+        print("[HyCa] install.py: no `launch` module here; install by hand: " + " ".join(REQUIREMENTS.values()))
+        return []
     specs = missing()
     for spec in specs:
         launch.run_pip(f'install "{spec}"', f"{spec} for HyCa")

@@ -25,9 +25,15 @@ if EXTENSION_ROOT not in sys.path:
 import gradio as gr  # noqa: E402
 from modules import script_callbacks, scripts  # noqa: E402
 
-from hyca.adapters.webui import profiles  # noqa: E402
-from hyca.adapters.webui.controller import CONTROLLER, console  # noqa: E402
-from hyca.adapters.webui.settings import CACHE_DTYPES, INFOTEXT_KEYS, Settings, from_infotext  # noqa: E402
+try:  # a broken environment (e.g. a diffusers too old for hyca's core) hides HyCa, never the UI
+    from hyca.adapters.webui import profiles
+    from hyca.adapters.webui.controller import CONTROLLER, console
+    from hyca.adapters.webui.settings import CACHE_DTYPES, INFOTEXT_KEYS, Settings, from_infotext
+    LOAD_ERROR = None
+except Exception as error:  # noqa: BLE001
+    LOAD_ERROR = error
+    print(f"[HyCa] not loaded ({type(error).__name__}: {error}); the WebUI runs without it. "
+          "See the extension's install notes (docs/webui.md).")
 
 try:
     from modules.ui_components import InputAccordion
@@ -41,7 +47,7 @@ except ImportError:  # A1111 < 1.8 used plain tuples
 
 TITLE = "HyCa"
 #: Argument order of ui() = the API's alwayson_scripts["hyca"]["args"] order.
-ARGUMENTS = tuple(f.name for f in dataclasses.fields(Settings))
+ARGUMENTS = tuple(f.name for f in dataclasses.fields(Settings)) if LOAD_ERROR is None else ()
 #: Settings the XYZ grid may override for one cell, read from ``p.hyca_xyz``.
 XYZ_ATTRIBUTE = "hyca_xyz"
 
@@ -57,7 +63,7 @@ class HyCaScript(scripts.Script):
         return TITLE
 
     def show(self, is_img2img):
-        return scripts.AlwaysVisible
+        return scripts.AlwaysVisible if LOAD_ERROR is None else False
 
     def ui(self, is_img2img):
         tab = "img2img" if is_img2img else "txt2img"
@@ -194,6 +200,7 @@ def _before_ui() -> None:
         console(f"could not add XYZ-grid axes ({error})")
 
 
-script_callbacks.on_cfg_denoiser(_note_sigma)
-script_callbacks.on_before_ui(_before_ui)
-script_callbacks.on_script_unloaded(CONTROLLER.reset)
+if LOAD_ERROR is None:
+    script_callbacks.on_cfg_denoiser(_note_sigma)
+    script_callbacks.on_before_ui(_before_ui)
+    script_callbacks.on_script_unloaded(CONTROLLER.reset)

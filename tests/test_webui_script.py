@@ -8,6 +8,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import sys
 import types
 
 import gradio as gr
@@ -193,3 +194,16 @@ def test_hover_help_covers_every_control(webui, tmp_path):
         "console.log(JSON.stringify(ids.filter((id) => !elements[id].title)));\n")
     untitled = json.loads(subprocess.run(["node", str(runner)], capture_output=True, text=True, check=True).stdout)
     assert untitled == []
+
+
+def test_a_broken_environment_hides_hyca_and_leaves_the_ui(monkeypatch, capsys):
+    with standins("forge"):
+        # as if hyca's core could not be imported (e.g. a diffusers too old for it)
+        monkeypatch.setitem(sys.modules, "hyca.adapters.webui.controller", None)
+        module = load_script(fresh=False)
+        assert module.LOAD_ERROR is not None
+        assert module.HyCaScript().show(False) is False and module.HyCaScript().show(True) is False
+        from modules import script_callbacks
+
+        assert not any(script_callbacks.callback_map.values())
+    assert "[HyCa] not loaded (ModuleNotFoundError" in capsys.readouterr().out

@@ -59,13 +59,15 @@ def standins(flavour: str):
             del sys.modules[name]
 
 
-def load_script():
-    """Import scripts/hyca.py as the WebUI does (by file path) and return its Script class."""
-    from hyca.adapters.webui.controller import CONTROLLER
+def load_script(fresh: bool = True):
+    """Import scripts/hyca.py as the WebUI does (by file path) and return the module.
+    ``fresh``: start from a clean controller, as a newly started WebUI would."""
+    if fresh:
+        from hyca.adapters.webui.controller import CONTROLLER
 
-    CONTROLLER.reset()
-    CONTROLLER.book.clear()  # profiles resolved by an earlier test's script
-    CONTROLLER._said.clear()  # once-per-session console lines: a new WebUI session
+        CONTROLLER.reset()
+        CONTROLLER.book.clear()  # profiles resolved by an earlier test's script
+        CONTROLLER._said.clear()  # once-per-session console lines: a new WebUI session
     name = "hyca_webui_script"
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "hyca.py")
     module = importlib.util.module_from_spec(spec)
