@@ -11,7 +11,8 @@ Per step count (50 and 28 by default):
    calibration prompts (:mod:`.calibrate`).
 3. Every method is switched on once, on its own copy of the transformer (timings are of
    steady use, as in an application, not of switching on). On every evaluation prompt,
-   every method runs once, timed (garbage collector paused), in an order rotated per
+   every method runs once, timed (garbage collector paused; it collects between
+   prompts), in an order rotated per
    prompt (so slow drift of a shared machine spreads over all methods); fidelity is
    against full compute of the same prompt and seed. On the first ``flops_prompts``
    prompts every method runs once more under the FLOPs counter and the cache-bytes probe
@@ -147,14 +148,15 @@ def execute(pipe: Any, method: m.Method, case: Case, steps: int, counted: bool =
             with flops.attached(pipe.transformer), peak.attached(pipe.transformer):
                 image = generate(pipe, case, method.steps(steps))
             return Run(image, flops=flops.total, cache_bytes=peak.peak)
-        gc.collect()  # as timeit does: no collector pause lands inside one method's timing
-        gc.disable()
+        collecting = gc.isenabled()
+        gc.disable()  # as timeit does: no collector pause lands inside one method's timing
         try:
             started = time.perf_counter()
             image = generate(pipe, case, method.steps(steps))
             seconds = time.perf_counter() - started
         finally:
-            gc.enable()
+            if collecting:
+                gc.enable()
         return Run(image, seconds=seconds)
 
 
@@ -245,20 +247,32 @@ def measure(pipe: Any, methods: list[m.Method], eval_cases: list[Case], steps: i
     """Every method on every prompt, timed, interleaved; counted runs on the first prompts."""
     runs: dict[str, list[Run]] = {mm.key: [] for mm in methods}
     prepared = {mm.key: prepare(pipe, mm) for mm in methods}
-    for i, case in enumerate(eval_cases):
-        order = methods[i % len(methods):] + methods[: i % len(methods)]
-        for method in order:
-            runs[method.key].append(execute(pipe, method, case, steps, prepared=prepared[method.key]))
-        if i < settings.flops_prompts:
-            # full compute is the denominator on every counted prompt; fixed schedules
-            # are counted on the first prompt only (their FLOPs do not depend on it)
-            for method in (mm for mm in methods if i == 0 or mm.adaptive or mm.family == m.FULL):
-                counted = execute(pipe, method, case, steps, counted=True, prepared=prepared[method.key])
-                timed = runs[method.key][-1]
-                timed.flops, timed.cache_bytes = counted.flops, counted.cache_bytes
-        log(f"  {steps} steps: prompt {i + 1}/{len(eval_cases)} done")
+    try:
+        for i, case in enumerate(eval_cases):
+            gc.collect()  # once per prompt (a collection takes ~0.5 s here), paused in between
+            gc.disable()
+            measure_case(pipe, methods, prepared, runs, i, case, steps, settings)
+            log(f"  {steps} steps: prompt {i + 1}/{len(eval_cases)} done")
+    finally:
+        gc.enable()
     m.forget_copies()
     return runs
+
+
+def measure_case(pipe: Any, methods: list[m.Method], prepared: dict[str, torch.nn.Module],
+                 runs: dict[str, list[Run]], i: int, case: Case, steps: int, settings: Settings) -> None:
+    """Prompt ``i``: every method once, timed, in an order rotated by ``i``; counted runs
+    on the first prompts."""
+    order = methods[i % len(methods):] + methods[: i % len(methods)]
+    for method in order:
+        runs[method.key].append(execute(pipe, method, case, steps, prepared=prepared[method.key]))
+    if i < settings.flops_prompts:
+        # full compute is the denominator on every counted prompt; fixed schedules
+        # are counted on the first prompt only (their FLOPs do not depend on it)
+        for method in (mm for mm in methods if i == 0 or mm.adaptive or mm.family == m.FULL):
+            counted = execute(pipe, method, case, steps, counted=True, prepared=prepared[method.key])
+            timed = runs[method.key][-1]
+            timed.flops, timed.cache_bytes = counted.flops, counted.cache_bytes
 
 
 def aggregate(methods: list[m.Method], runs: dict[str, list[Run]], steps: int) -> list[Row]:
