@@ -22,15 +22,17 @@ PALETTE = np.array([
     (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
 ], dtype=np.uint8)
 TARGET_HEIGHT = 240
+TARGET_WIDTH = 768  # narrow profiles (the reference model has 128 dims) get wider columns
 
 
 def colour(index: int) -> tuple[int, int, int]:
     return tuple(int(v) for v in PALETTE[index % len(PALETTE)])
 
 
-def cluster_image(profile: Profile, by: str = "cluster", row_height: int | None = None) -> np.ndarray:
-    """(blocks * row_height, dim, 3) uint8: every dimension of every block coloured by its
-    cluster (``by="cluster"``) or by its solver's pool index (``by="solver"``)."""
+def cluster_image(profile: Profile, by: str = "cluster", row_height: int | None = None,
+                  column_width: int | None = None) -> np.ndarray:
+    """(blocks * row_height, dim * column_width, 3) uint8: every dimension of every block
+    coloured by its cluster (``by="cluster"``) or by its solver's pool index (``by="solver"``)."""
     if by == "cluster":
         values = profile.labels.numpy()
     elif by == "solver":
@@ -38,8 +40,9 @@ def cluster_image(profile: Profile, by: str = "cluster", row_height: int | None 
     else:
         raise ValueError(f"by must be 'cluster' or 'solver', got {by!r}")
     rows = row_height or max(1, TARGET_HEIGHT // max(profile.num_blocks, 1))
+    columns = column_width or max(1, TARGET_WIDTH // max(profile.dim, 1))
     picture = PALETTE[values % len(PALETTE)]  # (blocks, dim, 3)
-    return np.repeat(picture, rows, axis=0)
+    return np.repeat(np.repeat(picture, rows, axis=0), columns, axis=1)
 
 
 def legend(profile: Profile, by: str = "cluster") -> str:
