@@ -111,8 +111,8 @@ class Controller:
         self.session, self.pass_key = None, None
 
     def _learn(self, session: PassSession) -> None:
-        """A probing pass ended: keep its profile, or say why not (the next pass then
-        probes again, unless the failure was HyCa's own)."""
+        """A probing pass ended: keep its profile, or say why not; without a profile the
+        next pass probes again (a HyCa failure in the pass was already reported)."""
         if session.failed:
             return
         try:
