@@ -73,8 +73,7 @@ def on_probe(state, model, custom, prompt, steps, interval, warmup, clusters, lo
 
 
 def on_model(model, custom):
-    c = h.chosen_model(model, custom) if (custom or "").strip() else choice(model)
-    return h.model_status(model, custom), gr.update(value=c.steps)
+    return h.model_status(model, custom), gr.update(value=h.chosen_model(model, custom).steps)
 
 
 def build() -> gr.Blocks:
