@@ -53,6 +53,9 @@ def test_every_method_runs(result):
     assert expected <= families
     for r in result["rows"]:
         assert r["flops_speedup"] > 0 and r["wall_speedup"] > 0 and 0 < r["ssim"] <= 1, r
+    info = result["runs"][str(STEPS)]
+    assert {f"{m.HYCA} (step axis)", f"{m.HYCA} (sigma axis)"} <= set(info["axes_shifted"])
+    assert info["overhead"]["computed"] == COMPUTED
 
 
 def test_full_compute_is_the_unit(result):

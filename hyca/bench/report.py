@@ -74,13 +74,24 @@ def matched_table(rows: list[dict], steps: int, levels: list[int]) -> list[str]:
 
 
 def detail_table(rows: list[dict], steps: int) -> list[str]:
-    lines = ["| method | setting | FLOPs speed-up | wall-clock speed-up | wall / FLOPs | cache MiB (peak) "
-             "| PSNR dB | SSIM |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | setting | level | FLOPs speed-up | wall-clock speed-up | wall / FLOPs | cache MiB (peak) "
+             "| PSNR dB | SSIM |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in rows if r["steps"] == steps), key=_family_rank):
         efficiency = r["wall_speedup"] / r["flops_speedup"]
-        lines.append(f"| {r['family']} | {r['setting'] or '—'} | {r['flops_speedup']:.2f}x | {r['wall_speedup']:.2f}x "
+        level = f"N={r['level']}" if r["level"] else "—"
+        lines.append(f"| {r['family']} | {r['setting'] or '—'} | {level} | {r['flops_speedup']:.2f}x "
+                     f"| {r['wall_speedup']:.2f}x "
                      f"| {efficiency:.0%} | {_mib(r['cache_bytes'])} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
     return lines
+
+
+def _axis_verdict(step: dict, sigma: dict) -> str:
+    difference = step["psnr"] - sigma["psnr"]
+    if (step["psnr"], step["ssim"]) == (sigma["psnr"], sigma["ssim"]):
+        return "identical images on both axes"
+    if abs(difference) < 0.01:
+        return f"no measurable difference: {difference:+.4f} dB for the step axis"
+    return f"{'step' if difference > 0 else 'sigma'} axis better by {abs(difference):.2f} dB"
 
 
 def positions_line(rows: list[dict], steps: int) -> list[str]:
@@ -92,12 +103,17 @@ def positions_line(rows: list[dict], steps: int) -> list[str]:
     step = hyca_rows(rows, steps).get(s["level"])
     if step is None:
         return []
-    if (step["psnr"], step["ssim"]) == (s["psnr"], s["ssim"]):
-        verdict = "identical images on both axes"
-    else:
-        verdict = f"{'step' if step['psnr'] > s['psnr'] else 'sigma'} axis better by PSNR"
+    verdict = _axis_verdict(step, s)
     return [f"Positions axis at N={s['level']}: step {step['psnr']:.2f} dB / {step['ssim']:.4f}, "
             f"sigma {s['psnr']:.2f} dB / {s['ssim']:.4f} ({verdict})."]
+
+
+def shifted_axes_line(a: dict) -> list[str]:
+    step, sigma = a[f"{m.HYCA} (step axis)"], a[f"{m.HYCA} (sigma axis)"]
+    return [f"Positions axis on an uneven schedule (scheduler shift {a['shift']:g}, as FLUX samples; each axis "
+            f"with its own probe), N={a['interval']}, {a['steps']} steps, against full compute on that schedule: "
+            f"step {step['psnr']:.2f} dB / {step['ssim']:.4f}, sigma {sigma['psnr']:.2f} dB / {sigma['ssim']:.4f} "
+            f"({_axis_verdict(step, sigma)})."]
 
 
 def standings(rows: list[dict], steps: int, levels: list[int]) -> list[str]:
@@ -173,6 +189,8 @@ def markdown(result: dict[str, Any], command: str, plot_name: str | None,
         extra = notes(rows, steps)
         if extra:
             lines += ["", "Threshold searches (on the calibration prompts):", ""] + extra
+        if "axes_shifted" in info:
+            lines += [""] + shifted_axes_line(info["axes_shifted"])
         if sample_names and steps in sample_names:
             lines += ["", f"First prompts at N={settings['overhead_interval']} (rows: full compute, then each "
                           f"method at that level): ![samples]({sample_names[steps]})"]

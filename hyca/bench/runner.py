@@ -55,6 +55,11 @@ class Settings:
     levels: tuple[int, ...] = (4, 5, 7, 10)  # the N at which every peer is matched to HyCa's FLOPs
     sigma_interval: int = 6  # the N at which HyCa also runs on the sigma axis
     overhead_interval: int = 7  # the N at which HyCa's wall-clock is taken apart (first step count only)
+    # The step and sigma axes are affine images of each other when sigmas are evenly spaced
+    # (the reference scheduler's shift is 1), and the solvers' weights do not change under
+    # an affine map of positions: the axes can only differ on an uneven schedule. So the
+    # axis comparison is repeated with the scheduler shifted as FLUX's is (shift 3).
+    axis_shift: float | None = 3.0
     flops_prompts: int = 4
     calibration_prompts: int = 2
     clusters: int = 4
@@ -219,6 +224,34 @@ def build_methods(pipe: Any, steps: int, settings: Settings,
     return methods, info, profiles
 
 
+def compare_axes(pipe: Any, eval_cases: list[Case], calibration: Case, steps: int, settings: Settings) -> dict:
+    """HyCa at ``sigma_interval`` on the step and on the sigma axis, each with its own
+    probe, with the pipeline's scheduler shifted by ``axis_shift``; fidelity against full
+    compute on the same shifted schedule."""
+    from ..probing import probe
+
+    original = pipe.scheduler
+    pipe.scheduler = type(original).from_config(original.config, shift=settings.axis_shift)
+    try:
+        n = settings.sigma_interval
+        methods = [m.full()] + [
+            m.engine(f"{m.HYCA} ({axis} axis)", probe(pipe, prompt=calibration.prompt, height=32, width=32,
+                                                      steps=steps, interval=n, warmup=m.WARMUP, positions=axis,
+                                                      clusters=settings.clusters, seed=calibration.seed,
+                                                      progress=False, output_type="pt"), n, axis)
+            for axis in ("step", "sigma")]
+        images = {mm.family: [execute(pipe, mm, case, steps).image for case in eval_cases] for mm in methods}
+    finally:
+        pipe.scheduler = original
+    full = images[m.FULL]
+    out = {"shift": settings.axis_shift, "interval": settings.sigma_interval, "steps": steps}
+    for family, own in images.items():
+        if family != m.FULL:
+            out[family] = {"psnr": sum(min(psnr(a, b), PSNR_CAP) for a, b in zip(own, full)) / len(full),
+                           "ssim": sum(ssim(a, b) for a, b in zip(own, full)) / len(full)}
+    return out
+
+
 def describe_search(found: Found) -> str:
     text = f"calibration FLOPs ratio {found.ratio:.3f} for target {found.target:.3f}"
     if not found.reachable:
@@ -363,6 +396,9 @@ def run(settings: Settings, pipe: Any = None) -> dict:
         runs = measure(pipe, methods, eval_cases, steps, settings)
         result["rows"] += [asdict(r) for r in aggregate(methods, runs, steps)]
         result.setdefault("samples", {})[steps] = samples(methods, runs, settings.overhead_interval)
+        if steps == settings.steps[0] and settings.axis_shift:
+            log(f"{steps} steps: step vs sigma axis on a schedule shifted by {settings.axis_shift}")
+            info["axes_shifted"] = compare_axes(pipe, eval_cases, calibration[0], steps, settings)
         if steps == settings.steps[0]:
             log(f"{steps} steps: timing HyCa's calls at N={settings.overhead_interval}")
             info["overhead"] = decompose(pipe, eval_cases[0], steps, settings.overhead_interval,
