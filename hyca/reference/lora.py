@@ -35,16 +35,23 @@ def weight_name(style: str) -> str:
 
 
 def train_lora(pipe: ReferencePipeline, style: str, steps: int, batch: int = 64, rank: int = 8,
-               lr: float = 2e-3, seed: int = 1, minutes: float | None = None) -> dict[str, torch.Tensor]:
+               lr: float = 2e-3, seed: int = 1, minutes: float | None = None,
+               resume: Path | None = None) -> dict[str, torch.Tensor]:
     """Fit one LoRA on ``pipe.transformer`` (caption encoder frozen); returns its peft state dict
-    and leaves the transformer without adapters."""
+    and leaves the transformer without adapters. ``resume``: a LoRA folder holding this
+    style's weights to continue from instead of a fresh adapter."""
     transformer = pipe.transformer
     transformer.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                       target_modules=TARGETS), adapter_name=style)
+    if resume is not None:
+        pipe.load_lora_weights(resume, weight_name=weight_name(style), adapter_name=style)
+    else:
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                           target_modules=TARGETS), adapter_name=style)
     transformer.train()
-    params = [p for p in transformer.parameters() if p.requires_grad]
+    params = [p for name, p in transformer.named_parameters() if "lora_" in name]
+    for p in params:
+        p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     start = time.time()
@@ -73,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--minutes", type=float, default=None, help="stop each LoRA after this long")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="continue from the LoRAs already in --model/loras")
     p.add_argument("--samples", type=Path, default=Path("runs/reference"))
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -80,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_pipeline(args.model)
     folder = args.model / "loras"
     for style in args.styles:
-        state = train_lora(pipe, style, args.steps, rank=args.rank, minutes=args.minutes)
+        state = train_lora(pipe, style, args.steps, rank=args.rank, lr=args.lr, seed=args.seed,
+                           minutes=args.minutes, resume=folder if args.resume else None)
         ReferencePipeline.save_lora_weights(folder, transformer_lora_layers=state, weight_name=weight_name(style))
         pipe.load_lora_weights(folder, weight_name=weight_name(style), adapter_name=style)
         save_grid(pipe, args.samples / f"lora_{style}.png")
