@@ -185,3 +185,26 @@ def test_counting_hooks_detach(pipe):
     with PeakCacheBytes().attached(pipe.transformer):
         assert pipe.transformer._forward_hooks
     assert not pipe.transformer._forward_hooks and not pipe.transformer._forward_pre_hooks
+
+
+def test_gpu_mode_methods_run_on_a_tiny_config():
+    """The --gpu loop and methods, on CPU with a tiny FLUX config (the CUDA timing and
+    memory around them cannot run here): every method samples, and switching each off
+    gives the plain model back."""
+    from hyca.bench import gpu
+    from tests.tiny import TINY_FLUX, tiny_flux
+
+    model = tiny_flux()
+    loop = gpu.Loop(model, device="cpu", config=TINY_FLUX, side=4, text_tokens=5)
+    plain = loop(8)
+    names = []
+    for name, enable, disable in gpu.methods(loop, 8):
+        enable()
+        try:
+            out = loop(8)
+        finally:
+            disable()
+        assert out.shape == plain.shape and torch.isfinite(out).all(), name
+        names.append(name)
+    assert torch.equal(loop(8), plain)
+    assert names[0] == "full compute" and any(n.startswith("HyCa") for n in names)

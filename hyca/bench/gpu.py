@@ -38,32 +38,34 @@ def require_cuda() -> None:
 class Loop:
     """Euler flow-matching sampling with FLUX.1-dev's scheduler settings, one branch."""
 
-    def __init__(self, model: torch.nn.Module, seed: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, seed: int = 0, device: str = "cuda", config: dict = FLUX_DEV,
+                 side: int = IMAGE_SIDE, text_tokens: int = TEXT_TOKENS) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        self.model = model
+        self.model, self.device = model, device
         self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        tokens = IMAGE_SIDE * IMAGE_SIDE
-        make = lambda *shape: torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-        self.noise = make(1, tokens, FLUX_DEV["in_channels"])
-        self.text = make(1, TEXT_TOKENS, FLUX_DEV["joint_attention_dim"])
-        self.pooled = make(1, FLUX_DEV["pooled_projection_dim"])
-        ids = torch.zeros(tokens, 3, device="cuda")
-        ids[:, 1] = torch.arange(tokens, device="cuda") // IMAGE_SIDE
-        ids[:, 2] = torch.arange(tokens, device="cuda") % IMAGE_SIDE
-        self.img_ids, self.txt_ids = ids, torch.zeros(TEXT_TOKENS, 3, device="cuda")
+        g = torch.Generator(device=device).manual_seed(seed)
+        tokens = side * side
+        dtype = next(model.parameters()).dtype
+        make = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)  # noqa: E731
+        self.noise = make(1, tokens, config["in_channels"])
+        self.text = make(1, text_tokens, config["joint_attention_dim"])
+        self.pooled = make(1, config["pooled_projection_dim"])
+        ids = torch.zeros(tokens, 3, device=device)
+        ids[:, 1] = torch.arange(tokens, device=device) // side
+        ids[:, 2] = torch.arange(tokens, device=device) % side
+        self.img_ids, self.txt_ids = ids, torch.zeros(text_tokens, 3, device=device)
+        self.guidance = torch.full((1,), 3.5, device=device) if config.get("guidance_embeds") else None
 
     @torch.no_grad()
     def __call__(self, steps: int) -> torch.Tensor:
-        self.scheduler.set_timesteps(steps, device="cuda")
+        self.scheduler.set_timesteps(steps, device=self.device)
         x = self.noise.clone()
         for t in self.scheduler.timesteps:
             with self.model.cache_context("cond"):
                 v = self.model(hidden_states=x, encoder_hidden_states=self.text, pooled_projections=self.pooled,
                                timestep=(t / 1000).expand(1).to(x.dtype), img_ids=self.img_ids,
-                               txt_ids=self.txt_ids, guidance=torch.full((1,), 3.5, device="cuda"),
-                               return_dict=False)[0]
+                               txt_ids=self.txt_ids, guidance=self.guidance, return_dict=False)[0]
             x = self.scheduler.step(v, t, x, return_dict=False)[0]
         if hasattr(self.model, "_diffusers_hook"):
             self.model._diffusers_hook.reset_stateful_hooks()
@@ -84,7 +86,8 @@ def build() -> torch.nn.Module:
 
 
 def methods(loop: Loop, steps: int) -> list[tuple[str, Callable[[], None], Callable[[], None]]]:
-    """(name, enable, disable) for the fixed-schedule methods at interval 5, warm-up 3."""
+    """(name, enable, disable) for the fixed-schedule methods at interval 5, warm-up 3
+    (HyCa's profile probed on ``loop`` first)."""
     import hyca
     from diffusers import TaylorSeerCacheConfig
 
