@@ -14,7 +14,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
