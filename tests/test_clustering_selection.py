@@ -55,9 +55,10 @@ def record(traj, positions=None, plan=None):
     return acc.finalize(), replay.result()
 
 
-def brute_force_errors(traj, positions, plan, solvers):
+def brute_force_errors(traj, positions, plan, solvers, power=1.0):
     """Independent replay: for every forecast step, every computed step before it,
-    newest first; squared error per (solver, block, dim) weighted by 1 / block energy."""
+    newest first; squared error per (solver, block, dim) weighted by
+    (target / steps) ** power / block energy."""
     traj = traj.double().numpy()
     errors = np.zeros((len(solvers), traj.shape[1], traj.shape[3]))
     energy = np.zeros(traj.shape[1:2] + traj.shape[3:])
@@ -66,7 +67,7 @@ def brute_force_errors(traj, positions, plan, solvers):
             continue
         computed = [k for k in range(target) if plan[k]][::-1]
         truth = traj[target]  # (blocks, rows, dim)
-        weight = 1.0 / (truth**2).sum(axis=(1, 2))[:, None]
+        weight = (target / len(plan)) ** power / (truth**2).sum(axis=(1, 2))[:, None]
         energy += (truth**2).sum(1) * weight
         for s, solver in enumerate(solvers):
             used = computed[: solver.history]
@@ -86,6 +87,42 @@ def test_replay_matches_an_independent_brute_force_replay():
     np.testing.assert_allclose(replay.errors.numpy(), errors, rtol=1e-4)
     np.testing.assert_allclose(replay.energy.numpy(), energy, rtol=1e-5)
     assert replay.targets == plan.count(False)
+
+
+def test_without_progress_weight_every_step_counts_alike():
+    g = torch.Generator().manual_seed(2)
+    traj = torch.randn(13, 2, 3, 4, generator=g).cumsum(0)
+    positions = np.arange(13, dtype=float)
+    plan = Schedule(interval=3, warmup=2).plan(13)
+    replay = ReplayErrors(plan, progress_power=0.0)
+    for step in range(13):
+        replay.update(traj[step], positions[step])
+    errors, energy = brute_force_errors(traj, positions, plan, pool(), power=0.0)
+    np.testing.assert_allclose(replay.result().errors.numpy(), errors, rtol=1e-4)
+    np.testing.assert_allclose(replay.result().energy.numpy(), energy, rtol=1e-5)
+    with pytest.raises(ValueError, match="progress_power"):
+        ReplayErrors(plan, progress_power=-1.0)
+
+
+def test_late_errors_outweigh_a_larger_early_one():
+    """History one step apart (warm-up), then three apart: taylor-1 misses the early
+    targets, reuse the late ones. Weighing every step alike picks reuse; the progress
+    weight t / steps picks taylor-1. Expected values worked out by hand below."""
+    plan = [True, True, False, False, True, False, False, True]
+    values = [0.0, 1.0, 1.0, 1.0, 0.5, 1 / 3, 1 / 6, 0.0]
+    traj = torch.tensor(values, dtype=torch.float64).view(8, 1, 1, 1)
+    solvers = (get_solver("reuse"), get_solver("taylor-1"))
+    # targets 2, 3 (history 1@1, 0@0; energy 1): reuse exact, taylor-1 says 2, 3 -> errors 1, 4
+    # targets 5, 6 (history 0.5@4, 1@1): taylor-1 exact, reuse 0.5 -> (1/6)^2/(1/9), (1/3)^2/(1/36)
+    expected = {0.0: [0.25 + 4.0, 1.0 + 4.0], 1.0: [(5 * 0.25 + 6 * 4.0) / 8, (2 * 1.0 + 3 * 4.0) / 8]}
+    for power, (reuse, taylor) in expected.items():
+        replay = ReplayErrors(plan, solvers, progress_power=power)
+        for step in range(8):
+            replay.update(traj[step], float(step))
+        result = replay.result()
+        assert result.errors[:, 0, 0].tolist() == pytest.approx([reuse, taylor])
+        chosen = select(result, torch.zeros(1, 1, dtype=torch.int64), 1).chosen
+        assert solvers[int(chosen)].name == ("reuse" if power == 0 else "taylor-1")
 
 
 def test_planted_groups_are_recovered_per_block_and_shared():
@@ -200,6 +237,7 @@ def test_a_block_without_residual_at_a_step_is_skipped_there():
     replay.update(torch.full((2, 1, 3), 3.0), 2.0)
     result = replay.result()
     assert torch.isfinite(result.errors).all()
-    # block 0 counts only the last target: reuse misses 3 by 2 in each of 3 dims, over energy 27
-    assert result.errors[0, 0].tolist() == pytest.approx([4 / 27] * 3)
-    assert result.errors[0, 1].tolist() == pytest.approx([1 / 12 + 4 / 27] * 3)
+    # block 0 counts only the last target: reuse misses 3 by 2 in each of 3 dims, over energy 27,
+    # at step 2 of 3 (progress weight 2/3); block 1 also the first target (1 of 3)
+    assert result.errors[0, 0].tolist() == pytest.approx([4 / 27 * 2 / 3] * 3)
+    assert result.errors[0, 1].tolist() == pytest.approx([1 / 12 / 3 + 4 / 27 * 2 / 3] * 3)
