@@ -1,12 +1,13 @@
 """The solver pool: each entry is a linear extrapolator with the properties it claims."""
 
 import itertools
-import math
 
 import numpy as np
 import pytest
 
 from hyca.math.solvers import get_solver, pool
+
+from references import TaylorSeerFactors
 
 RNG = np.random.default_rng(1234)
 
@@ -72,34 +73,13 @@ def test_rk2_heun_form_on_uneven_positions():
         assert get_solver("rk2").weights(t, x) @ F == pytest.approx(heun, abs=1e-10)
 
 
-class TaylorSeerReference:
-    """TaylorSeer's factor update and prediction, as its cache does it per module."""
-
-    def __init__(self, order):
-        self.order, self.factors, self.last = order, {}, None
-
-    def update(self, feature, position):
-        new = {0: feature}
-        if self.last is not None:
-            distance = position - self.last
-            for i in range(self.order):
-                if i not in self.factors:
-                    break
-                new[i + 1] = (new[i] - self.factors[i]) / distance
-        self.factors, self.last = new, position
-
-    def predict(self, position):
-        offset = position - self.last
-        return sum(f * offset**i / math.factorial(i) for i, f in self.factors.items())
-
-
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_taylor_matches_taylorseer_recursion(order):
     solver = get_solver(f"taylor-{order}")
     for _ in range(10):
         t, x = random_configuration(order + 1)
         F = RNG.normal(size=order + 1)
-        reference = TaylorSeerReference(order)
+        reference = TaylorSeerFactors(order)
         for position, value in zip(t[::-1], F[::-1]):  # oldest first, as sampling runs
             reference.update(value, position)
         assert solver.weights(t, x) @ F == pytest.approx(reference.predict(x), abs=1e-9)

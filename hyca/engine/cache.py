@@ -13,6 +13,7 @@ blocks x K, with the same result up to float rounding.
 from __future__ import annotations
 
 from collections import deque
+from functools import lru_cache
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,6 @@ from .forecast import forecast
 from .schedule import Schedule
 
 POSITION_AXES = ("step", "sigma")
-WEIGHT_MEMO_SIZE = 4096  # distinct (positions, target) keys kept; a run of 50 steps needs under 50
 
 
 @dataclass
@@ -88,7 +88,6 @@ class HybridCache:
         self._one_hot = (dim_solvers.unsqueeze(1) == ids.view(1, -1, 1))
         self._block_masks: dict[tuple, list[list[tuple[int, torch.Tensor | None]]]] = {}
         self._max_history = max(s.history for s in self.solvers)
-        self._weight_memo: dict[tuple, tuple[tuple[int, ...], torch.Tensor]] = {}
         self.last_stats = RunStats()
 
     # --- per step ---------------------------------------------------------------
@@ -139,22 +138,9 @@ class HybridCache:
         return forecast(values, column)
 
     def _weights(self, state: BranchState) -> tuple[tuple[int, ...], torch.Tensor]:
-        """Per solver, how many history terms it uses; all their weights as one (terms, 1)
-        column. Weights are pure functions of the history positions and the target, and
-        every generation on one schedule repeats the same few, so they are computed once
-        per (positions, target) and reused: recomputing them in Python was most of a skip
-        step's own cost."""
-        key = (tuple(state.positions), state.current_position, tuple(len(h) for h in state.histories))
-        found = self._weight_memo.get(key)
-        if found is None:
-            positions = list(state.positions)
-            per_solver = [solver.weights(positions[: len(history)], state.current_position).tolist()
-                          for solver, history in zip(self.solvers, state.histories)]
-            if len(self._weight_memo) >= WEIGHT_MEMO_SIZE:
-                self._weight_memo.clear()
-            found = self._weight_memo[key] = (tuple(len(w) for w in per_solver),
-                                              torch.tensor([w for ws in per_solver for w in ws]).unsqueeze(1))
-        return found
+        """Per solver, how many history terms it uses; all their weights as one (terms, 1) column."""
+        return _stacked_weights(tuple(self.solver_ids), tuple(state.positions), state.current_position,
+                                tuple(len(h) for h in state.histories))
 
     def end_step(self, state: BranchState) -> None:
         if state.computing:
@@ -198,3 +184,14 @@ class HybridCache:
                     per_block.append([(s, one_hot[s].to(device=key[0], dtype=key[1])) for s in used])
             self._block_masks[key] = per_block
         return self._block_masks[key]
+
+
+@lru_cache(maxsize=4096)
+def _stacked_weights(solver_ids: tuple[int, ...], positions: tuple[float, ...], target: float,
+                     lengths: tuple[int, ...]) -> tuple[tuple[int, ...], torch.Tensor]:
+    """Weights are pure functions of the history positions and the target, and every
+    generation on one schedule repeats the same few, so they are computed once and reused:
+    recomputing them in Python was most of a skip step's own cost. The returned tensor is
+    shared between callers and must not be modified."""
+    per_solver = [pool()[i].weights(list(positions[:n]), target).tolist() for i, n in zip(solver_ids, lengths)]
+    return tuple(len(w) for w in per_solver), torch.tensor([w for ws in per_solver for w in ws]).unsqueeze(1)
