@@ -15,7 +15,7 @@ _EXPORTS: dict[str, str] = {
     "HybridCache": ".engine", "Schedule": ".engine",
     "get_solver": ".math.solvers", "pool": ".math.solvers",
     "Profile": ".profiles",
-    "probe": ".probing",
+    "probe": ".adapters.diffusers.probe",
 }
 
 __all__ = ["__version__", *_EXPORTS]

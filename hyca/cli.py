@@ -69,7 +69,8 @@ def _load_pipeline(model: str, dtype: str | None, device: str | None) -> Any:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     try:
-        from .probing import probe
+        from .adapters.diffusers.fingerprint import fingerprint as diffusers_fingerprint
+        from .adapters.diffusers.probe import probe
     except ImportError as err:
         raise CLIError(f"the probe is not available in this install ({err})") from None
     pipe = _load_pipeline(args.model, args.dtype, args.device)
@@ -77,7 +78,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     if transformer is None:
         raise CLIError(f"{type(pipe).__name__} has no transformer: HyCa accelerates diffusion transformers")
     try:  # before the probe: an unsupported model should fail at once, not after a run
-        fp = fpmod.fingerprint(transformer)
+        fp = diffusers_fingerprint(transformer)
     except TypeError as err:
         raise CLIError(str(err)) from None
     # The reference pipeline works in pixel space and has no "latent" output (the probe's

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import safe_open, save_file
 
 from hyca.math.solvers import pool_names
-from hyca.profiles.fingerprint import fingerprint, total_blocks
+from hyca.adapters.diffusers.fingerprint import fingerprint
+from hyca.profiles.fingerprint import total_blocks
 from hyca.profiles.io import tensor_digest
 from hyca.profiles.profile import Profile
 

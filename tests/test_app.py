@@ -17,6 +17,7 @@ from hyca.app import metrics, profile_view
 from hyca.app.compare import upscale
 from hyca.app.models import GB, Facts, choice, choices, decide, gather_facts
 from hyca.adapters.diffusers.families import FAMILIES
+from hyca.adapters.diffusers.fingerprint import fingerprint
 from hyca.engine.schedule import Schedule
 from hyca.math.solvers import pool_names
 from hyca.profiles import Profile, load_profile
@@ -230,7 +231,7 @@ def test_probe_returns_a_profile_that_hyca_uses(served, solo_pipe):
     client = _client(served[0])
     picture, legend, table, summary, file = client.predict(
         "reference", "", PROMPT, STEPS, 4, 2, 3, "none", "cluster", api_name="/probe")
-    profile = load_profile(file, solo_pipe.transformer)
+    profile = load_profile(file, fingerprint(solo_pipe.transformer))
     blocks = len(solo_pipe.transformer.transformer_blocks) + len(solo_pipe.transformer.single_transformer_blocks)
     assert (profile.num_blocks, profile.dim, profile.num_clusters) == (blocks, solo_pipe.transformer.inner_dim, 3)
     assert profile.metadata["interval"] == 4 and profile.metadata["warmup"] == 2

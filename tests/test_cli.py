@@ -14,7 +14,8 @@ import torch
 
 from hyca.cli import main
 from hyca.math.solvers import pool_names
-from hyca.profiles.fingerprint import describe, fingerprint
+from hyca.adapters.diffusers.fingerprint import fingerprint
+from hyca.profiles.fingerprint import describe
 from hyca.profiles.io import load_profile, profile_filename, save_profile
 from hyca.profiles.profile import Profile
 
@@ -164,7 +165,7 @@ def test_probe_writes_a_profile_for_a_saved_reference_model(tmp_path, capsys):
     transformer = reference.load_pipeline(tmp_path / "ref").transformer
     out = folder / profile_filename(fingerprint(transformer))  # a folder gets the name resolution looks for
     assert f"saved profile to {out}" in capsys.readouterr().out
-    profile = load_profile(out, transformer)
+    profile = load_profile(out, fingerprint(transformer))
     assert (profile.metadata["interval"], profile.metadata["warmup"]) == (3, 2)
     assert profile.metadata["probe"]["prompt"] == "a red circle" and profile.num_clusters == 2
 

@@ -89,7 +89,7 @@ def test_auto_profile_probes_once_then_comes_from_the_cache(pipe, tmp_path, monk
     def no_probe(*args, **kwargs):
         raise AssertionError("the cached profile should have been used")
 
-    monkeypatch.setattr("hyca.probing.probe", no_probe)
+    monkeypatch.setattr("hyca.adapters.diffusers.probe.probe", no_probe)
     (second,) = hyca.enable(pipe, interval=3, warmup=2)
     assert torch.equal(second.profile.labels, first.profile.labels)
     assert torch.equal(second.profile.solvers, first.profile.solvers)

@@ -16,8 +16,8 @@ import hyca
 from hyca.adapters.diffusers import hooks
 from hyca.engine.schedule import Schedule
 from hyca.math.solvers import pool, pool_names
-from hyca.probing import probe, probe_transformer
-from hyca.profiles.fingerprint import fingerprint
+from hyca.adapters.diffusers.probe import probe, probe_transformer
+from hyca.adapters.diffusers.fingerprint import fingerprint
 
 from references import capture_residuals, flux_blocks
 from tiny import Inputs, euler_sample, fresh_copy, sigmas, tiny_flux, tiny_pipeline

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import hyca
 from hyca.math.solvers import POOL_VERSION, pool_names
-from hyca.profiles.fingerprint import fingerprint
+from hyca.adapters.diffusers.fingerprint import fingerprint
 from hyca.profiles.io import FORMAT_VERSION, ProfileError, load_profile, profile_filename, save_profile
 
 from profile_helpers import random_profile, read_parts, tiny_fingerprint, write_parts
@@ -70,10 +70,10 @@ def test_many_clusters_use_a_wider_dtype(tmp_path, fp):
     assert torch.equal(load_profile(path).labels, profile.labels)
 
 
-def test_arguments_override_metadata_and_model_can_be_a_transformer(tmp_path, fp):
+def test_arguments_override_metadata(tmp_path, fp):
     profile = random_profile(fp, interval=5)
     del profile.metadata["fingerprint"]
-    path = save_profile(profile, tmp_path / "p.safetensors", tiny_flux(), interval=7, warmup=2)
+    path = save_profile(profile, tmp_path / "p.safetensors", fingerprint(tiny_flux()), interval=7, warmup=2)
     loaded = load_profile(path)
     assert (loaded.metadata["interval"], loaded.metadata["warmup"]) == (7, 2)
     assert loaded.metadata["fingerprint"] == fp
@@ -312,7 +312,14 @@ def test_model_mismatch_is_named(saved, fp):
         load_profile(path, fingerprint(tiny_flux(num_single_layers=4)))
     with pytest.raises(ProfileError, match="differently configured FluxTransformer2DModel"):
         load_profile(path, fingerprint(tiny_flux(guidance_embeds=True)))
-    assert load_profile(path, tiny_flux()).num_blocks == 5  # the real model fits
+    assert load_profile(path, fingerprint(tiny_flux())).num_blocks == 5  # the real model fits
+
+
+def test_the_core_takes_fingerprints_not_host_models(saved):
+    """Profiles are host-free: a diffusers transformer is refused with the adapter's function to call."""
+    _, path = saved
+    with pytest.raises(TypeError, match=r"hyca\.adapters\.diffusers\.fingerprint\.fingerprint"):
+        load_profile(path, tiny_flux())
 
 
 def test_missing_file(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hyca.adapters.diffusers.fingerprint import fingerprint
 from hyca.profiles import sources
 from hyca.profiles.io import ProfileError, load_profile, profile_filename, save_profile
 from hyca.profiles.sources import candidate_names, default_cache_dir, resolve_profile
@@ -190,11 +191,11 @@ def test_unwritable_cache_still_returns_the_probed_profile(dirs, fp, tmp_path):
     assert found.source == "probe" and found.path is None and same(found.profile, probe.profile)
 
 
-def test_accepts_a_transformer(dirs, fp):
+def test_a_transformers_fingerprint_finds_its_profile(dirs, fp):
     from tiny import tiny_flux
 
     path = save_profile(random_profile(fp), dirs["cache"] / profile_filename(fp))
-    assert resolve_profile(tiny_flux()).path == path
+    assert resolve_profile(fingerprint(tiny_flux())).path == path
 
 
 def test_default_locations(monkeypatch, tmp_path):
@@ -211,7 +212,7 @@ def test_default_locations(monkeypatch, tmp_path):
 def test_first_use_probe_end_to_end(dirs, fp):
     """The real probe as the fallback: its profile is cached, found again, and runs in hyca.enable."""
     import hyca
-    from hyca.probing import probe
+    from hyca import probe
 
     from tiny import tiny_flux, tiny_pipeline
 
@@ -227,11 +228,11 @@ def test_first_use_probe_end_to_end(dirs, fp):
                      progress=False, **embeds)
 
     with pytest.warns(UserWarning, match="offline mode"):  # the suite is offline: the Hub is skipped
-        found = resolve_profile(pipe.transformer, interval=3, probe=first_use, hub_repo=REPO,
+        found = resolve_profile(fingerprint(pipe.transformer), interval=3, probe=first_use, hub_repo=REPO,
                                 hub_cache_dir=dirs["hf"])
     assert found.source == "probe" and found.path == dirs["cache"] / profile_filename(fp)
     assert found.profile.metadata["interval"] == 3 and found.profile.metadata["positions"] == "step"
-    again = resolve_profile(pipe.transformer, interval=3, probe=first_use, hub_repo=None)
+    again = resolve_profile(fingerprint(pipe.transformer), interval=3, probe=first_use, hub_repo=None)
     assert again.source == "cache" and len(calls) == 1 and same(again.profile, found.profile)
     hyca.enable(pipe, again.profile, interval=3, warmup=2)
     try:

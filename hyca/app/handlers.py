@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ..adapters.diffusers.fingerprint import fingerprint as diffusers_fingerprint
 from ..profiles import fingerprint as fpmod
 from ..profiles.compare import compare_profiles
 from ..profiles.hub import DEFAULT_HUB_REPO, HubError, hub_offline, pull_profile, push_profile
@@ -76,7 +77,7 @@ def _fits(profile: Profile | None, model: LoadedModel) -> bool:
         return False
     fp = profile.metadata.get("fingerprint")
     if fp:
-        return fpmod.mismatch(fp, fpmod.fingerprint(model.transformer)) is None
+        return fpmod.mismatch(fp, diffusers_fingerprint(model.transformer)) is None
     from ..adapters.diffusers.families import blocks_of, family_of, hidden_size
 
     t = model.transformer
@@ -92,7 +93,7 @@ def _set_current(state: dict[str, Any], model: LoadedModel, profile: Profile, lo
     slot["current"] = profile
     if lora in ("none", "", None):
         slot["base"] = profile
-    fp = fpmod.fingerprint(model.transformer)
+    fp = diffusers_fingerprint(model.transformer)
     name = profile_filename(fp, profile.metadata.get("interval"))
     if lora not in ("none", "", None):
         name = name.replace(".safetensors", f"-lora-{lora}.safetensors")
@@ -149,7 +150,7 @@ def _probe_size(model: LoadedModel) -> tuple[int, int]:
 def probe_locked(model: LoadedModel, prompt: str, steps: int, interval: int, warmup: int, clusters: int,
                  lora: str, progress: Progress | None) -> Profile:
     """Run the probe (caller holds the lock) with ``lora`` active; progress per transformer call."""
-    from ..probing import probe
+    from ..adapters.diffusers.probe import probe
 
     compare.apply_lora(model, lora)
     height, width = _probe_size(model)
@@ -176,7 +177,7 @@ def _base_profile(state: dict[str, Any], model: LoadedModel, s: compare.Settings
         if _fits(slot[key], model) and slot[key].metadata.get("probe", {}).get("lora", "none") == "none":
             return slot[key], "session profile"
     resolved = resolve_profile(
-        model.transformer, interval=s.interval,
+        diffusers_fingerprint(model.transformer), interval=s.interval,
         probe=lambda: probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, 4, "none", progress))
     _set_current(state, model, resolved.profile)
     where = {"probe": "probed now (saved to the local cache)"}.get(resolved.source, f"from {resolved.source}")
@@ -345,7 +346,7 @@ def use_file(state: dict[str, Any], model_key: str, custom: str | None, path: st
         raise AppError("choose a profile file (.safetensors) first")
     c = chosen_model(model_key, custom)
     model = load_model(c, None)
-    profile = load_profile(path, model.transformer)
+    profile = load_profile(path, diffusers_fingerprint(model.transformer))
     _set_current(state, model, profile)
     return f"Loaded {Path(path).name}."
 
@@ -358,9 +359,10 @@ def pull(state: dict[str, Any], model_key: str, custom: str | None, repo: str | 
     c = chosen_model(model_key, custom)
     model = load_model(c, None)
     repo = (repo or "").strip() or DEFAULT_HUB_REPO
-    filename = (filename or "").strip() or profile_filename(fpmod.fingerprint(model.transformer), int(interval))
-    path = pull_profile(repo, filename, model=model.transformer, endpoint=endpoint, token=token, cache_dir=cache_dir)
-    _set_current(state, model, load_profile(path, model.transformer))
+    fp = diffusers_fingerprint(model.transformer)
+    filename = (filename or "").strip() or profile_filename(fp, int(interval))
+    path = pull_profile(repo, filename, model=fp, endpoint=endpoint, token=token, cache_dir=cache_dir)
+    _set_current(state, model, load_profile(path, fp))
     return f"Loaded {filename} from the Hub repo {repo}."
 
 

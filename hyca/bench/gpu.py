@@ -91,7 +91,7 @@ def methods(loop: Loop, steps: int) -> list[tuple[str, Callable[[], None], Calla
     import hyca
     from diffusers import TaylorSeerCacheConfig
 
-    from ..probing import probe_transformer
+    from ..adapters.diffusers.probe import probe_transformer
 
     model = loop.model
     profile = probe_transformer(model, lambda: loop(steps), steps, interval=INTERVAL, warmup=WARMUP, progress=False)

@@ -167,7 +167,7 @@ def execute(pipe: Any, method: m.Method, case: Case, steps: int, counted: bool =
 
 def probe_profiles(pipe: Any, case: Case, steps: int, settings: Settings) -> tuple[dict, Any, float]:
     """One probed profile per interval (step axis) and one on the sigma axis; seconds spent."""
-    from ..probing import probe
+    from ..adapters.diffusers.probe import probe
 
     def one(interval: int, positions: str):
         return probe(pipe, prompt=case.prompt, height=32, width=32, steps=steps, interval=interval,
@@ -228,7 +228,7 @@ def compare_axes(pipe: Any, eval_cases: list[Case], calibration: Case, steps: in
     """HyCa at ``sigma_interval`` on the step and on the sigma axis, each with its own
     probe, with the pipeline's scheduler shifted by ``axis_shift``; fidelity against full
     compute on the same shifted schedule."""
-    from ..probing import probe
+    from ..adapters.diffusers.probe import probe
 
     original = pipe.scheduler
     pipe.scheduler = type(original).from_config(original.config, shift=settings.axis_shift)

@@ -1,5 +1,9 @@
-"""The probe: record a fully computed run, cluster hidden dimensions, choose solvers."""
+"""The probe's core: record a fully computed run as sketches, cluster hidden dimensions,
+choose solvers. Host-free (torch, numpy, scikit-learn): driving a diffusers pipeline lives
+in :mod:`hyca.adapters.diffusers.probe` (``hyca.probe``), a WebUI pass in
+:mod:`hyca.adapters.webui.probe`."""
 
-from .runner import analyse, probe, probe_transformer
+from .analysis import analyse, candidate_solvers, selection_report
+from .recorder import SketchRecorder
 
-__all__ = ["analyse", "probe", "probe_transformer"]
+__all__ = ["SketchRecorder", "analyse", "candidate_solvers", "selection_report"]

@@ -1,5 +1,9 @@
 """Which model a profile belongs to: a small, stable description of a transformer.
 
+A fingerprint is a plain dict (``class``, ``hidden_size``, ``blocks``, ``config_sha256``);
+each adapter makes it from its own model objects (:mod:`hyca.adapters.diffusers.fingerprint`,
+:mod:`hyca.adapters.webui.fingerprint`), so this module knows no host.
+
 A profile is only valid for the architecture it was probed on, so files carry a fingerprint
 and loading compares it. The config hash ignores diffusers' private keys (``_name_or_path``,
 ``_diffusers_version``, ``_use_default_values``, ...): they change with where and how a model
@@ -12,8 +16,6 @@ import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
-
-import torch
 
 #: Keys a fingerprint must have, with their types (checked when reading files).
 FIELDS: dict[str, type] = {"class": str, "hidden_size": int, "blocks": dict, "config_sha256": str}
@@ -28,23 +30,6 @@ def config_hash(config: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of the config: sorted keys, no whitespace."""
     text = json.dumps(canonical_config(config), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def fingerprint(transformer: torch.nn.Module) -> dict[str, Any]:
-    """``{"class", "hidden_size", "blocks": {list attribute: count}, "config_sha256"}``."""
-    from ..adapters.diffusers.families import blocks_of, family_of, hidden_size
-
-    family = family_of(transformer)  # unsupported models raise TypeError naming the supported ones
-    blocks: dict[str, int] = {}
-    for spec, _ in blocks_of(transformer, family):
-        blocks[spec.attribute] = blocks.get(spec.attribute, 0) + 1
-    config = getattr(transformer, "config", {}) or {}
-    return {
-        "class": type(transformer).__name__,
-        "hidden_size": int(hidden_size(transformer)),
-        "blocks": blocks,
-        "config_sha256": config_hash(config),
-    }
 
 
 def total_blocks(fp: Mapping[str, Any]) -> int:

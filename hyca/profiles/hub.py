@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from . import fingerprint as fpmod
@@ -131,10 +132,11 @@ def download_file(repo_id: str, filename: str, *, revision: str | None = None, t
 
 
 def pull_profile(repo_id: str, filename: str, *, output_dir: str | os.PathLike | None = None,
-                 model: Any = None, revision: str | None = None, token: str | bool | None = None,
+                 model: Mapping[str, Any] | None = None, revision: str | None = None, token: str | bool | None = None,
                  cache_dir: str | os.PathLike | None = None, endpoint: str | None = None) -> Path:
     """Download a profile, validate it (and that it fits ``model`` if given), and return its path:
-    in ``output_dir`` when given, else in the Hub cache. A corrupt download raises ProfileError."""
+    in ``output_dir`` when given, else in the Hub cache. ``model``: the fingerprint it must fit. A corrupt
+    download raises ProfileError."""
     path = download_file(repo_id, filename, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint)
     read_profile(path, model)
     if output_dir is None:

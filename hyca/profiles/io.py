@@ -68,12 +68,17 @@ def _smallest_dtype(high: int) -> torch.dtype:
 
 
 def model_fingerprint(model: Any) -> dict[str, Any] | None:
-    """A fingerprint from a transformer, a fingerprint dict, or None."""
+    """A fingerprint dict from a fingerprint (a mapping) or None. Adapters make fingerprints
+    from their model objects (``hyca.adapters.diffusers.fingerprint.fingerprint(transformer)``);
+    this core module does not know them."""
     if model is None:
         return None
     if isinstance(model, Mapping):
         return dict(model)
-    return fpmod.fingerprint(model)
+    raise TypeError(
+        f"expected a model fingerprint (a dict), got {type(model).__name__}; for a diffusers transformer use "
+        "hyca.adapters.diffusers.fingerprint.fingerprint(transformer)"
+    )
 
 
 def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -105,8 +110,8 @@ def build_header(profile: Profile, model: Any = None, *, interval: int | None = 
     fp = model_fingerprint(model) or meta.get("fingerprint")
     if not fp:
         raise ProfileError(
-            "a profile file must name its model: pass model=<transformer or fingerprint> "
-            "(hyca.profiles.fingerprint.fingerprint(transformer)) or put 'fingerprint' in profile.metadata"
+            "a profile file must name its model: pass model=<the model fingerprint> "
+            "(hyca.adapters.diffusers.fingerprint.fingerprint(transformer)) or put 'fingerprint' in profile.metadata"
         )
     _check_fingerprint(fp)
     _check_shapes(profile.labels.shape, profile.solvers.shape, fp)
@@ -138,7 +143,7 @@ def save_profile(profile: Profile, path: str | os.PathLike, model: Any = None, *
                  warmup: int | None = None, probe: Mapping[str, Any] | None = None) -> Path:
     """Write ``profile`` to ``path`` atomically; returns the path.
 
-    ``model``: the transformer or its fingerprint (else ``profile.metadata["fingerprint"]``).
+    ``model``: the model fingerprint (else ``profile.metadata["fingerprint"]``).
     ``interval`` / ``warmup`` / ``probe``: the schedule and probe settings it was chosen for
     (else the same keys of ``profile.metadata``).
     """
@@ -298,7 +303,7 @@ def read_profile(path: str | os.PathLike, expected: Any = None, *,
                  interval: int | None = None) -> tuple[Profile, list[str]]:
     """Load and validate ``path``; returns the profile and warnings (nothing is warned here).
 
-    ``expected``: the transformer or fingerprint the profile must belong to.
+    ``expected``: the fingerprint of the model the profile must belong to.
     ``interval``: the interval it is about to be used at (a different one is a warning).
     """
     from safetensors import SafetensorError

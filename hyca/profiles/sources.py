@@ -132,7 +132,7 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
                     offline: bool | None = None, hub_endpoint: str | None = None,
                     hub_token: str | bool | None = None, hub_cache_dir: str | os.PathLike | None = None,
                     ) -> ResolvedProfile:
-    """Find the profile for ``model`` (a transformer or its fingerprint); see the module doc.
+    """Find the profile for the model with fingerprint ``model``; see the module doc.
 
     ``interval``: the N it will run at (prefers a profile made for it; another N warns).
     ``probe``: zero-argument callable making a profile when no source has one; without it,

@@ -13,6 +13,7 @@ from ...engine.schedule import Schedule
 from ...profiles.profile import Profile
 from . import hooks
 from .families import blocks_of, family_of, hidden_size
+from .fingerprint import fingerprint
 
 TRANSFORMER_ATTRIBUTES = ("transformer", "transformer_2")
 #: ``profile=AUTO``: find the model's profile (shipped, cache, Hub) or probe it on first use.
@@ -102,10 +103,10 @@ def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile
     from ...profiles.sources import resolve_profile
 
     if _is_profile_file(spec):
-        return resolve_profile(transformer, path=spec, interval=interval).profile
+        return resolve_profile(fingerprint(transformer), path=spec, interval=interval).profile
     if spec != AUTO:
         return spec
-    resolved = resolve_profile(transformer, interval=interval, probe=make)
+    resolved = resolve_profile(fingerprint(transformer), interval=interval, probe=make)
     logger.info("HyCa: %s profile from %s", type(transformer).__name__, resolved.path or resolved.source)
     return resolved.profile
 
@@ -119,7 +120,7 @@ def _first_use_probe(target: Any, attribute: str, interval: int, warmup: int, po
         return None
 
     def make() -> Profile:
-        from ...probing import probe
+        from .probe import probe
 
         logger.warning("HyCa: no profile for %s yet; probing it once (saved to the local cache)",
                        type(getattr(target, attribute)).__name__)

@@ -20,10 +20,10 @@ from ...profiles.profile import Profile
 
 def available() -> bool:
     try:
-        from ...probing import recorder, runner  # noqa: F401
+        from ...probing import analysis, recorder  # noqa: F401
     except ImportError:
         return False
-    return hasattr(runner, "analyse") and hasattr(recorder, "SketchRecorder")
+    return hasattr(analysis, "analyse") and hasattr(recorder, "SketchRecorder")
 
 
 class ProbeEngine:
@@ -64,7 +64,7 @@ class ProbeEngine:
 
     def profile(self, fp: dict[str, Any], clusters: int = 4) -> Profile:
         """The profile chosen from what was recorded (raises if the pass was incomplete)."""
-        from ...probing.runner import analyse
+        from ...probing.analysis import analyse
 
         if self.recorder is None:
             raise RuntimeError("the probing pass made no model call")
