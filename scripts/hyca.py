@@ -87,6 +87,8 @@ class HyCaScript(scripts.Script):
                 hires = gr.Checkbox(defaults.hires, label="Also on the hires pass", elem_id=element_id(tab, "hires"))
                 lora_reuse = gr.Checkbox(defaults.lora_reuse, label="Base profile serves every LoRA",
                                          elem_id=element_id(tab, "lora_reuse"))
+                guard = gr.Checkbox(defaults.guard, label="Guard: demote solvers that forecast worse than reuse",
+                                    elem_id=element_id(tab, "guard"))
             with gr.Row():
                 profile = gr.Dropdown(profiles.choices(), value=defaults.profile, label="Profile",
                                       allow_custom_value=True, elem_id=element_id(tab, "profile"))
@@ -96,7 +98,7 @@ class HyCaScript(scripts.Script):
                                           elem_id=element_id(tab, "cache_dtype"))
         components = dict(enabled=enabled, interval=interval, warmup=warmup, compute_last=compute_last,
                           hires=hires, profile=profile, hub_repo=hub_repo, lora_reuse=lora_reuse,
-                          cache_dtype=cache_dtype)
+                          cache_dtype=cache_dtype, guard=guard)
         self.infotext_fields = [PasteField(enabled, lambda params: INFOTEXT_KEYS["interval"] in params)]
         self.infotext_fields += [PasteField(components[name], _reader(name)) for name in INFOTEXT_KEYS]
         self.paste_field_names = list(INFOTEXT_KEYS.values())

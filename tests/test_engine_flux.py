@@ -52,6 +52,7 @@ def reference_run(model, inputs, plan, forecast_total):
 
 
 def hyca_run(model, inputs, steps=STEPS, **settings):
+    settings.setdefault("guard", False)  # the references here are the paper's engine
     hyca.enable(model, scheduler=None, **settings)
     try:
         with torch.no_grad():
@@ -152,7 +153,7 @@ def test_disable_restores_bit_identical_outputs(inputs):
 def test_branches_keep_separate_state(model):
     """cond and uncond interleaved on one patched model equal each branch run alone."""
     cond, uncond = Inputs(seed=1), Inputs(seed=2)
-    settings = dict(profile="taylor-2", interval=3, warmup=2)
+    settings = dict(profile="taylor-2", interval=3, warmup=2, guard=True)  # guard state is per branch too
     alone = [hyca_run(fresh_copy(model), data, **settings) for data in (cond, uncond)]
 
     hyca.enable(model, **settings)
@@ -185,7 +186,7 @@ def test_loop_without_context_or_reset_starts_each_generation_clean(model, input
 
 def test_new_resolution_starts_clean(model):
     small, large = Inputs(side=4), Inputs(side=6)
-    settings = dict(profile="taylor-2", interval=3, warmup=2)
+    settings = dict(profile="taylor-2", interval=3, warmup=2, guard=True)
     expected = hyca_run(fresh_copy(model), large, **settings)
     hyca.enable(model, **settings)
     try:

@@ -54,13 +54,13 @@ def test_ui_components_in_argument_order_with_unique_ids(webui):
     ids = []
     for is_img2img in (False, True):
         script, components = build_ui(webui, is_img2img)
-        assert len(components) == len(webui.ARGUMENTS) == 9
+        assert len(components) == len(webui.ARGUMENTS) == 10
         assert isinstance(components[0], InputAccordion)  # the enable box is the accordion itself
         values = [c.value for c in components]
-        assert values == [False, 5, 3, True, True, "automatic", "", True, "model"]
+        assert values == [False, 5, 3, True, True, "automatic", "", True, "model", True]
         ids += [c.accordion.elem_id if isinstance(c, InputAccordion) else c.elem_id for c in components]
     assert all(i.startswith("hyca_") for i in ids)
-    assert len(set(ids)) == len(ids) == 18
+    assert len(set(ids)) == len(ids) == 20
 
 
 def test_api_arguments_follow_ui_order(webui):
@@ -91,7 +91,7 @@ def test_infotext_round_trip(webui):
     from modules.infotext_utils import paste_values, parse_generation_parameters
 
     script, components = build_ui(webui)
-    args = [True, 4, 2, False, False, "FORA (reuse)", "me/profiles", True, "bfloat16"]
+    args = [True, 4, 2, False, False, "FORA (reuse)", "me/profiles", True, "bfloat16", False]
     model = model_kinds()["forge_flux"].factory()
     with torch.no_grad():
         out = generate(Processing("forge_flux", model, steps=6), script, args)
@@ -113,7 +113,7 @@ def test_no_infotext_when_off_and_paste_leaves_controls(webui):
         out = generate(Processing("forge_flux", model, steps=4), script, [False, 4, 2, True, True, "automatic", "", True])
     assert "HyCa" not in out.infotexts[0]
     pasted = paste_values(script.infotext_fields, parse_generation_parameters(out.infotexts[0]))
-    assert pasted == [False] + [None] * 8
+    assert pasted == [False] + [None] * 9
 
 
 def xyz_stand_in():

@@ -13,35 +13,56 @@ blocks x K, with the same result up to float rounding.
 from __future__ import annotations
 
 from collections import deque
-from functools import lru_cache
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable
 
 import torch
 
 from ..math.solvers import Solver, pool
 from ..profiles.profile import Profile
 from .forecast import forecast
+from .guard import Demotion, check_solvers
 from .schedule import Schedule
 
 POSITION_AXES = ("step", "sigma")
 
+#: ``reduce(tensor) -> tensor``: sums a small float64 tensor over every process that
+#: holds a shard of the same step (context parallelism), so data-dependent decisions
+#: (the guard's) come out the same on all of them. ``None``: one process.
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
 
 @dataclass
 class RunStats:
+    """What one guidance branch of the latest run did: steps computed and forecast,
+    solvers the guard demoted (:mod:`hyca.engine.guard`), and anything else the user must
+    hear (``notes``: a fallback, a profile made for other settings, ...)."""
+
     computed: int = 0
     forecast: int = 0
+    demotions: list[Demotion] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
         return self.computed + self.forecast
 
+    def note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+
     def describe(self) -> str:
         if not self.total:
-            return "no steps"
-        return (
-            f"{self.computed} of {self.total} steps computed, {self.forecast} forecast "
-            f"(~{self.forecast / self.total:.0%} fewer transformer FLOPs)"
-        )
+            text = "no steps"
+        else:
+            text = (f"{self.computed} of {self.total} steps computed, {self.forecast} forecast "
+                    f"(~{self.forecast / self.total:.0%} fewer transformer FLOPs)")
+        if self.demotions:
+            text += "; guard: " + ", ".join(d.describe() for d in self.demotions)
+        if self.notes:
+            text += "; " + "; ".join(self.notes)
+        return text
 
 
 @dataclass
@@ -58,6 +79,8 @@ class BranchState:
     positions: deque = field(default_factory=deque)
     histories: list[deque] = field(default_factory=list)
     accumulators: list[torch.Tensor | None] = field(default_factory=list)
+    #: pool index of the solver each history slot forecasts with now (the guard lowers them)
+    active: list[int] = field(default_factory=list)
     stats: RunStats = field(default_factory=RunStats)
 
     def reset(self) -> None:
@@ -73,13 +96,20 @@ class HybridCache:
         schedule: Schedule,
         positions: str = "step",
         cache_dtype: torch.dtype | None = None,
+        guard: bool = True,
+        reduce: Reduce | None = None,
     ) -> None:
+        """``guard``: check every computed step's forecast against what was computed and
+        demote solvers that did worse than a lower order (:mod:`hyca.engine.guard`);
+        ``False`` is the paper's behaviour. ``reduce``: see :data:`Reduce`."""
         if positions not in POSITION_AXES:
             raise ValueError(f"positions must be one of {POSITION_AXES}, got {positions!r}")
         self.profile = profile
         self.schedule = schedule
         self.positions = positions
         self.cache_dtype = cache_dtype
+        self.guard = guard
+        self.reduce = reduce
         dim_solvers = profile.dim_solvers()  # (blocks, dim)
         self.solver_ids: list[int] = torch.unique(dim_solvers).tolist()
         self.solvers: list[Solver] = [pool()[i] for i in self.solver_ids]
@@ -109,6 +139,7 @@ class HybridCache:
             state.total_steps = total_steps
             state.histories = [deque(maxlen=s.history) for s in self.solvers]
             state.positions = deque(maxlen=self._max_history)
+            state.active = list(self.solver_ids)
         use_step = self.positions == "step" or position is None
         state.current_position = float(state.step) if use_step else float(position)
         state.computing = state.failed or not state.positions or self.schedule.computes(state.step, state.total_steps)
@@ -139,7 +170,7 @@ class HybridCache:
 
     def _weights(self, state: BranchState) -> tuple[tuple[int, ...], torch.Tensor]:
         """Per solver, how many history terms it uses; all their weights as one (terms, 1) column."""
-        return _stacked_weights(tuple(self.solver_ids), tuple(state.positions), state.current_position,
+        return _stacked_weights(tuple(state.active), tuple(state.positions), state.current_position,
                                 tuple(len(h) for h in state.histories))
 
     def end_step(self, state: BranchState) -> None:
@@ -147,6 +178,8 @@ class HybridCache:
             recorded = all(acc is not None for acc in state.accumulators)
             if not recorded:
                 state.failed = True  # some block did not report: the history would be inconsistent
+            if not state.failed and self.guard and state.positions:
+                self._check(state)
             if not state.failed:
                 for history, acc in zip(state.histories, state.accumulators):
                     history.appendleft(acc)
@@ -163,10 +196,22 @@ class HybridCache:
 
     # --- helpers -----------------------------------------------------------------
 
+    def _check(self, state: BranchState) -> None:
+        """The guard: this computed step is a free check of what each solver would have
+        forecast for it (see :mod:`hyca.engine.guard`)."""
+        lowered = check_solvers(list(state.histories), list(state.positions), state.current_position,
+                                state.accumulators, state.active, self.reduce)
+        for slot, solver in lowered.items():
+            demotion = Demotion(state.step, pool()[state.active[slot]].name, pool()[solver].name)
+            state.active[slot] = solver
+            state.stats.demotions.append(demotion)
+
     def _fresh_accumulator(self, state: BranchState, s: int, residual: torch.Tensor) -> torch.Tensor:
         dtype = self.cache_dtype or residual.dtype
         history = state.histories[s]
-        if len(history) == history.maxlen and history[-1].shape == residual.shape:
+        # The oldest value is recycled only when nothing reads it before this step ends:
+        # the guard forecasts this step from the whole history at its end.
+        if not self.guard and len(history) == history.maxlen and history[-1].shape == residual.shape:
             recycled = history.pop()  # the value about to fall out of the window
             return recycled.zero_()
         return torch.zeros(residual.shape, device=residual.device, dtype=dtype)

@@ -148,6 +148,7 @@ def enable(
     cache_dtype: torch.dtype | None = None,
     scheduler: Any = None,
     probe_kwargs: Mapping[str, Any] | None = None,
+    guard: bool = True,
 ) -> list[HybridCache]:
     """Accelerate ``target`` (a pipeline or a transformer) with hybrid feature caching.
 
@@ -166,6 +167,10 @@ def enable(
     extrapolate along.
     ``scheduler``: where to read the step count in a hand-written loop (a pipeline's own
     scheduler is used automatically); it lets ``compute_last`` find the last step.
+    ``guard``: every computed step checks what each solver group would have forecast for
+    it and demotes a group that did worse than a lower order (``taylor-1``, ``reuse``) for
+    the rest of the generation; no extra model call (:mod:`hyca.engine.guard`).
+    ``False`` is the paper's behaviour. Demotions show in :func:`stats`.
     Enabling again replaces the previous settings. Returns the engine of each transformer.
     """
     schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
@@ -183,7 +188,7 @@ def enable(
         make = _first_use_probe(target, attribute, interval, warmup, positions, probe_kwargs)
         spec = _resolve(_profile_of(profile, attribute), transformer, make, interval)
         chosen = _profile_for(spec, transformer, len(blocks), hidden_size(transformer))
-        engine = HybridCache(chosen, schedule, positions, cache_dtype)
+        engine = HybridCache(chosen, schedule, positions, cache_dtype, guard=guard)
         total_steps = _expert_steps(target, attribute) if experts else _steps_from(scheduler)
         hooks.unregister(transformer)
         hooks.register(transformer, blocks, engine, family, total_steps)

@@ -166,7 +166,8 @@ class Controller:
             console(f"probing {adapter.name} on this pass (every step computed)")
             engine = probe.ProbeEngine(len(adapter.blocks(model)), schedule)
         else:
-            engine = HybridCache(chosen.profile, schedule, cache_dtype=torch_dtype(settings.cache_dtype))
+            engine = HybridCache(chosen.profile, schedule, cache_dtype=torch_dtype(settings.cache_dtype),
+                                 guard=settings.guard)
         self.chosen, self.noted_sigma = chosen, None
         self.session = PassSession(engine, lambda: pass_sigmas(p, hires), label)
         self.probe_fp = fingerprint(model, adapter) if isinstance(engine, probe.ProbeEngine) else None

@@ -16,11 +16,12 @@ INFOTEXT_KEYS = {
     "hub_repo": "HyCa hub repo",
     "lora_reuse": "HyCa LoRA reuse",
     "cache_dtype": "HyCa cache dtype",
+    "guard": "HyCa guard",
 }
 #: History precision choices; "model" keeps the dtype the blocks compute in.
 CACHE_DTYPES = ("model", "bfloat16", "float16", "float32")
 #: Results, written after sampling.
-RESULT_KEYS = ("HyCa steps", "HyCa saving", "HyCa LoRA ARI")
+RESULT_KEYS = ("HyCa steps", "HyCa saving", "HyCa LoRA ARI", "HyCa guard demotions")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class Settings:
     profile: str = "automatic"
     hub_repo: str = ""
     lora_reuse: bool = True
-    cache_dtype: str = "model"  # appended last: API callers' positional args keep their meaning
+    cache_dtype: str = "model"  # appended: API callers' positional args keep their meaning
+    guard: bool = True  # appended last, for the same reason
 
     @classmethod
     def from_args(cls, args: Sequence[Any]) -> "Settings":
