@@ -37,7 +37,9 @@ def generate(pipe, **extra):
 
 
 def run_probe(pipe, **extra):
-    settings = dict(height=64, width=64, steps=STEPS, interval=INTERVAL, warmup=WARMUP, clusters=3, progress=False)
+    """The probe with eq. 5's choice alone (fast); closed-loop choosing has tests of its own."""
+    settings = dict(height=64, width=64, steps=STEPS, interval=INTERVAL, warmup=WARMUP, clusters=3, progress=False,
+                    selection="eq5")
     return probe(pipe, **{**settings, **conditioning(), **extra})
 
 
@@ -108,7 +110,7 @@ def test_sketch_errors_estimate_the_exact_errors(positions):
     window = 0.5 - 0.005 * torch.linspace(0, 1, STEPS) ** 2  # uneven: step and sigma axes differ
     loop = lambda: euler_sample(model, inputs, STEPS, velocity=window_velocity(inputs, window))  # noqa: E731
     profile = probe_transformer(model, loop, STEPS, interval=INTERVAL, warmup=WARMUP, positions=positions,
-                                rows=512, progress=False)
+                                rows=512, progress=False, selection="eq5")
     _, captured = capture_residuals(model, loop)
     residuals = torch.stack([torch.stack(captured[i:i + 5]) for i in range(0, len(captured), 5)]).squeeze(2)
     plan = Schedule(INTERVAL, WARMUP).plan(STEPS)
@@ -170,7 +172,7 @@ def test_hooks_are_removed_when_the_run_raises():
         return inputs.call(m, x, sigma)
 
     with pytest.raises(KeyboardInterrupt):
-        probe_transformer(model, lambda: euler_sample(model, inputs, 6, failing), 6, progress=False)
+        probe_transformer(model, lambda: euler_sample(model, inputs, 6, failing), 6, progress=False, selection="eq5")
     assert no_hooks_left(model)
     assert torch.equal(euler_sample(model, inputs, 6)[0], before)
 
@@ -211,11 +213,11 @@ def branch_loop(model, inputs, other_inputs, names):
 @pytest.mark.parametrize("names", [("cond", "uncond"), (None, None)])
 def test_only_the_conditional_branch_is_recorded(names):
     model, inputs, other = tiny_flux(), Inputs(seed=1), Inputs(seed=7)
-    alone = probe_transformer(model, branch_loop(model, inputs, None, names), STEPS, progress=False)
-    both = probe_transformer(model, branch_loop(model, inputs, other, names), STEPS, progress=False)
+    alone = probe_transformer(model, branch_loop(model, inputs, None, names), STEPS, progress=False, selection="eq5")
+    both = probe_transformer(model, branch_loop(model, inputs, other, names), STEPS, progress=False, selection="eq5")
     assert torch.equal(alone.labels, both.labels) and torch.equal(alone.solvers, both.solvers)
     assert alone.metadata["selection"]["blocks"] == both.metadata["selection"]["blocks"]
-    swapped = probe_transformer(model, branch_loop(model, other, None, names), STEPS, progress=False)
+    swapped = probe_transformer(model, branch_loop(model, other, None, names), STEPS, progress=False, selection="eq5")
     assert swapped.metadata["selection"]["blocks"] != both.metadata["selection"]["blocks"]
 
 
@@ -227,9 +229,9 @@ def test_a_batch_of_images_is_probed_as_one(pipe):
 def test_a_wrong_step_count_is_named():
     model, inputs = tiny_flux(), Inputs()
     with pytest.raises(RuntimeError, match="recorded 6 transformer calls .* but steps=8"):
-        probe_transformer(model, lambda: euler_sample(model, inputs, 6), 8, progress=False)
+        probe_transformer(model, lambda: euler_sample(model, inputs, 6), 8, progress=False, selection="eq5")
     with pytest.raises(RuntimeError, match="more than steps=4"):
-        probe_transformer(model, lambda: euler_sample(model, inputs, 6), 4, progress=False)
+        probe_transformer(model, lambda: euler_sample(model, inputs, 6), 4, progress=False, selection="eq5")
     assert no_hooks_left(model)
 
 

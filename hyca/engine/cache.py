@@ -22,7 +22,7 @@ import torch
 from ..math.solvers import Solver, pool
 from ..profiles.profile import Profile
 from .forecast import forecast
-from .guard import Demotion, check_solvers
+from .guard import Demotion, check_solvers, steady
 from .schedule import Schedule
 
 POSITION_AXES = ("step", "sigma")
@@ -77,6 +77,7 @@ class BranchState:
     computing: bool = True
     failed: bool = False
     positions: deque = field(default_factory=deque)
+    computed_steps: deque = field(default_factory=deque)  # step index of each history entry
     histories: list[deque] = field(default_factory=list)
     accumulators: list[torch.Tensor | None] = field(default_factory=list)
     #: pool index of the solver each history slot forecasts with now (the guard lowers them)
@@ -139,6 +140,7 @@ class HybridCache:
             state.total_steps = total_steps
             state.histories = [deque(maxlen=s.history) for s in self.solvers]
             state.positions = deque(maxlen=self._max_history)
+            state.computed_steps = deque(maxlen=self._max_history)
             state.active = list(self.solver_ids)
         use_step = self.positions == "step" or position is None
         state.current_position = float(state.step) if use_step else float(position)
@@ -184,6 +186,7 @@ class HybridCache:
                 for history, acc in zip(state.histories, state.accumulators):
                     history.appendleft(acc)
                 state.positions.appendleft(state.current_position)
+                state.computed_steps.appendleft(state.step)
             state.accumulators = []
             state.stats.computed += 1
         else:
@@ -199,8 +202,10 @@ class HybridCache:
     def _check(self, state: BranchState) -> None:
         """The guard: this computed step is a free check of what each solver would have
         forecast for it (see :mod:`hyca.engine.guard`)."""
+        steps = [state.step, *state.computed_steps]
+        judged = [steady(steps, pool()[solver].history, self.schedule.interval) for solver in state.active]
         lowered = check_solvers(list(state.histories), list(state.positions), state.current_position,
-                                state.accumulators, state.active, self.reduce)
+                                state.accumulators, state.active, self.reduce, judged)
         for slot, solver in lowered.items():
             demotion = Demotion(state.step, pool()[state.active[slot]].name, pool()[solver].name)
             state.active[slot] = solver

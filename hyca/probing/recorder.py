@@ -13,11 +13,21 @@ without bias, and differences and weighted sums of sketches are sketches of diff
 and weighted sums. At the end of each step the step's sketches ``(blocks, rows, dim)``
 feed the incremental indicators and the schedule replay, and are dropped.
 
-Branches: only one guidance branch is recorded, the one named ``branch`` ("cond") by the
-pipeline's ``cache_context``, or calls made outside any context (a plain sampling loop);
-when several unnamed calls share one timestep (pipelines that run cond then uncond
-without naming them) the first is recorded. A batch of several images is one sketch over
-all of them.
+Branches and guidance: without guidance (``guidance_scale`` None or 1) one branch is
+recorded, the one named ``branch`` ("cond") by the pipeline's ``cache_context``, or calls
+made outside any context (a plain sampling loop); when several unnamed calls share one
+timestep (pipelines that run cond then uncond without naming them) the first is
+recorded. With guidance the engine's forecast errors reach the image through the guided
+output ``u + g (c - u)``, where the error of ``c - u`` is amplified by ``g`` (issue 11:
+forecasts that beat reuse on each branch lose to it on the guided image). So both
+branches are recorded and the step's sketch is that of the guided residual
+``R_u + g (R_c - R_u)``: every solver is linear, so its forecast error on this
+combination is the combination of its errors on the branches. Branches are the contexts
+named ``branch`` and ``uncond_branch`` ("uncond"), or the first and second unnamed call
+at a timestep; with ``batched_guidance`` ("uncond-first" or "cond-first", the order of
+the halves of a batched call such as SD3's) the halves of each residual. A step is
+complete when a call at another timestep begins, or at :meth:`finish`. A batch of several
+images is one sketch over all of them.
 
 Where the accumulators live (``accumulate_on``): on the CPU by default, about 125 MiB for
 FLUX.1-dev at 50 steps with 8 rows (2 for the spectrum), and some 0.1 s of CPU work per
@@ -52,15 +62,22 @@ class SketchRecorder:
     def __init__(self, num_blocks: int, steps: int, schedule: Schedule, positions: str = "step",
                  rows: int = 8, spectral_rows: int | None = 2, seed: int = 0, branch: str = "cond",
                  candidates: tuple[Solver, ...] | None = None, progress: Any = None,
-                 accumulate_on: str | torch.device | None = "cpu") -> None:
+                 accumulate_on: str | torch.device | None = "cpu", guidance_scale: float | None = None,
+                 uncond_branch: str = "uncond", batched_guidance: str | None = None) -> None:
         if positions not in POSITION_AXES:
             raise ValueError(f"positions must be one of {POSITION_AXES}, got {positions!r}")
         if not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows (sketch size) must be a positive integer, got {rows!r}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if batched_guidance not in (None, "uncond-first", "cond-first"):
+            raise ValueError(f"batched_guidance must be None, 'uncond-first' or 'cond-first', got {batched_guidance!r}")
         self.num_blocks, self.steps, self.positions = num_blocks, steps, positions
         self.rows, self.spectral_rows, self.seed, self.branch = rows, spectral_rows, seed, branch
+        self.uncond_branch = uncond_branch
+        guided = guidance_scale is not None and abs(float(guidance_scale) - 1.0) > 1e-9
+        self.guidance_scale = float(guidance_scale) if guided else None
+        self.batched_guidance = batched_guidance if guided else None
         self.replay = ReplayErrors(schedule.plan(steps), candidates)
         self.accumulator: IndicatorAccumulator | None = None
         self.progress = progress
@@ -68,12 +85,15 @@ class SketchRecorder:
         self.states: Any = None  # the hooks' BranchStates, set by whoever registers the hooks
         self.error: BaseException | None = None
         self.step = 0
-        self._recording: Any = None  # the BranchState of the recorded branch
+        self.branches_seen: set[str] = set()  # "cond" / "uncond": which went into the sketches
+        self._states: dict[str, Any] = {}  # role -> the BranchState recorded for it
         self._current: Any = None  # that state while one of its calls runs, else None
-        self._position: float | None = None
-        self._last_unnamed: float | None = None
+        self._role: str | None = None  # "cond" or "uncond": the role of the call in progress
+        self._position: float | None = None  # the timestep whose branches are being collected
+        self._calls_here = 0  # unnamed calls at that timestep so far
         self._signature: tuple | None = None
-        self._sketches: dict[int, torch.Tensor] = {}
+        self._sketches: dict[str, dict[int, torch.Tensor]] = {}  # role -> block -> sketch
+        self._pending = False  # sketches of a step not yet folded into the indicators
         self._projection: torch.Tensor | None = None
 
     # --- the engine's hook-facing interface ------------------------------------------------
@@ -81,22 +101,30 @@ class SketchRecorder:
     def begin_step(self, state: Any, position: float | None, signature: tuple | None,
                    total_steps: int | None = None) -> bool:
         state.computing = True
-        self._current = state if self._records(state, position) else None
+        new_step = position is None or position != self._position or not self._pending
+        if new_step:
+            self._flush()
+            self._position, self._calls_here = position, 0
+        role = self._role_of(state)
+        self._calls_here += 1
+        self._current, self._role = (state, role) if role is not None else (None, None)
         if self._current is not None:
             if self._signature is not None and signature != self._signature:
                 self._fail(ValueError(f"the input shape changed from {self._signature} to {signature} "
                                       "during the probe; probe one resolution and batch size at a time"))
                 raise self.error
             self._signature = signature
-            self._position = position
-            self._sketches = {}
+            self._sketches[role] = {}
+            self._pending = True
         return True
 
     def record(self, state: Any, block: int, residual: torch.Tensor) -> None:
         if state is not self._current or self.error is not None:
             return
         try:
-            self._sketches[block] = self._sketch(residual)
+            if self.batched_guidance is not None:
+                residual = self._guided_halves(residual)
+            self._sketches[self._role][block] = self._sketch(residual)
         except Exception as error:  # the hooks would only log it; the probe must fail
             self._fail(error)
             raise
@@ -107,11 +135,11 @@ class SketchRecorder:
         self._current = None
         if self.error is not None:  # raised in a block hook, which only logs: stop the run here
             raise RuntimeError(f"the probe's recording failed: {self.error}") from self.error
-        try:
-            self._finish_step()
-        except Exception as error:
-            self._fail(error)
-            raise
+        missing = sorted(set(range(self.num_blocks)) - set(self._sketches[self._role]))
+        if missing:
+            self._fail(RuntimeError(f"blocks {missing[:5]} did not run at step {self.step}; the probe needs a "
+                                    "fully computed run (is another cache or a skip-layer option active?)"))
+            raise self.error
 
     def predicted_residual(self, state: Any) -> torch.Tensor:
         raise RuntimeError("the probe computes every step; nothing is forecast")
@@ -120,6 +148,11 @@ class SketchRecorder:
 
     def finish(self) -> tuple[torch.Tensor, Replay]:
         """``(indicators (blocks, dim, 10), replay)`` once every step was recorded."""
+        if self.error is None:
+            try:
+                self._flush()
+            except Exception as error:
+                self._fail(error)
         if self.error is not None:
             raise RuntimeError(f"the probe's recording failed: {self.error}") from self.error
         if self.step != self.steps:
@@ -131,16 +164,47 @@ class SketchRecorder:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _records(self, state: Any, position: float | None) -> bool:
+    def _role_of(self, state: Any) -> str | None:
+        """"cond", "uncond" or None (not recorded) for the call beginning now."""
         context = getattr(self.states, "_context", None)
         if context is not None:
-            chosen = context.name == self.branch
-        else:  # unnamed: the first call at each timestep
-            chosen = position is None or position != self._last_unnamed
-            self._last_unnamed = position
-        if chosen and self._recording is None:
-            self._recording = state
-        return chosen and state is self._recording
+            role = {self.branch: "cond", self.uncond_branch: "uncond"}.get(context.name)
+        else:  # unnamed: the first call at a timestep is cond, the second uncond
+            role = {1: "cond", 2: "uncond"}.get(self._calls_here + 1)
+        if role == "uncond" and self.guidance_scale is None or self.batched_guidance is not None and role != "cond":
+            return None
+        if role is not None and self._states.setdefault(role, state) is not state:
+            return None  # another state under the same name: not the branch this recording follows
+        return role
+
+    def _guided_halves(self, residual: torch.Tensor) -> torch.Tensor:
+        """A batched call's residual ``[uncond; cond]`` (or the other order) -> the guided one."""
+        if residual.shape[0] % 2:
+            raise ValueError(f"batched guidance needs an even batch, got {residual.shape[0]}")
+        first, second = residual.chunk(2)
+        uncond, cond = (first, second) if self.batched_guidance == "uncond-first" else (second, first)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def _flush(self) -> None:
+        """Fold the collected step into the indicators and the replay: the guided sketch
+        when both branches were recorded under guidance, else the cond branch's."""
+        if not self._pending:
+            return
+        self._pending = False
+        per_role = {role: sketches for role, sketches in self._sketches.items()
+                    if len(sketches) == self.num_blocks}
+        self._sketches = {}
+        if "cond" not in per_role:
+            raise RuntimeError(f"step {self.step} recorded no {self.branch!r} branch")
+        cond = torch.stack([per_role["cond"][b] for b in range(self.num_blocks)])
+        if "uncond" in per_role:
+            uncond = torch.stack([per_role["uncond"][b] for b in range(self.num_blocks)])
+            sketch = uncond + self.guidance_scale * (cond - uncond)
+            self.branches_seen.update(("cond", "uncond"))
+        else:
+            sketch = cond
+            self.branches_seen.add("cond" if self.batched_guidance is None else "cond+uncond (batched)")
+        self._finish_step(sketch)
 
     def _sketch(self, residual: torch.Tensor) -> torch.Tensor:
         flat = residual.detach().reshape(-1, residual.shape[-1])
@@ -151,15 +215,9 @@ class SketchRecorder:
                              f"{self._projection.shape[1]}; every block must see the same tokens")
         return self._projection @ flat.float()
 
-    def _finish_step(self) -> None:
-        missing = sorted(set(range(self.num_blocks)) - set(self._sketches))
-        if missing:
-            raise RuntimeError(f"blocks {missing[:5]} did not run at step {self.step}; the probe needs "
-                               "a fully computed run (is another cache or a skip-layer option active?)")
-        sketch = torch.stack([self._sketches[b] for b in range(self.num_blocks)])
+    def _finish_step(self, sketch: torch.Tensor) -> None:
         if self.accumulate_on is not None:
             sketch = sketch.to(self.accumulate_on)
-        self._sketches = {}
         if self.accumulator is None:
             self.accumulator = IndicatorAccumulator(self.num_blocks, sketch.shape[2], self.steps,
                                                     self.spectral_rows)

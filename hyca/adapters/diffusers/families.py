@@ -47,6 +47,14 @@ class Family:
     timestep_arg: str = "timestep"
     input_arg: str = "hidden_states"
     bypass_args: tuple[str, ...] = ()
+    #: Which way the transformer's timestep input moves during a run: "down" (noise at the
+    #: largest value, as t and sigma do), or "up" where the model is fed 1 - t (Lumina2,
+    #: Z-Image). A move the other way starts a new generation.
+    timestep_direction: str = "down"
+    #: Pipelines that batch both guidance branches into one call: the order of the halves
+    #: ("uncond-first": ``torch.cat([negative, positive])``), so the probe can score the
+    #: guided output. None: branches are separate calls (or there is no guidance).
+    batched_guidance: str | None = None
     notes: str = ""
 
 
@@ -103,6 +111,7 @@ FAMILIES: dict[str, Family] = {
         name="SD3 / SD3.5",
         block_lists=(BlockList("transformer_blocks", TEXT_IMAGE, text_dropped_if="context_pre_only"),),
         bypass_args=("skip_layers",),
+        batched_guidance="uncond-first",
         notes=(
             "joint blocks return (text, image); the last has context_pre_only and returns "
             "(None, image). Skip-layer guidance calls the transformer a second time with "
@@ -124,6 +133,7 @@ FAMILIES: dict[str, Family] = {
     "Lumina2Transformer2DModel": Family(
         name="Lumina2",
         block_lists=(BlockList("layers", IMAGE),),
+        timestep_direction="up",
         notes=(
             "context_refiner and noise_refiner run every step (each on its own stream); the "
             "main layers see one joint [text, image] sequence, cached whole (text and padding "
@@ -136,6 +146,8 @@ FAMILIES: dict[str, Family] = {
         block_lists=(BlockList("layers", "x", stream="x"),),
         timestep_arg="t",
         input_arg="x",
+        timestep_direction="up",
+        batched_guidance="cond-first",
         notes=(
             "Lumina2's design with other names: the input is a list of latents, refiners run "
             "every step, the main layers see one padded [image, text] sequence, cached whole. "
@@ -150,6 +162,7 @@ FAMILIES: dict[str, Family] = {
             BlockList("single_stream_blocks", IMAGE, stream_tokens="head"),
         ),
         timestep_arg="timesteps",
+        batched_guidance="uncond-first",
         notes=(
             "double blocks (MoE feed-forward) return (image, text) and get a fresh Llama layer "
             "appended to the text each block; the forward concatenates [image, text] for the "
@@ -164,6 +177,7 @@ FAMILIES: dict[str, Family] = {
     "SanaTransformer2DModel": Family(
         name="Sana",
         block_lists=(BlockList("transformer_blocks", IMAGE),),
+        batched_guidance="uncond-first",
         notes="linear-attention blocks with cross-attention, returning the image stream alone",
     ),
 }

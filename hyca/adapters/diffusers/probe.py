@@ -12,28 +12,39 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import inspect
+import logging
 import time
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule
 from ...math.solvers import POOL_VERSION
+from ...probing import closed_loop
 from ...probing.analysis import analyse, candidate_solvers
 from ...probing.recorder import SketchRecorder
 from ...profiles.profile import Profile
+from ...profiles.settings import RunSettings
 from . import hooks
 from .families import blocks_of, family_of
 from .fingerprint import fingerprint
 
 DEFAULT_PROMPT = "a photo of a cat"
+CLOSED_LOOP, EQ5 = "closed-loop", "eq5"
+#: How the probe chooses: validated on cached runs of its own prompt (default), or eq. 5 alone.
+SELECTIONS = (CLOSED_LOOP, EQ5)
+
+logger = logging.getLogger("hyca")
 
 
 @contextlib.contextmanager
-def recording(transformer: torch.nn.Module, recorder: SketchRecorder) -> Iterator[None]:
-    """Hook ``recorder`` in place of HyCa's engine for the duration; HyCa's own hooks, if
-    enabled, are restored afterwards with the same engine and settings."""
+def _hooked(transformer: torch.nn.Module, engine: Any, steps: int) -> Iterator[Any]:
+    """Hook ``engine`` (a :class:`SketchRecorder` or a :class:`HybridCache`) in place of
+    HyCa's own for the duration; HyCa's hooks, if enabled, are restored afterwards with the
+    same engine and settings."""
     if getattr(transformer, "is_cache_enabled", False):
         raise RuntimeError(f"{type(transformer).__name__} has a diffusers cache enabled; the probe needs "
                            "every step computed: call transformer.disable_cache() first")
@@ -44,13 +55,43 @@ def recording(transformer: torch.nn.Module, recorder: SketchRecorder) -> Iterato
         previous = None  # left over from a probe that could not clean up: do not restore it
     hooks.unregister(transformer)
     try:
-        hooks.register(transformer, blocks, recorder, family, lambda *_: recorder.steps)
-        recorder.states = hooks.root_hook(transformer).states
-        yield
+        hooks.register(transformer, blocks, engine, family, lambda *_: steps)
+        yield hooks.root_hook(transformer)
     finally:
         hooks.unregister(transformer)
         if previous is not None:
             hooks.register(transformer, blocks, previous.engine, previous.family, previous.total_steps)
+
+
+@contextlib.contextmanager
+def recording(transformer: torch.nn.Module, recorder: SketchRecorder) -> Iterator[None]:
+    """Hook ``recorder`` in place of HyCa's engine for the duration (see :func:`_hooked`)."""
+    with _hooked(transformer, recorder, recorder.steps) as hook:
+        recorder.states = hook.states
+        yield
+
+
+def output_tensor(output: Any) -> torch.Tensor | None:
+    """The final sample a run returned, as a float tensor: a tensor; a diffusers output's
+    ``images`` / ``frames`` (tensor, array, or list of PIL images / arrays); the first item
+    of a tuple. ``None`` when there is nothing to compare (a run that returns nothing)."""
+    if output is None:
+        return None
+    if isinstance(output, torch.Tensor):
+        return output.detach().float().cpu()
+    for name in ("images", "frames"):
+        if hasattr(output, name):
+            return output_tensor(getattr(output, name))
+    if isinstance(output, tuple) and output:
+        return output_tensor(output[0])
+    if isinstance(output, list) and output:
+        return torch.stack([output_tensor(item) for item in output])
+    try:
+        import numpy as np
+
+        return torch.from_numpy(np.asarray(output, dtype=np.float32))
+    except (TypeError, ValueError):
+        return None
 
 
 def probe_transformer(
@@ -72,6 +113,10 @@ def probe_transformer(
     progress: bool = True,
     settings: dict[str, Any] | None = None,
     accumulate_on: str | torch.device | None = "cpu",
+    guidance_scale: float | None = None,
+    selection: str = CLOSED_LOOP,
+    guard: bool = True,
+    chosen_for: RunSettings | None = None,
 ) -> Profile:
     """Probe ``transformer`` while ``run()`` makes one fully computed generation of
     ``steps`` transformer calls per branch (a hand-written sampling loop, a frontend's
@@ -80,19 +125,47 @@ def probe_transformer(
     shared by all blocks), k-means seeded by ``seed``; sketches of ``rows`` rows (the
     spectral indicators use the first ``spectral_rows``). ``settings``: extra facts for the
     metadata's ``probe`` entry (prompt, resolution, ...). ``accumulate_on``: where the
-    recording's running sums live, ``"cpu"`` or None for the residuals' device."""
+    recording's running sums live, ``"cpu"`` or None for the residuals' device.
+
+    ``guidance_scale``: the run's classifier-free guidance scale; above 1 both branches
+    are recorded and eq. 5 scores the guided output (:mod:`hyca.probing.recorder`).
+    ``selection``: ``"closed-loop"`` (default) re-runs ``run()`` with HyCa on for each
+    candidate assignment and keeps the one whose final output is nearest the fully computed
+    one (:mod:`hyca.probing.closed_loop`; ``run`` must return that output, the same on
+    every call, e.g. from a fixed seed) -- with ``guard`` as it will run; ``"eq5"``: the
+    paper's open-loop choice alone. ``chosen_for``: the run settings the profile is for
+    (stored as its ``chosen_for``; N, warm-up, last step, axis, steps and guidance are
+    filled in from the arguments)."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
-    blocks = blocks_of(transformer, family_of(transformer))
+    family = family_of(transformer)
+    blocks = blocks_of(transformer, family)
+    timing: dict[str, float] = {}
     with tqdm(total=steps, desc="HyCa probe", unit="step", disable=not progress) as bar:
         recorder = SketchRecorder(len(blocks), steps, schedule, positions, rows, spectral_rows, seed, branch,
-                                  candidate_solvers(candidates), bar, accumulate_on)
+                                  candidate_solvers(candidates), bar, accumulate_on, guidance_scale=guidance_scale,
+                                  batched_guidance=family.batched_guidance)
         started = time.perf_counter()
         with recording(transformer, recorder):
-            run()
+            reference = output_tensor(run())
         recorded = time.perf_counter()
         indicator_values, replay = recorder.finish()
         profile, report = analyse(indicator_values, replay, clusters, shared, seed, n_init)
         analysed = time.perf_counter()
+        timing = {"record_s": round(recorded - started, 3), "analysis_s": round(analysed - recorded, 3)}
+    report["branches"] = sorted(recorder.branches_seen)
+    if selection == CLOSED_LOOP and reference is None:
+        logger.warning("HyCa probe: the run returned no output to compare, so the choice is eq. 5's alone "
+                       "(open loop); return the final latent from run() for a closed-loop choice")
+        report["closed_loop"] = {"skipped": "the run returned no output"}
+    elif selection == CLOSED_LOOP:
+        profile, report["closed_loop"], seconds = _closed_loop(transformer, run, steps, schedule, positions, guard,
+                                                                profile, reference, progress)
+        timing["closed_loop_s"] = round(seconds, 3)
+    settings_for = (chosen_for or RunSettings()).merged(RunSettings(
+        steps=steps, guidance_scale=guidance_scale if guidance_scale is not None else None, interval=interval,
+        warmup=warmup, compute_last=compute_last, positions=positions))
     profile.metadata = {
         "method": "hyca",
         "fingerprint": fingerprint(transformer),
@@ -100,15 +173,36 @@ def probe_transformer(
         "warmup": warmup,
         "compute_last": compute_last,
         "positions": positions,
+        "chosen_for": settings_for.to_json(),
         "probe": {**(settings or {}), "steps": steps, "clusters": clusters, "shared": shared, "seed": seed,
-                  "rows": rows, "spectral_rows": spectral_rows, "n_init": n_init, "branch": branch},
+                  "rows": rows, "spectral_rows": spectral_rows, "n_init": n_init, "branch": branch,
+                  "selection": selection, "guard": guard},
         "pool_version": POOL_VERSION,
         "hyca_version": _version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "selection": report,
-        "timing": {"record_s": round(recorded - started, 3), "analysis_s": round(analysed - recorded, 3)},
+        "timing": timing,
     }
     return profile
+
+
+def _closed_loop(transformer: torch.nn.Module, run: Callable[[], Any], steps: int, schedule: Schedule,
+                 positions: str, guard: bool, eq5: Profile, reference: torch.Tensor,
+                 progress: bool) -> tuple[Profile, dict[str, Any], float]:
+    """:func:`hyca.probing.closed_loop.choose` with cached runs of ``run`` on ``transformer``."""
+
+    def generate(candidate: Profile) -> torch.Tensor:
+        engine = HybridCache(candidate, schedule, positions, guard=guard)
+        with _hooked(transformer, engine, steps):
+            return output_tensor(run())
+
+    started = time.perf_counter()
+    with tqdm(desc="HyCa probe: closed-loop trials", unit="run", disable=not progress) as bar:
+        chosen, trials, winner = closed_loop.choose(eq5, generate, reference, on_trial=lambda _: bar.update(1))
+    seconds = time.perf_counter() - started
+    logger.info("HyCa probe: closed loop chose %s (%s) after %d cached runs in %.1f s", winner,
+                ", ".join(f"{t.name} {t.fidelity_db:.1f} dB" for t in trials), len(trials), seconds)
+    return chosen, {"chosen": winner, "trials": [t.to_json() for t in trials]}, seconds
 
 
 def _version() -> str:
@@ -133,6 +227,28 @@ def _quiet(pipe: Any) -> Iterator[None]:
             pipe._progress_bar_config = saved
 
 
+def guidance_of(pipe: Any, call: dict[str, Any]) -> float | None:
+    """The classifier-free guidance scale a call of ``pipe`` with arguments ``call`` runs at:
+    ``true_cfg_scale`` where the pipeline has it (FLUX, Qwen-Image, HunyuanVideo: their
+    ``guidance_scale`` is distilled guidance, an input of the model), else ``guidance_scale``;
+    the pipeline's default when the call does not set it. None when the pipeline has neither."""
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    name = next((n for n in ("true_cfg_scale", "guidance_scale") if n in parameters), None)
+    if name is None:
+        return None
+    value = call.get(name, parameters[name].default)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def schedule_shift(scheduler: Any) -> float | None:
+    """A flow-matching scheduler's fixed sigma shift; None when unknown or resolution-dependent
+    (``use_dynamic_shifting``: FLUX's shift follows the image size)."""
+    config = getattr(scheduler, "config", None)
+    if config is None or config.get("use_dynamic_shifting") or config.get("shift") is None:
+        return None
+    return float(config["shift"])
+
+
 def probe(
     pipe: Any,
     prompt: str | None = DEFAULT_PROMPT,
@@ -151,13 +267,21 @@ def probe(
     """Probe a diffusers pipeline: one fully computed ``height`` x ``width`` generation of
     ``prompt`` in ``steps`` steps (latents only, no decoding), recorded and analysed into
     a :class:`Profile` for ``hyca.enable(pipe, profile, interval=interval, warmup=warmup,
-    positions=positions)``.
+    positions=positions)``; then, by default, the choice is validated closed loop: a
+    cached run of the same prompt and seed per candidate assignment (every single solver
+    of the pool, eq. 5's, and refinements), the nearest to full compute kept
+    (:mod:`hyca.probing.closed_loop`). Run it at the settings you sample with: step count,
+    guidance (``guidance_scale`` / ``true_cfg_scale`` with a ``negative_prompt``), N,
+    warm-up; the profile records them (``chosen_for``) and ``hyca.enable`` prefers a
+    profile made for the run's settings.
 
     ``options``: settings of :func:`probe_transformer` (``compute_last``, ``rows``,
-    ``spectral_rows``, ``n_init``, ``candidates``, ``branch``, ``accumulate_on``); everything else goes to
-    the pipeline call (e.g. ``guidance_scale``, or ``prompt_embeds`` instead of a prompt).
+    ``spectral_rows``, ``n_init``, ``candidates``, ``branch``, ``accumulate_on``,
+    ``selection``, ``guard``); everything else goes to the pipeline call (e.g.
+    ``guidance_scale``, or ``prompt_embeds`` instead of a prompt).
     """
-    probe_keys = ("compute_last", "rows", "spectral_rows", "n_init", "candidates", "branch", "accumulate_on")
+    probe_keys = ("compute_last", "rows", "spectral_rows", "n_init", "candidates", "branch", "accumulate_on",
+                  "selection", "guard")
     probe_options = {k: options.pop(k) for k in probe_keys if k in options}
     call = {"output_type": "latent", **options}
     if "prompt_embeds" not in call:
@@ -165,14 +289,19 @@ def probe(
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
         raise TypeError(f"{type(pipe).__name__} has no transformer to probe; for a bare transformer and "
-                        "your own sampling loop use hyca.probing.probe_transformer")
+                        "your own sampling loop use hyca.adapters.diffusers.probe.probe_transformer")
     settings = {"prompt": prompt if "prompt_embeds" not in call else None, "height": height, "width": width}
+    guidance = guidance_of(pipe, call)
+    if guidance is not None:
+        settings["guidance_scale"] = guidance
+    chosen_for = RunSettings(steps=steps, guidance_scale=guidance, shift=schedule_shift(getattr(pipe, "scheduler", None)))
 
-    def run() -> None:
+    def run() -> Any:
         generator = torch.Generator().manual_seed(seed)
-        pipe(height=height, width=width, num_inference_steps=steps, generator=generator, **call)
+        return pipe(height=height, width=width, num_inference_steps=steps, generator=generator, **call)
 
     with _quiet(pipe):
         return probe_transformer(transformer, run, steps, interval=interval, warmup=warmup, positions=positions,
                                  clusters=clusters, shared=shared, seed=seed, progress=progress,
-                                 settings=settings, **probe_options)
+                                 settings=settings, guidance_scale=guidance, chosen_for=chosen_for,
+                                 **probe_options)

@@ -1,0 +1,139 @@
+"""Closed-loop choosing: keep the assignment whose *cached run* lands nearest full compute.
+
+Eq. 5 scores each solver by its forecast error on a fully computed trajectory (open
+loop). At run time forecasts feed back: a forecast error moves the sample, the next
+computed step sees another input, and guidance amplifies the error of ``cond - uncond``.
+On the reference model at 28 steps, guidance 2.5, N=6, a profile chosen by eq. 5 at
+exactly those settings gave 17.9 dB where plain reuse gave 28 dB (issue 11). So the
+probe runs the cached schedule itself, on its own prompt and seed, for each candidate
+assignment, measures how far the final output lands from the fully computed one it
+recorded, and keeps the best:
+
+* the eq. 5 assignment (the paper's choice, per block and cluster);
+* every solver of the pool alone (FORA, TaylorSeer 1-3, ...): so the choice is never
+  worse, on the probe's own run, than the best single solver;
+* refinements of the mixed assignment: each solver group in turn (largest first) handed
+  to the best single solver, kept when the run gets closer (:func:`handed_over`).
+
+Each trial is one cached generation at probe resolution, about ``1/N`` of a full one.
+This module only decides; the adapter that can run the pipeline supplies ``generate``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from ..math.solvers import Solver, pool, pool_names
+from ..profiles.profile import Profile
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A named assignment to try: ``eq5``, ``uniform:<solver>``, ``refined:<...>``."""
+
+    name: str
+    profile: Profile
+
+
+@dataclass(frozen=True)
+class Trial:
+    """What one cached run gave: its fidelity to full compute in dB (higher is nearer)."""
+
+    name: str
+    fidelity_db: float
+
+    def to_json(self) -> dict[str, Any]:
+        db = self.fidelity_db
+        return {"name": self.name, "fidelity_db": round(db, 3) if math.isfinite(db) else None}
+
+
+def fidelity_db(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """``10 log10(||reference||^2 / ||output - reference||^2)``: the signal-to-error ratio of a
+    cached run's final output (latent or image) against the fully computed one, in dB.
+    ``inf`` when they are equal. Raises ``ValueError`` on a shape mismatch."""
+    output, reference = torch.as_tensor(output).double(), torch.as_tensor(reference).double()
+    if output.shape != reference.shape:
+        raise ValueError(f"output shape {tuple(output.shape)} differs from the reference's {tuple(reference.shape)}")
+    error = (output - reference).square().sum().item()
+    signal = reference.square().sum().item()
+    if error == 0:
+        return math.inf
+    if not math.isfinite(error):
+        return -math.inf
+    return 10 * math.log10(max(signal, 1e-30) / error)
+
+
+def with_solvers(base: Profile, cluster_solvers: torch.Tensor) -> Profile:
+    """``base``'s clustering with other per-cluster solvers ``(blocks, clusters)`` (pool indices)."""
+    return Profile(labels=base.labels.clone(), solvers=cluster_solvers.clone(), metadata=dict(base.metadata))
+
+
+def uniform_candidates(base: Profile, solvers: Iterable[Solver] | None = None) -> list[Candidate]:
+    """One candidate per solver: every cluster of ``base`` forecast by it (the clustering is
+    kept, so the profile still shows it; the engine sees one solver)."""
+    out = []
+    for solver in (solvers if solvers is not None else pool()):
+        index = pool_names().index(solver.name)
+        out.append(Candidate(f"uniform:{solver.name}", with_solvers(base, torch.full_like(base.solvers, index))))
+    return out
+
+
+def groups_by_size(profile: Profile) -> list[int]:
+    """Pool indices of the solvers ``profile`` uses, the one forecasting most dimensions first."""
+    used, counts = torch.unique(profile.dim_solvers(), return_counts=True)
+    return [int(s) for _, s in sorted(zip(counts.tolist(), used.tolist()), key=lambda pair: (-pair[0], pair[1]))]
+
+
+def handed_over(profile: Profile, solver: int, to: int) -> Profile:
+    """``profile`` with the clusters of ``solver`` forecast by ``to`` instead."""
+    return with_solvers(profile, torch.where(profile.solvers == solver, torch.full_like(profile.solvers, to),
+                                             profile.solvers))
+
+
+def _is_uniform(profile: Profile) -> bool:
+    return len(torch.unique(profile.solvers)) == 1
+
+
+def choose(eq5: Profile, generate: Callable[[Profile], torch.Tensor], reference: torch.Tensor,
+           solvers: Sequence[Solver] | None = None, refine: bool = True,
+           on_trial: Callable[[Trial], None] | None = None) -> tuple[Profile, list[Trial], str]:
+    """Run every candidate through ``generate(profile) -> final output`` and keep the one
+    nearest ``reference`` (the fully computed run's output, same prompt and seed).
+
+    Order of trials: eq. 5, each single solver of ``solvers`` (default: the pool), then,
+    with ``refine``, greedy refinements of the best mixed assignment (each accepted only
+    when it improves the run). Ties keep the earlier candidate. Returns the chosen profile
+    (``eq5``'s clustering, the winning per-cluster solvers), every trial, and the winner's name.
+    """
+    trials: list[Trial] = []
+
+    def run(candidate: Candidate) -> float:
+        db = fidelity_db(generate(candidate.profile), reference)
+        trial = Trial(candidate.name, db)
+        trials.append(trial)
+        if on_trial is not None:
+            on_trial(trial)
+        return db
+
+    scored = [(run(c), c) for c in [Candidate("eq5", eq5), *uniform_candidates(eq5, solvers)]]
+    best_db, best = max(scored, key=lambda pair: pair[0])  # max keeps the first of equals
+    if refine and not _is_uniform(eq5):
+        single_db, single = max(((db, c) for db, c in scored if c.name.startswith("uniform:")),
+                                key=lambda pair: pair[0])
+        target = int(single.profile.solvers.flatten()[0])
+        mixed_db, mixed = scored[0]
+        for solver in groups_by_size(eq5):
+            if solver == target:
+                continue
+            name = f"{mixed.name}+{pool()[solver].name}->{pool()[target].name}"
+            candidate = Candidate(name, handed_over(mixed.profile, solver, target))
+            db = run(candidate)
+            if db > mixed_db:
+                mixed_db, mixed = db, candidate
+                if db > best_db:
+                    best_db, best = db, candidate
+    return best.profile, trials, best.name
