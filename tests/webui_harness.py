@@ -34,7 +34,7 @@ from torch.nn import functional as F
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 STANDINS = TESTS / "standins"
-STANDIN_PACKAGES = ("backend", "modules", "launch", "standin_layers", "standin_mmdit", "standin_forge_runtime")
+STANDIN_PACKAGES = ("backend", "modules", "launch", "networks", "standin_layers", "standin_mmdit", "standin_forge_runtime")
 
 
 def _is_standin_module(name: str) -> bool:
@@ -144,7 +144,7 @@ class Processing:
     denoising_strength: float = 0.6  # img2img strength, or the hires pass's in txt2img (as in the WebUI)
     enable_hr: bool = False
     hr_second_pass_steps: int = 0
-    lora_hash: str = ""
+    lora_hash: str = ""              # a LoRA file name; "" = no LoRA (see lora_state)
     interrupt_at: int | None = None  # model call after which the user presses Interrupt
     extra_generation_params: dict = field(default_factory=dict)
     is_hr_pass: bool = False
@@ -154,14 +154,13 @@ class Processing:
         spec = model_kinds()[self.kind]
         self.spec = spec
         if spec.frontend == "a1111":
-            self.sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=self.model), current_lora_hash=self.lora_hash)
+            self.sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=self.model))
         else:
-            from backend.modules.k_model import KModel
-            from backend.patcher.unet import UnetPatcher
+            from standin_forge_runtime import KModel, UnetPatcher
 
             original = SimpleNamespace(unet=UnetPatcher(KModel(self.model, spec.timestep_multiplier)))
             self.sd_model = SimpleNamespace(forge_objects=copy.copy(original), forge_objects_original=original,
-                                            current_lora_hash=self.lora_hash)
+                                            current_lora_hash=str([]))
         if self.img2img:
             self.init_images = ["<image>"]
         self.calls = 0
@@ -173,6 +172,20 @@ class Processing:
         return make(), make()
 
 
+def lora_state(p: Processing) -> None:
+    """What activating the prompt's LoRA set leaves behind before ``process_batch``: Forge /
+    Neo ``sd_model.current_lora_hash = str(compiled_lora_targets)`` (``str([])`` for none,
+    sd_forge_lora/networks.py ``load_networks``); A1111 ``networks.loaded_networks``
+    (extensions-builtin/Lora/networks.py ``load_networks``)."""
+    if p.spec.frontend == "a1111":
+        import networks
+
+        networks.load_networks([p.lora_hash] if p.lora_hash else [])
+    else:
+        targets = [[f"/models/Lora/{p.lora_hash}.safetensors", 1.0, 1.0, False]] if p.lora_hash else []
+        p.sd_model.current_lora_hash = str(targets)
+
+
 def _denoiser(p: Processing, cond: dict, uncond: dict) -> Callable:
     from modules import script_callbacks, shared
 
@@ -182,7 +195,7 @@ def _denoiser(p: Processing, cond: dict, uncond: dict) -> Callable:
         sigma_b = torch.full((x.shape[0],), float(sigma))
         p.calls += 1
         if p.spec.frontend != "a1111":
-            from backend.sampling.sampling_function import sampling_function
+            from standin_forge_runtime import sampling_function
 
             unet = p.sd_model.forge_objects.unet
             return sampling_function(unet, x, sigma_b, uncond, cond, p.cfg_scale, unet.model_options, split=p.split)
@@ -240,17 +253,26 @@ def _pass(p: Processing, x0: torch.Tensor | None, noise: torch.Tensor, steps: in
 
 
 def generate(p: Processing, script, args: list) -> SimpleNamespace:
-    """One generation; returns the final latents and infotext lines of every batch."""
+    """One generation; returns the final latents and infotext lines of every batch. Forge
+    and Forge Neo sample under ``torch.inference_mode()`` (their ``modules/processing.py``
+    ``process_images_inner``), so tensors there carry no version counter; A1111 under
+    ``torch.no_grad()``."""
+    forge = p.spec.frontend != "a1111"
+    with torch.inference_mode() if forge else torch.no_grad():
+        return _generate(p, script, args, forge)
+
+
+def _generate(p: Processing, script, args: list, forge: bool) -> SimpleNamespace:
     from modules import shared
     from modules.infotext_utils import parameters_line
 
     shared.state.interrupted = False
-    forge = p.spec.frontend != "a1111"
     latents, infotexts = [], []
     script.process(p, *args)
     for n in range(p.n_iter):
         p.iteration, p.is_hr_pass = n, False
         p.sampler = Sampler(p.sampler_name) if forge else None
+        lora_state(p)  # extra_networks.activate, just before process_batch
         script.process_batch(p, *args, batch_number=n, prompts=[], seeds=[], subseeds=[])
         p.sampler = Sampler(p.sampler_name)  # A1111 creates it in sample(), after process_batch
         g = torch.Generator().manual_seed(100 + n)

@@ -4,10 +4,12 @@ hooks on an unpatched model and the solver weights (tested on their own).
 What it restates, from the issue and NOTES: a call belongs to step ``k`` of the pass's
 sigma schedule when ``s_k >= sigma > s_{k+1}`` (position ``k`` plus the fraction of the
 way to ``s_{k+1}``); each branch (cond / uncond, told apart by the order of calls at one
-sigma) keeps every block's residual of the stream that reaches the output; the first call
-of a computed step stores them; a forecast call replaces every block by a pass-through,
-the first adding the per-block forecast (``references.per_block_forecast``). Computed
-steps follow the plan written out in ``expected_plan``.
+sigma) keeps every block's residual of the stream that reaches the output, measured
+against a copy of the block's input taken before the call (blocks may update their input
+in place, as Forge Neo's FLUX blocks do); the first call of a computed step stores them; a
+forecast call replaces every block by a pass-through, the first block that runs in the
+call adding the per-block forecast (``references.per_block_forecast``); blocks that never
+run contribute nothing. Computed steps follow the plan written out in ``expected_plan``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ LAYOUTS: dict[str, list[tuple[str, Any, Any, Any]]] = {}
 FLUX_LIKE = [
     ("double_blocks", lambda a, k, n: k["img"], lambda o, n: o[0], lambda a, k, s, first, n: (s, k["txt"])),
     ("single_blocks", lambda a, k, n: a[0][:, -n:], lambda o, n: o[:, -n:],
-     lambda a, k, s, first, n: torch.cat((a[0][:, :-n], s), 1) if first else a[0]),
+     lambda a, k, s, first, n: torch.cat((a[0][:, :-n], s), 1)),  # a[0] may have been written in place
 ]
 JOINT = [("joint_blocks", lambda a, k, n: a[1], lambda o, n: o[1], None)]  # hand-on depends on pre_only
 LAYOUTS.update({
@@ -73,6 +75,7 @@ class ReferenceHyCa:
         self.handles.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
         self.handles.append(self.model.register_forward_hook(self._end, with_kwargs=True))
         for index, (spec, block) in enumerate(self.blocks):
+            self.handles.append(block.register_forward_pre_hook(self._block_pre_hook(index, spec), with_kwargs=True))
             self.handles.append(block.register_forward_hook(self._block_hook(index, spec, block), with_kwargs=True))
         return self
 
@@ -94,10 +97,11 @@ class ReferenceHyCa:
             if branch["decision"]:
                 self.computed_steps.append(k)
         self.call = {"branch": branch, "position": k + fraction, "store": first and branch["decision"],
-                     "compute": branch["decision"], "residuals": [], "n": None}
+                     "compute": branch["decision"], "residuals": {}, "n": None, "added": False}
         if not self.call["compute"]:
             recent = branch["history"][: self.depth]
-            per_block = [[res[l] for _, res in recent] for l in range(len(self.blocks))]
+            zero = torch.zeros_like(next(iter(recent[0][1].values())))
+            per_block = [[res.get(l, zero) for _, res in recent] for l in range(len(self.blocks))]
             self.call["forecast"] = per_block_forecast(self.dim_solvers, per_block, [p for p, _ in recent],
                                                        self.call["position"])
 
@@ -106,22 +110,32 @@ class ReferenceHyCa:
         if call["store"]:
             call["branch"]["history"].insert(0, (call["position"], call["residuals"]))
 
+    def _block_pre_hook(self, index, spec):
+        stream_in = spec[1]
+
+        def hook(module, args, kwargs):
+            call = self.call
+            if call["n"] is None:  # the first block that runs in this call
+                call["n"] = stream_in(args, kwargs, None).shape[1]
+            call["before"] = stream_in(args, kwargs, call["n"]).clone()
+
+        return hook
+
     def _block_hook(self, index, spec, block):
         _, stream_in, stream_out, hand_on = spec
         pre_only = bool(getattr(getattr(block, "context_block", None), "pre_only", False))
 
         def hook(module, args, kwargs, output):
             call = self.call
-            if index == 0:
-                call["n"] = stream_in(args, kwargs, None).shape[1]
-            n = call["n"]
-            s_in = stream_in(args, kwargs, n)
+            n, s_in = call["n"], call["before"]
             if call["compute"]:
-                call["residuals"].append(stream_out(output, n) - s_in)
+                call["residuals"][index] = stream_out(output, n) - s_in
                 return output
-            s = s_in + call["forecast"].to(s_in.dtype) if index == 0 else s_in
+            first = not call["added"]
+            call["added"] = True
+            s = s_in + call["forecast"].to(s_in.dtype) if first else s_in
             if hand_on is None:  # joint blocks
                 return (None if pre_only else args[0], s)
-            return hand_on(args, kwargs, s, index == 0, n)
+            return hand_on(args, kwargs, s, first, n)
 
         return hook

@@ -55,8 +55,15 @@ class StreamBlock(nn.Module):
         self.attn = Attention(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, x, vec, pe=None, mask=None):
+    def forward(self, x, vec, pe=None, mask=None, in_place=False):
+        """``in_place``: update ``x`` itself and return it (``x += ...``), as Forge Neo's
+        FLUX blocks do; the values are the same either way."""
         h, gate = self.mod1(x, vec)
+        if in_place:
+            x += gate * self.attn(h, pe, mask)
+            h, gate = self.mod2(x, vec)
+            x += gate * self.mlp(h)
+            return x
         x = x + gate * self.attn(h, pe, mask)
         h, gate = self.mod2(x, vec)
         return x + gate * self.mlp(h)
@@ -73,7 +80,9 @@ class JointPair(nn.Module):
         self.txt_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.img_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, img, txt, vec, pe=None, txt_only_out=True):
+    def forward(self, img, txt, vec, pe=None, in_place=False):
+        """``in_place``: update ``img`` and ``txt`` themselves and return them, as Forge
+        Neo's FLUX double blocks do (``img += ...``); the values are the same either way."""
         hi, gi = self.img_mod(img, vec)
         ht, gt = self.txt_mod(txt, vec)
         qi, ki, vi = self.img_qkv(hi).chunk(3, -1)
@@ -83,6 +92,12 @@ class JointPair(nn.Module):
         q, k, v = torch.cat((qt, qi), 1), torch.cat((kt, ki), 1), torch.cat((vt, vi), 1)
         a = F.scaled_dot_product_attention(q, k, v)
         at, ai = a[:, : txt.shape[1]], a[:, txt.shape[1]:]
+        if in_place:
+            img += gi * self.img_out(ai)
+            img += gi * self.img_mlp(img)
+            txt += gt * self.txt_out(at)
+            txt += gt * self.txt_mlp(txt)
+            return img, txt
         img = img + gi * self.img_out(ai)
         img = img + gi * self.img_mlp(img)
         txt = txt + gt * self.txt_out(at)

@@ -87,10 +87,10 @@ class MMDiTLayout(nn.Module):
             context, x = block(context, x, c=c_mod)
         return self.final_layer(x, c_mod)
 
-    def _run(self, x, t, y, context):
+    def _run(self, x, t, y, context, *core_args):
         bs, ch, h, w = x.shape
         tokens = self.x_embedder(x)
         tokens = tokens + self.pos_embed[:, : tokens.shape[1]]
         c = self.t_embedder(timestep_embedding(t, 256, time_factor=1.0)) + self.y_embedder(y)
-        out = self.forward_core_with_concat(tokens, c, self.context_embedder(context))
+        out = self.forward_core_with_concat(tokens, c, self.context_embedder(context), *core_args)
         return out.reshape(bs, h // 2, w // 2, ch, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(bs, ch, h, w)

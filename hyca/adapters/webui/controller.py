@@ -19,6 +19,7 @@ import torch
 
 from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule
+from ...profiles.settings import RunSettings, differences
 from . import gates, kinds, probe
 from .adapter import Adapter
 from .fingerprint import fingerprint
@@ -68,6 +69,33 @@ def pass_sigmas(p: Any, hires: bool) -> list[float] | None:
         return None
 
 
+#: Forge / Forge Neo ``current_lora_hash`` with no LoRA loaded: ``str([])``
+#: (``backend/diffusion_engine/base.py``; ``extensions-builtin/sd_forge_lora/networks.py``
+#: sets ``str(compiled_lora_targets)``, ``"[]"`` again when the LoRA set is empty).
+NO_LORA_HASH = str([])
+
+
+def lora_identity(p: Any) -> str:
+    """Which LoRA set the pass runs with; ``""`` for none (the base profile).
+
+    Forge / Forge Neo: ``p.sd_model.current_lora_hash`` (``"[]"`` means none). A1111 has no
+    such attribute: its built-in Lora extension's ``networks.loaded_networks`` (filled by
+    ``extra_networks.activate`` before ``process_batch``) names the set, keyed as A1111
+    itself keys applied weights: ``(name, te_multiplier, unet_multiplier, dyn_dim)`` per
+    network (``network_apply_weights``)."""
+    sd_model = getattr(p, "sd_model", None)
+    if getattr(sd_model, "forge_objects", None) is not None:
+        value = str(getattr(sd_model, "current_lora_hash", "") or "")
+        return "" if value.strip() in ("", NO_LORA_HASH) else value
+    import sys
+
+    networks = sys.modules.get("networks")
+    loaded = getattr(networks, "loaded_networks", None) or []
+    names = tuple((str(getattr(n, "name", n)), getattr(n, "te_multiplier", 1.0), getattr(n, "unet_multiplier", 1.0),
+                   getattr(n, "dyn_dim", None)) for n in loaded)
+    return repr(names) if names else ""
+
+
 class Controller:
     """Process-wide: at most one pass runs at a time in a WebUI."""
 
@@ -82,6 +110,7 @@ class Controller:
         self.probe_fp: dict | None = None
         self.batch_key: tuple | None = None
         self.reported = 0
+        self.run_settings: RunSettings | None = None
         self._said: set[str] = set()
 
     # --- messages ---------------------------------------------------------------------
@@ -96,7 +125,7 @@ class Controller:
     def reset(self) -> None:
         """Drop every trace of HyCa: session, gates, stats. Safe to call at any time."""
         self.session, self.pass_key, self.noted_sigma, self.chosen = None, None, None, None
-        self.passes, self.batch_key, self.reported = [], None, 0
+        self.passes, self.batch_key, self.reported, self.run_settings = [], None, 0, None
         for module in self.gated:
             gates.remove_all(module)
         self.gated = []
@@ -116,7 +145,7 @@ class Controller:
         if session.failed:
             return
         try:
-            learned = self.book.learn(self.chosen, session.engine, self.probe_fp)
+            learned = self.book.learn(self.chosen, session.engine, self.probe_fp, self.run_settings)
         except Exception as error:  # noqa: BLE001 - an interrupted or odd pass: no profile this time
             console(f"no profile from this pass ({error}); the next generation probes again")
             return
@@ -155,7 +184,7 @@ class Controller:
             self.say_once(f"{type(model).__name__} is not supported, left untouched "
                           f"(supported: {', '.join(supported())})")
             return False
-        lora_key = str(getattr(getattr(p, "sd_model", None), "current_lora_hash", "") or "")
+        lora_key = lora_identity(p)
         chosen = self.book.choose(model, adapter, settings.profile, settings.hub_repo, settings.interval,
                                   lora_key, settings.lora_reuse)
         for note in chosen.notes:
@@ -168,8 +197,10 @@ class Controller:
         else:
             engine = HybridCache(chosen.profile, schedule, cache_dtype=torch_dtype(settings.cache_dtype),
                                  guard=settings.guard)
-        self.chosen, self.noted_sigma = chosen, None
-        self.session = PassSession(engine, lambda: pass_sigmas(p, hires), label)
+        self.chosen, self.noted_sigma, self.run_settings = chosen, None, None
+        guidance = getattr(p, "cfg_scale", None)
+        self.session = PassSession(engine, lambda: pass_sigmas(p, hires), label,
+                                   on_schedule=lambda sigmas: self._note_settings(chosen, settings, sigmas, guidance))
         self.probe_fp = fingerprint(model, adapter) if isinstance(engine, probe.ProbeEngine) else None
         self.pass_key, self.session_adapter = key, adapter
         self.say_once(f"{adapter.name}: hooked through "
@@ -181,6 +212,25 @@ class Controller:
         else:
             self._gate_calls(model)
         return True
+
+    def _note_settings(self, chosen: Chosen, settings: Settings, sigmas: list[float] | None, guidance: Any) -> None:
+        """The pass's schedule is known: what it runs with (a probing pass writes it into
+        its profile), and, for a profile chosen for other settings, what differs (once)."""
+        try:
+            guidance_scale = float(guidance) if guidance is not None else None
+        except (TypeError, ValueError):
+            guidance_scale = None
+        self.run_settings = RunSettings(
+            steps=len(sigmas) - 1 if sigmas else None, guidance_scale=guidance_scale,
+            sigmas=tuple(sigmas) if sigmas else None, interval=settings.interval, warmup=settings.warmup,
+            compute_last=settings.compute_last, positions="step")
+        if chosen.profile is None:
+            return
+        differ = differences(RunSettings.of_profile(chosen.profile.metadata), self.run_settings)
+        if differ:
+            guard = ("the guard (on) demotes any solver that forecasts worse than a lower order on this run"
+                     if settings.guard else "the guard is off: turn it on to check every solver on this run")
+            self.say_once(f"profile {chosen.source} was chosen for other settings ({'; '.join(differ)}); {guard}")
 
     # --- hooking ----------------------------------------------------------------------
 
@@ -248,11 +298,13 @@ class Controller:
         if not self.passes:
             return None
         total = PassStats()
-        for _, stats in self.passes:
+        for label, stats in self.passes:
             total.steps.computed += stats.steps.computed
             total.steps.forecast += stats.steps.forecast
             total.calls_computed += stats.calls_computed
             total.calls_forecast += stats.calls_forecast
+            several = len(self.passes) > 1
+            total.demotions += [(f"{label}, {branch}" if several else branch, d) for branch, d in stats.demotions]
         return total
 
     def results(self) -> dict[str, str]:
@@ -264,6 +316,8 @@ class Controller:
                "HyCa saving": f"{total.flops_saving:.0%}"}
         if self.chosen is not None and self.chosen.lora_ari is not None:
             out["HyCa LoRA ARI"] = f"{self.chosen.lora_ari:.3f}"
+        if total.demotions:
+            out["HyCa guard demotions"] = total.describe_demotions()
         return out
 
     def report(self) -> None:
@@ -272,6 +326,10 @@ class Controller:
         for label, stats in fresh:
             console(f"{label}: {stats.steps.computed} of {stats.steps.total} steps computed, "
                     f"{stats.steps.forecast} forecast; {stats.flops_saving:.0%} of block compute skipped")
+            if stats.demotions:
+                console(f"{label}: the guard demoted {stats.describe_demotions()}")
+            for note in stats.notes:
+                self.say_once(note)
 
 
 CONTROLLER = Controller()

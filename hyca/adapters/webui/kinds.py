@@ -1,5 +1,7 @@
 """How each kind of block is called and what it returns: where the stream that reaches
-the output comes in and goes out, and what a skipped block hands on.
+the output comes in and goes out, and what a skipped block hands on: its inputs as they
+came (``passthrough(None)``), or, for the first block that runs in a forecast call, its
+stream with the forecast added (``passthrough(stream)``).
 
 Two hook styles: ``gate_*`` functions wrap a block's own ``forward`` (see gates.py);
 ``patch_*`` functions are ComfyUI-style ``patches_replace["dit"]`` entries,
@@ -42,7 +44,7 @@ def gate_img_txt(session_of: SessionOf, index: int) -> Callable[..., Any]:
         img, txt = _arg(args, kwargs, "img", 0), _arg(args, kwargs, "txt", 1)
         session.active.image_tokens = img.shape[1]
         return session.block(index, img, lambda: original(*args, **kwargs), lambda out: out[0],
-                             lambda stream: (stream, txt))
+                             lambda stream: (img if stream is None else stream, txt))
 
     return gate
 
@@ -58,7 +60,7 @@ def gate_concat_tail(session_of: SessionOf, index: int) -> Callable[..., Any]:
         x = _arg(args, kwargs, "img", 0) if ("img" in kwargs or args) else kwargs["x"]
         n = _tail(session.active, index)
         return session.block(index, x[:, -n:], lambda: original(*args, **kwargs), lambda out: out[:, -n:],
-                             lambda stream: torch.cat((x[:, :-n], stream), 1) if index == 0 else x)
+                             lambda stream: x if stream is None else torch.cat((x[:, :-n], stream), 1))
 
     return gate
 
@@ -73,7 +75,7 @@ def gate_joint(session_of: SessionOf, index: int, pre_only: bool) -> Callable[..
             return original(*args, **kwargs)
         context, x = _arg(args, kwargs, "context", 0), _arg(args, kwargs, "x", 1)
         return session.block(index, x, lambda: original(*args, **kwargs), lambda out: out[1],
-                             lambda stream: (None if pre_only else context, stream))
+                             lambda stream: (None if pre_only else context, x if stream is None else stream))
 
     return gate
 
@@ -86,7 +88,8 @@ def gate_single(session_of: SessionOf, index: int) -> Callable[..., Any]:
         if session is None or session.active is None:
             return original(*args, **kwargs)
         x = _arg(args, kwargs, "x", 0)
-        return session.block(index, x, lambda: original(*args, **kwargs), lambda out: out, lambda stream: stream)
+        return session.block(index, x, lambda: original(*args, **kwargs), lambda out: out,
+                             lambda stream: x if stream is None else stream)
 
     return gate
 
@@ -94,7 +97,7 @@ def gate_single(session_of: SessionOf, index: int) -> Callable[..., Any]:
 # --- replace patches: patches_replace["dit"] entries -------------------------------------
 
 def _patch(session_of: SessionOf, index: int, previous: Callable | None, stream_of: Callable[[dict, Any], torch.Tensor],
-           out_stream: Callable[[dict, Any], torch.Tensor], passthrough: Callable[[dict, torch.Tensor], dict],
+           out_stream: Callable[[dict, Any], torch.Tensor], passthrough: Callable[[dict, torch.Tensor | None], dict],
            on_call: Callable[[dict, Any], None] | None = None) -> Callable[[dict, dict], dict]:
     def run(args: dict, extra: dict) -> dict:
         return previous(args, extra) if previous is not None else extra["original_block"](args)
@@ -119,21 +122,21 @@ def _note_tokens(args: dict, call: Any) -> None:
 def patch_img_txt(session_of: SessionOf, index: int, previous: Callable | None) -> Callable[[dict, dict], dict]:
     """``{"img", "txt", ...} -> {"img", "txt"}`` (Neo FLUX double blocks, Qwen-Image)."""
     return _patch(session_of, index, previous, lambda a, c: a["img"], lambda o, c: o["img"],
-                  lambda a, s: {"img": s, "txt": a["txt"]}, _note_tokens)
+                  lambda a, s: {"img": a["img"] if s is None else s, "txt": a["txt"]}, _note_tokens)
 
 
 def patch_img(session_of: SessionOf, index: int, previous: Callable | None) -> Callable[[dict, dict], dict]:
     """``{"img", ...} -> {"img"}`` over the image stream alone (Wan blocks)."""
     return _patch(session_of, index, previous, lambda a, c: a["img"], lambda o, c: o["img"],
-                  lambda a, s: {"img": s})
+                  lambda a, s: {"img": a["img"] if s is None else s})
 
 
 def patch_concat_tail(session_of: SessionOf, index: int, previous: Callable | None) -> Callable[[dict, dict], dict]:
     """``{"img": cat(txt, img), ...} -> {"img"}`` (Neo FLUX single blocks)."""
 
-    def passthrough(args: dict, stream: torch.Tensor) -> dict:
+    def passthrough(args: dict, stream: torch.Tensor | None) -> dict:
         x = args["img"]
-        return {"img": torch.cat((x[:, :-stream.shape[1]], stream), 1) if index == 0 else x}
+        return {"img": x if stream is None else torch.cat((x[:, :-stream.shape[1]], stream), 1)}
 
     return _patch(session_of, index, previous, lambda a, c: a["img"][:, -_tail(c, index):],
                   lambda o, c: o["img"][:, -_tail(c, index):], passthrough)

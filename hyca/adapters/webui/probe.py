@@ -62,8 +62,11 @@ class ProbeEngine:
     def predicted_residual(self, state: BranchState) -> Any:
         raise RuntimeError("a probing pass computes every step")
 
-    def profile(self, fp: dict[str, Any], clusters: int = 4) -> Profile:
-        """The profile chosen from what was recorded (raises if the pass was incomplete)."""
+    def profile(self, fp: dict[str, Any], clusters: int = 4, run_settings: Any = None) -> Profile:
+        """The profile chosen from what was recorded (raises if the pass was incomplete).
+        ``run_settings``: the probing pass's :class:`~hyca.profiles.settings.RunSettings`
+        (steps, guidance scale, sigmas, N, warm-up, last step, positions), stored as the
+        profile's ``chosen_for``."""
         from ...probing.analysis import analyse
 
         if self.recorder is None:
@@ -76,4 +79,8 @@ class ProbeEngine:
             "probe": {"frontend": "webui", "steps": self.steps, "clusters": clusters},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "selection": report,
         }
+        if run_settings is not None:
+            profile.metadata["chosen_for"] = run_settings.to_json()
+            if run_settings.guidance_scale is not None:
+                profile.metadata["probe"]["guidance_scale"] = run_settings.guidance_scale
         return profile

@@ -120,9 +120,11 @@ class ProfileBook:
         return Chosen(base.profile, base.source,
                       [f"LoRA set {lora_key[:12]}: a profile of its own needs hyca.probing; using the base profile"])
 
-    def learn(self, chosen: Chosen, engine: "probe.ProbeEngine", fp: dict) -> Chosen:
-        """Turn a finished probing pass into the profile ``chosen`` was waiting for."""
-        profile = engine.profile(fp)
+    def learn(self, chosen: Chosen, engine: "probe.ProbeEngine", fp: dict, run_settings: Any = None) -> Chosen:
+        """Turn a finished probing pass into the profile ``chosen`` was waiting for.
+        ``run_settings``: the pass's :class:`~hyca.profiles.settings.RunSettings`, written
+        into the profile as what it was chosen for."""
+        profile = engine.profile(fp, run_settings=run_settings)
         if chosen.base is not None:  # a LoRA set: compared with the base, kept for this session
             ari = adjusted_rand_index(chosen.base, profile)
             learned = Chosen(profile, "probe (LoRA set)", [f"LoRA profile: ARI {ari:.3f} against the base profile"],

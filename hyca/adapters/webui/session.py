@@ -15,6 +15,17 @@ numbered, and the number of such calls at the pass's first sigma fixes how many 
 share that key. A HyCa-internal error raises :class:`HyCaFailure`, which the frontend
 glue turns into an uncached re-run of the call and uncached sampling for the rest of the
 pass (one console line).
+
+Residuals: a block's residual is its output stream minus its input stream *as it was
+before the call* (:class:`~hyca.engine.residual.ResidualMeter`): Forge Neo's FLUX blocks
+update their input in place and hand the same tensor back, so "output minus input" taken
+afterwards is zero. A block that hands back its own input while no copy of it was kept
+(inference tensors carry no version counter to tell a write) would record an identically
+zero residual: that is a :class:`HyCaFailure`, never a silent zero.
+
+Forecast: on a forecast call every block hands its inputs on unchanged, except the first
+block that actually runs in that call, which adds the forecast summed residual. Which
+block that is does not matter (Forge's SD3.5 skip list, layer-skip patches).
 """
 
 from __future__ import annotations
@@ -26,12 +37,38 @@ from typing import Any, Callable
 import torch
 
 from ...engine.cache import BranchState, HybridCache, RunStats
+from ...engine.guard import Demotion
+from ...engine.residual import ResidualError, ResidualMeter, Snapshot
 
 logger = logging.getLogger("hyca.webui")
 
 
 class HyCaFailure(RuntimeError):
     """Something inside HyCa went wrong: the call is re-run uncached, never the host's fault."""
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (fake, meta)
+        return False
+
+
+class BlockMeter(ResidualMeter):
+    """:class:`ResidualMeter` that also treats a block handing back its own input tensor
+    (or a view of it) as writing in place: such a block is measured against a copy of its
+    input from then on. Without a copy and without a version counter (inference tensors)
+    such a call cannot be measured: its residual would be identically zero."""
+
+    def residual(self, snapshot: Snapshot, out_stream: torch.Tensor) -> torch.Tensor:
+        if _same_memory(out_stream, snapshot.stream):
+            self._in_place[snapshot.key] = True  # from now on its input is copied before the call
+            if snapshot.copy is None and snapshot.version is None:
+                raise ResidualError(
+                    f"block {snapshot.key!r} handed back its own input tensor, which it had not done before, and "
+                    "no copy of the input was kept (inference tensors carry no version counter), so its "
+                    "recorded residual would be identically zero")
+        return super().residual(snapshot, out_stream)
 
 
 def _close(a: float, b: float) -> bool:
@@ -66,11 +103,12 @@ class Call:
     branch: Branch
     computing: bool
     began: bool                       # the first call of its step: its residuals are recorded
+    image_tokens: int | None = None   # length of the image stream, for concatenated streams
+    forecast_pending: bool = True     # a forecast call: no block has added the forecast yet
 
     @property
     def record(self) -> bool:
         return self.computing and self.began
-    image_tokens: int | None = None   # length of the image stream, for concatenated streams
 
 
 @dataclass
@@ -78,6 +116,15 @@ class PassStats:
     steps: RunStats = field(default_factory=RunStats)
     calls_computed: int = 0
     calls_forecast: int = 0
+    #: ``(branch, demotion)`` for every solver group the guard demoted in this pass
+    demotions: list[tuple[str, Demotion]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def describe_demotions(self) -> str:
+        """``taylor-2 -> taylor-1 at step 6 (cond), ...``; the branch is named only when
+        the pass had several."""
+        several = len({branch for branch, _ in self.demotions}) > 1
+        return ", ".join(d.describe() + (f" ({branch})" if several else "") for branch, d in self.demotions)
 
     @property
     def flops_saving(self) -> float:
@@ -91,8 +138,12 @@ class PassSession:
     """State of one pass; created when the pass starts, dropped when it ends."""
 
     def __init__(self, engine: HybridCache, schedule: list[float] | Callable[[], list[float] | None] | None,
-                 label: str = "pass") -> None:
+                 label: str = "pass", on_schedule: Callable[[list[float] | None], None] | None = None) -> None:
+        """``on_schedule``: told the pass's sigma schedule once it is known (at the first
+        call when ``schedule`` is a callable, else now); its errors are only logged."""
         self.engine = engine
+        self.meter = BlockMeter()
+        self._on_schedule = on_schedule
         # A callable is asked at the first call: A1111 creates its sampler after process_batch.
         self._schedule_source = schedule if callable(schedule) else None
         self.schedule = [float(s) for s in schedule] if schedule is not None and not callable(schedule) else None
@@ -107,6 +158,15 @@ class PassSession:
         self._fallback_steps: list[float] = []    # distinct sigmas seen, when there is no schedule
         self.calls_computed = 0
         self.calls_forecast = 0
+        if self._schedule_source is None:
+            self._tell_schedule()
+
+    def _tell_schedule(self) -> None:
+        if self._on_schedule is not None:
+            try:
+                self._on_schedule(list(self.schedule) if self.schedule else None)
+            except Exception as error:  # noqa: BLE001 - a message, never the pass's fault
+                logger.info("HyCa: %s", error)
 
     # --- calls ------------------------------------------------------------------------
 
@@ -152,6 +212,7 @@ class PassSession:
                 prepare = getattr(self.engine, "prepare", None)
                 if prepare is not None:
                     prepare(self.total_steps)
+                self._tell_schedule()
             sigma = float(torch.as_tensor(sigma).flatten()[0])
             key = (hint, tuple(x.shape))
             branch = self._branch_for(sigma, key)
@@ -211,25 +272,37 @@ class PassSession:
     # --- blocks -----------------------------------------------------------------------
 
     def block(self, index: int, stream: torch.Tensor, run: Callable[[], Any],
-              out_stream: Callable[[Any], torch.Tensor], passthrough: Callable[[torch.Tensor], Any]) -> Any:
+              out_stream: Callable[[Any], torch.Tensor],
+              passthrough: Callable[[torch.Tensor | None], Any]) -> Any:
         """Run block ``index`` (``run``) and record the residual of the stream that reaches
-        the output, or, on a forecast step, return its inputs with the forecast added at
-        the first block (``passthrough``)."""
+        the output (``out_stream(out)`` minus ``stream`` as it was before the call), or, on
+        a forecast call, hand the inputs on (``passthrough(None)``), the first block that
+        runs in the call with the forecast added to its stream (``passthrough(stream)``)."""
         call = self.active
         if call is None:
             return run()
         if call.computing:
+            if not call.record:
+                return run()
+            try:
+                snapshot = self.meter.before(index, stream)
+            except Exception as error:  # noqa: BLE001
+                raise HyCaFailure(f"could not keep block {index}'s input ({error})") from error
             out = run()
-            if call.record:
-                try:
-                    self.engine.record(call.branch.state, index, out_stream(out) - stream)
-                except Exception as error:  # noqa: BLE001
-                    raise HyCaFailure(f"could not record block {index} ({error})") from error
+            try:
+                residual = self.meter.residual(snapshot, out_stream(out))
+                self.engine.record(call.branch.state, index, residual)
+            except ResidualError as error:
+                raise HyCaFailure(str(error)) from error
+            except Exception as error:  # noqa: BLE001
+                raise HyCaFailure(f"could not record block {index} ({error})") from error
             return out
         try:
-            if index == 0:
-                stream = stream + self.engine.predicted_residual(call.branch.state).to(stream.dtype)
-            return passthrough(stream)
+            if call.forecast_pending:
+                call.forecast_pending = False
+                forecast = self.engine.predicted_residual(call.branch.state)
+                return passthrough(stream + forecast.to(stream.dtype))
+            return passthrough(None)
         except Exception as error:  # noqa: BLE001
             raise HyCaFailure(f"could not forecast block {index} ({error})") from error
 
@@ -237,7 +310,20 @@ class PassSession:
 
     def stats(self) -> PassStats:
         steps = RunStats()
-        for branch in self._branches.values():
+        demotions: list[tuple[str, Demotion]] = []
+        notes: list[str] = []
+        for key, branch in self._branches.items():
             steps.computed = max(steps.computed, branch.state.stats.computed)
             steps.forecast = max(steps.forecast, branch.state.stats.forecast)
-        return PassStats(steps, self.calls_computed, self.calls_forecast)
+            demotions += [(branch_name(key), d) for d in branch.state.stats.demotions]
+            notes += [n for n in branch.state.stats.notes if n not in notes]
+        return PassStats(steps, self.calls_computed, self.calls_forecast, demotions, notes)
+
+
+def branch_name(key: tuple) -> str:
+    """``cond``, ``uncond``, ``cond+uncond`` (one batched call) or ``call k`` (unnamed calls)."""
+    (hint, _shape), slot = key
+    names = {0: "cond", 1: "uncond"}
+    if hint:
+        return "+".join(names.get(h, str(h)) for h in hint)
+    return "batch" if slot == 0 else f"call {slot + 1}"

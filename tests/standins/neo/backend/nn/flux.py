@@ -1,11 +1,16 @@
 """Stand-in of Forge Neo's ``backend/nn/flux.py`` (Haoming02/sd-webui-forge-classic, neo
-branch, 2026): ``IntegratedFluxTransformer2DModel`` whose ``forward`` calls
-``forward_orig(img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None,
-transformer_options={}, attn_mask=None)``. Blocks take ``attn_mask=`` and
+branch; mirrors the file as stored at 06d6af9a9b98436d013b398ab35f0b0bf8a888ce, checked
+against tests/standins/CONFORMANCE.md): ``IntegratedFluxTransformer2DModel`` whose
+``forward`` calls ``forward_orig(img, img_ids, txt, txt_ids, timesteps, y, guidance=None,
+control=None, transformer_options={}, attn_mask=None)``. Blocks take ``attn_mask=`` and
 ``transformer_options=``; ``transformer_options["patches_replace"]["dit"]`` entries keyed
 ``("double_block", i)`` / ``("single_block", i)`` replace a block call with
-``patch(args_dict, {"original_block": block_wrap})``. Tiny random weights; block
-internals simplified."""
+``patch(args_dict, {"original_block": block_wrap})``.
+
+In place, like upstream: ``DoubleStreamBlock.forward`` updates ``img`` and ``txt``
+themselves (``img += ...``, ``txt += ...``) and returns them; ``SingleStreamBlock.forward``
+does ``x += ...`` and returns ``x``. A residual taken as "output minus input" after the
+call is zero for these blocks. Tiny random weights; block internals simplified."""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ class DoubleStreamBlock(nn.Module):
         self.pair = JointPair(hidden_size)
 
     def forward(self, img, txt, vec, pe, attn_mask=None, transformer_options={}):  # noqa: B006
-        return self.pair(img, txt, vec, pe[:, txt.shape[1]:])
+        return self.pair(img, txt, vec, pe[:, txt.shape[1]:], in_place=True)  # img += ..., txt += ...
 
 
 class SingleStreamBlock(nn.Module):
@@ -31,7 +36,7 @@ class SingleStreamBlock(nn.Module):
         self.body = StreamBlock(hidden_size)
 
     def forward(self, x, vec, pe, attn_mask=None, transformer_options={}):  # noqa: B006
-        return self.body(x, vec, pe)
+        return self.body(x, vec, pe, in_place=True)  # x += ...
 
 
 class IntegratedFluxTransformer2DModel(nn.Module):
