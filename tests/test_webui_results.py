@@ -1,0 +1,153 @@
+"""What the extension tells the user besides the image: the guard's demotions and the
+engine's notes (infotext and console), what a probed profile was chosen for, what differs
+when a profile made for other settings is used, and which LoRA set a pass runs with on
+each frontend."""
+
+import re
+from types import SimpleNamespace
+
+import pytest
+
+from test_webui_adapters import Frontend, args
+
+
+def demote_first_check(monkeypatch):
+    """What the guard leaves in a branch's stats, made deterministic: one demotion at the
+    branch's third computed step (the WebUI only reads ``state.stats.demotions``)."""
+    from hyca.engine.cache import HybridCache
+    from hyca.engine.guard import Demotion
+
+    real = HybridCache.end_step
+
+    def end_step(self, state):
+        computing, step = state.computing, state.step
+        real(self, state)
+        if computing and self.guard and state.stats.computed == 3:
+            state.stats.demotions.append(Demotion(step, "taylor-2", "reuse"))
+
+    monkeypatch.setattr(HybridCache, "end_step", end_step)
+
+
+def test_guard_demotions_reach_infotext_and_console(monkeypatch, capsys):
+    demote_first_check(monkeypatch)
+    with Frontend("forge_flux") as f:
+        out, p = f.run(args(True, 3, 2, guard=True), steps=10)
+        off, p_off = f.run(args(True, 3, 2, guard=False), steps=10)
+    value = p.extra_generation_params["HyCa guard demotions"]
+    assert re.fullmatch(r"taylor-2 -> reuse at step \d+", value), value
+    assert f"guard demoted {value}" in capsys.readouterr().out
+    assert "HyCa guard demotions" not in p_off.extra_generation_params
+    assert "HyCa guard demotions" in out.infotexts[0]
+
+
+def test_demotions_name_the_branch_when_cond_and_uncond_are_split(monkeypatch):
+    demote_first_check(monkeypatch)
+    with Frontend("neo_wan") as f:
+        _, p = f.run(args(True, 3, 2, guard=True), steps=10, split=True)
+    value = p.extra_generation_params["HyCa guard demotions"]
+    assert "(cond)" in value and "(uncond)" in value
+
+
+def test_engine_notes_go_to_the_console_once(monkeypatch, capsys):
+    from hyca.engine.cache import HybridCache
+
+    real = HybridCache.begin_step
+
+    def noting(self, state, *a, **k):
+        state.stats.note("a note from the engine")
+        return real(self, state, *a, **k)
+
+    monkeypatch.setattr(HybridCache, "begin_step", noting)
+    with Frontend("forge_flux") as f:
+        f.run(args(True, 3, 2), steps=6)
+        f.run(args(True, 3, 2), steps=6)
+    assert capsys.readouterr().out.count("a note from the engine") == 1
+
+
+@pytest.fixture
+def automatic(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
+    monkeypatch.setenv("HYCA_HUB_REPO", "none")
+    monkeypatch.delenv("HYCA_PROFILES", raising=False)
+    return tmp_path
+
+
+def test_probed_profile_records_the_settings_of_its_pass(automatic, capsys):
+    from hyca.profiles.io import read_profile
+    from hyca.profiles.settings import RunSettings
+    from webui_harness import flow_sigmas
+
+    with Frontend("forge_flux") as f:
+        f.run(args(True, 4, 2, compute_last=False, profile="automatic"), steps=12, cfg_scale=3.5)
+        (path,) = automatic.glob("*.safetensors")
+        profile, _ = read_profile(path)
+        # the next pass runs other settings: said once, with the guard's part
+        f.run(args(True, 4, 2, compute_last=False, profile="automatic", guard=True), steps=8, cfg_scale=1.0)
+        f.run(args(True, 4, 2, compute_last=False, profile="automatic", guard=True), steps=8, cfg_scale=1.0)
+    chosen = RunSettings.of_profile(profile.metadata)
+    assert chosen == RunSettings(steps=12, guidance_scale=3.5, sigmas=tuple(flow_sigmas(12).tolist()), interval=4,
+                                 warmup=2, compute_last=False, positions="step")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "chosen for other settings" in line]
+    assert len(lines) == 1
+    assert "steps 12 vs 8" in lines[0] and "guidance 3.5 vs 1" in lines[0] and "guard (on)" in lines[0]
+
+
+def test_no_settings_message_for_uniform_profiles_or_the_same_settings(automatic, capsys):
+    with Frontend("forge_flux") as f:
+        f.run(args(True, 3, 2), steps=10)
+        f.run(args(True, 3, 2, profile="automatic"), steps=10)
+        f.run(args(True, 3, 2, profile="automatic"), steps=10)
+    assert "chosen for other settings" not in capsys.readouterr().out
+
+
+# --- LoRA identity ------------------------------------------------------------------------
+
+def forge_p(lora_hash):
+    return SimpleNamespace(sd_model=SimpleNamespace(forge_objects=object(), current_lora_hash=lora_hash))
+
+
+def test_lora_identity_on_forge_and_neo():
+    from hyca.adapters.webui.controller import lora_identity
+
+    assert lora_identity(forge_p(str([]))) == ""  # backend/diffusion_engine/base.py default
+    assert lora_identity(forge_p("")) == ""
+    targets = str([["/models/Lora/a.safetensors", 0.8, 1.0, False]])
+    assert lora_identity(forge_p(targets)) == targets
+
+
+def test_lora_identity_on_a1111_follows_loaded_networks(monkeypatch):
+    from hyca.adapters.webui.controller import lora_identity
+    from webui_harness import standins
+
+    with standins("forge"):
+        import networks
+
+        p = SimpleNamespace(sd_model=SimpleNamespace(model=object()))
+        networks.load_networks([])
+        assert lora_identity(p) == ""
+        networks.load_networks(["outline"], [1.0], [0.7])
+        first = lora_identity(p)
+        networks.load_networks(["outline"], [1.0], [0.5])
+        assert first and lora_identity(p) != first  # another strength: another set, as A1111 sees it
+        networks.load_networks([])
+        assert lora_identity(p) == ""
+    monkeypatch.delitem(__import__("sys").modules, "networks", raising=False)
+    assert lora_identity(p) == ""  # the Lora extension disabled
+
+
+@pytest.mark.parametrize("kind", ["forge_flux", "neo_flux", "a1111_sd3"])
+def test_no_lora_is_the_base_profile_and_a_lora_set_is_probed(kind, automatic, capsys):
+    """LoRA reuse off: without a LoRA the base profile serves (no extra probe); a LoRA
+    set gets its own probe on all three frontends."""
+    reuse_off = args(True, 3, 2, profile="automatic", lora_reuse=False)
+    with Frontend(kind) as f:
+        f.run(reuse_off, steps=10)                    # probes the base model
+        _, p_base = f.run(reuse_off, steps=10)        # no LoRA: the base profile
+        _, p_lora = f.run(reuse_off, steps=10, lora_hash="outline")  # probes the set
+        _, p_again = f.run(reuse_off, steps=10, lora_hash="outline")
+    out = capsys.readouterr().out
+    assert out.count("on this pass (every step computed)") == 2  # the base model, then the LoRA set
+    assert p_base.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
+    assert "HyCa LoRA ARI" not in p_base.extra_generation_params
+    assert "HyCa steps" not in p_lora.extra_generation_params  # the probing pass computes every step
+    assert p_again.extra_generation_params["HyCa LoRA ARI"] == "1.000"
