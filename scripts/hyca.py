@@ -28,7 +28,7 @@ from modules import script_callbacks, scripts  # noqa: E402
 try:  # a broken environment (e.g. a diffusers too old for hyca's core) hides HyCa, never the UI
     from hyca.adapters.webui import profiles
     from hyca.adapters.webui.controller import CONTROLLER, console
-    from hyca.adapters.webui.settings import CACHE_DTYPES, INFOTEXT_KEYS, Settings, from_infotext
+    from hyca.adapters.webui.settings import CACHE_DTYPES, Settings, paste_keys
     LOAD_ERROR = None
 except Exception as error:  # noqa: BLE001
     LOAD_ERROR = error
@@ -99,9 +99,10 @@ class HyCaScript(scripts.Script):
         components = dict(enabled=enabled, interval=interval, warmup=warmup, compute_last=compute_last,
                           hires=hires, profile=profile, hub_repo=hub_repo, lora_reuse=lora_reuse,
                           cache_dtype=cache_dtype, guard=guard)
-        self.infotext_fields = [PasteField(enabled, lambda params: INFOTEXT_KEYS["interval"] in params)]
-        self.infotext_fields += [PasteField(components[name], _reader(name)) for name in INFOTEXT_KEYS]
-        self.paste_field_names = list(INFOTEXT_KEYS.values())
+        # Named and callable targets (settings.PasteKey): "Send to txt2img/img2img" matches
+        # fields by name, pasting an infotext calls them; both restore HyCa's settings.
+        self.infotext_fields = [PasteField(components[name], key) for name, key in paste_keys()]
+        self.paste_field_names = [str(key) for _, key in paste_keys()]
         return [components[name] for name in ARGUMENTS]
 
     # --- generation lifetime ----------------------------------------------------------
@@ -146,10 +147,6 @@ class HyCaScript(scripts.Script):
         CONTROLLER.finish_pass()
         p.extra_generation_params.update(CONTROLLER.results())
         CONTROLLER.report()
-
-
-def _reader(name: str):
-    return lambda params: from_infotext(params, name)
 
 
 # --- callbacks -------------------------------------------------------------------------

@@ -101,7 +101,73 @@ def test_infotext_round_trip(webui):
     pasted = paste_values(script.infotext_fields, params)
     assert pasted[0] is True  # the enable box
     assert pasted[1:] == args[1:]  # infotext_fields follow the settings' order after the box
-    assert set(script.paste_field_names) <= set(params)
+    assert set(script.paste_field_names) - {"HyCa"} <= set(params)
+
+
+def main_fields(tab):
+    """The frontend's own paste fields that Send-to always carries (ui.py)."""
+    return [(gr.Textbox("a cat", elem_id=f"{tab}_prompt"), "Prompt"), (gr.Slider(1, 150, value=20, step=1), "Steps")]
+
+
+def test_send_to_img2img_carries_hyca_settings_by_name(webui):
+    """Send to img2img copies the txt2img controls whose paste names are listed in the
+    scripts' paste_field_names (infotext_utils.connect_paste_params_buttons): every HyCa
+    control must land on its img2img twin."""
+    from modules import infotext_utils
+
+    with gr.Blocks():
+        t2i = webui.HyCaScript()
+        t2i_components = t2i.ui(False)
+        i2i = webui.HyCaScript()
+        i2i_components = i2i.ui(True)
+        infotext_utils.add_paste_fields("txt2img", None, main_fields("txt2img") + list(t2i.infotext_fields))
+        infotext_utils.add_paste_fields("img2img", None, main_fields("img2img") + list(i2i.infotext_fields))
+    # ScriptRunner.paste_field_names: the scripts' lists concatenated (modules/scripts.py)
+    inputs, outputs = infotext_utils.send_to(list(t2i.paste_field_names), "txt2img", "img2img")
+    assert len(inputs) == len(outputs) == 2 + len(t2i_components)
+    pairs = {id(a): b for a, b in zip(inputs, outputs)}
+    for a, b in zip(t2i_components, i2i_components):
+        assert pairs[id(a)] is b  # each control goes to its own twin, in order
+    assert len(set(t2i.paste_field_names)) == len(t2i.paste_field_names)  # names unique
+
+
+def test_send_to_would_carry_nothing_with_unnamed_fields(webui):
+    """Why the names matter: a callable-only target is never matched by Send-to."""
+    from modules import infotext_utils
+
+    with gr.Blocks():
+        box = gr.Checkbox(False)
+    infotext_utils.add_paste_fields("txt2img", None, [(box, lambda params: True)])
+    infotext_utils.add_paste_fields("img2img", None, [(box, lambda params: True)])
+    assert infotext_utils.send_to(["HyCa N"], "txt2img", "img2img") == ([], [])
+
+
+def test_png_info_paste_and_api_infotext_restore_every_setting(webui):
+    """PNG Info (connect_paste: callable targets called, values converted by the control's
+    type) and the API's ``infotext`` (get_field_value) both restore HyCa's settings,
+    booleans included (a plain string target would make "off" truthy)."""
+    from modules import infotext_utils
+
+    script, components = build_ui(webui)
+    args = [True, 7, 4, False, False, "FORA (reuse)", "me/profiles", False, "float16", False]
+    settings = webui.Settings.from_args(args)
+    line = infotext_utils.parameters_line({"Steps": 20, **settings.infotext()})
+    pasted = infotext_utils.paste(f"a cat\n{line}", script.infotext_fields)
+    assert pasted == args
+    params = infotext_utils.parse_generation_parameters(line)
+    fields = [infotext_utils.PasteField(*f) for f in script.infotext_fields]
+    assert [infotext_utils.api_field_value(f, params) for f in fields] == args
+    assert all(f.label and f.function for f in fields)  # named for Send-to, callable for pasting
+
+
+def test_an_older_infotext_pastes_the_settings_it_implies(webui):
+    """Written before the guard and cache dtype existed, without a hub repo: HyCa was on,
+    so those controls take the values the image was made with."""
+    from modules import infotext_utils
+
+    script, _ = build_ui(webui)
+    old = "Steps: 20, HyCa N: 5, HyCa warm-up: 3, HyCa last step: on, HyCa hires: on, HyCa profile: automatic, HyCa LoRA reuse: on"
+    assert infotext_utils.paste(old, script.infotext_fields) == [True, 5, 3, True, True, "automatic", "", True, "model", False]
 
 
 def test_no_infotext_when_off_and_paste_leaves_controls(webui):

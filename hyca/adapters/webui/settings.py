@@ -22,6 +22,11 @@ INFOTEXT_KEYS = {
 CACHE_DTYPES = ("model", "bfloat16", "float16", "float32")
 #: Results, written after sampling.
 RESULT_KEYS = ("HyCa steps", "HyCa saving", "HyCa LoRA ARI", "HyCa guard demotions")
+#: Paste-field name of the enable box (never written: HyCa is on when "HyCa N" is there).
+ENABLED_KEY = "HyCa"
+#: What an infotext written with HyCa on but without a key meant: the key is left out at
+#: its default (hub repo, cache dtype), or predates the setting (the guard: off before it).
+IMPLIED = {"hub_repo": "", "cache_dtype": "model", "guard": False}
 
 
 @dataclass(frozen=True)
@@ -81,16 +86,48 @@ def _as_bool(value: Any) -> bool:
 
 
 def from_infotext(params: dict[str, Any], name: str) -> Any:
-    """The value of setting ``name`` as pasted text holds it (``None`` when absent)."""
+    """The value of setting ``name`` as pasted text holds it; ``None`` (control left as it
+    is) when absent, except that an infotext written with HyCa on implies the settings it
+    leaves out (:data:`IMPLIED`)."""
+    if name == "enabled":
+        return INFOTEXT_KEYS["interval"] in params
     raw = params.get(INFOTEXT_KEYS[name])
     if raw is None:
-        return None
+        return IMPLIED.get(name) if INFOTEXT_KEYS["interval"] in params else None
     kind = next(f.type for f in fields(Settings) if f.name == name)
     if kind in ("bool", bool):
         return _as_bool(raw)
     if kind in ("int", int):
         return int(float(raw))
     return str(raw)
+
+
+class PasteKey(str):
+    """A paste field's target that is both the field's *name* and its *reader*.
+
+    The WebUIs match paste fields two ways (A1111 1.10 / Forge ``modules/infotext_utils.py``):
+    "Send to txt2img / img2img" copies a field only when its target is a string listed in
+    the script's ``paste_field_names`` (``connect_paste_params_buttons``: ``name in
+    paste_field_names``), while pasting an infotext (PNG Info, the paste button, the API's
+    ``infotext``) calls a callable target with the parsed parameters, and otherwise
+    converts the raw string with the control's type, so ``bool("off")`` would be ``True``.
+    A ``str`` that is also callable serves both: equal to its key for Send-to, read by
+    :func:`from_infotext` for pasting."""
+
+    def __new__(cls, key: str, name: str) -> "PasteKey":
+        obj = super().__new__(cls, key)
+        obj.setting = name
+        return obj
+
+    def __call__(self, params: dict[str, Any]) -> Any:
+        return from_infotext(params, self.setting)
+
+
+def paste_keys() -> list[tuple[str, PasteKey]]:
+    """``(setting, paste key)`` for the enable box and every setting, in ``ui()`` order
+    of the settings after the box."""
+    return [("enabled", PasteKey(ENABLED_KEY, "enabled"))] + [(name, PasteKey(key, name))
+                                                               for name, key in INFOTEXT_KEYS.items()]
 
 
 def torch_dtype(name: str):

@@ -36,6 +36,15 @@ def on_model_loaded(callback, *, name=None):
     _add("model_loaded", callback, name)
 
 
+def on_infotext_pasted(callback, *, name=None):
+    _add("infotext_pasted", callback, name)
+
+
+def infotext_pasted_callback(infotext, params):
+    for c in callback_map["infotext_pasted"]:
+        c(infotext, params)
+
+
 def cfg_denoiser_callback(params):
     for c in callback_map["cfg_denoiser"]:
         c(params)
