@@ -4,7 +4,9 @@ Forge Neo run ``install.py`` of every extension with their ``launch`` helpers).
 Only missing packages are installed, with lower bounds the WebUIs already satisfy, so
 nothing the frontend pinned is upgraded; torch is never installed or upgraded (HyCa uses
 whatever torch the frontend runs). The ``hyca`` package itself is this repository's root,
-put on ``sys.path`` by ``scripts/hyca.py``: nothing to install for it.
+put on ``sys.path`` by ``scripts/hyca.py``: nothing to install for it. diffusers is not
+needed inside a WebUI (the WebUI path, automatic probe included, never imports it), so a
+frontend's pinned diffusers is left alone whatever its version.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ REQUIREMENTS = {
     "scikit-learn": "scikit-learn>=1.3",
     "safetensors": "safetensors>=0.4",
     "huggingface-hub": "huggingface-hub>=0.23",
-    "diffusers": "diffusers>=0.35",
 }
 NEVER = ("torch", "torchvision", "xformers")
 
