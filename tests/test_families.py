@@ -25,7 +25,7 @@ from tiny_families import CASES
 STEPS = 8
 INTERVAL, WARMUP = 3, 2
 # families whose pipelines run cond and uncond as separate calls
-SEPARATE_CFG = {"qwenimage", "hunyuanvideo", "wan2.1", "wan2.2", "chroma", "lumina2", "cogview4"}
+SEPARATE_CFG = {"flux", "qwenimage", "hunyuanvideo", "wan2.1", "wan2.2", "chroma", "lumina2", "cogview4"}
 
 
 def hybrid_profile(transformer, seed: int = 0) -> Profile:
@@ -204,8 +204,8 @@ def test_recommended_settings_scale_with_steps():
 
 
 def test_every_family_in_the_table_has_a_tiny_pipeline_test():
-    covered = {type(CASES[name].transformer(0)).__name__ for name in CASES} | {"FluxTransformer2DModel"}
-    assert covered == set(FAMILIES)  # FLUX: tests/test_engine_flux.py, tests/test_pipeline_flux.py
+    covered = {type(CASES[name].transformer(0)).__name__ for name in CASES}
+    assert covered == set(FAMILIES)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -15,8 +15,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKLQwenImage, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
-                       CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline,
+from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
+                       CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel, HiDreamImagePipeline,
                        HiDreamImageTransformer2DModel, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel,
                        Lumina2Pipeline, Lumina2Transformer2DModel, QwenImageEditPipeline, QwenImagePipeline,
                        QwenImageTransformer2DModel, SanaPipeline, SanaTransformer2DModel, SD3Transformer2DModel,
@@ -78,6 +79,24 @@ def _generator() -> torch.Generator:
 
 def _scheduler(**config) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(**config)
+
+
+# --- FLUX.1 -----------------------------------------------------------------------------
+
+FLUX = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, axes_dims_rope=[4, 6, 6])
+
+
+def _flux_call(pipe, steps, cfg=False, **extra):
+    negative = dict(negative_prompt_embeds=_embeds(32, 7), negative_pooled_prompt_embeds=torch.ones(1, 24),
+                    true_cfg_scale=3.0) if cfg else {}
+    return pipe(prompt_embeds=_embeds(32, 3), pooled_prompt_embeds=torch.zeros(1, 24), height=64, width=64,
+                num_inference_steps=steps, output_type="latent", generator=_generator(), **negative, **extra).images
+
+
+def _flux_pipeline(transformer):
+    return FluxPipeline(scheduler=_scheduler(), vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
 
 
 # --- Qwen-Image (and Edit) ------------------------------------------------------------
@@ -338,6 +357,8 @@ def _maker(cls, config, gain):
 
 
 CASES: dict[str, Case] = {
+    "flux": Case("flux", _maker(FluxTransformer2DModel, FLUX, 20.0), _flux_pipeline, _flux_call,
+                 [("transformer_blocks", 1, False), ("single_transformer_blocks", 1, False)]),
     "qwenimage": Case("qwenimage", _maker(QwenImageTransformer2DModel, QWEN, 20.0), _qwen_pipeline, _qwen_call,
                       [("transformer_blocks", 1, False)]),
     "qwenimage-edit": Case("qwenimage-edit", _maker(QwenImageTransformer2DModel, QWEN, 20.0), _qwen_edit_pipeline,
@@ -368,4 +389,54 @@ CASES: dict[str, Case] = {
                      _cogview4_call, [("transformer_blocks", 0, False)]),
     "sana": Case("sana", _maker(SanaTransformer2DModel, SANA, 1.0), _sana_pipeline, _sana_call,
                  [("transformer_blocks", None, False)]),
+}
+
+
+# --- img2img: the same transformers in their families' image-to-image pipelines ---------------
+
+
+def _tiny_vae() -> AutoencoderKL:
+    """8x down-sampling to 4 latent channels, the layout both tiny FLUX (16 = 4 x 2 x 2 packed)
+    and tiny SD3 transformers take."""
+    torch.manual_seed(6)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[4, 4, 4, 4],
+                         layers_per_block=1, latent_channels=4, norm_num_groups=2, shift_factor=0.0,
+                         scaling_factor=1.0).eval()
+
+
+TINY_VAE = _tiny_vae()
+
+
+def _init_image() -> torch.Tensor:
+    return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+
+
+def _flux_img2img_pipeline(transformer):
+    return FluxImg2ImgPipeline(scheduler=_scheduler(), vae=TINY_VAE, text_encoder=None, tokenizer=None,
+                               text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+
+
+def _flux_img2img_call(pipe, steps, strength, **extra):
+    return pipe(image=_init_image(), strength=strength, prompt_embeds=_embeds(32, 3),
+                pooled_prompt_embeds=torch.zeros(1, 24), height=64, width=64, num_inference_steps=steps,
+                output_type="latent", generator=_generator(), **extra).images
+
+
+def _sd3_img2img_pipeline(transformer):
+    return StableDiffusion3Img2ImgPipeline(transformer=transformer, scheduler=_scheduler(shift=3.0), vae=TINY_VAE,
+                                           text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                           text_encoder_3=None, tokenizer_3=None)
+
+
+def _sd3_img2img_call(pipe, steps, strength, **extra):
+    return pipe(image=_init_image(), strength=strength, prompt_embeds=_embeds(16, 3),
+                pooled_prompt_embeds=torch.zeros(1, 8), num_inference_steps=steps, output_type="latent",
+                generator=_generator(), guidance_scale=1.0, **extra).images
+
+
+#: family case -> (img2img pipeline around a transformer, call(pipe, steps, strength, **extra))
+IMG2IMG: dict[str, tuple[Callable, Callable]] = {
+    "flux": (_flux_img2img_pipeline, _flux_img2img_call),
+    "sd3": (_sd3_img2img_pipeline, _sd3_img2img_call),
 }

@@ -38,44 +38,6 @@ def transformers_of(target: Any) -> list[torch.nn.Module]:
     return [t for _, t in named_transformers(target)]
 
 
-def _remaining_timesteps(scheduler: Any) -> torch.Tensor | None:
-    timesteps = getattr(scheduler, "timesteps", None)
-    if timesteps is None:
-        return None
-    return timesteps[getattr(scheduler, "begin_index", None) or 0:]
-
-
-def _steps_from(scheduler: Any) -> Callable[[int | None], int | None]:
-    """Model calls per branch in the current run: the count the pipeline gives in its
-    cache context, else the scheduler's."""
-
-    def total_steps(from_context: int | None) -> int | None:
-        if from_context:
-            return from_context
-        timesteps = _remaining_timesteps(scheduler)
-        return None if timesteps is None else len(timesteps)
-
-    return total_steps
-
-
-def _expert_steps(pipe: Any, attribute: str) -> Callable[[int | None], int | None]:
-    """Calls one expert of a two-transformer pipeline (Wan 2.2 A14B) receives: the
-    high-noise ``transformer`` runs while ``t >= boundary_ratio * num_train_timesteps``,
-    ``transformer_2`` after. The pipeline's cache context gives the whole run's count,
-    which neither expert sees, so the count comes from the scheduler."""
-    scheduler = pipe.scheduler
-
-    def total_steps(from_context: int | None) -> int | None:
-        timesteps = _remaining_timesteps(scheduler)
-        if timesteps is None:
-            return None
-        boundary = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
-        high_noise = int((timesteps >= boundary).sum())
-        return high_noise if attribute == "transformer" else len(timesteps) - high_noise
-
-    return total_steps
-
-
 def _has_experts(target: Any) -> bool:
     config = getattr(target, "config", None)
     return (not isinstance(target, torch.nn.Module) and getattr(target, "transformer_2", None) is not None
@@ -165,8 +127,10 @@ def enable(
     ``positions``: ``"step"`` (step index) or ``"sigma"`` (the pipeline's sigma when its
     cache context gives one, else the model's timestep input) as the axis the solvers
     extrapolate along.
-    ``scheduler``: where to read the step count in a hand-written loop (a pipeline's own
-    scheduler is used automatically); it lets ``compute_last`` find the last step.
+    ``scheduler``: where to read the step count for calls made outside any pipeline (a
+    hand-written loop); it lets ``compute_last`` find the last step. Inside a pipeline call
+    the calling pipeline's current scheduler is read, whichever pipeline shares the
+    transformer and whatever scheduler it has now.
     ``guard``: every computed step checks what each solver group would have forecast for
     it and demotes a group that did worse than a lower order (``taylor-1``, ``reuse``) for
     the rest of the generation; no extra model call (:mod:`hyca.engine.guard`).
@@ -174,49 +138,73 @@ def enable(
     Enabling again replaces the previous settings. Returns the engine of each transformer.
     """
     schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
-    scheduler = scheduler if scheduler is not None else getattr(target, "scheduler", None)
+    pipeline = None if isinstance(target, torch.nn.Module) else target
     engines = []
-    experts = _has_experts(target)
     for attribute, transformer in named_transformers(target):
+        _check_not_compiled(transformer, attribute)
         family = family_of(transformer)
-        if getattr(transformer, "is_cache_enabled", False):
-            raise RuntimeError(
-                f"{type(transformer).__name__} already has a diffusers cache enabled "
-                f"({type(transformer._cache_config).__name__}); call transformer.disable_cache() first"
-            )
+        found = hooks.other_cache(transformer)
+        if found is not None:
+            raise hooks.CacheConflict(hooks.conflict_message(transformer, found, hyca_first=False))
         blocks = blocks_of(transformer, family)
         make = _first_use_probe(target, attribute, interval, warmup, positions, probe_kwargs)
         spec = _resolve(_profile_of(profile, attribute), transformer, make, interval)
         chosen = _profile_for(spec, transformer, len(blocks), hidden_size(transformer))
         engine = HybridCache(chosen, schedule, positions, cache_dtype, guard=guard)
-        total_steps = _expert_steps(target, attribute) if experts else _steps_from(scheduler)
-        hooks.unregister(transformer)
-        hooks.register(transformer, blocks, engine, family, total_steps)
+        hooks.unregister(transformer)  # enabling again replaces the settings
+        hooks.register(transformer, blocks, engine, family, hooks.Steps(scheduler, pipeline))
         engines.append(engine)
     return engines
 
 
+def _check_not_compiled(transformer: torch.nn.Module, attribute: str) -> None:
+    """HyCa hooks the model's blocks, so it has to come before ``torch.compile`` of the
+    whole model (the compiled graph would not contain the hooks)."""
+    compiled = isinstance(transformer, torch._dynamo.eval_frame.OptimizedModule)
+    in_place = getattr(transformer, "_compiled_call_impl", None) is not None
+    if not (compiled or in_place):
+        return
+    model = type(transformer._orig_mod).__name__ if compiled else type(transformer).__name__
+    undo = (f"pipe.{attribute} = pipe.{attribute}._orig_mod" if compiled
+            else f"pipe.{attribute}._compiled_call_impl = None")
+    raise RuntimeError(
+        f"pipe.{attribute} ({model}) was compiled with torch.compile before hyca.enable. HyCa has to hook the "
+        f"blocks first: undo the compile ({undo}), call hyca.enable(pipe, ...), then compile the repeated "
+        f"blocks: pipe.{attribute}.compile_repeated_blocks() (regional compilation; see docs/compile.md)"
+    )
+
+
 def disable(target: Any) -> None:
-    """Remove HyCa: the model computes every step again, bit-identical to an unpatched one."""
+    """Remove HyCa: the model computes every step again, bit-identical to an unpatched one.
+    Hooks added after HyCa's (offloading) stay in place."""
     for transformer in transformers_of(target):
         hooks.unregister(transformer)
 
 
 def reset(target: Any) -> None:
-    """Drop all cached state (pipelines do this themselves at the end of each call)."""
+    """Drop all cached state. Rarely needed: a run frees its cache after its last step,
+    every pipeline's ``maybe_free_model_hooks`` resets it, and a call that starts another
+    generation (new schedule, timestep back up, other input shape) starts clean."""
     for transformer in transformers_of(target):
         hook = hooks.root_hook(transformer)
         if hook is not None:
-            hook.reset_state(transformer)
+            hook.reset()
 
 
 def stats(target: Any) -> list[RunStats]:
-    """Computed and forecast step counts of the latest run, per transformer."""
+    """Computed and forecast step counts of the latest run, per transformer; ``notes`` say
+    where HyCa fell back to computing (and why)."""
     return [hook.engine.last_stats for t in transformers_of(target) if (hook := hooks.root_hook(t)) is not None]
 
 
 def is_enabled(target: Any) -> bool:
-    return any(hooks.root_hook(t) is not None for t in transformers_of(target))
+    """Whether HyCa will cache the next run: its hooks are in every block's forward chain
+    (any that another library unwrapped are put back first) and no other cache is on."""
+    for transformer in transformers_of(target):
+        hook = hooks.root_hook(transformer)
+        if hook is None or not hook.live(transformer) or hooks.other_cache(transformer) is not None:
+            return False
+    return True
 
 
 FEW_STEPS = 10  # distilled models: FLUX.1-schnell (4 steps), Qwen-Image-Lightning (8)

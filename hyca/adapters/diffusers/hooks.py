@@ -1,57 +1,111 @@
-"""HyCa on diffusers' own hook machinery.
+"""HyCa on a diffusers transformer: a root controller plus one hook per block.
 
-One stateful hook on the transformer decides, per call, whether the blocks run; one hook
-per block either runs the block and reports its residual, or passes its inputs through.
-On a skip step the first block adds the forecast of the summed residuals, so the rest of
-the stack is a chain of cheap identities and the embeddings and output layers run as
-usual. State lives in a ``StateManager``: one :class:`BranchState` per
-``transformer.cache_context(name)``, reset by the pipeline when it finishes.
+The root controller runs before and after every transformer call (torch forward hooks,
+which survive anything that rewraps ``forward``: accelerate's CPU offload, cache-dit,
+``torch.compile``). It decides which guidance branch and which generation a call belongs
+to and whether its blocks run. One diffusers ``ModelHook`` per block either runs the block
+and records its residual, or passes its inputs through; on a skip step the first block
+adds the forecast of the summed residuals, so the rest of the stack is a chain of cheap
+identities and the embeddings and output layers run as usual.
+
+What a call belongs to is read from what the transformer is fed and who calls it, never
+from state that can go stale:
+
+- **branch**: ``transformer.cache_context(name)``; outside any context, a repeated call at
+  the same timestep with the *same* input is the next guidance branch (Chroma's and
+  Lumina2's pipelines run cond then uncond that way), and one with a *different* input is
+  a later stage of a higher-order sampler (Heun's second call at the next sigma) in the
+  same branch.
+- **step count**: the scheduler of the pipeline whose ``__call__`` is running (found on
+  the call stack; it holds this transformer), whatever pipeline or scheduler HyCa was
+  enabled with; else the cache context's count; else the scheduler given to ``enable``.
+- **generation**: a call starts a new one when the schedule object changed (every
+  pipeline call sets new timesteps), the previous run reached its last call, the input
+  shape changed, or the timestep moved back (against the direction the family's sampler
+  moves). So aborted runs, pipelines that never clean up and transformers without
+  diffusers' ``CacheMixin`` all start clean. A run that reaches its last call frees its
+  cache at once; ``maybe_free_model_hooks`` resets every family's transformer.
+
+State lives in a ``StateManager`` (:class:`BranchStates`) held by the block hooks, which are
+stateful, so ``cache_context`` and ``_reset_stateful_cache`` reach it through diffusers'
+own registry. Block hooks that something else unwraps (an offloading hook applied before
+HyCa and removed later) are found before the blocks run and put back; a call whose blocks
+did not all report is never forecast from.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+import sys
+import weakref
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
+from diffusers.hooks.hooks import HookFunctionReference, HookRegistry, ModelHook, StateManager
 
 from ...engine.cache import BranchState, HybridCache
+from ...engine.residual import ResidualMeter
 from .families import BlockList, Family
 
 logger = logging.getLogger("hyca")
 
-ROOT_HOOK = "hyca"
+ROOT_HOOK = "hyca"  # the attribute ``_hyca`` on the transformer holds the root controller
 BLOCK_HOOK = "hyca_block"
+ROOT_ATTRIBUTE = "_hyca"
 DEFAULT_BRANCH = "default"
+PIPELINE_TRANSFORMERS = ("transformer", "transformer_2")
+#: How far up the call stack the calling pipeline is looked for (a pipeline's ``__call__``
+#: is 3-6 frames above the transformer's hooks; decorators and helper methods add a few).
+MAX_FRAMES = 48
+
+
+@dataclass
+class HostState(BranchState):
+    """A branch's engine state plus what the adapter needs to tell generations apart."""
+
+    run: Any = None  # weak reference to the schedule (scheduler.timesteps) this generation runs on
+    last_position: float | None = None
+    last_index: int | None = None  # the cache context's step_index at the previous call
 
 
 class BranchStates(StateManager):
-    """diffusers' ``StateManager`` keyed by cache context, plus default branches for
-    sampling loops that call the transformer without opening a ``cache_context``.
+    """diffusers' ``StateManager`` keyed by cache context, plus branches for calls made
+    outside any ``cache_context``.
 
     Also the scratch space of one transformer call, shared by the root and block hooks:
-    whether HyCa stays out of it (``bypass``) and how many tokens the output stream has
-    (``stream_tokens``, for blocks that see it concatenated behind the text)."""
+    the state of the call in progress (``current``), whether HyCa stays out of it
+    (``bypass``), how many tokens the output stream has (``stream_tokens``) and how many
+    block hooks ran (``reports``)."""
 
-    def __init__(self, state_cls: type) -> None:
+    def __init__(self, state_cls: type = HostState) -> None:
         super().__init__(state_cls)
-        self._unnamed = DEFAULT_BRANCH
-        self._last_unnamed_position: float | None = None
-        self._calls_at_position = 0
         self.bypass = False
         self.stream_tokens: int | None = None
+        self.current: BranchState | None = None
+        self.reports = 0
+        self._forget_unnamed()
 
-    def name_unnamed_call(self, position: float | None) -> None:
-        """Pick the branch of a call made outside any ``cache_context``. Pipelines such as
-        Chroma's and Lumina2's run cond, then uncond, at the same timestep without naming
-        them: the k-th call at one position is the k-th branch of that step."""
+    def _forget_unnamed(self) -> None:
+        self._unnamed = DEFAULT_BRANCH
+        self._last_unnamed_position: float | None = None
+        self._last_unnamed_input: Any = None
+        self._calls_at_position = 0
+
+    def name_unnamed_call(self, position: float | None, sample: Any = None) -> None:
+        """Pick the branch of a call made outside any ``cache_context``: the k-th call at
+        one timestep with the same input is branch k (cond, uncond); a call at the same
+        timestep with another input is a sampler's next stage, branch 0 again."""
         if self._context is not None:
             return
         same = position is not None and position == self._last_unnamed_position
+        if same and sample is not None and not _same_input(self._last_unnamed_input, sample):
+            same = False
         self._calls_at_position = self._calls_at_position + 1 if same else 0
         self._last_unnamed_position = position
+        self._last_unnamed_input = _snapshot_input(sample)
         k = self._calls_at_position
         self._unnamed = DEFAULT_BRANCH if k == 0 else f"{DEFAULT_BRANCH}#{k + 1}"
 
@@ -62,12 +116,36 @@ class BranchStates(StateManager):
             return self._state_cache[self._unnamed]
         return super().get_state()
 
+    def branch_name(self) -> str:
+        return self._unnamed if self._context is None else self._context.name
+
     def all_states(self) -> dict[str, BranchState]:
         return dict(self._state_cache)
 
     def reset(self) -> None:
         super().reset()
-        self._unnamed, self._last_unnamed_position, self._calls_at_position = DEFAULT_BRANCH, None, 0
+        self.current, self.bypass, self.reports = None, False, 0
+        self._forget_unnamed()
+
+
+def _snapshot_input(sample: Any) -> Any:
+    """A copy of a call's input to compare the next call's against (latents are small
+    next to a transformer call); ``None`` for inputs that are not tensors."""
+    if isinstance(sample, torch.Tensor):
+        return sample.detach().clone()
+    if isinstance(sample, (list, tuple)) and sample and all(isinstance(s, torch.Tensor) for s in sample):
+        return [s.detach().clone() for s in sample]
+    return None
+
+
+def _same_input(kept: Any, sample: Any) -> bool:
+    if kept is None:
+        return True  # nothing to compare: keep the plain "k-th call at one timestep" rule
+    if isinstance(sample, torch.Tensor):
+        return isinstance(kept, torch.Tensor) and kept.shape == sample.shape and torch.equal(kept, sample)
+    parts = list(sample) if isinstance(sample, (list, tuple)) else []
+    return (isinstance(kept, list) and len(kept) == len(parts)
+            and all(k.shape == s.shape and torch.equal(k, s) for k, s in zip(kept, parts)))
 
 
 def _parameter_names(function: Callable) -> tuple[str, ...]:
@@ -82,111 +160,255 @@ def _argument(names: tuple[str, ...], name: str, args: tuple, kwargs: dict) -> A
 
 
 def _shape_signature(sample: Any) -> tuple | None:
-    """Shape of the model input (a tensor, or Z-Image's list of tensors): a new one
-    means a new batch or resolution, and a fresh state."""
+    """Shape and device of the model input (a tensor, or Z-Image's list of tensors): a new
+    one means a new batch, resolution or device, and a fresh state."""
     if isinstance(sample, torch.Tensor):
-        return tuple(sample.shape)
+        return (tuple(sample.shape), sample.device.type)
     if isinstance(sample, (list, tuple)) and all(isinstance(s, torch.Tensor) for s in sample):
-        return tuple(tuple(s.shape) for s in sample)
+        return tuple((tuple(s.shape), s.device.type) for s in sample)
     return None
 
 
-class HyCaHook(ModelHook):
-    """On the transformer: step counting, positions, and the compute/forecast decision."""
+def _scalar(timestep: Any) -> float | None:
+    """One number for a call's timestep input: per-sample (and Wan's per-token) timesteps
+    are equal but for masked conditioning tokens at 0, so the largest is taken."""
+    if timestep is None:
+        return None
+    value = torch.as_tensor(timestep)
+    return float(value.max() if value.numel() > 1 else value.reshape(()))
 
-    _is_stateful = True
 
-    def __init__(self, engine: HybridCache, family: Family, states: BranchStates,
-                 total_steps: Callable[[int | None], int | None]) -> None:
-        super().__init__()
-        self.engine = engine
-        self.family = family
-        self.states = states
-        self.total_steps = total_steps
-        self._names: tuple[str, ...] = ()
+# --- where the step count comes from ------------------------------------------------------
 
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._names = _parameter_names(type(module).forward)[1:]
-        return module
 
-    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        bypass = self.states.bypass = any(
-            _argument(self._names, name, args, kwargs) is not None for name in self.family.bypass_args)
-        if bypass:  # e.g. SD3's skip-layer guidance pass: some blocks never run, nothing to cache
-            return args, kwargs
-        context = self.states._context
-        timestep = _argument(self._names, self.family.timestep_arg, args, kwargs)
-        position = None
-        if context is not None and context.sigma is not None:
-            position = float(context.sigma)
-        elif timestep is not None:
-            position = float(torch.as_tensor(timestep).flatten()[0])
-        self.states.name_unnamed_call(position)
-        state = self.states.get_state()
-        sample = _argument(self._names, self.family.input_arg, args, kwargs)
-        signature = _shape_signature(sample)
-        total = context.num_inference_steps if context is not None and context.num_inference_steps else None
-        self.engine.begin_step(state, position, signature, self.total_steps(total))
-        return args, kwargs
+@dataclass(frozen=True)
+class Run:
+    """What is known about the run a call belongs to."""
 
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        if self.states.bypass:
-            self.states.bypass = False
-        else:
-            self.engine.end_step(self.states.get_state())
-        return output
+    total: int | None  # calls this transformer makes in its branch from this call to the end, this one included
+    token: Any = None  # the run's schedule object (a scheduler's ``timesteps``), or None
+    source: str = "none"  # "pipeline", "context", "scheduler" or "none"
 
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        for name, state in self.states.all_states().items():
-            if state.stats.total:
-                logger.info("HyCa [%s]: %s", name, state.stats.describe())
-        self.states.reset()
-        return module
+
+def _weak(obj: Any) -> Any:
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return None
+
+
+def calling_pipeline(transformer: torch.nn.Module) -> Any:
+    """The pipeline whose method is calling ``transformer`` now: the nearest frame on the
+    call stack whose ``self`` holds this transformer. ``None`` for hand-written loops."""
+    frame = sys._getframe(1)
+    for _ in range(MAX_FRAMES):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            owner = frame.f_locals.get("self")
+            if owner is not transformer and not isinstance(owner, torch.nn.Module) and _holds(owner, transformer):
+                return owner
+        frame = frame.f_back
+    return None
+
+
+def _holds(owner: Any, transformer: torch.nn.Module) -> bool:
+    return (getattr(owner, "scheduler", None) is not None
+            and any(getattr(owner, a, None) is transformer for a in PIPELINE_TRANSFORMERS))
+
+
+def _expert_of(pipe: Any, transformer: torch.nn.Module) -> str | None:
+    """For a two-expert pipeline (Wan 2.2 A14B: ``transformer_2`` and ``boundary_ratio``),
+    which expert ``transformer`` is; ``None`` for a pipeline with one transformer."""
+    config = getattr(pipe, "config", None)
+    ratio = config.get("boundary_ratio") if config is not None and hasattr(config, "get") else None
+    if ratio is None or getattr(pipe, "transformer_2", None) is None:
+        return None
+    return "transformer_2" if pipe.transformer_2 is transformer else "transformer"
+
+
+def scheduler_run(scheduler: Any, pipe: Any = None, expert: str | None = None) -> Run | None:
+    """Calls left in the run ``scheduler`` drives, from its current position: its
+    timesteps from ``step_index`` (before the first step, from ``begin_index``, which
+    img2img pipelines set) to the end. Second-order schedulers list one timestep per model
+    call, so this counts calls. For one expert of a two-expert pipeline, only the
+    timesteps on its side of the boundary (Wan 2.2: ``t >= boundary_ratio *
+    num_train_timesteps`` is the high-noise ``transformer``)."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return None
+    index = getattr(scheduler, "step_index", None)
+    if index is None:
+        index = getattr(scheduler, "begin_index", None) or 0
+    left = timesteps[index:]
+    if expert is not None:
+        boundary = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
+        high = int((torch.as_tensor(left) >= boundary).sum())
+        total = high if expert == "transformer" else len(left) - high
+    else:
+        total = len(left)
+    return Run(total, _weak(timesteps), "scheduler")
+
+
+class Steps:
+    """Where a transformer's step count comes from (see the module doc). ``scheduler``: the
+    one given to ``hyca.enable`` for hand-written loops; ``pipeline``: the pipeline HyCa
+    was enabled on, whose *current* scheduler serves calls made outside any pipeline.
+    Callable as ``steps(count_from_cache_context)`` for callers that only want a count."""
+
+    def __init__(self, scheduler: Any = None, pipeline: Any = None) -> None:
+        self.scheduler = scheduler
+        self._pipeline = _weak(pipeline) if pipeline is not None else None
+
+    def run(self, transformer: torch.nn.Module, context: Any) -> Run:
+        pipe = calling_pipeline(transformer)
+        if pipe is not None:
+            found = scheduler_run(pipe.scheduler, pipe, _expert_of(pipe, transformer))
+            if found is not None:
+                return Run(found.total, found.token, "pipeline")
+        if context is not None and getattr(context, "num_inference_steps", None):
+            done = getattr(context, "step_index", None) or 0
+            return Run(context.num_inference_steps - done, None, "context")
+        owner = self._pipeline() if self._pipeline is not None else None
+        scheduler = self.scheduler if self.scheduler is not None else getattr(owner, "scheduler", None)
+        if scheduler is not None:
+            found = scheduler_run(scheduler, owner, _expert_of(owner, transformer) if owner is not None else None)
+            if found is not None:
+                return found
+        return Run(None)
+
+    def __call__(self, from_context: int | None = None) -> int | None:
+        if from_context:
+            return from_context
+        owner = self._pipeline() if self._pipeline is not None else None
+        scheduler = self.scheduler if self.scheduler is not None else getattr(owner, "scheduler", None)
+        found = scheduler_run(scheduler) if scheduler is not None else None
+        return None if found is None else found.total
+
+
+# --- other caches -------------------------------------------------------------------------
+
+
+def other_cache(transformer: torch.nn.Module, scan: bool = True) -> tuple[str, str] | None:
+    """``(what, how to remove it)`` for another feature cache on ``transformer``, or
+    ``None``. ``scan``: also look for diffusers cache hooks applied without
+    ``enable_cache`` (a walk over the submodules: done once per generation, not per call)."""
+    config = getattr(transformer, "_cache_config", None)
+    if config is not None:
+        return (f"a diffusers cache enabled ({type(config).__name__}, transformer.enable_cache)",
+                "call transformer.disable_cache()")
+    if transformer.__dict__.get("_is_cached") or "_context_manager" in transformer.__dict__:
+        return "cache-dit enabled (cache_dit.enable_cache)", "call cache_dit.disable_cache(pipe)"
+    if scan:
+        for module in transformer.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is None:
+                continue
+            for name, hook in registry.hooks.items():
+                if hook._is_stateful and name not in (BLOCK_HOOK, ROOT_HOOK):
+                    return (f"a diffusers cache hook ({name!r}, {type(hook).__name__})",
+                            "remove it (transformer.disable_cache(), or the registry's remove_hook)")
+    return None
+
+
+class CacheConflict(RuntimeError):
+    """HyCa and another feature cache on one transformer."""
+
+
+def conflict_message(transformer: torch.nn.Module, found: tuple[str, str], hyca_first: bool) -> str:
+    name, (what, fix) = type(transformer).__name__, found
+    if hyca_first:
+        return (f"{name} has HyCa enabled and now also {what}. Two feature caches on one model skip or forecast "
+                f"each other's steps, so nothing was sampled: use one of them ({fix}, or hyca.disable(pipe))")
+    return f"{name} already has {what}; {fix} first, then hyca.enable"
+
+
+# --- hooks --------------------------------------------------------------------------------
+
+
+_COMPUTE, _PASS, _PLAIN = "compute", "pass", "plain"
 
 
 class HyCaBlockHook(ModelHook):
-    """On each block: run it and report the residual, or pass the inputs through."""
+    """On each block: run it and record the residual, or pass the inputs through.
 
-    def __init__(self, index: int, spec: BlockList, engine: HybridCache, states: BranchStates) -> None:
+    Stateful so that diffusers' ``cache_context`` and ``_reset_stateful_cache`` reach the
+    shared :class:`BranchStates` (the first block's hook resets it). The decisions and the
+    recording run outside ``torch.compile`` (``torch.compiler.disable``), the block itself
+    inside it, so regional compilation (``compile_repeated_blocks``) compiles the blocks
+    and leaves HyCa's bookkeeping to Python."""
+
+    _is_stateful = True
+
+    def __init__(self, index: int, spec: BlockList, root: "HyCaRoot") -> None:
         super().__init__()
         self.index = index
         self.spec = spec
-        self.engine = engine
-        self.states = states
+        self.root = root
+        self.states = root.states
+        self.inert = False  # left in a chain HyCa could not take itself out of: plain forward
         self._names: tuple[str, ...] = ()
+        self._snapshot: Any = None
+
+    @property
+    def engine(self) -> Any:
+        return self.root.engine
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._names = _parameter_names(type(module).forward)[1:]
         return module
 
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.index == 0:
+            self.root.reset()
+        return module
+
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        if self.states.bypass:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        state = self.states.get_state()
+        action, stream = self._before(args, kwargs)
+        if action == _COMPUTE:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            self._after(output)
+            return output
+        if action == _PASS:
+            return self._pass_through(module, stream, args, kwargs)
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _before(self, args: tuple, kwargs: dict) -> tuple[str, Any]:
+        states = self.states
+        state = states.current
+        if self.inert or states.bypass or state is None:
+            return _PLAIN, None
+        states.reports += 1
         stream = _argument(self._names, self.spec.stream, args, kwargs)
         if self.index == 0:
-            self.states.stream_tokens = stream.shape[1]
+            states.stream_tokens = stream.shape[1]
         if not state.computing and self.index == 0:
             try:
-                stream = stream + self.engine.predicted_residual(state).to(stream.dtype)
-            except Exception as error:  # never break sampling: compute this step and the rest
-                logger.warning("HyCa: forecast failed (%s); computing every remaining step", error)
-                state.failed = state.computing = True
+                predicted = self.engine.predicted_residual(state)
+                stream = stream + predicted.to(device=stream.device, dtype=stream.dtype)
+            except Exception as error:  # compute this step and the rest of this generation instead
+                self.root.fall_back(state, f"forecast failed ({error})")
+                state.computing = True
         if state.computing:
-            return self._compute(state, stream, args, kwargs)
-        return self._pass_through(module, stream, args, kwargs)
+            self._snapshot = None if state.failed else self.root.meter.before(self.index, stream)
+            return _COMPUTE, None
+        return _PASS, stream
 
-    def _compute(self, state: BranchState, stream: torch.Tensor, args: tuple, kwargs: dict):
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        if not state.failed:
-            returns = self.spec.returns
-            out_stream = output if isinstance(returns, str) else output[returns.index(self.spec.stream)]
-            try:
-                self.engine.record(state, self.index, self._output_part(out_stream) - self._output_part(stream))
-            except Exception as error:
-                logger.warning("HyCa: caching failed (%s); computing every remaining step", error)
-                state.failed = True
-        return output
+    @torch.compiler.disable
+    def _after(self, output: Any) -> None:
+        snapshot, self._snapshot = self._snapshot, None
+        state = self.states.current
+        if snapshot is None or state is None or state.failed:
+            return
+        returns = self.spec.returns
+        out_stream = output if isinstance(returns, str) else output[returns.index(self.spec.stream)]
+        try:
+            residual = self.root.meter.residual(snapshot, out_stream)
+            self.engine.record(state, self.index, self._output_part(residual))
+        except Exception as error:
+            self.root.fall_back(state, f"caching failed ({error})")
 
     def _output_part(self, tokens: torch.Tensor) -> torch.Tensor:
         """The tokens of a stream that reach the transformer's output."""
@@ -206,30 +428,332 @@ class HyCaBlockHook(ModelHook):
                      for name in returns)
 
 
+class HyCaRoot:
+    """Per transformer: the engine, the branch states, the step source and the hooks."""
+
+    def __init__(self, transformer: torch.nn.Module, blocks: list[tuple[BlockList, torch.nn.Module]],
+                 engine: Any, family: Family, total_steps: Any) -> None:
+        self.engine = engine
+        self.family = family
+        self.total_steps = total_steps  # a :class:`Steps`, or a callable ``(count_from_context) -> count``
+        self.states = BranchStates()
+        self.meter = ResidualMeter()
+        self.blocks = [block for _, block in blocks]
+        self.block_hooks = [HyCaBlockHook(i, spec, self) for i, (spec, _) in enumerate(blocks)]
+        self._transformer = weakref.ref(transformer)
+        self._names = _parameter_names(type(transformer).forward)[1:]
+        self._handles: list[Any] = []
+        self._wrappers: list[Any] = []  # per block: the forward wrapper diffusers made for HyCa's hook
+        self._seen: list[Any] = []  # per block: its ``forward`` when HyCa last found its hook in the chain
+        self._open: BranchState | None = None  # the state of a call that began and has not ended
+        self.lost: str | None = None  # why HyCa cannot run, once that is known
+
+    # --- installation ---------------------------------------------------------------------
+
+    def install(self, transformer: torch.nn.Module) -> None:
+        for hook, block in zip(self.block_hooks, self.blocks):
+            self._register_block(hook, block)
+        self._install_root(transformer)
+        setattr(transformer, ROOT_ATTRIBUTE, self)
+        if not hasattr(type(transformer), "_reset_stateful_cache"):
+            # Transformers without diffusers' CacheMixin (SD3, Lumina2, Z-Image, HiDream, Sana):
+            # a pipeline's maybe_free_model_hooks() resets components that have this method.
+            transformer._reset_stateful_cache = self._pipeline_cleanup
+        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+
+    def _install_root(self, transformer: torch.nn.Module) -> None:
+        self._handles = [transformer.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         transformer.register_forward_hook(self._post)]
+
+    def _register_block(self, hook: HyCaBlockHook, block: torch.nn.Module) -> None:
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        registry.register_hook(hook, BLOCK_HOOK)
+        _mark(hook)
+        wrapper = block.__dict__.get("forward")
+        if hook.index < len(self._wrappers):
+            self._wrappers[hook.index], self._seen[hook.index] = wrapper, wrapper
+        else:
+            self._wrappers.append(wrapper)
+            self._seen.append(wrapper)
+
+    def uninstall(self, transformer: torch.nn.Module) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for hook, block in zip(self.block_hooks, self.blocks):
+            self._unregister_block(hook, block)
+        if transformer.__dict__.get("_reset_stateful_cache") == self._pipeline_cleanup:
+            del transformer._reset_stateful_cache
+        if transformer.__dict__.get(ROOT_ATTRIBUTE) is self:
+            delattr(transformer, ROOT_ATTRIBUTE)
+        self.states.reset()
+        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+
+    def _unregister_block(self, hook: HyCaBlockHook, block: torch.nn.Module) -> None:
+        """Take HyCa's hook out of the block's forward chain without disturbing hooks
+        others added after it (accelerate's offloading wraps the block from outside the
+        diffusers registry, and diffusers' ``remove_hook`` would drop it)."""
+        registry = getattr(block, "_diffusers_hook", None)
+        if registry is None or registry.get_hook(BLOCK_HOOK) is not hook:
+            hook.inert = True
+            return
+        index = registry._hook_order.index(BLOCK_HOOK)
+        wrapper = self._wrappers[hook.index]
+        below = hook.fn_ref.original_forward
+        if index < len(registry._hook_order) - 1 or block.__dict__.get("forward") is wrapper:
+            registry.remove_hook(BLOCK_HOOK, recurse=False)  # diffusers rewires the chain itself
+            return
+        if block.__dict__.get("_old_forward") is wrapper:  # accelerate wrapped HyCa's wrapper
+            block._old_forward = below
+            _forget(registry, BLOCK_HOOK)
+            return
+        if not _reaches(block, wrapper):  # already out of the chain
+            _forget(registry, BLOCK_HOOK)
+            return
+        hook.inert = True  # wrapped by something HyCa cannot rewire: stay in the chain, do nothing
+
+    # --- keeping the hooks in place -------------------------------------------------------
+
+    def check_hooks(self, transformer: torch.nn.Module) -> None:
+        """Before the blocks run: every block hook still in its block's forward chain,
+        put back where something unwrapped it. Cheap when nothing changed."""
+        if (len(self._handles) != 2 or self._handles[0].id not in transformer._forward_pre_hooks
+                or self._handles[1].id not in transformer._forward_hooks):
+            for handle in self._handles:
+                handle.remove()
+            self._install_root(transformer)
+        for i, (hook, block) in enumerate(zip(self.block_hooks, self.blocks)):
+            current = block.__dict__.get("forward")
+            if current is self._seen[i] and _is_ours(hook):
+                continue
+            self._repair(hook, block)
+            self._seen[i] = block.__dict__.get("forward")
+
+    def _repair(self, hook: HyCaBlockHook, block: torch.nn.Module) -> None:
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        if registry.get_hook(BLOCK_HOOK) is not hook:
+            if BLOCK_HOOK in registry.hooks:
+                _forget(registry, BLOCK_HOOK)
+            self._register_block(hook, block)
+            logger.info("HyCa: hook of block %d was replaced; registered again", hook.index)
+            return
+        if not _is_ours(hook):
+            # diffusers' remove_hook of a hook below HyCa's rewired HyCa's forward to the one below
+            hook.fn_ref.original_forward = hook.fn_ref.forward
+            hook.fn_ref.forward = _bound_new_forward(hook, block)
+        if not _reaches(block, self._wrappers[hook.index]):
+            # e.g. accelerate's hooks were applied before HyCa and removed since: the block's
+            # forward was restored to what it was before HyCa wrapped it
+            _forget(registry, BLOCK_HOOK)
+            self._register_block(hook, block)
+            logger.info("HyCa: hook of block %d had been unwrapped by another library; registered again", hook.index)
+
+    def live(self, transformer: torch.nn.Module) -> bool:
+        """Are HyCa's hooks in place (after putting back any that were unwrapped)?"""
+        if self.lost is not None or not self._handles:
+            return False
+        try:
+            self.check_hooks(transformer)
+        except Exception as error:  # never claim caching that cannot happen
+            self.lost = f"its hooks could not be put back ({error})"
+            return False
+        return not any(hook.inert for hook in self.block_hooks)
+
+    # --- per call -------------------------------------------------------------------------
+
+    @torch.compiler.disable
+    def _pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._open is not None:  # the previous call raised inside the transformer: that run is over
+            self._finish(self._open, "a transformer call failed")
+            self._open = None
+        states = self.states
+        states.current, states.reports = None, 0
+        found = other_cache(module, scan=False)
+        if found is not None:
+            raise CacheConflict(conflict_message(module, found, hyca_first=True))
+        self.check_hooks(module)
+        states.bypass = any(_argument(self._names, name, args, kwargs) is not None for name in self.family.bypass_args)
+        if states.bypass:  # e.g. SD3's skip-layer guidance pass: some blocks never run, nothing to cache
+            return None
+        context = states._context
+        timestep = _scalar(_argument(self._names, self.family.timestep_arg, args, kwargs))
+        from_context = context is not None and context.sigma is not None
+        position = float(context.sigma) if from_context else timestep
+        sample = _argument(self._names, self.family.input_arg, args, kwargs)
+        states.name_unnamed_call(position, sample)
+        state = states.get_state()
+        signature = _shape_signature(sample)
+        run = self._run(module, context)
+        index = getattr(context, "step_index", None) if context is not None else None
+        ended = self._ended(state, run, position, signature, index, "down" if from_context else
+                            self.family.timestep_direction)
+        if ended is not None:
+            self._finish(state, ended)
+        if state.step == 0:
+            found = other_cache(module, scan=True)
+            if found is not None:
+                raise CacheConflict(conflict_message(module, found, hyca_first=True))
+            if run.total is None:
+                state.stats.note("step count unknown (no pipeline, scheduler or cache context gave it): the "
+                                 "last step is computed only if the schedule computes it anyway; pass "
+                                 "scheduler= to hyca.enable")
+        self.engine.begin_step(state, position, signature, run.total)
+        state.run = run.token if state.run is None else state.run
+        state.last_position, state.last_index = position, index
+        states.current = state
+        self._open = state
+        return None
+
+    @torch.compiler.disable
+    def _post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        states = self.states
+        state, self._open = self._open, None
+        states.current = None
+        if states.bypass:
+            states.bypass = False
+            return None
+        if state is None:
+            return None
+        if states.reports != len(self.block_hooks) and not state.failed:
+            if not state.computing:
+                state.failed = True
+                raise RuntimeError(
+                    f"HyCa: only {states.reports} of {len(self.block_hooks)} block hooks ran in a forecast step: "
+                    "something removed them during sampling, and this step's output is wrong. Call hyca.enable again")
+            self.fall_back(state, f"only {states.reports} of {len(self.block_hooks)} block hooks ran")
+        self.engine.end_step(state)
+        if state.total_steps is not None and state.step >= state.total_steps:
+            self._finish(state, None)  # the run is complete: free its cache now
+        return None
+
+    def _run(self, module: torch.nn.Module, context: Any) -> Run:
+        steps = self.total_steps
+        if isinstance(steps, Steps):
+            return steps.run(module, context)
+        # a plain count callable (the probe's): the count is given; the schedule object, if
+        # a pipeline is calling, still tells runs apart
+        count = steps(getattr(context, "num_inference_steps", None) if context is not None else None)
+        pipe = calling_pipeline(module)
+        token = _weak(getattr(pipe.scheduler, "timesteps", None)) if pipe is not None else None
+        return Run(count, token, "given")
+
+    @staticmethod
+    def _ended(state: BranchState, run: Run, position: float | None, signature: Any, index: int | None,
+               direction: str) -> str | None:
+        """Why this call cannot continue the branch's generation, or ``None`` if it can."""
+        if state.step == 0:
+            return None
+        if signature != state.signature:
+            return "the input shape changed"
+        if run.token is not None and state.run is not None and run.token() is not state.run():
+            return "a new schedule"
+        if state.total_steps is not None and state.step >= state.total_steps:
+            return "the previous run was complete"
+        if index is not None and state.last_index is not None and index < state.last_index:
+            return "the step index went back"
+        if position is not None and state.last_position is not None:
+            back = position > state.last_position if direction == "down" else position < state.last_position
+            if back or (position == state.first_position and state.step > 0):
+                return "the timestep went back"
+        return None
+
+    def fall_back(self, state: BranchState, why: str) -> None:
+        """Compute every remaining step of this generation; said once in the log and in the stats."""
+        if not state.failed:
+            message = f"{why}; every later step of this run computed"
+            logger.warning("HyCa: %s", message)
+            state.stats.note(message)
+        state.failed = True
+
+    def _finish(self, state: BranchState, why: str | None) -> None:
+        """A generation ends: say what it did, and free its cache."""
+        name = next((n for n, s in self.states.all_states().items() if s is state), "?")
+        if state.stats.total:
+            if why is not None and state.total_steps is not None and state.step < state.total_steps:
+                state.stats.note(f"stopped after {state.step} of {state.total_steps} steps")
+            logger.info("HyCa [%s]: %s", name, state.stats.describe())
+        state.reset()
+
+    # --- resets ---------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        for name, state in self.states.all_states().items():
+            if state.stats.total:
+                logger.info("HyCa [%s]: %s", name, state.stats.describe())
+        self.states.reset()
+        self._open = None
+
+    def reset_state(self, module: Any = None) -> Any:
+        self.reset()
+        return module
+
+    def _pipeline_cleanup(self, *args: Any, **kwargs: Any) -> None:
+        self.reset()
+
+
+def _mark(hook: HyCaBlockHook) -> None:
+    """Tag the forward diffusers built from ``hook.new_forward`` so the chain check can
+    tell it from one that replaced it."""
+    hook.fn_ref.forward.__dict__["_hyca"] = hook
+
+
+def _is_ours(hook: HyCaBlockHook) -> bool:
+    return getattr(hook.fn_ref.forward, "__dict__", {}).get("_hyca") is hook
+
+
+def _bound_new_forward(hook: HyCaBlockHook, block: torch.nn.Module) -> Callable:
+    forward = functools.update_wrapper(functools.partial(hook.new_forward, block), hook.new_forward)
+    forward.__dict__["_hyca"] = hook
+    return forward
+
+
+def _reaches(module: torch.nn.Module, target: Any) -> bool:
+    """Does calling ``module`` go through ``target``? Follows the wrappers diffusers and
+    accelerate put on ``forward`` (each keeps the one it wraps as ``__wrapped__``;
+    accelerate's calls ``module._old_forward``)."""
+    current = module.__dict__.get("forward")
+    for _ in range(64):
+        if current is None:
+            return False
+        if current is target:
+            return True
+        func = getattr(current, "func", None)
+        if getattr(func, "__module__", "").startswith("accelerate") and "_old_forward" in module.__dict__:
+            following = module.__dict__["_old_forward"]
+            current = None if following is current else following
+            continue
+        current = getattr(current, "__wrapped__", None)
+    return False
+
+
+def _forget(registry: HookRegistry, name: str) -> None:
+    """Drop a hook from a diffusers registry without touching the module's ``forward``
+    (which no longer goes through it)."""
+    index = registry._hook_order.index(name)
+    del registry.hooks[name]
+    registry._hook_order.pop(index)
+    registry._fn_refs.pop(index)
+
+
 def register(transformer: torch.nn.Module, blocks: list[tuple[BlockList, torch.nn.Module]],
-             engine: HybridCache, family: Family, total_steps: Callable[[int | None], int | None]) -> None:
-    """``total_steps(count_from_cache_context)``: the number of calls this transformer
-    will see in the current run, for ``compute_last``."""
-    states = BranchStates(BranchState)
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    registry.register_hook(HyCaHook(engine, family, states, total_steps), ROOT_HOOK)
-    for index, (spec, block) in enumerate(blocks):
-        block_registry = HookRegistry.check_if_exists_or_initialize(block)
-        block_registry.register_hook(HyCaBlockHook(index, spec, engine, states), BLOCK_HOOK)
-    registry.invalidate_child_registries_cache()
+             engine: Any, family: Family, total_steps: Any = None) -> HyCaRoot:
+    """Hook ``engine`` into ``transformer``. ``total_steps``: a :class:`Steps` (what
+    ``hyca.enable`` passes), or a callable ``(count_from_cache_context) -> count`` for a
+    fixed count (the probe's)."""
+    root = HyCaRoot(transformer, blocks, engine, family, total_steps if total_steps is not None else Steps())
+    root.install(transformer)
+    return root
 
 
 def unregister(transformer: torch.nn.Module) -> bool:
     """Remove every HyCa hook; ``True`` when there was one."""
-    registry = getattr(transformer, "_diffusers_hook", None)
-    if registry is None or registry.get_hook(ROOT_HOOK) is None:
+    root = root_hook(transformer)
+    if root is None:
         return False
-    registry.remove_hook(ROOT_HOOK, recurse=True)
-    registry.remove_hook(BLOCK_HOOK, recurse=True)
-    registry.invalidate_child_registries_cache()
+    root.uninstall(transformer)
     return True
 
 
-def root_hook(transformer: torch.nn.Module) -> HyCaHook | None:
-    registry = getattr(transformer, "_diffusers_hook", None)
-    return None if registry is None else registry.get_hook(ROOT_HOOK)
+def root_hook(transformer: torch.nn.Module) -> HyCaRoot | None:
+    root = transformer.__dict__.get(ROOT_ATTRIBUTE)
+    return root if isinstance(root, HyCaRoot) else None
