@@ -158,19 +158,17 @@ def enable(
 
 
 def _check_not_compiled(transformer: torch.nn.Module, attribute: str) -> None:
-    """HyCa hooks the model's blocks, so it has to come before ``torch.compile`` of the
-    whole model (the compiled graph would not contain the hooks)."""
-    compiled = isinstance(transformer, torch._dynamo.eval_frame.OptimizedModule)
-    in_place = getattr(transformer, "_compiled_call_impl", None) is not None
-    if not (compiled or in_place):
+    """``torch.compile(model)`` returns a wrapper whose compiled graph would never run
+    HyCa's hooks: HyCa has to be enabled on the model itself, before that compile
+    (in-place ``model.compile()`` and ``compile_repeated_blocks`` work in either order)."""
+    if not isinstance(transformer, torch._dynamo.eval_frame.OptimizedModule):
         return
-    model = type(transformer._orig_mod).__name__ if compiled else type(transformer).__name__
-    undo = (f"pipe.{attribute} = pipe.{attribute}._orig_mod" if compiled
-            else f"pipe.{attribute}._compiled_call_impl = None")
+    model = type(transformer._orig_mod).__name__
     raise RuntimeError(
-        f"pipe.{attribute} ({model}) was compiled with torch.compile before hyca.enable. HyCa has to hook the "
-        f"blocks first: undo the compile ({undo}), call hyca.enable(pipe, ...), then compile the repeated "
-        f"blocks: pipe.{attribute}.compile_repeated_blocks() (regional compilation; see docs/compile.md)"
+        f"pipe.{attribute} ({model}) was compiled with torch.compile before hyca.enable, and the compiled graph "
+        f"would not run HyCa's hooks. Undo it (pipe.{attribute} = pipe.{attribute}._orig_mod), call "
+        f"hyca.enable(pipe, ...), then compile: pipe.{attribute}.compile_repeated_blocks() (regional "
+        f"compilation, recommended) or pipe.{attribute}.compile() (see docs/compile.md)"
     )
 
 

@@ -750,10 +750,18 @@ def unregister(transformer: torch.nn.Module) -> bool:
     root = root_hook(transformer)
     if root is None:
         return False
-    root.uninstall(transformer)
+    root.uninstall(_uncompiled(transformer))
     return True
 
 
+def _uncompiled(transformer: torch.nn.Module) -> torch.nn.Module:
+    original = transformer.__dict__.get("_modules", {}).get("_orig_mod")
+    return original if isinstance(transformer, torch._dynamo.eval_frame.OptimizedModule) else transformer
+
+
 def root_hook(transformer: torch.nn.Module) -> HyCaRoot | None:
+    """The transformer's HyCa controller (through a ``torch.compile`` wrapper made after
+    ``hyca.enable``), or ``None``."""
+    transformer = _uncompiled(transformer)
     root = transformer.__dict__.get(ROOT_ATTRIBUTE)
     return root if isinstance(root, HyCaRoot) else None
