@@ -87,8 +87,17 @@ class ModelKind:
     timestep_multiplier: float = 1.0
 
 
+#: Model kinds added or replaced by a caller (tools/webui_upstream.py runs the frontends'
+#: own model classes through this harness under the stand-in kinds' names).
+OVERRIDES: dict[str, ModelKind] = {}
+
+
 def model_kinds() -> dict[str, ModelKind]:
     """Resolved lazily: the stand-in modules exist only inside ``standins(...)``."""
+    return {**_standin_kinds(), **OVERRIDES}
+
+
+def _standin_kinds() -> dict[str, ModelKind]:
 
     def make(module: str, cls: str) -> Callable[[], torch.nn.Module]:
         return lambda: getattr(importlib.import_module(module), cls)()

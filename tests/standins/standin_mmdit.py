@@ -46,7 +46,10 @@ class JointBlock(nn.Module):
         x = x + gate * block.proj(attn)
         return x + gate * block.mlp(x)
 
-    def forward(self, context, x, c):
+    def forward(self, *args, **kwargs):  # upstream: return block_mixing(*args, context_block=..., x_block=..., **kwargs)
+        return self._mixing(*args, **kwargs)
+
+    def _mixing(self, context, x, c):
         hc, gc = self.context_block.mod(context, c)
         hx, gx = self.x_block.mod(x, c)
         qc, kc, vc = self.context_block.qkv(hc).chunk(3, -1)

@@ -1,5 +1,5 @@
 """Stand-in of Forge's ``backend/nn/chroma.py`` (lllyasviel/stable-diffusion-webui-forge,
-main branch, 2025): ``IntegratedChromaTransformer2DModel``. The FLUX layout without
+main at dfdcbab685e57677014f05a3309b48cc87383167; see tests/standins/CONFORMANCE.md): ``IntegratedChromaTransformer2DModel``. The FLUX layout without
 guidance or pooled vector: an approximator turns the timestep into per-block modulations,
 ``inner_forward(img, img_ids, txt, txt_ids, timesteps)`` runs
 ``img, txt = block(img=img, txt=txt, pe=pe, mod=...)`` over ``double_blocks`` and
@@ -20,7 +20,7 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         self.pair = JointPair(hidden_size)
 
-    def forward(self, img, txt, pe, mod):
+    def forward(self, img, txt, mod, pe):
         return self.pair(img, txt, mod, pe[:, txt.shape[1]:])
 
 
@@ -29,7 +29,7 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         self.body = StreamBlock(hidden_size)
 
-    def forward(self, x, pe, mod):
+    def forward(self, x, mod, pe):
         return self.body(x, mod, pe)
 
 

@@ -1,11 +1,12 @@
 """Stand-in of Forge's ``backend/nn/flux.py`` (lllyasviel/stable-diffusion-webui-forge,
-main branch, 2025): ``IntegratedFluxTransformer2DModel`` with the real class name,
+main at dfdcbab685e57677014f05a3309b48cc87383167; see tests/standins/CONFORMANCE.md): ``IntegratedFluxTransformer2DModel`` with the real class name,
 ``forward(x, timestep, context, y, guidance=None, **kwargs)`` patchifying 2x2 and calling
 ``inner_forward(img, img_ids, txt, txt_ids, timesteps, y, guidance=None)``, which loops
 ``img, txt = block(img=img, txt=txt, vec=vec, pe=pe)`` over ``double_blocks``, then
 ``img = block(img, vec=vec, pe=pe)`` over ``single_blocks`` on ``cat((txt, img), 1)``,
 slices the text off and applies ``final_layer(img, vec)``. ``transformer_options`` does
-not reach ``inner_forward``. Tiny random weights; block internals simplified."""
+not reach ``inner_forward``. Blocks are out of place, like upstream. Tiny random
+weights; block internals simplified."""
 
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         self.pair = JointPair(hidden_size)
 
-    def forward(self, img, txt, vec, pe, attn_mask=None, transformer_options={}):  # noqa: B006
+    def forward(self, img, txt, vec, pe, attn_mask=None, modulation_dims_img=None, modulation_dims_txt=None,
+                transformer_options={}):  # noqa: B006
         return self.pair(img, txt, vec, pe[:, txt.shape[1]:], in_place=True)  # img += ..., txt += ...
 
 
@@ -35,7 +36,7 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         self.body = StreamBlock(hidden_size)
 
-    def forward(self, x, vec, pe, attn_mask=None, transformer_options={}):  # noqa: B006
+    def forward(self, x, vec, pe, attn_mask=None, modulation_dims=None, transformer_options={}):  # noqa: B006
         return self.body(x, vec, pe, in_place=True)  # x += ...
 
 

@@ -1,5 +1,5 @@
-"""Stand-in of Forge Neo's ``backend/nn/lumina.py`` (Haoming02/sd-webui-forge-classic, neo
-branch, 2026): ``NextDiT.forward(x, timesteps, context, num_tokens=None,
+"""Stand-in of ``backend/nn/lumina.py`` of Forge Neo (Haoming02/sd-webui-forge-classic, neo branch; compared with the Neo tree vendored in
+exo101/sd-webui-forge-neo-v3 at 5692d2d1e6c293faf5486f7cb18c27c9a3faa758, see tests/standins/CONFORMANCE.md): ``NextDiT.forward(x, timesteps, context, num_tokens=None,
 attention_mask=None, **kw)`` uses ``t = 1 - timesteps``, joins caption and image tokens
 (caption first), runs ``x = layer(x, mask, freqs_cis, adaln_input,
 transformer_options=...)`` over ``self.layers`` (no replace hook), keeps the image tokens
@@ -35,9 +35,8 @@ class NextDiT(nn.Module):
         self.final_layer = nn.Linear(dim, in_channels * 4)
         scale_gates(self)
 
-    def forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, **kwargs):
+    def forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, transformer_options={}, **kwargs):  # noqa: B006
         t = 1.0 - timesteps
-        transformer_options = kwargs.get("transformer_options", {})
         bs, c, h, w = x.shape
         img = x.reshape(bs, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(bs, (h // 2) * (w // 2), c * 4)
         adaln_input = self.t_embedder(timestep_embedding(t, 256))

@@ -1,10 +1,11 @@
-"""Stand-in of Forge Neo's ``backend/nn/qwen.py`` (Haoming02/sd-webui-forge-classic, neo
-branch, 2026): ``QwenImageTransformer2DModel.forward(x, timesteps, context,
+"""Stand-in of ``backend/nn/qwen.py`` of Forge Neo (Haoming02/sd-webui-forge-classic, neo branch; compared with the Neo tree vendored in
+exo101/sd-webui-forge-neo-v3 at 5692d2d1e6c293faf5486f7cb18c27c9a3faa758, see tests/standins/CONFORMANCE.md): ``QwenImageTransformer2DModel.forward(x, timesteps, context,
 attention_mask=None, guidance=None, ref_latents=None, transformer_options={},
 control=None, **kw)`` with a 5-D ``x``; blocks in ``transformer_blocks`` are called with
 ``hidden_states=, encoder_hidden_states=, encoder_hidden_states_mask=, temb=,
 image_rotary_emb=`` and return ``(txt, img)``; the ``dit`` ``("double_block", i)``
-replace patch is honoured. Tiny random weights; block internals simplified."""
+replace patch is honoured. Out of place, like upstream. Tiny random weights; block
+internals simplified."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Stand-in of Forge Neo's ``backend/nn/wan.py`` (Haoming02/sd-webui-forge-classic, neo
-branch, 2026): ``WanModel.forward(x, timestep, context, clip_fea=None,
+"""Stand-in of ``backend/nn/wan.py`` of Forge Neo (Haoming02/sd-webui-forge-classic, neo branch; compared with the Neo tree vendored in
+exo101/sd-webui-forge-neo-v3 at 5692d2d1e6c293faf5486f7cb18c27c9a3faa758, see tests/standins/CONFORMANCE.md): ``WanModel.forward(x, timestep, context, clip_fea=None,
 time_dim_concat=None, transformer_options={}, **kw)`` -> ``forward_orig``; blocks in
 ``self.blocks`` are called as ``block(x, e=e0, freqs=freqs, context=context,
 context_img_len=..., transformer_options=...)`` and return ``x``; the ``dit``
