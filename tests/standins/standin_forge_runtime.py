@@ -1,7 +1,9 @@
 """The Forge / Forge Neo sampling runtime the stand-ins share (helper of the stand-ins):
 ``UnetPatcher`` (``backend/patcher/unet.py``), ``KModel`` (``backend/modules/k_model.py``)
 and ``calc_cond_uncond_batch`` / ``sampling_function``
-(``backend/sampling/sampling_function.py``), reduced to the parts an extension touches:
+(``backend/sampling/sampling_function.py``) of Forge dfdcbab and Forge Neo (vendored tree
+5692d2d), reduced to the parts an extension touches (upstream lines in
+tests/standins/CONFORMANCE.md):
 
 * ``clone()`` copies ``model_options`` deeply (functions by reference), as the real one does;
 * ``set_model_unet_function_wrapper(fn)`` fills the single ``model_function_wrapper`` slot;

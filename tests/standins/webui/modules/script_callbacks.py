@@ -1,4 +1,4 @@
-"""Stand-in of ``modules/script_callbacks.py`` (AUTOMATIC1111 1.10, also in Forge): the
+"""Stand-in of ``modules/script_callbacks.py`` (AUTOMATIC1111 v1.10.1 82a973c, also in Forge dfdcbab): the
 callbacks an extension registers (``on_cfg_denoiser``, ``on_before_ui``,
 ``on_script_unloaded``, ``on_model_loaded``) and ``CFGDenoiserParams``."""
 

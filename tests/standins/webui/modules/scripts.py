@@ -1,4 +1,4 @@
-"""Stand-in of ``modules/scripts.py`` (AUTOMATIC1111/stable-diffusion-webui 1.10, shared by
+"""Stand-in of ``modules/scripts.py`` (AUTOMATIC1111/stable-diffusion-webui v1.10.1 82a973c, shared by
 Forge): ``Script`` with its hook methods and attributes, ``AlwaysVisible``,
 ``ScriptClassData`` and the ``scripts_data`` list extensions search for ``xyz_grid.py``."""
 

@@ -1,4 +1,4 @@
-"""Stand-in of ``modules/sd_samplers_common.py`` (AUTOMATIC1111 1.10, also in Forge):
+"""Stand-in of ``modules/sd_samplers_common.py`` (AUTOMATIC1111 v1.10.1 82a973c, also in Forge dfdcbab):
 ``setup_img2img_steps`` (how denoising strength cuts the schedule) and
 ``InterruptedException`` (raised by the sampler callback, caught by the sampler)."""
 

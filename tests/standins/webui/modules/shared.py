@@ -1,4 +1,5 @@
-"""Stand-in of ``modules/shared.py``: the ``state`` (interrupt flags) and ``opts`` parts."""
+"""Stand-in of ``modules/shared.py`` (A1111 v1.10.1 82a973c, Forge dfdcbab): the ``state``
+(interrupt flags) and ``opts`` parts."""
 
 from types import SimpleNamespace
 

@@ -1,5 +1,5 @@
-"""Stand-in of ``modules/ui_components.py`` ``InputAccordion`` (AUTOMATIC1111 1.10, also in
-Forge): a hidden ``gr.Checkbox`` holding the value, with a ``gr.Accordion`` opened by it;
+"""Stand-in of ``modules/ui_components.py`` ``InputAccordion`` (AUTOMATIC1111 v1.10.1 82a973c, also
+in Forge dfdcbab): a hidden ``gr.Checkbox`` holding the value, with a ``gr.Accordion`` opened by it;
 ``with InputAccordion(...) as acc:`` fills the accordion; ``extra()`` is a column in its
 header. The real one passes ``_js`` for gradio 3; gradio 4+ spells it ``js``."""
 
