@@ -39,8 +39,7 @@ def _compile(pipe, how: str) -> None:
         pipe.transformer.compile(backend="eager")
 
 
-@pytest.mark.parametrize("how", ["regional", "whole-in-place"])
-@pytest.mark.parametrize("hyca_first", [True, False])
+@pytest.mark.parametrize("how, hyca_first", [("regional", True), ("regional", False), ("whole-in-place", True)])
 def test_compiled_hyca_equals_eager_hyca_with_bounded_recompiles(fresh_dynamo, how, hyca_first):
     case = CASES["flux"]
     expected, expected_stats = _eager_hyca(case)
