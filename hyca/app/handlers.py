@@ -159,12 +159,8 @@ def probe_locked(model: LoadedModel, prompt: str, steps: int, interval: int, war
         options["output_type"] = "np"  # the reference pipeline has no latent output
     if model.choice.guidance is not None:
         options["guidance_scale"] = model.choice.guidance
-    handle = compare.report_calls(model.transformer, steps, "probe", progress)
-    try:
-        profile = probe(model.pipe, prompt=prompt, height=height, width=width, steps=steps, interval=interval,
-                        warmup=warmup, clusters=clusters, progress=False, **options)
-    finally:
-        handle.remove()
+    profile = probe(model.pipe, prompt=prompt, height=height, width=width, steps=steps, interval=interval,
+                    warmup=warmup, clusters=clusters, progress=False, on_progress=progress, **options)
     profile.metadata.setdefault("probe", {})["lora"] = lora
     return profile
 

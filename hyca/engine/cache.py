@@ -22,7 +22,7 @@ import torch
 from ..math.solvers import Solver, pool
 from ..profiles.profile import Profile
 from .forecast import forecast
-from .guard import Demotion, check_solvers, steady
+from .guard import SKETCH_ROWS, STRIKES, Check, Demotion, difference_verdicts, measure, own_verdicts, steady
 from .schedule import Schedule
 
 POSITION_AXES = ("step", "sigma")
@@ -82,6 +82,8 @@ class BranchState:
     accumulators: list[torch.Tensor | None] = field(default_factory=list)
     #: pool index of the solver each history slot forecasts with now (the guard lowers them)
     active: list[int] = field(default_factory=list)
+    #: per slot, judged checks lost in a row (the guard demotes at ``guard.STRIKES``)
+    strikes: list[int] = field(default_factory=list)
     stats: RunStats = field(default_factory=RunStats)
 
     def reset(self) -> None:
@@ -111,6 +113,10 @@ class HybridCache:
         self.cache_dtype = cache_dtype
         self.guard = guard
         self.reduce = reduce
+        #: seeds the guard's sketches; ranks of one context-parallel group need different ones
+        self.sketch_seed = 0
+        self._last_check: tuple[BranchState, Check] | None = None  # the guard's, for the next branch
+        self._begun: dict[int, set[int]] = {}  # step -> ids of the branch states that began it (recent steps)
         dim_solvers = profile.dim_solvers()  # (blocks, dim)
         self.solver_ids: list[int] = torch.unique(dim_solvers).tolist()
         self.solvers: list[Solver] = [pool()[i] for i in self.solver_ids]
@@ -142,6 +148,8 @@ class HybridCache:
             state.positions = deque(maxlen=self._max_history)
             state.computed_steps = deque(maxlen=self._max_history)
             state.active = list(self.solver_ids)
+            state.strikes = [0] * len(self.solver_ids)
+        self._note_branch(state)
         use_step = self.positions == "step" or position is None
         state.current_position = float(state.step) if use_step else float(position)
         state.computing = state.failed or not state.positions or self.schedule.computes(state.step, state.total_steps)
@@ -201,15 +209,53 @@ class HybridCache:
 
     def _check(self, state: BranchState) -> None:
         """The guard: this computed step is a free check of what each solver would have
-        forecast for it (see :mod:`hyca.engine.guard`)."""
-        steps = [state.step, *state.computed_steps]
-        judged = [steady(steps, pool()[solver].history, self.schedule.interval) for solver in state.active]
-        lowered = check_solvers(list(state.histories), list(state.positions), state.current_position,
-                                state.accumulators, state.active, self.reduce, judged)
-        for slot, solver in lowered.items():
-            demotion = Demotion(state.step, pool()[state.active[slot]].name, pool()[solver].name)
-            state.active[slot] = solver
-            state.stats.demotions.append(demotion)
+        forecast for it; a second guidance branch at the same step also checks the forecasts
+        of their difference (see :mod:`hyca.engine.guard`)."""
+        judged = [steady([state.step, *state.computed_steps], self.schedule.interval)] * len(state.active)
+        branches = max(len(self._begun.get(state.step - 1, ())), len(self._begun.get(state.step, ())))
+        rows = SKETCH_ROWS if branches > 1 else 0  # sketches only serve a second guidance branch
+        check = measure(list(state.histories), list(state.positions), state.current_position, state.accumulators,
+                        state.active, judged, state.step, self.reduce, rows, self.sketch_seed, self.solver_ids)
+        if not check.judged:
+            return
+        verdicts = own_verdicts(check)
+        peer = self._peer_of(state)
+        if peer is not None:  # the guided-aware verdict decides where there is one
+            verdicts.update({slot: better for slot, better in difference_verdicts(check, peer[1]).items()})
+        for slot, better in verdicts.items():
+            state.strikes[slot] = 0 if better is None else state.strikes[slot] + 1
+            if state.strikes[slot] >= STRIKES:
+                self._switch(state, slot, better, state.step)
+        if peer is not None:
+            self._share(state, peer[0])
+        self._last_check = (state, check)
+
+    def _note_branch(self, state: BranchState) -> None:
+        """Which branch states begin each step: more than one means guidance branches."""
+        self._begun.setdefault(state.step, set()).add(id(state))
+        for old in [k for k in self._begun if k < state.step - 2 or k > state.step + 2]:
+            del self._begun[old]
+
+    def _peer_of(self, state: BranchState) -> tuple[BranchState, Check] | None:
+        """The other branch that checked this same step just before (it has moved on by one)."""
+        if self._last_check is None:
+            return None
+        other, check = self._last_check
+        if other is state or check.step != state.step or other.step != state.step + 1:
+            return None
+        return other, check
+
+    def _switch(self, state: BranchState, slot: int, to: int, step: int) -> None:
+        state.stats.demotions.append(Demotion(step, pool()[state.active[slot]].name, pool()[to].name))
+        state.active[slot], state.strikes[slot] = to, 0
+
+    def _share(self, state: BranchState, other: BranchState) -> None:
+        """The branch that checked first adopts the decisions of the second, which also saw
+        the difference of the two."""
+        for slot in range(min(len(state.active), len(other.active))):
+            if other.active[slot] != state.active[slot]:
+                self._switch(other, slot, state.active[slot], state.step)
+            other.strikes[slot] = state.strikes[slot]
 
     def _fresh_accumulator(self, state: BranchState, s: int, residual: torch.Tensor) -> torch.Tensor:
         dtype = self.cache_dtype or residual.dtype

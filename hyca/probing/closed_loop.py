@@ -52,19 +52,24 @@ class Trial:
 
 
 def fidelity_db(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """``10 log10(||reference||^2 / ||output - reference||^2)``: the signal-to-error ratio of a
-    cached run's final output (latent or image) against the fully computed one, in dB.
-    ``inf`` when they are equal. Raises ``ValueError`` on a shape mismatch."""
+    """How near a cached run's final output (latents or images, batch first) lands to the
+    fully computed one: per sample ``10 log10(||reference||^2 / ||output - reference||^2)``
+    in dB, averaged over the batch, as benchmarks average PSNR over images (one sample's
+    large error must not hide the rest). ``inf`` when they are equal. Raises
+    ``ValueError`` on a shape mismatch."""
     output, reference = torch.as_tensor(output).double(), torch.as_tensor(reference).double()
     if output.shape != reference.shape:
         raise ValueError(f"output shape {tuple(output.shape)} differs from the reference's {tuple(reference.shape)}")
-    error = (output - reference).square().sum().item()
-    signal = reference.square().sum().item()
-    if error == 0:
+    if reference.dim() < 2:
+        output, reference = output.unsqueeze(0), reference.unsqueeze(0)
+    errors = (output - reference).square().flatten(1).sum(1)
+    signals = reference.square().flatten(1).sum(1).clamp_min(1e-30)
+    if bool((errors == 0).all()):
         return math.inf
-    if not math.isfinite(error):
+    if not bool(torch.isfinite(errors).all()):
         return -math.inf
-    return 10 * math.log10(max(signal, 1e-30) / error)
+    per_sample = 10 * torch.log10(signals / errors.clamp_min(signals * 1e-30))
+    return float(per_sample.mean())
 
 
 def with_solvers(base: Profile, cluster_solvers: torch.Tensor) -> Profile:

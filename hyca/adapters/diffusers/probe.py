@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule
-from ...math.solvers import POOL_VERSION
+from ...math.solvers import POOL_VERSION, Solver
 from ...probing import closed_loop
 from ...probing.analysis import analyse, candidate_solvers
 from ...probing.recorder import SketchRecorder
@@ -117,6 +117,7 @@ def probe_transformer(
     selection: str = CLOSED_LOOP,
     guard: bool = True,
     chosen_for: RunSettings | None = None,
+    on_progress: Callable[[float, str], None] | None = None,
 ) -> Profile:
     """Probe ``transformer`` while ``run()`` makes one fully computed generation of
     ``steps`` transformer calls per branch (a hand-written sampling loop, a frontend's
@@ -127,6 +128,8 @@ def probe_transformer(
     metadata's ``probe`` entry (prompt, resolution, ...). ``accumulate_on``: where the
     recording's running sums live, ``"cpu"`` or None for the residuals' device.
 
+    ``candidates``: the solvers to choose from (default: the whole pool), both per cluster
+    and as single-solver candidates of the closed loop.
     ``guidance_scale``: the run's classifier-free guidance scale; above 1 both branches
     are recorded and eq. 5 scores the guided output (:mod:`hyca.probing.recorder`).
     ``selection``: ``"closed-loop"`` (default) re-runs ``run()`` with HyCa on for each
@@ -135,17 +138,19 @@ def probe_transformer(
     every call, e.g. from a fixed seed) -- with ``guard`` as it will run; ``"eq5"``: the
     paper's open-loop choice alone. ``chosen_for``: the run settings the profile is for
     (stored as its ``chosen_for``; N, warm-up, last step, axis, steps and guidance are
-    filled in from the arguments)."""
+    filled in from the arguments). ``on_progress(fraction, description)``: called after each
+    recorded step and each closed-loop run (an app's progress bar)."""
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
     family = family_of(transformer)
     blocks = blocks_of(transformer, family)
     timing: dict[str, float] = {}
+    closing = selection == CLOSED_LOOP
     with tqdm(total=steps, desc="HyCa probe", unit="step", disable=not progress) as bar:
         recorder = SketchRecorder(len(blocks), steps, schedule, positions, rows, spectral_rows, seed, branch,
-                                  candidate_solvers(candidates), bar, accumulate_on, guidance_scale=guidance_scale,
-                                  batched_guidance=family.batched_guidance)
+                                  candidate_solvers(candidates), _Progress(bar, on_progress, steps, closing),
+                                  accumulate_on, guidance_scale=guidance_scale, batched_guidance=family.batched_guidance)
         started = time.perf_counter()
         with recording(transformer, recorder):
             reference = output_tensor(run())
@@ -161,7 +166,8 @@ def probe_transformer(
         report["closed_loop"] = {"skipped": "the run returned no output"}
     elif selection == CLOSED_LOOP:
         profile, report["closed_loop"], seconds = _closed_loop(transformer, run, steps, schedule, positions, guard,
-                                                                profile, reference, progress)
+                                                                profile, reference, progress,
+                                                                candidate_solvers(candidates), on_progress)
         timing["closed_loop_s"] = round(seconds, 3)
     settings_for = (chosen_for or RunSettings()).merged(RunSettings(
         steps=steps, guidance_scale=guidance_scale if guidance_scale is not None else None, interval=interval,
@@ -186,9 +192,26 @@ def probe_transformer(
     return profile
 
 
+class _Progress:
+    """The recorder's progress: the tqdm bar, and ``on_progress`` for the recording's share."""
+
+    SHARE = 0.3  # of the whole probe, when closed-loop runs follow the recording
+
+    def __init__(self, bar: Any, on_progress: Callable[[float, str], None] | None, steps: int, closing: bool) -> None:
+        self.bar, self.on_progress, self.steps, self.done = bar, on_progress, steps, 0
+        self.share = self.SHARE if closing else 1.0
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        if self.on_progress is not None:
+            self.on_progress(self.share * self.done / self.steps, f"probe: step {self.done}/{self.steps}")
+
+
 def _closed_loop(transformer: torch.nn.Module, run: Callable[[], Any], steps: int, schedule: Schedule,
-                 positions: str, guard: bool, eq5: Profile, reference: torch.Tensor,
-                 progress: bool) -> tuple[Profile, dict[str, Any], float]:
+                 positions: str, guard: bool, eq5: Profile, reference: torch.Tensor, progress: bool,
+                 solvers: Sequence[Solver], on_progress: Callable[[float, str], None] | None = None,
+                 ) -> tuple[Profile, dict[str, Any], float]:
     """:func:`hyca.probing.closed_loop.choose` with cached runs of ``run`` on ``transformer``."""
 
     def generate(candidate: Profile) -> torch.Tensor:
@@ -197,8 +220,16 @@ def _closed_loop(transformer: torch.nn.Module, run: Callable[[], Any], steps: in
             return output_tensor(run())
 
     started = time.perf_counter()
-    with tqdm(desc="HyCa probe: closed-loop trials", unit="run", disable=not progress) as bar:
-        chosen, trials, winner = closed_loop.choose(eq5, generate, reference, on_trial=lambda _: bar.update(1))
+    expected = 1 + len(solvers) + len(torch.unique(eq5.solvers))  # eq. 5, single solvers, refinements at most
+    with tqdm(desc="HyCa probe: closed-loop runs", unit="run", disable=not progress) as bar:
+        def tick(_: Any) -> None:
+            bar.update(1)
+            if on_progress is not None:
+                done = min(bar.n, expected)
+                on_progress(_Progress.SHARE + (1 - _Progress.SHARE) * done / expected,
+                            f"probe: closed-loop run {bar.n} (of at most {expected})")
+
+        chosen, trials, winner = closed_loop.choose(eq5, generate, reference, solvers, on_trial=tick)
     seconds = time.perf_counter() - started
     logger.info("HyCa probe: closed loop chose %s (%s) after %d cached runs in %.1f s", winner,
                 ", ".join(f"{t.name} {t.fidelity_db:.1f} dB" for t in trials), len(trials), seconds)
@@ -281,7 +312,7 @@ def probe(
     ``guidance_scale``, or ``prompt_embeds`` instead of a prompt).
     """
     probe_keys = ("compute_last", "rows", "spectral_rows", "n_init", "candidates", "branch", "accumulate_on",
-                  "selection", "guard")
+                  "selection", "guard", "on_progress")
     probe_options = {k: options.pop(k) for k in probe_keys if k in options}
     call = {"output_type": "latent", **options}
     if "prompt_embeds" not in call:

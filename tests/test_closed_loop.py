@@ -1,0 +1,184 @@
+"""Closed-loop choosing (hyca/probing/closed_loop.py) and the guidance-aware probe.
+
+The decision logic is checked with a generate() whose errors are set per candidate; the
+probe end to end on a tiny FluxPipeline, where every number in its report is recomputed
+here independently (a fresh cached run per profile against the fully computed one)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import hyca
+from hyca.adapters.diffusers.probe import probe, probe_transformer
+from hyca.engine.schedule import Schedule
+from hyca.math.solvers import pool, pool_names
+from hyca.probing import closed_loop
+from hyca.profiles.profile import Profile
+from hyca.profiles.settings import RunSettings
+
+from references import capture_residuals
+from test_probe import block_step_mean_error, conditioning
+from tiny import Inputs, euler_sample, tiny_flux, tiny_pipeline
+
+STEPS, INTERVAL, WARMUP = 12, 3, 2
+
+
+def mixed_profile() -> Profile:
+    """2 blocks x 4 dims, 2 clusters using taylor-2 and am2."""
+    labels = torch.tensor([[0, 0, 1, 1], [0, 1, 0, 1]])
+    names = pool_names()
+    return Profile(labels, torch.tensor([[names.index("taylor-2"), names.index("am2")]] * 2))
+
+
+def scripted(errors: dict[tuple[str, ...], float]):
+    """generate(profile) whose output misses the reference by errors[solvers used]."""
+    reference = torch.ones(10)
+
+    def generate(profile: Profile) -> torch.Tensor:
+        used = tuple(sorted(pool()[i].name for i in torch.unique(profile.dim_solvers()).tolist()))
+        return reference + errors.get(used, 1.0)
+
+    return generate, reference
+
+
+def test_fidelity_is_signal_to_error_in_db_averaged_over_samples():
+    ref = torch.full((4,), 2.0)
+    assert closed_loop.fidelity_db(ref + 0.2, ref) == pytest.approx(10 * math.log10(16 / 0.16))
+    assert closed_loop.fidelity_db(ref, ref) == math.inf
+    batch = torch.full((2, 4), 2.0)
+    off = batch + torch.tensor([[0.2], [0.02]])  # 20 dB and 40 dB: the mean, not the pooled energy ratio
+    assert closed_loop.fidelity_db(off, batch) == pytest.approx(30.0)
+    with pytest.raises(ValueError, match="shape"):
+        closed_loop.fidelity_db(ref[:2], ref)
+
+
+def test_the_best_candidate_is_kept_and_every_single_solver_is_tried():
+    generate, reference = scripted({("am2", "taylor-2"): 0.5, ("reuse",): 0.3, ("taylor-1",): 0.4})
+    chosen, trials, name = closed_loop.choose(mixed_profile(), generate, reference, refine=False)
+    assert name == "uniform:reuse" and chosen.solver_names() == ["reuse"]
+    assert [t.name for t in trials] == ["eq5", *(f"uniform:{n}" for n in pool_names())]
+    assert torch.equal(chosen.labels, mixed_profile().labels)  # the clustering is kept
+
+
+def test_ties_keep_the_earlier_candidate():
+    generate, reference = scripted({("am2", "taylor-2"): 0.3, ("reuse",): 0.3})
+    assert closed_loop.choose(mixed_profile(), generate, reference, refine=False)[2] == "eq5"
+
+
+def test_a_refinement_is_kept_only_when_it_gets_closer():
+    # eq5 beats every single solver; handing taylor-2's clusters to the best single solver
+    # (taylor-1) does not get closer, handing am2's does
+    generate, reference = scripted({("am2", "taylor-2"): 0.2, ("taylor-1",): 0.5, ("taylor-1", "taylor-2"): 0.1,
+                                    ("am2", "taylor-1"): 0.3})
+    chosen, trials, name = closed_loop.choose(mixed_profile(), generate, reference)
+    assert sorted(chosen.solver_names()) == ["taylor-1", "taylor-2"]
+    assert name == "eq5+am2->taylor-1"
+    # largest group first (a tie: pool order), each tried on what was kept so far
+    assert [t.name for t in trials[-2:]] == ["eq5+taylor-2->taylor-1", "eq5+am2->taylor-1"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(tiny_flux())
+
+
+def generate(pipe, seed=1, **extra):
+    return pipe(**conditioning(), height=64, width=64, num_inference_steps=STEPS, output_type="latent",
+                generator=torch.Generator().manual_seed(seed), **extra).images
+
+
+def test_the_probes_choice_is_never_worse_on_its_own_run_than_any_single_solver(pipe):
+    settings = dict(height=64, width=64, steps=STEPS, interval=INTERVAL, warmup=WARMUP, clusters=3, seed=1,
+                    progress=False)
+    profile = probe(pipe, **conditioning(), **settings)
+    report = profile.metadata["selection"]["closed_loop"]
+    assert len(report["trials"]) >= 1 + len(pool())
+    full = generate(pipe)
+
+    def fidelity(p):  # independently: a fresh cached run of the probe's own prompt and seed
+        hyca.enable(pipe, profile=p, interval=INTERVAL, warmup=WARMUP)  # guard on, as the probe ran it
+        try:
+            return closed_loop.fidelity_db(generate(pipe), full)
+        finally:
+            hyca.disable(pipe)
+
+    chosen = fidelity(profile)
+    reported = {t["name"]: t["fidelity_db"] for t in report["trials"]}
+    assert chosen == pytest.approx(reported[report["chosen"]], abs=1e-3)
+    for name in pool_names():
+        assert chosen >= fidelity(name) - 1e-9, name
+    assert profile.metadata["chosen_for"] == RunSettings(steps=STEPS, guidance_scale=1.0, shift=1.0,
+                                                         interval=INTERVAL, warmup=WARMUP, compute_last=True,
+                                                         positions="step").to_json()
+    assert profile.metadata["timing"]["closed_loop_s"] > 0
+
+
+def guided_loop(model, cond, uncond, scale, window):
+    """Euler sampling with true classifier-free guidance: a cond and an uncond call per step,
+    in named cache contexts, along the sigma ``window``."""
+
+    def velocity(m, x, sigma, step):
+        s = window[step].reshape(1)
+        with m.cache_context("cond"):
+            c = cond.call(m, x, s)
+        with m.cache_context("uncond"):
+            u = uncond.call(m, x, s)
+        return u + scale * (c - u)
+
+    return lambda: euler_sample(model, cond, STEPS, velocity)
+
+
+def test_with_guidance_the_probe_scores_the_guided_residual():
+    """Both branches are recorded and eq. 5's replay errors are those of the guided residual
+    R_u + g (R_c - R_u), computed here exactly from plain forward hooks."""
+    model, cond, uncond, scale = tiny_flux(), Inputs(seed=1), Inputs(seed=4), 3.0
+    window = 0.5 - 0.004 * torch.linspace(0, 1, STEPS)
+    loop = guided_loop(model, cond, uncond, scale, window)
+    profile = probe_transformer(model, loop, STEPS, interval=INTERVAL, warmup=WARMUP, rows=512, progress=False,
+                                guidance_scale=scale, selection="eq5")
+    assert profile.metadata["selection"]["branches"] == ["cond", "uncond"]
+    _, captured = capture_residuals(model, loop)  # per step: 5 cond blocks, then 5 uncond blocks
+    per_step = torch.stack([torch.stack(captured[i:i + 10]) for i in range(0, len(captured), 10)]).squeeze(2)
+    c, u = per_step[:, :5], per_step[:, 5:]
+    guided = u + scale * (c - u)
+    plan = Schedule(INTERVAL, WARMUP).plan(STEPS)
+    steps_axis = [float(k) for k in range(STEPS)]
+    for name in ("reuse", "taylor-1"):
+        estimate = profile.metadata["selection"]["replay_error"]["uniform"][name]
+        exact = block_step_mean_error(guided, pool_names().index(name), plan, steps_axis)
+        assert estimate == pytest.approx(exact, rel=0.15), name
+        cond_only = block_step_mean_error(c, pool_names().index(name), plan, steps_axis)
+        assert estimate != pytest.approx(cond_only, rel=0.15), name  # the guided residual is not the cond one
+
+
+def test_a_batched_call_is_split_into_its_guidance_halves():
+    from hyca.probing.recorder import SketchRecorder
+
+    recorder = SketchRecorder(1, 4, Schedule(2, 1), guidance_scale=2.0, batched_guidance="uncond-first")
+    uncond, cond = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    torch.testing.assert_close(recorder._guided_halves(torch.cat([uncond, cond])), uncond + 2.0 * (cond - uncond))
+    recorder = SketchRecorder(1, 4, Schedule(2, 1), guidance_scale=2.0, batched_guidance="cond-first")
+    torch.testing.assert_close(recorder._guided_halves(torch.cat([cond, uncond])), uncond + 2.0 * (cond - uncond))
+    with pytest.raises(ValueError, match="batched_guidance"):
+        SketchRecorder(1, 4, Schedule(2, 1), batched_guidance="sideways")
+
+
+def test_a_run_that_returns_nothing_keeps_eq5_and_says_so(caplog):
+    model, inputs = tiny_flux(), Inputs()
+    loop = lambda: None if euler_sample(model, inputs, STEPS) is not None else None  # noqa: E731
+    profile = probe_transformer(model, loop, STEPS, interval=INTERVAL, warmup=WARMUP, progress=False)
+    assert profile.metadata["selection"]["closed_loop"] == {"skipped": "the run returned no output"}
+    assert any("open loop" in r.message for r in caplog.records)
+
+
+def test_fixed_inputs_give_the_same_profile(pipe):
+    settings = dict(height=64, width=64, steps=STEPS, interval=INTERVAL, warmup=WARMUP, clusters=3, seed=1,
+                    progress=False, candidates=("reuse", "taylor-1", "taylor-2"))
+    a, b = probe(pipe, **conditioning(), **settings), probe(pipe, **conditioning(), **settings)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.solvers, b.solvers)
+    assert a.metadata["selection"]["closed_loop"] == b.metadata["selection"]["closed_loop"]
+    assert np.isfinite([t["fidelity_db"] or 0 for t in a.metadata["selection"]["closed_loop"]["trials"]]).all()

@@ -1,0 +1,189 @@
+"""The runtime guard (hyca/engine/guard.py) on synthetic residual trajectories, driven through
+the engine's own interface (begin_step / record / end_step) as the hooks drive it.
+
+Expected values are worked out here from the schedule: which computed steps are steady
+checks, when two lost checks in a row demote, and which lower order wins on data built to
+make it win."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hyca.engine.cache import HybridCache
+from hyca.engine.guard import LADDER, SKETCH_ROWS, STRIKES, lower_orders, steady
+from hyca.engine.schedule import Schedule
+from hyca.math.solvers import pool_names
+from hyca.profiles.profile import Profile
+
+STEPS, INTERVAL, WARMUP, DIM, TOKENS = 30, 4, 3, 8, 16
+
+
+def drive(engine: HybridCache, trajectories: dict[str, callable], steps: int = STEPS) -> dict[str, list[bool]]:
+    """Run ``steps`` steps; each branch's single block reports ``trajectory(step)`` when the
+    step is computed. Returns, per branch, which steps were computed."""
+    states = {name: engine.new_state() for name in trajectories}
+    computed = {name: [] for name in trajectories}
+    for step in range(steps):
+        for name, trajectory in trajectories.items():
+            state = states[name]
+            computing = engine.begin_step(state, position=float(steps - step), signature=(1, TOKENS, DIM),
+                                          total_steps=steps)
+            computed[name].append(computing)
+            if computing:
+                engine.record(state, 0, trajectory(step))
+            else:
+                engine.predicted_residual(state)
+            engine.end_step(state)
+    drive.states = states  # for the assertions below
+    return computed
+
+
+def uniform(solver: str) -> Profile:
+    return Profile.uniform(solver, 1, DIM)
+
+
+def steady_checks(steps: int = STEPS) -> list[int]:
+    """Computed steps whose forecast replay has the target and two newest history points N apart."""
+    plan = Schedule(INTERVAL, WARMUP).plan(steps)
+    done = [k for k, c in enumerate(plan) if c]
+    return [k for i, k in enumerate(done) if steady([k, *reversed(done[:i])], INTERVAL)]
+
+
+def linear(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(TOKENS, DIM, generator=g), torch.randn(TOKENS, DIM, generator=g)
+    return (a + 0.1 * step * b).unsqueeze(0)
+
+
+def noise(seed: int):
+    def trajectory(step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 1000 + step)
+        return torch.randn(1, TOKENS, DIM, generator=g)
+
+    return trajectory
+
+
+def test_ladder_and_steady_checks():
+    names = pool_names()
+    assert [names[i] for i in lower_orders(names.index("lagrange-4"))] == list(LADDER)
+    assert [names[i] for i in lower_orders(names.index("taylor-1"))] == ["reuse"]
+    assert lower_orders(names.index("reuse")) == []
+    # warm-up 0, 1, 2 then every 4th: 6 (history 2, 1: not steady), 10 (6, 2), 14 (10, 6), ...
+    assert steady_checks()[:3] == [10, 14, 18]
+    assert not steady([29, 26, 22], INTERVAL)  # the computed last step is closer than N
+
+
+@pytest.mark.parametrize("solver", ["taylor-1", "taylor-2", "lagrange-3"])
+def test_an_accurate_solver_is_never_demoted(solver):
+    engine = HybridCache(uniform(solver), Schedule(INTERVAL, WARMUP), guard=True)
+    drive(engine, {"cond": linear})  # exact for every solver of degree >= 1
+    assert drive.states["cond"].stats.demotions == []
+    assert drive.states["cond"].active == [pool_names().index(solver)]
+
+
+@pytest.mark.parametrize("solver", ["taylor-1", "taylor-2", "lagrange-3"])
+def test_a_diverging_solver_is_demoted_after_two_lost_steady_checks(solver):
+    """Independent noise every step: any extrapolation misses by more than reuse (for
+    i.i.d. values, reuse's expected squared error is 2, taylor-1's 6), so the solver
+    loses every steady check and is demoted at the STRIKES-th one."""
+    engine = HybridCache(uniform(solver), Schedule(INTERVAL, WARMUP), guard=True)
+    drive(engine, {"cond": noise(1)})
+    (demotion,) = drive.states["cond"].stats.demotions
+    assert demotion.step == steady_checks()[STRIKES - 1]
+    assert demotion.solver == solver and demotion.to in LADDER
+
+
+def test_demoted_forecasts_use_the_lower_order_from_then_on():
+    guarded = HybridCache(uniform("taylor-2"), Schedule(INTERVAL, WARMUP), guard=True)
+    drive(guarded, {"cond": noise(2)})
+    (demotion,) = drive.states["cond"].stats.demotions
+    # the same trajectory forecast by a profile that uses the demoted-to solver from the
+    # start gives the same forecasts after the demotion step
+    after = [s for s in range(demotion.step + 1, STEPS) if not Schedule(INTERVAL, WARMUP).computes(s, STEPS)]
+    expected, got = [], []
+    for engine, sink in ((HybridCache(uniform(demotion.to), Schedule(INTERVAL, WARMUP), guard=False), expected),
+                         (HybridCache(uniform("taylor-2"), Schedule(INTERVAL, WARMUP), guard=True), got)):
+        state, trajectory = engine.new_state(), noise(2)
+        for step in range(STEPS):
+            if engine.begin_step(state, float(STEPS - step), (1, TOKENS, DIM), STEPS):
+                engine.record(state, 0, trajectory(step))
+            elif step in after:
+                sink.append(engine.predicted_residual(state))
+            engine.end_step(state)
+    assert len(got) == len(after) > 0
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_guard_off_is_the_papers_engine():
+    engine = HybridCache(uniform("taylor-2"), Schedule(INTERVAL, WARMUP), guard=False)
+    drive(engine, {"cond": noise(1)})
+    assert drive.states["cond"].stats.demotions == []
+
+
+def guided_pair(seed: int):
+    """cond and uncond share a strong linear trend (extrapolation beats reuse on each by far)
+    while their difference is pure noise (extrapolating it loses to reuse): only the
+    difference of the branches shows the solver does harm under guidance."""
+    trend = lambda step: 50.0 * linear(step)  # noqa: E731
+    n = noise(seed)
+    return {"cond": lambda step: trend(step) + n(step), "uncond": lambda step: trend(step) - n(step)}
+
+
+def test_branches_that_disagree_are_demoted_together():
+    engine = HybridCache(uniform("taylor-1"), Schedule(INTERVAL, WARMUP), guard=True)
+    drive(engine, {"cond": guided_pair(3)["cond"]})  # one branch alone: its own checks pass
+    assert drive.states["cond"].stats.demotions == []
+
+    engine = HybridCache(uniform("taylor-1"), Schedule(INTERVAL, WARMUP), guard=True)
+    drive(engine, guided_pair(3))
+    cond, uncond = drive.states["cond"], drive.states["uncond"]
+    assert cond.active == uncond.active == [pool_names().index("reuse")]
+    # each branch reports its own demotion, at the check that decided it
+    assert [d.step for d in cond.stats.demotions + uncond.stats.demotions] == [steady_checks()[STRIKES - 1]] * 2
+
+
+def test_fixed_inputs_give_identical_decisions_and_forecasts():
+    runs = []
+    for _ in range(2):
+        engine = HybridCache(uniform("lagrange-3"), Schedule(INTERVAL, WARMUP), guard=True)
+        forecasts = []
+        states = {"cond": engine.new_state(), "uncond": engine.new_state()}
+        pair = guided_pair(5)
+        for step in range(STEPS):
+            for name, state in states.items():
+                if engine.begin_step(state, float(STEPS - step), (1, TOKENS, DIM), STEPS):
+                    engine.record(state, 0, pair[name](step))
+                else:
+                    forecasts.append(engine.predicted_residual(state))
+                engine.end_step(state)
+        runs.append(([d for s in states.values() for d in s.stats.demotions], forecasts))
+    assert runs[0][0] == runs[1][0] and runs[0][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_reduce_sees_every_error_before_the_decision():
+    """Context parallelism: the errors are summed over ranks before deciding; a reduce that
+    reports another rank's much larger reuse error keeps the solver (ranks decide alike)."""
+    seen = []
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.clone())
+        if t.dim() == 2:  # the per-slot error table: pretend another rank saw reuse miss badly
+            t = t.clone()
+            t[:, 1:] += 1e9
+        return t
+
+    engine = HybridCache(uniform("taylor-1"), Schedule(INTERVAL, WARMUP), guard=True, reduce=reduce)
+    drive(engine, {"cond": noise(1)})
+    assert drive.states["cond"].stats.demotions == []
+    assert len([t for t in seen if t.dim() == 2]) == len(steady_checks())
+    assert not any(t.dim() == 3 for t in seen)  # one branch: no sketches to compare, none made
+    assert math.isfinite(float(seen[0].sum()))
+    seen.clear()
+    drive(HybridCache(uniform("taylor-1"), Schedule(INTERVAL, WARMUP), guard=True, reduce=reduce), guided_pair(3))
+    sketches = [t for t in seen if t.dim() == 3]
+    assert len(sketches) == 2 * len(steady_checks()) and all(t.shape[1] == SKETCH_ROWS for t in sketches)
