@@ -4,6 +4,7 @@
     python -m hyca.bench --quick         # 4 prompts, 50 steps, two levels: a few minutes
     python -m hyca.bench --model tiny    # random-weight model of the same layout (wiring only)
     python -m hyca.bench --gpu           # FLUX.1-dev architecture, random weights: latency/memory (CUDA)
+    torchrun --nproc_per_node 4 -m hyca.bench --gpu --cp-degree 4   # the same over 4 GPUs (context parallel)
 
 Writes ``<out>/<name>.md`` (tables), ``.png`` (fidelity against FLOPs speed-up) and
 ``.json`` (everything measured); ``--redraw`` rebuilds the first two from the third.
@@ -27,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help="4 prompts, 50 steps, levels N=4 and 7 (< 3 min)")
     mode.add_argument("--full", action="store_true", help="the default set, explicitly (32 prompts, 50 + 28 steps)")
     mode.add_argument("--gpu", action="store_true", help="FLUX.1-dev architecture on CUDA: latency and memory only")
+    p.add_argument("--cp-degree", type=int, default=1, metavar="K",
+                   help="--gpu: diffusers context parallelism (Ulysses) over K GPUs; run under "
+                        "torchrun --nproc_per_node K (docs/multi-gpu.md)")
     p.add_argument("--model", choices=("reference", "tiny"), default="reference",
                    help="reference: the shipped trained model; tiny: random weights, for wiring checks")
     p.add_argument("--model-path", help="reference-model folder (default: the shipped models/reference)")
@@ -58,7 +62,7 @@ def settings_from(args: argparse.Namespace):
 
 def default_name(args: argparse.Namespace) -> str:
     if args.gpu:
-        return "peers-gpu"
+        return "peers-gpu" + (f"-cp{args.cp_degree}" if args.cp_degree > 1 else "")
     suffix = "-tiny" if args.model == "tiny" else ""
     return ("peers-quick" if args.quick else "peers") + suffix
 
@@ -75,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.gpu:
         from . import gpu
 
-        result = gpu.run(tuple(args.steps or (28, 50)))
+        result = gpu.run(tuple(args.steps or (28, 50)), cp_degree=args.cp_degree)
+        if not result["writer"]:  # context parallelism: the first rank writes the results
+            return 0
         args.out.mkdir(parents=True, exist_ok=True)
         paths = [args.out / f"{name}.md", args.out / f"{name}.json"]
         paths[0].write_text(gpu.markdown(result, command))

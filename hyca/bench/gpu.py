@@ -7,6 +7,11 @@ and memory are measured, and only for fixed-schedule methods (a threshold method
 decisions on random weights would say nothing about its speed on the real model).
 HyCa's profile is probed on the same random model at 256x256-equivalent cost: its
 solvers and cluster sizes shape the cache, and that is what the memory column shows.
+
+``--cp-degree K`` (under ``torchrun --nproc_per_node K``, one GPU per process): diffusers'
+context parallelism, Ulysses over K GPUs, every method on every rank; seconds are rank 0's
+(all ranks start together), memory is the largest rank's. Profiles are probed on each
+GPU's whole sequence before parallelism is enabled (probing under it is not supported).
 """
 
 from __future__ import annotations
@@ -85,16 +90,21 @@ def build() -> torch.nn.Module:
         torch.set_default_dtype(previous)
 
 
-def methods(loop: Loop, steps: int) -> list[tuple[str, Callable[[], None], Callable[[], None]]]:
+def probe(loop: Loop, steps: int) -> Any:
+    """HyCa's profile for ``steps`` on ``loop``'s model (one fully computed run, recorded)."""
+    from ..adapters.diffusers.probe import probe_transformer
+
+    return probe_transformer(loop.model, lambda: loop(steps), steps, interval=INTERVAL, warmup=WARMUP, progress=False)
+
+
+def methods(loop: Loop, steps: int, profile: Any = None) -> list[tuple[str, Callable[[], None], Callable[[], None]]]:
     """(name, enable, disable) for the fixed-schedule methods at interval 5, warm-up 3
-    (HyCa's profile probed on ``loop`` first)."""
+    (HyCa's profile probed on ``loop`` first unless given)."""
     import hyca
     from diffusers import TaylorSeerCacheConfig
 
-    from ..adapters.diffusers.probe import probe_transformer
-
     model = loop.model
-    profile = probe_transformer(model, lambda: loop(steps), steps, interval=INTERVAL, warmup=WARMUP, progress=False)
+    profile = probe(loop, steps) if profile is None else profile
 
     def ours(name: Any) -> tuple[Callable[[], None], Callable[[], None]]:
         return (lambda: hyca.enable(model, profile=name, interval=INTERVAL, warmup=WARMUP, scheduler=loop.scheduler),
@@ -111,6 +121,25 @@ def methods(loop: Loop, steps: int) -> list[tuple[str, Callable[[], None], Calla
             ("diffusers TaylorSeer order 2, lite", *diffusers_taylor(2))]
 
 
+def _together() -> None:
+    """Under context parallelism, wait for every rank (so rank 0's clock times them all)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _largest(value: int) -> int:
+    """The largest ``value`` over the ranks (the value itself in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def measure(loop: Loop, steps: int, enable: Callable[[], None], disable: Callable[[], None]) -> dict:
     enable()
     try:
@@ -121,29 +150,58 @@ def measure(loop: Loop, steps: int, enable: Callable[[], None], disable: Callabl
         times = []
         for _ in range(REPEATS):
             torch.cuda.synchronize()
+            _together()
             started = time.perf_counter()
             loop(steps)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
-        return {"seconds": min(times), "peak_extra_bytes": torch.cuda.max_memory_allocated() - base}
+        return {"seconds": min(times), "peak_extra_bytes": _largest(torch.cuda.max_memory_allocated() - base)}
     finally:
         disable()
 
 
-def run(steps_list: tuple[int, ...] = (28, 50)) -> dict:
+def context_parallel(degree: int) -> int:
+    """Join the ``torchrun`` job as one of ``degree`` ranks, one GPU each; this rank's index."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != degree:
+        raise SystemExit(f"--cp-degree {degree} runs as {degree} processes, one per GPU: "
+                         f"torchrun --nproc_per_node {degree} -m hyca.bench --gpu --cp-degree {degree} "
+                         f"(this is one of {world})")
+    if torch.cuda.device_count() < degree:
+        raise SystemExit(f"--cp-degree {degree} needs {degree} GPUs; {torch.cuda.device_count()} are visible")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl")
+    return dist.get_rank()
+
+
+def run(steps_list: tuple[int, ...] = (28, 50), cp_degree: int = 1) -> dict:
+    """``cp_degree`` > 1: diffusers' context parallelism (Ulysses) over that many GPUs, run
+    under ``torchrun``; only rank 0 prints, and its result has ``writer`` True."""
     require_cuda()
+    rank = context_parallel(cp_degree) if cp_degree > 1 else 0
     model = build()
     loop = Loop(model)
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": [],
+                              "cp_degree": cp_degree, "writer": rank == 0}
+    profiles = {steps: probe(loop, steps) for steps in steps_list}  # on the whole sequence, before parallelism
+    if cp_degree > 1:
+        from diffusers import ContextParallelConfig
+
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=cp_degree))
     for steps in steps_list:
         full_seconds = None
-        for name, enable, disable in methods(loop, steps):
+        for name, enable, disable in methods(loop, steps, profiles[steps]):
             row = {"method": name, "steps": steps, **measure(loop, steps, enable, disable)}
             full_seconds = full_seconds or row["seconds"]
             row["speedup"] = full_seconds / row["seconds"]
             result["rows"].append(row)
-            print(f"{steps} steps  {name:40s} {row['seconds']:7.2f} s  {row['speedup']:5.2f}x  "
-                  f"peak extra {row['peak_extra_bytes'] / 2 ** 30:6.2f} GiB", flush=True)
+            if rank == 0:
+                print(f"{steps} steps  {name:40s} {row['seconds']:7.2f} s  {row['speedup']:5.2f}x  "
+                      f"peak extra {row['peak_extra_bytes'] / 2 ** 30:6.2f} GiB", flush=True)
     return result
 
 
@@ -152,6 +210,10 @@ def markdown(result: dict, command: str) -> str:
              f"Command: `{command}`", "", f"Device: {result['device']}, torch {result['torch']}; bf16, 1024x1024, "
              f"interval {INTERVAL}, warm-up {WARMUP}; best of {REPEATS} runs after a warm-up run.", "",
              "| steps | method | seconds | speed-up | peak memory above the model (GiB) |", "|---|---|---|---|---|"]
+    degree = result.get("cp_degree", 1)
+    if degree > 1:
+        lines[4] += (f" Context parallelism: Ulysses over {degree} GPUs (diffusers); seconds on rank 0, memory "
+                     "on the rank that used the most.")
     for r in result["rows"]:
         lines.append(f"| {r['steps']} | {r['method']} | {r['seconds']:.2f} | {r['speedup']:.2f}x "
                      f"| {r['peak_extra_bytes'] / 2 ** 30:.2f} |")

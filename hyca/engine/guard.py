@@ -138,9 +138,12 @@ def measure(histories: Sequence[Sequence[torch.Tensor]], positions: Sequence[flo
     (newest first), ``positions`` theirs; ``actuals[s]``: its true value at ``target``,
     just computed; ``active[s]``: the pool index it forecasts with now; ``original[s]``:
     the profile's solver for it (default: ``active``); ``judged[s]``: whether this check
-    may judge slot ``s`` (:func:`steady`). ``reduce`` sums over ranks; ``seed`` must differ
-    between ranks (independent sketches of their token shards add up to an unbiased
-    sketch of the whole)."""
+    may judge slot ``s`` (:func:`steady`). ``reduce`` sums over ranks. Under context
+    parallelism each rank's error tensors are its token shard of ``(batch, tokens, dim)``: a
+    ``reduce`` with ``projection(shape, rows, seed, like)`` gives each rank its columns of
+    the projection one process would draw for the whole sequence, so the summed sketches
+    (and the decisions) are one process's; without it, ``seed`` must differ between ranks
+    (independent sketches of the shards add up to an unbiased sketch of the whole)."""
     original = list(active) if original is None else list(original)
     table = [candidates(original[s], active[s]) if judged[s] else [active[s]] for s in range(len(active))]
     width = max((len(row) for row in table), default=1)
@@ -160,7 +163,9 @@ def measure(histories: Sequence[Sequence[torch.Tensor]], positions: Sequence[flo
         if rows:
             flat = torch.stack([m.reshape(-1, m.shape[-1]) for m in misses])  # (candidates, n, dim)
             if projection is None or projection.shape[1] != flat.shape[1]:
-                projection = _projection(flat.shape[1], rows, seed, flat)
+                shard = getattr(reduce, "projection", None)  # context parallelism: this rank's columns
+                projection = (_projection(flat.shape[1], rows, seed, flat) if shard is None
+                              else shard(tuple(misses[0].shape), rows, seed, flat))
             sketches[s] = (projection @ flat).double().cpu()
     errors = torch.stack(measured).cpu()  # on the CPU: ``reduce`` moves it if it must
     if reduce is not None:

@@ -11,7 +11,7 @@ import torch
 from ...engine.cache import HybridCache, RunStats
 from ...engine.schedule import Schedule
 from ...profiles.profile import Profile
-from . import hooks
+from . import hooks, parallel
 from .families import blocks_of, family_of, hidden_size
 from .fingerprint import fingerprint
 
@@ -84,6 +84,12 @@ def _first_use_probe(target: Any, attribute: str, interval: int, warmup: int, po
     def make() -> Profile:
         from .probe import probe
 
+        if parallel.context_parallel(getattr(target, attribute)) is not None:
+            raise RuntimeError(
+                f"no HyCa profile for {type(getattr(target, attribute)).__name__} yet, and probing one under context "
+                "parallelism is not supported (each rank sees a shard). Probe once on one GPU (python -m hyca probe, or "
+                "hyca.enable before enable_parallelism) and pass the profile file, or use a solver name "
+                "(docs/multi-gpu.md)")
         logger.warning("HyCa: no profile for %s yet; probing it once (saved to the local cache)",
                        type(getattr(target, attribute)).__name__)
         return probe(target, interval=interval, warmup=warmup, positions=positions, **dict(probe_kwargs or {}))
@@ -148,11 +154,14 @@ def enable(
             raise hooks.CacheConflict(hooks.conflict_message(transformer, found, hyca_first=False))
         blocks = blocks_of(transformer, family)
         make = _first_use_probe(target, attribute, interval, warmup, positions, probe_kwargs)
-        spec = _resolve(_profile_of(profile, attribute), transformer, make, interval)
-        chosen = _profile_for(spec, transformer, len(blocks), hidden_size(transformer))
+        # under context parallelism: resolved on the first rank, the same profile on every rank
+        chosen = parallel.agree_profile(transformer, lambda: _profile_for(
+            _resolve(_profile_of(profile, attribute), transformer, make, interval), transformer, len(blocks),
+            hidden_size(transformer)))
         engine = HybridCache(chosen, schedule, positions, cache_dtype, guard=guard)
         hooks.unregister(transformer)  # enabling again replaces the settings
-        hooks.register(transformer, blocks, engine, family, hooks.Steps(scheduler, pipeline))
+        with parallel.split_hooks_outside([block for _, block in blocks]):  # HyCa's hooks see the shard
+            hooks.register(transformer, blocks, engine, family, hooks.Steps(scheduler, pipeline))
         engines.append(engine)
     return engines
 

@@ -48,6 +48,7 @@ from diffusers.hooks.hooks import HookFunctionReference, HookRegistry, ModelHook
 
 from ...engine.cache import BranchState, HybridCache
 from ...engine.residual import ResidualMeter
+from . import parallel
 from .families import BlockList, Family
 
 logger = logging.getLogger("hyca")
@@ -385,11 +386,15 @@ class HyCaBlockHook(ModelHook):
         if self.index == 0:
             states.stream_tokens = stream.shape[1]
         if not state.computing and self.index == 0:
+            why = None
             try:
                 predicted = self.engine.predicted_residual(state)
                 stream = stream + predicted.to(device=stream.device, dtype=stream.dtype)
             except Exception as error:  # compute this step and the rest of this generation instead
-                self.root.fall_back(state, f"forecast failed ({error})")
+                why = f"forecast failed ({error})"
+            why = self.root.agreed(why, "the forecast failed on another context-parallel rank")
+            if why is not None:
+                self.root.fall_back(state, why)
                 state.computing = True
         if state.computing:
             self._snapshot = None if state.failed else self.root.meter.before(self.index, stream)
@@ -447,6 +452,7 @@ class HyCaRoot:
         self._seen: list[Any] = []  # per block: its ``forward`` when HyCa last found its hook in the chain
         self._open: BranchState | None = None  # the state of a call that began and has not ended
         self.lost: str | None = None  # why HyCa cannot run, once that is known
+        self.parallel: parallel.RankGroup | None = None  # the context-parallel group of the call in progress
 
     # --- installation ---------------------------------------------------------------------
 
@@ -572,6 +578,7 @@ class HyCaRoot:
         if found is not None:
             raise CacheConflict(conflict_message(module, found, hyca_first=True))
         self.check_hooks(module)
+        self.parallel = parallel.attach(self.engine, module, self.blocks, BLOCK_HOOK)
         states.bypass = any(_argument(self._names, name, args, kwargs) is not None for name in self.family.bypass_args)
         if states.bypass:  # e.g. SD3's skip-layer guidance pass: some blocks never run, nothing to cache
             return None
@@ -621,6 +628,11 @@ class HyCaRoot:
                     f"HyCa: only {states.reports} of {len(self.block_hooks)} block hooks ran in a forecast step: "
                     "something removed them during sampling, and this step's output is wrong. Call hyca.enable again")
             self.fall_back(state, f"only {states.reports} of {len(self.block_hooks)} block hooks ran")
+        if state.computing and self.parallel is not None:  # one rank's failure is every rank's
+            why = self.agreed("recording failed" if state.failed else None,
+                              "caching failed on another context-parallel rank")
+            if why is not None:
+                self.fall_back(state, why)
         self.engine.end_step(state)
         if state.total_steps is not None and state.step >= state.total_steps:
             self._finish(state, None)  # the run is complete: free its cache now
@@ -656,6 +668,15 @@ class HyCaRoot:
             if back or (position == state.first_position and state.step > 0):
                 return "the timestep went back"
         return None
+
+    def agreed(self, why: str | None, elsewhere: str) -> str | None:
+        """Under context parallelism, whether any rank failed (``why`` here, ``elsewhere``
+        for a failure on another rank): all ranks must compute, or all forecast, the same
+        steps. One small all-reduce; a single process just returns ``why``."""
+        if self.parallel is None:
+            return why
+        failed = self.parallel.any(why is not None)
+        return why if why is not None else (elsewhere if failed else None)
 
     def fall_back(self, state: BranchState, why: str) -> None:
         """Compute every remaining step of this generation; said once in the log and in the stats."""
