@@ -12,6 +12,7 @@ blocks x K, with the same result up to float rounding.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,11 +22,14 @@ import torch
 
 from ..math.solvers import Solver, pool
 from ..profiles.profile import Profile
+from ..profiles.settings import RunSettings, differences
 from .forecast import forecast
 from .guard import SKETCH_ROWS, STRIKES, Check, Demotion, difference_verdicts, measure, own_verdicts, steady
 from .schedule import Schedule
 
 POSITION_AXES = ("step", "sigma")
+
+logger = logging.getLogger("hyca")
 
 #: ``reduce(tensor) -> tensor``: sums a small float64 tensor over every process that
 #: holds a shard of the same step (context parallelism), so data-dependent decisions
@@ -101,14 +105,18 @@ class HybridCache:
         cache_dtype: torch.dtype | None = None,
         guard: bool = True,
         reduce: Reduce | None = None,
+        compare_settings: bool = True,
     ) -> None:
         """``guard``: check every computed step's forecast against what was computed and
         demote solvers that did worse than a lower order (:mod:`hyca.engine.guard`);
-        ``False`` is the paper's behaviour. ``reduce``: see :data:`Reduce`."""
+        ``False`` is the paper's behaviour. ``reduce``: see :data:`Reduce`.
+        ``compare_settings``: at each run's second step, say once what differs between the
+        run and the settings the profile was chosen for (a host that knows the run's
+        settings up front, such as a WebUI pass, says it itself and passes False)."""
         if positions not in POSITION_AXES:
             raise ValueError(f"positions must be one of {POSITION_AXES}, got {positions!r}")
         self.profile = profile
-        self.schedule = schedule
+        self.schedule = _with_profiles_start(schedule, profile)
         self.positions = positions
         self.cache_dtype = cache_dtype
         self.guard = guard
@@ -117,6 +125,10 @@ class HybridCache:
         self.sketch_seed = 0
         self._last_check: tuple[BranchState, Check] | None = None  # the guard's, for the next branch
         self._begun: dict[int, set[int]] = {}  # step -> ids of the branch states that began it (recent steps)
+        #: what the profile was chosen for; a run that differs is told so (once) and noted in its stats
+        self.chosen_for = RunSettings.of_profile(profile.metadata)
+        self.compare_settings = compare_settings
+        self._told: set[str] = set()
         dim_solvers = profile.dim_solvers()  # (blocks, dim)
         self.solver_ids: list[int] = torch.unique(dim_solvers).tolist()
         self.solvers: list[Solver] = [pool()[i] for i in self.solver_ids]
@@ -150,6 +162,8 @@ class HybridCache:
             state.active = list(self.solver_ids)
             state.strikes = [0] * len(self.solver_ids)
         self._note_branch(state)
+        if state.step == 1 and self.compare_settings:
+            self._compare_settings(state)
         use_step = self.positions == "step" or position is None
         state.current_position = float(state.step) if use_step else float(position)
         state.computing = state.failed or not state.positions or self.schedule.computes(state.step, state.total_steps)
@@ -230,6 +244,36 @@ class HybridCache:
             self._share(state, peer[0])
         self._last_check = (state, check)
 
+    def run_settings(self, state: BranchState) -> RunSettings:
+        """What this engine can tell about the run ``state`` belongs to: its schedule and
+        axis, and the step count once known (guidance: see :meth:`guidance_branches`)."""
+        return RunSettings(steps=state.total_steps, interval=self.schedule.interval, warmup=self.schedule.warmup,
+                           compute_last=self.schedule.compute_last, positions=self.positions)
+
+    def guidance_branches(self) -> int:
+        """How many branch states began the current run's first step: 2 with classifier-free
+        guidance in separate calls (a batched call is one branch: its guidance cannot be seen)."""
+        return len(self._begun.get(0, ()))
+
+    def _compare_settings(self, state: BranchState) -> None:
+        """At a branch's second step (the branches of step 0 have all begun): say once
+        what differs between the run and the settings the profile was chosen for."""
+        found = differences(self.chosen_for, self.run_settings(state))
+        branches = self.guidance_branches()
+        if self.chosen_for.guided is False and branches > 1:
+            found.append("guidance: chosen without, this run has two guidance branches")
+        elif self.chosen_for.guided and branches == 1:
+            found.append(f"guidance: chosen at {self.chosen_for.guidance_scale:g}, this run has one branch")
+        if not found:
+            return
+        message = (f"the profile was chosen for {self.chosen_for.describe()} and this run differs ({'; '.join(found)})"
+                   f"{'; the guard checks its forecasts' if self.guard else ''}. For a profile chosen at these settings: "
+                   "hyca.enable(pipe, ..., num_inference_steps=..., guidance_scale=...) probes one once")
+        state.stats.note(message)
+        if message not in self._told:
+            self._told.add(message)
+            logger.warning("HyCa: %s", message)
+
     def _note_branch(self, state: BranchState) -> None:
         """Which branch states begin each step: more than one means guidance branches."""
         self._begun.setdefault(state.step, set()).add(id(state))
@@ -280,6 +324,19 @@ class HybridCache:
                     per_block.append([(s, one_hot[s].to(device=key[0], dtype=key[1])) for s in used])
             self._block_masks[key] = per_block
         return self._block_masks[key]
+
+
+def _with_profiles_start(schedule: Schedule, profile: Profile) -> Schedule:
+    """The schedule with the first interval after warm-up the profile was chosen with
+    (:class:`Schedule`), when the profile was chosen for this interval and warm-up and the
+    schedule does not set one itself."""
+    first = profile.metadata.get("first_interval")
+    chosen = RunSettings.of_profile(profile.metadata)
+    if (first is None or schedule.first_interval is not None or chosen.interval != schedule.interval
+            or chosen.warmup not in (None, schedule.warmup) or not isinstance(first, int)
+            or not 1 <= first <= schedule.interval):
+        return schedule
+    return schedule.with_first_interval(first)
 
 
 @lru_cache(maxsize=4096)

@@ -241,6 +241,17 @@ def _hyca_header(path: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
     return header
 
 
+def settings_header(path: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The metadata keys that say what a profile was chosen for, from a raw safetensors
+    header (:func:`read_raw_header`), without loading the tensors: ``chosen_for``,
+    ``interval``, ``warmup``, ``compute_last``, ``positions``, ``probe``."""
+    header = _hyca_header(path, raw)
+    extra = header.get("metadata") if isinstance(header.get("metadata"), Mapping) else {}
+    return {**{k: extra.get(k) for k in ("chosen_for", "compute_last", "positions")},
+            "interval": header.get("interval"), "warmup": header.get("warmup"),
+            "probe": header.get("probe") if isinstance(header.get("probe"), Mapping) else {}}
+
+
 # --- reading: the contents ----------------------------------------------------------------
 
 def _field(path: Path, header: Mapping[str, Any], key: str, kind: type, optional: bool = False) -> Any:
@@ -399,8 +410,18 @@ def load_profile(path: str | os.PathLike, model: Any = None, *, interval: int | 
 
 # --- names --------------------------------------------------------------------------------
 
-def profile_filename(fp: Mapping[str, Any], interval: int | None = None) -> str:
+def profile_filename(fp: Mapping[str, Any], interval: int | None = None, settings: Any = None) -> str:
     """``<Class>-<config hash 12>.safetensors``; ``-n<N>`` before the suffix for a profile
-    chosen for one interval among several of the same model."""
+    chosen for one interval among several of the same model, then the settings' tag
+    (:meth:`hyca.profiles.settings.RunSettings.tag`, e.g. ``-w3-s28-g2.5``) for one chosen
+    for one sampling setting."""
     name = f"{fp['class']}-{str(fp['config_sha256'])[:12]}"
-    return f"{name}-n{int(interval)}.safetensors" if interval is not None else f"{name}.safetensors"
+    if interval is not None:
+        name += f"-n{int(interval)}"
+    tag = settings.tag() if settings is not None else ""
+    return f"{name}-{tag}.safetensors" if tag else f"{name}.safetensors"
+
+
+def model_prefix(fp: Mapping[str, Any]) -> str:
+    """The start every file name of this model's profiles shares."""
+    return f"{fp['class']}-{str(fp['config_sha256'])[:12]}"

@@ -107,6 +107,17 @@ class RunSettings:
             older = cls()
         return chosen.merged(older)
 
+    def tag(self) -> str:
+        """A file-name part naming the run settings: ``w3-s28-g2.5-sh3`` (known fields only;
+        the interval has its own ``-n<N>`` part)."""
+        parts = []
+        for prefix, value in (("w", self.warmup), ("s", self.steps), ("g", self.guidance_scale), ("sh", self.shift)):
+            if value is not None:
+                parts.append(f"{prefix}{value:g}" if isinstance(value, float) else f"{prefix}{value}")
+        if self.positions not in (None, "step"):
+            parts.append(self.positions)
+        return "-".join(parts)
+
     def describe(self) -> str:
         """``28 steps, guidance 2.5, shift 3, N=6, warm-up 3`` (known fields only)."""
         parts = []

@@ -10,9 +10,19 @@
 5. an automatic probe, whose result is saved to the local cache for next time.
 
 File names come from the model fingerprint (:func:`hyca.profiles.io.profile_filename`):
-with an interval N, ``<Class>-<hash>-n<N>.safetensors`` is tried before the model's
-general ``<Class>-<hash>.safetensors``. A file that is missing is skipped silently; one
-that is invalid, for another model, or unreachable is a warning and the next source.
+``<Class>-<hash>-n<N>-<settings>.safetensors`` (a profile chosen for one sampling setting),
+``<Class>-<hash>-n<N>.safetensors``, and the model's general ``<Class>-<hash>.safetensors``.
+
+Settings (issue 11): a profile records what it was chosen for (``chosen_for``, a
+:class:`~hyca.profiles.settings.RunSettings`). Given the run's settings (``run``), every
+profile of the model in the local folders is ranked by how far its settings are from the
+run's (:func:`~hyca.profiles.settings.mismatch_cost`), the folder order breaking ties; the
+Hub is asked for the exact names when no local profile matches. The result says what still
+differs (``differences``). With ``probe_if_mismatched`` a probe for the run's settings
+replaces a profile made for others.
+
+A file that is missing is skipped silently; one that is invalid, for another model, or
+unreachable is a warning and the next source.
 """
 
 from __future__ import annotations
@@ -26,8 +36,10 @@ from typing import Any
 
 from . import fingerprint as fpmod
 from .hub import HubError, download_file, hub_offline, hub_repo_id
-from .io import ProfileError, model_fingerprint, profile_filename, read_profile, save_profile
+from .io import (ProfileError, model_fingerprint, model_prefix, profile_filename, read_profile, read_raw_header,
+                 save_profile, settings_header)
 from .profile import Profile
+from .settings import RunSettings, differences, mismatch_cost
 
 #: ``hub_repo`` default: ask ``$HYCA_HUB_REPO`` / the built-in repo. Pass None to skip the Hub.
 DEFAULT = "default"
@@ -41,6 +53,8 @@ class ResolvedProfile:
     source: str
     path: Path | None
     warnings: list[str] = field(default_factory=list)
+    #: what differs between the settings the profile was chosen for and the run's
+    differences: list[str] = field(default_factory=list)
 
 
 def shipped_dir() -> Path:
@@ -59,10 +73,28 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "hyca" / "profiles"
 
 
-def candidate_names(fp: Mapping[str, Any], interval: int | None) -> list[str]:
+def candidate_names(fp: Mapping[str, Any], interval: int | None, run: RunSettings | None = None) -> list[str]:
     """File names to look for, most specific first."""
-    general = profile_filename(fp)
-    return [profile_filename(fp, interval), general] if interval is not None else [general]
+    names = [profile_filename(fp, interval, run)] if interval is not None and run is not None and run.tag() else []
+    if interval is not None:
+        names.append(profile_filename(fp, interval))
+    return [*names, profile_filename(fp)]
+
+
+def _model_files(folder: Path, fp: Mapping[str, Any], names: list[str]) -> list[Path]:
+    """The exact names that exist, then every other profile file of the model in ``folder``."""
+    exact = [folder / n for n in names if (folder / n).is_file()]
+    others = sorted(p for p in folder.glob(f"{model_prefix(fp)}*.safetensors") if p not in exact) \
+        if folder.is_dir() else []
+    return exact + others
+
+
+def _settings_of(path: Path) -> RunSettings | None:
+    """What the file says it was chosen for, from its header alone; None if unreadable."""
+    try:
+        return RunSettings.of_profile(settings_header(path, read_raw_header(path)))
+    except (ProfileError, ValueError):
+        return None
 
 
 def _folders(cache_dir: Path) -> Iterator[tuple[str, Path]]:
@@ -127,17 +159,20 @@ def _try_hub(repo: str, names: list[str], fp: Mapping[str, Any], interval: int |
 
 
 def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_repo: str | None = DEFAULT,
-                    hub_filename: str | None = None, interval: int | None = None,
-                    probe: Callable[[], Profile] | None = None, cache_dir: str | os.PathLike | None = None,
-                    offline: bool | None = None, hub_endpoint: str | None = None,
-                    hub_token: str | bool | None = None, hub_cache_dir: str | os.PathLike | None = None,
-                    ) -> ResolvedProfile:
+                    hub_filename: str | None = None, interval: int | None = None, run: RunSettings | None = None,
+                    probe: Callable[[], Profile] | None = None, probe_if_mismatched: bool = False,
+                    cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
+                    hub_endpoint: str | None = None, hub_token: str | bool | None = None,
+                    hub_cache_dir: str | os.PathLike | None = None) -> ResolvedProfile:
     """Find the profile for the model with fingerprint ``model``; see the module doc.
 
     ``interval``: the N it will run at (prefers a profile made for it; another N warns).
-    ``probe``: zero-argument callable making a profile when no source has one; without it,
-    finding nothing raises :class:`ProfileError`. ``offline``: skip the network (the Hub
-    cache is still read); default: huggingface_hub's offline mode.
+    ``run``: the run's settings, as far as known (the closest profile is preferred; what
+    still differs is in the result's ``differences``). ``probe``: zero-argument callable
+    making a profile when no source has one (or, with ``probe_if_mismatched``, when the
+    closest one was made for other settings); without it, finding nothing raises
+    :class:`ProfileError`. ``offline``: skip the network (the Hub cache is still read);
+    default: huggingface_hub's offline mode.
     """
     fp = model_fingerprint(model)
     log = _Log()
@@ -147,32 +182,60 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
             log(note)
         return ResolvedProfile(profile, "path", Path(path), log.messages)
 
-    names = candidate_names(fp, interval)
+    run = (run or RunSettings()).merged(RunSettings(interval=interval))
+    interval = run.interval
+    names = candidate_names(fp, interval, run)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     looked: list[str] = []
-    for source, folder in _folders(cache):
-        for name in names:
-            looked.append(str(folder / name))
-            if (folder / name).is_file():
-                found = _try_file(folder / name, fp, interval, log, source)
-                if found is not None:
-                    return found
+    ranked = []
+    for order, (source, folder) in enumerate(_folders(cache)):
+        looked.append(str(folder / names[0]))
+        for rank, file in enumerate(_model_files(folder, fp, names)):
+            settings = _settings_of(file)
+            cost = mismatch_cost(settings, run) if settings is not None else float("inf")
+            ranked.append((cost, order, rank, source, file))
+    best = None
+    for cost, _, _, source, file in sorted(ranked, key=lambda item: item[:3]):
+        best = _try_file(file, fp, interval, log, source)
+        if best is not None:
+            break
 
     repo = hub_repo_id() if hub_repo == DEFAULT else hub_repo
-    if repo:
+    if repo and (best is None or _differences(best, run)):
         looked.append(f"Hub repo {repo}")
         found = _try_hub(repo, [hub_filename] if hub_filename else names, fp, interval, log,
                          offline=hub_offline() if offline is None else offline, cache_dir=hub_cache_dir,
                          endpoint=hub_endpoint, token=hub_token)
-        if found is not None:
-            return found
+        if found is not None and (best is None or _cost(found, run) < _cost(best, run)):
+            best = found
 
-    if probe is None:
+    if best is not None:
+        best.differences = _differences(best, run)
+        if not (best.differences and probe is not None and probe_if_mismatched):
+            return best
+        log(f"the closest profile ({best.path or best.source}) was chosen for {_chosen(best).describe()}; "
+            f"probing one for this run's settings ({run.describe()})")
+    elif probe is None:
         raise ProfileError(
             f"no profile for {fpmod.describe(fp)}: looked in {'; '.join(looked)}. Make one with "
             "`python -m hyca probe`, pass a path, or let hyca probe automatically"
         )
-    return _probe_and_cache(probe, fp, interval, cache / names[-1], log)
+    target = cache / (names[0] if run.tag() else names[-1])
+    resolved = _probe_and_cache(probe, fp, interval, target, log)
+    resolved.differences = _differences(resolved, run)
+    return resolved
+
+
+def _chosen(resolved: ResolvedProfile) -> RunSettings:
+    return RunSettings.of_profile(resolved.profile.metadata)
+
+
+def _differences(resolved: ResolvedProfile, run: RunSettings) -> list[str]:
+    return differences(_chosen(resolved), run)
+
+
+def _cost(resolved: ResolvedProfile, run: RunSettings) -> float:
+    return mismatch_cost(_chosen(resolved), run)
 
 
 def _probe_and_cache(probe: Callable[[], Profile], fp: Mapping[str, Any], interval: int | None, target: Path,

@@ -13,8 +13,9 @@ _EXPORTS = {
     "FAMILIES": ".families",
     "disable": ".api", "enable": ".api", "is_enabled": ".api", "recommended_settings": ".api",
     "reset": ".api", "stats": ".api",
-    "probe": ".probe", "probe_transformer": ".probe",
 }
+# The probe lives in the submodule ``.probe`` (``hyca.probe`` is its ``probe``): not exported
+# here, where the name would shadow the submodule.
 
 __all__ = list(_EXPORTS)
 

@@ -11,9 +11,11 @@ import torch
 from ...engine.cache import HybridCache, RunStats
 from ...engine.schedule import Schedule
 from ...profiles.profile import Profile
+from ...profiles.settings import RunSettings
 from . import hooks, parallel
 from .families import blocks_of, family_of, hidden_size
 from .fingerprint import fingerprint
+from .settings import schedule_shift
 
 TRANSFORMER_ATTRIBUTES = ("transformer", "transformer_2")
 #: ``profile=AUTO``: find the model's profile (shipped, cache, Hub) or probe it on first use.
@@ -60,29 +62,37 @@ def _is_profile_file(spec: Any) -> bool:
         spec.endswith(".safetensors") or os.path.isfile(spec)))
 
 
-def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile] | None, interval: int) -> Any:
-    """Turn ``"auto"`` or a file path into a :class:`Profile`; leave anything else as given."""
+def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile] | None, run: RunSettings,
+             told_settings: bool) -> Any:
+    """Turn ``"auto"`` or a file path into a :class:`Profile`; leave anything else as given.
+    ``told_settings``: the caller said what it will run (steps, guidance), so a profile made
+    for other settings is replaced by a probe for these."""
     from ...profiles.sources import resolve_profile
 
     if _is_profile_file(spec):
-        return resolve_profile(fingerprint(transformer), path=spec, interval=interval).profile
+        return resolve_profile(fingerprint(transformer), path=spec, interval=run.interval).profile
     if spec != AUTO:
         return spec
-    resolved = resolve_profile(fingerprint(transformer), interval=interval, probe=make)
+    resolved = resolve_profile(fingerprint(transformer), run=run, probe=make, probe_if_mismatched=told_settings)
     logger.info("HyCa: %s profile from %s", type(transformer).__name__, resolved.path or resolved.source)
+    if resolved.differences:
+        logger.warning("HyCa: the closest profile (%s) was chosen for other settings (%s); pass "
+                       "num_inference_steps= and guidance_scale= to hyca.enable to probe one for yours",
+                       resolved.path or resolved.source, "; ".join(resolved.differences))
     return resolved.profile
 
 
-def _first_use_probe(target: Any, attribute: str, interval: int, warmup: int, positions: str,
+def _first_use_probe(target: Any, attribute: str, run: RunSettings,
                      probe_kwargs: Mapping[str, Any] | None) -> Callable[[], Profile] | None:
-    """A probe for ``profile="auto"``: only a pipeline can generate, and the probe drives
-    the pipeline's main transformer (a bare transformer or Wan 2.2's second expert needs
-    a profile from a file or the Hub)."""
+    """A probe for ``profile="auto"`` at the run's settings: only a pipeline can generate,
+    and the probe drives the pipeline's main transformer (a bare transformer or Wan 2.2's
+    second expert needs a profile from a file or the Hub)."""
     if isinstance(target, torch.nn.Module) or attribute != TRANSFORMER_ATTRIBUTES[0]:
         return None
 
     def make() -> Profile:
         from .probe import probe
+        from .settings import guidance_argument
 
         if parallel.context_parallel(getattr(target, attribute)) is not None:
             raise RuntimeError(
@@ -90,9 +100,16 @@ def _first_use_probe(target: Any, attribute: str, interval: int, warmup: int, po
                 "parallelism is not supported (each rank sees a shard). Probe once on one GPU (python -m hyca probe, or "
                 "hyca.enable before enable_parallelism) and pass the profile file, or use a solver name "
                 "(docs/multi-gpu.md)")
-        logger.warning("HyCa: no profile for %s yet; probing it once (saved to the local cache)",
-                       type(getattr(target, attribute)).__name__)
-        return probe(target, interval=interval, warmup=warmup, positions=positions, **dict(probe_kwargs or {}))
+        options: dict[str, Any] = dict(interval=run.interval, warmup=run.warmup, compute_last=run.compute_last,
+                                       positions=run.positions)
+        if run.steps is not None:
+            options["steps"] = run.steps
+        if run.guidance_scale is not None:
+            options.update(guidance_argument(target, run.guidance_scale))
+        options.update(probe_kwargs or {})
+        logger.warning("HyCa: no profile for %s at %s yet; probing one (saved to the local cache)",
+                       type(getattr(target, attribute)).__name__, run.describe())
+        return probe(target, **options)
 
     return make
 
@@ -117,6 +134,8 @@ def enable(
     scheduler: Any = None,
     probe_kwargs: Mapping[str, Any] | None = None,
     guard: bool = True,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
 ) -> list[HybridCache]:
     """Accelerate ``target`` (a pipeline or a transformer) with hybrid feature caching.
 
@@ -141,9 +160,19 @@ def enable(
     it and demotes a group that did worse than a lower order (``taylor-1``, ``reuse``) for
     the rest of the generation; no extra model call (:mod:`hyca.engine.guard`).
     ``False`` is the paper's behaviour. Demotions show in :func:`stats`.
+    ``num_inference_steps`` / ``guidance_scale``: the settings you will sample with (the
+    classifier-free guidance scale: ``true_cfg_scale`` for FLUX and Qwen-Image, 1 for none).
+    A profile is chosen for one setting; ``"auto"`` prefers one made for yours and, when
+    you give them and only profiles for other settings exist, probes one for yours (once;
+    cached). A run that differs from its profile's settings is told so once (log and
+    :func:`stats` notes) and protected by the guard.
     Enabling again replaces the previous settings. Returns the engine of each transformer.
     """
     schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
+    run = RunSettings(steps=num_inference_steps, guidance_scale=guidance_scale, interval=interval, warmup=warmup,
+                      compute_last=compute_last, positions=positions,
+                      shift=schedule_shift(scheduler if scheduler is not None else getattr(target, "scheduler", None)))
+    told_settings = num_inference_steps is not None or guidance_scale is not None
     pipeline = None if isinstance(target, torch.nn.Module) else target
     engines = []
     for attribute, transformer in named_transformers(target):
@@ -153,11 +182,11 @@ def enable(
         if found is not None:
             raise hooks.CacheConflict(hooks.conflict_message(transformer, found, hyca_first=False))
         blocks = blocks_of(transformer, family)
-        make = _first_use_probe(target, attribute, interval, warmup, positions, probe_kwargs)
+        make = _first_use_probe(target, attribute, run, probe_kwargs)
         # under context parallelism: resolved on the first rank, the same profile on every rank
         chosen = parallel.agree_profile(transformer, lambda: _profile_for(
-            _resolve(_profile_of(profile, attribute), transformer, make, interval), transformer, len(blocks),
-            hidden_size(transformer)))
+            _resolve(_profile_of(profile, attribute), transformer, make, run, told_settings), transformer,
+            len(blocks), hidden_size(transformer)))
         engine = HybridCache(chosen, schedule, positions, cache_dtype, guard=guard)
         hooks.unregister(transformer)  # enabling again replaces the settings
         with parallel.split_hooks_outside([block for _, block in blocks]):  # HyCa's hooks see the shard
@@ -218,17 +247,50 @@ FEW_STEPS = 10  # distilled models: FLUX.1-schnell (4 steps), Qwen-Image-Lightni
 MEDIUM_STEPS = 30
 
 
-def recommended_settings(target: Any, num_inference_steps: int) -> dict[str, Any]:
-    """Schedule settings for a run of ``num_inference_steps``, as keyword arguments of
-    :func:`enable`. Few-step distilled models get ``interval=2, warmup=1``: with 4 or 8
-    steps a longer interval leaves too few computed steps for any history. A pipeline
-    with two experts (Wan 2.2 A14B) is judged by the calls one expert sees, about half.
+def _warmup_for(calls: int) -> int:
+    return 1 if calls <= FEW_STEPS else 2 if calls <= 15 else 3
+
+
+def _interval_for_speedup(calls: int, warmup: int, speedup: float) -> tuple[int, float]:
+    """The smallest interval whose schedule reaches ``speedup`` (block FLOPs: calls over
+    computed calls), or the largest possible one and the speed-up it reaches."""
+    best = (1, 1.0)
+    for interval in range(1, calls + 1):
+        reached = calls / sum(Schedule(interval, warmup).plan(calls))
+        if reached >= speedup:
+            return interval, reached
+        best = max(best, (interval, reached), key=lambda pair: pair[1])
+    return best
+
+
+def recommended_settings(target: Any, num_inference_steps: int, speedup: float | None = None) -> dict[str, Any]:
+    """Keyword arguments of :func:`enable` for a run of ``num_inference_steps``.
+
+    Without ``speedup``: few-step distilled models (up to 10 steps) get ``interval=2,
+    warmup=1`` (with 4 or 8 steps a longer interval leaves too few computed steps for any
+    history); 11-30 steps, the settings people run most, ``interval=4`` with warm-up 2 (up
+    to 15 steps) or 3; longer runs ``interval=5, warmup=3``. With ``speedup`` (e.g. 3.0):
+    the smallest interval whose schedule skips enough steps for that many times fewer
+    block FLOPs, with the same warm-up (a speed-up beyond reach gets the largest interval
+    and a warning naming what it reaches). The step count is included, so :func:`enable`
+    knows the run it is for (profile choice and first-use probe). A pipeline with two
+    experts (Wan 2.2 A14B) is judged by the calls one expert sees, about half.
     """
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-    calls = num_inference_steps // 2 if _has_experts(target) else num_inference_steps
-    if calls <= FEW_STEPS:
-        return dict(interval=2, warmup=1, compute_last=True)
-    if calls <= MEDIUM_STEPS:
-        return dict(interval=3, warmup=2, compute_last=True)
-    return dict(interval=5, warmup=3, compute_last=True)
+    if speedup is not None and not (isinstance(speedup, (int, float)) and speedup >= 1):
+        raise ValueError(f"speedup must be a number >= 1 (times fewer block FLOPs), got {speedup!r}")
+    experts = _has_experts(target)
+    calls = num_inference_steps // 2 if experts else num_inference_steps
+    warmup = _warmup_for(calls)
+    if speedup is not None:
+        interval, reached = _interval_for_speedup(calls, warmup, float(speedup))
+        if reached < speedup:
+            logger.warning("HyCa: %g x is out of reach at %d steps with warm-up %d; interval=%d reaches %.2f x",
+                           speedup, calls, warmup, interval, reached)
+    else:
+        interval = 2 if calls <= FEW_STEPS else 4 if calls <= MEDIUM_STEPS else 5
+    settings: dict[str, Any] = dict(interval=interval, warmup=warmup, compute_last=True)
+    if not experts:  # each expert sees part of the run: its own step count is read at run time
+        settings["num_inference_steps"] = num_inference_steps
+    return settings

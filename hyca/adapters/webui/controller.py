@@ -195,8 +195,9 @@ class Controller:
             console(f"probing {adapter.name} on this pass (every step computed)")
             engine = probe.ProbeEngine(len(adapter.blocks(model)), schedule)
         else:
+            # the pass's settings are compared with the profile's here, with the real guidance scale
             engine = HybridCache(chosen.profile, schedule, cache_dtype=torch_dtype(settings.cache_dtype),
-                                 guard=settings.guard)
+                                 guard=settings.guard, compare_settings=False)
         self.chosen, self.noted_sigma, self.run_settings = chosen, None, None
         guidance = getattr(p, "cfg_scale", None)
         self.session = PassSession(engine, lambda: pass_sigmas(p, hires), label,

@@ -1,0 +1,45 @@
+"""What a diffusers pipeline call runs at: its guidance scale and its scheduler's shift."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+
+def _guidance_name(pipe: Any) -> str | None:
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    return next((n for n in ("true_cfg_scale", "guidance_scale") if n in parameters), None)
+
+
+def guidance_of(pipe: Any, call: dict[str, Any]) -> float | None:
+    """The classifier-free guidance scale a call of ``pipe`` with arguments ``call`` runs at:
+    ``true_cfg_scale`` where the pipeline has it (FLUX, Qwen-Image, HunyuanVideo: their
+    ``guidance_scale`` is distilled guidance, an input of the model), else ``guidance_scale``;
+    the pipeline's default when the call does not set it. None when the pipeline has neither."""
+    name = _guidance_name(pipe)
+    if name is None:
+        return None
+    value = call.get(name, inspect.signature(type(pipe).__call__).parameters[name].default)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def schedule_shift(scheduler: Any) -> float | None:
+    """A flow-matching scheduler's fixed sigma shift; None when unknown or resolution-dependent
+    (``use_dynamic_shifting``: FLUX's shift follows the image size)."""
+    config = getattr(scheduler, "config", None)
+    if config is None or config.get("use_dynamic_shifting") or config.get("shift") is None:
+        return None
+    return float(config["shift"])
+
+
+def guidance_argument(pipe: Any, scale: float) -> dict[str, Any]:
+    """The call arguments that run ``pipe`` at classifier-free guidance ``scale``:
+    ``true_cfg_scale`` (with an empty ``negative_prompt``, which FLUX needs for true CFG)
+    or ``guidance_scale``; nothing when the pipeline has neither."""
+    name = _guidance_name(pipe)
+    if name is None:
+        return {}
+    out: dict[str, Any] = {name: float(scale)}
+    if name == "true_cfg_scale" and scale > 1 and "negative_prompt" in inspect.signature(type(pipe).__call__).parameters:
+        out["negative_prompt"] = ""
+    return out

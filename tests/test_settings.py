@@ -1,0 +1,140 @@
+"""Settings-aware profiles: what a profile was chosen for, how lookup ranks profiles by the
+run's settings, and how a run on other settings is told so."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import hyca
+from hyca.adapters.diffusers.fingerprint import fingerprint
+from hyca.profiles.io import profile_filename, save_profile
+from hyca.profiles.settings import RunSettings, differences, mismatch_cost
+from hyca.profiles.sources import resolve_profile
+
+from profile_helpers import random_profile
+from tiny import Inputs, euler_sample, tiny_flux, tiny_pipeline
+
+RUN = RunSettings(steps=28, guidance_scale=2.5, shift=3.0, interval=6, warmup=3, compute_last=True, positions="step")
+
+
+def test_json_round_trip_and_tag():
+    assert RunSettings.from_json(RUN.to_json()) == RUN
+    assert RUN.tag() == "w3-s28-g2.5-sh3"
+    with pytest.raises(ValueError, match="'steps'"):
+        RunSettings.from_json({"steps": "many"})
+    assert RunSettings.from_json({"steps": 8, "unknown": 1}).steps == 8  # newer writers' keys are ignored
+
+
+def test_differences_name_what_is_known_on_both_sides():
+    chosen = RunSettings(steps=50, guidance_scale=1.0, shift=1.0, interval=6, warmup=3)
+    assert differences(chosen, RUN) == ["steps 50 vs 28", "guidance 1 vs 2.5", "shift 1 vs 3"]
+    assert differences(RunSettings(interval=6), RUN) == []  # unknown is never a difference
+    assert mismatch_cost(RUN, RUN) == 0
+
+
+def test_cost_ranks_the_interval_then_guidance_then_steps():
+    near = RunSettings(steps=30, guidance_scale=2.5, interval=6)
+    unguided = RunSettings(steps=28, guidance_scale=1.0, interval=6)
+    other_n = RunSettings(steps=28, guidance_scale=2.5, interval=4)
+    assert mismatch_cost(near, RUN) < mismatch_cost(unguided, RUN) < mismatch_cost(other_n, RUN)
+
+
+def test_legacy_metadata_reads_as_settings():
+    legacy = {"interval": 5, "warmup": 3, "positions": "step", "probe": {"steps": 50}}
+    assert RunSettings.of_profile(legacy) == RunSettings(steps=50, interval=5, warmup=3, positions="step")
+
+
+@pytest.fixture()
+def folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path / "extra"))
+    (tmp_path / "extra").mkdir()
+    return tmp_path
+
+
+def saved(fp, folder, settings: RunSettings, name: str | None = None):
+    profile = random_profile(fp, interval=settings.interval)
+    profile.metadata["chosen_for"] = settings.to_json()
+    return save_profile(profile, folder / (name or profile_filename(fp, settings.interval, settings)), fp)
+
+
+def test_lookup_prefers_the_profile_chosen_for_the_run(folders):
+    fp = fingerprint(tiny_flux())
+    unguided = saved(fp, folders / "extra", RunSettings(steps=50, guidance_scale=1.0, interval=6, warmup=3))
+    matching = saved(fp, folders / "cache", RUN)
+    found = resolve_profile(fp, run=RUN, cache_dir=folders / "cache", hub_repo=None)
+    assert found.path == matching and found.differences == []
+    # only the other one: it is used, and the result says what differs
+    matching.unlink()
+    found = resolve_profile(fp, run=RUN, cache_dir=folders / "cache", hub_repo=None)
+    assert found.path == unguided and found.differences == ["steps 50 vs 28", "guidance 1 vs 2.5"]
+
+
+def test_a_mismatch_is_probed_when_the_caller_said_its_settings(folders):
+    fp = fingerprint(tiny_flux())
+    saved(fp, folders / "extra", RunSettings(steps=50, guidance_scale=1.0, interval=6, warmup=3))
+    made = random_profile(fp, interval=6)
+    made.metadata["chosen_for"] = RUN.to_json()
+    found = resolve_profile(fp, run=RUN, cache_dir=folders / "cache", hub_repo=None, probe=lambda: made,
+                            probe_if_mismatched=True)
+    assert found.source == "probe" and found.path == folders / "cache" / profile_filename(fp, 6, RUN)
+    assert torch.equal(found.profile.labels, made.labels) and found.differences == []
+
+
+def test_a_run_on_other_settings_is_told_once(caplog):
+    """The profile says 50 steps without guidance; the run has 8 steps and two guidance
+    branches: the engine notes both in the run's stats and logs it once."""
+    model, cond, uncond = tiny_flux(), Inputs(seed=1), Inputs(seed=2)
+    profile = hyca.Profile.uniform("taylor-1", 5, 32)
+    profile.metadata.update(interval=3, warmup=2, chosen_for=RunSettings(steps=50, guidance_scale=1.0, interval=3,
+                                                                          warmup=2).to_json())
+
+    def guided(m, x, sigma, step):
+        with m.cache_context("cond", num_inference_steps=8):
+            c = cond.call(m, x, sigma)
+        with m.cache_context("uncond", num_inference_steps=8):
+            u = uncond.call(m, x, sigma)
+        return u + 2.0 * (c - u)
+
+    hyca.enable(model, profile=profile, interval=3, warmup=2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="hyca"):
+            for _ in range(2):
+                euler_sample(model, cond, 8, guided)
+        notes = [n for s in hyca.stats(model) for n in s.notes]
+    finally:
+        hyca.disable(model)
+    told = [r.message for r in caplog.records if "chosen for" in r.message]
+    assert len(told) == 1 and "steps 50 vs 8" in told[0] and "two guidance branches" in told[0]
+    assert any("steps 50 vs 8" in n for n in notes)
+
+
+def test_the_engine_takes_the_profiles_schedule_start():
+    profile = hyca.Profile.uniform("taylor-1", 5, 32)
+    profile.metadata.update(interval=6, warmup=3, first_interval=2)
+    (engine,) = hyca.enable(tiny_flux(), profile=profile, interval=6, warmup=3)
+    assert engine.schedule.first_interval == 2
+    (engine,) = hyca.enable(tiny_flux(), profile=profile, interval=4, warmup=3)  # chosen for another N: not taken
+    assert engine.schedule.first_interval is None
+
+
+def test_enable_with_run_settings_probes_for_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
+    monkeypatch.setenv("HYCA_HUB_REPO", "none")
+    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path / "nothing-here"))
+    pipe = tiny_pipeline(tiny_flux())
+    calls = {}
+
+    def fake_probe(target, **options):
+        calls.update(options)
+        made = random_profile(fingerprint(pipe.transformer), interval=options["interval"])
+        made.metadata["chosen_for"] = RunSettings(steps=options["steps"], interval=options["interval"],
+                                                  warmup=options["warmup"]).to_json()
+        return made
+
+    monkeypatch.setattr("hyca.adapters.diffusers.probe.probe", fake_probe)
+    hyca.enable(pipe, interval=3, warmup=2, num_inference_steps=12, guidance_scale=3.0)
+    assert calls["steps"] == 12 and calls["true_cfg_scale"] == 3.0 and calls["negative_prompt"] == ""
+    assert (calls["interval"], calls["warmup"]) == (3, 2)
