@@ -35,3 +35,27 @@ def test_fraction_is_the_flops_ratio():
 def test_bad_settings_are_explained(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Schedule(**kwargs)
+
+
+def test_a_short_first_interval_spaces_the_history_sooner():
+    # W=3, N=6, first interval 2: the first step after warm-up computed two steps later, then every 6
+    short = Schedule(interval=6, warmup=3, first_interval=2)
+    assert computed(short.plan(28)) == [0, 1, 2, 4, 10, 16, 22, 27]
+    assert Schedule(interval=6, warmup=3, first_interval=6).plan(28) == Schedule(6, 3).plan(28)
+    assert Schedule(6, 3).with_first_interval(6).first_interval is None  # the paper's schedule, one spelling
+    with pytest.raises(ValueError, match="first_interval must be an integer from 1 to interval=6"):
+        Schedule(interval=6, warmup=3, first_interval=7)
+
+
+@pytest.mark.parametrize("steps, interval", [(28, 6), (50, 4), (20, 3), (20, 8), (50, 8)])
+def test_the_short_start_never_computes_more_steps(steps, interval):
+    paper = Schedule(interval, 3)
+    short = paper.short_start(steps)
+    if short is None:
+        # no first interval from 2 up keeps the budget: every one of them was tried
+        assert all(sum(Schedule(interval, 3, first_interval=f).plan(steps)) > sum(paper.plan(steps))
+                   for f in range(2, interval))
+        return
+    assert sum(short.plan(steps)) <= sum(paper.plan(steps))
+    assert all(sum(Schedule(interval, 3, first_interval=f).plan(steps)) > sum(paper.plan(steps))
+               for f in range(2, short.first_interval))  # the shortest that fits

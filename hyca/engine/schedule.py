@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -12,12 +12,23 @@ class Schedule:
     computed steps are ``{0 .. W-1} U {W-1 + k*N}``. With ``compute_last`` the final
     step is computed too, because structure errors on it cannot be corrected later.
 
+    ``first_interval`` (default: ``interval``): steps from the last warm-up step to the
+    first computed step after it; the later ones follow every ``interval``:
+    ``{0 .. W-1} U {W-1 + F + k*N}``. Right after warm-up the history is one step apart,
+    and extrapolating it ``N-1`` steps ahead is the least accurate forecast of a run; a
+    short first interval (diffusers' TaylorSeer computes two steps after warm-up) spaces
+    the history ``N`` apart sooner. On the reference model that is worth 3-6 dB on an
+    even sigma schedule and costs 3-5 dB on a shifted one (bench/results/grid.md), so
+    the probe chooses it closed loop (:mod:`hyca.probing.closed_loop`) and a profile
+    carries it.
+
     ``interval=1`` computes every step (caching off, a useful baseline).
     """
 
     interval: int = 5
     warmup: int = 3
     compute_last: bool = True
+    first_interval: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.interval, int) or self.interval < 1:
@@ -26,13 +37,35 @@ class Schedule:
             raise ValueError(
                 f"warmup must be an integer >= 1: the first step has no history to forecast from, got {self.warmup!r}"
             )
+        if self.first_interval is not None and (not isinstance(self.first_interval, int)
+                                                 or not 1 <= self.first_interval <= self.interval):
+            raise ValueError(f"first_interval must be an integer from 1 to interval={self.interval}, "
+                             f"got {self.first_interval!r}")
+
+    @property
+    def first(self) -> int:
+        return self.interval if self.first_interval is None else self.first_interval
 
     def computes(self, step: int, total_steps: int | None = None) -> bool:
         if step < self.warmup:
             return True
         if self.compute_last and total_steps is not None and step >= total_steps - 1:
             return True
-        return (step - (self.warmup - 1)) % self.interval == 0
+        after = step - (self.warmup - 1) - self.first
+        return after >= 0 and after % self.interval == 0
+
+    def with_first_interval(self, first_interval: int | None) -> "Schedule":
+        return replace(self, first_interval=None if first_interval in (None, self.interval) else first_interval)
+
+    def short_start(self, total_steps: int) -> "Schedule | None":
+        """The same schedule with the shortest first interval (at least 2) that computes no
+        more steps in a run of ``total_steps`` than this one; None when there is none."""
+        budget = sum(self.plan(total_steps))
+        for first in range(2, self.interval):
+            candidate = replace(self, first_interval=first)
+            if sum(candidate.plan(total_steps)) <= budget:
+                return candidate
+        return None
 
     def plan(self, total_steps: int) -> list[bool]:
         """``True`` for each computed step of a run of ``total_steps``."""

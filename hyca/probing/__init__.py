@@ -3,7 +3,7 @@ choose solvers. Host-free (torch, numpy, scikit-learn): driving a diffusers pipe
 in :mod:`hyca.adapters.diffusers.probe` (``hyca.probe``), a WebUI pass in
 :mod:`hyca.adapters.webui.probe`."""
 
-from .analysis import analyse, candidate_solvers, selection_report
+from .analysis import analyse, assign, candidate_solvers, selection_report
 from .recorder import SketchRecorder
 
-__all__ = ["SketchRecorder", "analyse", "candidate_solvers", "selection_report"]
+__all__ = ["SketchRecorder", "analyse", "assign", "candidate_solvers", "selection_report"]

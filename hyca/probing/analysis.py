@@ -57,6 +57,13 @@ def selection_report(selection: Selection, replay: Replay, dim_choice: torch.Ten
     }
 
 
+def assign(labels: torch.Tensor, replay: Replay, clusters: int, shared: bool = False) -> Profile:
+    """Eq. 5 on another replay (another schedule) for an existing clustering ``labels``."""
+    selection = select(replay, labels, clusters, shared=shared)
+    to_pool = torch.tensor([pool_names().index(s.name) for s in replay.solvers])
+    return Profile(labels=labels, solvers=to_pool[selection.chosen])
+
+
 def analyse(indicator_values: torch.Tensor, replay: Replay, clusters: int = 4, shared: bool = False,
             seed: int = 0, n_init: int = 1) -> tuple[Profile, dict[str, Any]]:
     """Indicators and replay errors -> (profile without metadata, selection report)."""

@@ -13,7 +13,10 @@ recorded, and keeps the best:
 * every solver of the pool alone (FORA, TaylorSeer 1-3, ...): so the choice is never
   worse, on the probe's own run, than the best single solver;
 * refinements of the mixed assignment: each solver group in turn (largest first) handed
-  to the best single solver, kept when the run gets closer (:func:`handed_over`).
+  to the best single solver, kept when the run gets closer (:func:`handed_over`);
+* the same on the schedule with a short first interval after warm-up (eq. 5 replayed on
+  it, and the best single solvers of the first round), when the adapter offers one: which
+  start is better depends on the sigma schedule (:class:`~hyca.engine.schedule.Schedule`).
 
 Each trial is one cached generation at probe resolution, about ``1/N`` of a full one.
 This module only decides; the adapter that can run the pipeline supplies ``generate``.
@@ -73,7 +76,8 @@ def fidelity_db(output: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def with_solvers(base: Profile, cluster_solvers: torch.Tensor) -> Profile:
-    """``base``'s clustering with other per-cluster solvers ``(blocks, clusters)`` (pool indices)."""
+    """``base``'s clustering (and metadata, e.g. its schedule start) with other per-cluster
+    solvers ``(blocks, clusters)`` (pool indices)."""
     return Profile(labels=base.labels.clone(), solvers=cluster_solvers.clone(), metadata=dict(base.metadata))
 
 
@@ -103,16 +107,47 @@ def _is_uniform(profile: Profile) -> bool:
     return len(torch.unique(profile.solvers)) == 1
 
 
+def _track(eq5: Profile, singles: Sequence[Solver] | None, prefix: str, run: Callable[[Candidate], float],
+           refine: bool) -> list[tuple[float, Candidate]]:
+    """eq. 5, each single solver, then greedy refinements of the mixed assignment, all run;
+    returns ``(fidelity, candidate)`` of every candidate tried."""
+    scored = [(run(c), c) for c in [Candidate(f"{prefix}eq5", eq5),
+                                    *(Candidate(prefix + c.name, c.profile) for c in uniform_candidates(eq5, singles))]]
+    if refine and not _is_uniform(eq5) and len(scored) > 1:
+        _, single = max(scored[1:], key=lambda pair: pair[0])
+        target = int(single.profile.solvers.flatten()[0])
+        mixed_db, mixed = scored[0]
+        for solver in groups_by_size(eq5):
+            if solver == target:
+                continue
+            candidate = Candidate(f"{mixed.name}+{pool()[solver].name}->{pool()[target].name}",
+                                  handed_over(mixed.profile, solver, target))
+            db = run(candidate)
+            scored.append((db, candidate))
+            if db > mixed_db:
+                mixed_db, mixed = db, candidate
+    return scored
+
+
+#: Single solvers tried again on the other schedule start: the best few of the first.
+OTHER_START_SINGLES = 3
+
+
 def choose(eq5: Profile, generate: Callable[[Profile], torch.Tensor], reference: torch.Tensor,
            solvers: Sequence[Solver] | None = None, refine: bool = True,
-           on_trial: Callable[[Trial], None] | None = None) -> tuple[Profile, list[Trial], str]:
+           on_trial: Callable[[Trial], None] | None = None,
+           other_start: tuple[Profile, int] | None = None) -> tuple[Profile, list[Trial], str]:
     """Run every candidate through ``generate(profile) -> final output`` and keep the one
     nearest ``reference`` (the fully computed run's output, same prompt and seed).
 
     Order of trials: eq. 5, each single solver of ``solvers`` (default: the pool), then,
-    with ``refine``, greedy refinements of the best mixed assignment (each accepted only
-    when it improves the run). Ties keep the earlier candidate. Returns the chosen profile
-    (``eq5``'s clustering, the winning per-cluster solvers), every trial, and the winner's name.
+    with ``refine``, greedy refinements of the mixed assignment (each kept only when it
+    improves the run). With ``other_start`` = ``(eq5 profile for it, first_interval)``: the
+    same on the schedule with that first interval (:class:`~hyca.engine.schedule.Schedule`),
+    with the ``OTHER_START_SINGLES`` best single solvers of the first round; its candidates'
+    metadata carry ``first_interval``, which ``generate`` must apply. Ties keep the earlier
+    candidate. Returns the chosen profile (``eq5``'s clustering, the winning per-cluster
+    solvers and schedule start), every trial, and the winner's name.
     """
     trials: list[Trial] = []
 
@@ -124,21 +159,13 @@ def choose(eq5: Profile, generate: Callable[[Profile], torch.Tensor], reference:
             on_trial(trial)
         return db
 
-    scored = [(run(c), c) for c in [Candidate("eq5", eq5), *uniform_candidates(eq5, solvers)]]
+    scored = _track(eq5, solvers, "", run, refine)
+    if other_start is not None:
+        profile, first = other_start
+        profile = with_solvers(profile, profile.solvers)
+        profile.metadata["first_interval"] = first
+        singles = sorted((pair for pair in scored if pair[1].name.startswith("uniform:")), key=lambda p: -p[0])
+        best_singles = [pool()[int(c.profile.solvers.flatten()[0])] for _, c in singles[:OTHER_START_SINGLES]]
+        scored += _track(profile, best_singles, f"start{first}:", run, refine)
     best_db, best = max(scored, key=lambda pair: pair[0])  # max keeps the first of equals
-    if refine and not _is_uniform(eq5):
-        single_db, single = max(((db, c) for db, c in scored if c.name.startswith("uniform:")),
-                                key=lambda pair: pair[0])
-        target = int(single.profile.solvers.flatten()[0])
-        mixed_db, mixed = scored[0]
-        for solver in groups_by_size(eq5):
-            if solver == target:
-                continue
-            name = f"{mixed.name}+{pool()[solver].name}->{pool()[target].name}"
-            candidate = Candidate(name, handed_over(mixed.profile, solver, target))
-            db = run(candidate)
-            if db > mixed_db:
-                mixed_db, mixed = db, candidate
-                if db > best_db:
-                    best_db, best = db, candidate
     return best.profile, trials, best.name

@@ -63,7 +63,8 @@ class SketchRecorder:
                  rows: int = 8, spectral_rows: int | None = 2, seed: int = 0, branch: str = "cond",
                  candidates: tuple[Solver, ...] | None = None, progress: Any = None,
                  accumulate_on: str | torch.device | None = "cpu", guidance_scale: float | None = None,
-                 uncond_branch: str = "uncond", batched_guidance: str | None = None) -> None:
+                 uncond_branch: str = "uncond", batched_guidance: str | None = None,
+                 other_schedules: tuple[Schedule, ...] = ()) -> None:
         if positions not in POSITION_AXES:
             raise ValueError(f"positions must be one of {POSITION_AXES}, got {positions!r}")
         if not isinstance(rows, int) or rows < 1:
@@ -78,7 +79,8 @@ class SketchRecorder:
         guided = guidance_scale is not None and abs(float(guidance_scale) - 1.0) > 1e-9
         self.guidance_scale = float(guidance_scale) if guided else None
         self.batched_guidance = batched_guidance if guided else None
-        self.replay = ReplayErrors(schedule.plan(steps), candidates)
+        # one replay per schedule the probe chooses between (the same sketches feed them all)
+        self.replays = [ReplayErrors(s.plan(steps), candidates) for s in (schedule, *other_schedules)]
         self.accumulator: IndicatorAccumulator | None = None
         self.progress = progress
         self.accumulate_on = accumulate_on  # None: where the residuals are (the GPU)
@@ -160,7 +162,11 @@ class SketchRecorder:
                 f"the probe recorded {self.step} transformer calls of the {self.branch!r} branch, "
                 f"but steps={self.steps}: pass the number of sampling steps the run makes"
             )
-        return self.accumulator.finalize().cpu(), self.replay.result()
+        return self.accumulator.finalize().cpu(), self.replays[0].result()
+
+    def other_replays(self) -> list[Replay]:
+        """The replays of ``other_schedules``, in their order (after :meth:`finish`)."""
+        return [replay.result() for replay in self.replays[1:]]
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -226,7 +232,8 @@ class SketchRecorder:
                                f"{self.branch!r} branch; pass the number of sampling steps it makes")
         use_step = self.positions == "step" or self._position is None
         self.accumulator.update(sketch)
-        self.replay.update(sketch, float(self.step) if use_step else float(self._position))
+        for replay in self.replays:
+            replay.update(sketch, float(self.step) if use_step else float(self._position))
         self.step += 1
         if self.progress is not None:
             self.progress.update(1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import inspect
 import logging
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -24,13 +23,14 @@ from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule
 from ...math.solvers import POOL_VERSION, Solver
 from ...probing import closed_loop
-from ...probing.analysis import analyse, candidate_solvers
+from ...probing.analysis import analyse, assign, candidate_solvers
 from ...probing.recorder import SketchRecorder
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
 from . import hooks
 from .families import blocks_of, family_of
 from .fingerprint import fingerprint
+from .settings import guidance_of, schedule_shift
 
 DEFAULT_PROMPT = "a photo of a cat"
 CLOSED_LOOP, EQ5 = "closed-loop", "eq5"
@@ -147,10 +147,12 @@ def probe_transformer(
     blocks = blocks_of(transformer, family)
     timing: dict[str, float] = {}
     closing = selection == CLOSED_LOOP
+    short = schedule.short_start(steps) if closing else None  # the other start the closed loop tries
     with tqdm(total=steps, desc="HyCa probe", unit="step", disable=not progress) as bar:
         recorder = SketchRecorder(len(blocks), steps, schedule, positions, rows, spectral_rows, seed, branch,
                                   candidate_solvers(candidates), _Progress(bar, on_progress, steps, closing),
-                                  accumulate_on, guidance_scale=guidance_scale, batched_guidance=family.batched_guidance)
+                                  accumulate_on, guidance_scale=guidance_scale, batched_guidance=family.batched_guidance,
+                                  other_schedules=(short,) if short is not None else ())
         started = time.perf_counter()
         with recording(transformer, recorder):
             reference = output_tensor(run())
@@ -165,10 +167,14 @@ def probe_transformer(
                        "(open loop); return the final latent from run() for a closed-loop choice")
         report["closed_loop"] = {"skipped": "the run returned no output"}
     elif selection == CLOSED_LOOP:
+        other = None
+        if short is not None:
+            other = (assign(profile.labels, recorder.other_replays()[0], clusters, shared), short.first_interval)
         profile, report["closed_loop"], seconds = _closed_loop(transformer, run, steps, schedule, positions, guard,
                                                                 profile, reference, progress,
-                                                                candidate_solvers(candidates), on_progress)
+                                                                candidate_solvers(candidates), on_progress, other)
         timing["closed_loop_s"] = round(seconds, 3)
+    first_interval = profile.metadata.get("first_interval")
     settings_for = (chosen_for or RunSettings()).merged(RunSettings(
         steps=steps, guidance_scale=guidance_scale if guidance_scale is not None else None, interval=interval,
         warmup=warmup, compute_last=compute_last, positions=positions))
@@ -179,6 +185,7 @@ def probe_transformer(
         "warmup": warmup,
         "compute_last": compute_last,
         "positions": positions,
+        **({"first_interval": first_interval} if first_interval is not None else {}),
         "chosen_for": settings_for.to_json(),
         "probe": {**(settings or {}), "steps": steps, "clusters": clusters, "shared": shared, "seed": seed,
                   "rows": rows, "spectral_rows": spectral_rows, "n_init": n_init, "branch": branch,
@@ -211,16 +218,19 @@ class _Progress:
 def _closed_loop(transformer: torch.nn.Module, run: Callable[[], Any], steps: int, schedule: Schedule,
                  positions: str, guard: bool, eq5: Profile, reference: torch.Tensor, progress: bool,
                  solvers: Sequence[Solver], on_progress: Callable[[float, str], None] | None = None,
-                 ) -> tuple[Profile, dict[str, Any], float]:
+                 other_start: tuple[Profile, int] | None = None) -> tuple[Profile, dict[str, Any], float]:
     """:func:`hyca.probing.closed_loop.choose` with cached runs of ``run`` on ``transformer``."""
 
     def generate(candidate: Profile) -> torch.Tensor:
-        engine = HybridCache(candidate, schedule, positions, guard=guard)
+        start = schedule.with_first_interval(candidate.metadata.get("first_interval"))
+        engine = HybridCache(candidate, start, positions, guard=guard)
         with _hooked(transformer, engine, steps):
             return output_tensor(run())
 
     started = time.perf_counter()
     expected = 1 + len(solvers) + len(torch.unique(eq5.solvers))  # eq. 5, single solvers, refinements at most
+    if other_start is not None:
+        expected += 1 + closed_loop.OTHER_START_SINGLES + len(torch.unique(other_start[0].solvers))
     with tqdm(desc="HyCa probe: closed-loop runs", unit="run", disable=not progress) as bar:
         def tick(_: Any) -> None:
             bar.update(1)
@@ -229,7 +239,8 @@ def _closed_loop(transformer: torch.nn.Module, run: Callable[[], Any], steps: in
                 on_progress(_Progress.SHARE + (1 - _Progress.SHARE) * done / expected,
                             f"probe: closed-loop run {bar.n} (of at most {expected})")
 
-        chosen, trials, winner = closed_loop.choose(eq5, generate, reference, solvers, on_trial=tick)
+        chosen, trials, winner = closed_loop.choose(eq5, generate, reference, solvers, on_trial=tick,
+                                                    other_start=other_start)
     seconds = time.perf_counter() - started
     logger.info("HyCa probe: closed loop chose %s (%s) after %d cached runs in %.1f s", winner,
                 ", ".join(f"{t.name} {t.fidelity_db:.1f} dB" for t in trials), len(trials), seconds)
@@ -256,28 +267,6 @@ def _quiet(pipe: Any) -> Iterator[None]:
             pipe.__dict__.pop("_progress_bar_config", None)
         else:
             pipe._progress_bar_config = saved
-
-
-def guidance_of(pipe: Any, call: dict[str, Any]) -> float | None:
-    """The classifier-free guidance scale a call of ``pipe`` with arguments ``call`` runs at:
-    ``true_cfg_scale`` where the pipeline has it (FLUX, Qwen-Image, HunyuanVideo: their
-    ``guidance_scale`` is distilled guidance, an input of the model), else ``guidance_scale``;
-    the pipeline's default when the call does not set it. None when the pipeline has neither."""
-    parameters = inspect.signature(type(pipe).__call__).parameters
-    name = next((n for n in ("true_cfg_scale", "guidance_scale") if n in parameters), None)
-    if name is None:
-        return None
-    value = call.get(name, parameters[name].default)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def schedule_shift(scheduler: Any) -> float | None:
-    """A flow-matching scheduler's fixed sigma shift; None when unknown or resolution-dependent
-    (``use_dynamic_shifting``: FLUX's shift follows the image size)."""
-    config = getattr(scheduler, "config", None)
-    if config is None or config.get("use_dynamic_shifting") or config.get("shift") is None:
-        return None
-    return float(config["shift"])
 
 
 def probe(
