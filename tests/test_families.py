@@ -196,11 +196,28 @@ def test_few_step_defaults(steps, plan):
 
 def test_recommended_settings_scale_with_steps():
     pipe = CASES["wan2.2"].build()
-    assert hyca.recommended_settings(pipe.transformer, 28)["interval"] == 3
-    assert hyca.recommended_settings(pipe.transformer, 50) == dict(interval=5, warmup=3, compute_last=True)
-    assert hyca.recommended_settings(pipe, 16)["interval"] == 2  # two experts: about 8 calls each
+    assert hyca.recommended_settings(pipe.transformer, 28) == dict(interval=4, warmup=3, compute_last=True,
+                                                                   num_inference_steps=28)
+    assert hyca.recommended_settings(pipe.transformer, 50)["interval"] == 5
+    assert hyca.recommended_settings(pipe, 16) == dict(interval=2, warmup=1, compute_last=True)  # two experts
     with pytest.raises(ValueError, match="num_inference_steps must be a positive integer"):
         hyca.recommended_settings(pipe, 0)
+
+
+@pytest.mark.parametrize("steps, speedup", [(20, 2.0), (28, 3.0), (28, 3.5), (50, 4.0), (50, 5.0)])
+def test_a_target_speedup_picks_the_smallest_interval_that_reaches_it(steps, speedup):
+    from hyca.engine.schedule import Schedule
+
+    settings = hyca.recommended_settings(CASES["qwenimage"].build(), steps, speedup=speedup)
+    reached = lambda n: steps / sum(Schedule(n, settings["warmup"]).plan(steps))  # noqa: E731
+    assert reached(settings["interval"]) >= speedup > reached(settings["interval"] - 1)
+    hyca.enable(CASES["qwenimage"].build(), profile="fora", **settings)  # what it returns, enable takes
+
+
+def test_an_unreachable_speedup_says_what_it_reaches(caplog):
+    with caplog.at_level("WARNING", logger="hyca"):
+        settings = hyca.recommended_settings(CASES["qwenimage"].build(), 8, speedup=10)
+    assert settings["interval"] >= 4 and "out of reach" in caplog.text
 
 
 def test_every_family_in_the_table_has_a_tiny_pipeline_test():
