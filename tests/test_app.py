@@ -225,6 +225,14 @@ def test_generation_returns_both_images_and_the_metrics(served, solo_pipe):
     assert numbers["psnr"] == pytest.approx(metrics.psnr(expected_fast, expected_full), rel=1e-5)
     assert numbers["ssim"] == pytest.approx(metrics.ssim(expected_fast, expected_full), rel=1e-5)
     assert "PSNR" in report and "SSIM" in report and "FLOPs" in report
+    # the guard's switches of that same run, as hyca.stats reports them (FORA has nothing lower to switch to)
+    hyca.enable(solo_pipe, "fora", interval=4, warmup=2)
+    try:
+        solo_pipe(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3), output_type="np")
+        expected_guard = [d.describe() for d in hyca.stats(solo_pipe)[0].demotions]
+    finally:
+        hyca.disable(solo_pipe)
+    assert numbers["guard"] == expected_guard == [] and "Guard: no solver group switched" in report
 
 
 def test_probe_returns_a_profile_that_hyca_uses(served, solo_pipe):

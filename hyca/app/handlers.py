@@ -228,6 +228,7 @@ def report_numbers(r: compare.SideBySide, s: compare.Settings, where: str, ari: 
         "full_flops": r.full_flops, "fast_flops": r.fast_flops, "flops_ratio": r.flops_ratio,
         "computed_steps": r.run.computed, "forecast_steps": r.run.forecast,
         "psnr": None if np.isinf(r.psnr) else r.psnr, "ssim": r.ssim, "profile": where,
+        "guard": [d.describe() for d in r.run.demotions], "notes": list(r.run.notes),
     }
     if ari is not None:
         numbers["ari_vs_base"] = ari
@@ -249,6 +250,10 @@ def report_markdown(n: dict[str, Any]) -> str:
         f"PSNR **{psnr}** · SSIM **{n['ssim']:.4f}** (vs full compute)",
         "",
         f"Profile: {n['profile']}.",
+        "",
+        "Guard: " + ("; ".join(n["guard"]) if n["guard"] else "no solver group switched") + " (it checks every "
+        "computed step's forecasts and switches a group that forecast worse than a lower order twice in a row).",
+        *(f"\n**Note:** {note}" for note in n["notes"]),
     ]
     if "ari_vs_base" in n:
         lines.append(f"ARI of the LoRA profile vs the base profile: **{n['ari_vs_base']:.3f}** "
