@@ -5,6 +5,8 @@
     python -m hyca.bench --model tiny    # random-weight model of the same layout (wiring only)
     python -m hyca.bench --gpu           # FLUX.1-dev architecture, random weights: latency/memory (CUDA)
     torchrun --nproc_per_node 4 -m hyca.bench --gpu --cp-degree 4   # the same over 4 GPUs (context parallel)
+    python -m hyca.bench --grid          # steps x guidance x shift x N on held-out captions (hyca.bench.grid)
+    python -m hyca.bench --grid --quick  # one cell, few prompts: the CI wiring check
 
 Writes ``<out>/<name>.md`` (tables), ``.png`` (fidelity against FLOPs speed-up) and
 ``.json`` (everything measured); ``--redraw`` rebuilds the first two from the third.
@@ -31,6 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cp-degree", type=int, default=1, metavar="K",
                    help="--gpu: diffusers context parallelism (Ulysses) over K GPUs; run under "
                         "torchrun --nproc_per_node K (docs/multi-gpu.md)")
+    p.add_argument("--grid", action="store_true",
+                   help="the settings grid: steps {20,28,50} x guidance {1,2.5} x shift {1,3} x N {3,4,5,6,8}")
+    p.add_argument("--shard", default="0/1", metavar="I/N", help="--grid: run every N-th cell starting at I")
+    p.add_argument("--resume", action="store_true", help="--grid: keep the cells already in the results file")
+    p.add_argument("--report-only", action="store_true", help="--grid: redraw tables and heatmap from the results")
     p.add_argument("--model", choices=("reference", "tiny"), default="reference",
                    help="reference: the shipped trained model; tiny: random weights, for wiring checks")
     p.add_argument("--model-path", help="reference-model folder (default: the shipped models/reference)")
@@ -63,6 +70,8 @@ def settings_from(args: argparse.Namespace):
 def default_name(args: argparse.Namespace) -> str:
     if args.gpu:
         return "peers-gpu" + (f"-cp{args.cp_degree}" if args.cp_degree > 1 else "")
+    if args.grid:
+        return ("grid-quick" if args.quick else "grid") + ("-tiny" if args.model == "tiny" else "")
     suffix = "-tiny" if args.model == "tiny" else ""
     return ("peers-quick" if args.quick else "peers") + suffix
 
@@ -73,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or default_name(args)
     from . import report
 
+    if args.grid:
+        return _grid(args, name, command)
     if args.redraw:
         result = json.loads(args.redraw.read_text())
         paths = report.write(result, args.out, name, result.get("command", command), with_plot=not args.no_plot)
@@ -92,6 +103,33 @@ def main(argv: list[str] | None = None) -> int:
         result = run(settings_from(args))
         paths = report.write(result, args.out, name, command, with_plot=not args.no_plot)
     for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _grid(args: argparse.Namespace, name: str, command: str) -> int:
+    from dataclasses import replace
+
+    from . import grid, grid_report
+
+    settings = replace(grid.QUICK if args.quick else grid.GridSettings(), model=args.model, model_path=args.model_path,
+                       threads=args.threads)
+    if args.steps:
+        settings = replace(settings, steps=tuple(args.steps))
+    if args.prompts:
+        settings = replace(settings, prompts=args.prompts)
+    index, count = (int(v) for v in args.shard.split("/"))
+    results = args.out / (f"{name}.jsonl" if count == 1 else f"{name}.shard{index}of{count}.jsonl")
+    if not args.report_only:
+        import time
+
+        started = time.perf_counter()
+        grid.run(settings, results, (index, count), args.resume,
+                 log=lambda message: print(message, flush=True))
+        print(f"shard {index}/{count}: {time.perf_counter() - started:.0f} s")
+    cells = [c for path in sorted(args.out.glob(f"{name}.jsonl")) + sorted(args.out.glob(f"{name}.shard*.jsonl"))
+             for c in grid.read(path)]
+    for path in grid_report.write(cells, args.out, name, command, with_plot=not args.no_plot):
         print(f"wrote {path}")
     return 0
 

@@ -1,0 +1,86 @@
+"""The settings grid's wiring (``python -m hyca.bench --grid --quick``) on a tiny random-weight
+reference pipeline: every method runs, FLOPs and fidelity are what independent
+computations give, and the report's margins follow from the rows."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import hyca
+from hyca.bench import grid, grid_report
+from hyca.bench.__main__ import main
+from hyca.bench.metrics import psnr
+from hyca.engine.schedule import Schedule
+from hyca.math.solvers import pool_names
+from hyca.reference import tiny_components
+
+SETTINGS = replace(grid.QUICK, model="tiny", prompts=4, calibration_prompts=2, search_iterations=2)
+
+
+@pytest.fixture(scope="module")
+def cell(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid") / "grid.jsonl"
+    (result,) = grid.run(SETTINGS, out, pipe=tiny_components(seed=0), log=lambda _: None)
+    assert grid.read(out) == [json.loads(json.dumps(result))]  # what was appended is what the report reads
+    return result
+
+
+def test_every_method_runs_in_the_cell(cell):
+    names = {r["method"] for r in cell["rows"]}
+    assert {grid.HYCA, grid.HYCA_EQ5, grid.STEPS, grid.MAGCACHE, *grid.PEERS} <= names
+    assert {grid.SINGLE + n for n in pool_names()} <= names
+    short = Schedule(4, SETTINGS.warmup).short_start(20)
+    assert ({grid.SINGLE_SHORT + n for n in pool_names()} <= names) == (short is not None)
+    assert cell["info"]["closed_loop_choice"] and cell["info"]["closed_loop_trials"]
+
+
+def test_fixed_schedules_save_what_their_plan_skips(cell):
+    """Fewer steps runs exactly the computed-step count of HyCa's schedule: its FLOPs
+    speed-up is steps / computed, counted independently of the schedule code."""
+    rows = {r["method"]: r for r in cell["rows"]}
+    computed = len([0, 1, 2, 6, 10, 14, 18, 19])  # 20 steps, W=3, N=4, last step computed
+    assert rows[grid.STEPS]["flops_speedup"] == pytest.approx(20 / computed, rel=1e-9)
+    # every single solver on the paper's schedule costs the same
+    assert len({rows[grid.SINGLE + n]["flops_speedup"] for n in pool_names()}) == 1
+
+
+def test_a_row_is_psnr_against_full_compute_of_the_same_captions(cell):
+    pipe = tiny_components(seed=0)
+    work = grid.Workload(pipe, SETTINGS)
+    with grid.shifted(pipe, 3.0):
+        full = work.generate(20, 2.5)
+        hyca.enable(pipe, profile="reuse", interval=4, warmup=SETTINGS.warmup, guard=False)
+        try:
+            fora = work.generate(20, 2.5)
+        finally:
+            hyca.disable(pipe)
+    rows = {r["method"]: r for r in cell["rows"]}
+    expected = [min(psnr(a, b), grid.PSNR_CAP) for a, b in zip(fora, full)]
+    assert rows[grid.SINGLE + "reuse"]["psnr_per_prompt"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_margins_and_report_follow_from_the_rows(cell, tmp_path):
+    rows = {r["method"]: r for r in cell["rows"]}
+    singles = [r["psnr"] for k, r in rows.items() if k.startswith((grid.SINGLE, grid.SINGLE_SHORT))]
+    margins = grid.margins(cell)
+    assert margins["single"] == pytest.approx(rows[grid.HYCA]["psnr"] - max(singles))
+    assert grid_report.split_half(cell) <= 1e-9  # a pick on other captions never beats the best on these
+    paths = grid_report.write([cell], tmp_path, "grid", "python -m hyca.bench --grid --quick --model tiny")
+    text = paths[0].read_text()
+    assert f"{margins['single']:+.2f}" in text and "Done-means checks" in text
+    assert paths[1].suffix == ".png" and paths[1].stat().st_size > 0
+
+
+def test_the_command_line_runs_and_resumes(tmp_path, capsys):
+    argv = ["--grid", "--quick", "--model", "tiny", "--prompts", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert main([*argv, "--resume"]) == 0  # the cell is there: nothing runs again
+    out = capsys.readouterr().out
+    assert out.count("cell steps=20") == 1 and (tmp_path / "grid-quick-tiny.md").is_file()
+    assert np.isfinite(grid.read(tmp_path / "grid-quick-tiny.jsonl")[0]["rows"][0]["psnr"])
+    torch.manual_seed(0)
