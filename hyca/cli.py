@@ -84,18 +84,31 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     # The reference pipeline works in pixel space and has no "latent" output (the probe's
     # default); its images are tiny, so asking for tensors costs nothing.
     extra = {"output_type": "pt"} if type(pipe).__name__ == "ReferencePipeline" else {}
+    if args.guidance_scale is not None:
+        from .adapters.diffusers.settings import guidance_argument
+
+        extra.update(guidance_argument(pipe, args.guidance_scale))
+    if args.shift is not None:
+        if getattr(pipe.scheduler.config, "shift", None) is None:
+            raise CLIError(f"{type(pipe.scheduler).__name__} has no shift setting")
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=args.shift)
     settings = {k: getattr(args, k) for k in ("prompt", "height", "width", "steps", "interval", "warmup", "clusters",
-                                              "seed", "positions") if getattr(args, k) is not None}
+                                              "seed", "positions", "selection") if getattr(args, k) is not None}
     profile = probe(pipe, shared=args.shared, progress=True, **settings, **extra)
+    # a folder (or the cache) gets the name lookup tries first for these settings
+    from .profiles.settings import RunSettings
+
+    chosen = RunSettings.of_profile(profile.metadata)
+    name = profile_filename(fp, chosen.interval, chosen)
     if args.output is None:
         from .profiles.sources import default_cache_dir
 
-        out = default_cache_dir() / profile_filename(fp)
+        out = default_cache_dir() / name
     elif Path(args.output).is_dir() or args.output.endswith(("/", "\\")):
-        out = Path(args.output) / profile_filename(fp)  # a folder: the name resolution looks for
+        out = Path(args.output) / name
     else:
         out = Path(args.output)
-    save_profile(profile, out, fp, interval=args.interval)
+    save_profile(profile, out, fp)
     print(f"saved profile to {out}")
     print(summary(load_profile(out), out))
     return 0
@@ -126,12 +139,23 @@ def summary(profile: Profile, path: str | Path | None = None) -> str:
         f"shape:     {profile.num_blocks} blocks x {profile.dim} dims, {profile.num_clusters} clusters per block"
         f"{' (one labelling shared by all blocks)' if shared else ''}",
         "solvers:   " + "\n           ".join(_solver_counts(profile)),
-        f"schedule:  chosen for interval N={meta.get('interval', '?')}, warm-up {meta.get('warmup', '?')}",
+        f"schedule:  chosen for interval N={meta.get('interval', '?')}, warm-up {meta.get('warmup', '?')}"
+        + (f", first computed step {meta['first_interval']} after warm-up" if meta.get("first_interval") else ""),
+        f"run:       chosen for {_chosen_for(meta)}",
         f"probe:     {', '.join(f'{k}={v}' for k, v in probe.items()) or 'not recorded'}",
         f"created:   {meta.get('created', '?')} by hyca {meta.get('hyca_version', '?')} "
         f"(format {meta.get('format_version', '?')}, solver pool {meta.get('pool_version', '?')})",
     ]
     return "\n".join(lines)
+
+
+def _chosen_for(meta: dict[str, Any]) -> str:
+    from .profiles.settings import RunSettings
+
+    try:
+        return RunSettings.of_profile(meta).describe()
+    except ValueError as err:
+        return f"unreadable ({err})"
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -192,12 +216,19 @@ def _add_probe(p: argparse.ArgumentParser) -> None:
     ]:
         p.add_argument(f"--{name}", type=kind, help=f"{what} (default: the probe's)")
     p.add_argument("--positions", choices=["step", "sigma"], help="axis the solvers extrapolate along")
+    p.add_argument("--guidance-scale", type=float,
+                   help="classifier-free guidance scale you sample with (true_cfg_scale for FLUX / Qwen-Image); "
+                        "with guidance both branches are recorded and the guided output is scored")
+    p.add_argument("--shift", type=float, help="scheduler shift you sample with (flow-matching schedulers)")
+    p.add_argument("--selection", choices=["closed-loop", "eq5"],
+                   help="closed-loop (default): validated on cached runs of the probe's prompt; eq5: the paper's "
+                        "open-loop choice alone")
     p.add_argument("--shared", action="store_true", help="one labelling for all blocks")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16 for diffusers models on a GPU, else float32)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("-o", "--output", help="profile file, or folder to write <Class>-<hash>.safetensors into "
-                   "(default: the local cache, where hyca finds it)")
+    p.add_argument("-o", "--output", help="profile file, or folder to write <Class>-<hash>-n<N>-<settings>.safetensors "
+                   "into (default: the local cache, where hyca finds it)")
 
 
 def _add_hub_auth(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from hyca.cli import main
 from hyca.math.solvers import pool_names
 from hyca.adapters.diffusers.fingerprint import fingerprint
 from hyca.profiles.fingerprint import describe
+from hyca.profiles.settings import RunSettings
 from hyca.profiles.io import load_profile, profile_filename, save_profile
 from hyca.profiles.profile import Profile
 
@@ -160,13 +161,17 @@ def test_probe_writes_a_profile_for_a_saved_reference_model(tmp_path, capsys):
     folder.mkdir()
     code = main(["probe", "--model", str(tmp_path / "ref"), "--prompt", "a red circle", "--height", "32",
                  "--width", "32", "--steps", "8", "--interval", "3", "--warmup", "2", "--clusters", "2",
-                 "-o", str(folder)])
+                 "--guidance-scale", "2.5", "--shift", "3", "-o", str(folder)])
     assert code == 0
     transformer = reference.load_pipeline(tmp_path / "ref").transformer
-    out = folder / profile_filename(fingerprint(transformer))  # a folder gets the name resolution looks for
+    run = RunSettings(steps=8, guidance_scale=2.5, shift=3.0, interval=3, warmup=2, compute_last=True,
+                      positions="step")
+    out = folder / profile_filename(fingerprint(transformer), 3, run)  # the name lookup tries first for these settings
     assert f"saved profile to {out}" in capsys.readouterr().out
     profile = load_profile(out, fingerprint(transformer))
     assert (profile.metadata["interval"], profile.metadata["warmup"]) == (3, 2)
+    assert RunSettings.of_profile(profile.metadata) == run
+    assert profile.metadata["selection"]["branches"] == ["cond", "uncond"]  # guided: both branches recorded
     assert profile.metadata["probe"]["prompt"] == "a red circle" and profile.num_clusters == 2
 
 
