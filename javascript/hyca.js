@@ -11,7 +11,8 @@
         profile: "Which profile forecasts each block dimension: automatic = shipped, cached or Hub profile, else probe this model on the first generation (computed in full) and cache the result. TaylorSeer / FORA = one method for every dimension.",
         cache_dtype: "Precision of the cached block outputs: model = as the model computes; bfloat16 / float16 halve the cache memory of a float32 model (forecasts are still summed in float32).",
         hub_repo: "Optional Hugging Face repo id (user/repo) to fetch a profile for this model from.",
-        guard: "Guard: every computed step checks what each solver would have forecast for it; a solver that did worse than a lower order (TaylorSeer-1, reuse) is demoted for the rest of the generation. No extra model call. Off = the paper's behaviour.",
+        speedup: "Target speed-up: HyCa picks N for each pass so that the blocks run this many times less often (with the warm-up as set); 0 = use N as set. The console says which N it picked.",
+        guard: "Guard: every computed step checks what each solver would have forecast for it; a solver that did worse than a lower order (TaylorSeer-1, reuse) at two such checks in a row is switched to it, and back when it wins again. No extra model call. Off = the paper's behaviour.",
     };
 
     function applyTitles() {

@@ -96,9 +96,11 @@ class HyCaScript(scripts.Script):
                                       elem_id=element_id(tab, "hub_repo"))
                 cache_dtype = gr.Dropdown(list(CACHE_DTYPES), value=defaults.cache_dtype, label="Cache precision",
                                           elem_id=element_id(tab, "cache_dtype"))
+                speedup = gr.Slider(0, 8, value=defaults.speedup, step=0.5,
+                                    label="Target speed-up (0 = use N as set)", elem_id=element_id(tab, "speedup"))
         components = dict(enabled=enabled, interval=interval, warmup=warmup, compute_last=compute_last,
                           hires=hires, profile=profile, hub_repo=hub_repo, lora_reuse=lora_reuse,
-                          cache_dtype=cache_dtype, guard=guard)
+                          cache_dtype=cache_dtype, guard=guard, speedup=speedup)
         # Named and callable targets (settings.PasteKey): "Send to txt2img/img2img" matches
         # fields by name, pasting an infotext calls them; both restore HyCa's settings.
         self.infotext_fields = [PasteField(components[name], key) for name, key in paste_keys()]

@@ -15,10 +15,10 @@ UNIFORM = "TaylorSeer (taylor-2)"
 
 
 def args(enabled=True, interval=3, warmup=2, compute_last=True, hires=True, profile=UNIFORM, hub_repo="", lora_reuse=True,
-         cache_dtype="model", guard=False):
+         cache_dtype="model", guard=False, speedup=0.0):
     """Script arguments; the guard is off by default here because the references these
     tests compare with are the paper's engine (the guard has tests of its own)."""
-    return [enabled, interval, warmup, compute_last, hires, profile, hub_repo, lora_reuse, cache_dtype, guard]
+    return [enabled, interval, warmup, compute_last, hires, profile, hub_repo, lora_reuse, cache_dtype, guard, speedup]
 
 
 class Frontend:

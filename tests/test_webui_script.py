@@ -54,13 +54,13 @@ def test_ui_components_in_argument_order_with_unique_ids(webui):
     ids = []
     for is_img2img in (False, True):
         script, components = build_ui(webui, is_img2img)
-        assert len(components) == len(webui.ARGUMENTS) == 10
+        assert len(components) == len(webui.ARGUMENTS) == 11
         assert isinstance(components[0], InputAccordion)  # the enable box is the accordion itself
         values = [c.value for c in components]
-        assert values == [False, 5, 3, True, True, "automatic", "", True, "model", True]
+        assert values == [False, 5, 3, True, True, "automatic", "", True, "model", True, 0.0]
         ids += [c.accordion.elem_id if isinstance(c, InputAccordion) else c.elem_id for c in components]
     assert all(i.startswith("hyca_") for i in ids)
-    assert len(set(ids)) == len(ids) == 20
+    assert len(set(ids)) == len(ids) == 22
 
 
 def test_api_arguments_follow_ui_order(webui):
@@ -91,7 +91,8 @@ def test_infotext_round_trip(webui):
     from modules.infotext_utils import paste_values, parse_generation_parameters
 
     script, components = build_ui(webui)
-    args = [True, 4, 2, False, False, "FORA (reuse)", "me/profiles", True, "bfloat16", False]
+    # target 2x over 6 steps with warm-up 2 picks N=4 (steps 0, 1, 5), the N set here
+    args = [True, 4, 2, False, False, "FORA (reuse)", "me/profiles", True, "bfloat16", False, 2.0]
     model = model_kinds()["forge_flux"].factory()
     with torch.no_grad():
         out = generate(Processing("forge_flux", model, steps=6), script, args)
@@ -149,7 +150,7 @@ def test_png_info_paste_and_api_infotext_restore_every_setting(webui):
     from modules import infotext_utils
 
     script, components = build_ui(webui)
-    args = [True, 7, 4, False, False, "FORA (reuse)", "me/profiles", False, "float16", False]
+    args = [True, 7, 4, False, False, "FORA (reuse)", "me/profiles", False, "float16", False, 2.5]
     settings = webui.Settings.from_args(args)
     line = infotext_utils.parameters_line({"Steps": 20, **settings.infotext()})
     pasted = infotext_utils.paste(f"a cat\n{line}", script.infotext_fields)
@@ -167,7 +168,8 @@ def test_an_older_infotext_pastes_the_settings_it_implies(webui):
 
     script, _ = build_ui(webui)
     old = "Steps: 20, HyCa N: 5, HyCa warm-up: 3, HyCa last step: on, HyCa hires: on, HyCa profile: automatic, HyCa LoRA reuse: on"
-    assert infotext_utils.paste(old, script.infotext_fields) == [True, 5, 3, True, True, "automatic", "", True, "model", False]
+    assert infotext_utils.paste(old, script.infotext_fields) == [True, 5, 3, True, True, "automatic", "", True, "model",
+                                                                 False, 0.0]
 
 
 def test_no_infotext_when_off_and_paste_leaves_controls(webui):
@@ -179,7 +181,7 @@ def test_no_infotext_when_off_and_paste_leaves_controls(webui):
         out = generate(Processing("forge_flux", model, steps=4), script, [False, 4, 2, True, True, "automatic", "", True])
     assert "HyCa" not in out.infotexts[0]
     pasted = paste_values(script.infotext_fields, parse_generation_parameters(out.infotexts[0]))
-    assert pasted == [False] + [None] * 9
+    assert pasted == [False] + [None] * 10
 
 
 def xyz_stand_in():
@@ -274,3 +276,22 @@ def test_a_broken_environment_hides_hyca_and_leaves_the_ui(monkeypatch, capsys):
 
         assert not any(script_callbacks.callback_map.values())
     assert "[HyCa] not loaded (ModuleNotFoundError" in capsys.readouterr().out
+
+
+def test_a_target_speedup_picks_n_from_the_passs_steps(webui, capsys):
+    """20 steps, warm-up 3, target 4x: N from the pass's own step count, independently
+    counted here from the schedule definition ({0 .. W-1} U {W-1 + kN} U {last})."""
+    script, _ = build_ui(webui)
+    model = model_kinds()["forge_flux"].factory()
+    with torch.no_grad():
+        out = generate(Processing("forge_flux", model, steps=20), script,
+                       [True, 5, 3, True, True, "FORA (reuse)", "", True, "model", False, 4.0])
+
+    def computed(n):
+        return sum(1 for k in range(20) if k < 3 or k == 19 or (k - 2) % n == 0)
+
+    n = min(n for n in range(1, 21) if 20 / computed(n) >= 4.0)
+    params = __import__("modules.infotext_utils", fromlist=["x"]).parse_generation_parameters(
+        "a cat\nNegative prompt: dog\n" + out.infotexts[0])
+    assert params["HyCa steps"] == f"{computed(n)} computed, {20 - computed(n)} forecast"
+    assert params["HyCa target speed-up"] == "4.0" and f"N={n}" in capsys.readouterr().out

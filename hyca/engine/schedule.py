@@ -75,3 +75,19 @@ class Schedule:
         """Fraction of transformer passes that run: the FLOPs ratio, up to the cheap
         embedding and output layers that run on every step."""
         return sum(self.plan(total_steps)) / total_steps
+
+
+def interval_for_speedup(steps: int, warmup: int, speedup: float, compute_last: bool = True) -> tuple[int, float]:
+    """The smallest interval whose schedule over ``steps`` computes few enough steps for
+    ``speedup`` times fewer block passes, and the speed-up it reaches; when no interval
+    reaches it, the one that comes closest. Raises ``ValueError`` for a speed-up below 1."""
+    if not speedup >= 1:
+        raise ValueError(f"speedup must be >= 1 (times fewer block passes), got {speedup!r}")
+    best = (1, 1.0)
+    for interval in range(1, steps + 1):
+        reached = 1 / Schedule(interval, warmup, compute_last).computed_fraction(steps)
+        if reached >= speedup:
+            return interval, reached
+        if reached > best[1]:
+            best = (interval, reached)
+    return best

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ...engine.cache import HybridCache, RunStats
-from ...engine.schedule import Schedule
+from ...engine.schedule import Schedule, interval_for_speedup
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
 from . import hooks, parallel
@@ -157,9 +157,11 @@ def enable(
     the calling pipeline's current scheduler is read, whichever pipeline shares the
     transformer and whatever scheduler it has now.
     ``guard``: every computed step checks what each solver group would have forecast for
-    it and demotes a group that did worse than a lower order (``taylor-1``, ``reuse``) for
-    the rest of the generation; no extra model call (:mod:`hyca.engine.guard`).
-    ``False`` is the paper's behaviour. Demotions show in :func:`stats`.
+    it; a group that forecast worse than a lower order (``taylor-1``, ``reuse``) at two
+    steady checks in a row is switched to it (and back when its own solver wins again),
+    and with two guidance branches their difference is checked too; no extra model call
+    (:mod:`hyca.engine.guard`). ``False`` is the paper's behaviour. Switches show in
+    :func:`stats` (``demotions``).
     ``num_inference_steps`` / ``guidance_scale``: the settings you will sample with (the
     classifier-free guidance scale: ``true_cfg_scale`` for FLUX and Qwen-Image, 1 for none).
     A profile is chosen for one setting; ``"auto"`` prefers one made for yours and, when
@@ -251,18 +253,6 @@ def _warmup_for(calls: int) -> int:
     return 1 if calls <= FEW_STEPS else 2 if calls <= 15 else 3
 
 
-def _interval_for_speedup(calls: int, warmup: int, speedup: float) -> tuple[int, float]:
-    """The smallest interval whose schedule reaches ``speedup`` (block FLOPs: calls over
-    computed calls), or the largest possible one and the speed-up it reaches."""
-    best = (1, 1.0)
-    for interval in range(1, calls + 1):
-        reached = calls / sum(Schedule(interval, warmup).plan(calls))
-        if reached >= speedup:
-            return interval, reached
-        best = max(best, (interval, reached), key=lambda pair: pair[1])
-    return best
-
-
 def recommended_settings(target: Any, num_inference_steps: int, speedup: float | None = None) -> dict[str, Any]:
     """Keyword arguments of :func:`enable` for a run of ``num_inference_steps``.
 
@@ -284,7 +274,7 @@ def recommended_settings(target: Any, num_inference_steps: int, speedup: float |
     calls = num_inference_steps // 2 if experts else num_inference_steps
     warmup = _warmup_for(calls)
     if speedup is not None:
-        interval, reached = _interval_for_speedup(calls, warmup, float(speedup))
+        interval, reached = interval_for_speedup(calls, warmup, float(speedup))
         if reached < speedup:
             logger.warning("HyCa: %g x is out of reach at %d steps with warm-up %d; interval=%d reaches %.2f x",
                            speedup, calls, warmup, interval, reached)

@@ -12,13 +12,14 @@ is removed when the generation ends.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import torch
 
 from ...engine.cache import HybridCache
-from ...engine.schedule import Schedule
+from ...engine.schedule import Schedule, interval_for_speedup
 from ...profiles.settings import RunSettings, differences
 from . import gates, kinds, probe
 from .adapter import Adapter
@@ -189,6 +190,8 @@ class Controller:
                                   lora_key, settings.lora_reuse)
         for note in chosen.notes:
             self.say_once(note)
+        if settings.speedup:
+            settings = self._interval_for_target(p, settings, hires)
         schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)
         label = "hires pass" if hires else "pass"
         if chosen.profile is None:
@@ -232,6 +235,17 @@ class Controller:
             guard = ("the guard (on) demotes any solver that forecasts worse than a lower order on this run"
                      if settings.guard else "the guard is off: turn it on to check every solver on this run")
             self.say_once(f"profile {chosen.source} was chosen for other settings ({'; '.join(differ)}); {guard}")
+
+    def _interval_for_target(self, p: Any, settings: Settings, hires: bool) -> Settings:
+        """The N that gives the pass ``settings.speedup`` times fewer block passes (with the
+        warm-up as set), from the pass's own step count; said once per distinct choice."""
+        sigmas = pass_sigmas(p, hires)
+        steps = len(sigmas) - 1 if sigmas else int(getattr(p, "hr_second_pass_steps", 0) or p.steps if hires else p.steps)
+        interval, reached = interval_for_speedup(steps, settings.warmup, settings.speedup, settings.compute_last)
+        reach = "" if reached >= settings.speedup else f" (the most this pass allows: {reached:.2f}x)"
+        self.say_once(f"target speed-up {settings.speedup:g}x over {steps} steps: N={interval}, "
+                      f"{reached:.2f}x fewer block passes{reach}")
+        return dataclasses.replace(settings, interval=interval)
 
     # --- hooking ----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ INFOTEXT_KEYS = {
     "lora_reuse": "HyCa LoRA reuse",
     "cache_dtype": "HyCa cache dtype",
     "guard": "HyCa guard",
+    "speedup": "HyCa target speed-up",
 }
 #: History precision choices; "model" keeps the dtype the blocks compute in.
 CACHE_DTYPES = ("model", "bfloat16", "float16", "float32")
@@ -26,7 +27,7 @@ RESULT_KEYS = ("HyCa steps", "HyCa saving", "HyCa LoRA ARI", "HyCa guard demotio
 ENABLED_KEY = "HyCa"
 #: What an infotext written with HyCa on but without a key meant: the key is left out at
 #: its default (hub repo, cache dtype), or predates the setting (the guard: off before it).
-IMPLIED = {"hub_repo": "", "cache_dtype": "model", "guard": False}
+IMPLIED = {"hub_repo": "", "cache_dtype": "model", "guard": False, "speedup": 0.0}
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class Settings:
     hub_repo: str = ""
     lora_reuse: bool = True
     cache_dtype: str = "model"  # appended: API callers' positional args keep their meaning
-    guard: bool = True  # appended last, for the same reason
+    guard: bool = True  # appended, for the same reason
+    speedup: float = 0.0  # appended last; > 0: N is picked per pass for this many times fewer block passes
 
     @classmethod
     def from_args(cls, args: Sequence[Any]) -> "Settings":
@@ -54,6 +56,8 @@ class Settings:
                 value = _as_bool(value)
             elif spec.type in ("int", int):
                 value = int(round(float(value)))
+            elif spec.type in ("float", float):
+                value = float(value)
             else:
                 value = str(value).strip()
             values[spec.name] = value
@@ -62,6 +66,8 @@ class Settings:
             raise ValueError(f"HyCa: cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {settings.cache_dtype!r}")
         if settings.interval < 1 or settings.warmup < 1:
             raise ValueError(f"HyCa: N and warm-up must be at least 1 (got N={settings.interval}, warm-up={settings.warmup})")
+        if settings.speedup != 0 and not settings.speedup >= 1:
+            raise ValueError(f"HyCa: a target speed-up must be 0 (off) or at least 1, got {settings.speedup}")
         return settings
 
     def args(self) -> list[Any]:
@@ -73,7 +79,8 @@ class Settings:
         out: dict[str, Any] = {}
         for name, key in INFOTEXT_KEYS.items():
             value = getattr(self, name)
-            if (name == "hub_repo" and not value) or (name == "cache_dtype" and value == "model"):
+            if (name == "hub_repo" and not value) or (name == "cache_dtype" and value == "model") or (
+                    name == "speedup" and not value):
                 continue
             out[key] = value if not isinstance(value, bool) else ("on" if value else "off")
         return out
@@ -99,6 +106,8 @@ def from_infotext(params: dict[str, Any], name: str) -> Any:
         return _as_bool(raw)
     if kind in ("int", int):
         return int(float(raw))
+    if kind in ("float", float):
+        return float(raw)
     return str(raw)
 
 
