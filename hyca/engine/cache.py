@@ -28,6 +28,10 @@ from .guard import SKETCH_ROWS, STRIKES, Check, Demotion, difference_verdicts, m
 from .schedule import Schedule
 
 POSITION_AXES = ("step", "sigma")
+#: What a profile forecasts: the blocks' summed residuals (the paper's feature caching), or
+#: the output head's input, the last hidden state after the final norm and modulation (a
+#: linear map away from the model output; its profile has one "block").
+TARGETS = ("residual", "output")
 
 logger = logging.getLogger("hyca")
 
@@ -116,6 +120,9 @@ class HybridCache:
         if positions not in POSITION_AXES:
             raise ValueError(f"positions must be one of {POSITION_AXES}, got {positions!r}")
         self.profile = profile
+        self.target = profile.metadata.get("target", "residual")
+        if self.target not in TARGETS:
+            raise ValueError(f"profile target must be one of {TARGETS}, got {self.target!r}")
         self.schedule = _with_profiles_start(schedule, profile)
         self.positions = positions
         self.cache_dtype = cache_dtype

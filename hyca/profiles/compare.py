@@ -20,6 +20,9 @@ from .io import ProfileError
 from .profile import Profile
 
 
+_TARGET_NAMES = {"residual": "blocks' residuals", "output": "output head's input"}
+
+
 @dataclass(frozen=True)
 class Comparison:
     ari_per_block: tuple[float, ...]
@@ -40,6 +43,12 @@ def compare_profiles(a: Profile, b: Profile) -> Comparison:
     """ARI per block and overall, and solver agreement, of two profiles of the same shape."""
     from sklearn.metrics import adjusted_rand_score  # imported here: scikit-learn is slow to import
 
+    targets = [p.metadata.get("target", "residual") for p in (a, b)]
+    if targets[0] != targets[1]:
+        raise ProfileError(
+            f"one profile forecasts the {_TARGET_NAMES[targets[0]]}, the other the {_TARGET_NAMES[targets[1]]}: "
+            "their clusterings are of different features and cannot be compared"
+        )
     if (a.num_blocks, a.dim) != (b.num_blocks, b.dim):
         raise ProfileError(
             f"profiles cover different shapes ({a.num_blocks} blocks x {a.dim} dims vs "

@@ -114,7 +114,7 @@ def build_header(profile: Profile, model: Any = None, *, interval: int | None = 
             "(hyca.adapters.diffusers.fingerprint.fingerprint(transformer)) or put 'fingerprint' in profile.metadata"
         )
     _check_fingerprint(fp)
-    _check_shapes(profile.labels.shape, profile.solvers.shape, fp)
+    _check_shapes(profile.labels.shape, profile.solvers.shape, fp, target=meta.get("target"))
     extra = {k: v for k, v in meta.items() if k not in STRUCTURED + DERIVED}
     from .. import __version__
 
@@ -279,8 +279,11 @@ def _check_fingerprint(fp: Any, where: str = "the fingerprint") -> None:
         raise ProfileError(f"{where} field 'hidden_size' must be positive, got {fp['hidden_size']}")
 
 
-def _check_shapes(labels_shape: Any, solvers_shape: Any, fp: Mapping[str, Any], where: str = "profile") -> None:
-    want = (fpmod.total_blocks(fp), int(fp["hidden_size"]))
+def _check_shapes(labels_shape: Any, solvers_shape: Any, fp: Mapping[str, Any], where: str = "profile",
+                  target: Any = None) -> None:
+    """A profile covers every block x hidden dim; one that forecasts the output head
+    (``target="output"``) covers that head's input, one "block" x hidden dim."""
+    want = (1 if target == "output" else fpmod.total_blocks(fp), int(fp["hidden_size"]))
     if len(labels_shape) != 2 or tuple(labels_shape) != want:
         raise ProfileError(
             f"{where}: labels have shape {tuple(labels_shape)}, but the model it names "
@@ -356,7 +359,8 @@ def read_profile(path: str | os.PathLike, expected: Any = None, *,
     for name, t in (("labels", labels), ("solvers", solvers)):
         if t.dtype not in _INT_DTYPES:
             raise ProfileError(f"{path}: corrupt profile: {name} has dtype {t.dtype}, expected an integer dtype")
-    _check_shapes(labels.shape, solvers.shape, fp, where=str(path))
+    extra_meta = header.get("metadata") if isinstance(header.get("metadata"), dict) else {}
+    _check_shapes(labels.shape, solvers.shape, fp, where=str(path), target=extra_meta.get("target"))
     labels, solvers = labels.to(torch.int64), solvers.to(torch.int64)
     if labels.min() < 0 or labels.max() >= solvers.shape[1]:
         raise ProfileError(

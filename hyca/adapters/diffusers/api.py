@@ -13,7 +13,7 @@ from ...engine.schedule import Schedule, interval_for_speedup
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
 from . import hooks, parallel
-from .families import blocks_of, family_of, hidden_size
+from .families import blocks_of, family_of, head_of, hidden_size
 from .fingerprint import fingerprint
 from .settings import schedule_shift
 
@@ -48,7 +48,14 @@ def _has_experts(target: Any) -> bool:
 
 def _profile_for(profile: Profile | str, transformer: torch.nn.Module, num_blocks: int, dim: int) -> Profile:
     if isinstance(profile, Profile):
-        profile.check_fits(num_blocks, dim, type(transformer).__name__)
+        if profile.metadata.get("target") == "output":  # one "block": the output head's input
+            head = head_of(transformer, family_of(transformer))
+            if head is None:
+                raise ValueError(f"this profile forecasts the output head, which {type(transformer).__name__} does "
+                                 "not offer to HyCa; use a residual profile (python -m hyca probe)")
+            profile.check_fits(1, head.in_features, type(transformer).__name__)
+        else:
+            profile.check_fits(num_blocks, dim, type(transformer).__name__)
         return profile
     if isinstance(profile, str):
         return Profile.uniform(profile, num_blocks, dim)

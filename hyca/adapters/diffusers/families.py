@@ -55,6 +55,11 @@ class Family:
     #: ("uncond-first": ``torch.cat([negative, positive])``), so the probe can score the
     #: guided output. None: branches are separate calls (or there is no guidance).
     batched_guidance: str | None = None
+    #: The output head: the module whose input is the last hidden state of the stream that
+    #: reaches the output, after the final norm and modulation (a linear map away from the
+    #: model output). Profiles with ``target="output"`` forecast that input instead of the
+    #: blocks' residuals (:mod:`hyca.engine.cache`). None: not offered for this family.
+    head: str | None = "proj_out"
     notes: str = ""
 
 
@@ -134,6 +139,7 @@ FAMILIES: dict[str, Family] = {
         name="Lumina2",
         block_lists=(BlockList("layers", IMAGE),),
         timestep_direction="up",
+        head='norm_out.linear_2',
         notes=(
             "context_refiner and noise_refiner run every step (each on its own stream); the "
             "main layers see one joint [text, image] sequence, cached whole (text and padding "
@@ -148,6 +154,7 @@ FAMILIES: dict[str, Family] = {
         input_arg="x",
         timestep_direction="up",
         batched_guidance="cond-first",
+        head=None,
         notes=(
             "Lumina2's design with other names: the input is a list of latents, refiners run "
             "every step, the main layers see one padded [image, text] sequence, cached whole. "
@@ -163,6 +170,7 @@ FAMILIES: dict[str, Family] = {
         ),
         timestep_arg="timesteps",
         batched_guidance="uncond-first",
+        head='final_layer.linear',
         notes=(
             "double blocks (MoE feed-forward) return (image, text) and get a fresh Llama layer "
             "appended to the text each block; the forward concatenates [image, text] for the "
@@ -194,6 +202,16 @@ def family_of(transformer: torch.nn.Module) -> Family:
 def blocks_of(transformer: torch.nn.Module, family: Family) -> list[tuple[BlockList, torch.nn.Module]]:
     """Every block in execution order, with the description of its list."""
     return [(spec, block) for spec in family.block_lists for block in getattr(transformer, spec.attribute)]
+
+
+def head_of(transformer: torch.nn.Module, family: Family) -> torch.nn.Linear | None:
+    """The family's output head on this transformer (see :attr:`Family.head`), or None."""
+    if family.head is None:
+        return None
+    module = transformer
+    for part in family.head.split("."):
+        module = getattr(module, part, None)
+    return module if isinstance(module, torch.nn.Linear) else None
 
 
 def hidden_size(transformer: torch.nn.Module) -> int:

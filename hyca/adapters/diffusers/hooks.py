@@ -49,7 +49,7 @@ from diffusers.hooks.hooks import HookFunctionReference, HookRegistry, ModelHook
 from ...engine.cache import BranchState, HybridCache
 from ...engine.residual import ResidualMeter
 from . import parallel
-from .families import BlockList, Family
+from .families import BlockList, Family, head_of
 
 logger = logging.getLogger("hyca")
 
@@ -87,6 +87,7 @@ class BranchStates(StateManager):
         self.stream_tokens: int | None = None
         self.current: BranchState | None = None
         self.reports = 0
+        self.head_forecast: torch.Tensor | None = None  # output target: made at the first block, used at the head
         self._forget_unnamed()
 
     def _forget_unnamed(self) -> None:
@@ -389,7 +390,10 @@ class HyCaBlockHook(ModelHook):
             why = None
             try:
                 predicted = self.engine.predicted_residual(state)
-                stream = stream + predicted.to(device=stream.device, dtype=stream.dtype)
+                if self.root.output_target:  # the head takes it; the blocks only pass their inputs on
+                    states.head_forecast = predicted
+                else:
+                    stream = stream + predicted.to(device=stream.device, dtype=stream.dtype)
             except Exception as error:  # compute this step and the rest of this generation instead
                 why = f"forecast failed ({error})"
             why = self.root.agreed(why, "the forecast failed on another context-parallel rank")
@@ -397,6 +401,8 @@ class HyCaBlockHook(ModelHook):
                 self.root.fall_back(state, why)
                 state.computing = True
         if state.computing:
+            if self.root.output_target:  # the head's input is recorded, not the blocks' residuals
+                return _PLAIN, None
             self._snapshot = None if state.failed else self.root.meter.before(self.index, stream)
             return _COMPUTE, None
         return _PASS, stream
@@ -453,6 +459,12 @@ class HyCaRoot:
         self._open: BranchState | None = None  # the state of a call that began and has not ended
         self.lost: str | None = None  # why HyCa cannot run, once that is known
         self.parallel: parallel.RankGroup | None = None  # the context-parallel group of the call in progress
+        # target "output": the engine forecasts the head's input (the final hidden state), not the residuals
+        self.output_target = getattr(engine, "target", "residual") == "output"
+        self.head = head_of(transformer, family)
+        if self.output_target and self.head is None:
+            raise ValueError(f"{type(transformer).__name__}: a profile that forecasts the output head needs a head "
+                             "(the family table has none for this model); use a residual profile")
 
     # --- installation ---------------------------------------------------------------------
 
@@ -470,6 +482,8 @@ class HyCaRoot:
     def _install_root(self, transformer: torch.nn.Module) -> None:
         self._handles = [transformer.register_forward_pre_hook(self._pre, with_kwargs=True),
                          transformer.register_forward_hook(self._post)]
+        if self.output_target:
+            self._handles.append(self.head.register_forward_pre_hook(self._head_pre, with_kwargs=True))
 
     def _register_block(self, hook: HyCaBlockHook, block: torch.nn.Module) -> None:
         registry = HookRegistry.check_if_exists_or_initialize(block)
@@ -610,6 +624,28 @@ class HyCaRoot:
         states.current = state
         self._open = state
         return None
+
+    @torch.compiler.disable
+    def _head_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Output target: record the head's input on a computed step; replace it with the
+        forecast made at the first block on a skipped one."""
+        states = self.states
+        state = states.current
+        if state is None or states.bypass:
+            return None
+        x = args[0] if args else kwargs["input"]
+        if state.computing:
+            if not state.failed:
+                try:
+                    self.engine.record(state, 0, x)
+                except Exception as error:
+                    self.fall_back(state, f"caching failed ({error})")
+            return None
+        forecast, states.head_forecast = states.head_forecast, None
+        if forecast is None:
+            raise RuntimeError("HyCa: a forecast step reached the output head without a forecast")
+        forecast = forecast.to(device=x.device, dtype=x.dtype)
+        return ((forecast, *args[1:]), kwargs) if args else (args, {**kwargs, "input": forecast})
 
     @torch.compiler.disable
     def _post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
