@@ -148,8 +148,9 @@ def _probe_size(model: LoadedModel) -> tuple[int, int]:
 
 
 def probe_locked(model: LoadedModel, prompt: str, steps: int, interval: int, warmup: int, clusters: int,
-                 lora: str, progress: Progress | None) -> Profile:
-    """Run the probe (caller holds the lock) with ``lora`` active; progress per transformer call."""
+                 lora: str, progress: Progress | None, target: str | None = None) -> Profile:
+    """Run the probe (caller holds the lock) with ``lora`` active; progress per transformer call.
+    ``target``: as the probe's (a LoRA's profile keeps its base profile's, so their clusterings compare)."""
     from ..adapters.diffusers.probe import probe
 
     compare.apply_lora(model, lora)
@@ -160,7 +161,7 @@ def probe_locked(model: LoadedModel, prompt: str, steps: int, interval: int, war
     if model.choice.guidance is not None:
         options["guidance_scale"] = model.choice.guidance
     profile = probe(model.pipe, prompt=prompt, height=height, width=width, steps=steps, interval=interval,
-                    warmup=warmup, clusters=clusters, progress=False, on_progress=progress, **options)
+                    warmup=warmup, clusters=clusters, progress=False, on_progress=progress, target=target, **options)
     profile.metadata.setdefault("probe", {})["lora"] = lora
     return profile
 
@@ -193,9 +194,12 @@ def _profile_for_run(state: dict[str, Any], model: LoadedModel, s: compare.Setti
     lora_profile = slot["lora"].get(s.lora)
     if not (_fits(lora_profile, model) and lora_profile.metadata.get("interval") == s.interval):
         lora_profile = probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, base.num_clusters, s.lora,
-                                    progress)
+                                    progress, target=base.metadata.get("target", "residual"))
         slot["lora"][s.lora] = lora_profile
-    ari = compare_profiles(base, lora_profile).ari_overall
+    try:
+        ari = compare_profiles(base, lora_profile).ari_overall
+    except ProfileError as err:  # e.g. one forecasts the blocks' residuals, the other the output head's input
+        return lora_profile, f"probed again with LoRA '{s.lora}' (no ARI: {err})", None
     return lora_profile, f"probed again with LoRA '{s.lora}'", ari
 
 

@@ -77,10 +77,18 @@ def summary(profile: Profile) -> str:
     """One paragraph: shape, solvers in use, the schedule it was chosen for, replay errors."""
     meta = profile.metadata
     used = ", ".join(profile.solver_names())
-    lines = [f"**{profile.num_blocks} blocks × {profile.dim} dims, {profile.num_clusters} clusters per block**; "
-             f"solvers in use: {used}."]
+    if meta.get("target") == "output":
+        lines = [f"**Forecasts the output head's input: {profile.dim} dims, {profile.num_clusters} clusters**; "
+                 f"solvers in use: {used}."]
+    else:
+        lines = [f"**{profile.num_blocks} blocks × {profile.dim} dims, {profile.num_clusters} clusters per block**; "
+                 f"solvers in use: {used}."]
     if meta.get("interval") is not None:
-        lines.append(f"Chosen for N={meta['interval']}, warm-up {meta.get('warmup')}.")
+        start = f", first computed step {meta['first_interval']} after warm-up" if meta.get("first_interval") else ""
+        lines.append(f"Chosen for N={meta['interval']}, warm-up {meta.get('warmup')}{start}.")
+    closed = (meta.get("selection") or {}).get("closed_loop") or {}
+    if closed.get("chosen"):
+        lines.append(f"Closed-loop choice: {closed['chosen']} (of {len(closed.get('trials', []))} cached runs).")
     replay = (meta.get("selection") or {}).get("replay_error")
     if replay and replay.get("profile") is not None:
         uniform = ", ".join(f"{k} {v:.3g}" for k, v in replay.get("uniform", {}).items() if v is not None)

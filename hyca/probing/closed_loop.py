@@ -14,9 +14,11 @@ recorded, and keeps the best:
   worse, on the probe's own run, than the best single solver;
 * refinements of the mixed assignment: each solver group in turn (largest first) handed
   to the best single solver, kept when the run gets closer (:func:`handed_over`);
-* the same on the schedule with a short first interval after warm-up (eq. 5 replayed on
-  it, and the best single solvers of the first round), when the adapter offers one: which
-  start is better depends on the sigma schedule (:class:`~hyca.engine.schedule.Schedule`).
+* the same on other *tracks* the adapter offers (:class:`Track`): the schedule with a
+  short first interval after warm-up (eq. 5 replayed on it; which start is better depends
+  on the sigma schedule, :class:`~hyca.engine.schedule.Schedule`), and the output head's
+  input as the forecast target instead of the blocks' residuals (eq. 5 on a recording of
+  it), each with the best single solvers of the first round.
 
 Each trial is one cached generation at probe resolution, about ``1/N`` of a full one.
 This module only decides; the adapter that can run the pipeline supplies ``generate``.
@@ -107,10 +109,27 @@ def _is_uniform(profile: Profile) -> bool:
     return len(torch.unique(profile.solvers)) == 1
 
 
-def _track(eq5: Profile, singles: Sequence[Solver] | None, prefix: str, run: Callable[[Candidate], float],
-           refine: bool) -> list[tuple[float, Candidate]]:
+@dataclass(frozen=True)
+class Track:
+    """One family of candidates: eq. 5's assignment for one schedule start or forecast
+    target (``eq5`` carries them in its metadata: ``first_interval``, ``target``), the
+    single solvers on the same, and refinements. ``singles``: None for every solver of the
+    pool, ``k`` for the ``k`` best single solvers of the first track."""
+
+    prefix: str
+    eq5: Profile
+    singles: int | None = None
+
+
+#: Single solvers tried on the tracks after the first: the best few of the first.
+OTHER_TRACK_SINGLES = 3
+
+
+def _run_track(track: Track, singles: Sequence[Solver], run: Callable[[Candidate], float],
+               refine: bool) -> list[tuple[float, Candidate]]:
     """eq. 5, each single solver, then greedy refinements of the mixed assignment, all run;
     returns ``(fidelity, candidate)`` of every candidate tried."""
+    eq5, prefix = track.eq5, track.prefix
     scored = [(run(c), c) for c in [Candidate(f"{prefix}eq5", eq5),
                                     *(Candidate(prefix + c.name, c.profile) for c in uniform_candidates(eq5, singles))]]
     if refine and not _is_uniform(eq5) and len(scored) > 1:
@@ -129,26 +148,21 @@ def _track(eq5: Profile, singles: Sequence[Solver] | None, prefix: str, run: Cal
     return scored
 
 
-#: Single solvers tried again on the other schedule start: the best few of the first.
-OTHER_START_SINGLES = 3
-
-
-def choose(eq5: Profile, generate: Callable[[Profile], torch.Tensor], reference: torch.Tensor,
+def choose(tracks: Profile | Sequence[Track], generate: Callable[[Profile], torch.Tensor], reference: torch.Tensor,
            solvers: Sequence[Solver] | None = None, refine: bool = True,
-           on_trial: Callable[[Trial], None] | None = None,
-           other_start: tuple[Profile, int] | None = None) -> tuple[Profile, list[Trial], str]:
+           on_trial: Callable[[Trial], None] | None = None) -> tuple[Profile, list[Trial], str]:
     """Run every candidate through ``generate(profile) -> final output`` and keep the one
     nearest ``reference`` (the fully computed run's output, same prompt and seed).
 
-    Order of trials: eq. 5, each single solver of ``solvers`` (default: the pool), then,
-    with ``refine``, greedy refinements of the mixed assignment (each kept only when it
-    improves the run). With ``other_start`` = ``(eq5 profile for it, first_interval)``: the
-    same on the schedule with that first interval (:class:`~hyca.engine.schedule.Schedule`),
-    with the ``OTHER_START_SINGLES`` best single solvers of the first round; its candidates'
-    metadata carry ``first_interval``, which ``generate`` must apply. Ties keep the earlier
-    candidate. Returns the chosen profile (``eq5``'s clustering, the winning per-cluster
-    solvers and schedule start), every trial, and the winner's name.
+    ``tracks``: eq. 5's profile (one track), or :class:`Track` s: the first tries every
+    single solver of ``solvers`` (default: the pool), the others the best few of those.
+    Per track, in order: eq. 5, the single solvers, then, with ``refine``, greedy
+    refinements of the mixed assignment (each kept only when it improves the run).
+    ``generate`` must apply what a candidate's metadata says (``first_interval``,
+    ``target``). Ties keep the earlier candidate. Returns the chosen profile, every trial,
+    and the winner's name.
     """
+    tracks = [Track("", tracks)] if isinstance(tracks, Profile) else list(tracks)
     trials: list[Trial] = []
 
     def run(candidate: Candidate) -> float:
@@ -159,13 +173,19 @@ def choose(eq5: Profile, generate: Callable[[Profile], torch.Tensor], reference:
             on_trial(trial)
         return db
 
-    scored = _track(eq5, solvers, "", run, refine)
-    if other_start is not None:
-        profile, first = other_start
-        profile = with_solvers(profile, profile.solvers)
-        profile.metadata["first_interval"] = first
-        singles = sorted((pair for pair in scored if pair[1].name.startswith("uniform:")), key=lambda p: -p[0])
-        best_singles = [pool()[int(c.profile.solvers.flatten()[0])] for _, c in singles[:OTHER_START_SINGLES]]
-        scored += _track(profile, best_singles, f"start{first}:", run, refine)
+    everything = list(solvers) if solvers is not None else list(pool())
+    scored = _run_track(tracks[0], everything, run, refine)
+    ranked = sorted((pair for pair in scored if "uniform:" in pair[1].name), key=lambda pair: -pair[0])
+    best_singles = [pool()[int(c.profile.solvers.flatten()[0])] for _, c in ranked]
+    for track in tracks[1:]:
+        singles = everything if track.singles is None else best_singles[:track.singles]
+        scored += _run_track(track, singles, run, refine)
     best_db, best = max(scored, key=lambda pair: pair[0])  # max keeps the first of equals
     return best.profile, trials, best.name
+
+
+def with_metadata(profile: Profile, **updates: Any) -> Profile:
+    """A copy of ``profile`` whose metadata also holds ``updates`` (a track's start or target)."""
+    copy = with_solvers(profile, profile.solvers)
+    copy.metadata.update(updates)
+    return copy

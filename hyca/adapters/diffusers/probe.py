@@ -28,7 +28,7 @@ from ...probing.recorder import SketchRecorder
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
 from . import hooks
-from .families import blocks_of, family_of
+from .families import blocks_of, family_of, head_of
 from .fingerprint import fingerprint
 from .settings import guidance_of, schedule_shift
 
@@ -118,6 +118,7 @@ def probe_transformer(
     guard: bool = True,
     chosen_for: RunSettings | None = None,
     on_progress: Callable[[float, str], None] | None = None,
+    target: str | None = None,
 ) -> Profile:
     """Probe ``transformer`` while ``run()`` makes one fully computed generation of
     ``steps`` transformer calls per branch (a hand-written sampling loop, a frontend's
@@ -139,9 +140,18 @@ def probe_transformer(
     paper's open-loop choice alone. ``chosen_for``: the run settings the profile is for
     (stored as its ``chosen_for``; N, warm-up, last step, axis, steps and guidance are
     filled in from the arguments). ``on_progress(fraction, description)``: called after each
-    recorded step and each closed-loop run (an app's progress bar)."""
+    recorded step and each closed-loop run (an app's progress bar). ``target``: what the
+    profile may forecast: None (the closed loop chooses), ``"residual"`` (the blocks'
+    residuals, the paper's), or ``"output"`` (the output head's input; closed loop only).
+    Profiles to be compared by their clustering (a LoRA's against its base model's) must
+    share a target."""
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if target not in (None, "residual", "output"):
+        raise ValueError(f"target must be None, 'residual' or 'output', got {target!r}")
+    if target == "output" and (selection != CLOSED_LOOP or head_of(transformer, family_of(transformer)) is None):
+        raise ValueError("target='output' needs selection='closed-loop' and a model whose family offers an output "
+                         "head (hyca.adapters.diffusers.families)")
     schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
     family = family_of(transformer)
     blocks = blocks_of(transformer, family)
@@ -167,14 +177,36 @@ def probe_transformer(
                        "(open loop); return the final latent from run() for a closed-loop choice")
         report["closed_loop"] = {"skipped": "the run returned no output"}
     elif selection == CLOSED_LOOP:
-        other = None
+        tracks = [closed_loop.Track("", profile)]
         if short is not None:
-            other = (assign(profile.labels, recorder.other_replays()[0], clusters, shared), short.first_interval)
+            tracks.append(_start_track(profile.labels, recorder, short, clusters, shared, {}))
+        if target != "residual" and head_of(transformer, family) is not None:  # its own recording
+            started = time.perf_counter()
+            head = SketchRecorder(1, steps, schedule, positions, rows, spectral_rows, seed, branch,
+                                  candidate_solvers(candidates), None, accumulate_on, guidance_scale=guidance_scale,
+                                  batched_guidance=family.batched_guidance,
+                                  other_schedules=(short,) if short is not None else ())
+            head.target = "output"
+            with recording(transformer, head):
+                run()
+            head_values, head_replay = head.finish()
+            head_profile, head_report = analyse(head_values, head_replay, clusters, shared, seed, n_init)
+            tracks.append(closed_loop.Track("output:", closed_loop.with_metadata(head_profile, target="output"),
+                                            closed_loop.OTHER_TRACK_SINGLES))
+            if short is not None:
+                tracks.append(_start_track(head_profile.labels, head, short, clusters, shared, {"target": "output"}))
+            if target == "output":  # the residual tracks are left out; the first track tries every single solver
+                tracks = [closed_loop.Track(t.prefix, t.eq5, None if i == 0 else t.singles)
+                          for i, t in enumerate(t for t in tracks if t.eq5.metadata.get("target") == "output")]
+            timing["record_output_s"] = round(time.perf_counter() - started, 3)
         profile, report["closed_loop"], seconds = _closed_loop(transformer, run, steps, schedule, positions, guard,
-                                                                profile, reference, progress,
-                                                                candidate_solvers(candidates), on_progress, other)
+                                                                tracks, reference, progress,
+                                                                candidate_solvers(candidates), on_progress)
         timing["closed_loop_s"] = round(seconds, 3)
-    first_interval = profile.metadata.get("first_interval")
+        if profile.metadata.get("target") == "output":  # the eq. 5 report that describes the chosen profile
+            report = {**report, **{k: v for k, v in head_report.items() if k != "branches"},
+                      "residual_eq5": {k: report[k] for k in ("blocks", "replay_error")}}
+    first_interval, target = profile.metadata.get("first_interval"), profile.metadata.get("target")
     settings_for = (chosen_for or RunSettings()).merged(RunSettings(
         steps=steps, guidance_scale=guidance_scale if guidance_scale is not None else None, interval=interval,
         warmup=warmup, compute_last=compute_last, positions=positions))
@@ -186,6 +218,7 @@ def probe_transformer(
         "compute_last": compute_last,
         "positions": positions,
         **({"first_interval": first_interval} if first_interval is not None else {}),
+        **({"target": target} if target is not None else {}),
         "chosen_for": settings_for.to_json(),
         "probe": {**(settings or {}), "steps": steps, "clusters": clusters, "shared": shared, "seed": seed,
                   "rows": rows, "spectral_rows": spectral_rows, "n_init": n_init, "branch": branch,
@@ -215,10 +248,19 @@ class _Progress:
             self.on_progress(self.share * self.done / self.steps, f"probe: step {self.done}/{self.steps}")
 
 
+def _start_track(labels: torch.Tensor, recorder: SketchRecorder, short: Schedule, clusters: int, shared: bool,
+                 metadata: dict[str, Any]) -> "closed_loop.Track":
+    """Eq. 5 replayed on the short-start schedule, for the clustering ``labels``."""
+    profile = assign(labels, recorder.other_replays()[0], clusters, shared)
+    prefix = ("output," if metadata.get("target") == "output" else "") + f"start{short.first_interval}:"
+    return closed_loop.Track(prefix, closed_loop.with_metadata(profile, first_interval=short.first_interval, **metadata),
+                             closed_loop.OTHER_TRACK_SINGLES)
+
+
 def _closed_loop(transformer: torch.nn.Module, run: Callable[[], Any], steps: int, schedule: Schedule,
-                 positions: str, guard: bool, eq5: Profile, reference: torch.Tensor, progress: bool,
-                 solvers: Sequence[Solver], on_progress: Callable[[float, str], None] | None = None,
-                 other_start: tuple[Profile, int] | None = None) -> tuple[Profile, dict[str, Any], float]:
+                 positions: str, guard: bool, tracks: list["closed_loop.Track"], reference: torch.Tensor,
+                 progress: bool, solvers: Sequence[Solver], on_progress: Callable[[float, str], None] | None = None,
+                 ) -> tuple[Profile, dict[str, Any], float]:
     """:func:`hyca.probing.closed_loop.choose` with cached runs of ``run`` on ``transformer``."""
 
     def generate(candidate: Profile) -> torch.Tensor:
@@ -228,9 +270,9 @@ def _closed_loop(transformer: torch.nn.Module, run: Callable[[], Any], steps: in
             return output_tensor(run())
 
     started = time.perf_counter()
-    expected = 1 + len(solvers) + len(torch.unique(eq5.solvers))  # eq. 5, single solvers, refinements at most
-    if other_start is not None:
-        expected += 1 + closed_loop.OTHER_START_SINGLES + len(torch.unique(other_start[0].solvers))
+    # per track: eq. 5, its single solvers, refinements at most (one per solver group)
+    expected = sum(1 + (len(solvers) if t.singles is None else t.singles) + len(torch.unique(t.eq5.solvers))
+                   for t in tracks)
     with tqdm(desc="HyCa probe: closed-loop runs", unit="run", disable=not progress) as bar:
         def tick(_: Any) -> None:
             bar.update(1)
@@ -239,8 +281,7 @@ def _closed_loop(transformer: torch.nn.Module, run: Callable[[], Any], steps: in
                 on_progress(_Progress.SHARE + (1 - _Progress.SHARE) * done / expected,
                             f"probe: closed-loop run {bar.n} (of at most {expected})")
 
-        chosen, trials, winner = closed_loop.choose(eq5, generate, reference, solvers, on_trial=tick,
-                                                    other_start=other_start)
+        chosen, trials, winner = closed_loop.choose(tracks, generate, reference, solvers, on_trial=tick)
     seconds = time.perf_counter() - started
     logger.info("HyCa probe: closed loop chose %s (%s) after %d cached runs in %.1f s", winner,
                 ", ".join(f"{t.name} {t.fidelity_db:.1f} dB" for t in trials), len(trials), seconds)
@@ -301,7 +342,7 @@ def probe(
     ``guidance_scale``, or ``prompt_embeds`` instead of a prompt).
     """
     probe_keys = ("compute_last", "rows", "spectral_rows", "n_init", "candidates", "branch", "accumulate_on",
-                  "selection", "guard", "on_progress")
+                  "selection", "guard", "on_progress", "target")
     probe_options = {k: options.pop(k) for k in probe_keys if k in options}
     call = {"output_type": "latent", **options}
     if "prompt_embeds" not in call:
