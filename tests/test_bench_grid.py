@@ -36,6 +36,7 @@ def test_every_method_runs_in_the_cell(cell):
     assert {grid.SINGLE + n for n in pool_names()} <= names
     short = Schedule(4, SETTINGS.warmup).short_start(20)
     assert ({grid.SINGLE_SHORT + n for n in pool_names()} <= names) == (short is not None)
+    assert {grid.SINGLE_OUTPUT + n for n in pool_names()} <= names  # the FLUX-layout model has an output head
     assert cell["info"]["closed_loop_choice"] and cell["info"]["closed_loop_trials"]
 
 
@@ -66,7 +67,7 @@ def test_a_row_is_psnr_against_full_compute_of_the_same_captions(cell):
 
 def test_margins_and_report_follow_from_the_rows(cell, tmp_path):
     rows = {r["method"]: r for r in cell["rows"]}
-    singles = [r["psnr"] for k, r in rows.items() if k.startswith((grid.SINGLE, grid.SINGLE_SHORT))]
+    singles = [r["psnr"] for k, r in rows.items() if k.startswith(grid.SINGLES)]
     margins = grid.margins(cell)
     assert margins["single"] == pytest.approx(rows[grid.HYCA]["psnr"] - max(singles))
     assert grid_report.split_half(cell) <= 1e-9  # a pick on other captions never beats the best on these

@@ -12,8 +12,9 @@ interval N (warm-up fixed). In each cell, on held-out captions of the reference 
 * **HyCa (shipped profile)**: the profile shipped for N (chosen at 50 steps, no guidance,
   shift 1), with and without the guard: what a run at other settings gets without a probe;
 * **single: <solver>**: every solver of the pool for every dimension, guard off (FORA is
-  ``reuse``, TaylorSeer ``taylor-k``), on the paper's schedule and on the one with the
-  short first interval after warm-up that HyCa's probe may choose;
+  ``reuse``, TaylorSeer ``taylor-k``), on the paper's schedule, on the one with the short
+  first interval after warm-up, and forecasting the output head's input: every choice
+  HyCa's probe has, made with one solver;
 * **peers**: diffusers' TaylorSeer (lite and full mode, orders 1 and 2, same interval and
   warm-up), diffusers' MagCache (calibrated on the calibration captions, its threshold
   searched to HyCa's FLOPs), and fewer steps at HyCa's computed-step count.
@@ -56,6 +57,8 @@ SHIPPED = "HyCa (shipped profile, guard)"
 SHIPPED_NO_GUARD = "HyCa (shipped profile, no guard)"
 SINGLE = "single: "
 SINGLE_SHORT = "single, short start: "
+SINGLE_OUTPUT = "single, output head: "
+SINGLES = (SINGLE, SINGLE_SHORT, SINGLE_OUTPUT)
 TS_LITE = "diffusers TaylorSeer lite"
 TS_FULL = "diffusers TaylorSeer full"
 MAGCACHE = "diffusers MagCache"
@@ -199,12 +202,18 @@ def _solver_shares(profile: Any) -> dict[str, float]:
     return {pool_names()[int(i)]: round(int(c) / profile.dim_solvers().numel(), 3) for i, c in zip(ids, counts)}
 
 
-def single_methods(interval: int, warmup: int, steps: int, blocks: int, dim: int) -> list[Method]:
-    """Every solver of the pool alone, guard off: on the paper's schedule, and on the one
-    with the short first interval HyCa's probe may choose (:meth:`Schedule.short_start`)."""
+def single_methods(interval: int, warmup: int, steps: int, blocks: int, dim: int, head: int | None) -> list[Method]:
+    """Every solver of the pool alone, guard off: on the paper's schedule, on the one with
+    the short first interval HyCa's probe may choose (:meth:`Schedule.short_start`), and
+    forecasting the output head's input (``head``: its width; None: no head)."""
     from ..profiles.profile import Profile
 
     methods = [engine(SINGLE + name, name, interval, warmup, False) for name in pool_names()]
+    if head is not None:
+        for name in pool_names():
+            profile = Profile.uniform(name, 1, head)
+            profile.metadata["target"] = "output"
+            methods.append(engine(SINGLE_OUTPUT + name, profile, interval, warmup, False))
     short = Schedule(interval, warmup).short_start(steps)
     if short is not None:
         for name in pool_names():
@@ -250,11 +259,12 @@ def run_cell(work: Workload, cell: tuple, settings: GridSettings) -> dict:
         full_flops = TransformerFlops()
         full = work.generate(steps, guidance, count=full_flops)
         methods, info = hyca_methods(work, cell, settings)
-        from ..adapters.diffusers.families import blocks_of, family_of, hidden_size
+        from ..adapters.diffusers.families import blocks_of, family_of, head_of, hidden_size
 
         transformer = work.pipe.transformer
+        head = head_of(transformer, family_of(transformer))
         methods += single_methods(interval, settings.warmup, steps, len(blocks_of(transformer, family_of(transformer))),
-                                  hidden_size(transformer))
+                                  hidden_size(transformer), None if head is None else head.in_features)
         methods += [taylorseer(interval, settings.warmup, order, lite) for lite in (True, False) for order in (1, 2)]
         computed = sum(Schedule(interval, settings.warmup).plan(steps))
         methods.append(Method(STEPS, steps=computed, info={"steps": computed}))
@@ -338,12 +348,13 @@ def margins(result: dict) -> dict[str, Any]:
     least as fast (FLOPs speed-up within 5% of HyCa's or more), with their names."""
     rows = {r["method"]: r for r in result["rows"]}
     hy = rows[HYCA]
-    singles = {k: r for k, r in rows.items() if k.startswith((SINGLE, SINGLE_SHORT))}
+    singles = {k: r for k, r in rows.items() if k.startswith(SINGLES)}
     best_single = max(singles, key=lambda k: singles[k]["psnr"])
     fast = {k: rows[k] for k in PEERS if k in rows and rows[k]["flops_speedup"] >= 0.95 * hy["flops_speedup"]}
     best_peer = max(fast, key=lambda k: fast[k]["psnr"]) if fast else None
     return {"single": hy["psnr"] - singles[best_single]["psnr"],
-            "best_single": best_single.replace(SINGLE_SHORT, "short: ").replace(SINGLE, ""),
+            "best_single": best_single.replace(SINGLE_SHORT, "short: ").replace(SINGLE_OUTPUT, "output: ")
+            .replace(SINGLE, ""),
             "peer": hy["psnr"] - fast[best_peer]["psnr"] if best_peer else None, "best_peer": best_peer}
 
 
