@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
+import hyca
 from hyca.app import handlers as h
 from hyca.app.compare import METHODS
 from hyca.app.models import (DEFAULT_PROMPT, LORA_STYLES, REFERENCE, choice, choices, configure_cpu_threads,
@@ -73,7 +74,14 @@ def on_probe(state, model, custom, prompt, steps, interval, warmup, clusters, lo
 
 
 def on_model(model, custom):
-    return h.model_status(model, custom), gr.update(value=h.chosen_model(model, custom).steps)
+    steps = h.chosen_model(model, custom).steps
+    return (h.model_status(model, custom), gr.update(value=steps), *schedule_for(steps))
+
+
+def schedule_for(steps):
+    """N and warm-up HyCa recommends for a run of ``steps`` (hyca.recommended_settings)."""
+    settings = hyca.recommended_settings(None, int(steps))
+    return gr.update(value=settings["interval"]), gr.update(value=settings["warmup"])
 
 
 def build() -> gr.Blocks:
@@ -89,8 +97,9 @@ def build() -> gr.Blocks:
             seed = gr.Number(0, label="Seed", precision=0, minimum=0)
             steps = gr.Slider(4, 100, value=choice(REFERENCE).steps, step=1, label="Steps")
         with gr.Row():
-            interval = gr.Slider(2, 10, value=5, step=1, label="N (one computed step in N)")
-            warmup = gr.Slider(1, 10, value=3, step=1, label="Warm-up (computed steps first)")
+            recommended = hyca.recommended_settings(None, choice(REFERENCE).steps)
+            interval = gr.Slider(2, 10, value=recommended["interval"], step=1, label="N (one computed step in N)")
+            warmup = gr.Slider(1, 10, value=recommended["warmup"], step=1, label="Warm-up (computed steps first)")
             lora = gr.Dropdown(["none", *LORA_STYLES], value="none", label="LoRA (reference model)")
             reuse = gr.Checkbox(True, label="Reuse the base profile for LoRAs",
                                 info="off: probe again with the LoRA and show the ARI against the base profile")
@@ -127,8 +136,9 @@ def build() -> gr.Blocks:
                 push = gr.Button("Push to the Hub")
             message = gr.Markdown()
 
-        model.change(on_model, [model, custom], [status, steps], api_name=False)
-        custom.submit(on_model, [model, custom], [status, steps], api_name="check_model")
+        model.change(on_model, [model, custom], [status, steps, interval, warmup], api_name=False)
+        custom.submit(on_model, [model, custom], [status, steps, interval, warmup], api_name="check_model")
+        steps.release(schedule_for, [steps], [interval, warmup], api_name=False)
         view_outputs = [picture, legend, table, summary, profile_file]
         go.click(on_generate, [state, model, custom, prompt, seed, steps, method, interval, warmup, lora, reuse],
                  [full, fast, report, numbers, state], api_name="generate").then(

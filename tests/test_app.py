@@ -341,3 +341,18 @@ def test_generation_and_probe_report_progress_per_transformer_call(served):
     for label in ("full compute", "HyCa"):
         fractions = [f for f, d in reports if d.startswith(f"{label}: step")]
         assert len(fractions) == STEPS and fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_the_schedule_follows_the_step_count():
+    """Choosing a model (or moving the steps slider) sets N and warm-up to what
+    hyca.recommended_settings gives for that step count: 20-30 steps are not run at 50's N."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hyca_app_main", Path(__file__).resolve().parents[1] / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    status, steps, interval, warmup = app.on_model("reference", "")
+    assert steps["value"] == 28
+    assert (interval["value"], warmup["value"]) == (4, 3) == tuple(
+        hyca.recommended_settings(None, 28)[k] for k in ("interval", "warmup"))
+    assert tuple(u["value"] for u in app.schedule_for(50)) == (5, 3)

@@ -52,7 +52,7 @@ class ModelChoice:
 
 CHOICES: tuple[ModelChoice, ...] = (
     ModelChoice(REFERENCE, "HyCa reference model (shipped, 32x32, CPU)", None, "FluxTransformer2DModel",
-                0.1, 50, 32, 32, dtype="float32",
+                0.1, 28, 32, 32, dtype="float32",
                 notes="a small FLUX-architecture model trained on simple shapes; runs anywhere"),
     ModelChoice("flux-schnell", "FLUX.1-schnell", "black-forest-labs/FLUX.1-schnell", "FluxTransformer2DModel",
                 33.5, 4, 1024, 1024, guidance=0.0, notes="4-step distilled; HyCa uses N=2 there"),
