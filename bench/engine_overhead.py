@@ -15,6 +15,11 @@
 2. Cache bytes of the aggregated per-solver history (NOTES §4) against a per-block history,
    for 57 blocks and a profile that uses 4 solvers, measured with the engine's own
    ``history_bytes`` on meta tensors.
+3. The runtime guard's cost at a computed step (hyca/engine/guard.py): per solver slot it
+   forecasts the step with its solver and the lower orders (elementwise, by formula), and
+   with two guidance branches it sketches each candidate's error (``SKETCH_ROWS`` x tokens
+   x dim matrix products, counted by ``FlopCounterMode`` on a tiny guided run and checked
+   against the formula); and the history values it keeps until the step ends.
 """
 
 from __future__ import annotations
@@ -149,6 +154,52 @@ def cache_bytes(blocks: int, tokens: int, dim: int, dtype=torch.bfloat16) -> dic
     return dict(aggregated=aggregated, per_block=per_block, ratio=aggregated / per_block)
 
 
+def guard_candidates(solvers=FOUR_SOLVERS) -> int:
+    """Forecasts one check makes over the slots: a slot's solver and the lower orders below
+    it (taylor-1, reuse); a reuse slot has nothing lower and is not checked."""
+    return sum({"reuse": 0, "taylor-1": 2}.get(s, 3) for s in solvers)
+
+
+def guard_cost_formula(tokens: int, dim: int, guided: bool, terms: int = 3, solvers=FOUR_SOLVERS) -> dict:
+    """FLOPs of one guard check: forecasts (multiply-add per history term and element, at
+    most ``terms`` terms) and, guided, the sketches (2 x rows x tokens x dim per forecast)."""
+    from hyca.engine.guard import SKETCH_ROWS
+
+    candidates = guard_candidates(solvers)
+    forecast = 2 * terms * candidates * tokens * dim
+    sketch = 2 * SKETCH_ROWS * tokens * dim * candidates if guided else 0
+    return dict(forecast=forecast, sketch=sketch, candidates=candidates)
+
+
+def guard_sketch_flops_tiny(steps: int = 12, interval: int = 3, warmup: int = 2) -> dict:
+    """Counted matrix-product FLOPs a guided tiny run adds with the guard on: only the
+    sketches are matrix products, so the difference must equal their formula."""
+    from hyca.engine.guard import SKETCH_ROWS, steady
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**TINY).eval()
+    inputs = flux_inputs(TINY, 64, 8, "cpu")
+    dim = TINY["num_attention_heads"] * TINY["attention_head_dim"]
+    blocks = TINY["num_layers"] + TINY["num_single_layers"]
+    totals = {}
+    for guard in (False, True):
+        (engine,) = hyca.enable(model, profile=mixed_profile(blocks, dim), interval=interval, warmup=warmup,
+                                guard=guard, scheduler=None)
+        total = 0
+        for step in range(steps):
+            inputs["timestep"] = torch.full((1,), 1.0 - step / steps)
+            for branch in ("cond", "uncond"):
+                with model.cache_context(branch, num_inference_steps=steps):
+                    total += count_flops(lambda: model(**inputs))
+        totals[guard] = total
+        hyca.disable(model)
+    plan = Schedule(interval, warmup).plan(steps)
+    done = [k for k, c in enumerate(plan) if c]
+    checks = sum(steady([k, *reversed(done[:i])], interval) for i, k in enumerate(done))
+    per_check = guard_cost_formula(64, dim, guided=True)["sketch"]
+    return dict(added=totals[True] - totals[False], expected=2 * checks * per_check, checks=checks)
+
+
 def main() -> None:
     print(f"hyca {hyca.__version__}, torch {torch.__version__}")
     print("\n## Skip-step FLOPs (FlopCounterMode; forecast kernel by formula)\n")
@@ -171,6 +222,22 @@ def main() -> None:
         b = cache_bytes(blocks, tokens, dim)
         print(f"  {label:40s} aggregated {b['aggregated'] / 2**20:9.1f} MiB, per-block "
               f"{b['per_block'] / 2**20:9.1f} MiB, ratio {b['ratio']:.4f} = 1/{1 / b['ratio']:.1f}  (target < 1/8)")
+    print("\n## The guard at a computed step\n")
+    full = dev["full"]
+    for guided in (False, True):
+        g = guard_cost_formula(tokens=4096, dim=3072, guided=guided)
+        print(f"  FLUX.1-dev 1024x1024, 4 solver slots ({g['candidates']} forecasts), "
+              f"{'two guidance branches' if guided else 'one branch'}: "
+              f"forecasts {g['forecast'] / 1e9:.2f} GFLOPs + sketches {g['sketch'] / 1e9:.2f} GFLOPs per branch "
+              f"= {(g['forecast'] + g['sketch']) / full:.4%} of a full step")
+    tiny_guard = guard_sketch_flops_tiny()
+    print(f"  tiny guided run (12 steps, N=3, W=2, {tiny_guard['checks']} steady checks per branch): matrix-product "
+          f"FLOPs added by the guard {tiny_guard['added']}, sketch formula {tiny_guard['expected']} "
+          f"(equal: {tiny_guard['added'] == tiny_guard['expected']})")
+    held = 4 * 4096 * 3072 * 2
+    print(f"  memory: the oldest history value of each slot is kept until the check at the step's end "
+          f"(one per slot: {held / 2**20:.0f} MiB for FLUX.1-dev 1024x1024, 4 slots, bf16), instead of being "
+          "recycled for the step's sums")
 
 
 if __name__ == "__main__":
