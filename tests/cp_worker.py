@@ -186,7 +186,7 @@ def _run(pipe, call, experts, guided=True):
     return output, {
         "seconds": seconds,
         "stats": [s.describe() for s in stats],
-        "demotions": [[d.describe() for d in s.demotions] for s in stats],
+        "switches": [[d.describe() for d in s.switches] for s in stats],
         "notes": [list(s.notes) for s in stats],
         "forecast": [s.forecast for s in stats],
         "cache_bytes": [m.peak for m in meters],
@@ -384,7 +384,7 @@ def _drive(engine, rank_of_shard, guided: bool, steps: int = 30) -> dict[str, li
             else:
                 engine.predicted_residual(state)
             engine.end_step(state)
-    return {b: [d.describe() for d in states[b].stats.demotions] for b in branches}
+    return {b: [d.describe() for d in states[b].stats.switches] for b in branches}
 
 
 def sketch_of_shards() -> dict:

@@ -229,7 +229,7 @@ def test_generation_returns_both_images_and_the_metrics(served, solo_pipe):
     hyca.enable(solo_pipe, "fora", interval=4, warmup=2)
     try:
         solo_pipe(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3), output_type="np")
-        expected_guard = [d.describe() for d in hyca.stats(solo_pipe)[0].demotions]
+        expected_guard = [d.describe() for d in hyca.stats(solo_pipe)[0].switches]
     finally:
         hyca.disable(solo_pipe)
     assert numbers["guard"] == expected_guard == [] and "Guard: no solver group switched" in report

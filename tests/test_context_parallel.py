@@ -81,10 +81,10 @@ def test_two_ranks_give_the_single_process_output(ranks, name):
         assert all(e == {"reduce": "RankGroup", "seed": 0} for e in run["engines"])
         assert sum(run["parallel"]["forecast"]) == sum(run["single"]["forecast"]) > 0
         assert run["reduce_calls"].get("dim2", 0) > 0  # the guard's error tables went through the group
-        assert run["parallel"]["demotions"] == run["single"]["demotions"]
+        assert run["parallel"]["switches"] == run["single"]["switches"]
     assert ranks[0]["scenarios"][name]["output_digest"] == ranks[1]["scenarios"][name]["output_digest"]
     if not name.startswith("wan2.2"):  # each Wan 2.2 expert sees 6 of the 12 steps: too few to switch
-        assert any(ranks[0]["scenarios"][name]["parallel"]["demotions"])
+        assert any(ranks[0]["scenarios"][name]["parallel"]["switches"])
 
 
 @pytest.mark.parametrize("name", SCENARIOS)

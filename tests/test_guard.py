@@ -80,7 +80,7 @@ def test_ladder_and_steady_checks():
 def test_an_accurate_solver_is_never_demoted(solver):
     engine = HybridCache(uniform(solver), Schedule(INTERVAL, WARMUP), guard=True)
     drive(engine, {"cond": linear})  # exact for every solver of degree >= 1
-    assert drive.states["cond"].stats.demotions == []
+    assert drive.states["cond"].stats.switches == []
     assert drive.states["cond"].active == [pool_names().index(solver)]
 
 
@@ -91,7 +91,7 @@ def test_a_diverging_solver_is_demoted_after_two_lost_steady_checks(solver):
     loses every steady check and is demoted at the STRIKES-th one."""
     engine = HybridCache(uniform(solver), Schedule(INTERVAL, WARMUP), guard=True)
     drive(engine, {"cond": noise(1)})
-    (demotion,) = drive.states["cond"].stats.demotions
+    (demotion,) = drive.states["cond"].stats.switches
     assert demotion.step == steady_checks()[STRIKES - 1]
     assert demotion.solver == solver and demotion.to in LADDER
 
@@ -99,7 +99,7 @@ def test_a_diverging_solver_is_demoted_after_two_lost_steady_checks(solver):
 def test_demoted_forecasts_use_the_lower_order_from_then_on():
     guarded = HybridCache(uniform("taylor-2"), Schedule(INTERVAL, WARMUP), guard=True)
     drive(guarded, {"cond": noise(2)})
-    (demotion,) = drive.states["cond"].stats.demotions
+    (demotion,) = drive.states["cond"].stats.switches
     # the same trajectory forecast by a profile that uses the demoted-to solver from the
     # start gives the same forecasts after the demotion step
     after = [s for s in range(demotion.step + 1, STEPS) if not Schedule(INTERVAL, WARMUP).computes(s, STEPS)]
@@ -121,7 +121,7 @@ def test_demoted_forecasts_use_the_lower_order_from_then_on():
 def test_the_guard_off_is_the_papers_engine():
     engine = HybridCache(uniform("taylor-2"), Schedule(INTERVAL, WARMUP), guard=False)
     drive(engine, {"cond": noise(1)})
-    assert drive.states["cond"].stats.demotions == []
+    assert drive.states["cond"].stats.switches == []
 
 
 def guided_pair(seed: int):
@@ -136,14 +136,14 @@ def guided_pair(seed: int):
 def test_branches_that_disagree_are_demoted_together():
     engine = HybridCache(uniform("taylor-1"), Schedule(INTERVAL, WARMUP), guard=True)
     drive(engine, {"cond": guided_pair(3)["cond"]})  # one branch alone: its own checks pass
-    assert drive.states["cond"].stats.demotions == []
+    assert drive.states["cond"].stats.switches == []
 
     engine = HybridCache(uniform("taylor-1"), Schedule(INTERVAL, WARMUP), guard=True)
     drive(engine, guided_pair(3))
     cond, uncond = drive.states["cond"], drive.states["uncond"]
     assert cond.active == uncond.active == [pool_names().index("reuse")]
     # each branch reports its own demotion, at the check that decided it
-    assert [d.step for d in cond.stats.demotions + uncond.stats.demotions] == [steady_checks()[STRIKES - 1]] * 2
+    assert [d.step for d in cond.stats.switches + uncond.stats.switches] == [steady_checks()[STRIKES - 1]] * 2
 
 
 def test_fixed_inputs_give_identical_decisions_and_forecasts():
@@ -160,7 +160,7 @@ def test_fixed_inputs_give_identical_decisions_and_forecasts():
                 else:
                     forecasts.append(engine.predicted_residual(state))
                 engine.end_step(state)
-        runs.append(([d for s in states.values() for d in s.stats.demotions], forecasts))
+        runs.append(([d for s in states.values() for d in s.stats.switches], forecasts))
     assert runs[0][0] == runs[1][0] and runs[0][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
@@ -179,7 +179,7 @@ def test_reduce_sees_every_error_before_the_decision():
 
     engine = HybridCache(uniform("taylor-1"), Schedule(INTERVAL, WARMUP), guard=True, reduce=reduce)
     drive(engine, {"cond": noise(1)})
-    assert drive.states["cond"].stats.demotions == []
+    assert drive.states["cond"].stats.switches == []
     assert len([t for t in seen if t.dim() == 2]) == len(steady_checks())
     assert not any(t.dim() == 3 for t in seen)  # one branch: no sketches to compare, none made
     assert math.isfinite(float(seen[0].sum()))
@@ -187,3 +187,16 @@ def test_reduce_sees_every_error_before_the_decision():
     drive(HybridCache(uniform("taylor-1"), Schedule(INTERVAL, WARMUP), guard=True, reduce=reduce), guided_pair(3))
     sketches = [t for t in seen if t.dim() == 3]
     assert len(sketches) == 2 * len(steady_checks()) and all(t.shape[1] == SKETCH_ROWS for t in sketches)
+
+
+def test_a_switched_group_wins_its_solver_back_when_it_forecasts_best_again():
+    """Noise until step 12, then a straight line: taylor-1 loses the steady checks at 10 and
+    14 (their history is noise) and is switched to reuse; from step 22 on its history lies
+    on the line, it is exact again and wins 22 and 26: it gets its group back at the second."""
+    def trajectory(step):
+        return 10 * noise(4)(step) if step < 12 else linear(step)
+
+    engine = HybridCache(uniform("taylor-1"), Schedule(INTERVAL, WARMUP), guard=True)
+    drive(engine, {"cond": trajectory})
+    assert [(s.step, s.solver, s.to) for s in drive.states["cond"].stats.switches] == [
+        (14, "taylor-1", "reuse"), (26, "reuse", "taylor-1")]

@@ -1,4 +1,4 @@
-"""What the extension tells the user besides the image: the guard's demotions and the
+"""What the extension tells the user besides the image: the guard's switches and the
 engine's notes (infotext and console), what a probed profile was chosen for, what differs
 when a profile made for other settings is used, and which LoRA set a pass runs with on
 each frontend."""
@@ -13,9 +13,9 @@ from test_webui_adapters import Frontend, args
 
 def demote_first_check(monkeypatch):
     """What the guard leaves in a branch's stats, made deterministic: one demotion at the
-    branch's third computed step (the WebUI only reads ``state.stats.demotions``)."""
+    branch's third computed step (the WebUI only reads ``state.stats.switches``)."""
     from hyca.engine.cache import HybridCache
-    from hyca.engine.guard import Demotion
+    from hyca.engine.guard import Switch
 
     real = HybridCache.end_step
 
@@ -23,28 +23,28 @@ def demote_first_check(monkeypatch):
         computing, step = state.computing, state.step
         real(self, state)
         if computing and self.guard and state.stats.computed == 3:
-            state.stats.demotions.append(Demotion(step, "taylor-2", "reuse"))
+            state.stats.switches.append(Switch(step, "taylor-2", "reuse"))
 
     monkeypatch.setattr(HybridCache, "end_step", end_step)
 
 
-def test_guard_demotions_reach_infotext_and_console(monkeypatch, capsys):
+def test_guard_switches_reach_infotext_and_console(monkeypatch, capsys):
     demote_first_check(monkeypatch)
     with Frontend("forge_flux") as f:
         out, p = f.run(args(True, 3, 2, guard=True), steps=10)
         off, p_off = f.run(args(True, 3, 2, guard=False), steps=10)
-    value = p.extra_generation_params["HyCa guard demotions"]
+    value = p.extra_generation_params["HyCa guard switches"]
     assert re.fullmatch(r"taylor-2 -> reuse at step \d+", value), value
-    assert f"guard demoted {value}" in capsys.readouterr().out
-    assert "HyCa guard demotions" not in p_off.extra_generation_params
-    assert "HyCa guard demotions" in out.infotexts[0]
+    assert f"guard switched {value}" in capsys.readouterr().out
+    assert "HyCa guard switches" not in p_off.extra_generation_params
+    assert "HyCa guard switches" in out.infotexts[0]
 
 
-def test_demotions_name_the_branch_when_cond_and_uncond_are_split(monkeypatch):
+def test_switches_name_the_branch_when_cond_and_uncond_are_split(monkeypatch):
     demote_first_check(monkeypatch)
     with Frontend("neo_wan") as f:
         _, p = f.run(args(True, 3, 2, guard=True), steps=10, split=True)
-    value = p.extra_generation_params["HyCa guard demotions"]
+    value = p.extra_generation_params["HyCa guard switches"]
     assert "(cond)" in value and "(uncond)" in value
 
 

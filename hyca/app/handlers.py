@@ -232,7 +232,7 @@ def report_numbers(r: compare.SideBySide, s: compare.Settings, where: str, ari: 
         "full_flops": r.full_flops, "fast_flops": r.fast_flops, "flops_ratio": r.flops_ratio,
         "computed_steps": r.run.computed, "forecast_steps": r.run.forecast,
         "psnr": None if np.isinf(r.psnr) else r.psnr, "ssim": r.ssim, "profile": where,
-        "guard": [d.describe() for d in r.run.demotions], "notes": list(r.run.notes),
+        "guard": [d.describe() for d in r.run.switches], "notes": list(r.run.notes),
     }
     if ari is not None:
         numbers["ari_vs_base"] = ari

@@ -24,7 +24,7 @@ from ..math.solvers import Solver, pool
 from ..profiles.profile import Profile
 from ..profiles.settings import RunSettings, differences
 from .forecast import forecast
-from .guard import SKETCH_ROWS, STRIKES, Check, Demotion, difference_verdicts, measure, own_verdicts, steady
+from .guard import SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, measure, own_verdicts, steady
 from .schedule import Schedule
 
 POSITION_AXES = ("step", "sigma")
@@ -44,12 +44,12 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 @dataclass
 class RunStats:
     """What one guidance branch of the latest run did: steps computed and forecast,
-    solvers the guard demoted (:mod:`hyca.engine.guard`), and anything else the user must
+    solver groups the guard switched (:mod:`hyca.engine.guard`), and anything else the user must
     hear (``notes``: a fallback, a profile made for other settings, ...)."""
 
     computed: int = 0
     forecast: int = 0
-    demotions: list[Demotion] = field(default_factory=list)
+    switches: list[Switch] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -66,8 +66,8 @@ class RunStats:
         else:
             text = (f"{self.computed} of {self.total} steps computed, {self.forecast} forecast "
                     f"(~{self.forecast / self.total:.0%} fewer transformer FLOPs)")
-        if self.demotions:
-            text += "; guard: " + ", ".join(d.describe() for d in self.demotions)
+        if self.switches:
+            text += "; guard: " + ", ".join(d.describe() for d in self.switches)
         if self.notes:
             text += "; " + "; ".join(self.notes)
         return text
@@ -90,7 +90,7 @@ class BranchState:
     accumulators: list[torch.Tensor | None] = field(default_factory=list)
     #: pool index of the solver each history slot forecasts with now (the guard lowers them)
     active: list[int] = field(default_factory=list)
-    #: per slot, judged checks lost in a row (the guard demotes at ``guard.STRIKES``)
+    #: per slot, judged checks lost in a row (the guard switches at ``guard.STRIKES``)
     strikes: list[int] = field(default_factory=list)
     stats: RunStats = field(default_factory=RunStats)
 
@@ -112,7 +112,7 @@ class HybridCache:
         compare_settings: bool = True,
     ) -> None:
         """``guard``: check every computed step's forecast against what was computed and
-        demote solvers that did worse than a lower order (:mod:`hyca.engine.guard`);
+        switch solver groups that did worse than a lower order (:mod:`hyca.engine.guard`);
         ``False`` is the paper's behaviour. ``reduce``: see :data:`Reduce`.
         ``compare_settings``: at each run's second step, say once what differs between the
         run and the settings the profile was chosen for (a host that knows the run's
@@ -297,7 +297,7 @@ class HybridCache:
         return other, check
 
     def _switch(self, state: BranchState, slot: int, to: int, step: int) -> None:
-        state.stats.demotions.append(Demotion(step, pool()[state.active[slot]].name, pool()[to].name))
+        state.stats.switches.append(Switch(step, pool()[state.active[slot]].name, pool()[to].name))
         state.active[slot], state.strikes[slot] = to, 0
 
     def _share(self, state: BranchState, other: BranchState) -> None:

@@ -40,7 +40,7 @@ strike, and both branches share the outcome. Measured on that run: 22.2 -> 29.4 
 
 Deterministic: the errors are sums over the same tensors in a fixed order, and, under
 context parallelism, summed over every rank (``reduce``) before anything is decided, so all
-ranks demote alike.
+ranks switch alike.
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ from .forecast import forecast
 
 #: The ladder of lower orders a solver can be demoted along, lowest last.
 LADDER = ("taylor-1", "reuse")
-#: Judged checks in a row a solver must lose before it is demoted.
+#: Judged checks in a row a solver must lose before its group is switched.
 STRIKES = 2
 #: Forecasts within this relative squared error of the truth are not judged: exact
-#: solvers differ from each other by float rounding, which must not demote them.
+#: solvers differ from each other by float rounding, which must not switch them.
 TOLERANCE = 1e-6
 #: Rows of the random sketch that compares guidance branches (relative error of a squared
 #: norm about sqrt(2 / rows): 25%, enough for the 2x effects it has to see).
@@ -66,7 +66,7 @@ SKETCH_ROWS = 32
 
 
 @dataclass(frozen=True)
-class Demotion:
+class Switch:
     """At computed step ``step``, one solver group switched from ``solver`` to ``to``."""
 
     step: int

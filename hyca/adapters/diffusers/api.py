@@ -168,7 +168,7 @@ def enable(
     steady checks in a row is switched to it (and back when its own solver wins again),
     and with two guidance branches their difference is checked too; no extra model call
     (:mod:`hyca.engine.guard`). ``False`` is the paper's behaviour. Switches show in
-    :func:`stats` (``demotions``).
+    :func:`stats` (``switches``).
     ``num_inference_steps`` / ``guidance_scale``: the settings you will sample with (the
     classifier-free guidance scale: ``true_cfg_scale`` for FLUX and Qwen-Image, 1 for none).
     A profile is chosen for one setting; ``"auto"`` prefers one made for yours and, when

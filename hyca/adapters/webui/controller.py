@@ -232,7 +232,7 @@ class Controller:
             return
         differ = differences(RunSettings.of_profile(chosen.profile.metadata), self.run_settings)
         if differ:
-            guard = ("the guard (on) demotes any solver that forecasts worse than a lower order on this run"
+            guard = ("the guard (on) switches any solver group that forecasts worse than a lower order on this run"
                      if settings.guard else "the guard is off: turn it on to check every solver on this run")
             self.say_once(f"profile {chosen.source} was chosen for other settings ({'; '.join(differ)}); {guard}")
 
@@ -319,7 +319,7 @@ class Controller:
             total.calls_computed += stats.calls_computed
             total.calls_forecast += stats.calls_forecast
             several = len(self.passes) > 1
-            total.demotions += [(f"{label}, {branch}" if several else branch, d) for branch, d in stats.demotions]
+            total.switches += [(f"{label}, {branch}" if several else branch, d) for branch, d in stats.switches]
         return total
 
     def results(self) -> dict[str, str]:
@@ -331,8 +331,8 @@ class Controller:
                "HyCa saving": f"{total.flops_saving:.0%}"}
         if self.chosen is not None and self.chosen.lora_ari is not None:
             out["HyCa LoRA ARI"] = f"{self.chosen.lora_ari:.3f}"
-        if total.demotions:
-            out["HyCa guard demotions"] = total.describe_demotions()
+        if total.switches:
+            out["HyCa guard switches"] = total.describe_switches()
         return out
 
     def report(self) -> None:
@@ -341,8 +341,8 @@ class Controller:
         for label, stats in fresh:
             console(f"{label}: {stats.steps.computed} of {stats.steps.total} steps computed, "
                     f"{stats.steps.forecast} forecast; {stats.flops_saving:.0%} of block compute skipped")
-            if stats.demotions:
-                console(f"{label}: the guard demoted {stats.describe_demotions()}")
+            if stats.switches:
+                console(f"{label}: the guard switched {stats.describe_switches()}")
             for note in stats.notes:
                 self.say_once(note)
 

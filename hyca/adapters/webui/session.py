@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 
 from ...engine.cache import BranchState, HybridCache, RunStats
-from ...engine.guard import Demotion
+from ...engine.guard import Switch
 from ...engine.residual import ResidualError, ResidualMeter, Snapshot
 
 logger = logging.getLogger("hyca.webui")
@@ -116,15 +116,15 @@ class PassStats:
     steps: RunStats = field(default_factory=RunStats)
     calls_computed: int = 0
     calls_forecast: int = 0
-    #: ``(branch, demotion)`` for every solver group the guard demoted in this pass
-    demotions: list[tuple[str, Demotion]] = field(default_factory=list)
+    #: ``(branch, switch)`` for every solver group the guard switched in this pass
+    switches: list[tuple[str, Switch]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def describe_demotions(self) -> str:
+    def describe_switches(self) -> str:
         """``taylor-2 -> taylor-1 at step 6 (cond), ...``; the branch is named only when
         the pass had several."""
-        several = len({branch for branch, _ in self.demotions}) > 1
-        return ", ".join(d.describe() + (f" ({branch})" if several else "") for branch, d in self.demotions)
+        several = len({branch for branch, _ in self.switches}) > 1
+        return ", ".join(d.describe() + (f" ({branch})" if several else "") for branch, d in self.switches)
 
     @property
     def flops_saving(self) -> float:
@@ -310,14 +310,14 @@ class PassSession:
 
     def stats(self) -> PassStats:
         steps = RunStats()
-        demotions: list[tuple[str, Demotion]] = []
+        switches: list[tuple[str, Switch]] = []
         notes: list[str] = []
         for key, branch in self._branches.items():
             steps.computed = max(steps.computed, branch.state.stats.computed)
             steps.forecast = max(steps.forecast, branch.state.stats.forecast)
-            demotions += [(branch_name(key), d) for d in branch.state.stats.demotions]
+            switches += [(branch_name(key), d) for d in branch.state.stats.switches]
             notes += [n for n in branch.state.stats.notes if n not in notes]
-        return PassStats(steps, self.calls_computed, self.calls_forecast, demotions, notes)
+        return PassStats(steps, self.calls_computed, self.calls_forecast, switches, notes)
 
 
 def branch_name(key: tuple) -> str:
