@@ -81,9 +81,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         fp = diffusers_fingerprint(transformer)
     except TypeError as err:
         raise CLIError(str(err)) from None
-    # The reference pipeline works in pixel space and has no "latent" output (the probe's
-    # default); its images are tiny, so asking for tensors costs nothing.
-    extra = {"output_type": "pt"} if type(pipe).__name__ == "ReferencePipeline" else {}
+    extra: dict[str, Any] = {}  # the reference pipeline names its own probe defaults (hyca_probe_defaults)
+    if args.shift is not None and not args.shift > 0:
+        raise CLIError(f"--shift must be positive, got {args.shift}")
     if args.guidance_scale is not None:
         from .adapters.diffusers.settings import guidance_argument
 
@@ -94,7 +94,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=args.shift)
     settings = {k: getattr(args, k) for k in ("prompt", "height", "width", "steps", "interval", "warmup", "clusters",
                                               "seed", "positions", "selection") if getattr(args, k) is not None}
-    profile = probe(pipe, shared=args.shared, progress=True, **settings, **extra)
+    try:
+        profile = probe(pipe, shared=args.shared, progress=True, **settings, **extra)
+    except (ValueError, RuntimeError) as err:  # e.g. a prompt the model cannot read, an odd schedule
+        raise CLIError(f"the probe failed: {str(err).splitlines()[0]}") from None
     # a folder (or the cache) gets the name lookup tries first for these settings
     from .profiles.settings import RunSettings
 
@@ -123,7 +126,7 @@ def _solver_counts(profile: Profile) -> list[str]:
     dims = Counter(profile.dim_solvers().flatten().tolist())
     clusters = Counter(profile.solvers.flatten().tolist())
     total = profile.labels.numel()
-    return [f"{pool()[i].name}: {clusters[i]} clusters, {100 * n / total:.1f}% of dims" for i, n in dims.most_common()]
+    return [f"{pool()[i].name}: {_count(clusters[i], 'cluster')}, {100 * n / total:.1f}% of dims" for i, n in dims.most_common()]
 
 
 def summary(profile: Profile, path: str | Path | None = None) -> str:
@@ -136,8 +139,10 @@ def summary(profile: Profile, path: str | Path | None = None) -> str:
         *([f"file:      {path}"] if path is not None else []),
         f"model:     {fpmod.describe(fp) if fp else 'not recorded'}",
         f"blocks:    {', '.join(f'{k} x{v}' for k, v in fp.get('blocks', {}).items()) or '?'}",
-        f"shape:     {profile.num_blocks} blocks x {profile.dim} dims, {profile.num_clusters} clusters per block"
-        f"{' (one labelling shared by all blocks)' if shared else ''}",
+        (f"shape:     output head's input, {profile.dim} dims, {_count(profile.num_clusters, 'cluster')}"
+         if meta.get("target") == "output" else
+         f"shape:     {profile.num_blocks} blocks x {profile.dim} dims, {_count(profile.num_clusters, 'cluster')} per block")
+        + f"{' (one labelling shared by all blocks)' if shared else ''}",
         "solvers:   " + "\n           ".join(_solver_counts(profile)),
         f"schedule:  chosen for interval N={meta.get('interval', '?')}, warm-up {meta.get('warmup', '?')}"
         + (f", first computed step {meta['first_interval']} after warm-up" if meta.get("first_interval") else ""),
@@ -147,6 +152,10 @@ def summary(profile: Profile, path: str | Path | None = None) -> str:
         f"(format {meta.get('format_version', '?')}, solver pool {meta.get('pool_version', '?')})",
     ]
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _chosen_for(meta: dict[str, Any]) -> str:

@@ -59,7 +59,8 @@ def test_show_summarises_the_file(saved, fp, capsys):
     clusters = Counter(profile.solvers.flatten().tolist())
     dims = Counter(profile.dim_solvers().flatten().tolist())
     for sid, n in dims.items():  # every solver in use, with its own counts
-        assert f"{names[sid]}: {clusters[sid]} clusters, {100 * n / profile.labels.numel():.1f}% of dims" in out
+        noun = "cluster" if clusters[sid] == 1 else "clusters"
+        assert f"{names[sid]}: {clusters[sid]} {noun}, {100 * n / profile.labels.numel():.1f}% of dims" in out
     assert "interval N=5, warm-up 3" in out and "prompt=a cat" in out
     created = load_profile(path).metadata["created"]
     assert f"created:   {created} by hyca 0.1.0 (format 1, solver pool 1)" in out

@@ -259,3 +259,18 @@ def test_few_step_probe_uses_only_the_history_the_schedule_provides(pipe, steps)
     generate_steps = pipe(**conditioning(), height=64, width=64, num_inference_steps=steps, output_type="latent")
     assert generate_steps.images.isfinite().all()
     assert hyca.stats(pipe)[0].forecast == plan.count(False)
+
+
+def test_a_pipeline_names_its_own_probe_defaults():
+    """The reference model's pipeline has no latent space and knows only its own captions;
+    its ``hyca_probe_defaults`` are what the probe uses unless told otherwise."""
+    from hyca.reference import tiny_components
+
+    pipe = tiny_components(seed=0)
+    profile = probe(pipe, steps=6, interval=2, warmup=1, clusters=2, progress=False, selection="eq5")
+    defaults = type(pipe).hyca_probe_defaults
+    assert profile.metadata["probe"]["prompt"] == defaults["prompt"]
+    assert (profile.metadata["probe"]["height"], profile.metadata["probe"]["width"]) == (32, 32)
+    mine = probe(pipe, prompt="a small red circle at the center on a white background", steps=6, interval=2,
+                 warmup=1, clusters=2, progress=False, selection="eq5")
+    assert mine.metadata["probe"]["prompt"] == "a small red circle at the center on a white background"

@@ -29,6 +29,13 @@ DEFAULT_SHIFT = 1.0
 class ReferencePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
     _lora_loadable_modules = ["transformer"]
     model_cpu_offload_seq = "text_encoder->transformer"
+    #: What HyCa's probe uses unless told otherwise (``hyca.probe`` reads this attribute of
+    #: any pipeline): captions this model knows, its own size, and pixel output (it has no
+    #: latent space).
+    hyca_probe_defaults = dict(
+        prompt=["a large red circle at the center on a white background",
+                "a small blue square at the top left on a black and white background"],
+        height=data.SIZE, width=data.SIZE, output_type="pt")
 
     def __init__(self, transformer: FluxTransformer2DModel, text_encoder: CaptionEncoder,
                  scheduler: FlowMatchEulerDiscreteScheduler) -> None:

@@ -312,9 +312,9 @@ def _quiet(pipe: Any) -> Iterator[None]:
 
 def probe(
     pipe: Any,
-    prompt: str | None = DEFAULT_PROMPT,
-    height: int = 256,
-    width: int = 256,
+    prompt: str | list[str] | None = None,
+    height: int | None = None,
+    width: int | None = None,
     steps: int = 28,
     interval: int = 5,
     warmup: int = 3,
@@ -336,11 +336,20 @@ def probe(
     warm-up; the profile records them (``chosen_for``) and ``hyca.enable`` prefers a
     profile made for the run's settings.
 
+    Defaults: ``prompt`` "a photo of a cat" at 256 x 256, latent output, unless the
+    pipeline names its own in a ``hyca_probe_defaults`` dict (the shipped reference model
+    does: captions it knows, its 32 x 32 pixels).
+
     ``options``: settings of :func:`probe_transformer` (``compute_last``, ``rows``,
     ``spectral_rows``, ``n_init``, ``candidates``, ``branch``, ``accumulate_on``,
-    ``selection``, ``guard``); everything else goes to the pipeline call (e.g.
-    ``guidance_scale``, or ``prompt_embeds`` instead of a prompt).
+    ``selection``, ``guard``, ``target``, ``on_progress``); everything else goes to the
+    pipeline call (e.g. ``guidance_scale``, or ``prompt_embeds`` instead of a prompt).
     """
+    own = dict(getattr(pipe, "hyca_probe_defaults", None) or {})
+    given = {"prompt": prompt, "height": height, "width": width}
+    fallback = {"prompt": DEFAULT_PROMPT, "height": 256, "width": 256}
+    prompt, height, width = (v if v is not None else own.get(k, fallback[k]) for k, v in given.items())
+    options = {**{k: v for k, v in own.items() if k not in given}, **options}
     probe_keys = ("compute_last", "rows", "spectral_rows", "n_init", "candidates", "branch", "accumulate_on",
                   "selection", "guard", "on_progress", "target")
     probe_options = {k: options.pop(k) for k in probe_keys if k in options}
