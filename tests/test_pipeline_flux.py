@@ -8,7 +8,7 @@ import torch
 
 import hyca
 
-from tiny import fresh_copy, tiny_flux, tiny_pipeline
+from tiny import Inputs, fresh_copy, tiny_flux, tiny_pipeline
 
 STEPS = 12
 
@@ -107,3 +107,55 @@ def test_auto_profile_for_a_bare_transformer_needs_a_file(tmp_path, monkeypatch)
     monkeypatch.setenv("HYCA_PROFILES", str(tmp_path / "nothing-here"))
     with pytest.raises(ProfileError, match="python -m hyca probe"):
         hyca.enable(tiny_flux(), interval=3, warmup=2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(interval=True), "interval must be an integer"),
+    (dict(compute_last="no"), "compute_last must be True or False"),
+    (dict(guard="yes"), "guard must be True or False"),
+    (dict(cache_dtype=torch.int8), "cache_dtype must be None"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a number"),
+    (dict(guidance_scale=-1.0), "guidance_scale must be a number"),
+    (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
+    (dict(profile={"transformer": "fora", "transformer_3": "fora"}), "transformer_3"),
+])
+def test_settings_that_would_be_misread_are_refused(pipe, kwargs, message):
+    settings = {**dict(profile="fora", interval=3, warmup=2), **kwargs}
+    with pytest.raises((ValueError, KeyError), match=message):
+        hyca.enable(pipe, **settings)
+    assert not hyca.is_enabled(pipe)
+
+
+def test_a_cache_dtype_by_name_is_the_dtype(pipe):
+    (engine,) = hyca.enable(pipe, profile="fora", interval=3, warmup=2, cache_dtype="bfloat16")
+    assert engine.cache_dtype is torch.bfloat16
+    hyca.disable(pipe)
+
+
+def test_a_loop_driven_by_another_scheduler_still_caches_and_says_the_count_is_unknown(caplog):
+    """enable(scheduler=s) then a loop with a new scheduler: s has finished its run, so it
+    is not what drives the calls; the step count is unknown (said once), caching goes on."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model, inputs = tiny_flux(), Inputs()
+    enabled_with = FlowMatchEulerDiscreteScheduler()
+
+    def loop(scheduler, steps):
+        scheduler.set_timesteps(steps)
+        x = inputs.noise.clone()
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(inputs.call(model, x, (t / 1000).reshape(1)), t, x, return_dict=False)[0]
+
+    hyca.enable(model, profile="taylor-1", interval=3, warmup=2, scheduler=enabled_with)
+    try:
+        loop(enabled_with, 12)
+        assert hyca.stats(model)[0].computed == 6  # 0, 1, 4, 7, 10, 11 (the last step known and computed)
+        with caplog.at_level(logging.WARNING, logger="hyca"):
+            loop(FlowMatchEulerDiscreteScheduler(), 10)
+        stats = hyca.stats(model)[0]
+    finally:
+        hyca.disable(model)
+    assert (stats.computed, stats.forecast) == (4, 6)  # 0, 1, 4, 7: cached, the last step not known to be last
+    assert any("step count unknown" in n for n in stats.notes)
+    assert sum("step count unknown" in r.message for r in caplog.records) == 1

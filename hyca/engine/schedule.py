@@ -31,12 +31,14 @@ class Schedule:
     first_interval: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.interval, int) or self.interval < 1:
+        if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
             raise ValueError(f"interval must be an integer >= 1 (1 = compute every step), got {self.interval!r}")
-        if not isinstance(self.warmup, int) or self.warmup < 1:
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 1:
             raise ValueError(
                 f"warmup must be an integer >= 1: the first step has no history to forecast from, got {self.warmup!r}"
             )
+        if not isinstance(self.compute_last, bool):
+            raise ValueError(f"compute_last must be True or False, got {self.compute_last!r}")
         if self.first_interval is not None and (not isinstance(self.first_interval, int)
                                                  or not 1 <= self.first_interval <= self.interval):
             raise ValueError(f"first_interval must be an integer from 1 to interval={self.interval}, "

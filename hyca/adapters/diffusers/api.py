@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, Callable, Mapping
 
@@ -114,6 +115,8 @@ def _first_use_probe(target: Any, attribute: str, run: RunSettings,
         if run.guidance_scale is not None:
             options.update(guidance_argument(target, run.guidance_scale))
         options.update(probe_kwargs or {})
+        if "negative_prompt_embeds" in options:  # given as embeddings: no negative prompt text as well
+            options.pop("negative_prompt", None)
         logger.warning("HyCa: no profile for %s at %s yet; probing one (saved to the local cache)",
                        type(getattr(target, attribute)).__name__, run.describe())
         return probe(target, **options)
@@ -178,6 +181,8 @@ def enable(
     Enabling again replaces the previous settings. Returns the engine of each transformer.
     """
     schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
+    cache_dtype = _cache_dtype(cache_dtype)
+    _check_run(guard, num_inference_steps, guidance_scale, profile, target)
     run = RunSettings(steps=num_inference_steps, guidance_scale=guidance_scale, interval=interval, warmup=warmup,
                       compute_last=compute_last, positions=positions,
                       shift=schedule_shift(scheduler if scheduler is not None else getattr(target, "scheduler", None)))
@@ -202,6 +207,33 @@ def enable(
             hooks.register(transformer, blocks, engine, family, hooks.Steps(scheduler, pipeline))
         engines.append(engine)
     return engines
+
+
+def _cache_dtype(value: Any) -> torch.dtype | None:
+    """None (the model's dtype) or a floating dtype; ``"bfloat16"`` and the like are accepted."""
+    if isinstance(value, str):
+        value = getattr(torch, value.strip(), value)
+    if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
+        return value
+    raise ValueError(f"cache_dtype must be None (the model's dtype) or a floating dtype such as torch.bfloat16, "
+                     f"got {value!r}")
+
+
+def _check_run(guard: Any, steps: Any, guidance: Any, profile: Any, target: Any) -> None:
+    """Settings that would otherwise be taken silently for something else."""
+    if not isinstance(guard, bool):
+        raise ValueError(f"guard must be True or False, got {guard!r}")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"num_inference_steps must be a positive integer or None, got {steps!r}")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance) or guidance < 0):
+        raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance) or None, got {guidance!r}")
+    if isinstance(profile, Mapping):
+        names = {attribute for attribute, _ in named_transformers(target)}
+        unknown = sorted(set(profile) - names)
+        if unknown:
+            raise KeyError(f"profile has entries for {unknown}, which this target does not have; its transformers "
+                           f"are {sorted(names)}")
 
 
 def _check_not_compiled(transformer: torch.nn.Module, attribute: str) -> None:

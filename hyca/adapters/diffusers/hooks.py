@@ -243,6 +243,8 @@ def scheduler_run(scheduler: Any, pipe: Any = None, expert: str | None = None) -
     index = getattr(scheduler, "step_index", None)
     if index is None:
         index = getattr(scheduler, "begin_index", None) or 0
+    if index >= len(timesteps):  # a finished run: this scheduler is not the one driving the calls
+        return None
     left = timesteps[index:]
     if expert is not None:
         boundary = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
@@ -458,6 +460,7 @@ class HyCaRoot:
         self._seen: list[Any] = []  # per block: its ``forward`` when HyCa last found its hook in the chain
         self._open: BranchState | None = None  # the state of a call that began and has not ended
         self.lost: str | None = None  # why HyCa cannot run, once that is known
+        self._told_unknown = False  # "step count unknown" said once in the log
         self.parallel: parallel.RankGroup | None = None  # the context-parallel group of the call in progress
         # target "output": the engine forecasts the head's input (the final hidden state), not the residuals
         self.output_target = getattr(engine, "target", "residual") == "output"
@@ -615,9 +618,13 @@ class HyCaRoot:
             if found is not None:
                 raise CacheConflict(conflict_message(module, found, hyca_first=True))
             if run.total is None:
-                state.stats.note("step count unknown (no pipeline, scheduler or cache context gave it): the "
-                                 "last step is computed only if the schedule computes it anyway; pass "
-                                 "scheduler= to hyca.enable")
+                message = ("step count unknown (no pipeline, running scheduler or cache context gave it): the "
+                           "last step is computed only if the schedule computes it anyway; pass the scheduler "
+                           "that drives the loop as scheduler= to hyca.enable")
+                state.stats.note(message)
+                if not self._told_unknown:
+                    self._told_unknown = True
+                    logger.warning("HyCa: %s", message)
         self.engine.begin_step(state, position, signature, run.total)
         state.run = run.token if state.run is None else state.run
         state.last_position, state.last_index = position, index
