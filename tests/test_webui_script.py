@@ -4,6 +4,7 @@
 order for the API, infotext round trip, XYZ-grid axes, install.py, metadata.ini, hover help."""
 
 import configparser
+import copy
 import importlib.util
 import json
 import shutil
@@ -295,3 +296,26 @@ def test_a_target_speedup_picks_n_from_the_passs_steps(webui, capsys):
         "a cat\nNegative prompt: dog\n" + out.infotexts[0])
     assert params["HyCa steps"] == f"{computed(n)} computed, {20 - computed(n)} forecast"
     assert params["HyCa target speed-up"] == "4.0" and f"N={n}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, same_as", [("fora", "FORA (reuse)"), ("taylor-2", "TaylorSeer (taylor-2)")])
+def test_a_solver_name_is_that_solver(webui, name, same_as):
+    script, _ = build_ui(webui)
+    model = model_kinds()["forge_flux"].factory()
+    outputs = []
+    for profile in (name, same_as):
+        with torch.no_grad():
+            out = generate(Processing("forge_flux", copy.deepcopy(model), steps=8), script,
+                           [True, 3, 2, True, True, profile, "", True, "model", False])
+        outputs.append(out.images[0])
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_an_unknown_profile_name_runs_automatic_and_says_so(webui, capsys):
+    script, _ = build_ui(webui)
+    model = model_kinds()["forge_flux"].factory()
+    with torch.no_grad():
+        generate(Processing("forge_flux", model, steps=8), script,
+                 [True, 3, 2, True, True, "nonexistent.safetensors", "", True, "model", False])
+    out = capsys.readouterr().out
+    assert "profile 'nonexistent.safetensors' is neither a choice of the menu" in out and "using automatic" in out

@@ -79,6 +79,16 @@ def _optional(module: str) -> Any:
         return None
 
 
+def _solver_named(choice: str) -> str | None:
+    """The pool solver ``choice`` names (``fora``, ``taylor-2``, ...), or None."""
+    from ...math.solvers import get_solver
+
+    try:
+        return get_solver(choice).name
+    except ValueError:
+        return None
+
+
 def adjusted_rand_index(a: Profile, b: Profile) -> float:
     """Mean over blocks of the ARI between two profiles' cluster labels (1 = same
     clustering): :func:`hyca.profiles.compare.compare_profiles` when installed."""
@@ -141,14 +151,25 @@ class ProfileBook:
 
     def _resolve(self, fp: dict, choice: str, hub_repo: str, interval: int | None, key: tuple) -> Chosen:
         blocks, dim = sum(fp["blocks"].values()), fp["hidden_size"]
-        if choice in UNIFORM:
-            return Chosen(Profile.uniform(UNIFORM[choice], blocks, dim), f"uniform {UNIFORM[choice]}")
+        solver = _solver_named(choice)
+        if choice in UNIFORM or solver is not None:  # a label of the menu, or a solver name (fora, taylor-2, ...)
+            name = UNIFORM.get(choice, solver)
+            return Chosen(Profile.uniform(name, blocks, dim), f"uniform {name}")
         files = local_profiles()
         if choice in files:
             from ...profiles.io import read_profile
 
             profile, warns = read_profile(files[choice], fp, interval=interval)
             return Chosen(profile, choice, list(warns))
+        notes = []
+        if choice != AUTOMATIC:  # a typo, or a file named in a pasted infotext that is not on this machine
+            notes.append(f"profile {choice!r} is neither a choice of the menu ({', '.join([AUTOMATIC, *UNIFORM])}), "
+                         f"a solver name, nor a profile file in {', '.join(str(d) for d in profile_dirs())}; "
+                         "using automatic")
+        chosen = self._automatic(fp, hub_repo, interval, key, blocks, dim)
+        return Chosen(chosen.profile, chosen.source, notes + chosen.notes, key=chosen.key)
+
+    def _automatic(self, fp: dict, hub_repo: str, interval: int | None, key: tuple, blocks: int, dim: int) -> Chosen:
         sources = _optional("hyca.profiles.sources")
         if sources is not None:
             try:
