@@ -356,3 +356,18 @@ def test_the_schedule_follows_the_step_count():
     assert (interval["value"], warmup["value"]) == (4, 3) == tuple(
         hyca.recommended_settings(None, 28)[k] for k in ("interval", "warmup"))
     assert tuple(u["value"] for u in app.schedule_for(50)) == (5, 3)
+
+
+@pytest.mark.parametrize("seed, expected", [(None, 0), ("", 0), ("7", 7), (7.0, 7)])
+def test_seeds_as_the_ui_sends_them(seed, expected):
+    from hyca.app import handlers as h
+
+    assert h._seed(seed) == expected
+
+
+@pytest.mark.parametrize("seed", ["abc", 2 ** 70, -1])
+def test_a_seed_torch_cannot_take_is_explained(seed):
+    from hyca.app import handlers as h
+
+    with pytest.raises(h.AppError, match="seed must be"):
+        h._seed(seed)

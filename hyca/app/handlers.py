@@ -25,6 +25,7 @@ from ..profiles.compare import compare_profiles
 from ..profiles.hub import DEFAULT_HUB_REPO, HubError, hub_offline, pull_profile, push_profile
 from ..profiles.io import ProfileError, load_profile, profile_filename, save_profile
 from ..profiles.profile import Profile
+from ..profiles.settings import RunSettings
 from ..profiles.sources import resolve_profile
 from . import compare, profile_view
 from .metrics import describe_psnr
@@ -166,6 +167,16 @@ def probe_locked(model: LoadedModel, prompt: str, steps: int, interval: int, war
     return profile
 
 
+def run_settings(model: LoadedModel, s: compare.Settings) -> RunSettings:
+    """What this app run samples with, for choosing (or probing) a profile made for it."""
+    from ..adapters.diffusers.settings import guidance_of, schedule_shift
+
+    call = {"guidance_scale": model.choice.guidance} if model.choice.guidance is not None else {}
+    return RunSettings(steps=s.steps, guidance_scale=guidance_of(model.pipe, call),
+                       shift=schedule_shift(model.pipe.scheduler), interval=s.interval, warmup=s.warmup,
+                       compute_last=True, positions="step")
+
+
 def _base_profile(state: dict[str, Any], model: LoadedModel, s: compare.Settings,
                   progress: Progress | None) -> tuple[Profile, str]:
     """The session's profile without LoRA; else one from the files / Hub / an automatic probe."""
@@ -174,7 +185,7 @@ def _base_profile(state: dict[str, Any], model: LoadedModel, s: compare.Settings
         if _fits(slot[key], model) and slot[key].metadata.get("probe", {}).get("lora", "none") == "none":
             return slot[key], "session profile"
     resolved = resolve_profile(
-        diffusers_fingerprint(model.transformer), interval=s.interval,
+        diffusers_fingerprint(model.transformer), run=run_settings(model, s), probe_if_mismatched=True,
         probe=lambda: probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, 4, "none", progress))
     _set_current(state, model, resolved.profile)
     where = {"probe": "probed now (saved to the local cache)"}.get(resolved.source, f"from {resolved.source}")
@@ -213,6 +224,19 @@ class GenerateResult:
     numbers: dict[str, Any]
 
 
+def _seed(seed: Any) -> int:
+    """A seed torch.Generator takes: an integer from 0 to 2**63 - 1 (an empty box is 0)."""
+    if seed is None or (isinstance(seed, str) and not seed.strip()):
+        return 0
+    try:
+        value = int(float(seed)) if not isinstance(seed, int) else seed
+    except (TypeError, ValueError, OverflowError):
+        raise AppError(f"the seed must be a whole number, got {seed!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise AppError(f"the seed must be between 0 and 2**63 - 1, got {value}")
+    return value
+
+
 def _settings(model: LoadedModel, prompt: str, seed: Any, steps: Any, method: str, interval: Any, warmup: Any,
               lora: str) -> compare.Settings:
     if not (prompt or "").strip():
@@ -220,7 +244,7 @@ def _settings(model: LoadedModel, prompt: str, seed: Any, steps: Any, method: st
     if int(interval) < 1 or int(warmup) < 1 or int(steps) < 1:
         raise AppError("steps, N and warm-up must be at least 1")
     height, width = model.size
-    return compare.Settings(prompt=prompt.strip(), seed=int(seed), steps=int(steps), height=height,
+    return compare.Settings(prompt=prompt.strip(), seed=_seed(seed), steps=int(steps), height=height,
                             width=width, guidance=model.choice.guidance, method=method, interval=int(interval),
                             warmup=int(warmup), lora=lora or "none")
 
