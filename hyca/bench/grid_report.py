@@ -122,7 +122,7 @@ def markdown(cells: list[dict], command: str) -> str:
     hy_mean = next(t[1] for t in table if t[0] == HYCA)
     ts = {t[0]: t[1] for t in table if t[0].startswith("diffusers TaylorSeer")}
     lines = [
-        "# HyCa on the settings grid (reference model, held-out captions)", "",
+        f"# HyCa on the settings grid ({'reference model, held-out captions' if settings.get('model') != 'tiny' else 'tiny random-weight model: wiring only, the numbers mean nothing'})", "",
         f"Command: `{command}`  ",
         f"Cells: {len(cells)}; held-out captions per cell: {settings.get('prompts')} (batches of "
         f"{settings.get('batch')}); probe: {settings.get('calibration_prompts')} calibration captions of the "
