@@ -83,6 +83,17 @@ def test_a_mismatch_is_probed_when_the_caller_said_its_settings(folders):
     assert torch.equal(found.profile.labels, made.labels) and found.differences == []
 
 
+def two_branches(cond, uncond, steps, scale=2.0):
+    """A velocity for :func:`euler_sample`: cond and uncond in separate calls, as true CFG."""
+    def guided(m, x, sigma, step):
+        with m.cache_context("cond", num_inference_steps=steps):
+            c = cond.call(m, x, sigma)
+        with m.cache_context("uncond", num_inference_steps=steps):
+            u = uncond.call(m, x, sigma)
+        return u + scale * (c - u)
+    return guided
+
+
 def test_a_run_on_other_settings_is_told_once(caplog):
     """The profile says 50 steps without guidance; the run has 8 steps and two guidance
     branches: the engine notes both in the run's stats and logs it once."""
@@ -90,13 +101,7 @@ def test_a_run_on_other_settings_is_told_once(caplog):
     profile = hyca.Profile.uniform("taylor-1", 5, 32)
     profile.metadata.update(interval=3, warmup=2, chosen_for=RunSettings(steps=50, guidance_scale=1.0, interval=3,
                                                                           warmup=2).to_json())
-
-    def guided(m, x, sigma, step):
-        with m.cache_context("cond", num_inference_steps=8):
-            c = cond.call(m, x, sigma)
-        with m.cache_context("uncond", num_inference_steps=8):
-            u = uncond.call(m, x, sigma)
-        return u + 2.0 * (c - u)
+    guided = two_branches(cond, uncond, 8)
 
     hyca.enable(model, profile=profile, interval=3, warmup=2)
     try:
@@ -109,6 +114,42 @@ def test_a_run_on_other_settings_is_told_once(caplog):
     told = [r.message for r in caplog.records if "chosen for" in r.message]
     assert len(told) == 1 and "steps 50 vs 8" in told[0] and "two guidance branches" in told[0]
     assert any("steps 50 vs 8" in n for n in notes)
+
+
+def _guided_sample(model, profile, guard, chosen_guidance):
+    """A two-branch guided run (guidance 2.0, 8 steps) with ``profile`` marked as chosen at
+    ``chosen_guidance``: the final latent and the cond branch's stats."""
+    cond, uncond = Inputs(seed=1), Inputs(seed=2)
+    profile.metadata.update(interval=3, warmup=2, chosen_for=RunSettings(
+        steps=8, guidance_scale=chosen_guidance, interval=3, warmup=2).to_json())
+    guided = two_branches(cond, uncond, 8)
+
+    hyca.enable(model, profile=profile, interval=3, warmup=2, guard=guard)
+    try:
+        out, _ = euler_sample(model, cond, 8, guided)
+        return out, hyca.stats(model)[0]
+    finally:
+        hyca.disable(model)
+
+
+def test_a_profile_chosen_without_guidance_starts_a_guided_run_from_plain_reuse():
+    """An unguided profile's solvers were never scored on cond - uncond, and 8 steps at N=3
+    leave the guard no steady check to demote them by: with the guard on, the run forecasts
+    as a uniform reuse profile would; the switches and the reason are in the stats.
+    With the guard off (the paper's engine) or a profile chosen with guidance, the profile's
+    solvers forecast."""
+    model = tiny_flux()
+    mixed = random_profile(fingerprint(model), seed=3)
+    reuse, _ = _guided_sample(model, hyca.Profile.uniform("reuse", 5, 32), True, 1.0)
+    guarded, stats = _guided_sample(model, mixed, True, 1.0)
+    # the same forecasts; the per-solver sums (cache.py) differ from one sum by float rounding
+    torch.testing.assert_close(guarded, reuse, rtol=1e-5, atol=1e-5)
+    assert stats.switches and all(s.to == "reuse" and s.step == 1 for s in stats.switches)
+    assert any("starts every solver group from plain reuse" in n for n in stats.notes)
+    paper, stats = _guided_sample(model, mixed, False, 1.0)
+    assert (paper - reuse).abs().max() > 1e-2 and not stats.switches
+    matched, stats = _guided_sample(model, mixed, True, 2.0)
+    assert (matched - reuse).abs().max() > 1e-2 and not stats.switches
 
 
 def test_the_engine_takes_the_profiles_schedule_start():

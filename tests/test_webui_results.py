@@ -92,6 +92,32 @@ def test_probed_profile_records_the_settings_of_its_pass(automatic, capsys):
     assert "steps 12 vs 8" in lines[0] and "guidance 3.5 vs 1" in lines[0] and "guard (on)" in lines[0]
 
 
+def test_a_profile_probed_without_guidance_starts_a_guided_pass_from_plain_reuse(automatic, capsys):
+    """As on diffusers (HybridCache.start_from_reuse): a pass with guidance on a profile
+    probed without it starts every solver group from reuse, says so, and lists the switches."""
+    import torch
+
+    from hyca.math.solvers import pool_names
+    from hyca.profiles.io import read_profile, save_profile
+
+    with Frontend("forge_flux") as f:
+        f.run(args(True, 3, 2, profile="automatic"), steps=10, cfg_scale=1.0)  # probes, unguided
+    # the tiny model's probe picks reuse everywhere: give its groups a solver to switch from
+    (path,) = automatic.glob("*.safetensors")
+    profile, _ = read_profile(path)
+    profile.solvers = torch.full_like(profile.solvers, pool_names().index("taylor-1"))
+    save_profile(profile, path)
+    with Frontend("forge_flux") as f:
+        _, p = f.run(args(True, 3, 2, profile="automatic", guard=True), steps=10, cfg_scale=4.0)
+        out = capsys.readouterr().out
+        _, p_off = f.run(args(True, 3, 2, profile="automatic", guard=False), steps=10, cfg_scale=4.0)
+    line = next(line for line in out.splitlines() if "chosen for other settings" in line)
+    assert "guidance 1 vs 4" in line and "starts every solver group from plain reuse" in line
+    switches = p.extra_generation_params["HyCa guard switches"].split(", ")
+    assert switches and all(re.fullmatch(r"\S+ -> reuse at step 0", s) for s in switches), switches
+    assert "HyCa guard switches" not in p_off.extra_generation_params
+
+
 def test_no_settings_message_for_uniform_profiles_or_the_same_settings(automatic, capsys):
     with Frontend("forge_flux") as f:
         f.run(args(True, 3, 2), steps=10)

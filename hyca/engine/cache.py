@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ..math.solvers import Solver, pool
+from ..math.solvers import Solver, pool, pool_names
 from ..profiles.profile import Profile
 from ..profiles.settings import RunSettings, differences
 from .forecast import forecast
@@ -136,6 +136,7 @@ class HybridCache:
         self.chosen_for = RunSettings.of_profile(profile.metadata)
         self.compare_settings = compare_settings
         self._told: set[str] = set()
+        self._start_from_reuse = False  # set by distrust_guidance
         dim_solvers = profile.dim_solvers()  # (blocks, dim)
         self.solver_ids: list[int] = torch.unique(dim_solvers).tolist()
         self.solvers: list[Solver] = [pool()[i] for i in self.solver_ids]
@@ -168,6 +169,8 @@ class HybridCache:
             state.computed_steps = deque(maxlen=self._max_history)
             state.active = list(self.solver_ids)
             state.strikes = [0] * len(self.solver_ids)
+            if self._start_from_reuse:
+                self.start_from_reuse(state)
         self._note_branch(state)
         if state.step == 1 and self.compare_settings:
             self._compare_settings(state)
@@ -273,9 +276,46 @@ class HybridCache:
             found.append(f"guidance: chosen at {self.chosen_for.guidance_scale:g}, this run has one branch")
         if not found:
             return
+        unguided_profile = self.chosen_for.guided is False and branches > 1
+        if not self.guard:
+            guard = ""
+        elif unguided_profile:
+            guard = ("; the guard starts every solver group from plain reuse and gives a group its solver back when "
+                     "that solver wins its checks")
+        else:
+            guard = "; the guard checks its forecasts"
         message = (f"the profile was chosen for {self.chosen_for.describe()} and this run differs ({'; '.join(found)})"
-                   f"{'; the guard checks its forecasts' if self.guard else ''}. For a profile chosen at these settings: "
+                   f"{guard}. For a profile chosen at these settings: "
                    "hyca.enable(pipe, ..., num_inference_steps=..., guidance_scale=...) probes one once")
+        if unguided_profile and self.guard:
+            self.start_from_reuse(state)
+        self._say(state, message)
+
+    def start_from_reuse(self, state: BranchState) -> None:
+        """Switch every solver group of ``state`` to plain reuse before it forecasts: what a
+        profile chosen without guidance does on a guided run. Its solvers stay candidates and
+        win their groups back at the guard's checks (:func:`guard.candidates`).
+
+        Why not trust the profile and let the guard demote it: guidance multiplies the
+        forecasts' errors on ``cond - uncond``, which an unguided probe never scored, and the
+        guard needs two steady checks (the third computed step after warm-up, at the
+        earliest) before it may switch. At 20-28 steps with N >= 4 that comes after most of the
+        forecasts, or never: on the reference model's guided grid cells the shipped
+        profiles (chosen at 50 steps, no guidance) gave 21.96 dB with the guard against
+        30.78 dB for plain reuse (``python -m hyca.bench --grid``)."""
+        reuse = pool_names().index("reuse")
+        for slot, solver in enumerate(state.active):
+            if solver != reuse:
+                self._switch(state, slot, reuse, state.step)
+
+    def distrust_guidance(self) -> None:
+        """For hosts that know the run's guidance before it starts (a WebUI pass): every
+        branch that begins from now on starts its groups from plain reuse, as
+        :meth:`start_from_reuse`. Without the guard it does nothing."""
+        self._start_from_reuse = self.guard
+
+    def _say(self, state: BranchState, message: str) -> None:
+        """A note in the run's stats, logged once per engine."""
         state.stats.note(message)
         if message not in self._told:
             self._told.add(message)

@@ -204,7 +204,8 @@ class Controller:
         self.chosen, self.noted_sigma, self.run_settings = chosen, None, None
         guidance = getattr(p, "cfg_scale", None)
         self.session = PassSession(engine, lambda: pass_sigmas(p, hires), label,
-                                   on_schedule=lambda sigmas: self._note_settings(chosen, settings, sigmas, guidance))
+                                   on_schedule=lambda sigmas: self._note_settings(chosen, settings, sigmas, guidance,
+                                                                                   engine))
         self.probe_fp = fingerprint(model, adapter) if isinstance(engine, probe.ProbeEngine) else None
         self.pass_key, self.session_adapter = key, adapter
         self.say_once(f"{adapter.name}: hooked through "
@@ -217,7 +218,8 @@ class Controller:
             self._gate_calls(model)
         return True
 
-    def _note_settings(self, chosen: Chosen, settings: Settings, sigmas: list[float] | None, guidance: Any) -> None:
+    def _note_settings(self, chosen: Chosen, settings: Settings, sigmas: list[float] | None, guidance: Any,
+                       engine: Any = None) -> None:
         """The pass's schedule is known: what it runs with (a probing pass writes it into
         its profile), and, for a profile chosen for other settings, what differs (once)."""
         try:
@@ -230,10 +232,18 @@ class Controller:
             compute_last=settings.compute_last, positions="step")
         if chosen.profile is None:
             return
-        differ = differences(RunSettings.of_profile(chosen.profile.metadata), self.run_settings)
-        if differ:
+        chosen_for = RunSettings.of_profile(chosen.profile.metadata)
+        differ = differences(chosen_for, self.run_settings)
+        if differ and settings.guard and chosen_for.guided is False and self.run_settings.guided \
+                and isinstance(engine, HybridCache):
+            # as the diffusers engine does on a guided run (HybridCache.start_from_reuse)
+            engine.distrust_guidance()
+            guard = ("the guard (on) starts every solver group from plain reuse and gives a group its solver back "
+                     "when that solver wins its checks (a profile chosen without guidance, on a guided pass)")
+        elif differ:
             guard = ("the guard (on) switches any solver group that forecasts worse than a lower order on this run"
                      if settings.guard else "the guard is off: turn it on to check every solver on this run")
+        if differ:
             self.say_once(f"profile {chosen.source} was chosen for other settings ({'; '.join(differ)}); {guard}")
 
     def _interval_for_target(self, p: Any, settings: Settings, hires: bool) -> Settings:
