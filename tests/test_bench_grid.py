@@ -32,7 +32,7 @@ def cell(tmp_path_factory):
 
 def test_every_method_runs_in_the_cell(cell):
     names = {r["method"] for r in cell["rows"]}
-    assert {grid.HYCA, grid.HYCA_EQ5, grid.STEPS, grid.MAGCACHE, *grid.PEERS} <= names
+    assert {grid.HYCA, grid.HYCA_NO_GUARD, grid.HYCA_EQ5, grid.STEPS, grid.MAGCACHE, *grid.PEERS} <= names
     assert {grid.SINGLE + n for n in pool_names()} <= names
     short = Schedule(4, SETTINGS.warmup).short_start(20)
     assert ({grid.SINGLE_SHORT + n for n in pool_names()} <= names) == (short is not None)
@@ -85,3 +85,19 @@ def test_the_command_line_runs_and_resumes(tmp_path, capsys):
     assert out.count("cell steps=20") == 1 and (tmp_path / "grid-quick-tiny.md").is_file()
     assert np.isfinite(grid.read(tmp_path / "grid-quick-tiny.jsonl")[0]["rows"][0]["psnr"])
     torch.manual_seed(0)
+
+
+def test_remeasure_replaces_only_the_named_rows(cell, tmp_path):
+    """Measured again with the same code, a row comes back the same (the grid is
+    deterministic); the other rows are left as they were, and the cell says what changed."""
+    out = tmp_path / "grid.jsonl"
+    out.write_text(json.dumps(cell) + "\n")
+    name = grid.SINGLE + "taylor-1"
+    (again,) = grid.remeasure(SETTINGS, out, [name], pipe=tiny_components(seed=0), log=lambda _: None)
+    before, after = ({r["method"]: r for r in c["rows"]} for c in (cell, again))
+    assert after[name]["psnr_per_prompt"] == pytest.approx(before[name]["psnr_per_prompt"], abs=1e-3)
+    assert {k: v for k, v in after.items() if k != name} == {k: v for k, v in before.items() if k != name}
+    assert again["remeasured"] == [name] and grid.read(out) == [again]
+    assert "Measured again in 1 cell with" in grid_report.markdown([again], "python -m hyca.bench --grid")
+    with pytest.raises(ValueError, match="cannot measure"):
+        grid.remeasure(SETTINGS, out, [grid.HYCA], pipe=tiny_components(seed=0), log=lambda _: None)

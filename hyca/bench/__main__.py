@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard", default="0/1", metavar="I/N", help="--grid: run every N-th cell starting at I")
     p.add_argument("--resume", action="store_true", help="--grid: keep the cells already in the results file")
     p.add_argument("--report-only", action="store_true", help="--grid: redraw tables and heatmap from the results")
+    p.add_argument("--remeasure", action="append", metavar="METHOD",
+                   help="--grid: measure this method again in every cell of the results (repeatable; methods "
+                        "without a probe, e.g. 'HyCa (shipped profile, guard)')")
     p.add_argument("--model", choices=("reference", "tiny"), default="reference",
                    help="reference: the shipped trained model; tiny: random weights, for wiring checks")
     p.add_argument("--model-path", help="reference-model folder (default: the shipped models/reference)")
@@ -120,7 +123,9 @@ def _grid(args: argparse.Namespace, name: str, command: str) -> int:
         settings = replace(settings, prompts=args.prompts)
     index, count = (int(v) for v in args.shard.split("/"))
     results = args.out / (f"{name}.jsonl" if count == 1 else f"{name}.shard{index}of{count}.jsonl")
-    if not args.report_only:
+    if args.remeasure:
+        grid.remeasure(settings, results, args.remeasure, log=lambda message: print(message, flush=True))
+    elif not args.report_only:
         import time
 
         started = time.perf_counter()

@@ -8,6 +8,8 @@ interval N (warm-up fixed). In each cell, on held-out captions of the reference 
 * **HyCa** as a user gets it at those settings: the probe (closed-loop choice, on
   calibration captions of the training split, at the cell's steps, guidance and N), run
   with the guard on;
+* **HyCa (no guard)**: the same profile with the guard off (what the guard costs or buys
+  on a profile chosen for the run's settings);
 * **HyCa (eq. 5)**: the paper's open-loop choice, guard off;
 * **HyCa (shipped profile)**: the profile shipped for N (chosen at 50 steps, no guidance,
   shift 1), with and without the guard: what a run at other settings gets without a probe;
@@ -53,6 +55,7 @@ from .metrics import psnr, ssim
 PSNR_CAP = 100.0
 HYCA = "HyCa"
 HYCA_EQ5 = "HyCa (eq. 5, paper)"
+HYCA_NO_GUARD = "HyCa (no guard)"
 SHIPPED = "HyCa (shipped profile, guard)"
 SHIPPED_NO_GUARD = "HyCa (shipped profile, no guard)"
 SINGLE = "single: "
@@ -156,8 +159,8 @@ def engine(name: str, profile: Any, interval: int, warmup: int, guard: bool, **i
 
 
 def hyca_methods(work: Workload, cell: tuple, settings: GridSettings) -> tuple[list[Method], dict]:
-    """HyCa as probed at the cell's settings (closed loop, guard on), eq. 5 alone (guard
-    off), and the shipped profile with and without the guard."""
+    """HyCa as probed at the cell's settings (closed loop) with and without the guard, and
+    eq. 5 alone (guard off)."""
     from ..adapters.diffusers.probe import probe
 
     steps, guidance, _, interval = cell
@@ -178,12 +181,30 @@ def hyca_methods(work: Workload, cell: tuple, settings: GridSettings) -> tuple[l
             "closed_loop_choice": report.get("chosen"), "closed_loop_trials": report.get("trials", []),
             "profile": _solver_shares(closed)}
     methods = [engine(HYCA, closed, interval, settings.warmup, True),
+               engine(HYCA_NO_GUARD, closed, interval, settings.warmup, False),
                engine(HYCA_EQ5, eq5, interval, settings.warmup, False)]
+    return methods, info
+
+
+def fixed_methods(work: Workload, cell: tuple, settings: GridSettings) -> list[Method]:
+    """Every method that needs neither a probe nor a calibration run: the shipped profile
+    (with and without the guard), the single solvers, diffusers TaylorSeer, fewer steps."""
+    from ..adapters.diffusers.families import blocks_of, family_of, head_of, hidden_size
+
+    steps, _, _, interval = cell
+    methods = []
     shipped = _shipped_profile(work.pipe, interval) if settings.shipped else None
     if shipped is not None:
         methods += [engine(SHIPPED, shipped, interval, settings.warmup, True),
                     engine(SHIPPED_NO_GUARD, shipped, interval, settings.warmup, False)]
-    return methods, info
+    transformer = work.pipe.transformer
+    head = head_of(transformer, family_of(transformer))
+    methods += single_methods(interval, settings.warmup, steps, len(blocks_of(transformer, family_of(transformer))),
+                              hidden_size(transformer), None if head is None else head.in_features)
+    methods += [taylorseer(interval, settings.warmup, order, lite) for lite in (True, False) for order in (1, 2)]
+    computed = sum(Schedule(interval, settings.warmup).plan(steps))
+    methods.append(Method(STEPS, steps=computed, info={"steps": computed}))
+    return methods
 
 
 def _shipped_profile(pipe: Any, interval: int) -> Any:
@@ -259,15 +280,8 @@ def run_cell(work: Workload, cell: tuple, settings: GridSettings) -> dict:
         full_flops = TransformerFlops()
         full = work.generate(steps, guidance, count=full_flops)
         methods, info = hyca_methods(work, cell, settings)
-        from ..adapters.diffusers.families import blocks_of, family_of, head_of, hidden_size
-
-        transformer = work.pipe.transformer
-        head = head_of(transformer, family_of(transformer))
-        methods += single_methods(interval, settings.warmup, steps, len(blocks_of(transformer, family_of(transformer))),
-                                  hidden_size(transformer), None if head is None else head.in_features)
-        methods += [taylorseer(interval, settings.warmup, order, lite) for lite in (True, False) for order in (1, 2)]
+        methods += fixed_methods(work, cell, settings)
         computed = sum(Schedule(interval, settings.warmup).plan(steps))
-        methods.append(Method(STEPS, steps=computed, info={"steps": computed}))
         calibration_full = TransformerFlops()
         work.generate(steps, guidance, calibration=True, count=calibration_full, count_batches=10 ** 6)
 
@@ -333,6 +347,42 @@ def run(settings: GridSettings, out: Path, shard: tuple[int, int] = (0, 1), resu
     return results
 
 
+def remeasure(settings: GridSettings, out: Path, names: list[str], pipe: Any = None,
+              log: Callable[[str], None] = print) -> list[dict]:
+    """Measure the methods ``names`` again in every cell of ``out`` and replace their rows
+    (marked in the cell's ``remeasured``): after a change that touches only them, without
+    the hours of a full run. Only :func:`fixed_methods` can be measured again this way.
+
+    Raises ``ValueError`` for a name that is not one of them."""
+    from .workload import load
+
+    cells = read(out)
+    if not cells:
+        return []
+    torch.set_num_threads(settings.threads)
+    pipe = pipe if pipe is not None else load(settings.model, settings.model_path)
+    work = Workload(pipe, settings)
+    for result in cells:
+        cell = tuple(result["cell"][k] for k in ("steps", "guidance", "shift", "interval"))
+        started = time.perf_counter()
+        with shifted(work.pipe, cell[2]):
+            available = {m.name: m for m in fixed_methods(work, cell, settings)}
+            unknown = [n for n in names if n not in available]
+            if unknown:
+                raise ValueError(f"cannot measure {unknown} again (only {sorted(available)})")
+            full_flops = TransformerFlops()
+            full = work.generate(cell[0], cell[1], count=full_flops)
+            rows = {n: measure(work, available[n], cell, full, full_flops) for n in names}
+        result["rows"] = [rows.get(r["method"], r) for r in result["rows"]] + \
+            [row for n, row in rows.items() if n not in {r["method"] for r in result["rows"]}]
+        result.setdefault("remeasured", []).extend(n for n in names if n not in result.get("remeasured", []))
+        log(f"cell {cell}: measured {', '.join(names)} again ({time.perf_counter() - started:.0f} s)")
+    temporary = out.with_suffix(".tmp")
+    temporary.write_text("".join(json.dumps(c) + "\n" for c in cells))
+    temporary.replace(out)
+    return cells
+
+
 def _key(cell: dict) -> tuple:
     return (cell["steps"], float(cell["guidance"]), float(cell["shift"]), cell["interval"])
 
@@ -358,4 +408,4 @@ def margins(result: dict) -> dict[str, Any]:
             "peer": hy["psnr"] - fast[best_peer]["psnr"] if best_peer else None, "best_peer": best_peer}
 
 
-__all__ = ["GridSettings", "QUICK", "margins", "read", "run", "run_cell"]
+__all__ = ["GridSettings", "QUICK", "margins", "read", "remeasure", "run", "run_cell"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .grid import HYCA, PEERS, SHIPPED, SHIPPED_NO_GUARD, SINGLE, SINGLE_OUTPUT, SINGLE_SHORT, SINGLES, margins
+from .grid import HYCA, HYCA_NO_GUARD, PEERS, SHIPPED, SHIPPED_NO_GUARD, SINGLE, SINGLE_OUTPUT, SINGLE_SHORT, SINGLES, margins
 
 FAIL = -0.2  # dB: the issue's bar for "not worse than the best single solver"
 SPLITS = 200
@@ -32,6 +32,10 @@ def _rows(cell: dict) -> dict[str, dict]:
 def _label(cell: dict) -> str:
     c = cell["cell"]
     return f"{c['steps']} steps, guidance {c['guidance']:g}, shift {c['shift']:g}"
+
+
+def _where(cell: dict) -> str:
+    return f"{_label(cell)}, N={cell['cell']['interval']}"
 
 
 def split_half(cell: dict, seed: int = 0) -> float:
@@ -127,7 +131,7 @@ def markdown(cells: list[dict], command: str) -> str:
         f"Cells: {len(cells)}; held-out captions per cell: {settings.get('prompts')} (batches of "
         f"{settings.get('batch')}); probe: {settings.get('calibration_prompts')} calibration captions of the "
         f"training split at each cell's settings; warm-up {settings.get('warmup')}; run time {seconds / 60:.0f} min "
-        "(sum over cells; shards run side by side).", "",
+        "(sum over cells; shards run side by side).", *_remeasured(cells), "",
         "PSNR / SSIM against full compute of the same caption and seed, averaged over captions. **HyCa** is the "
         "default: the closed-loop probe at the cell's settings, guard on. Single solvers and eq. 5 run without "
         "the guard (the paper's engine).", "",
@@ -162,6 +166,16 @@ def markdown(cells: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _remeasured(cells: list[dict]) -> list[str]:
+    """Rows measured again after the run (``--remeasure``), said under the command."""
+    names = sorted({n for c in cells for n in c.get("remeasured", [])})
+    if not names:
+        return []
+    count = sum(1 for c in cells if c.get("remeasured"))
+    return [f"Measured again in {count} cell{'' if count == 1 else 's'} with `--remeasure` after an engine "
+            f"change (the code of the command's commit): {', '.join(names)}."]
+
+
 def guard_lines(cells: list[dict]) -> list[str]:
     out = []
     for guided in (False, True):
@@ -175,6 +189,17 @@ def guard_lines(cells: list[dict]) -> list[str]:
         out.append(f"- {'guided' if guided else 'unguided'} cells ({len(chosen)}): shipped profile (chosen at 50 "
                    f"steps, no guidance, shift 1) {off:.2f} dB without the guard, {on:.2f} dB with it; plain reuse "
                    f"{reuse:.2f} dB; HyCa probed at the cell's settings {hy:.2f} dB")
+        below = sorted((_rows(c)[SHIPPED]["psnr"] - _rows(c)[SINGLE + "reuse"]["psnr"], _where(c)) for c in chosen)
+        worse = [(d, label) for d, label in below if d < FAIL]
+        out.append(f"  - shipped profile with the guard more than {-FAIL:g} dB below plain reuse in {len(worse)} of "
+                   f"{len(chosen)} cells" + (": " + ", ".join(f"{label} {d:+.2f}" for d, label in worse) if worse
+                                             else ""))
+    matched = [c for c in cells if HYCA_NO_GUARD in _rows(c)]
+    if matched:
+        deltas = sorted((_rows(c)[HYCA]["psnr"] - _rows(c)[HYCA_NO_GUARD]["psnr"], _where(c)) for c in matched)
+        out.append(f"- on the profile probed at the cell's settings ({len(matched)} cells), the guard changes PSNR "
+                   f"by {statistics.mean(d for d, _ in deltas):+.2f} dB on average (worst {deltas[0][0]:+.2f} at "
+                   f"{deltas[0][1]}, best {deltas[-1][0]:+.2f} at {deltas[-1][1]})")
     return out
 
 
