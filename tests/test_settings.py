@@ -152,6 +152,16 @@ def test_a_profile_chosen_without_guidance_starts_a_guided_run_from_plain_reuse(
     assert (matched - reuse).abs().max() > 1e-2 and not stats.switches
 
 
+def test_a_scale_up_to_one_is_no_guidance_in_diffusers():
+    """Diffusers pipelines guide only above 1 (``do_classifier_free_guidance``): a call at
+    0.5 runs one branch, so it reads as unguided, as the pipeline runs it."""
+    from hyca.adapters.diffusers.settings import guidance_of
+
+    pipe = tiny_pipeline(tiny_flux())
+    assert guidance_of(pipe, {"true_cfg_scale": 0.5}) == 1.0 and guidance_of(pipe, {"true_cfg_scale": 3.0}) == 3.0
+    assert RunSettings(guidance_scale=guidance_of(pipe, {"true_cfg_scale": 0.5})).guided is False
+
+
 def test_the_engine_takes_the_profiles_schedule_start():
     profile = hyca.Profile.uniform("taylor-1", 5, 32)
     profile.metadata.update(interval=6, warmup=3, first_interval=2)

@@ -173,7 +173,8 @@ def enable(
     (:mod:`hyca.engine.guard`). ``False`` is the paper's behaviour. Switches show in
     :func:`stats` (``switches``).
     ``num_inference_steps`` / ``guidance_scale``: the settings you will sample with (the
-    classifier-free guidance scale: ``true_cfg_scale`` for FLUX and Qwen-Image, 1 for none).
+    classifier-free guidance scale: ``true_cfg_scale`` for FLUX and Qwen-Image, 1 for none;
+    as in diffusers' pipelines, a scale up to 1 is no guidance).
     A profile is chosen for one setting; ``"auto"`` prefers one made for yours and, when
     you give them and only profiles for other settings exist, probes one for yours (once;
     cached). A run that differs from its profile's settings is told so once (log and
@@ -183,7 +184,8 @@ def enable(
     schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
     cache_dtype = _cache_dtype(cache_dtype)
     _check_run(guard, num_inference_steps, guidance_scale, profile, target)
-    run = RunSettings(steps=num_inference_steps, guidance_scale=guidance_scale, interval=interval, warmup=warmup,
+    guidance = None if guidance_scale is None else max(float(guidance_scale), 1.0)  # diffusers guides above 1 only
+    run = RunSettings(steps=num_inference_steps, guidance_scale=guidance, interval=interval, warmup=warmup,
                       compute_last=compute_last, positions=positions,
                       shift=schedule_shift(scheduler if scheduler is not None else getattr(target, "scheduler", None)))
     told_settings = num_inference_steps is not None or guidance_scale is not None

@@ -15,12 +15,16 @@ def guidance_of(pipe: Any, call: dict[str, Any]) -> float | None:
     """The classifier-free guidance scale a call of ``pipe`` with arguments ``call`` runs at:
     ``true_cfg_scale`` where the pipeline has it (FLUX, Qwen-Image, HunyuanVideo: their
     ``guidance_scale`` is distilled guidance, an input of the model), else ``guidance_scale``;
-    the pipeline's default when the call does not set it. None when the pipeline has neither."""
+    the pipeline's default when the call does not set it. None when the pipeline has neither.
+    Diffusers pipelines guide only above 1 (``do_classifier_free_guidance``: scale > 1), so
+    any scale up to 1 is 1.0, no guidance."""
     name = _guidance_name(pipe)
     if name is None:
         return None
     value = call.get(name, inspect.signature(type(pipe).__call__).parameters[name].default)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return max(float(value), 1.0)
 
 
 def schedule_shift(scheduler: Any) -> float | None:
