@@ -159,3 +159,54 @@ def test_a_loop_driven_by_another_scheduler_still_caches_and_says_the_count_is_u
     assert (stats.computed, stats.forecast) == (4, 6)  # 0, 1, 4, 7: cached, the last step not known to be last
     assert any("step count unknown" in n for n in stats.notes)
     assert sum("step count unknown" in r.message for r in caplog.records) == 1
+
+
+class Cancel(Exception):
+    """A UI's cancel: raised from callback_on_step_end or a forward pre-hook."""
+
+
+@pytest.mark.parametrize("where", ["callback at step 0", "callback at step 1", "transformer call 2",
+                                   "transformer call 4"])
+def test_a_cancelled_guided_run_leaves_nothing_for_the_next_unguided_one(where):
+    """The uncond branch of a guided run cancelled early must not count as a guidance branch
+    of the next run: an unguided run after it equals the same run on a fresh pipeline (a
+    profile chosen without guidance would otherwise start it from plain reuse)."""
+    from hyca.adapters.diffusers.fingerprint import fingerprint
+    from hyca.profiles.settings import RunSettings
+
+    from profile_helpers import random_profile
+
+    base = tiny_flux()
+    profile = random_profile(fingerprint(base), seed=4, interval=3, warmup=2,
+                             chosen_for=RunSettings(steps=STEPS, guidance_scale=1.0, interval=3, warmup=2).to_json())
+    fresh_pipe, pipe = tiny_pipeline(fresh_copy(base)), tiny_pipeline(base)
+    hyca.enable(fresh_pipe, profile=profile, interval=3, warmup=2)
+    expected = generate(fresh_pipe)
+    hyca.enable(pipe, profile=profile, interval=3, warmup=2)
+    g = torch.Generator().manual_seed(5)
+    guided = dict(negative_prompt_embeds=torch.randn(1, 5, 32, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, 24, generator=g), true_cfg_scale=3.0)
+    kind, at = where.rsplit(" ", 1)
+    calls = []
+
+    def cancel_call(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == int(at):
+            raise Cancel(where)
+
+    def cancel_step(p, i, t, tensors):
+        if i == int(at):
+            raise Cancel(where)
+        return tensors
+
+    handle = pipe.transformer.register_forward_pre_hook(cancel_call, with_kwargs=True) \
+        if kind == "transformer call" else None
+    with pytest.raises(Cancel):
+        generate(pipe, **guided, **({"callback_on_step_end": cancel_step} if kind == "callback at step" else {}))
+    if handle is not None:
+        handle.remove()
+    after = generate(pipe)
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)
+    assert hyca.stats(pipe)[0].notes == hyca.stats(fresh_pipe)[0].notes
+    assert hyca.stats(pipe)[0].switches == hyca.stats(fresh_pipe)[0].switches
+    assert not any(s.step < 3 for s in hyca.stats(pipe)[0].switches)  # nothing started from reuse

@@ -161,6 +161,8 @@ class HybridCache:
                                (position is not None and position == state.first_position)):
             state.reset()
         if state.step == 0:
+            if self._left_over(state):
+                self.forget_runs()
             state.first_position = position
             state.signature = signature
             state.total_steps = total_steps
@@ -320,6 +322,20 @@ class HybridCache:
         if message not in self._told:
             self._told.add(message)
             logger.warning("HyCa: %s", message)
+
+    def forget_runs(self) -> None:
+        """Drop what the engine keeps across the branches of one run (which branches began
+        each step, the last guard check): a host calls it when it resets its branch states
+        (a pipeline call's end); :meth:`begin_step` also does when a new run begins with
+        bookkeeping left over from a run that was cut short."""
+        self._begun.clear()
+        self._last_check = None
+
+    def _left_over(self, state: BranchState) -> bool:
+        """Whether ``state``, beginning its step 0, finds an earlier run's bookkeeping: it
+        is already counted at step 0 (it began there before). A guided run cancelled early
+        would otherwise leave its uncond branch counted in the next run's step 0."""
+        return id(state) in self._begun.get(0, ())
 
     def _note_branch(self, state: BranchState) -> None:
         """Which branch states begin each step: more than one means guidance branches."""

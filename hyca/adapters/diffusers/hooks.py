@@ -746,6 +746,9 @@ class HyCaRoot:
                 logger.info("HyCa [%s]: %s", name, state.stats.describe())
         self.states.reset()
         self._open = None
+        forget = getattr(self.engine, "forget_runs", None)  # the probe's recorder has no runs to forget
+        if forget is not None:
+            forget()
 
     def reset_state(self, module: Any = None) -> Any:
         self.reset()
