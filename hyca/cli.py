@@ -9,6 +9,7 @@ for anything the user can fix (bad profile file, Hub failure, missing model).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -67,12 +68,43 @@ def _load_pipeline(model: str, dtype: str | None, device: str | None) -> Any:
     return pipe.to(device)
 
 
+def _check_probe_args(args: argparse.Namespace) -> None:
+    """What can be told wrong before a model is loaded and a probe run."""
+    import torch
+
+    for name in ("height", "width"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise CLIError(f"--{name} must be a positive number of pixels, got {getattr(args, name)}")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 32:
+        raise CLIError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    if args.guidance_scale is not None and not args.guidance_scale >= 0:
+        raise CLIError(f"--guidance-scale must be >= 0 (1 = no guidance), got {args.guidance_scale}")
+    if args.shift is not None and not args.shift > 0:
+        raise CLIError(f"--shift must be positive, got {args.shift}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as err:
+            raise CLIError(f"--device {args.device!r} is not a torch device ({str(err).splitlines()[0]})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"--device {args.device}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+    if args.output is not None and not (Path(args.output).is_dir() or args.output.endswith(("/", "\\"))):
+        folder = Path(args.output).parent
+        if not folder.is_dir():
+            raise CLIError(f"-o {args.output}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise CLIError(f"-o {args.output}: the folder {folder} is not writable")
+    if args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
+        raise CLIError(f"--model {args.model}: no such folder")
+
+
 def _cmd_probe(args: argparse.Namespace) -> int:
     try:
         from .adapters.diffusers.fingerprint import fingerprint as diffusers_fingerprint
         from .adapters.diffusers.probe import probe
     except ImportError as err:
         raise CLIError(f"the probe is not available in this install ({err})") from None
+    _check_probe_args(args)
     pipe = _load_pipeline(args.model, args.dtype, args.device)
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
@@ -82,8 +114,6 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     except TypeError as err:
         raise CLIError(str(err)) from None
     extra: dict[str, Any] = {}  # the reference pipeline names its own probe defaults (hyca_probe_defaults)
-    if args.shift is not None and not args.shift > 0:
-        raise CLIError(f"--shift must be positive, got {args.shift}")
     if args.guidance_scale is not None:
         from .adapters.diffusers.settings import guidance_argument
 
@@ -111,7 +141,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         out = Path(args.output) / name
     else:
         out = Path(args.output)
-    save_profile(profile, out, fp)
+    try:
+        save_profile(profile, out, fp)
+    except OSError as err:
+        raise CLIError(f"cannot write {out}: {err.strerror or err}") from None
     print(f"saved profile to {out}")
     print(summary(load_profile(out), out))
     return 0

@@ -179,4 +179,36 @@ def test_probe_writes_a_profile_for_a_saved_reference_model(tmp_path, capsys):
 def test_probe_of_a_missing_model_is_one_line(tmp_path, capsys):
     assert main(["probe", "--model", str(tmp_path / "no-such-model")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("hyca probe: error: cannot load a diffusers pipeline")
+    assert err == [f"hyca probe: error: --model {tmp_path / 'no-such-model'}: no such folder"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--height", "0"], "--height must be a positive number of pixels, got 0"),
+    (["--width", "-8"], "--width must be a positive number of pixels, got -8"),
+    (["--seed", "-5"], "--seed must be between 0 and 2**32 - 1, got -5"),
+    (["--guidance-scale", "-2"], "--guidance-scale must be >= 0 (1 = no guidance), got -2.0"),
+    (["--shift", "0"], "--shift must be positive, got 0.0"),
+    (["--device", "foo"], "--device 'foo' is not a torch device"),
+    (["-o", "/no/such/folder/p.safetensors"],
+     "-o /no/such/folder/p.safetensors: the folder /no/such/folder does not exist"),
+])
+def test_probe_arguments_are_checked_before_any_model_loads(argv, message, capsys):
+    assert main(["probe", "--model", "reference", *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"hyca probe: error: {message}"), err
+
+
+def test_probe_on_a_cuda_device_without_one_is_one_line(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["probe", "--model", "reference", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA device here" in err[0]
+
+
+def test_show_of_a_folder_says_so(tmp_path, capsys):
+    assert main(["show", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == (f"hyca show: error: {tmp_path} is a folder; give one of its "
+                                               ".safetensors profile files")

@@ -274,3 +274,13 @@ def test_a_pipeline_names_its_own_probe_defaults():
     mine = probe(pipe, prompt="a small red circle at the center on a white background", steps=6, interval=2,
                  warmup=1, clusters=2, progress=False, selection="eq5")
     assert mine.metadata["probe"]["prompt"] == "a small red circle at the center on a white background"
+
+
+@pytest.mark.parametrize("size", [dict(height=0), dict(width=-8), dict(height=2.5), dict(width=True)])
+def test_a_probe_of_no_pixels_is_refused(size):
+    """A 0-pixel probe would record empty residuals and save a profile of nothing, which
+    reads as plain reuse everywhere."""
+    from hyca.reference import tiny_components
+
+    with pytest.raises(ValueError, match="must be a positive number of pixels"):
+        probe(tiny_components(seed=0), steps=6, interval=2, warmup=1, **size)

@@ -134,8 +134,8 @@ class ReplayErrors:
             raise ValueError(f"the replay saw {self.step} of the {len(self.plan)} planned steps")
         if self._errors is None:
             raise ValueError(
-                "the schedule forecasts no step, so no solver can be compared: use more steps "
-                "or a larger interval"
+                "the schedule forecasts no step (warm-up, every N-th step after it and the last one are "
+                "computed), so no solver can be compared: use more steps or fewer warm-up steps"
             )
         return Replay(self._errors.cpu(), self._energy.cpu(), self.targets, self.solvers)
 

@@ -124,6 +124,9 @@ class SketchRecorder:
         if state is not self._current or self.error is not None:
             return
         try:
+            if residual.numel() == 0:  # e.g. a 0-pixel image: a profile of nothing would read as "reuse"
+                raise ValueError(f"block {block} produced an empty residual {tuple(residual.shape)}: the probe's "
+                                 "image (or token count) is empty")
             if self.batched_guidance is not None:
                 residual = self._guided_halves(residual)
             self._sketches[self._role][block] = self._sketch(residual)

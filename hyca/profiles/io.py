@@ -324,6 +324,8 @@ def read_profile(path: str | os.PathLike, expected: Any = None, *,
     from safetensors.torch import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise ProfileError(f"{path} is a folder; give one of its .safetensors profile files")
     if not path.is_file():
         raise ProfileError(f"{path}: no such profile file")
     raw = read_raw_header(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
+import operator
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -310,6 +311,17 @@ def _quiet(pipe: Any) -> Iterator[None]:
             pipe._progress_bar_config = saved
 
 
+def _pixels(name: str, value: Any) -> int:
+    """A positive whole number of pixels (numpy integers too), else ``ValueError``."""
+    try:
+        pixels = operator.index(value) if not isinstance(value, bool) else 0
+    except TypeError:
+        pixels = 0
+    if pixels < 1:
+        raise ValueError(f"{name} must be a positive number of pixels, got {value!r}")
+    return pixels
+
+
 def probe(
     pipe: Any,
     prompt: str | list[str] | None = None,
@@ -349,6 +361,7 @@ def probe(
     given = {"prompt": prompt, "height": height, "width": width}
     fallback = {"prompt": DEFAULT_PROMPT, "height": 256, "width": 256}
     prompt, height, width = (v if v is not None else own.get(k, fallback[k]) for k, v in given.items())
+    height, width = (_pixels(name, value) for name, value in (("height", height), ("width", width)))
     options = {**{k: v for k, v in own.items() if k not in given}, **options}
     probe_keys = ("compute_last", "rows", "spectral_rows", "n_init", "candidates", "branch", "accumulate_on",
                   "selection", "guard", "on_progress", "target")
