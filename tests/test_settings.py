@@ -162,6 +162,31 @@ def test_a_scale_up_to_one_is_no_guidance_in_diffusers():
     assert RunSettings(guidance_scale=guidance_of(pipe, {"true_cfg_scale": 0.5})).guided is False
 
 
+def test_what_the_pipeline_runs_with_is_compared_not_what_enable_was_told():
+    """The scheduler swapped for a shifted one after ``hyca.enable``, and a guidance scale
+    other than the profile's: both are said in the run's notes, read from the pipeline that
+    runs (its scheduler's shift, the scale it keeps as ``_guidance_scale``)."""
+    from hyca.reference import tiny_components
+
+    pipe = tiny_components(seed=0)
+    from hyca.adapters.diffusers.families import blocks_of, family_of, hidden_size
+
+    blocks = len(blocks_of(pipe.transformer, family_of(pipe.transformer)))
+    profile = hyca.Profile.uniform("taylor-1", blocks, hidden_size(pipe.transformer))
+    profile.metadata.update(interval=3, warmup=2, chosen_for=RunSettings(
+        steps=8, guidance_scale=2.5, shift=1.0, interval=3, warmup=2).to_json())
+    hyca.enable(pipe, profile=profile, interval=3, warmup=2)
+    try:
+        pipe(["a red circle"], num_inference_steps=8, guidance_scale=2.5, output_type="pt")
+        assert not any(n for s in hyca.stats(pipe) for n in s.notes)  # the settings it was chosen for
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=3.0)
+        pipe(["a red circle"], num_inference_steps=8, guidance_scale=7.0, output_type="pt")
+        notes = [n for s in hyca.stats(pipe) for n in s.notes]
+    finally:
+        hyca.disable(pipe)
+    assert notes and all("guidance 2.5 vs 7" in n and "shift 1 vs 3" in n for n in notes)
+
+
 def test_the_engine_takes_the_profiles_schedule_start():
     profile = hyca.Profile.uniform("taylor-1", 5, 32)
     profile.metadata.update(interval=6, warmup=3, first_interval=2)

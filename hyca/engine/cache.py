@@ -137,6 +137,9 @@ class HybridCache:
         self.compare_settings = compare_settings
         self._told: set[str] = set()
         self._start_from_reuse = False  # set by distrust_guidance
+        #: what the host can tell about the run in progress beyond the engine's own view (the
+        #: scheduler's shift, a guidance scale the pipeline keeps); set by the host at step 0
+        self.host_run = RunSettings()
         dim_solvers = profile.dim_solvers()  # (blocks, dim)
         self.solver_ids: list[int] = torch.unique(dim_solvers).tolist()
         self.solvers: list[Solver] = [pool()[i] for i in self.solver_ids]
@@ -270,15 +273,16 @@ class HybridCache:
     def _compare_settings(self, state: BranchState) -> None:
         """At a branch's second step (the branches of step 0 have all begun): say once
         what differs between the run and the settings the profile was chosen for."""
-        found = differences(self.chosen_for, self.run_settings(state))
+        run = self.run_settings(state).merged(self.host_run)
+        found = differences(self.chosen_for, run)
         branches = self.guidance_branches()
-        if self.chosen_for.guided is False and branches > 1:
+        if self.chosen_for.guided is False and branches > 1 and run.guided is None:
             found.append("guidance: chosen without, this run has two guidance branches")
-        elif self.chosen_for.guided and branches == 1:
+        elif self.chosen_for.guided and branches == 1 and run.guided is None:
             found.append(f"guidance: chosen at {self.chosen_for.guidance_scale:g}, this run has one branch")
         if not found:
             return
-        unguided_profile = self.chosen_for.guided is False and branches > 1
+        unguided_profile = self.chosen_for.guided is False and (branches > 1 or bool(run.guided))
         if not self.guard:
             guard = ""
         elif unguided_profile:

@@ -71,6 +71,7 @@ class ReferencePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         device, dtype = self.transformer.device, self.transformer.dtype
         hidden, pooled = self.encode_prompt(prompts)
         guided = guidance_scale > 1.0
+        self._guidance_scale = guidance_scale  # as diffusers pipelines keep it (HyCa reads the run's scale)
         if guided:
             empty_hidden, empty_pooled = self.encode_prompt([""] * len(prompts))
         shape = (len(prompts), 3, height, width)

@@ -48,8 +48,10 @@ from diffusers.hooks.hooks import HookFunctionReference, HookRegistry, ModelHook
 
 from ...engine.cache import BranchState, HybridCache
 from ...engine.residual import ResidualMeter
+from ...profiles.settings import RunSettings
 from . import parallel
 from .families import BlockList, Family, head_of
+from .settings import guidance_name, schedule_shift
 
 logger = logging.getLogger("hyca")
 
@@ -614,6 +616,8 @@ class HyCaRoot:
         if ended is not None:
             self._finish(state, ended)
         if state.step == 0:
+            if hasattr(self.engine, "host_run"):
+                self.engine.host_run = self._run_facts(module)
             found = other_cache(module, scan=True)
             if found is not None:
                 raise CacheConflict(conflict_message(module, found, hyca_first=True))
@@ -680,6 +684,23 @@ class HyCaRoot:
         if state.total_steps is not None and state.step >= state.total_steps:
             self._finish(state, None)  # the run is complete: free its cache now
         return None
+
+    def _run_facts(self, module: torch.nn.Module) -> RunSettings:
+        """What this run's pipeline tells beyond the step count: the shift of the scheduler
+        driving it (swapped after ``hyca.enable`` or not), and the guidance scale where the
+        pipeline keeps it (``_guidance_scale``, when that is its classifier-free guidance;
+        FLUX's is distilled guidance, its true CFG scale is not kept)."""
+        pipe = calling_pipeline(module)
+        if pipe is None:
+            steps = self.total_steps
+            owner = steps._pipeline() if isinstance(steps, Steps) and steps._pipeline is not None else None
+            scheduler = getattr(steps, "scheduler", None) or getattr(owner, "scheduler", None)
+            return RunSettings(shift=schedule_shift(scheduler))
+        guidance = getattr(pipe, "_guidance_scale", None) if guidance_name(pipe) == "guidance_scale" else None
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+            guidance = None
+        return RunSettings(shift=schedule_shift(pipe.scheduler),
+                           guidance_scale=None if guidance is None else max(float(guidance), 1.0))
 
     def _run(self, module: torch.nn.Module, context: Any) -> Run:
         steps = self.total_steps

@@ -6,7 +6,8 @@ import inspect
 from typing import Any
 
 
-def _guidance_name(pipe: Any) -> str | None:
+def guidance_name(pipe: Any) -> str | None:
+    """The call argument that sets ``pipe``'s classifier-free guidance scale (see :func:`guidance_of`)."""
     parameters = inspect.signature(type(pipe).__call__).parameters
     return next((n for n in ("true_cfg_scale", "guidance_scale") if n in parameters), None)
 
@@ -18,7 +19,7 @@ def guidance_of(pipe: Any, call: dict[str, Any]) -> float | None:
     the pipeline's default when the call does not set it. None when the pipeline has neither.
     Diffusers pipelines guide only above 1 (``do_classifier_free_guidance``: scale > 1), so
     any scale up to 1 is 1.0, no guidance."""
-    name = _guidance_name(pipe)
+    name = guidance_name(pipe)
     if name is None:
         return None
     value = call.get(name, inspect.signature(type(pipe).__call__).parameters[name].default)
@@ -40,7 +41,7 @@ def guidance_argument(pipe: Any, scale: float) -> dict[str, Any]:
     """The call arguments that run ``pipe`` at classifier-free guidance ``scale``:
     ``true_cfg_scale`` (with an empty ``negative_prompt``, which FLUX needs for true CFG)
     or ``guidance_scale``; nothing when the pipeline has neither."""
-    name = _guidance_name(pipe)
+    name = guidance_name(pipe)
     if name is None:
         return {}
     out: dict[str, Any] = {name: float(scale)}
