@@ -148,6 +148,21 @@ def test_model_verdicts_explain_why_a_model_cannot_run():
     assert fits.ok and fits.device == "cuda" and not fits.offload and "30.0 GB" in fits.message
 
 
+def test_a_custom_path_that_does_not_exist_is_named_as_a_missing_folder():
+    from hyca.app.models import custom_choice
+
+    verdict = decide(custom_choice("/nope"), _facts(offline=True))
+    assert not verdict.ok and verdict.message.startswith("/nope: no such folder")
+    assert "hf download" not in verdict.message
+
+
+def test_an_unknown_menu_entry_reads_without_quotes():
+    from hyca.app import handlers as h
+
+    status = h.model_status("bogus", None)
+    assert status.startswith("**Not available:** ") and not status.startswith("**Not available:** '")
+
+
 def test_uncached_model_is_reported_offline_on_this_machine(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty Hub cache
@@ -365,9 +380,25 @@ def test_seeds_as_the_ui_sends_them(seed, expected):
     assert h._seed(seed) == expected
 
 
-@pytest.mark.parametrize("seed", ["abc", 2 ** 70, -1])
+@pytest.mark.parametrize("seed", ["abc", 2 ** 70, -1, 1.5])
 def test_a_seed_torch_cannot_take_is_explained(seed):
     from hyca.app import handlers as h
 
     with pytest.raises(h.AppError, match="seed must be"):
         h._seed(seed)
+
+
+@pytest.mark.parametrize("box, value, message", [
+    ("steps", None, "steps is empty"), ("steps", "x", "steps must be a whole number"),
+    ("interval", 2.5, "N must be a whole number"), ("warmup", 0, "warm-up must be at least 1"),
+])
+def test_a_cleared_or_odd_number_box_is_explained(box, value, message):
+    """Gradio sends None for a cleared number box and floats for whole numbers."""
+    from hyca.app import handlers as h
+
+    boxes = {**dict(steps=28.0, interval=4, warmup=3), box: value}
+    model = type("Loaded", (), {"size": (32, 32), "choice": type("Choice", (), {"guidance": None})()})()
+    with pytest.raises(h.AppError, match=message):
+        h._settings(model, "a red circle", 0, boxes["steps"], "hyca", boxes["interval"], boxes["warmup"], "none")
+    settings = h._settings(model, "a red circle", 0, 28.0, "hyca", 4, 3, "none")
+    assert (settings.steps, settings.interval, settings.warmup) == (28, 4, 3)

@@ -118,12 +118,33 @@ def test_auto_profile_for_a_bare_transformer_needs_a_file(tmp_path, monkeypatch)
     (dict(guidance_scale=-1.0), "guidance_scale must be a number"),
     (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
     (dict(profile={"transformer": "fora", "transformer_3": "fora"}), "transformer_3"),
+    (dict(scheduler="x"), "scheduler must be the diffusers scheduler"),
+    (dict(probe_kwargs="x"), "probe_kwargs must be a dict"),
 ])
 def test_settings_that_would_be_misread_are_refused(pipe, kwargs, message):
     settings = {**dict(profile="fora", interval=3, warmup=2), **kwargs}
     with pytest.raises((ValueError, KeyError), match=message):
         hyca.enable(pipe, **settings)
     assert not hyca.is_enabled(pipe)
+
+
+def test_numpy_scalars_are_numbers(pipe, tmp_path, monkeypatch):
+    """Settings read from arrays or configs arrive as numpy scalars: they mean what the
+    Python numbers mean (the run settings stay plain, JSON-writable numbers)."""
+    import numpy as np
+
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
+    monkeypatch.setenv("HYCA_HUB_REPO", "none")
+    settings = hyca.recommended_settings(pipe, np.int64(28), speedup=np.float32(3.0))
+    assert settings["num_inference_steps"] == 28 and type(settings["num_inference_steps"]) is int
+    hyca.enable(pipe, profile="taylor-1", interval=4, warmup=3, num_inference_steps=np.int64(28),
+                guidance_scale=np.float32(2.5))
+    assert hyca.is_enabled(pipe)
+    hyca.disable(pipe)
+    with pytest.raises(ValueError, match="num_inference_steps must be a positive integer"):
+        hyca.recommended_settings(pipe, True)
+    with pytest.raises(ValueError, match="speedup must be a number"):
+        hyca.recommended_settings(pipe, 28, speedup=True)
 
 
 def test_a_cache_dtype_by_name_is_the_dtype(pipe):

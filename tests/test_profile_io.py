@@ -347,3 +347,16 @@ def test_interrupted_save_leaves_old_file_and_no_partial(tmp_path, saved, fp, mo
         save_profile(random_profile(fp, seed=9), tmp_path / "new.safetensors")
     assert sorted(os.listdir(tmp_path)) == [path.name]
 
+
+
+def test_a_saved_profile_has_the_umask_s_permissions(tmp_path, fp):
+    """Written through a private temporary file, but shared folders ($HYCA_PROFILES) need
+    the permissions any new file gets."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        path = save_profile(random_profile(fp), tmp_path / "p.safetensors")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -51,8 +51,8 @@ def model_status(model_key: str, custom: str | None) -> str:
     """The sentence under the model menu: ready, or why not."""
     try:
         verdict = check(chosen_model(model_key, custom))
-    except USER_ERRORS as err:
-        return f"**Not available:** {err}"
+    except USER_ERRORS as err:  # a KeyError's str() is the quoted key: its message is args[0]
+        return f"**Not available:** {err.args[0] if isinstance(err, KeyError) and err.args else err}"
     return ("**Ready:** " if verdict.ok else "**Not available:** ") + verdict.message
 
 
@@ -224,13 +224,29 @@ class GenerateResult:
     numbers: dict[str, Any]
 
 
+def _whole(name: str, value: Any, smallest: int = 1) -> int:
+    """A whole number from a Gradio box (an int, a float like 28.0, or text), else an
+    :class:`AppError` naming the box; an empty box is an error too."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise AppError(f"{name} is empty: enter a whole number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise AppError(f"{name} must be a whole number, got {value!r}") from None
+    if not number.is_integer():
+        raise AppError(f"{name} must be a whole number, got {value!r}")
+    if number < smallest:
+        raise AppError(f"{name} must be at least {smallest}, got {int(number)}")
+    return int(number)
+
+
 def _seed(seed: Any) -> int:
     """A seed torch.Generator takes: an integer from 0 to 2**63 - 1 (an empty box is 0)."""
     if seed is None or (isinstance(seed, str) and not seed.strip()):
         return 0
     try:
-        value = int(float(seed)) if not isinstance(seed, int) else seed
-    except (TypeError, ValueError, OverflowError):
+        value = int(seed) if isinstance(seed, int) else _whole("the seed", seed, smallest=0)
+    except OverflowError:
         raise AppError(f"the seed must be a whole number, got {seed!r}") from None
     if not 0 <= value < 2 ** 63:
         raise AppError(f"the seed must be between 0 and 2**63 - 1, got {value}")
@@ -241,12 +257,11 @@ def _settings(model: LoadedModel, prompt: str, seed: Any, steps: Any, method: st
               lora: str) -> compare.Settings:
     if not (prompt or "").strip():
         raise AppError("enter a prompt")
-    if int(interval) < 1 or int(warmup) < 1 or int(steps) < 1:
-        raise AppError("steps, N and warm-up must be at least 1")
+    steps, interval, warmup = _whole("steps", steps), _whole("N", interval), _whole("warm-up", warmup)
     height, width = model.size
-    return compare.Settings(prompt=prompt.strip(), seed=_seed(seed), steps=int(steps), height=height,
-                            width=width, guidance=model.choice.guidance, method=method, interval=int(interval),
-                            warmup=int(warmup), lora=lora or "none")
+    return compare.Settings(prompt=prompt.strip(), seed=_seed(seed), steps=steps, height=height,
+                            width=width, guidance=model.choice.guidance, method=method, interval=interval,
+                            warmup=warmup, lora=lora or "none")
 
 
 def report_numbers(r: compare.SideBySide, s: compare.Settings, where: str, ari: float | None) -> dict[str, Any]:
@@ -332,7 +347,7 @@ def run_probe(state: dict[str, Any], model_key: str, custom: str | None, prompt:
     model = load_model(c, progress)
     s = _settings(model, prompt, 0, steps, "HyCa", interval, warmup, lora)
     with holding(model, progress), out_of_memory_explained(model):
-        profile = probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, int(clusters), s.lora, progress)
+        profile = probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, _whole("clusters", clusters), s.lora, progress)
     slot = _slot(state, c.key)
     base = slot["base"]
     if s.lora != "none":
@@ -389,7 +404,7 @@ def pull(state: dict[str, Any], model_key: str, custom: str | None, repo: str | 
     model = load_model(c, None)
     repo = (repo or "").strip() or DEFAULT_HUB_REPO
     fp = diffusers_fingerprint(model.transformer)
-    filename = (filename or "").strip() or profile_filename(fp, int(interval))
+    filename = (filename or "").strip() or profile_filename(fp, _whole("N", interval))
     path = pull_profile(repo, filename, model=fp, endpoint=endpoint, token=token, cache_dir=cache_dir)
     _set_current(state, model, load_profile(path, fp))
     return f"Loaded {filename} from the Hub repo {repo}."

@@ -139,6 +139,9 @@ def decide(c: ModelChoice, facts: Facts) -> Verdict:
             return Verdict(False, "The shipped reference model is missing (models/reference). Run from a source "
                                   "checkout of hyca, or retrain it with `python -m hyca.reference.train`.")
         return Verdict(True, "the shipped reference model runs on the CPU.")
+    if facts.local_folder is None and c.repo_id.startswith(("/", ".", "~")):  # a path, not a Hub id
+        return Verdict(False, f"{c.repo_id}: no such folder. Enter the folder of a saved diffusers pipeline "
+                              "(it holds model_index.json) or a Hub repo id such as owner/name.")
     need = estimated_bytes(c, facts)
     size = f"about {need / GB:.1f} GB" if need else "of unknown size"
     if facts.local_folder is None and facts.offline:

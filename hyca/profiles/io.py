@@ -162,11 +162,18 @@ def save_profile(profile: Profile, path: str | os.PathLike, model: Any = None, *
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(header)})
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a profile is as readable as any file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 # --- reading: the container ------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from typing import Any, Callable, Mapping
 
@@ -84,9 +85,11 @@ def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile
     resolved = resolve_profile(fingerprint(transformer), run=run, probe=make, probe_if_mismatched=told_settings)
     logger.info("HyCa: %s profile from %s", type(transformer).__name__, resolved.path or resolved.source)
     if resolved.differences:
-        logger.warning("HyCa: the closest profile (%s) was chosen for other settings (%s); pass "
-                       "num_inference_steps= and guidance_scale= to hyca.enable to probe one for yours",
-                       resolved.path or resolved.source, "; ".join(resolved.differences))
+        remedy = ("pass num_inference_steps= and guidance_scale= to hyca.enable to probe one for yours" if make else
+                  "a bare transformer cannot be probed here: enable HyCa on its pipeline with those settings, or "
+                  "make one with `python -m hyca probe` (--steps, --guidance-scale, --shift) and pass the file")
+        logger.warning("HyCa: the closest profile (%s) was chosen for other settings (%s); %s",
+                       resolved.path or resolved.source, "; ".join(resolved.differences), remedy)
     return resolved.profile
 
 
@@ -184,8 +187,13 @@ def enable(
     schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
     cache_dtype = _cache_dtype(cache_dtype)
     _check_run(guard, num_inference_steps, guidance_scale, profile, target)
+    if scheduler is not None and not hasattr(scheduler, "timesteps"):
+        raise ValueError(f"scheduler must be the diffusers scheduler that drives your sampling loop, got {scheduler!r}")
+    if probe_kwargs is not None and not isinstance(probe_kwargs, Mapping):
+        raise ValueError(f"probe_kwargs must be a dict of hyca.probe arguments, got {probe_kwargs!r}")
     guidance = None if guidance_scale is None else max(float(guidance_scale), 1.0)  # diffusers guides above 1 only
-    run = RunSettings(steps=num_inference_steps, guidance_scale=guidance, interval=interval, warmup=warmup,
+    steps = None if num_inference_steps is None else int(num_inference_steps)  # numpy integers too
+    run = RunSettings(steps=steps, guidance_scale=guidance, interval=interval, warmup=warmup,
                       compute_last=compute_last, positions=positions,
                       shift=schedule_shift(scheduler if scheduler is not None else getattr(target, "scheduler", None)))
     told_settings = num_inference_steps is not None or guidance_scale is not None
@@ -225,9 +233,9 @@ def _check_run(guard: Any, steps: Any, guidance: Any, profile: Any, target: Any)
     """Settings that would otherwise be taken silently for something else."""
     if not isinstance(guard, bool):
         raise ValueError(f"guard must be True or False, got {guard!r}")
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+    if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"num_inference_steps must be a positive integer or None, got {steps!r}")
-    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)
                                  or not math.isfinite(guidance) or guidance < 0):
         raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance) or None, got {guidance!r}")
     if isinstance(profile, Mapping):
@@ -307,9 +315,12 @@ def recommended_settings(target: Any, num_inference_steps: int, speedup: float |
     knows the run it is for (profile choice and first-use probe). A pipeline with two
     experts (Wan 2.2 A14B) is judged by the calls one expert sees, about half.
     """
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+    if (not isinstance(num_inference_steps, numbers.Integral) or isinstance(num_inference_steps, bool)
+            or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-    if speedup is not None and not (isinstance(speedup, (int, float)) and speedup >= 1):
+    num_inference_steps = int(num_inference_steps)
+    if speedup is not None and (isinstance(speedup, bool) or not isinstance(speedup, numbers.Real)
+                                or not math.isfinite(speedup) or speedup < 1):
         raise ValueError(f"speedup must be a number >= 1 (times fewer block FLOPs), got {speedup!r}")
     experts = _has_experts(target)
     calls = num_inference_steps // 2 if experts else num_inference_steps
