@@ -217,8 +217,8 @@ class HybridCache:
             recorded = all(acc is not None for acc in state.accumulators)
             if not recorded:
                 state.failed = True  # some block did not report: the history would be inconsistent
-            if not state.failed and self.guard and state.positions:
-                self._check(state)
+            if not state.failed and self.guard and state.positions and self.schedule.interval > 1:
+                self._check(state)  # (N=1 forecasts nothing: nothing to check)
             if not state.failed:
                 for history, acc in zip(state.histories, state.accumulators):
                     history.appendleft(acc)
