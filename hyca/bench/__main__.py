@@ -134,6 +134,10 @@ def _grid(args: argparse.Namespace, name: str, command: str) -> int:
         print(f"shard {index}/{count}: {time.perf_counter() - started:.0f} s")
     cells = [c for path in sorted(args.out.glob(f"{name}.jsonl")) + sorted(args.out.glob(f"{name}.shard*.jsonl"))
              for c in grid.read(path)]
+    if not cells and args.report_only and (args.out / f"{name}.json").is_file():
+        import json  # the committed results keep their cells in the report's JSON, not in JSON lines
+
+        cells = json.loads((args.out / f"{name}.json").read_text())["cells"]
     for path in grid_report.write(cells, args.out, name, command, with_plot=not args.no_plot):
         print(f"wrote {path}")
     return 0
