@@ -77,10 +77,11 @@ def decompose(pipe: Any, case: Case, steps: int, interval: int, profile: Any, re
     """Medians over ``repeats`` interleaved runs, in milliseconds, and the derived speed-ups.
     HyCa is switched on once, on its own copy of the transformer, and warmed up by one
     generation: steady use, as in the benchmark's timed runs."""
-    plan = hyca.Schedule(interval, WARMUP).plan(steps)
-    computed = sum(plan)
     accelerated = copy.deepcopy(pipe.transformer)
-    hyca.enable(accelerated, profile=profile, interval=interval, warmup=WARMUP, scheduler=pipe.scheduler)
+    (engine,) = hyca.enable(accelerated, profile=profile, interval=interval, warmup=WARMUP, scheduler=pipe.scheduler)
+    # the engine's schedule: a profile may start with a short first interval (Schedule.first_interval)
+    plan = engine.schedule.plan(steps)
+    computed = sum(plan)
     with swapped(pipe, accelerated):
         generate(pipe, case, steps)
     full_calls, compute_calls, skip_calls, bare_calls, outside, full_totals, hyca_totals = [], [], [], [], [], [], []
