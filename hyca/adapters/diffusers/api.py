@@ -181,7 +181,9 @@ def enable(
     A profile is chosen for one setting; ``"auto"`` prefers one made for yours and, when
     you give them and only profiles for other settings exist, probes one for yours (once;
     cached). A run that differs from its profile's settings is told so once (log and
-    :func:`stats` notes) and protected by the guard.
+    :func:`stats` notes) and protected by the guard; a guided run on a profile chosen
+    without guidance starts every solver group from plain reuse
+    (:meth:`~hyca.engine.cache.HybridCache.start_from_reuse`).
     Enabling again replaces the previous settings. Returns the engine of each transformer.
     """
     schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
