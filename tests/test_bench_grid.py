@@ -101,3 +101,10 @@ def test_remeasure_replaces_only_the_named_rows(cell, tmp_path):
     assert "Measured again in 1 cell with" in grid_report.markdown([again], "python -m hyca.bench --grid")
     with pytest.raises(ValueError, match="cannot measure"):
         grid.remeasure(SETTINGS, out, [grid.HYCA], pipe=tiny_components(seed=0), log=lambda _: None)
+
+
+def test_report_only_without_results_says_what_is_there(tmp_path, capsys):
+    (tmp_path / "grid-quick-tiny.jsonl").write_text("")
+    assert main(["--grid", "--report-only", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"no grid results named grid in {tmp_path}" in err and "grid-quick-tiny.jsonl" in err

@@ -200,3 +200,18 @@ def test_a_switched_group_wins_its_solver_back_when_it_forecasts_best_again():
     drive(engine, {"cond": trajectory})
     assert [(s.step, s.solver, s.to) for s in drive.states["cond"].stats.switches] == [
         (14, "taylor-1", "reuse"), (26, "reuse", "taylor-1")]
+
+
+@pytest.mark.parametrize("steps, interval, expected", [
+    (20, 4, 14),    # computed 0 1 2 | 6 10 14 18 | 19: judged at 10, 14, 18 (19 is 1 after 18)
+    (20, 8, None),  # computed 0 1 2 | 10 18 | 19: judged at 18 only, one strike
+    (28, 6, 20),    # computed 0 1 2 | 8 14 20 26 | 27: judged at 14, 20, 26
+])
+def test_first_switch_is_the_second_judged_check(steps, interval, expected):
+    """Written out by hand from the schedule (warm-up 3, last step computed): the guard
+    needs STRIKES = 2 judged checks, each with the target and two newest history values N
+    apart, before it can switch anything; the mismatch note tells the user which step that is."""
+    from hyca.engine.guard import first_switch
+    from hyca.engine.schedule import Schedule
+
+    assert first_switch(Schedule(interval, 3).plan(steps), interval) == expected

@@ -138,6 +138,11 @@ def _grid(args: argparse.Namespace, name: str, command: str) -> int:
         import json  # the committed results keep their cells in the report's JSON, not in JSON lines
 
         cells = json.loads((args.out / f"{name}.json").read_text())["cells"]
+    if not cells:
+        found = sorted(p.name for p in args.out.glob("grid*.json*")) if args.out.is_dir() else []
+        print(f"no grid results named {name} in {args.out}" + (f" (found: {', '.join(found)}; --quick and --model "
+              "pick the name)" if found else ""), file=sys.stderr)
+        return 1
     for path in grid_report.write(cells, args.out, name, command, with_plot=not args.no_plot):
         print(f"wrote {path}")
     return 0

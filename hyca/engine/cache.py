@@ -24,7 +24,8 @@ from ..math.solvers import Solver, pool, pool_names
 from ..profiles.profile import Profile
 from ..profiles.settings import RunSettings, differences
 from .forecast import forecast
-from .guard import SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, measure, own_verdicts, steady
+from .guard import (SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, first_switch, measure,
+                    own_verdicts, steady)
 from .schedule import Schedule
 
 POSITION_AXES = ("step", "sigma")
@@ -289,13 +290,23 @@ class HybridCache:
             guard = ("; the guard starts every solver group from plain reuse and gives a group its solver back when "
                      "that solver wins its checks")
         else:
-            guard = "; the guard checks its forecasts"
+            guard = "; " + self._guard_reach(run.steps)
         message = (f"the profile was chosen for {self.chosen_for.describe()} and this run differs ({'; '.join(found)})"
                    f"{guard}. For a profile chosen at these settings: "
                    "hyca.enable(pipe, ..., num_inference_steps=..., guidance_scale=...) probes one once")
         if unguided_profile and self.guard:
             self.start_from_reuse(state)
         self._say(state, message)
+
+    def _guard_reach(self, steps: int | None) -> str:
+        """What the guard can do for a run of ``steps`` (:func:`guard.first_switch`)."""
+        if steps is None:
+            return "the guard checks its forecasts"
+        first = first_switch(self.schedule.plan(steps), self.schedule.interval)
+        if first is None:
+            return (f"the guard gets too few checks in {steps} steps at N={self.schedule.interval} to switch "
+                    "anything, so this run relies on the profile as it is")
+        return f"the guard checks its forecasts and can switch a solver from step {first} of {steps} on"
 
     def start_from_reuse(self, state: BranchState) -> None:
         """Switch every solver group of ``state`` to plain reuse before it forecasts: what a

@@ -102,6 +102,16 @@ def steady(steps: Sequence[int], interval: int) -> bool:
     return len(window) == 3 and all(a - b == interval for a, b in zip(window, window[1:]))
 
 
+def first_switch(plan: Sequence[bool], interval: int) -> int | None:
+    """The earliest step at which the guard can switch a solver group on a run computing
+    the steps ``plan`` marks: its second judged (:func:`steady`) check, since a switch
+    takes ``STRIKES`` losses in a row. ``None``: the run gives it fewer checks than that,
+    so the guard cannot change anything in it."""
+    computed = [step for step, runs in enumerate(plan) if runs]
+    judged = [step for i, step in enumerate(computed) if steady(computed[i::-1], interval)]
+    return judged[STRIKES - 1] if len(judged) >= STRIKES else None
+
+
 @dataclass
 class Check:
     """What one branch measured at one computed step.
