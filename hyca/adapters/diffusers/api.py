@@ -282,7 +282,9 @@ def reset(target: Any) -> None:
 
 def stats(target: Any) -> list[RunStats]:
     """Computed and forecast step counts of the latest run, per transformer; ``notes`` say
-    where HyCa fell back to computing (and why)."""
+    where HyCa fell back to computing (and why). With guidance in separate calls it is the
+    stats of the branch that ran last (both branches compute the same steps and share the
+    guard's switches; the log has a line per branch)."""
     return [hook.engine.last_stats for t in transformers_of(target) if (hook := hooks.root_hook(t)) is not None]
 
 
