@@ -188,7 +188,7 @@ class Cancel(Exception):
 
 @pytest.mark.parametrize("where", ["callback at step 0", "callback at step 1", "transformer call 2",
                                    "transformer call 4"])
-def test_a_cancelled_guided_run_leaves_nothing_for_the_next_unguided_one(where):
+def test_a_cancelled_guided_run_leaves_nothing_for_the_next_unguided_one(where, caplog):
     """The uncond branch of a guided run cancelled early must not count as a guidance branch
     of the next run: an unguided run after it equals the same run on a fresh pipeline (a
     profile chosen without guidance would otherwise start it from plain reuse)."""
@@ -226,8 +226,14 @@ def test_a_cancelled_guided_run_leaves_nothing_for_the_next_unguided_one(where):
         generate(pipe, **guided, **({"callback_on_step_end": cancel_step} if kind == "callback at step" else {}))
     if handle is not None:
         handle.remove()
-    after = generate(pipe)
+    with caplog.at_level(logging.INFO, logger="hyca"):
+        after = generate(pipe)
     torch.testing.assert_close(after, expected, rtol=0, atol=0)
+    lines = [r.message for r in caplog.records if r.message.startswith("HyCa [")]
+    if kind == "callback at step":  # both branches had begun: the cancelled run's uncond is said first
+        assert lines[0].startswith("HyCa [cond]") and "stopped after" in lines[0]
+        assert lines[1].startswith("HyCa [uncond]") and "stopped after" in lines[1]
+        assert lines[-1].startswith("HyCa [cond]") and "stopped" not in lines[-1]
     assert hyca.stats(pipe)[0].notes == hyca.stats(fresh_pipe)[0].notes
     assert hyca.stats(pipe)[0].switches == hyca.stats(fresh_pipe)[0].switches
     assert not any(s.step < 3 for s in hyca.stats(pipe)[0].switches)  # nothing started from reuse

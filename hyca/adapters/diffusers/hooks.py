@@ -615,6 +615,7 @@ class HyCaRoot:
                             self.family.timestep_direction)
         if ended is not None:
             self._finish(state, ended)
+            self._finish_stale(run)
         if state.step == 0:
             if hasattr(self.engine, "host_run"):
                 self.engine.host_run = self._run_facts(module)
@@ -749,6 +750,17 @@ class HyCaRoot:
             logger.warning("HyCa: %s", message)
             state.stats.note(message)
         state.failed = True
+
+    def _finish_stale(self, run: Run) -> None:
+        """A new run has begun: every other branch still holding a run on another schedule
+        (the uncond branch of a guided run that was cancelled, when the next run has no
+        guidance and never calls it) ends now, so its summary is logged before the new
+        run's and its cache is freed now rather than at the next cleanup."""
+        if run.token is None or run.token() is None:
+            return
+        for other in self.states.all_states().values():
+            if other.step > 0 and other.run is not None and other.run() is not run.token():
+                self._finish(other, "a new schedule")
 
     def _finish(self, state: BranchState, why: str | None) -> None:
         """A generation ends: say what it did, and free its cache."""
