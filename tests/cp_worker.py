@@ -27,7 +27,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -179,12 +178,9 @@ def _run(pipe, call, experts, guided=True):
         with contextlib.ExitStack() as stack:
             for meter, e in zip(meters, experts):
                 stack.enter_context(meter.attached(getattr(pipe, e)))
-            started = time.perf_counter()
             output = call(pipe, STEPS, guided)
-            seconds = time.perf_counter() - started
     stats = hyca.stats(pipe)
     return output, {
-        "seconds": seconds,
         "stats": [s.describe() for s in stats],
         "switches": [[d.describe() for d in s.switches] for s in stats],
         "notes": [list(s.notes) for s in stats],
@@ -452,12 +448,10 @@ def run_rank(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=RANKS,
                             timeout=datetime.timedelta(seconds=120))
     Counted.install()
-    results: dict = {"scenarios": {}, "timings": {}}
+    results: dict = {"scenarios": {}}
     for name, family, kind, order, guided in SCENARIOS:
-        started = time.perf_counter()
         results["scenarios"][name] = {"family": family, "attention": kind, "order": order, "guided": guided,
                                       **scenario(family, kind, order, guided)}
-        results["timings"][name] = time.perf_counter() - started
     for order in ("cp-first", "hyca-first"):
         results[f"different-profiles-{order}"] = different_profiles(order)
     results["offloading"] = {}
