@@ -51,7 +51,7 @@ from ...engine.residual import ResidualMeter
 from ...profiles.settings import RunSettings
 from . import parallel
 from .families import BlockList, Family, head_of
-from .settings import guidance_name, schedule_shift
+from .settings import guidance_name, guidance_of, schedule_shift
 
 logger = logging.getLogger("hyca")
 
@@ -276,19 +276,24 @@ class Steps:
         if context is not None and getattr(context, "num_inference_steps", None):
             done = getattr(context, "step_index", None) or 0
             return Run(context.num_inference_steps - done, None, "context")
-        owner = self._pipeline() if self._pipeline is not None else None
-        scheduler = self.scheduler if self.scheduler is not None else getattr(owner, "scheduler", None)
+        owner, scheduler = self.outside_pipelines()
         if scheduler is not None:
             found = scheduler_run(scheduler, owner, _expert_of(owner, transformer) if owner is not None else None)
             if found is not None:
                 return found
         return Run(None)
 
+    def outside_pipelines(self) -> tuple[Any, Any]:
+        """For calls no pipeline makes: the pipeline HyCa was enabled on (or None) and the
+        scheduler that serves them (the one given to ``hyca.enable``, else that pipeline's
+        current one)."""
+        owner = self._pipeline() if self._pipeline is not None else None
+        return owner, self.scheduler if self.scheduler is not None else getattr(owner, "scheduler", None)
+
     def __call__(self, from_context: int | None = None) -> int | None:
         if from_context:
             return from_context
-        owner = self._pipeline() if self._pipeline is not None else None
-        scheduler = self.scheduler if self.scheduler is not None else getattr(owner, "scheduler", None)
+        _, scheduler = self.outside_pipelines()
         found = scheduler_run(scheduler) if scheduler is not None else None
         return None if found is None else found.total
 
@@ -694,14 +699,12 @@ class HyCaRoot:
         pipe = calling_pipeline(module)
         if pipe is None:
             steps = self.total_steps
-            owner = steps._pipeline() if isinstance(steps, Steps) and steps._pipeline is not None else None
-            scheduler = getattr(steps, "scheduler", None) or getattr(owner, "scheduler", None)
+            scheduler = steps.outside_pipelines()[1] if isinstance(steps, Steps) else None
             return RunSettings(shift=schedule_shift(scheduler))
-        guidance = getattr(pipe, "_guidance_scale", None) if guidance_name(pipe) == "guidance_scale" else None
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
-            guidance = None
+        kept = ({"guidance_scale": getattr(pipe, "_guidance_scale", None)} if guidance_name(pipe) == "guidance_scale"
+                else {})
         return RunSettings(shift=schedule_shift(pipe.scheduler),
-                           guidance_scale=None if guidance is None else max(float(guidance), 1.0))
+                           guidance_scale=guidance_of(pipe, kept) if kept else None)
 
     def _run(self, module: torch.nn.Module, context: Any) -> Run:
         steps = self.total_steps

@@ -240,9 +240,10 @@ class Controller:
             engine.distrust_guidance()
             guard = ("the guard (on) starts every solver group from plain reuse and gives a group its solver back "
                      "when that solver wins its checks (a profile chosen without guidance, on a guided pass)")
+        elif differ and settings.guard:  # with a profile the pass's engine is a HybridCache
+            guard = f"the guard (on): {engine.guard_reach(self.run_settings.steps)}"
         elif differ:
-            guard = ("the guard (on) switches any solver group that forecasts worse than a lower order on this run"
-                     if settings.guard else "the guard is off: turn it on to check every solver on this run")
+            guard = "the guard is off: turn it on to check every solver on this run"
         if differ:
             self.say_once(f"profile {chosen.source} was chosen for other settings ({'; '.join(differ)}); {guard}")
 
