@@ -23,13 +23,6 @@ import torch
 from references import per_block_forecast
 
 
-def expected_plan(interval: int, warmup: int, steps: int) -> list[bool]:
-    """Written out, not taken from Schedule: W warm-up calls, the last of them opening a
-    cycle of N, and the final call."""
-    computed = set(range(warmup)) | set(range(warmup - 1, steps, interval)) | {steps - 1}
-    return [i in computed for i in range(steps)]
-
-
 def _timestep_of(args, kwargs) -> float:
     named = [kwargs[k] for k in ("timestep", "timesteps", "t") if k in kwargs]  # HiDream: timesteps
     timestep = named[0] if named else args[1]  # Z-Image's pipeline passes (x, t, cap_feats) positionally

@@ -64,6 +64,14 @@ class TaylorSeerFactors:
         return sum(f * offset**i / math.factorial(i) for i, f in self.factors.items())
 
 
+def expected_plan(steps: int, interval: int, warmup: int, compute_last: bool = True) -> list[bool]:
+    """Which of ``steps`` steps (or calls) compute, written out rather than taken from
+    ``Schedule``: ``warmup`` steps first, the last of them opening a cycle of ``interval``,
+    and the final step unless ``compute_last`` is off."""
+    computed = set(range(warmup)) | set(range(warmup - 1, steps, interval)) | ({steps - 1} if compute_last else set())
+    return [i in computed for i in range(steps)]
+
+
 def per_block_forecast(dim_solvers, histories, positions, target):
     """Forecast every block's residual with its own history and per-dimension weights,
     then sum: the form the aggregated engine must equal (NOTES §4)."""

@@ -9,7 +9,7 @@ import hyca
 from hyca import Profile, Schedule
 from hyca.math.solvers import pool_names
 
-from references import (TaylorSeerFactors, capture_residuals, flux_output_with_residual,
+from references import (TaylorSeerFactors, capture_residuals, expected_plan, flux_output_with_residual,
                         per_block_forecast)
 from tiny import Inputs, euler_sample, fresh_copy, sigmas, tiny_flux
 
@@ -25,13 +25,6 @@ def model():
 @pytest.fixture(scope="module")
 def inputs():
     return Inputs()
-
-
-def expected_plan(interval, warmup, steps=STEPS):
-    """Written out, not taken from Schedule: W warm-up steps, the last of them opening a
-    cycle of N, and the final step."""
-    computed = set(range(warmup)) | set(range(warmup - 1, steps, interval)) | {steps - 1}
-    return [i in computed for i in range(steps)]
 
 
 def reference_run(model, inputs, plan, forecast_total):
@@ -68,7 +61,7 @@ def _call_known_length(model, inputs, x, sigma, step, steps):
 
 
 def test_fora_profile_reproduces_fora(model, inputs):
-    plan = expected_plan(interval=3, warmup=2)
+    plan = expected_plan(STEPS, interval=3, warmup=2)
     reference = reference_run(model, inputs, plan, lambda step, h: sum(h[0][1]))
     result = hyca_run(model, inputs, profile="fora", interval=3, warmup=2)
     full = euler_sample(model, inputs, STEPS)[0]
@@ -78,7 +71,7 @@ def test_fora_profile_reproduces_fora(model, inputs):
 
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_taylor_profile_reproduces_taylorseer(model, inputs, order):
-    plan = expected_plan(interval=4, warmup=3)
+    plan = expected_plan(STEPS, interval=4, warmup=3)
     factors = [TaylorSeerFactors(order) for _ in range(NUM_BLOCKS)]
     seen = set()
 
@@ -109,7 +102,7 @@ def hybrid_profile(seed=0):
 def test_aggregated_history_equals_per_block_history(model, inputs, positions):
     profile = hybrid_profile()
     assert len(profile.solver_names()) >= 4
-    plan = expected_plan(interval=4, warmup=2)
+    plan = expected_plan(STEPS, interval=4, warmup=2)
     sig = sigmas(STEPS)
     position_of = (lambda step: float(step)) if positions == "step" else (lambda step: float(sig[step]))
 

@@ -19,7 +19,8 @@ from hyca import Profile
 from hyca.adapters.diffusers.families import FAMILIES, blocks_of, hidden_size
 from hyca.math.solvers import pool_names
 
-from family_reference import Reference, count_calls, expected_plan, observe_computed
+from family_reference import Reference, count_calls, observe_computed
+from references import expected_plan
 from tiny_families import CASES
 
 STEPS = 8
@@ -60,7 +61,7 @@ def test_schedule_and_per_block_reference(name):
         full = case.run(full_pipe, STEPS, **extra)
 
     calls = count_calls(case, full_pipe, full_run)
-    plans = {key: expected_plan(INTERVAL, WARMUP, n) for key, n in calls.items()}
+    plans = {key: expected_plan(n, INTERVAL, WARMUP) for key, n in calls.items()}
     settings, profiles = settings_for(case, hyca_pipe)
 
     reference = Reference(case, profiles, plans)
@@ -138,7 +139,7 @@ def test_sd3_skip_layer_guidance_pass_is_left_alone():
     handle.remove()
     assert skip_layer_calls.count([1]) == STEPS - 1  # steps 1 .. 7 add the guidance pass
     stats = hyca.stats(pipe)[0]
-    computed = sum(expected_plan(INTERVAL, WARMUP, STEPS))
+    computed = sum(expected_plan(STEPS, INTERVAL, WARMUP))
     assert (stats.computed, stats.forecast) == (computed, STEPS - computed)  # guidance passes not counted
 
 
@@ -157,7 +158,7 @@ def test_wan22_experts_have_their_own_profile_state_and_step_count(caplog):
     # each expert counts only its own calls: warm-up, cycle and last call within its segment
     for expert, stats in zip(case.experts, hyca.stats(pipe)):
         n = calls[(expert, 0)]
-        assert (stats.computed, stats.total) == (sum(expected_plan(INTERVAL, WARMUP, n)), n)
+        assert (stats.computed, stats.total) == (sum(expected_plan(n, INTERVAL, WARMUP)), n)
     logged = [r.message for r in caplog.records if r.message.startswith("HyCa [")]
     assert sorted(m.split(":")[0] for m in logged) == ["HyCa [cond]", "HyCa [cond]", "HyCa [uncond]",
                                                         "HyCa [uncond]"]
@@ -174,7 +175,7 @@ def test_unnamed_guidance_calls_get_one_state_each(caplog):
     with caplog.at_level(logging.INFO, logger="hyca"):
         first = case.run(pipe, STEPS, cfg=True)
         second = case.run(pipe, STEPS, cfg=True)
-    computed = sum(expected_plan(INTERVAL, WARMUP, STEPS))
+    computed = sum(expected_plan(STEPS, INTERVAL, WARMUP))
     for branch in ("default", "default#2"):
         assert sum(f"HyCa [{branch}]: {computed} of {STEPS} steps computed" in r.message
                    for r in caplog.records) == 2
@@ -284,7 +285,7 @@ def test_sigma_positions(name, sigma_of):
     base = case.build()
     reference_pipe, hyca_pipe = case.copy_of(base), case.copy_of(base)
     calls = count_calls(case, base, lambda: case.run(base, STEPS, cfg=True))
-    plans = {key: expected_plan(INTERVAL, WARMUP, n) for key, n in calls.items()}
+    plans = {key: expected_plan(n, INTERVAL, WARMUP) for key, n in calls.items()}
     settings, profiles = settings_for(case, hyca_pipe)
     reference = Reference(case, profiles, plans, position_of=sigma_of)
     reference.attach(reference_pipe)

@@ -25,7 +25,8 @@ import torch
 import hyca
 from hyca.adapters.diffusers.hooks import root_hook
 
-from family_reference import expected_plan, observe_computed
+from family_reference import observe_computed
+from references import expected_plan
 from tiny_families import CASES, IMG2IMG
 
 INTERVAL, WARMUP = 2, 1
@@ -83,7 +84,7 @@ def check(name: str, pipe, steps: int, stats_of=None) -> None:
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert pattern == expected_pattern
     # independent of HyCa: W warm-up calls, every N-th after, the last one
-    assert all(flags == expected_plan(INTERVAL, WARMUP, len(flags)) for flags in pattern.values())
+    assert all(flags == expected_plan(len(flags), INTERVAL, WARMUP) for flags in pattern.values())
     assert [(s.computed, s.forecast) for s in hyca.stats(stats_of or pipe)] == expected_stats
     assert not any(stats.notes for stats in hyca.stats(stats_of or pipe))
     assert any(not flag for flags in pattern.values() for flag in flags)  # something was forecast
@@ -155,7 +156,7 @@ def img2img_check(name: str, pipe, strength: float) -> None:
         out = IMG2IMG[name][1](pipe, IMG2IMG_STEPS, strength)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     calls = int(IMG2IMG_STEPS * strength)  # the pipelines' get_timesteps: the last strength x steps
-    computed = sum(expected_plan(INTERVAL, WARMUP, calls))
+    computed = sum(expected_plan(calls, INTERVAL, WARMUP))
     assert [(s.computed, s.forecast) for s in hyca.stats(pipe)] == expected_stats == [(computed, calls - computed)]
 
 
@@ -332,7 +333,7 @@ def test_heun_stages_without_cache_context_are_one_branch_and_the_last_call_is_c
     fresh_copy = __import__("copy").deepcopy(transformer)
     hyca.enable(transformer, scheduler=scheduler, **SETTINGS)
     first, flags = heun_loop(name, transformer, calls, scheduler, branches)
-    plan = expected_plan(INTERVAL, WARMUP, n)
+    plan = expected_plan(n, INTERVAL, WARMUP)
     for k in range(branches):  # every branch: all 2N - 1 calls in one state, the last one computed
         assert flags[k::branches] == plan
     assert hyca.stats(transformer)[0].computed == sum(plan)

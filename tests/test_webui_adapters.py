@@ -8,7 +8,8 @@ import torch
 
 from hyca import Profile
 from webui_harness import Processing, ReferenceScript, flavour_of, generate, load_script, model_kinds, standins
-from webui_reference import ReferenceHyCa, expected_plan
+from references import expected_plan
+from webui_reference import ReferenceHyCa
 
 KINDS = ["forge_flux", "forge_chroma", "forge_mmditx", "neo_flux", "neo_qwen", "neo_wan", "neo_lumina", "a1111_sd3"]
 UNIFORM = "TaylorSeer (taylor-2)"

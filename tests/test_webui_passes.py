@@ -13,7 +13,7 @@ from hyca import Profile
 
 from test_webui_adapters import Frontend, args, no_hyca_left
 from webui_harness import ReferenceScript
-from webui_reference import expected_plan
+from references import expected_plan
 
 
 def computed(plan):

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from references import per_block_forecast
+from references import expected_plan, per_block_forecast
 
 # Per model kind: block lists, and for each list how a block's stream comes in, goes out
 # and is handed on when skipped. ``n`` is the image-token count seen at the first list.
@@ -39,12 +39,6 @@ LAYOUTS.update({
     "neo_wan": [("blocks", lambda a, k, n: a[0], lambda o, n: o, lambda a, k, s, first, n: s)],
     "neo_lumina": [("layers", lambda a, k, n: a[0], lambda o, n: o, lambda a, k, s, first, n: s)],
 })
-
-
-def expected_plan(steps: int, interval: int, warmup: int, compute_last: bool = True) -> list[bool]:
-    """W warm-up steps, the last of them opening a cycle of N, and the final step."""
-    computed = set(range(warmup)) | set(range(warmup - 1, steps, interval)) | ({steps - 1} if compute_last else set())
-    return [i in computed for i in range(steps)]
 
 
 def locate(sigma: float, schedule: list[float]) -> tuple[int, float]:

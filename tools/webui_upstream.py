@@ -248,7 +248,7 @@ else:
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
 import webui_harness as H
-from webui_reference import ReferenceHyCa, expected_plan
+from webui_reference import ReferenceHyCa
 from hyca import Profile
 
 def init(model, seed=0, std=0.08):
