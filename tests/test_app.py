@@ -236,7 +236,9 @@ def test_generation_returns_both_images_and_the_metrics(served, solo_pipe):
     plan = Schedule(interval=4, warmup=2, compute_last=True).plan(STEPS)
     assert numbers["computed_steps"] == sum(plan) and numbers["forecast_steps"] == STEPS - sum(plan)
     assert numbers["full_flops"] > numbers["fast_flops"] > 0 and numbers["flops_ratio"] > 1
-    assert numbers["full_seconds"] > 0 and numbers["fast_seconds"] > 0
+    # the report's speed-up is the ratio of its own two wall-clock times, and shows them
+    assert numbers["speedup"] == pytest.approx(numbers["full_seconds"] / numbers["fast_seconds"], rel=1e-9)
+    assert f"{numbers['full_seconds']:.2f} s | {numbers['fast_seconds']:.2f} s" in report
     assert numbers["psnr"] == pytest.approx(metrics.psnr(expected_fast, expected_full), rel=1e-5)
     assert numbers["ssim"] == pytest.approx(metrics.ssim(expected_fast, expected_full), rel=1e-5)
     assert "PSNR" in report and "SSIM" in report and "FLOPs" in report
@@ -310,16 +312,26 @@ def test_a_local_diffusers_folder_loads_as_a_custom_model(served, tmp_path):
 
 
 def test_lora_without_reuse_probes_again_and_reports_the_ari(served):
+    """The ARI the app reports is sklearn's adjusted Rand index of the two profiles'
+    cluster labels, averaged over the blocks (the session's profiles, read back)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from hyca.app import handlers as h
     from hyca.app.models import reference_folder
 
     if not (reference_folder() / "loras" / "outline.safetensors").is_file():
         pytest.skip("the reference LoRAs (models/reference/loras) are not in this checkout yet")
-    client = _client(served[0])
-    _, _, _, reused = _generate(client, lora="outline", reuse=True)
+    state = h.new_state()
+    reused = h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 4, 2, "outline", True).numbers
     assert "reused for LoRA 'outline'" in reused["profile"] and "ari_vs_base" not in reused
-    _, _, report, again = _generate(client, lora="outline", reuse=False)
-    assert "probed again with LoRA 'outline'" in again["profile"]
-    assert -1.0 <= again["ari_vs_base"] <= 1.0 and "ARI" in report
+    again = h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 4, 2, "outline", False)
+    assert "probed again with LoRA 'outline'" in again.numbers["profile"]
+    slot = state["profiles"]["reference"]
+    base, lora = slot["base"], slot["lora"]["outline"]
+    assert lora is not base and lora.labels.shape == base.labels.shape
+    expected = np.mean([adjusted_rand_score(a.numpy(), b.numpy()) for a, b in zip(base.labels, lora.labels)])
+    assert again.numbers["ari_vs_base"] == pytest.approx(expected, abs=1e-12)
+    assert f"{expected:.3f}" in again.report
 
 
 def test_profile_round_trip_through_a_hub_standin(served, hub, tmp_path):

@@ -15,7 +15,7 @@ from hyca.bench.calibrate import search
 from hyca.bench.flops import generation_flops
 from hyca.bench.memory import PeakCacheBytes
 from hyca.bench.metrics import psnr, ssim
-from hyca.bench.runner import PSNR_CAP, Settings, execute, run
+from hyca.bench.runner import Settings, execute, run
 from hyca.bench.workload import Case, cases, generate
 from hyca.reference import tiny_components
 
@@ -52,18 +52,10 @@ def test_every_method_runs(result):
         expected |= {m.DBCACHE, m.DBCACHE_TAYLOR}
     assert expected <= families
     for r in result["rows"]:
-        assert r["flops_speedup"] > 0 and r["wall_speedup"] > 0 and 0 < r["ssim"] <= 1, r
+        assert 0 < r["ssim"] <= 1, r
     info = result["runs"][str(STEPS)]
     assert {f"{m.HYCA} (step axis)", f"{m.HYCA} (sigma axis)"} <= set(info["axes_shifted"])
     assert info["overhead"]["computed"] == COMPUTED
-
-
-def test_full_compute_is_the_unit(result):
-    full = row(result, m.FULL)
-    assert full["flops_speedup"] == 1.0
-    assert full["wall_speedup"] == 1.0
-    assert full["psnr"] == PSNR_CAP and full["ssim"] == 1.0
-    assert full["cache_bytes"] == 0
 
 
 def test_step_reduction_matches_hyca_schedule(result):

@@ -68,7 +68,10 @@ def test_probe_returns_a_valid_profile_with_json_metadata(pipe):
     assert meta["selection"]["targets"] == Schedule(INTERVAL, WARMUP).plan(STEPS).count(False)
     json.dumps(meta, allow_nan=False)  # what the profile file stores
     hyca.enable(pipe, profile, interval=INTERVAL, warmup=WARMUP)  # the engine takes it
-    assert hyca.stats(pipe) is not None and generate(pipe).isfinite().all()
+    assert generate(pipe).isfinite().all()
+    # 16 steps, W=2, N=3, last computed, by hand: steps 0, 1, 4, 7, 10, 13, 15 compute
+    (run,) = hyca.stats(pipe)
+    assert (run.computed, run.forecast) == (7, 9)
 
 
 def exact_replay_error(residuals, dim_solvers, plan):
