@@ -10,7 +10,7 @@ Part 2 (``--stability``) measures how stable the labels are on the tiny FLUX mod
 tests: the adjusted Rand index between profiles probed with two prompts and with two
 resolutions.
 
-    python bench/probe_analysis.py [--steps 50] [--blocks 57] [--dim 3072] [--stability]
+    python -m hyca.bench.probe_analysis [--steps 50] [--blocks 57] [--dim 3072] [--stability]
 """
 
 from __future__ import annotations
@@ -88,7 +88,11 @@ def stability_benchmark() -> None:
     """ARI between tiny-model profiles from two prompts and from two resolutions."""
     from sklearn.metrics import adjusted_rand_score
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    tests = Path(__file__).resolve().parents[2] / "tests"  # the tiny FLUX of the test suite: a source checkout
+    if not (tests / "tiny.py").is_file():
+        raise SystemExit(f"--stability uses the test suite's tiny model ({tests / 'tiny.py'}): run it from a "
+                         "source checkout of HyCa")
+    sys.path.insert(0, str(tests))
     from tiny import tiny_flux, tiny_pipeline
 
     from hyca import probe
@@ -120,7 +124,8 @@ def stability_benchmark() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hyca.bench.probe_analysis",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--blocks", type=int, default=57)
     parser.add_argument("--dim", type=int, default=3072)

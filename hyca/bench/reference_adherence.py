@@ -1,6 +1,6 @@
 """Prompt adherence of the shipped reference model, judged by the pixel-statistics checker.
 
-    python bench/reference_adherence.py            # writes bench/results/reference_*
+    python -m hyca.bench.reference_adherence            # writes bench/results/reference_*
 
 Captions come from ``hyca.reference.data``: held-out ones name (colour, shape, position)
 triples the model never saw in training; seen ones are training combinations (fresh
@@ -36,7 +36,7 @@ from hyca.reference import checker, data, load_pipeline, shipped_path  # noqa: E
 from hyca.reference.model import pack, patch_of  # noqa: E402
 from hyca.reference.train import grid_image  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path("bench/results")  # run from the repository root, as python -m hyca.bench
 
 
 def generate(pipe, scenes: data.Scenes, guidance: float, steps: int, seed: int, chunk: int = 100) -> np.ndarray:
@@ -66,7 +66,7 @@ def markdown(result: dict) -> str:
     for key, r in result["adherence"].items():
         rows.append(f"| {key} | {r['colour']:.1%} | {r['position']:.1%} | {r['both']:.1%} | {r['n']} |")
     t = result["timings_cpu"]
-    return ("# Reference model adherence\n\n`python bench/reference_adherence.py` "
+    return ("# Reference model adherence\n\n`python -m hyca.bench.reference_adherence` "
             f"({result['steps']} steps, {result['threads']} CPU threads)\n\n" + "\n".join(rows) +
             f"\n\nOffline load {t['load_s']:.2f} s; one {result['steps']}-step generation at batch 1 "
             f"{t['generate_50_steps_batch1_s']:.2f} s (this machine's CPU, shared).\n")
@@ -100,7 +100,7 @@ def lora_effects(pipe, folder: Path, n: int, steps: int, out: Path) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m hyca.bench.reference_adherence", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--n", type=int, default=300, help="held-out captions")
     p.add_argument("--n-seen", type=int, default=100, help="seen (training-combination) captions")

@@ -1,18 +1,21 @@
 """Graph breaks, graphs and recompiles of HyCa under torch.compile (docs/compile.md).
 
-    cd tests && python compile_counters.py inductor hyca-first flux
-    cd tests && python compile_counters.py inductor compile-first flux
+    python tools/compile_counters.py inductor hyca-first flux
+    python tools/compile_counters.py inductor compile-first flux
 
 Arguments: backend (inductor, eager), order (hyca-first: hyca.enable then
-compile_repeated_blocks; compile-first: the other way), a tests/tiny_families.py case.
+compile_repeated_blocks; compile-first: the other way), a tests/tiny_families.py case (the
+test suite's tiny models: why this program is a repository tool, not a module of the package).
 Runs 8 steps twice and 5 steps once; prints Dynamo's counters after each run and the
 largest difference to eager HyCa.
 """
 import sys, warnings, logging
+from pathlib import Path
 warnings.filterwarnings("ignore")
 import torch, torch._dynamo
 from torch._dynamo.utils import counters
 import hyca
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_families import CASES
 
 backend = sys.argv[1] if len(sys.argv) > 1 else "inductor"

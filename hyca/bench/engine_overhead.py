@@ -1,6 +1,6 @@
 """What a skip step costs, and what the cache holds (issue 2's figures).
 
-    python bench/engine_overhead.py
+    python -m hyca.bench.engine_overhead
 
 1. FLOPs of a skip step as a fraction of a full step, for FLUX.1-dev's shape (hidden 3072,
    19 double + 38 single blocks, 4096 image + 512 text tokens = 1024x1024) and for a tiny
@@ -12,7 +12,7 @@
    skip step is the same model with both block lists emptied, which is what HyCa's hooks
    leave of a skip step. The tiny model checks that claim: its skip step measured through
    the real hooks must equal its empty-block-list count.
-2. Cache bytes of the aggregated per-solver history (NOTES §4) against a per-block history,
+2. Cache bytes of the aggregated per-solver history (docs/design.md, section 4) against a per-block history,
    for 57 blocks and a profile that uses 4 solvers, measured with the engine's own
    ``history_bytes`` on meta tensors.
 3. The runtime guard's cost at a computed step (hyca/engine/guard.py): per solver slot it
