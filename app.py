@@ -11,7 +11,11 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-import gradio as gr
+try:
+    import gradio as gr
+except ImportError as error:  # the app is an extra: `pip install hyca` alone does not bring gradio
+    raise ImportError(f"the HyCa app needs gradio ({error}): pip install \"hyca[app]\" "
+                      "(in a source checkout: pip install -e \".[app]\")") from error
 
 import hyca
 from hyca.app import handlers as h

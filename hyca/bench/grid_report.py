@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .grid import HYCA, HYCA_NO_GUARD, PEERS, SHIPPED, SHIPPED_NO_GUARD, SINGLE, SINGLE_OUTPUT, SINGLE_SHORT, SINGLES, margins
+from .report import pyplot
 
 FAIL = -0.2  # dB: the bar for "not worse than the best single solver"
 SPLITS = 200
@@ -204,11 +205,7 @@ def guard_lines(cells: list[dict]) -> list[str]:
 
 
 def heatmap(cells: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys, intervals = grid_axes(cells)
     by = _by_key(cells)
     panels = [("over the best single solver", lambda c: margins(c)["single"]),

@@ -176,7 +176,8 @@ def cache_dit_available() -> str | None:
     try:
         import cache_dit  # noqa: F401
     except Exception as error:  # any import failure means "skip it", with the reason shown
-        return f"cache-dit not importable ({type(error).__name__}: {error}); pip install cache-dit"
+        return (f"cache-dit not importable ({type(error).__name__}: {error}): pip install \"hyca[bench]\" "
+                "(in a source checkout: pip install -e \".[bench]\")")
     return None
 
 

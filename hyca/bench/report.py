@@ -204,15 +204,23 @@ def markdown(result: dict[str, Any], command: str, plot_name: str | None,
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
-    """PSNR and SSIM against FLOPs speed-up, one panel pair per step count."""
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend; without matplotlib (the ``bench``
+    extra) a ``SystemExit`` that says what to install."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise SystemExit(f"the plot needs matplotlib ({error}); install the bench extra: pip install -e '.[bench]'")
+        raise SystemExit(f"the benchmark's plots need matplotlib ({error}): pip install \"hyca[bench]\" "
+                         "(in a source checkout: pip install -e \".[bench]\"), or pass --no-plot") from None
+    return plt
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """PSNR and SSIM against FLOPs speed-up, one panel pair per step count."""
+    plt = pyplot()
     rows = result["rows"]
     all_steps = result["environment"]["settings"]["steps"]
     fig, axes = plt.subplots(2, len(all_steps), figsize=(6 * len(all_steps) + 3, 9), squeeze=False)
