@@ -74,7 +74,7 @@ def expected_plan(steps: int, interval: int, warmup: int, compute_last: bool = T
 
 def per_block_forecast(dim_solvers, histories, positions, target):
     """Forecast every block's residual with its own history and per-dimension weights,
-    then sum: the form the aggregated engine must equal (NOTES §4)."""
+    then sum: the form the aggregated engine must equal (docs/design.md, section 4)."""
     total = 0
     for block_solvers, history in zip(dim_solvers, histories):
         depth = len(history)

@@ -48,7 +48,7 @@ def test_exact_on_polynomials_of_its_degree_and_not_beyond(solver):
 
 
 def test_rk2_from_the_paper_derivation():
-    """NOTES §2: eq. 30-32 give F_n + 3/2 (F_n - F_{n-1}) - 1/2 (F_{n-1} - F_{n-2}); with a
+    """The paper's eq. 30-32 give F_n + 3/2 (F_n - F_{n-1}) - 1/2 (F_{n-1} - F_{n-2}); with a
     uniform step that is 5/2 F_n - 2 F_{n-1} + 1/2 F_{n-2}, which is also AB2."""
     h = 0.7
     t = np.array([3.0, 3.0 - h, 3.0 - 2 * h])

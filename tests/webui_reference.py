@@ -1,7 +1,7 @@
 """An independent reference for HyCa in the WebUI stand-ins, built only from plain torch
 hooks on an unpatched model and the solver weights (tested on their own).
 
-What it restates, from the issue and NOTES: a call belongs to step ``k`` of the pass's
+What it restates, from the issue and docs/design.md: a call belongs to step ``k`` of the pass's
 sigma schedule when ``s_k >= sigma > s_{k+1}`` (position ``k`` plus the fraction of the
 way to ``s_{k+1}``); each branch (cond / uncond, told apart by the order of calls at one
 sigma) keeps every block's residual of the stream that reaches the output, measured

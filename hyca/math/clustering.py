@@ -1,4 +1,4 @@
-"""k-means on standardized indicators: which hidden dimensions behave alike (NOTES §5).
+"""k-means on standardized indicators: which hidden dimensions behave alike (docs/design.md, section 5).
 
 Input is the ``(blocks, dim, 10)`` output of :mod:`hyca.math.indicators`. Indicators that
 span orders of magnitude (norms, their ratios, spectral flatness) go on a log scale first,

@@ -3,7 +3,7 @@
 Input is a probe *sketch trajectory* ``traj`` of shape ``(steps, blocks, r, dim)``: at
 every step, each block's residual projected over its token (and batch) axis to ``r``
 rows, so that a norm over the ``r`` axis approximates the norm over tokens of one
-dimension (NOTES §5). Every "norm" and "dot product" below runs over that ``r`` axis;
+dimension (docs/design.md, section 5). Every "norm" and "dot product" below runs over that ``r`` axis;
 ``r`` may be 1.
 
 Per-step indicators (differences, ratios, cosines, energy) are averaged over the steps

@@ -1,4 +1,4 @@
-"""The solver pool: every solver is a linear extrapolator (NOTES §1).
+"""The solver pool: every solver is a linear extrapolator (docs/design.md, section 1).
 
 At a skip step nothing is evaluated, so a "solver" can only combine cached values:
 
@@ -6,7 +6,7 @@ At a skip step nothing is evaluated, so a "solver" can only combine cached value
 
 Each solver here is a pure function from history positions and a target position to
 those weights. Positions are ordered newest first (``t[0]`` is the last computed step)
-and need not be evenly spaced (NOTES §3): warm-up steps are one step apart, cached
+and need not be evenly spaced (docs/design.md, section 3): warm-up steps are one step apart, cached
 steps N apart, and sigma schedules are shifted.
 
 Every weight vector is built by composing linear functionals on the history
@@ -26,7 +26,7 @@ Conventions shared by the ODE-style solvers (paper A.6):
 Identities the pool respects (tested):
 * the paper's RK2, eq. 30-32, is exactly the two-step Adams-Bashforth rule and also
   TaylorSeer's order-2 rule, for any spacing. Eq. 33 (``3/2 F_n - 1/2 F_{n-2}``) does
-  not follow from eq. 32 (NOTES §2); we implement the derivation. The pool keeps the
+  not follow from eq. 32 (docs/design.md, section 2); we implement the derivation. The pool keeps the
   rule once, as ``taylor-2``, with ``ab2`` and ``rk2`` as aliases.
 * ``taylor-1`` is linear extrapolation, so Lagrange extrapolation starts at 3 points.
 """
