@@ -176,6 +176,27 @@ def test_probe_writes_a_profile_for_a_saved_reference_model(tmp_path, capsys):
     assert profile.metadata["probe"]["prompt"] == "a red circle" and profile.num_clusters == 2
 
 
+def test_probe_without_output_saves_to_the_cache_where_lookup_finds_it(tmp_path, capsys, monkeypatch):
+    """No -o: the profile goes to $HYCA_CACHE (not the shipped profiles/ folder, which would
+    outrank the cache), under the name the lookup tries first for its settings."""
+    from hyca.profiles.sources import resolve_profile
+
+    reference = pytest.importorskip("hyca.reference")
+    reference.tiny_components().save_pretrained(tmp_path / "ref")
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path / "none"))
+    assert main(["probe", "--model", str(tmp_path / "ref"), "--prompt", "a red circle", "--height", "32",
+                 "--width", "32", "--steps", "8", "--interval", "3", "--warmup", "2", "--clusters", "2",
+                 "--selection", "eq5"]) == 0
+    transformer = reference.load_pipeline(tmp_path / "ref").transformer
+    run = RunSettings(steps=8, guidance_scale=None, shift=None, interval=3, warmup=2, compute_last=True,
+                      positions="step")
+    (saved,) = (tmp_path / "cache").glob("*.safetensors")
+    assert f"saved profile to {saved}" in capsys.readouterr().out
+    found = resolve_profile(fingerprint(transformer), run=run, offline=True)
+    assert (found.source, found.path) == ("cache", saved)
+
+
 def test_probe_of_a_missing_model_is_one_line(tmp_path, capsys):
     assert main(["probe", "--model", str(tmp_path / "no-such-model")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
