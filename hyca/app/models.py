@@ -346,9 +346,9 @@ def configure_cpu_threads() -> int:
     """On a machine without a GPU, use ``$HYCA_APP_THREADS`` threads (default 1) for torch.
 
     The reference model's operations are tiny (32x32 pixels): several OpenMP threads
-    mostly wait for each other, and on a shared CPU (a free Space, a busy laptop) that
-    made a 50-step generation 20x slower here (1.1 s with one thread, 20-60 s with two
-    on a loaded 2-core machine). A larger model on a CPU may want more: set the variable."""
+    mostly wait for each other, which on a shared CPU (a free Space, a busy laptop) makes a
+    generation many times slower (measured in docs/app.md, "Settings"). A larger model on a
+    CPU may want more: set the variable."""
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(os.environ.get("HYCA_APP_THREADS", "1"))))
     return torch.get_num_threads()
