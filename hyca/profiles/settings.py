@@ -2,9 +2,8 @@
 
 A profile's solvers are chosen by replaying one schedule (interval N, warm-up, last step)
 on one sampling run (step count, guidance, sigma schedule). At other settings the same
-choice can be much worse than plain reuse: on the reference model, a profile chosen at 50
-steps without guidance loses 7 dB to FORA at 28 steps with guidance 2.5 (issue 11). So a
-profile records the settings it was chosen for (:class:`RunSettings`, the ``chosen_for``
+choice can be much worse than plain reuse (measured on the reference model: docs/profiles.md
+and the settings grid, bench/results/grid.md). So a profile records the settings it was chosen for (:class:`RunSettings`, the ``chosen_for``
 field of its file), profile lookup prefers the closest one (:func:`mismatch_cost`), and
 a run on other settings is told what differs (:func:`differences`).
 
