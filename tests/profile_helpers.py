@@ -52,3 +52,14 @@ def write_parts(path: Path, tensors: dict[str, torch.Tensor], header: dict | str
     text = header if isinstance(header, str) else json.dumps(header)
     save_file(tensors, str(path), metadata={"hyca": text})
     return path
+
+
+def permuted(profile: Profile, seed: int) -> Profile:
+    """Same partition and solvers, cluster ids renumbered differently in every block."""
+    g = torch.Generator().manual_seed(seed)
+    labels, solvers = torch.empty_like(profile.labels), torch.empty_like(profile.solvers)
+    for blk in range(profile.num_blocks):
+        perm = torch.randperm(profile.num_clusters, generator=g)  # old id -> new id
+        labels[blk] = perm[profile.labels[blk]]
+        solvers[blk, perm] = profile.solvers[blk]
+    return Profile(labels, solvers, dict(profile.metadata))

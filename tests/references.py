@@ -84,3 +84,19 @@ def per_block_forecast(dim_solvers, histories, positions, target):
             weights[: len(w), d] = torch.tensor(w, dtype=torch.float32)
         total = total + sum(weights[j] * history[j] for j in range(depth))
     return total
+
+
+def block_step_mean_error(residuals, solver_id, plan, axis):
+    """Relative error per (block, target step), averaged with the probe's weight
+    target / steps for each step."""
+    solver, values, weights = pool()[solver_id], [], []
+    for target in range(len(plan)):
+        if plan[target]:
+            continue
+        used = [k for k in range(target) if plan[k]][::-1][: solver.history]
+        w = solver.weights([axis[k] for k in used], axis[target])
+        forecast = sum(wj * residuals[k] for wj, k in zip(w, used))
+        values.append(((forecast - residuals[target]) ** 2).sum((1, 2)) / (residuals[target] ** 2).sum((1, 2)))
+        weights.append(target / len(plan))
+    weights = torch.tensor(weights, dtype=values[0].dtype).unsqueeze(1)
+    return float((torch.stack(values) * weights).sum() / (weights.sum() * values[0].numel()))

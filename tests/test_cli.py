@@ -21,8 +21,7 @@ from hyca.profiles.io import load_profile, profile_filename, save_profile
 from hyca.profiles.profile import Profile
 
 from hub_standin import HubStandIn
-from profile_helpers import random_profile, tiny_fingerprint
-from test_compare import permuted
+from profile_helpers import permuted, random_profile, tiny_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,9 +20,8 @@ from hyca.probing import closed_loop
 from hyca.profiles.profile import Profile
 from hyca.profiles.settings import RunSettings
 
-from references import capture_residuals
-from test_probe import block_step_mean_error, conditioning
-from tiny import Inputs, euler_sample, tiny_flux, tiny_pipeline
+from references import block_step_mean_error, capture_residuals
+from tiny import Inputs, conditioning, euler_sample, tiny_flux, tiny_pipeline
 
 STEPS, INTERVAL, WARMUP = 12, 3, 2
 

@@ -14,7 +14,7 @@ from hyca.profiles.compare import compare_profiles
 from hyca.profiles.io import ProfileError
 from hyca.profiles.profile import Profile
 
-from profile_helpers import random_profile, tiny_fingerprint
+from profile_helpers import permuted, random_profile, tiny_fingerprint
 
 
 def pair_counting_ari(a: np.ndarray, b: np.ndarray) -> float:
@@ -27,17 +27,6 @@ def pair_counting_ari(a: np.ndarray, b: np.ndarray) -> float:
     expected = rows * cols / comb(len(a), 2)
     top = (rows + cols) / 2
     return 1.0 if top == expected else (index - expected) / (top - expected)
-
-
-def permuted(profile: Profile, seed: int) -> Profile:
-    """Same partition and solvers, cluster ids renumbered differently in every block."""
-    g = torch.Generator().manual_seed(seed)
-    labels, solvers = torch.empty_like(profile.labels), torch.empty_like(profile.solvers)
-    for blk in range(profile.num_blocks):
-        perm = torch.randperm(profile.num_clusters, generator=g)  # old id -> new id
-        labels[blk] = perm[profile.labels[blk]]
-        solvers[blk, perm] = profile.solvers[blk]
-    return Profile(labels, solvers, dict(profile.metadata))
 
 
 def test_relabelled_clusters_give_ari_one_and_full_agreement():

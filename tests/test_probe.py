@@ -19,16 +19,11 @@ from hyca.math.solvers import pool, pool_names
 from hyca.adapters.diffusers.probe import probe, probe_transformer
 from hyca.adapters.diffusers.fingerprint import fingerprint
 
-from references import capture_residuals, flux_blocks
-from tiny import Inputs, euler_sample, fresh_copy, sigmas, tiny_flux, tiny_pipeline
+from references import block_step_mean_error, capture_residuals, flux_blocks
+from tiny import Inputs, conditioning, euler_sample, fresh_copy, sigmas, tiny_flux, tiny_pipeline
 
 STEPS, INTERVAL, WARMUP = 16, 3, 2
 SMOOTH = list(np.linspace(0.5, 0.495, STEPS))  # a narrow sigma window: smooth residuals
-
-
-def conditioning(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(prompt_embeds=torch.randn(1, 5, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 24, generator=g))
 
 
 def generate(pipe, **extra):
@@ -128,22 +123,6 @@ def test_sketch_errors_estimate_the_exact_errors(positions):
         if name == "lagrange-3":  # here the axes give 0.039 (sigma) vs 0.008 (step): the probe used the right one
             assert estimate != pytest.approx(block_step_mean_error(residuals, pool_names().index(name), plan, other),
                                              rel=0.3), name
-
-
-def block_step_mean_error(residuals, solver_id, plan, axis):
-    """Relative error per (block, target step), averaged with the probe's weight
-    target / steps for each step."""
-    solver, values, weights = pool()[solver_id], [], []
-    for target in range(len(plan)):
-        if plan[target]:
-            continue
-        used = [k for k in range(target) if plan[k]][::-1][: solver.history]
-        w = solver.weights([axis[k] for k in used], axis[target])
-        forecast = sum(wj * residuals[k] for wj, k in zip(w, used))
-        values.append(((forecast - residuals[target]) ** 2).sum((1, 2)) / (residuals[target] ** 2).sum((1, 2)))
-        weights.append(target / len(plan))
-    weights = torch.tensor(weights, dtype=values[0].dtype).unsqueeze(1)
-    return float((torch.stack(values) * weights).sum() / (weights.sum() * values[0].numel()))
 
 
 def window_velocity(inputs, window):

@@ -11,7 +11,7 @@ import torch
 
 from hyca import Profile
 
-from test_webui_adapters import Frontend, args, no_hyca_left
+from webui_harness import Frontend, args, no_hyca_left
 from webui_harness import ReferenceScript
 from references import expected_plan
 

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from test_webui_adapters import Frontend, args, no_hyca_left
+from webui_harness import Frontend, args, no_hyca_left
 from webui_harness import Processing, ReferenceScript, generate
 from webui_reference import ReferenceHyCa
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from test_webui_adapters import Frontend, args
+from webui_harness import Frontend, args
 
 
 def demote_first_check(monkeypatch):

@@ -72,6 +72,12 @@ def euler_sample(model, inputs: Inputs, steps: int, velocity=None) -> tuple[torc
     return x, outputs
 
 
+def conditioning(seed: int = 0) -> dict:
+    """Random prompt embeddings for the tiny FLUX pipeline (5 text tokens), in place of a text encoder."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(prompt_embeds=torch.randn(1, 5, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 24, generator=g))
+
+
 def tiny_pipeline(model) -> FluxPipeline:
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=model)

@@ -31,6 +31,9 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
+from hyca import Profile
+from webui_reference import ReferenceHyCa
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 STANDINS = TESTS / "standins"
@@ -354,3 +357,63 @@ class ReferenceScript:
         pass
 
     post_sample = postprocess_batch = postprocess = process
+
+
+# --- what the WebUI tests share: script arguments, one frontend's stand-ins, a clean-up check ---
+
+UNIFORM = "TaylorSeer (taylor-2)"
+
+
+def args(enabled=True, interval=3, warmup=2, compute_last=True, hires=True, profile=UNIFORM, hub_repo="", lora_reuse=True,
+         cache_dtype="model", guard=False, speedup=0.0):
+    """Script arguments; the guard is off by default here because the references these
+    tests compare with are the paper's engine (the guard has tests of its own)."""
+    return [enabled, interval, warmup, compute_last, hires, profile, hub_repo, lora_reuse, cache_dtype, guard, speedup]
+
+
+class Frontend:
+    """The stand-ins of one frontend, imported for one test, removed afterwards."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        self._context = standins(flavour_of(kind))
+
+    def __enter__(self):
+        self._context.__enter__()
+        self.script_module = load_script()
+        self.script = self.script_module.HyCaScript()
+        self.spec = model_kinds()[self.kind]
+        self.model = self.spec.factory()
+        return self
+
+    def __exit__(self, *exc):
+        from hyca.adapters.webui.controller import CONTROLLER
+
+        CONTROLLER.reset()
+        self._context.__exit__(*exc)
+
+    def run(self, script_args=None, script=None, **settings):
+        p = Processing(self.kind, self.model, **settings)
+        with torch.no_grad():
+            return generate(p, script or self.script, script_args if script_args is not None else args(False)), p
+
+    def reference(self, dim_solvers, interval, warmup, branches=1, compute_last=True, **settings):
+        reference = ReferenceHyCa(self.model, self.kind, dim_solvers, interval, warmup, branches,
+                                  self.spec.timestep_multiplier, compute_last)
+        with reference:
+            out, _ = self.run([], ReferenceScript(reference), **settings)
+        return out, reference
+
+    def uniform_solvers(self):
+        from hyca.adapters.webui.fingerprint import fingerprint
+        from hyca.adapters.webui.registry import recognise
+
+        fp = fingerprint(self.model, recognise(self.model))
+        return Profile.uniform("taylor-2", sum(fp["blocks"].values()), fp["hidden_size"]).dim_solvers()
+
+
+def no_hyca_left(model):
+    from hyca.adapters.webui import gates
+    from hyca.adapters.webui.controller import CONTROLLER
+
+    return CONTROLLER.session is None and not any(gates.is_gated(m) for m in model.modules())
