@@ -26,9 +26,13 @@ from state that can go stale:
   diffusers' ``CacheMixin`` all start clean. A run that reaches its last call frees its
   cache at once; ``maybe_free_model_hooks`` resets every family's transformer.
 
-State lives in a ``StateManager`` (:class:`BranchStates`) held by the block hooks, which are
-stateful, so ``cache_context`` and ``_reset_stateful_cache`` reach it through diffusers'
-own registry. Block hooks that something else unwraps (an offloading hook applied before
+Run state lives in scopes (:mod:`.scopes`), one per request: each pipeline call has its
+own engine and branch states, so requests sharing the transformer in threads never mix;
+calls outside any pipeline call use the transformer's default scope, one thread at a time.
+The block hooks are stateful and hold the scopes' router (a ``StateManager``), so
+``cache_context`` and ``_reset_stateful_cache`` reach the calling scope through diffusers'
+own registry. A call with gradients enabled or the model in training mode passes through
+untouched (inference only). Block hooks that something else unwraps (an offloading hook applied before
 HyCa and removed later) are found before the blocks run and put back; a call whose blocks
 did not all report is never forecast from.
 """
@@ -39,6 +43,7 @@ import functools
 import inspect
 import logging
 import sys
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -51,6 +56,7 @@ from ...engine.residual import ResidualMeter
 from ...profiles.settings import RunSettings
 from . import parallel
 from .families import BlockList, Family, head_of
+from .scopes import ACTIVE, DEFAULT_BRANCH, REQUEST, UNANNOUNCED, BranchStates, HostState, Request, ScopeRouter
 from .settings import guidance_name, guidance_of, schedule_shift
 
 logger = logging.getLogger("hyca")
@@ -58,98 +64,12 @@ logger = logging.getLogger("hyca")
 ROOT_HOOK = "hyca"  # the attribute ``_hyca`` on the transformer holds the root controller
 BLOCK_HOOK = "hyca_block"
 ROOT_ATTRIBUTE = "_hyca"
-DEFAULT_BRANCH = "default"
 PIPELINE_TRANSFORMERS = ("transformer", "transformer_2")
+#: Threads whose latest run ``hyca.stats`` can report (the oldest are forgotten first).
+MAX_THREADS_REMEMBERED = 256
 #: How far up the call stack the calling pipeline is looked for (a pipeline's ``__call__``
 #: is 3-6 frames above the transformer's hooks; decorators and helper methods add a few).
 MAX_FRAMES = 48
-
-
-@dataclass
-class HostState(BranchState):
-    """A branch's engine state plus what the adapter needs to tell generations apart."""
-
-    run: Any = None  # weak reference to the schedule (scheduler.timesteps) this generation runs on
-    last_position: float | None = None
-    last_index: int | None = None  # the cache context's step_index at the previous call
-
-
-class BranchStates(StateManager):
-    """diffusers' ``StateManager`` keyed by cache context, plus branches for calls made
-    outside any ``cache_context``.
-
-    Also the scratch space of one transformer call, shared by the root and block hooks:
-    the state of the call in progress (``current``), whether HyCa stays out of it
-    (``bypass``), how many tokens the output stream has (``stream_tokens``) and how many
-    block hooks ran (``reports``)."""
-
-    def __init__(self, state_cls: type = HostState) -> None:
-        super().__init__(state_cls)
-        self.bypass = False
-        self.stream_tokens: int | None = None
-        self.current: BranchState | None = None
-        self.reports = 0
-        self.head_forecast: torch.Tensor | None = None  # output target: made at the first block, used at the head
-        self._forget_unnamed()
-
-    def _forget_unnamed(self) -> None:
-        self._unnamed = DEFAULT_BRANCH
-        self._last_unnamed_position: float | None = None
-        self._last_unnamed_input: Any = None
-        self._calls_at_position = 0
-
-    def name_unnamed_call(self, position: float | None, sample: Any = None) -> None:
-        """Pick the branch of a call made outside any ``cache_context``: the k-th call at
-        one timestep with the same input is branch k (cond, uncond); a call at the same
-        timestep with another input is a sampler's next stage, branch 0 again."""
-        if self._context is not None:
-            return
-        same = position is not None and position == self._last_unnamed_position
-        if same and sample is not None and not _same_input(self._last_unnamed_input, sample):
-            same = False
-        self._calls_at_position = self._calls_at_position + 1 if same else 0
-        self._last_unnamed_position = position
-        self._last_unnamed_input = _snapshot_input(sample)
-        k = self._calls_at_position
-        self._unnamed = DEFAULT_BRANCH if k == 0 else f"{DEFAULT_BRANCH}#{k + 1}"
-
-    def get_state(self) -> BranchState:
-        if self._context is None:
-            if self._unnamed not in self._state_cache:
-                self._state_cache[self._unnamed] = self._state_cls()
-            return self._state_cache[self._unnamed]
-        return super().get_state()
-
-    def branch_name(self) -> str:
-        return self._unnamed if self._context is None else self._context.name
-
-    def all_states(self) -> dict[str, BranchState]:
-        return dict(self._state_cache)
-
-    def reset(self) -> None:
-        super().reset()
-        self.current, self.bypass, self.reports = None, False, 0
-        self._forget_unnamed()
-
-
-def _snapshot_input(sample: Any) -> Any:
-    """A copy of a call's input to compare the next call's against (latents are small
-    next to a transformer call); ``None`` for inputs that are not tensors."""
-    if isinstance(sample, torch.Tensor):
-        return sample.detach().clone()
-    if isinstance(sample, (list, tuple)) and sample and all(isinstance(s, torch.Tensor) for s in sample):
-        return [s.detach().clone() for s in sample]
-    return None
-
-
-def _same_input(kept: Any, sample: Any) -> bool:
-    if kept is None:
-        return True  # nothing to compare: keep the plain "k-th call at one timestep" rule
-    if isinstance(sample, torch.Tensor):
-        return isinstance(kept, torch.Tensor) and kept.shape == sample.shape and torch.equal(kept, sample)
-    parts = list(sample) if isinstance(sample, (list, tuple)) else []
-    return (isinstance(kept, list) and len(kept) == len(parts)
-            and all(k.shape == s.shape and torch.equal(k, s) for k, s in zip(kept, parts)))
 
 
 def _parameter_names(function: Callable) -> tuple[str, ...]:
@@ -260,8 +180,7 @@ def scheduler_run(scheduler: Any, pipe: Any = None, expert: str | None = None) -
 class Steps:
     """Where a transformer's step count comes from (see the module doc). ``scheduler``: the
     one given to ``hyca.enable`` for hand-written loops; ``pipeline``: the pipeline HyCa
-    was enabled on, whose *current* scheduler serves calls made outside any pipeline.
-    Callable as ``steps(count_from_cache_context)`` for callers that only want a count."""
+    was enabled on, whose *current* scheduler serves calls made outside any pipeline."""
 
     def __init__(self, scheduler: Any = None, pipeline: Any = None) -> None:
         self.scheduler = scheduler
@@ -289,13 +208,6 @@ class Steps:
         current one)."""
         owner = self._pipeline() if self._pipeline is not None else None
         return owner, self.scheduler if self.scheduler is not None else getattr(owner, "scheduler", None)
-
-    def __call__(self, from_context: int | None = None) -> int | None:
-        if from_context:
-            return from_context
-        _, scheduler = self.outside_pipelines()
-        found = scheduler_run(scheduler) if scheduler is not None else None
-        return None if found is None else found.total
 
 
 # --- other caches -------------------------------------------------------------------------
@@ -357,14 +269,9 @@ class HyCaBlockHook(ModelHook):
         self.index = index
         self.spec = spec
         self.root = root
-        self.states = root.states
+        self.states = root.router  # found by diffusers' cache_context; leads to the calling scope
         self.inert = False  # left in a chain HyCa could not take itself out of: plain forward
         self._names: tuple[str, ...] = ()
-        self._snapshot: Any = None
-
-    @property
-    def engine(self) -> Any:
-        return self.root.engine
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._names = _parameter_names(type(module).forward)[1:]
@@ -376,66 +283,66 @@ class HyCaBlockHook(ModelHook):
         return module
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        action, stream = self._before(args, kwargs)
+        action, scope, carried = self._before(args, kwargs)
         if action == _COMPUTE:
             output = self.fn_ref.original_forward(*args, **kwargs)
-            self._after(output)
+            self._after(scope, carried, output)
             return output
         if action == _PASS:
-            return self._pass_through(module, stream, args, kwargs)
+            return self._pass_through(module, carried, args, kwargs)
         return self.fn_ref.original_forward(*args, **kwargs)
 
     @torch.compiler.disable
-    def _before(self, args: tuple, kwargs: dict) -> tuple[str, Any]:
-        states = self.states
-        state = states.current
-        if self.inert or states.bypass or state is None:
-            return _PLAIN, None
-        states.reports += 1
+    def _before(self, args: tuple, kwargs: dict) -> tuple[str, Any, Any]:
+        """What to do with this block call: ``(_COMPUTE, scope, snapshot of the input stream)``,
+        ``(_PASS, scope, stream to pass on)`` or ``(_PLAIN, None, None)``."""
+        scope = ACTIVE.get()
+        state = None if scope is None or scope.root is not self.root else scope.current
+        if self.inert or state is None or scope.bypass:
+            return _PLAIN, None, None
+        scope.reports += 1
         stream = _argument(self._names, self.spec.stream, args, kwargs)
         if self.index == 0:
-            states.stream_tokens = stream.shape[1]
+            scope.stream_tokens = stream.shape[1]
         if not state.computing and self.index == 0:
             why = None
             try:
-                predicted = self.engine.predicted_residual(state)
-                if self.root.output_target:  # the head takes it; the blocks only pass their inputs on
-                    states.head_forecast = predicted
+                predicted = scope.engine.predicted_residual(state)
+                if scope.output_target:  # the head takes it; the blocks only pass their inputs on
+                    scope.head_forecast = predicted
                 else:
                     stream = stream + predicted.to(device=stream.device, dtype=stream.dtype)
             except Exception as error:  # compute this step and the rest of this generation instead
                 why = f"forecast failed ({error})"
-            why = self.root.agreed(why, "the forecast failed on another context-parallel rank")
+            why = self.root.agreed(scope, why, "the forecast failed on another context-parallel rank")
             if why is not None:
                 self.root.fall_back(state, why)
                 state.computing = True
         if state.computing:
-            if self.root.output_target:  # the head's input is recorded, not the blocks' residuals
-                return _PLAIN, None
-            self._snapshot = None if state.failed else self.root.meter.before(self.index, stream)
-            return _COMPUTE, None
-        return _PASS, stream
+            if scope.output_target:  # the head's input is recorded, not the blocks' residuals
+                return _PLAIN, None, None
+            return _COMPUTE, scope, None if state.failed else self.root.meter.before(self.index, stream)
+        return _PASS, scope, stream
 
     @torch.compiler.disable
-    def _after(self, output: Any) -> None:
-        snapshot, self._snapshot = self._snapshot, None
-        state = self.states.current
+    def _after(self, scope: BranchStates, snapshot: Any, output: Any) -> None:
+        state = scope.current
         if snapshot is None or state is None or state.failed:
             return
         returns = self.spec.returns
         out_stream = output if isinstance(returns, str) else output[returns.index(self.spec.stream)]
         try:
             residual = self.root.meter.residual(snapshot, out_stream)
-            self.engine.record(state, self.index, self._output_part(residual))
+            scope.engine.record(state, self.index, self._output_part(scope, residual))
         except Exception as error:
             self.root.fall_back(state, f"caching failed ({error})")
 
-    def _output_part(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _output_part(self, scope: BranchStates, tokens: torch.Tensor) -> torch.Tensor:
         """The tokens of a stream that reach the transformer's output."""
         if self.spec.stream_tokens == "tail":
-            return tokens[:, tokens.shape[1] - self.states.stream_tokens:]
+            return tokens[:, tokens.shape[1] - scope.stream_tokens:]
         if self.spec.stream_tokens == "head":
-            return tokens[:, :self.states.stream_tokens]
+            return tokens[:, :scope.stream_tokens]
         return tokens
 
     def _pass_through(self, module: torch.nn.Module, stream: torch.Tensor, args: tuple, kwargs: dict):
@@ -449,14 +356,18 @@ class HyCaBlockHook(ModelHook):
 
 
 class HyCaRoot:
-    """Per transformer: the engine, the branch states, the step source and the hooks."""
+    """Per transformer: the engine it was enabled with, the scopes' router, the step source
+    and the hooks. The run state lives in scopes (:mod:`.scopes`): one per request, and the
+    default scope, whose engine is ``engine``, for calls made outside any pipeline call."""
 
     def __init__(self, transformer: torch.nn.Module, blocks: list[tuple[BlockList, torch.nn.Module]],
                  engine: Any, family: Family, total_steps: Any) -> None:
         self.engine = engine
         self.family = family
         self.total_steps = total_steps  # a :class:`Steps`, or a callable ``(count_from_context) -> count``
-        self.states = BranchStates()
+        self.router = ScopeRouter(self)
+        self.default = BranchStates(engine, self.router, self)
+        self._latest: dict[int, BranchStates] = {}  # thread -> the scope of its latest run
         self.meter = ResidualMeter()
         self.blocks = [block for _, block in blocks]
         self.block_hooks = [HyCaBlockHook(i, spec, self) for i, (spec, _) in enumerate(blocks)]
@@ -465,14 +376,12 @@ class HyCaRoot:
         self._handles: list[Any] = []
         self._wrappers: list[Any] = []  # per block: the forward wrapper diffusers made for HyCa's hook
         self._seen: list[Any] = []  # per block: its ``forward`` when HyCa last found its hook in the chain
-        self._open: BranchState | None = None  # the state of a call that began and has not ended
         self.lost: str | None = None  # why HyCa cannot run, once that is known
+        self.notes: list[str] = []  # said once per model, shown in every stats() (calls HyCa stayed out of)
         self._told_unknown = False  # "step count unknown" said once in the log
-        self.parallel: parallel.RankGroup | None = None  # the context-parallel group of the call in progress
-        # target "output": the engine forecasts the head's input (the final hidden state), not the residuals
-        self.output_target = getattr(engine, "target", "residual") == "output"
         self.head = head_of(transformer, family)
-        if self.output_target and self.head is None:
+        # target "output": the engine forecasts the head's input (the final hidden state), not the residuals
+        if self.default.output_target and self.head is None:
             raise ValueError(f"{type(transformer).__name__}: a profile that forecasts the output head needs a head "
                              "(the family table has none for this model); use a residual profile")
 
@@ -492,7 +401,7 @@ class HyCaRoot:
     def _install_root(self, transformer: torch.nn.Module) -> None:
         self._handles = [transformer.register_forward_pre_hook(self._pre, with_kwargs=True),
                          transformer.register_forward_hook(self._post)]
-        if self.output_target:
+        if self.head is not None:  # a request's profile may forecast the head's input
             self._handles.append(self.head.register_forward_pre_hook(self._head_pre, with_kwargs=True))
 
     def _register_block(self, hook: HyCaBlockHook, block: torch.nn.Module) -> None:
@@ -516,7 +425,7 @@ class HyCaRoot:
             del transformer._reset_stateful_cache
         if transformer.__dict__.get(ROOT_ATTRIBUTE) is self:
             delattr(transformer, ROOT_ATTRIBUTE)
-        self.states.reset()
+        self.default.reset()
         HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
     def _unregister_block(self, hook: HyCaBlockHook, block: torch.nn.Module) -> None:
@@ -547,7 +456,7 @@ class HyCaRoot:
     def check_hooks(self, transformer: torch.nn.Module) -> None:
         """Before the blocks run: every block hook still in its block's forward chain,
         put back where something unwrapped it. Cheap when nothing changed."""
-        if (len(self._handles) != 2 or self._handles[0].id not in transformer._forward_pre_hooks
+        if (len(self._handles) != 2 + (self.head is not None) or self._handles[0].id not in transformer._forward_pre_hooks
                 or self._handles[1].id not in transformer._forward_hooks):
             for handle in self._handles:
                 handle.remove()
@@ -593,16 +502,21 @@ class HyCaRoot:
 
     @torch.compiler.disable
     def _pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._open is not None:  # the previous call raised inside the transformer: that run is over
-            self._finish(self._open, "a transformer call failed")
-            self._open = None
-        states = self.states
+        if torch.is_grad_enabled() or module.training:  # training, or a forward to differentiate: not ours
+            ACTIVE.set(None)
+            self._pass_training(module)
+            return None
+        states = self.scope_for_call(module)
+        ACTIVE.set(states)
+        if states.open is not None:  # the previous call raised inside the transformer: that run is over
+            self._finish(states, states.open, "a transformer call failed")
+            states.open = None
         states.current, states.reports = None, 0
         found = other_cache(module, scan=False)
         if found is not None:
             raise CacheConflict(conflict_message(module, found, hyca_first=True))
         self.check_hooks(module)
-        self.parallel = parallel.attach(self.engine, module, self.blocks, BLOCK_HOOK)
+        states.parallel = parallel.attach(states.engine, module, self.blocks, BLOCK_HOOK)
         states.bypass = any(_argument(self._names, name, args, kwargs) is not None for name in self.family.bypass_args)
         if states.bypass:  # e.g. SD3's skip-layer guidance pass: some blocks never run, nothing to cache
             return None
@@ -619,11 +533,12 @@ class HyCaRoot:
         ended = self._ended(state, run, position, signature, index, "down" if from_context else
                             self.family.timestep_direction)
         if ended is not None:
-            self._finish(state, ended)
-            self._finish_stale(run)
+            self._finish(states, state, ended)
+            self._finish_stale(states, run)
         if state.step == 0:
-            if hasattr(self.engine, "host_run"):
-                self.engine.host_run = self._run_facts(module)
+            self._remember(states)
+            if hasattr(states.engine, "host_run"):
+                self.engine_facts(states, module)
             found = other_cache(module, scan=True)
             if found is not None:
                 raise CacheConflict(conflict_message(module, found, hyca_first=True))
@@ -635,26 +550,26 @@ class HyCaRoot:
                 if not self._told_unknown:
                     self._told_unknown = True
                     logger.warning("HyCa: %s", message)
-        self.engine.begin_step(state, position, signature, run.total)
+        states.engine.begin_step(state, position, signature, run.total)
         state.run = run.token if state.run is None else state.run
         state.last_position, state.last_index = position, index
         states.current = state
-        self._open = state
+        states.open = state
         return None
 
     @torch.compiler.disable
     def _head_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Output target: record the head's input on a computed step; replace it with the
         forecast made at the first block on a skipped one."""
-        states = self.states
-        state = states.current
-        if state is None or states.bypass:
+        states = ACTIVE.get()
+        state = None if states is None or states.root is not self else states.current
+        if state is None or states.bypass or not states.output_target:
             return None
         x = args[0] if args else kwargs["input"]
         if state.computing:
             if not state.failed:
                 try:
-                    self.engine.record(state, 0, x)
+                    states.engine.record(state, 0, x)
                 except Exception as error:
                     self.fall_back(state, f"caching failed ({error})")
             return None
@@ -666,8 +581,11 @@ class HyCaRoot:
 
     @torch.compiler.disable
     def _post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        states = self.states
-        state, self._open = self._open, None
+        states = ACTIVE.get()
+        if states is None or states.root is not self:  # a call HyCa stayed out of (training, gradients)
+            return None
+        ACTIVE.set(None)
+        state, states.open = states.open, None
         states.current = None
         if states.bypass:
             states.bypass = False
@@ -681,15 +599,23 @@ class HyCaRoot:
                     f"HyCa: only {states.reports} of {len(self.block_hooks)} block hooks ran in a forecast step: "
                     "something removed them during sampling, and this step's output is wrong. Call hyca.enable again")
             self.fall_back(state, f"only {states.reports} of {len(self.block_hooks)} block hooks ran")
-        if state.computing and self.parallel is not None:  # one rank's failure is every rank's
-            why = self.agreed("recording failed" if state.failed else None,
+        if state.computing and states.parallel is not None:  # one rank's failure is every rank's
+            why = self.agreed(states, "recording failed" if state.failed else None,
                               "caching failed on another context-parallel rank")
             if why is not None:
                 self.fall_back(state, why)
-        self.engine.end_step(state)
+        states.engine.end_step(state)
         if state.total_steps is not None and state.step >= state.total_steps:
-            self._finish(state, None)  # the run is complete: free its cache now
+            self._finish(states, state, None)  # the run is complete: free its cache now
         return None
+
+    def engine_facts(self, states: BranchStates, module: torch.nn.Module) -> None:
+        """Tell the scope's engine what is known of the run beginning now: the settings
+        read from the pipeline call (:mod:`.requests`), completed from the pipeline."""
+        request = REQUEST.get()
+        told = request.settings.get(id(module)) if request is not None else None
+        facts = self._run_facts(module)
+        states.engine.host_run = told.merged(facts) if told is not None else facts
 
     def _run_facts(self, module: torch.nn.Module) -> RunSettings:
         """What this run's pipeline tells beyond the step count: the shift of the scheduler
@@ -737,13 +663,13 @@ class HyCaRoot:
                 return "the timestep went back"
         return None
 
-    def agreed(self, why: str | None, elsewhere: str) -> str | None:
+    def agreed(self, states: BranchStates, why: str | None, elsewhere: str) -> str | None:
         """Under context parallelism, whether any rank failed (``why`` here, ``elsewhere``
         for a failure on another rank): all ranks must compute, or all forecast, the same
         steps. One small all-reduce; a single process just returns ``why``."""
-        if self.parallel is None:
+        if states.parallel is None:
             return why
-        failed = self.parallel.any(why is not None)
+        failed = states.parallel.any(why is not None)
         return why if why is not None else (elsewhere if failed else None)
 
     def fall_back(self, state: BranchState, why: str) -> None:
@@ -754,20 +680,20 @@ class HyCaRoot:
             state.stats.note(message)
         state.failed = True
 
-    def _finish_stale(self, run: Run) -> None:
+    def _finish_stale(self, states: BranchStates, run: Run) -> None:
         """A new run has begun: every other branch still holding a run on another schedule
         (the uncond branch of a guided run that was cancelled, when the next run has no
         guidance and never calls it) ends now, so its summary is logged before the new
         run's and its cache is freed now rather than at the next cleanup."""
         if run.token is None or run.token() is None:
             return
-        for other in self.states.all_states().values():
+        for other in states.all_states().values():
             if other.step > 0 and other.run is not None and other.run() is not run.token():
-                self._finish(other, "a new schedule")
+                self._finish(states, other, "a new schedule")
 
-    def _finish(self, state: BranchState, why: str | None) -> None:
+    def _finish(self, states: BranchStates, state: BranchState, why: str | None) -> None:
         """A generation ends: say what it did, and free its cache."""
-        name = next((n for n, s in self.states.all_states().items() if s is state), "?")
+        name = next((n for n, s in states.all_states().items() if s is state), "?")
         if state.stats.total:
             if why is not None and state.total_steps is not None and state.step < state.total_steps:
                 state.stats.note(f"stopped after {state.step} of {state.total_steps} steps")
@@ -776,22 +702,115 @@ class HyCaRoot:
 
     # --- resets ---------------------------------------------------------------------------
 
-    def reset(self) -> None:
-        for name, state in self.states.all_states().items():
-            if state.stats.total:
-                logger.info("HyCa [%s]: %s", name, state.stats.describe())
-        self.states.reset()
-        self._open = None
-        forget = getattr(self.engine, "forget_runs", None)  # the probe's recorder has no runs to forget
+    def close(self, states: BranchStates) -> None:
+        """A request ends: a run it left unfinished (cancelled, or a call raised) says so and
+        frees its cache; the scope's engine forgets the request's bookkeeping."""
+        for state in states.all_states().values():
+            if state.step > 0:
+                self._finish(states, state, "the pipeline call ended")
+        states.reset()
+        forget = getattr(states.engine, "forget_runs", None)
         if forget is not None:
             forget()
 
-    def reset_state(self, module: Any = None) -> Any:
-        self.reset()
-        return module
+    def reset(self, default: bool = False) -> None:
+        """Drop the calling scope's run state (a pipeline call's end: diffusers'
+        ``_reset_stateful_cache``); with ``default`` also the default scope's
+        (``hyca.reset``)."""
+        scope = self.scope()
+        for states in [scope] + ([self.default] if default and scope is not self.default else []):
+            for name, state in states.all_states().items():
+                if state.stats.total:
+                    logger.info("HyCa [%s]: %s", name, state.stats.describe())
+            states.reset()
+            forget = getattr(states.engine, "forget_runs", None)  # the probe's recorder has no runs to forget
+            if forget is not None:
+                forget()
 
     def _pipeline_cleanup(self, *args: Any, **kwargs: Any) -> None:
         self.reset()
+
+    # --- scopes ---------------------------------------------------------------------------
+
+    def scope_for_call(self, module: torch.nn.Module) -> BranchStates:
+        """The scope a transformer call beginning now belongs to (:mod:`.scopes`): the
+        pipeline call's, else one per thread / task for a pipeline HyCa was not enabled
+        on, else the default scope, claimed for this thread."""
+        request = REQUEST.get()
+        if request is not None:
+            return request.scope(self)
+        if calling_pipeline(module) is not None:
+            request = UNANNOUNCED.get()
+            if request is None or request.thread != threading.get_ident():  # a context copied into another thread
+                request = Request()
+                UNANNOUNCED.set(request)
+            return request.scope(self)
+        self.default.claim(type(module).__name__)
+        return self.default
+
+    def scope(self) -> BranchStates:
+        """The calling thread's / task's scope, without making one: the call in progress,
+        the pipeline call, else the default scope."""
+        active = ACTIVE.get()
+        if active is not None and active.root is self:
+            return active
+        for var in (REQUEST, UNANNOUNCED):
+            request = var.get()
+            mine = request is not None and (var is REQUEST or request.thread == threading.get_ident())
+            found = request.scope(self, create=False) if mine else None
+            if found is not None:
+                return found
+        return self.default
+
+    @property
+    def states(self) -> BranchStates:
+        """The calling scope's branch states (see :meth:`scope`)."""
+        return self.scope()
+
+    def engine_for(self, request: Request) -> Any:
+        """The engine of a new request scope: the one chosen for the pipeline call's
+        settings, else a fresh one like the engine HyCa was enabled with (a probe's
+        engine, which runs one call at a time, is used as it is)."""
+        transformer = self._transformer()
+        chosen = request.engines.get(id(transformer)) if transformer is not None else None
+        if chosen is not None:
+            return chosen
+        return fresh_engine(self.engine) if isinstance(self.total_steps, Steps) else self.engine
+
+    def latest(self) -> BranchStates:
+        """The scope of the calling thread's latest run (the default scope if none)."""
+        return self._latest.get(threading.get_ident(), self.default)
+
+    def _remember(self, states: BranchStates) -> None:
+        latest = self._latest
+        latest.pop(threading.get_ident(), None)
+        latest[threading.get_ident()] = states
+        while len(latest) > MAX_THREADS_REMEMBERED:
+            latest.pop(next(iter(latest)))
+
+    def _pass_training(self, module: torch.nn.Module) -> None:
+        """A forward with gradients enabled or the model in training mode runs uncached and
+        touches no run state (a training step after validation images, ParaAttention #15,
+        mflux #136: forecasting it would mix autograd graphs across steps); said once."""
+        if self.notes:
+            return
+        why = "the model is in training mode" if module.training else "gradients are enabled"
+        message = (f"{type(module).__name__} was called while {why}: HyCa runs inference only, so such calls are "
+                   "computed in full and leave its state alone (sample under torch.no_grad() or "
+                   "torch.inference_mode(), with model.eval(), to cache)")
+        self.notes.append(message)
+        logger.warning("HyCa: %s", message)
+
+
+def fresh_engine(engine: Any) -> Any:
+    """A new engine like ``engine`` (a :class:`HybridCache`): same profile, schedule and
+    options, none of its run bookkeeping, so that requests running at once never share it."""
+    if not isinstance(engine, HybridCache):
+        return engine
+    made = HybridCache(engine.profile, engine.schedule, engine.positions, engine.cache_dtype, guard=engine.guard,
+                       compare_settings=engine.compare_settings)
+    made.sketch_seed, made._start_from_reuse = engine.sketch_seed, engine._start_from_reuse
+    return made
 
 
 def _mark(hook: HyCaBlockHook) -> None:
