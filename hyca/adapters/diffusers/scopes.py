@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.hooks.hooks import StateManager
 
 from ...engine.cache import BranchState
+from .compat import StateManager
 
 DEFAULT_BRANCH = "default"
 
