@@ -112,6 +112,8 @@ def test_after_runs_at_other_settings_a_plain_call_gives_the_fresh_cache_image(t
     flux_at(used, 8)
     got = flux_at(used, STEPS)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for pipe in (fresh, used):  # both ran on the profile chosen for their own settings, not enable's
+        assert RunSettings.of_profile(engine_of_last_call(pipe.transformer).profile.metadata).steps == STEPS
     # and not what the closest profile (8 steps) gives: the comparison can tell them apart
     monkeypatch.setattr("hyca.adapters.diffusers.probe.probe", lambda *a, **k: pytest.fail("no probe expected"))
     eight = case.build()
