@@ -63,6 +63,13 @@ class Chooser:
     chosen: dict[RunSettings, Profile] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy of an enabled pipeline: a lock of its own
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
+
     def engine_for(self, transformer: torch.nn.Module, run: RunSettings) -> HybridCache:
         """A fresh engine for one request at ``run`` (see the module doc)."""
         with self.lock:  # two requests at new settings: one probe, not two at once on one transformer

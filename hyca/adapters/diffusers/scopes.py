@@ -183,6 +183,13 @@ class ScopeRouter(StateManager):
         self._init_args, self._init_kwargs = (), {}
         self._var: contextvars.ContextVar = contextvars.ContextVar(f"hyca_cache_context_{id(self)}", default=None)
 
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy of an enabled model: contexts stay per thread
+        return {k: v for k, v in self.__dict__.items() if k != "_var"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._var = contextvars.ContextVar(f"hyca_cache_context_{id(self)}", default=None)
+
     @property
     def _context(self) -> Any:
         return self._var.get()
