@@ -86,7 +86,8 @@ def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile
     resolved = resolve_profile(fingerprint(transformer), run=run, probe=make, probe_if_mismatched=told_settings)
     logger.info("HyCa: %s profile from %s", type(transformer).__name__, resolved.path or resolved.source)
     if resolved.differences:
-        remedy = ("pass num_inference_steps= and guidance_scale= to hyca.enable to probe one for yours" if make else
+        remedy = ("each pipeline call takes or probes one for its own settings (docs/requests.md); pass "
+                  "num_inference_steps= and guidance_scale= to hyca.enable to prepare it now" if make else
                   "a bare transformer cannot be probed here: enable HyCa on its pipeline with those settings, or "
                   "make one with `python -m hyca probe` (--steps, --guidance-scale, --shift) and pass the file")
         logger.warning("HyCa: the closest profile (%s) was chosen for other settings (%s); %s",
@@ -182,10 +183,14 @@ def enable(
     :func:`stats` (``switches``).
     ``num_inference_steps`` / ``guidance_scale``: the settings you will sample with (the
     classifier-free guidance scale: ``true_cfg_scale`` for FLUX and Qwen-Image, 1 for none;
-    as in diffusers' pipelines, a scale up to 1 is no guidance).
+    as in diffusers' pipelines, a scale up to 1 is no guidance), to prepare their profile now.
     A profile is chosen for one setting; ``"auto"`` prefers one made for yours and, when
     you give them and only profiles for other settings exist, probes one for yours (once;
-    cached). A run that differs from its profile's settings is told so once (log and
+    cached). On a pipeline every call does the same for its own settings, read from the
+    call (steps, guidance, sigmas, the scheduler's shift), and runs with its own state, so
+    requests in threads sharing the transformer never mix (``docs/requests.md``); the
+    pipeline gets a request subclass of its class, undone by :func:`disable`. Calls with
+    gradients enabled or the model in training mode run uncached (inference only). A run that differs from its profile's settings is told so once (log and
     :func:`stats` notes) and protected by the guard; a guided run on a profile chosen
     without guidance starts every solver group from plain reuse
     (:meth:`~hyca.engine.cache.HybridCache.start_from_reuse`).
@@ -291,8 +296,8 @@ def _check_not_compiled(transformer: torch.nn.Module, attribute: str) -> None:
 
 
 def disable(target: Any) -> None:
-    """Remove HyCa: the model computes every step again, bit-identical to an unpatched one.
-    Hooks added after HyCa's (offloading) stay in place."""
+    """Remove HyCa: the model computes every step again, bit-identical to an unpatched one,
+    and a pipeline has its own class back. Hooks added after HyCa's (offloading) stay in place."""
     for transformer in transformers_of(target):
         hooks.unregister(transformer)
     if not isinstance(target, torch.nn.Module):
