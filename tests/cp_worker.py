@@ -163,7 +163,7 @@ def _engine_facts(pipe, experts) -> list[dict]:
 
     out = []
     for e in experts:
-        engine = root_hook(getattr(pipe, e)).engine
+        engine = root_hook(getattr(pipe, e)).latest().engine  # the engine of this thread's latest pipeline call
         out.append({"reduce": type(engine.reduce).__name__, "seed": engine.sketch_seed})
     return out
 
@@ -329,18 +329,21 @@ def failure_on_one_rank() -> dict:
     import torch.distributed as dist
 
     import hyca
-    from hyca.adapters.diffusers.hooks import root_hook
+    from hyca.engine.cache import HybridCache
     from tiny_families import CASES
 
     pipe = CASES["flux"].build()
     pipe.transformer.enable_parallelism(config=_cp_config("ulysses"))
     hyca.enable(pipe, profile="taylor-1", interval=INTERVAL, warmup=WARMUP)
-    engine = root_hook(pipe.transformer).engine
-    if dist.get_rank() == 1:
-        def broken(state):
+    working = HybridCache.predicted_residual
+    if dist.get_rank() == 1:  # every engine of this rank: each pipeline call has its own
+        def broken(self, state):
             raise MemoryError("test: out of memory on this rank")
-        engine.predicted_residual = broken
-    output, run = _run(pipe, _flux_call, ("transformer",))
+        HybridCache.predicted_residual = broken
+    try:
+        output, run = _run(pipe, _flux_call, ("transformer",))
+    finally:
+        HybridCache.predicted_residual = working
     return {**run, "output_digest": _digest(output)}
 
 

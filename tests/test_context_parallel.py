@@ -235,8 +235,8 @@ def test_the_documented_torchrun_example_runs_on_cpu(tmp_path):
     script = tmp_path / "cp_example.py"
     script.write_text(_doc_example())
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], capture_output=True, text=True, timeout=TIMEOUT, env=_environment(),
-                          cwd=tmp_path)
+                           str(script)], capture_output=True, text=True, timeout=TIMEOUT,
+                          env={**_environment(), "HYCA_CACHE": str(tmp_path / "cache")}, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-6000:]
     out = done.stdout  # the ranks print concurrently: their lines can interleave
     assert "rank 0 of 2: " in out and "rank 1 of 2: " in out and out.count("steps computed") == 2, out

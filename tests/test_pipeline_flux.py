@@ -84,16 +84,18 @@ def test_auto_profile_probes_once_then_comes_from_the_cache(pipe, tmp_path, monk
     (first,) = hyca.enable(pipe, interval=3, warmup=2, probe_kwargs=probe_settings())
     saved = list(tmp_path.glob("*.safetensors"))
     assert len(saved) == 1 and first.profile.metadata.get("probe", {}).get("steps") == 8
-    out_first = generate(pipe)
+    out_first = generate(pipe)  # a call at STEPS: a profile for its own settings is probed once
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
 
     def no_probe(*args, **kwargs):
         raise AssertionError("the cached profile should have been used")
 
     monkeypatch.setattr("hyca.adapters.diffusers.probe.probe", no_probe)
     (second,) = hyca.enable(pipe, interval=3, warmup=2)
-    assert torch.equal(second.profile.labels, first.profile.labels)
-    assert torch.equal(second.profile.solvers, first.profile.solvers)
     assert torch.equal(generate(pipe), out_first)
+    (third,) = hyca.enable(pipe, interval=3, warmup=2, num_inference_steps=8)
+    assert torch.equal(third.profile.labels, first.profile.labels)
+    assert torch.equal(third.profile.solvers, first.profile.solvers)
 
     (from_file,) = hyca.enable(pipe, profile=str(saved[0]), interval=3, warmup=2)
     assert torch.equal(from_file.profile.labels, first.profile.labels)
@@ -222,6 +224,7 @@ def test_a_cancelled_guided_run_leaves_nothing_for_the_next_unguided_one(where, 
 
     handle = pipe.transformer.register_forward_pre_hook(cancel_call, with_kwargs=True) \
         if kind == "transformer call" else None
+    caplog.set_level(logging.INFO, logger="hyca")  # the cancelled run is said when its pipeline call ends
     with pytest.raises(Cancel):
         generate(pipe, **guided, **({"callback_on_step_end": cancel_step} if kind == "callback at step" else {}))
     if handle is not None:

@@ -179,7 +179,10 @@ def test_a_scale_up_to_one_is_no_guidance_in_diffusers():
     from hyca.adapters.diffusers.settings import guidance_of
 
     pipe = tiny_pipeline(tiny_flux())
-    assert guidance_of(pipe, {"true_cfg_scale": 0.5}) == 1.0 and guidance_of(pipe, {"true_cfg_scale": 3.0}) == 3.0
+    assert guidance_of(pipe, {"true_cfg_scale": 0.5, "negative_prompt": ""}) == 1.0
+    assert guidance_of(pipe, {"true_cfg_scale": 3.0, "negative_prompt": ""}) == 3.0
+    # FLUX runs true CFG only with a negative prompt (``do_true_cfg = true_cfg_scale > 1 and has_neg_prompt``)
+    assert guidance_of(pipe, {"true_cfg_scale": 3.0}) == 1.0
     assert RunSettings(guidance_scale=guidance_of(pipe, {"true_cfg_scale": 0.5})).guided is False
 
 

@@ -6,6 +6,7 @@ import logging
 import math
 import numbers
 import os
+from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -14,7 +15,7 @@ from ...engine.cache import HybridCache, RunStats
 from ...engine.schedule import Schedule, interval_for_speedup
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
-from . import hooks, parallel
+from . import hooks, parallel, requests
 from .families import blocks_of, family_of, head_of, hidden_size
 from .fingerprint import fingerprint
 from .settings import schedule_shift
@@ -85,7 +86,8 @@ def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile
     resolved = resolve_profile(fingerprint(transformer), run=run, probe=make, probe_if_mismatched=told_settings)
     logger.info("HyCa: %s profile from %s", type(transformer).__name__, resolved.path or resolved.source)
     if resolved.differences:
-        remedy = ("pass num_inference_steps= and guidance_scale= to hyca.enable to probe one for yours" if make else
+        remedy = ("each pipeline call takes or probes one for its own settings (docs/requests.md); pass "
+                  "num_inference_steps= and guidance_scale= to hyca.enable to prepare it now" if make else
                   "a bare transformer cannot be probed here: enable HyCa on its pipeline with those settings, or "
                   "make one with `python -m hyca probe` (--steps, --guidance-scale, --shift) and pass the file")
         logger.warning("HyCa: the closest profile (%s) was chosen for other settings (%s); %s",
@@ -93,11 +95,12 @@ def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile
     return resolved.profile
 
 
-def _first_use_probe(target: Any, attribute: str, run: RunSettings,
-                     probe_kwargs: Mapping[str, Any] | None) -> Callable[[], Profile] | None:
+def _first_use_probe(target: Any, attribute: str, run: RunSettings, probe_kwargs: Mapping[str, Any] | None,
+                     from_call: bool = False) -> Callable[[], Profile] | None:
     """A probe for ``profile="auto"`` at the run's settings: only a pipeline can generate,
     and the probe drives the pipeline's main transformer (a bare transformer or Wan 2.2's
-    second expert needs a profile from a file or the Hub)."""
+    second expert needs a profile from a file or the Hub). ``from_call``: the settings were
+    read from a pipeline call, and its steps, guidance and sigmas win over ``probe_kwargs``."""
     if isinstance(target, torch.nn.Module) or attribute != TRANSFORMER_ATTRIBUTES[0]:
         return None
 
@@ -113,11 +116,14 @@ def _first_use_probe(target: Any, attribute: str, run: RunSettings,
                 "(docs/multi-gpu.md)")
         options: dict[str, Any] = dict(interval=run.interval, warmup=run.warmup, compute_last=run.compute_last,
                                        positions=run.positions)
+        told: dict[str, Any] = {}
         if run.steps is not None:
-            options["steps"] = run.steps
+            told["steps"] = run.steps
         if run.guidance_scale is not None:
-            options.update(guidance_argument(target, run.guidance_scale))
-        options.update(probe_kwargs or {})
+            told.update(guidance_argument(target, run.guidance_scale))
+        if run.sigmas is not None:  # the call's own sigma schedule
+            told["sigmas"] = list(run.sigmas)
+        options.update({**told, **(probe_kwargs or {}), **(told if from_call else {})})
         if "negative_prompt_embeds" in options:  # given as embeddings: no negative prompt text as well
             options.pop("negative_prompt", None)
         logger.warning("HyCa: no profile for %s at %s yet; probing one (saved to the local cache)",
@@ -177,10 +183,14 @@ def enable(
     :func:`stats` (``switches``).
     ``num_inference_steps`` / ``guidance_scale``: the settings you will sample with (the
     classifier-free guidance scale: ``true_cfg_scale`` for FLUX and Qwen-Image, 1 for none;
-    as in diffusers' pipelines, a scale up to 1 is no guidance).
+    as in diffusers' pipelines, a scale up to 1 is no guidance), to prepare their profile now.
     A profile is chosen for one setting; ``"auto"`` prefers one made for yours and, when
     you give them and only profiles for other settings exist, probes one for yours (once;
-    cached). A run that differs from its profile's settings is told so once (log and
+    cached). On a pipeline every call does the same for its own settings, read from the
+    call (steps, guidance, sigmas, the scheduler's shift), and runs with its own state, so
+    requests in threads sharing the transformer never mix (``docs/requests.md``); the
+    pipeline gets a request subclass of its class, undone by :func:`disable`. Calls with
+    gradients enabled or the model in training mode run uncached (inference only). A run that differs from its profile's settings is told so once (log and
     :func:`stats` notes) and protected by the guard; a guided run on a profile chosen
     without guidance starts every solver group from plain reuse
     (:meth:`~hyca.engine.cache.HybridCache.start_from_reuse`).
@@ -200,7 +210,7 @@ def enable(
                       shift=schedule_shift(scheduler if scheduler is not None else getattr(target, "scheduler", None)))
     told_settings = num_inference_steps is not None or guidance_scale is not None
     pipeline = None if isinstance(target, torch.nn.Module) else target
-    engines = []
+    engines, choosers = [], []
     for attribute, transformer in named_transformers(target):
         _check_not_compiled(transformer, attribute)
         family = family_of(transformer)
@@ -218,7 +228,29 @@ def enable(
         with parallel.split_hooks_outside([block for _, block in blocks]):  # HyCa's hooks see the shard
             hooks.register(transformer, blocks, engine, family, hooks.Steps(scheduler, pipeline))
         engines.append(engine)
+        if pipeline is not None:
+            choosers.append(_chooser(pipeline, attribute, _profile_of(profile, attribute), engine, schedule, run,
+                                     probe_kwargs, len(blocks)))
+    if pipeline is not None:
+        requests.intercept(pipeline, choosers)
     return engines
+
+
+def _chooser(pipeline: Any, attribute: str, spec: Any, engine: HybridCache, schedule: Schedule, run: RunSettings,
+             probe_kwargs: Mapping[str, Any] | None, num_blocks: int) -> requests.Chooser:
+    """How each call of ``pipeline`` picks this transformer's profile for its own settings
+    (:mod:`.requests`): the told-settings path of :func:`enable`, at the call's settings."""
+    options = RunSettings(interval=run.interval, warmup=run.warmup, compute_last=run.compute_last,
+                          positions=run.positions)
+
+    def probe_for(call: RunSettings) -> Callable[[], Profile] | None:
+        return None if _has_experts(pipeline) else _first_use_probe(pipeline, attribute, call, probe_kwargs, True)
+
+    def resolve(transformer: torch.nn.Module, make: Callable[[], Profile] | None, call: RunSettings) -> Profile:
+        return _profile_for(_resolve(AUTO, transformer, make, call, True), transformer, num_blocks,
+                            hidden_size(transformer))
+
+    return requests.Chooser(attribute, spec, engine, schedule, options, probe_for, resolve)
 
 
 def _cache_dtype(value: Any) -> torch.dtype | None:
@@ -264,28 +296,40 @@ def _check_not_compiled(transformer: torch.nn.Module, attribute: str) -> None:
 
 
 def disable(target: Any) -> None:
-    """Remove HyCa: the model computes every step again, bit-identical to an unpatched one.
-    Hooks added after HyCa's (offloading) stay in place."""
+    """Remove HyCa: the model computes every step again, bit-identical to an unpatched one,
+    and a pipeline has its own class back. Hooks added after HyCa's (offloading) stay in place."""
     for transformer in transformers_of(target):
         hooks.unregister(transformer)
+    if not isinstance(target, torch.nn.Module):
+        requests.release(target)
 
 
 def reset(target: Any) -> None:
-    """Drop all cached state. Rarely needed: a run frees its cache after its last step,
-    every pipeline's ``maybe_free_model_hooks`` resets it, and a call that starts another
+    """Drop the cached state of the calling thread's run and of the transformer's default
+    scope (calls outside any pipeline call; also a run another thread left unfinished).
+    Rarely needed: a run frees its cache after its last step, every pipeline's
+    ``maybe_free_model_hooks`` resets its request's state, and a call that starts another
     generation (new schedule, timestep back up, other input shape) starts clean."""
     for transformer in transformers_of(target):
         hook = hooks.root_hook(transformer)
         if hook is not None:
-            hook.reset()
+            hook.reset(default=True)
 
 
 def stats(target: Any) -> list[RunStats]:
-    """Computed and forecast step counts of the latest run, per transformer; ``notes`` say
-    where HyCa fell back to computing (and why). With guidance in separate calls it is the
-    stats of the branch that ran last (both branches compute the same steps and share the
-    guard's switches; the log has a line per branch)."""
-    return [hook.engine.last_stats for t in transformers_of(target) if (hook := hooks.root_hook(t)) is not None]
+    """Computed and forecast step counts of the calling thread's latest run, per
+    transformer (requests running in other threads at the same time have their own; each
+    thread sees its own latest); ``notes`` say where HyCa fell back to computing (and why)
+    or stayed out of a call (training, gradients). With guidance in separate calls it is
+    the stats of the branch that ran last (both branches compute the same steps and share
+    the guard's switches; the log has a line per branch)."""
+    out = []
+    for transformer in transformers_of(target):
+        hook = hooks.root_hook(transformer)
+        if hook is not None:
+            latest = hook.latest().engine.last_stats
+            out.append(replace(latest, notes=[*latest.notes, *hook.notes]) if hook.notes else latest)
+    return out
 
 
 def is_enabled(target: Any) -> bool:

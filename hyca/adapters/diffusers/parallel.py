@@ -39,6 +39,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from . import compat
+
 #: Name prefixes of diffusers' context-parallel hooks (``diffusers/hooks/context_parallel.py``).
 SPLIT_HOOK, GATHER_HOOK = "cp_input---", "cp_output---"
 
@@ -220,8 +222,7 @@ def attach(engine: Any, transformer: torch.nn.Module, blocks: Sequence[torch.nn.
 
 
 def _split_inside(block: torch.nn.Module, hook_name: str) -> bool:
-    registry = getattr(block, "_diffusers_hook", None)
-    order = list(getattr(registry, "_hook_order", ()))
+    order = compat.hook_order(compat.registry_of(block))
     if hook_name not in order:
         return False
     ours = order.index(hook_name)
@@ -235,8 +236,8 @@ def split_hooks_outside(blocks: Sequence[torch.nn.Module]) -> Iterator[None]:
     (diffusers' hooks registered later wrap earlier ones)."""
     taken: list[tuple[Any, list[tuple[str, Any]]]] = []
     for block in blocks:
-        registry = getattr(block, "_diffusers_hook", None)
-        names = [n for n in getattr(registry, "_hook_order", ()) if n.startswith((SPLIT_HOOK, GATHER_HOOK))]
+        registry = compat.registry_of(block)
+        names = [n for n in compat.hook_order(registry) if n.startswith((SPLIT_HOOK, GATHER_HOOK))]
         if names:
             kept = [(n, registry.hooks[n]) for n in names]
             for name in reversed(names):

@@ -377,7 +377,9 @@ def probe(
     guidance = guidance_of(pipe, call)
     if guidance is not None:
         settings["guidance_scale"] = guidance
-    chosen_for = RunSettings(steps=steps, guidance_scale=guidance, shift=schedule_shift(getattr(pipe, "scheduler", None)))
+    sigmas = call.get("sigmas")
+    chosen_for = RunSettings(steps=steps, guidance_scale=guidance, shift=schedule_shift(getattr(pipe, "scheduler", None)),
+                             sigmas=tuple(float(s) for s in sigmas) if sigmas is not None else None)
 
     def run() -> Any:
         generator = torch.Generator().manual_seed(seed)

@@ -18,13 +18,19 @@ def guidance_of(pipe: Any, call: dict[str, Any]) -> float | None:
     ``guidance_scale`` is distilled guidance, an input of the model), else ``guidance_scale``;
     the pipeline's default when the call does not set it. None when the pipeline has neither.
     Diffusers pipelines guide only above 1 (``do_classifier_free_guidance``: scale > 1), so
-    any scale up to 1 is 1.0, no guidance."""
+    any scale up to 1 is 1.0, no guidance; and true CFG runs only with a negative prompt
+    (``negative_prompt`` or ``negative_prompt_embeds``: ``has_neg_prompt`` in FLUX's,
+    Qwen-Image's and HunyuanVideo's ``__call__``), so without one it is 1.0 too."""
     name = guidance_name(pipe)
     if name is None:
         return None
-    value = call.get(name, inspect.signature(type(pipe).__call__).parameters[name].default)
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    value = call.get(name, parameters[name].default)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
+    negative = [n for n in ("negative_prompt", "negative_prompt_embeds") if n in parameters]
+    if name == "true_cfg_scale" and negative and all(call.get(n) is None for n in negative):
+        return 1.0
     return max(float(value), 1.0)
 
 

@@ -1,0 +1,38 @@
+"""What a transformer or block call passes: its arguments by name, its input's shape, its timestep."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+
+
+def _parameter_names(function: Callable) -> tuple[str, ...]:
+    return tuple(inspect.signature(function).parameters)
+
+
+def _argument(names: tuple[str, ...], name: str, args: tuple, kwargs: dict) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    index = names.index(name)
+    return args[index] if index < len(args) else None
+
+
+def _shape_signature(sample: Any) -> tuple | None:
+    """Shape and device of the model input (a tensor, or Z-Image's list of tensors): a new
+    one means a new batch, resolution or device, and a fresh state."""
+    if isinstance(sample, torch.Tensor):
+        return (tuple(sample.shape), sample.device.type)
+    if isinstance(sample, (list, tuple)) and all(isinstance(s, torch.Tensor) for s in sample):
+        return tuple((tuple(s.shape), s.device.type) for s in sample)
+    return None
+
+
+def _scalar(timestep: Any) -> float | None:
+    """One number for a call's timestep input: per-sample (and Wan's per-token) timesteps
+    are equal but for masked conditioning tokens at 0, so the largest is taken."""
+    if timestep is None:
+        return None
+    value = torch.as_tensor(timestep)
+    return float(value.max() if value.numel() > 1 else value.reshape(()))

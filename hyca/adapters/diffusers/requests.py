@@ -1,0 +1,209 @@
+"""Each pipeline call is a request: its settings are read from the call, its profile is
+chosen for them, and its run state is its own.
+
+``pipe(...)`` looks ``__call__`` up on ``type(pipe)``, so patching the instance would not
+see a call. ``hyca.enable`` therefore gives the pipeline a subclass of its own class
+(made once per class) whose ``__call__`` opens a :class:`~.scopes.Request` and calls the
+pipeline's own; ``hyca.disable`` gives the original class back. The subclass has the
+original's name, module, qualified name and (through ``__wrapped__``) call signature, so
+``repr``, ``save_pretrained`` (``_class_name``), ``from_pipe``, ``components`` and
+``isinstance`` see the pipeline as before.
+
+Before the first step the request reads the call's ``num_inference_steps`` (or the length
+of its ``sigmas`` / ``timesteps``), its classifier-free guidance (:func:`.settings.guidance_of`),
+its ``sigmas`` and the scheduler's shift, and picks the profile for those settings: the
+one ``hyca.enable`` chose when it was chosen for them; else, for ``profile="auto"``, a
+profile chosen for exactly these settings (ranked lookup in the profile folders) or one
+probed once for them and saved to the cache; remembered per settings. Explicit profiles
+(a file, a :class:`~hyca.profiles.Profile`, a solver name) are used as given; the engine
+says what differs from the settings they were chosen for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ...engine.cache import HybridCache
+from ...engine.schedule import Schedule
+from ...profiles.profile import Profile
+from ...profiles.settings import RunSettings, differences
+from ...profiles.io import ProfileError
+from . import hooks, parallel
+from .scopes import REQUEST, Request
+from .settings import guidance_of, schedule_shift
+
+logger = logging.getLogger("hyca")
+
+WRAPS = "_hyca_wraps"  # on a request subclass: the pipeline class it stands for
+CONTROLLER = "_hyca_requests"  # in an enabled pipeline's __dict__: its :class:`Requests`
+_SUBCLASSES: dict[type, type] = {}
+_SUBCLASSES_LOCK = threading.Lock()
+
+
+@dataclass
+class Chooser:
+    """For one transformer of an enabled pipeline: what ``hyca.enable`` was given, and the
+    profiles chosen so far per run settings."""
+
+    attribute: str
+    spec: Any  # the ``profile`` argument for this transformer: "auto", a file, a Profile, a solver name
+    template: HybridCache  # the engine ``hyca.enable`` made (and returned)
+    schedule: Schedule  # HyCa's schedule as given (each profile may set its own start)
+    options: RunSettings  # interval, warm-up, last step, positions axis as given
+    probe: Callable[[RunSettings], Callable[[], Profile] | None]  # the first-use probe for given settings
+    resolve: Callable[[torch.nn.Module, Callable[[], Profile] | None, RunSettings], Profile]
+    chosen: dict[RunSettings, Profile] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy of an enabled pipeline: a lock of its own
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
+
+    def engine_for(self, transformer: torch.nn.Module, run: RunSettings) -> HybridCache:
+        """A fresh engine for one request at ``run`` (see the module doc)."""
+        with self.lock:  # two requests at new settings: one probe, not two at once on one transformer
+            profile = self.chosen.get(run)
+            if profile is None:
+                profile = self.chosen[run] = self._choose(transformer, run)
+        if profile is self.template.profile:
+            return hooks.fresh_engine(self.template)
+        template = self.template
+        return HybridCache(profile, self.schedule, template.positions, template.cache_dtype, guard=template.guard,
+                           compare_settings=template.compare_settings)
+
+    def _choose(self, transformer: torch.nn.Module, run: RunSettings) -> Profile:
+        from .api import AUTO
+
+        chosen_for = RunSettings.of_profile(self.template.profile.metadata)
+        if self.spec != AUTO or not differences(chosen_for, run):
+            return self.template.profile
+        if parallel.context_parallel(transformer) is not None:
+            # every rank must hold the profile enable agreed on (node-local caches may differ), and
+            # no rank can probe: the engine says what differs
+            return self.template.profile
+        try:  # without a probe (a second expert): the closest profile found
+            profile = self.resolve(transformer, self.probe(run), run)
+        except ProfileError:
+            return self.template.profile
+        logger.info("HyCa: %s profile for %s chosen", type(transformer).__name__, run.describe())
+        return profile
+
+
+class Requests:
+    """An enabled pipeline's request controller: one :class:`Chooser` per transformer."""
+
+    def __init__(self, choosers: list[Chooser]) -> None:
+        self.choosers = choosers
+
+    @contextlib.contextmanager
+    def request(self, pipe: Any, call: Callable, args: tuple, kwargs: dict) -> Iterator[None]:
+        """The scope of one pipeline call (``call`` is the pipeline class's ``__call__``)."""
+        engines, settings = {}, {}
+        told = None
+        for chooser in self.choosers:
+            transformer = getattr(pipe, chooser.attribute, None)
+            root = hooks.root_hook(transformer) if isinstance(transformer, torch.nn.Module) else None
+            if root is None or root.engine is not chooser.template:
+                continue  # HyCa set aside (a probe running), disabled, or enabled again through another pipeline
+            told = read_call(pipe, call, args, kwargs) if told is None else told
+            if told is None:
+                break  # arguments the pipeline itself will refuse
+            run = told.merged(chooser.options)
+            settings[id(transformer)] = run
+            engines[id(transformer)] = chooser.engine_for(transformer, run)
+        request = Request(engines, settings)
+        token = REQUEST.set(request)
+        try:
+            yield
+        finally:
+            REQUEST.reset(token)
+            request.close()
+
+
+def read_call(pipe: Any, call: Callable, args: tuple, kwargs: dict) -> RunSettings | None:
+    """The settings a call of ``pipe`` runs at, as far as its arguments tell: steps (the
+    length of ``sigmas`` or ``timesteps`` when given), classifier-free guidance
+    (:func:`.settings.guidance_of`), the sigma schedule when given, the scheduler's fixed
+    shift. ``None`` when the arguments do not fit the call (the pipeline raises then)."""
+    signature = inspect.signature(call)
+    try:
+        bound = signature.bind_partial(pipe, *args, **kwargs)
+    except TypeError:
+        return None
+    given = dict(bound.arguments)
+    given.pop(next(iter(signature.parameters)), None)  # self
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            given.update(given.pop(name, {}))
+        elif name not in given and parameter.default is not inspect.Parameter.empty:
+            given[name] = parameter.default
+    sigmas = _numbers(given.get("sigmas"))
+    timesteps = _numbers(given.get("timesteps"))
+    steps = given.get("num_inference_steps")
+    if sigmas is not None:
+        steps = len(sigmas)
+    elif timesteps is not None:
+        steps = len(timesteps)
+    steps = int(steps) if isinstance(steps, (int, float)) and not isinstance(steps, bool) and steps >= 1 else None
+    return RunSettings(steps=steps, guidance_scale=guidance_of(pipe, given), sigmas=sigmas,
+                       shift=schedule_shift(getattr(pipe, "scheduler", None)))
+
+
+def _numbers(values: Any) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    try:
+        return tuple(float(v) for v in (values.tolist() if hasattr(values, "tolist") else values))
+    except (TypeError, ValueError):
+        return None
+
+
+def request_class(cls: type) -> type:
+    """The request subclass of pipeline class ``cls`` (made once)."""
+    with _SUBCLASSES_LOCK:
+        made = _SUBCLASSES.get(cls)
+        if made is not None:
+            return made
+        own_call = cls.__call__
+
+        @functools.wraps(own_call)
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+            controller = self.__dict__.get(CONTROLLER)
+            if controller is None:
+                return own_call(self, *args, **kwargs)
+            with controller.request(self, own_call, args, kwargs):
+                return own_call(self, *args, **kwargs)
+
+        made = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                           "__qualname__": cls.__qualname__, "__doc__": cls.__doc__, WRAPS: cls})
+        _SUBCLASSES[cls] = made
+        return made
+
+
+def original_class(pipe: Any) -> type:
+    """The pipeline's own class, whether HyCa gave it a request subclass or not."""
+    return type(pipe).__dict__.get(WRAPS, type(pipe))
+
+
+def intercept(pipe: Any, choosers: list[Chooser]) -> None:
+    """Route ``pipe(...)`` through a request scope (see the module doc)."""
+    object.__setattr__(pipe, "__class__", request_class(original_class(pipe)))
+    pipe.__dict__[CONTROLLER] = Requests(choosers)
+
+
+def release(pipe: Any) -> None:
+    """Undo :func:`intercept`: the pipeline's own class again, nothing of HyCa's left on it."""
+    if WRAPS in type(pipe).__dict__:
+        object.__setattr__(pipe, "__class__", original_class(pipe))
+    pipe.__dict__.pop(CONTROLLER, None)

@@ -1,0 +1,376 @@
+"""Per transformer: the root controller, which runs before and after every transformer
+call and decides whose run the call belongs to and whether its blocks run (see :mod:`.hooks`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+from ...engine.cache import BranchState, HybridCache
+from ...engine.residual import ResidualMeter
+from ...profiles.settings import RunSettings
+from . import parallel
+from .block import BLOCK_HOOK, HyCaBlockHook
+from .calls import _argument, _parameter_names, _scalar, _shape_signature
+from .chain import HookChain
+from .conflicts import CacheConflict, conflict_message, other_cache
+from .families import BlockList, Family, head_of
+from .runs import Run, Steps, _weak, calling_pipeline
+from .scopes import ACTIVE, REQUEST, UNANNOUNCED, BranchStates, Request, ScopeRouter
+from .settings import guidance_name, guidance_of, schedule_shift
+
+logger = logging.getLogger("hyca")
+
+#: Threads whose latest run ``hyca.stats`` can report (the oldest are forgotten first).
+MAX_THREADS_REMEMBERED = 256
+
+
+class HyCaRoot(HookChain):
+    """Per transformer: the engine it was enabled with, the scopes' router, the step source
+    and the hooks. The run state lives in scopes (:mod:`.scopes`): one per request, and the
+    default scope, whose engine is ``engine``, for calls made outside any pipeline call."""
+
+    def __init__(self, transformer: torch.nn.Module, blocks: list[tuple[BlockList, torch.nn.Module]],
+                 engine: Any, family: Family, total_steps: Any) -> None:
+        self.engine = engine
+        self.family = family
+        self.total_steps = total_steps  # a :class:`Steps`, or a callable ``(count_from_context) -> count``
+        self.router = ScopeRouter(self)
+        self.default = BranchStates(engine, self.router, self)
+        self._latest: dict[int, BranchStates] = {}  # thread -> the scope of its latest run
+        self.meter = ResidualMeter()
+        self.blocks = [block for _, block in blocks]
+        self.block_hooks = [HyCaBlockHook(i, spec, self) for i, (spec, _) in enumerate(blocks)]
+        self._transformer = weakref.ref(transformer)
+        self._names = _parameter_names(type(transformer).forward)[1:]
+        self._handles: list[Any] = []
+        self._wrappers: list[Any] = []  # per block: the forward wrapper diffusers made for HyCa's hook
+        self._seen: list[Any] = []  # per block: its ``forward`` when HyCa last found its hook in the chain
+        self.lost: str | None = None  # why HyCa cannot run, once that is known
+        self.notes: list[str] = []  # said once per model, shown in every stats() (calls HyCa stayed out of)
+        self._told_unknown = False  # "step count unknown" said once in the log
+        self.head = head_of(transformer, family)
+        # target "output": the engine forecasts the head's input (the final hidden state), not the residuals
+        if self.default.output_target and self.head is None:
+            raise ValueError(f"{type(transformer).__name__}: a profile that forecasts the output head needs a head "
+                             "(the family table has none for this model); use a residual profile")
+
+    # --- per call -------------------------------------------------------------------------
+
+    @torch.compiler.disable
+    def _pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled() or module.training:  # training, or a forward to differentiate: not ours
+            ACTIVE.set(None)
+            self._pass_training(module)
+            return None
+        states = self.scope_for_call(module)
+        ACTIVE.set(states)
+        if states.open is not None:  # the previous call raised inside the transformer: that run is over
+            self._finish(states, states.open, "a transformer call failed")
+            states.open = None
+        states.current, states.reports = None, 0
+        found = other_cache(module, scan=False)
+        if found is not None:
+            raise CacheConflict(conflict_message(module, found, hyca_first=True))
+        self.check_hooks(module)
+        states.parallel = parallel.attach(states.engine, module, self.blocks, BLOCK_HOOK)
+        states.bypass = any(_argument(self._names, name, args, kwargs) is not None for name in self.family.bypass_args)
+        if states.bypass:  # e.g. SD3's skip-layer guidance pass: some blocks never run, nothing to cache
+            return None
+        context = states._context
+        timestep = _scalar(_argument(self._names, self.family.timestep_arg, args, kwargs))
+        from_context = context is not None and context.sigma is not None
+        position = float(context.sigma) if from_context else timestep
+        sample = _argument(self._names, self.family.input_arg, args, kwargs)
+        states.name_unnamed_call(position, sample)
+        state = states.get_state()
+        signature = _shape_signature(sample)
+        run = self._run(module, context)
+        index = getattr(context, "step_index", None) if context is not None else None
+        ended = self._ended(state, run, position, signature, index, "down" if from_context else
+                            self.family.timestep_direction)
+        if ended is not None:
+            self._finish(states, state, ended)
+            self._finish_stale(states, run)
+        if state.step == 0:
+            self._remember(states)
+            if hasattr(states.engine, "host_run"):
+                self.engine_facts(states, module)
+            found = other_cache(module, scan=True)
+            if found is not None:
+                raise CacheConflict(conflict_message(module, found, hyca_first=True))
+            if run.total is None:
+                message = ("step count unknown (no pipeline, running scheduler or cache context gave it): the "
+                           "last step is computed only if the schedule computes it anyway; pass the scheduler "
+                           "that drives the loop as scheduler= to hyca.enable")
+                state.stats.note(message)
+                if not self._told_unknown:
+                    self._told_unknown = True
+                    logger.warning("HyCa: %s", message)
+        states.engine.begin_step(state, position, signature, run.total)
+        state.run = run.token if state.run is None else state.run
+        state.last_position, state.last_index = position, index
+        states.current = state
+        states.open = state
+        return None
+
+    @torch.compiler.disable
+    def _head_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Output target: record the head's input on a computed step; replace it with the
+        forecast made at the first block on a skipped one."""
+        states = ACTIVE.get()
+        state = None if states is None or states.root is not self else states.current
+        if state is None or states.bypass or not states.output_target:
+            return None
+        x = args[0] if args else kwargs["input"]
+        if state.computing:
+            if not state.failed:
+                try:
+                    states.engine.record(state, 0, x)
+                except Exception as error:
+                    self.fall_back(state, f"caching failed ({error})")
+            return None
+        forecast, states.head_forecast = states.head_forecast, None
+        if forecast is None:
+            raise RuntimeError("HyCa: a forecast step reached the output head without a forecast")
+        forecast = forecast.to(device=x.device, dtype=x.dtype)
+        return ((forecast, *args[1:]), kwargs) if args else (args, {**kwargs, "input": forecast})
+
+    @torch.compiler.disable
+    def _post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        states = ACTIVE.get()
+        if states is None or states.root is not self:  # a call HyCa stayed out of (training, gradients)
+            return None
+        ACTIVE.set(None)
+        state, states.open = states.open, None
+        states.current = None
+        if states.bypass:
+            states.bypass = False
+            return None
+        if state is None:
+            return None
+        if states.reports != len(self.block_hooks) and not state.failed:
+            if not state.computing:
+                state.failed = True
+                raise RuntimeError(
+                    f"HyCa: only {states.reports} of {len(self.block_hooks)} block hooks ran in a forecast step: "
+                    "something removed them during sampling, and this step's output is wrong. Call hyca.enable again")
+            self.fall_back(state, f"only {states.reports} of {len(self.block_hooks)} block hooks ran")
+        if state.computing and states.parallel is not None:  # one rank's failure is every rank's
+            why = self.agreed(states, "recording failed" if state.failed else None,
+                              "caching failed on another context-parallel rank")
+            if why is not None:
+                self.fall_back(state, why)
+        states.engine.end_step(state)
+        if state.total_steps is not None and state.step >= state.total_steps:
+            self._finish(states, state, None)  # the run is complete: free its cache now
+        return None
+
+    def engine_facts(self, states: BranchStates, module: torch.nn.Module) -> None:
+        """Tell the scope's engine what is known of the run beginning now: the settings
+        read from the pipeline call (:mod:`.requests`), completed from the pipeline."""
+        request = REQUEST.get()
+        told = request.settings.get(id(module)) if request is not None else None
+        facts = self._run_facts(module)
+        states.engine.host_run = told.merged(facts) if told is not None else facts
+
+    def _run_facts(self, module: torch.nn.Module) -> RunSettings:
+        """What this run's pipeline tells beyond the step count: the shift of the scheduler
+        driving it (swapped after ``hyca.enable`` or not), and the guidance scale where the
+        pipeline keeps it (``_guidance_scale``, when that is its classifier-free guidance;
+        FLUX's is distilled guidance, its true CFG scale is not kept)."""
+        pipe = calling_pipeline(module)
+        if pipe is None:
+            steps = self.total_steps
+            scheduler = steps.outside_pipelines()[1] if isinstance(steps, Steps) else None
+            return RunSettings(shift=schedule_shift(scheduler))
+        kept = ({"guidance_scale": getattr(pipe, "_guidance_scale", None)} if guidance_name(pipe) == "guidance_scale"
+                else {})
+        return RunSettings(shift=schedule_shift(pipe.scheduler),
+                           guidance_scale=guidance_of(pipe, kept) if kept else None)
+
+    def _run(self, module: torch.nn.Module, context: Any) -> Run:
+        steps = self.total_steps
+        if isinstance(steps, Steps):
+            return steps.run(module, context)
+        # a plain count callable (the probe's): the count is given; the schedule object, if
+        # a pipeline is calling, still tells runs apart
+        count = steps(getattr(context, "num_inference_steps", None) if context is not None else None)
+        pipe = calling_pipeline(module)
+        token = _weak(getattr(pipe.scheduler, "timesteps", None)) if pipe is not None else None
+        return Run(count, token, "given")
+
+    @staticmethod
+    def _ended(state: BranchState, run: Run, position: float | None, signature: Any, index: int | None,
+               direction: str) -> str | None:
+        """Why this call cannot continue the branch's generation, or ``None`` if it can."""
+        if state.step == 0:
+            return None
+        if signature != state.signature:
+            return "the input shape changed"
+        if run.token is not None and state.run is not None and run.token() is not state.run():
+            return "a new schedule"
+        if state.total_steps is not None and state.step >= state.total_steps:
+            return "the previous run was complete"
+        if index is not None and state.last_index is not None and index < state.last_index:
+            return "the step index went back"
+        if position is not None and state.last_position is not None:
+            back = position > state.last_position if direction == "down" else position < state.last_position
+            if back or (position == state.first_position and state.step > 0):
+                return "the timestep went back"
+        return None
+
+    def agreed(self, states: BranchStates, why: str | None, elsewhere: str) -> str | None:
+        """Under context parallelism, whether any rank failed (``why`` here, ``elsewhere``
+        for a failure on another rank): all ranks must compute, or all forecast, the same
+        steps. One small all-reduce; a single process just returns ``why``."""
+        if states.parallel is None:
+            return why
+        failed = states.parallel.any(why is not None)
+        return why if why is not None else (elsewhere if failed else None)
+
+    def fall_back(self, state: BranchState, why: str) -> None:
+        """Compute every remaining step of this generation; said once in the log and in the stats."""
+        if not state.failed:
+            message = f"{why}; every later step of this run computed"
+            logger.warning("HyCa: %s", message)
+            state.stats.note(message)
+        state.failed = True
+
+    def _finish_stale(self, states: BranchStates, run: Run) -> None:
+        """A new run has begun: every other branch still holding a run on another schedule
+        (the uncond branch of a guided run that was cancelled, when the next run has no
+        guidance and never calls it) ends now, so its summary is logged before the new
+        run's and its cache is freed now rather than at the next cleanup."""
+        if run.token is None or run.token() is None:
+            return
+        for other in states.all_states().values():
+            if other.step > 0 and other.run is not None and other.run() is not run.token():
+                self._finish(states, other, "a new schedule")
+
+    def _finish(self, states: BranchStates, state: BranchState, why: str | None) -> None:
+        """A generation ends: say what it did, and free its cache."""
+        name = next((n for n, s in states.all_states().items() if s is state), "?")
+        if state.stats.total:
+            if why is not None and state.total_steps is not None and state.step < state.total_steps:
+                state.stats.note(f"stopped after {state.step} of {state.total_steps} steps")
+            logger.info("HyCa [%s]: %s", name, state.stats.describe())
+        state.reset()
+
+    # --- resets ---------------------------------------------------------------------------
+
+    def close(self, states: BranchStates) -> None:
+        """A request ends: a run it left unfinished (cancelled, or a call raised) says so and
+        frees its cache; the scope's engine forgets the request's bookkeeping."""
+        for state in states.all_states().values():
+            if state.step > 0:
+                self._finish(states, state, "the pipeline call ended")
+        states.reset()
+        forget = getattr(states.engine, "forget_runs", None)
+        if forget is not None:
+            forget()
+
+    def reset(self, default: bool = False) -> None:
+        """Drop the calling scope's run state (a pipeline call's end: diffusers'
+        ``_reset_stateful_cache``); with ``default`` also the default scope's
+        (``hyca.reset``)."""
+        scope = self.scope()
+        for states in [scope] + ([self.default] if default and scope is not self.default else []):
+            for name, state in states.all_states().items():
+                if state.stats.total:
+                    logger.info("HyCa [%s]: %s", name, state.stats.describe())
+            states.reset()
+            forget = getattr(states.engine, "forget_runs", None)  # the probe's recorder has no runs to forget
+            if forget is not None:
+                forget()
+
+    def _pipeline_cleanup(self, *args: Any, **kwargs: Any) -> None:
+        self.reset()
+
+    # --- scopes ---------------------------------------------------------------------------
+
+    def scope_for_call(self, module: torch.nn.Module) -> BranchStates:
+        """The scope a transformer call beginning now belongs to (:mod:`.scopes`): the
+        pipeline call's, else one per thread / task for a pipeline HyCa was not enabled
+        on, else the default scope, claimed for this thread."""
+        request = REQUEST.get()
+        if request is not None:
+            return request.scope(self)
+        if calling_pipeline(module) is not None:
+            request = UNANNOUNCED.get()
+            if request is None or request.thread != threading.get_ident():  # a context copied into another thread
+                request = Request()
+                UNANNOUNCED.set(request)
+            return request.scope(self)
+        self.default.claim(type(module).__name__)
+        return self.default
+
+    def scope(self) -> BranchStates:
+        """The calling thread's / task's scope, without making one: the call in progress,
+        the pipeline call, else the default scope."""
+        active = ACTIVE.get()
+        if active is not None and active.root is self:
+            return active
+        for var in (REQUEST, UNANNOUNCED):
+            request = var.get()
+            mine = request is not None and (var is REQUEST or request.thread == threading.get_ident())
+            found = request.scope(self, create=False) if mine else None
+            if found is not None:
+                return found
+        return self.default
+
+    @property
+    def states(self) -> BranchStates:
+        """The calling scope's branch states (see :meth:`scope`)."""
+        return self.scope()
+
+    def engine_for(self, request: Request) -> Any:
+        """The engine of a new request scope: the one chosen for the pipeline call's
+        settings, else a fresh one like the engine HyCa was enabled with (a probe's
+        engine, which runs one call at a time, is used as it is)."""
+        transformer = self._transformer()
+        chosen = request.engines.get(id(transformer)) if transformer is not None else None
+        if chosen is not None:
+            return chosen
+        return fresh_engine(self.engine) if isinstance(self.total_steps, Steps) else self.engine
+
+    def latest(self) -> BranchStates:
+        """The scope of the calling thread's latest run (the default scope if none)."""
+        return self._latest.get(threading.get_ident(), self.default)
+
+    def _remember(self, states: BranchStates) -> None:
+        latest = self._latest
+        latest.pop(threading.get_ident(), None)
+        latest[threading.get_ident()] = states
+        while len(latest) > MAX_THREADS_REMEMBERED:
+            latest.pop(next(iter(latest)))
+
+    def _pass_training(self, module: torch.nn.Module) -> None:
+        """A forward with gradients enabled or the model in training mode runs uncached and
+        touches no run state (a training step after validation images, ParaAttention #15,
+        mflux #136: forecasting it would mix autograd graphs across steps); said once."""
+        if self.notes:
+            return
+        why = "the model is in training mode" if module.training else "gradients are enabled"
+        message = (f"{type(module).__name__} was called while {why}: HyCa runs inference only, so such calls are "
+                   "computed in full and leave its state alone (sample under torch.no_grad() or "
+                   "torch.inference_mode(), with model.eval(), to cache)")
+        self.notes.append(message)
+        logger.warning("HyCa: %s", message)
+
+
+
+
+def fresh_engine(engine: Any) -> Any:
+    """A new engine like ``engine`` (a :class:`HybridCache`): same profile, schedule and
+    options, none of its run bookkeeping, so that requests running at once never share it."""
+    if not isinstance(engine, HybridCache):
+        return engine
+    made = HybridCache(engine.profile, engine.schedule, engine.positions, engine.cache_dtype, guard=engine.guard,
+                       compare_settings=engine.compare_settings)
+    made.sketch_seed, made._start_from_reuse = engine.sketch_seed, engine._start_from_reuse
+    return made

@@ -1,0 +1,151 @@
+"""Per-request state (issue 18 item 2): requests running at once on one transformer each
+get their own run state, equal to running alone; what cannot be separated is refused.
+
+diffusers' server pattern: one transformer, a pipeline and scheduler per request, requests
+in threads. The expectation is each request run alone, one after another, on the same
+pipelines."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+import hyca
+from hyca.adapters.diffusers.scopes import ScopeBusy
+
+from tiny import Inputs, euler_sample, tiny_flux
+from tiny_families import CASES
+
+INTERVAL, WARMUP = 2, 1
+ROUNDS = 6
+#: per request: steps, prompt seed, noise seed, guided (true CFG: two branches per step)
+REQUESTS = [(6, 3, 1, False), (8, 4, 2, True), (7, 5, 3, False), (9, 6, 4, True)]
+
+
+def request(pipe, steps: int, prompt_seed: int, noise_seed: int, guided: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(prompt_seed)
+    prompt = dict(prompt_embeds=torch.randn(1, 5, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 24, generator=g))
+    negative = dict(negative_prompt_embeds=torch.randn(1, 5, 32, generator=g),
+                    negative_pooled_prompt_embeds=torch.randn(1, 24, generator=g), true_cfg_scale=3.0) if guided else {}
+    return pipe(**prompt, **negative, height=64, width=64, num_inference_steps=steps, output_type="latent",
+                generator=torch.Generator().manual_seed(noise_seed)).images
+
+
+def server():
+    """One transformer with HyCa on; one pipeline per request (the first is the one HyCa was
+    enabled on, the others are built from its components, as a server makes them)."""
+    enabled = CASES["flux"].build()
+    hyca.enable(enabled, profile="taylor-2", interval=INTERVAL, warmup=WARMUP)
+    others = [FluxPipeline(**enabled.components) for _ in REQUESTS[1:]]
+    for pipe in others:
+        pipe.scheduler = type(enabled.scheduler).from_config(enabled.scheduler.config)  # its own scheduler
+        pipe.set_progress_bar_config(disable=True)
+    enabled.set_progress_bar_config(disable=True)
+    return [enabled, *others]
+
+
+def test_concurrent_requests_on_one_transformer_equal_each_alone():
+    pipes = server()
+    alone = [request(pipe, *spec) for pipe, spec in zip(pipes, REQUESTS)]
+    plain = CASES["flux"].build()
+    plain_out = request(plain, *REQUESTS[0])
+    assert (alone[0] - plain_out).abs().max() > 1e-3  # HyCa forecast: a mixed run would show
+
+    for _ in range(ROUNDS):
+        results: list = [None] * len(REQUESTS)
+        barrier = threading.Barrier(len(REQUESTS))
+
+        def serve(i: int) -> None:
+            barrier.wait()
+            try:
+                results[i] = request(pipes[i], *REQUESTS[i])
+            except BaseException as error:  # reported below, with the request it failed
+                results[i] = error
+
+        threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(REQUESTS))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for i, (got, want) in enumerate(zip(results, alone)):
+            assert isinstance(got, torch.Tensor), (i, got)
+            assert (got - want).abs().max() < 1e-5, (i, float((got - want).abs().max()))
+
+
+def test_stats_report_the_calling_threads_latest_request():
+    pipes = server()
+    seen: dict[int, tuple[int, int]] = {}
+    barrier = threading.Barrier(2)
+
+    def serve(i: int) -> None:
+        barrier.wait()
+        request(pipes[i], *REQUESTS[i])
+        stats = hyca.stats(pipes[i])[0]
+        seen[i] = (stats.computed, stats.forecast)
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in (0, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(seen[0]) == REQUESTS[0][0] and sum(seen[2]) == REQUESTS[2][0]
+
+
+def test_asyncio_tasks_in_threads_each_get_their_own_state():
+    pipes = server()
+    alone = [request(pipe, *spec) for pipe, spec in zip(pipes, REQUESTS)]
+
+    async def serve_all():
+        return await asyncio.gather(*(asyncio.to_thread(request, pipe, *spec) for pipe, spec in zip(pipes, REQUESTS)))
+
+    for got, want in zip(asyncio.run(serve_all()), alone):
+        assert (got - want).abs().max() < 1e-5
+
+
+def test_two_threads_in_the_default_scope_at_once_are_refused_never_mixed():
+    """Hand-written loops (no pipeline call) share the transformer's default scope: the
+    second thread to start while the first's run is unfinished is refused with a clear
+    error, and the first run is not disturbed."""
+    model, alone = tiny_flux(), tiny_flux()
+    for m in (model, alone):
+        hyca.enable(m, profile="taylor-2", interval=INTERVAL, warmup=WARMUP)
+    inputs = Inputs()
+    with torch.no_grad():
+        expected, _ = euler_sample(alone, inputs, 8)
+    first_step_done, refused = threading.Event(), threading.Event()
+    outcome: dict = {}
+
+    def first() -> None:
+        def velocity(m, x, sigma, i):
+            out = inputs.call(m, x, sigma)
+            if i == 0:
+                first_step_done.set()
+                refused.wait(timeout=60)
+            return out
+
+        with torch.no_grad():
+            outcome["first"] = euler_sample(model, inputs, 8, velocity)[0]
+
+    def second() -> None:
+        first_step_done.wait(timeout=60)
+        try:
+            with torch.no_grad():
+                euler_sample(model, inputs, 8)
+        except ScopeBusy as error:
+            outcome["error"] = str(error)
+        finally:
+            refused.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert "two threads are sampling" in outcome["error"] and "pipeline call" in outcome["error"]
+    torch.testing.assert_close(outcome["first"], expected, rtol=0, atol=0)
+    with torch.no_grad():  # one after another is fine, from any thread
+        torch.testing.assert_close(euler_sample(model, inputs, 8)[0], expected, rtol=0, atol=0)
