@@ -84,6 +84,25 @@ TINY: dict[str, tuple[str, dict, int, int, int]] = {
                                  context_in_dim=32, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2,
                                  depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
                                  qkv_bias=True, guidance_embed=False), 16, 4, 32),
+    "chroma": ("Chroma", dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=32, hidden_size=64,
+                              mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12],
+                              theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=64,
+                              hidden_dim=32, n_layers=1), 16, 4, 32),
+    "sd3": ("SD3", dict(in_channels=16, pos_embed_scaling_factor=None, patch_size=2, depth=2, num_patches=256,
+                        pos_embed_max_size=16, adm_in_channels=32, qk_norm="rms",
+                        context_embedder_config={"target": "torch.nn.Linear",
+                                                 "params": {"in_features": 32, "out_features": 128}}), 16, 4, 32),
+    "qwen": ("QwenImage", dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                               attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
+                               axes_dims_rope=(8, 12, 12)), 16, 5, 32),
+    "wan": ("WAN21_T2V", dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16,
+                              dim=64, ffn_dim=128, freq_dim=32, text_dim=32, out_dim=16, num_heads=2, num_layers=2),
+            16, 5, 32),
+    "hunyuan": ("HunyuanVideo", dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=32,
+                                     context_in_dim=32, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2,
+                                     depth_single_blocks=2, axes_dim=[8, 12, 12], theta=256, patch_size=[1, 2, 2],
+                                     qkv_bias=True, guidance_embed=False, byt5=False, meanflow=False,
+                                     use_cond_type_embedding=False, vision_in_dim=None), 16, 5, 32),
 }
 
 
@@ -113,10 +132,9 @@ def conditioning(family: str, seed: int, batch: int = 1, tokens: int = 6) -> lis
     _, config, _, _, width = TINY[family]
     generator = torch.Generator().manual_seed(1000 + seed)
     cross = torch.randn(batch, tokens, width, generator=generator)
-    extra: dict[str, Any] = {}
-    if "vec_in_dim" in config:
-        extra["pooled_output"] = torch.randn(batch, config["vec_in_dim"], generator=generator)
-    return [[cross, extra]]
+    # every family gets a pooled output (FLUX's y, SD3's adm; Chroma's model_base asks for one and drops it)
+    pooled = config.get("vec_in_dim") or config.get("adm_in_channels") or width
+    return [[cross, {"pooled_output": torch.randn(batch, pooled, generator=generator)}]]
 
 
 def latent(family: str, seed: int, batch: int = 1, size: int = 8) -> torch.Tensor:
@@ -139,11 +157,17 @@ def sample(patcher: Any, positive: list, negative: list, noise: torch.Tensor, st
 # --- what the hand-written reference needs to know of each family (read off comfy/ldm) ----
 
 #: family -> [(patches_replace["dit"] key name, number of blocks of the model under it)] in run order
+_FLUX_LIKE = [("double_block", lambda m: len(m.double_blocks)), ("single_block", lambda m: len(m.single_blocks))]
 BLOCK_LISTS: dict[str, list[tuple[str, Any]]] = {
-    "flux": [("double_block", lambda m: len(m.double_blocks)), ("single_block", lambda m: len(m.single_blocks))],
+    "flux": _FLUX_LIKE, "chroma": _FLUX_LIKE, "hunyuan": _FLUX_LIKE,
+    "sd3": [("double_block", lambda m: len(m.joint_blocks))],
+    "qwen": [("double_block", lambda m: len(m.transformer_blocks))],
+    "wan": [("double_block", lambda m: len(m.blocks))],
 }
-#: family -> where the image tokens sit in the last block's stream ("tail": cat(txt, img); "head": cat(img, txt))
-CONCAT: dict[str, str] = {"flux": "tail"}
+#: family -> where the image tokens sit in the last block's stream ("tail": cat(txt, img) or the
+#: image stream alone; "head": cat(img, txt), HunyuanVideo)
+CONCAT: dict[str, str] = {"flux": "tail", "chroma": "tail", "hunyuan": "head", "sd3": "tail", "qwen": "tail",
+                          "wan": "tail"}
 
 
 def with_lora(patcher: Any, seed: int = 7, rank: int = 2) -> Any:

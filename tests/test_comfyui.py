@@ -90,104 +90,121 @@ def hyca(patcher, settings: Settings = FORA):
     return model
 
 
-@pytest.fixture(scope="module")
-def flux():
-    return harness.tiny_patcher("flux")
+FAMILIES = ["flux", "chroma", "sd3", "qwen", "wan", "hunyuan"]
+_MODELS: dict[str, object] = {}
 
 
-def test_flux_single_image_matches_reuse_reference(flux, capsys):
-    pos, neg, noise = harness.conditioning("flux", 1), harness.conditioning("flux", 2), harness.latent("flux", 0)
-    reference = ReuseReference(flux, "flux", COMPUTED_8)
-    expected = harness.sample(reference.model, pos, neg, noise, steps=8, cfg=1.0)
-    got = harness.sample(hyca(flux), pos, neg, noise, steps=8, cfg=1.0)
-    assert reference.calls_computed == 4 and reference.calls_skipped == 4
-    assert relative_error(got, expected) < 1e-4
-    plain = harness.sample(flux, pos, neg, noise, steps=8, cfg=1.0)
-    assert relative_error(got, plain) > 1e-3  # forecast steps did change the result
-    assert "4 of 8 steps computed, 4 forecast" in capsys.readouterr().out
+@pytest.fixture(scope="module", autouse=True)
+def _drop_models():
+    """ModelPatcher.__del__ needs ComfyUI's modules alive: drop the models while they are."""
+    yield
+    _MODELS.clear()
+    import gc
+
+    gc.collect()
 
 
-def _prompts(seeds: tuple[int, ...]) -> tuple[list, list]:
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    if request.param not in _MODELS:
+        _MODELS[request.param] = harness.tiny_patcher(request.param)
+    return request.param, _MODELS[request.param]
+
+
+def _prompts(name: str, seeds: tuple[int, ...]) -> tuple[list, list]:
     """Positive and negative conditioning, one prompt per seed, each item as it is alone."""
     def batched(offset: int) -> list:
-        items = [harness.conditioning("flux", offset + s)[0] for s in seeds]
+        items = [harness.conditioning(name, offset + s)[0] for s in seeds]
         return [[torch.cat([c for c, _ in items]), {"pooled_output": torch.cat([e["pooled_output"] for _, e in items])}]]
 
     return batched(0), batched(50)
 
 
-def _case(flux, model_of, steps=8, computed=COMPUTED_8, seeds=(1,), cfg=1.0, **kwargs):
+def _case(family, model_of, steps=8, computed=COMPUTED_8, seeds=(1,), cfg=1.0, **kwargs):
     """``(HyCa's result, the reference's result, reference)`` for one KSampler run."""
-    pos, neg = _prompts(seeds)
-    noise = harness.latent("flux", 0, batch=len(seeds))
-    reference = ReuseReference(model_of(flux), "flux", computed)
+    name, patcher = family
+    pos, neg = _prompts(name, seeds)
+    noise = harness.latent(name, 0, batch=len(seeds))
+    reference = ReuseReference(model_of(patcher), name, computed)
     expected = harness.sample(reference.model, pos, neg, noise, steps=steps, cfg=cfg, **kwargs)
-    got = harness.sample(model_of(hyca(flux)), pos, neg, noise, steps=steps, cfg=cfg, **kwargs)
+    got = harness.sample(model_of(hyca(patcher)), pos, neg, noise, steps=steps, cfg=cfg, **kwargs)
     return got, expected, reference
+
+
+def test_single_image_matches_reuse_reference(family, capsys):
+    got, expected, reference = _case(family, lambda m: m)
+    assert reference.calls_computed == 4 and reference.calls_skipped == 4
+    assert relative_error(got, expected) < 1e-4
+    name, patcher = family
+    plain = harness.sample(patcher, *_prompts(name, (1,)), harness.latent(name, 0), steps=8, cfg=1.0)
+    assert relative_error(got, plain) > 1e-3  # the forecast steps did change the result
+    assert "4 of 8 steps computed, 4 forecast" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("cfg", [1.0, 2.5], ids=["cfg-off", "cfg-on"])
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_sde"])
-def test_flux_samplers_and_guidance_match_reuse_reference(flux, cfg, sampler):
-    got, expected, reference = _case(flux, lambda m: m, cfg=cfg, sampler=sampler)
+def test_samplers_and_guidance_match_reuse_reference(family, cfg, sampler):
+    got, expected, reference = _case(family, lambda m: m, cfg=cfg, sampler=sampler)
     assert reference.calls_skipped > 0
     assert relative_error(got, expected) < 1e-4
 
 
-def test_flux_denoise_below_one_matches_reuse_reference(flux):
-    start = harness.latent("flux", 9)
-    got, expected, _ = _case(flux, lambda m: m, denoise=0.6, latent_image=start)
+def test_denoise_below_one_matches_reuse_reference(family):
+    start = harness.latent(family[0], 9)
+    got, expected, _ = _case(family, lambda m: m, cfg=2.5, denoise=0.6, latent_image=start)
     assert relative_error(got, expected) < 1e-4
 
 
-def test_flux_lora_loaded_after_the_node(flux):
-    got, expected, _ = _case(flux, harness.with_lora)
+def test_lora_loaded_after_the_node(family):
+    got, expected, _ = _case(family, harness.with_lora, cfg=2.5)
     assert relative_error(got, expected) < 1e-4
-    without, _, _ = _case(flux, lambda m: m)
-    assert relative_error(got, without) > 1e-3  # the LoRA did reach the patched model
+    without, _, _ = _case(family, lambda m: m, cfg=2.5)
+    assert relative_error(got, without) > 1e-4  # the LoRA did reach the patched model
 
 
-def test_flux_batch_of_two_prompts_equals_each_alone(flux):
-    model = hyca(flux)
-    both = harness.sample(model, *_prompts((1, 2)), harness.latent("flux", 0, batch=2), steps=8, cfg=2.5)
+def test_batch_of_two_prompts_equals_each_alone(family):
+    name, patcher = family
+    model = hyca(patcher)
+    noise = harness.latent(name, 0, batch=2)
+    both = harness.sample(model, *_prompts(name, (1, 2)), noise, steps=8, cfg=2.5)
     for item, seed in enumerate((1, 2)):
-        alone = harness.sample(model, *_prompts((seed,)), harness.latent("flux", 0, batch=2)[item:item + 1],
-                               steps=8, cfg=2.5)
+        alone = harness.sample(model, *_prompts(name, (seed,)), noise[item:item + 1], steps=8, cfg=2.5)
         assert relative_error(both[item:item + 1], alone) < 1e-4
     assert relative_error(both[0:1], both[1:2]) > 1e-2  # the two prompts differ
+    got, expected, _ = _case(family, lambda m: m, seeds=(1, 2), cfg=2.5)
+    assert relative_error(got, expected) < 1e-4
 
 
-
-
-def test_flux_hires_second_sampler_and_shared_model_reset_per_run(flux, capsys):
+def test_hires_second_sampler_and_shared_model_reset_per_run(family, capsys):
     """One patched model, two samplers (8 then 6 steps), then a hires pass (denoise 0.6) on
     the first output, then the first run again: each run equals its own reference, and the
     repeat is bit-identical to the first (no state carried between runs)."""
-    pos, neg = _prompts((1,))
-    noise = harness.latent("flux", 0)
-    model = hyca(flux)
+    name, patcher = family
+    pos, neg = _prompts(name, (1,))
+    noise, hires_noise = harness.latent(name, 0), harness.latent(name, 3)
+    model = hyca(patcher)
     first = harness.sample(model, pos, neg, noise, steps=8, cfg=2.5)
     second = harness.sample(model, pos, neg, noise, steps=6, cfg=2.5)
-    hires = harness.sample(model, pos, neg, harness.latent("flux", 3), steps=8, cfg=2.5, denoise=0.6,
-                           latent_image=first)
+    hires = harness.sample(model, pos, neg, hires_noise, steps=8, cfg=2.5, denoise=0.6, latent_image=first)
     again = harness.sample(model, pos, neg, noise, steps=8, cfg=2.5)
     assert torch.equal(again, first)
-    for computed, steps, out, kwargs in ((COMPUTED_8, 8, first, {}), ({0, 1, 4, 5}, 6, second, {}),
-                                         (COMPUTED_8, 8, hires, dict(denoise=0.6, latent_image=first))):
-        reference = ReuseReference(flux, "flux", computed)
-        noise_of = harness.latent("flux", 3) if kwargs else noise
-        expected = harness.sample(reference.model, pos, neg, noise_of, steps=steps, cfg=2.5, **kwargs)
+    runs = ((COMPUTED_8, 8, first, noise, {}), ({0, 1, 4, 5}, 6, second, noise, {}),
+            (COMPUTED_8, 8, hires, hires_noise, dict(denoise=0.6, latent_image=first)))
+    for computed, steps, out, run_noise, kwargs in runs:
+        reference = ReuseReference(patcher, name, computed)
+        expected = harness.sample(reference.model, pos, neg, run_noise, steps=steps, cfg=2.5, **kwargs)
         assert relative_error(out, expected) < 1e-4
     lines = capsys.readouterr().out
     assert "run 1: 4 of 8 steps computed" in lines and "run 2: 4 of 6 steps computed" in lines
 
 
-def test_bypassed_node_and_interval_one_are_bit_identical(flux):
-    pos, neg = _prompts((1,))
-    noise = harness.latent("flux", 0)
-    before = harness.sample(flux, pos, neg, noise, steps=6, cfg=2.5)
-    patched = hyca(flux)  # applying the node leaves the model it was given as it was
-    assert torch.equal(harness.sample(flux, pos, neg, noise, steps=6, cfg=2.5), before)
-    every_step = hyca(flux, Settings(enabled=True, interval=1, warmup=1, profile="FORA (reuse)", guard=False))
+def test_bypassed_node_and_interval_one_are_bit_identical(family):
+    name, patcher = family
+    pos, neg = _prompts(name, (1,))
+    noise = harness.latent(name, 0)
+    before = harness.sample(patcher, pos, neg, noise, steps=6, cfg=2.5)
+    patched = hyca(patcher)  # applying the node leaves the model it was given as it was
+    assert torch.equal(harness.sample(patcher, pos, neg, noise, steps=6, cfg=2.5), before)
+    every_step = hyca(patcher, Settings(enabled=True, interval=1, warmup=1, profile="FORA (reuse)", guard=False))
     assert torch.equal(harness.sample(every_step, pos, neg, noise, steps=6, cfg=2.5), before)
     assert not torch.equal(harness.sample(patched, pos, neg, noise, steps=6, cfg=2.5), before)

