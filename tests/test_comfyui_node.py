@@ -85,3 +85,60 @@ def test_automatic_probes_the_first_run_and_caches_with_its_profile(tmp_path, mo
     lines = capsys.readouterr().out
     assert "run 2: 5 of 10 steps computed, 5 forecast" in lines
     assert not torch.equal(cached, plain)
+
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+#: Inputs that choose a model file: their choices are whatever is on disk (not checked here).
+FILE_INPUTS = {"ckpt_name", "unet_name", "vae_name", "clip_name", "clip_name1", "clip_name2"}
+
+
+def _widget_inputs(node_class) -> list[tuple[str, object]]:
+    """``(name, options or None)`` of each widget the frontend shows, in order (ComfyUI's
+    frontend adds a "control after generate" value after a seed)."""
+    out = []
+    types = node_class.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, spec in types.get(section, {}).items():
+            kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+            if kind == "COMBO":  # V3 nodes spell a combo as ("COMBO", {"options": [...]})
+                kind = list(options["options"])
+            if (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput"):
+                out.append((name, kind if isinstance(kind, list) else None))
+                if name in ("seed", "noise_seed"):
+                    out.append(("control_after_generate", ["fixed", "increment", "decrement", "randomize"]))
+    return out
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "example_workflows").glob("*.json")), ids=lambda p: p.stem)
+def test_example_workflow_loads_against_the_node_definitions(node_class, path):
+    """Each workflow is a frontend schema 0.4 graph (ComfyUI_frontend workflowSchema.ts
+    zComfyWorkflow) whose nodes all exist in ComfyUI with the widget values their inputs
+    take, links that join outputs to inputs of the same type, and HyCa between the model
+    and the KSampler."""
+    import json
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    workflow = json.loads(path.read_text())
+    assert workflow["version"] == 0.4 and isinstance(workflow["last_link_id"], int)
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    assert workflow["last_node_id"] == max(by_id)
+    for node in workflow["nodes"]:
+        assert {"id", "type", "pos", "size", "flags", "order", "mode", "properties"} <= set(node)
+        cls = nodes.NODE_CLASS_MAPPINGS[node["type"]]
+        widgets = _widget_inputs(cls)
+        assert len(node["widgets_values"]) == len(widgets), node["type"]
+        for (name, options), value in zip(widgets, node["widgets_values"]):
+            if options and name not in FILE_INPUTS:
+                assert value in options, (node["type"], name, value)
+        assert [o["type"] for o in node["outputs"]] == list(cls.RETURN_TYPES)
+    for link_id, source, slot, target, target_slot, kind in workflow["links"]:
+        assert nodes.NODE_CLASS_MAPPINGS[by_id[source]["type"]].RETURN_TYPES[slot] == kind
+        entry = by_id[target]["inputs"][target_slot]
+        assert entry["link"] == link_id and entry["type"] == kind
+        assert link_id in by_id[source]["outputs"][slot]["links"]
+    hyca = [n for n in workflow["nodes"] if n["type"] == "HyCa"]
+    assert len(hyca) == 1
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
+    model_link = next(i["link"] for i in sampler["inputs"] if i["name"] == "model")
+    assert next(link for link in workflow["links"] if link[0] == model_link)[1] == hyca[0]["id"]
