@@ -21,11 +21,12 @@ sees it). A LoRA loaded after the node clones the patched model: the closures co
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -39,14 +40,15 @@ from ..webui.profiles import Chosen, ProfileBook
 from ..webui.session import PassSession, PassStats
 from ..webui.settings import Settings, torch_dtype
 from .families import PATCHES
+from .probe_host import ComfyProbeHost, closed_loop_available
 
 logger = logging.getLogger("hyca.comfyui")
 
 #: The wrapper key HyCa's wrappers are filed under (``add_wrapper_with_key``).
 WRAPPER_KEY = "hyca"
 
-#: id(HyCaPatch) -> the session of the sampling run in progress in this context.
-_RUNS: contextvars.ContextVar[dict[int, PassSession]] = contextvars.ContextVar("hyca_comfyui_runs", default={})
+#: id(HyCaPatch) -> the sampling run in progress in this context.
+_RUNS: contextvars.ContextVar[dict[int, "Active"]] = contextvars.ContextVar("hyca_comfyui_runs", default={})
 
 
 def console(message: str) -> None:
@@ -89,6 +91,17 @@ class Run:
     chosen: Chosen
     settings: RunSettings
     probe_fp: dict | None   # the model's fingerprint, when the run probes
+    schedule: Schedule | None = None
+    sigmas: list[float] = field(default_factory=list)
+    closed_loop: bool = False  # the core probe runs before sampling (SAMPLER_SAMPLE), then this run caches
+
+
+@dataclass
+class Active:
+    """The session HyCa's patches serve in this context (``None``: they stay out of the way)."""
+
+    session: PassSession | None
+    run: Run | None = None
 
 
 class HyCaPatch:
@@ -109,7 +122,20 @@ class HyCaPatch:
 
     def current(self) -> PassSession | None:
         """The session of the run in progress in this context, if HyCa runs in it."""
-        return _RUNS.get().get(id(self))
+        active = _RUNS.get().get(id(self))
+        return active.session if active is not None else None
+
+    @contextlib.contextmanager
+    def installed(self, session: PassSession | None, run: Run | None = None) -> Iterator[Active]:
+        """``session`` serves this node's patches in this context until the block ends."""
+        active = Active(session, run)
+        runs = dict(_RUNS.get())
+        runs[id(self)] = active
+        token = _RUNS.set(runs)
+        try:
+            yield active
+        finally:
+            _RUNS.reset(token)
 
     # --- installing ---------------------------------------------------------------------
 
@@ -130,10 +156,15 @@ class HyCaPatch:
         def outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
             return self._run(executor, noise, latent_image, sampler, sigmas, *args, **kwargs)
 
+        def sampler_sample(executor, guider, sigmas, extra_args, callback, noise, latent_image=None, *args, **kwargs):
+            self._probe_if_pending(guider, extra_args, latent_image)
+            return executor(guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs)
+
         def apply_model(executor, x, t, *args, **kwargs):
             return self._call(executor, x, t, *args, **kwargs)
 
         clone.add_wrapper_with_key(extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample)
+        clone.add_wrapper_with_key(extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, sampler_sample)
         clone.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model)
         return clone
 
@@ -147,16 +178,13 @@ class HyCaPatch:
         except Exception as error:  # noqa: BLE001 - HyCa must never break the host
             console(f"could not start ({type(error).__name__}: {error}); this run is sampled uncached")
             return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-        runs = dict(_RUNS.get())
-        runs[id(self)] = session
-        token = _RUNS.set(runs)
-        try:
-            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-        finally:
-            _RUNS.reset(token)
-            self._finish(session, run)
+        with self.installed(session, run) as active:
+            try:
+                return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+            finally:
+                self._finish(active.session, run)
 
-    def _start(self, guider: Any, sigmas: torch.Tensor) -> tuple[PassSession, "Run"]:
+    def _start(self, guider: Any, sigmas: torch.Tensor) -> tuple[PassSession | None, Run]:
         schedule_sigmas = [float(s) for s in sigmas.flatten()]
         steps = len(schedule_sigmas) - 1
         settings = self.settings
@@ -172,21 +200,70 @@ class HyCaPatch:
         for note in chosen.notes:
             self.say_once(note)
         schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)
-        if chosen.profile is None:
-            console(f"probing {self.adapter.name} on this run (every step computed)")
-            engine: Any = probe.ProbeEngine(len(self.adapter.blocks(model)), schedule)
-        else:
-            engine = HybridCache(chosen.profile, schedule, cache_dtype=torch_dtype(settings.cache_dtype),
-                                 guard=settings.guard, compare_settings=False)
-        run = RunSettings(steps=steps, guidance_scale=float(getattr(guider, "cfg", 1.0)),
-                          sigmas=tuple(schedule_sigmas), interval=settings.interval, warmup=settings.warmup,
-                          compute_last=settings.compute_last, positions="step")
-        self._note_mismatch(chosen, run, engine)
-        label = f"run {len(self.reports) + 1}"
-        # a callable schedule: the session prepares a probing engine for the step count
-        session = PassSession(engine, lambda: schedule_sigmas, label)
+        run_settings = RunSettings(steps=steps, guidance_scale=float(getattr(guider, "cfg", 1.0)),
+                                   sigmas=tuple(schedule_sigmas), interval=settings.interval, warmup=settings.warmup,
+                                   compute_last=settings.compute_last, positions="step")
         probe_fp = fingerprint(model, self.adapter) if chosen.profile is None else None
-        return session, Run(chosen, run, probe_fp)
+        run = Run(chosen, run_settings, probe_fp, schedule, schedule_sigmas)
+        if chosen.profile is None and chosen.base is None and closed_loop_available():
+            run.closed_loop = True  # probed when the run's conditioning is ready (SAMPLER_SAMPLE)
+            return None, run
+        if chosen.profile is None:
+            return self._open_loop_session(run), run
+        engine = self._engine(chosen.profile, schedule)
+        self._note_mismatch(chosen, run_settings, engine)
+        return self._session(engine, run), run
+
+    def _engine(self, profile: Any, schedule: Schedule) -> HybridCache:
+        return HybridCache(profile, schedule, cache_dtype=torch_dtype(self.settings.cache_dtype),
+                           guard=self.settings.guard, compare_settings=False)
+
+    def _session(self, engine: Any, run: Run) -> PassSession:
+        # a callable schedule: the session prepares a probing engine for the step count
+        return PassSession(engine, lambda: run.sigmas, f"run {len(self.reports) + 1}")
+
+    def _open_loop_session(self, run: Run) -> PassSession:
+        """The run itself is the probe (every step computed, recorded): the WebUI's way."""
+        console(f"probing {self.adapter.name} on this run (every step computed)")
+        model_blocks = run.probe_fp["blocks"] if run.probe_fp else {}
+        return self._session(probe.ProbeEngine(sum(model_blocks.values()), run.schedule), run)
+
+    def _probe_if_pending(self, guider: Any, extra_args: dict, latent_image: torch.Tensor | None) -> None:
+        """The core closed-loop probe, before this run samples: over the run's sigmas and
+        guidance, at a reduced latent size; the run then caches with the profile chosen.
+        A failure probes open loop on the run itself instead, with one console line."""
+        active = _RUNS.get().get(id(self))
+        if active is None or active.run is None or not active.run.closed_loop:
+            return
+        run = active.run
+        run.closed_loop = False
+        try:
+            profile, source = self._probe_closed_loop(guider, extra_args["model_options"], latent_image, run)
+        except Exception as error:  # noqa: BLE001 - the run still samples, probed the simple way
+            console(f"the closed-loop probe failed ({type(error).__name__}: {error})")
+            active.session = self._open_loop_session(run)
+            return
+        run.chosen = Chosen(profile, source)
+        console(f"profile ready ({source})")
+        active.session = self._session(self._engine(profile, run.schedule), run)
+
+    def _probe_closed_loop(self, guider: Any, model_options: dict, latent_image: torch.Tensor | None,
+                           run: Run) -> tuple[Any, str]:
+        from ...probing import probe_host
+        from ...profiles import sources
+
+        model = guider.model_patcher.model.diffusion_model
+        if latent_image is None:
+            raise ValueError("the sampler gave no latent to size the probe by")
+        host = ComfyProbeHost(guider, model_options, run.sigmas, latent_image, len(self.adapter.blocks(model)),
+                              self.adapter.hidden_size(model), self.installed, run.settings.guidance_scale)
+        console(f"probing {self.adapter.name} closed loop (latent {list(host.shape)}, this run's "
+                f"{run.settings.steps} steps, guidance {run.settings.guidance_scale:g})")
+        profile = probe_host(host, run.settings, run.schedule, fingerprint=run.probe_fp,
+                             facts={"frontend": "comfyui", "latent": list(host.shape)})
+        resolved = sources.resolve_profile(run.probe_fp, interval=run.schedule.interval, hub_repo=None,
+                                           probe=lambda: profile)
+        return resolved.profile, f"probe (closed loop), saved to {resolved.path}"
 
     def _note_mismatch(self, chosen: Chosen, run: RunSettings, engine: Any) -> None:
         """A profile chosen for other settings says so, with what the guard can do."""
@@ -201,7 +278,9 @@ class HyCaPatch:
             guard = "the guard is off: turn it on to check every solver on this run"
         self.say_once(f"profile {chosen.source} was chosen for other settings ({'; '.join(differ)}); {guard}")
 
-    def _finish(self, session: PassSession, run: "Run") -> None:
+    def _finish(self, session: PassSession | None, run: Run) -> None:
+        if session is None:  # the run ended before it sampled
+            return
         stats = session.stats()
         if isinstance(session.engine, probe.ProbeEngine):
             self._learn(session, run)
@@ -212,7 +291,7 @@ class HyCaPatch:
         for note in stats.notes:
             self.say_once(note)
 
-    def _learn(self, session: PassSession, run: "Run") -> None:
+    def _learn(self, session: PassSession, run: Run) -> None:
         """A probing run ended: keep its profile for the next runs, or say why not."""
         report = RunReport(session.label, "probe", session.stats(), session.failed)
         self.reports.append(report)
