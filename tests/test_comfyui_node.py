@@ -19,10 +19,15 @@ if harness.comfy_root() is None:
                 allow_module_level=True)
 pytest.importorskip("av", reason="comfy_api.latest imports PyAV (the test extra installs av)")
 
-from hyca.adapters.comfyui import apply_hyca  # noqa: E402
+from hyca.adapters.comfyui import apply_hyca, hook  # noqa: E402
+from hyca.adapters.comfyui.probe_host import closed_loop_available  # noqa: E402
 from hyca.adapters.webui.settings import Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +73,17 @@ def test_unsupported_family_is_refused_with_its_reason(capsys):
     assert "HyCa is off" in capsys.readouterr().out
 
 
-def test_automatic_probes_the_first_run_and_caches_with_its_profile(tmp_path, monkeypatch, capsys):
+def _empty_profile_sources(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
     monkeypatch.setenv("HYCA_PROFILES", "")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_automatic_without_the_core_probe_probes_the_run_itself_then_caches(tmp_path, monkeypatch, capsys):
+    """The open-loop way (as in the WebUI): the first run computes every step while it is
+    recorded, its profile goes to the cache, the next run forecasts."""
+    _empty_profile_sources(monkeypatch, tmp_path)
+    monkeypatch.setattr(hook, "closed_loop_available", lambda: False)
     patcher = harness.tiny_patcher("flux", seed=3)
     pos, neg, noise = harness.conditioning("flux", 1), harness.conditioning("flux", 2), harness.latent("flux", 0)
     plain = harness.sample(patcher, pos, neg, noise, steps=10, cfg=2.0)
@@ -79,13 +91,46 @@ def test_automatic_probes_the_first_run_and_caches_with_its_profile(tmp_path, mo
     probed = harness.sample(model, pos, neg, noise, steps=10, cfg=2.0)
     assert torch.equal(probed, plain)  # the probing run computes every step
     lines = capsys.readouterr().out
-    assert "probing ComfyUI FLUX" in lines and "profile ready" in lines
+    assert "probing ComfyUI FLUX / Kontext on this run" in lines and "profile ready" in lines
     assert list(tmp_path.glob("Flux-*.safetensors"))  # saved to the cache, not next to the code
     cached = harness.sample(model, pos, neg, noise, steps=10, cfg=2.0)
     lines = capsys.readouterr().out
     assert "run 2: 5 of 10 steps computed, 5 forecast" in lines
     assert not torch.equal(cached, plain)
 
+
+def test_closed_loop_probe_host_samples_like_comfys_own_euler(tmp_path, monkeypatch, capsys):
+    """The core probe's view of a run: ComfyProbeHost.sample(None) at the probe's reduced
+    latent equals ComfyUI's own euler sampler (``comfy.sample.sample``, the same sigmas,
+    guidance and noise) on the unpatched model; the run then caches with the profile the
+    probe returned, and the next run finds it in the cache."""
+    if not closed_loop_available():
+        pytest.skip("the core closed-loop probe (hyca.probing.probe_host, helper 'choose') is not installed")
+    import hyca.probing
+    from hyca.profiles.profile import Profile
+
+    _empty_profile_sources(monkeypatch, tmp_path)
+    seen = {}
+
+    def probe_host(host, run, schedule, **kwargs):
+        seen.update(latent=host.sample(None), shape=host.shape, sigmas=list(host.sigmas), run=run)
+        profile = Profile.uniform("reuse", host.num_blocks, host.hidden_size)
+        profile.metadata.update(fingerprint=kwargs["fingerprint"], chosen_for=run.to_json())
+        return profile
+
+    monkeypatch.setattr(hyca.probing, "probe_host", probe_host)
+    patcher = harness.tiny_patcher("flux", seed=3)
+    pos, neg = harness.conditioning("flux", 1), harness.conditioning("flux", 2)
+    model, _ = apply_hyca(patcher, Settings(enabled=True, interval=3, warmup=2, guard=False))
+    first = harness.sample(model, pos, neg, harness.latent("flux", 0, size=32), steps=10, cfg=2.0)
+    assert seen["shape"] == (1, 16, 16, 16) and seen["run"].steps == 10 and seen["run"].guidance_scale == 2.0
+    noise = torch.randn(seen["shape"], generator=torch.Generator().manual_seed(0))
+    euler = harness.sample(patcher, pos, neg, noise, cfg=2.0, sigmas=torch.tensor(seen["sigmas"]))
+    assert relative_error(seen["latent"], patcher.model.process_latent_in(euler)) < 1e-4
+    lines = capsys.readouterr().out
+    assert "closed loop" in lines and "run 1: 5 of 10 steps computed, 5 forecast" in lines
+    again = harness.sample(model, pos, neg, harness.latent("flux", 0, size=32), steps=10, cfg=2.0)
+    assert torch.equal(again, first) and "profile: cache" in capsys.readouterr().out
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 #: Inputs that choose a model file: their choices are whatever is on disk (not checked here).

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ...engine.cache import BranchState
 from ..webui.session import PassSession
 
 #: Spatial size of the probe's latent relative to the run's (per side).
@@ -57,6 +58,34 @@ def probe_size(shape: Sequence[int], conds: dict) -> tuple[int, ...]:
     *lead, height, width = shape
     side = lambda n: n if n <= MIN_SIDE else max(MIN_SIDE, int(n * PROBE_SCALE) // 2 * 2)  # noqa: E731
     return (1, *lead[1:], side(height), side(width))
+
+
+class RecorderEngine:
+    """The probe's recorder (``hyca.probing.SketchRecorder``) as a :class:`PassSession`
+    engine: it makes the branch states a session asks for, and hands the recorder the input
+    shape as the call's signature (a session's signature is ``(branch hint, shape)``; the
+    recorder checks that one shape runs through both branches)."""
+
+    def __init__(self, recorder: Any) -> None:
+        self.recorder = recorder
+        self.positions = recorder.positions
+
+    def new_state(self) -> BranchState:
+        return BranchState()
+
+    def begin_step(self, state: BranchState, position: float | None, signature: Any,
+                   total_steps: int | None = None) -> bool:
+        shape = signature[1] if isinstance(signature, tuple) and len(signature) == 2 else signature
+        return self.recorder.begin_step(state, position, shape, total_steps)
+
+    def record(self, state: BranchState, block: int, residual: torch.Tensor) -> None:
+        self.recorder.record(state, block, residual)
+
+    def end_step(self, state: BranchState) -> None:
+        self.recorder.end_step(state)
+
+    def predicted_residual(self, state: BranchState) -> torch.Tensor:
+        return self.recorder.predicted_residual(state)
 
 
 class ComfyProbeHost:
@@ -102,6 +131,8 @@ class ComfyProbeHost:
         """One probe generation with ``engine`` (None: full compute) on the node's patches."""
         from ...probing import euler_sample
 
+        if engine is not None and not callable(getattr(engine, "new_state", None)):
+            engine = RecorderEngine(engine)
         session = PassSession(engine, list(self.sigmas), "probe") if engine is not None else None
         with self.install(session):
             with torch.inference_mode():
