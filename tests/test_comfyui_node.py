@@ -187,3 +187,46 @@ def test_example_workflow_loads_against_the_node_definitions(node_class, path):
     sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
     model_link = next(i["link"] for i in sampler["inputs"] if i["name"] == "model")
     assert next(link for link in workflow["links"] if link[0] == model_link)[1] == hyca[0]["id"]
+
+
+NO_DIFFUSERS = """
+import asyncio, importlib.abc, json, sys
+
+class NoDiffusers(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "diffusers" or name.startswith("diffusers."):
+            raise ImportError(f"diffusers is blocked for this test ({name})")
+        return None
+
+sys.meta_path.insert(0, NoDiffusers())
+sys.path[:0] = [TESTS]
+import comfy_harness as harness
+harness.load_comfy()
+import nodes
+assert asyncio.run(nodes.load_custom_node(ROOT))
+node = nodes.NODE_CLASS_MAPPINGS["HyCa"]
+patcher = harness.tiny_patcher("flux")
+model, text = node.execute(model=patcher, interval=3, warmup=2, profile="automatic", hub_repo="", guard=True,
+                           target_speedup=0.0, lora_reuse=True, cache_precision="model", compute_last=True).args
+for _ in range(2):
+    harness.sample(model, harness.conditioning("flux", 1), harness.conditioning("flux", 2), harness.latent("flux", 0),
+                   steps=8, cfg=2.0)
+print("RESULT " + json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "diffusers")))
+"""
+
+
+def test_node_loads_probes_and_caches_without_diffusers(tmp_path):
+    """ComfyUI installs have no diffusers: the node, its profile lookup and probe import none
+    (a fresh interpreter whose import system refuses ``diffusers``)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HYCA_CACHE=str(tmp_path), HYCA_PROFILES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    code = NO_DIFFUSERS.replace("[TESTS]", repr([str(ROOT / "tests")])).replace("(ROOT)", f"({str(ROOT)!r})")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and result, done.stderr[-3000:]
+    assert result[0] == "RESULT []"
+    assert "run 2: 4 of 8 steps computed" in done.stdout
