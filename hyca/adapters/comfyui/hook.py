@@ -296,16 +296,15 @@ class HyCaPatch:
         report = RunReport(session.label, "probe", session.stats(), session.failed)
         self.reports.append(report)
         console(report.describe())
-        if session.failed:
+        if session.failed:  # already said when it failed
             return
         try:
             learned = self.book.learn(run.chosen, session.engine, run.probe_fp, run.settings)
+            lines = [f"profile ready ({learned.source})", *learned.notes]
         except Exception as error:  # noqa: BLE001 - an interrupted or odd run: no profile this time
-            console(f"no profile from this run ({error}); the next run probes again")
-            return
-        console(f"profile ready ({learned.source})")
-        for note in learned.notes:
-            console(note)
+            lines = [f"no profile from this run ({error}); the next run probes again"]
+        for line in lines:
+            console(line)
 
     # --- one model call -----------------------------------------------------------------
 
