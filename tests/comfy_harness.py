@@ -186,3 +186,76 @@ def with_lora(patcher: Any, seed: int = 7, rank: int = 2) -> Any:
             lora[f"{key}.lora_down.weight"] = torch.randn(rank, param.shape[1], generator=generator) * 0.3
     model, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
     return model
+
+
+# --- the shipped reference model (a diffusers FluxTransformer2DModel) in ComfyUI's Flux class ----
+
+def _image_to_latent(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(b, 3, H, W) pixels -> (b, 3 (p/2)^2, H/2... ) a layout ComfyUI's Flux patchifies (2x2)
+    into the reference's tokens, up to a permutation of the token channels."""
+    b, c, h, w = images.shape
+    half = patch // 2
+    x = images.reshape(b, c, h // patch, half, 2, w // patch, half, 2)  # c, row, py_hi, ph, col, px_hi, pw
+    return x.permute(0, 1, 3, 6, 2, 4, 5, 7).reshape(b, c * half * half, h // patch * 2, w // patch * 2)
+
+
+def _latent_to_image(latent: torch.Tensor, patch: int) -> torch.Tensor:
+    b, _, lh, lw = latent.shape
+    half = patch // 2
+    x = latent.reshape(b, 3, half, half, lh // 2, 2, lw // 2, 2)  # c, py_hi, px_hi, row, ph, col, pw
+    return x.permute(0, 1, 4, 2, 5, 6, 3, 7).reshape(b, 3, lh // 2 * patch, lw // 2 * patch)
+
+
+def reference_in_comfy(pipe: Any) -> tuple[Any, Any, Any]:
+    """``(patcher, image_to_latent, latent_to_image)``: the reference transformer's weights
+    in a real ComfyUI ``Flux`` (keys through ComfyUI's own ``comfy.utils.flux_to_diffusers``
+    map; the 48 token channels permuted so that ComfyUI's 2x2 patchify of the latent layout
+    here gives the reference's 4x4-pixel tokens)."""
+    comfy = load_comfy()
+    import comfy.utils
+    import einops
+
+    from hyca.reference.model import pack, patch_of
+
+    transformer = pipe.transformer
+    config, patch = transformer.config, patch_of(transformer)
+    hidden = config.num_attention_heads * config.attention_head_dim
+    unet = dict(image_model="flux", in_channels=config.in_channels // 4, out_channels=config.in_channels // 4,
+                vec_in_dim=config.pooled_projection_dim, context_in_dim=config.joint_attention_dim,
+                hidden_size=hidden, mlp_ratio=4.0, num_heads=config.num_attention_heads, depth=config.num_layers,
+                depth_single_blocks=config.num_single_layers, axes_dim=list(config.axes_dims_rope), theta=10000,
+                patch_size=2, qkv_bias=True, guidance_embed=False)
+    model_config = comfy.supported_models.FluxSchnell(unet)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, "", device=torch.device("cpu"))
+    # which reference channel each ComfyUI token channel holds, read off an index image
+    index = torch.arange(3 * 8 * patch * 8 * patch, dtype=torch.float64).reshape(1, 3, 8 * patch, 8 * patch)
+    ours = einops.rearrange(_image_to_latent(index, patch), "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)[0]
+    theirs = pack(index, patch)[0]
+    order = torch.tensor([int((theirs[0] == v).nonzero()) for v in ours[0]])
+    assert torch.equal(theirs[:, order], ours)
+    source = transformer.state_dict()
+    target = {k: v.clone() for k, v in model.diffusion_model.state_dict().items()}
+    for key, to in comfy.utils.flux_to_diffusers({"depth": config.num_layers, "depth_single_blocks":
+                                                   config.num_single_layers, "hidden_size": hidden}).items():
+        if key not in source:
+            continue
+        value = source[key]
+        if isinstance(to, str):
+            target[to] = value.clone()
+        elif to[1] is None:  # (key, None, convert)
+            target[to[0]] = to[2](value)
+        else:  # (key, (dim, offset, length)): a slice of a fused weight
+            dim, offset, length = to[1]
+            target[to[0]].narrow(dim, offset, length).copy_(value)
+    target["img_in.weight"] = source["x_embedder.weight"][:, order].clone()
+    target["final_layer.linear.weight"] = source["proj_out.weight"][order].clone()
+    target["final_layer.linear.bias"] = source["proj_out.bias"][order].clone()
+    missing = set(target) - {t if isinstance(t, str) else t[0] for t in comfy.utils.flux_to_diffusers(
+        {"depth": config.num_layers, "depth_single_blocks": config.num_single_layers, "hidden_size": hidden}).values()}
+    assert not missing - {"img_in.weight", "final_layer.linear.weight", "final_layer.linear.bias"}, missing
+    model.diffusion_model.load_state_dict(target)
+    model.eval()
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return patcher, (lambda images: _image_to_latent(images, patch)), (lambda latent: _latent_to_image(latent, patch))

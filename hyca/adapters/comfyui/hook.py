@@ -265,14 +265,20 @@ class HyCaPatch:
                                            probe=lambda: profile)
         return resolved.profile, f"probe (closed loop), saved to {resolved.path}"
 
-    def _note_mismatch(self, chosen: Chosen, run: RunSettings, engine: Any) -> None:
+    def _note_mismatch(self, chosen: Chosen, run: RunSettings, engine: HybridCache) -> None:
         """A profile chosen for other settings says so, with what the guard can do."""
         if chosen.profile is None:
             return
-        differ = differences(RunSettings.of_profile(chosen.profile.metadata), run)
+        chosen_for = RunSettings.of_profile(chosen.profile.metadata)
+        differ = differences(chosen_for, run)
         if not differ:
             return
-        if self.settings.guard and isinstance(engine, HybridCache):
+        if self.settings.guard and chosen_for.guided is False and run.guided:
+            # as the diffusers engine does on a guided run (HybridCache.start_from_reuse)
+            engine.distrust_guidance()
+            guard = ("the guard (on) starts every solver group from plain reuse and gives a group its solver back "
+                     "when that solver wins its checks (a profile chosen without guidance, on a guided run)")
+        elif self.settings.guard:
             guard = f"the guard (on): {engine.guard_reach(run.steps)}"
         else:
             guard = "the guard is off: turn it on to check every solver on this run"
