@@ -141,3 +141,14 @@ def test_guided_run_on_an_unguided_profile_starts_from_reuse_and_says_so(referen
         _comfy(pipe, model, to_latent, to_image, CAPTIONS[0], 2.5, noise)
     out = capsys.readouterr().out
     assert out.count("starts every solver group from plain reuse") == 1
+
+
+if __name__ == "__main__":  # the grid docs/comfyui.md quotes: PYTHONPATH=. python tests/test_comfyui_reference.py
+    pipe = load_pipeline()
+    shared = (pipe, *harness.reference_in_comfy(pipe))
+    for guard in (False, True):
+        for n in (3, 5):
+            for scale in (1.0, 2.5):
+                for index, (diffusers_db, comfy_db, diff) in enumerate(_grid_cell(shared, scale, n, guard)):
+                    print(f"| {'on' if guard else 'off'} | {n} | {scale:g} | {index} | {diffusers_db:.2f} | {comfy_db:.2f} "
+                          f"| {diff:.1e} |")
