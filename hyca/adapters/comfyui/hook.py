@@ -182,7 +182,10 @@ class HyCaPatch:
             try:
                 return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
             finally:
-                self._finish(active.session, run)
+                try:
+                    self._finish(active.session, run)
+                except Exception as error:  # noqa: BLE001 - a report must never replace the run's result
+                    console(f"could not report this run ({type(error).__name__}: {error})")
 
     def _start(self, guider: Any, sigmas: torch.Tensor) -> tuple[PassSession | None, Run]:
         schedule_sigmas = [float(s) for s in sigmas.flatten()]
