@@ -7,6 +7,8 @@
   opens a :class:`~hyca.adapters.webui.session.PassSession` over the run's sigmas (the
   schedule ``comfy/samplers.py`` ``CFGGuider.outer_sample`` gets, so denoise < 1, custom
   sigmas and a second (hires) sampler each bring their own) and closes it in ``finally``;
+- a ``SAMPLER_SAMPLE`` wrapper: where a run without a profile is probed, once its
+  conditioning is processed and its model loaded (:mod:`.probe_host`);
 - an ``APPLY_MODEL`` wrapper: one model call (``comfy/model_base.py``
   ``BaseModel.apply_model``, ``t`` is sigma). Its branch comes from
   ``transformer_options["cond_or_uncond"]`` (0 cond, 1 uncond per batch chunk) and its
