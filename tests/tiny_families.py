@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
+from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
                        CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, HiDreamImagePipeline,
                        HiDreamImageTransformer2DModel, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel,
@@ -209,6 +209,39 @@ def _wan_pipeline(transformer, transformer_2=None):
                        boundary_ratio=0.85 if transformer_2 is not None else None)
 
 
+# --- Wan VACE ----------------------------------------------------------------------------
+
+# vace_in_channels: the pipeline stacks two VAE latents (inactive, reactive: 2 x z_dim) and
+# the mask folded into 8 x 8 = 64 channels (pipeline_wan_vace.py, prepare_masks).
+WAN_VACE = dict(WAN, num_layers=3, vace_layers=[0, 2], vace_in_channels=2 * 4 + 64)
+
+
+def _tiny_wan_vae() -> AutoencoderKLWan:
+    torch.manual_seed(7)
+    return AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                            latents_std=[1.0] * 4).eval()
+
+
+TINY_WAN_VAE = _tiny_wan_vae()
+
+
+def _vace_pipeline(transformer):
+    return WanVACEPipeline(tokenizer=None, text_encoder=None, vae=TINY_WAN_VAE, scheduler=_scheduler(shift=5.0),
+                           transformer=transformer)
+
+
+def _vace_call(pipe, steps, cfg=False, **extra):
+    """A control video whose first two frames are kept (mask 0) and the rest generated."""
+    rng = np.random.default_rng(0)
+    video = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(5)]
+    mask = [Image.fromarray(np.full((32, 32), 0 if i < 2 else 255, dtype=np.uint8)) for i in range(5)]
+    guidance = dict(guidance_scale=3.0, negative_prompt_embeds=_embeds(16, 7)) if cfg else dict(guidance_scale=1.0)
+    return pipe(prompt_embeds=_embeds(16, 3), video=video, mask=mask, height=32, width=32, num_frames=5,
+                num_inference_steps=steps, output_type="latent", generator=_generator(), **guidance,
+                **extra).frames
+
+
 # --- SD3 / SD3.5 ------------------------------------------------------------------------
 
 SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
@@ -369,6 +402,8 @@ CASES: dict[str, Case] = {
                    [("blocks", None, False)]),
     "wan2.2": Case("wan2.2", _maker(WanTransformer3DModel, WAN, 1.0), _wan_pipeline, _wan_call,
                    [("blocks", None, False)], experts=("transformer", "transformer_2")),
+    "wan-vace": Case("wan-vace", _maker(WanVACETransformer3DModel, WAN_VACE, 1.0), _vace_pipeline, _vace_call,
+                     [("blocks", None, False)]),
     "sd3": Case("sd3", _maker(SD3Transformer2DModel, SD3, 20.0), _sd3_pipeline, _sd3_call,
                 [("transformer_blocks", 1, False)]),
     # batched CFG plus skip-layer guidance: a second call per step with skip_layers set

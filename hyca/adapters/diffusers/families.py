@@ -112,6 +112,18 @@ FAMILIES: dict[str, Family] = {
             "its own engine, profile and step count"
         ),
     ),
+    "WanVACETransformer3DModel": Family(
+        name="Wan VACE",
+        block_lists=(BlockList("blocks", IMAGE),),
+        notes=(
+            "Wan's blocks plus vace_blocks, which run first, every step, on the embedded latent "
+            "and the control video; after main block i in vace_layers the forward adds hint i "
+            "to the stream, outside the block. The hints are not part of any block's residual: "
+            "a skip step adds the forecast of the blocks' residuals at the first block and the "
+            "forward still adds this step's exact hints, so nothing is counted twice or forecast "
+            "that is computed anyway (the VACE blocks are never skipped)"
+        ),
+    ),
     "SD3Transformer2DModel": Family(
         name="SD3 / SD3.5",
         block_lists=(BlockList("transformer_blocks", TEXT_IMAGE, text_dropped_if="context_pre_only"),),
