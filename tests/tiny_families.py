@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
+from diffusers import (SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
                        CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, HiDreamImagePipeline,
                        HiDreamImageTransformer2DModel, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel,
@@ -242,6 +242,20 @@ def _vace_call(pipe, steps, cfg=False, **extra):
                 **extra).frames
 
 
+# --- SkyReels-V2 (text-to-video; Wan's design) -----------------------------------------
+
+
+def _skyreels_call(pipe, steps, cfg=False, **extra):
+    guidance = dict(guidance_scale=3.0, negative_prompt_embeds=_embeds(16, 7)) if cfg else dict(guidance_scale=1.0)
+    return pipe(prompt_embeds=_embeds(16, 3), height=32, width=32, num_frames=5, num_inference_steps=steps,
+                output_type="latent", generator=_generator(), **guidance, **extra).frames
+
+
+def _skyreels_pipeline(transformer):
+    return SkyReelsV2Pipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=_scheduler(shift=5.0),
+                              transformer=transformer)
+
+
 # --- SD3 / SD3.5 ------------------------------------------------------------------------
 
 SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
@@ -404,6 +418,8 @@ CASES: dict[str, Case] = {
                    [("blocks", None, False)], experts=("transformer", "transformer_2")),
     "wan-vace": Case("wan-vace", _maker(WanVACETransformer3DModel, WAN_VACE, 1.0), _vace_pipeline, _vace_call,
                      [("blocks", None, False)]),
+    "skyreels-v2": Case("skyreels-v2", _maker(SkyReelsV2Transformer3DModel, WAN, 1.0), _skyreels_pipeline,
+                        _skyreels_call, [("blocks", None, False)]),
     "sd3": Case("sd3", _maker(SD3Transformer2DModel, SD3, 20.0), _sd3_pipeline, _sd3_call,
                 [("transformer_blocks", 1, False)]),
     # batched CFG plus skip-layer guidance: a second call per step with skip_layers set

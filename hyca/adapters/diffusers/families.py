@@ -124,6 +124,15 @@ FAMILIES: dict[str, Family] = {
             "that is computed anyway (the VACE blocks are never skipped)"
         ),
     ),
+    "SkyReelsV2Transformer3DModel": Family(
+        name="SkyReels-V2",
+        block_lists=(BlockList("blocks", IMAGE),),
+        notes=(
+            "Wan's design (its blocks take a causal attention mask as a fifth input and return "
+            "the video stream alone). The diffusion-forcing pipelines feed a timestep per latent "
+            "frame; HyCa positions a call by the largest (the noisiest frame)"
+        ),
+    ),
     "SD3Transformer2DModel": Family(
         name="SD3 / SD3.5",
         block_lists=(BlockList("transformer_blocks", TEXT_IMAGE, text_dropped_if="context_pre_only"),),
