@@ -212,11 +212,61 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+#: Transformer classes diffusers 0.42 ships for the families above that HyCa refuses, with
+#: the reason (read from each class's ``forward`` in diffusers 0.42.1). ``hyca.enable`` quotes
+#: it; docs/families.md lists the same.
+REFUSED: dict[str, str] = {
+    "Flux2Transformer2DModel": (
+        "FLUX.2 has its own double/single block design, with reference-image tokens that carry "
+        "their own modulation and a key/value cache filled by an 'extract' pass; its block "
+        "streams are not mapped and no tiny FLUX.2 pipeline is tested"),
+    "Flux3Transformer2DModel": (
+        "FLUX.3 runs text, image and image-condition tokens through separate per-mode block "
+        "lists before joint single blocks; which residual reaches the output is not mapped"),
+    "QwenImage21Transformer2DModel": (
+        "Qwen-Image 2.1's blocks read and write a per-block key/value cache of the reference "
+        "image ('extract' / 'cached' passes); a passed-through block would leave its cache "
+        "unfilled"),
+    "HunyuanVideo15Transformer3DModel": (
+        "HunyuanVideo 1.5 (one list of dual-stream blocks behind several conditioning streams) "
+        "is not mapped and no tiny pipeline is tested"),
+    "HunyuanVideoFramepackTransformer3DModel": (
+        "FramePack prepends clean and 2x/4x-compressed history latents to the image stream, "
+        "a different number per video section; not mapped and no tiny pipeline is tested"),
+    "WanAnimateTransformer3DModel": (
+        "Wan-Animate adds a face adapter's output after every few blocks, computed from the "
+        "stream between blocks; a skip step does not compute that stream, so the adapter would "
+        "read a wrong input"),
+    "WanAnimate2Transformer3DModel": (
+        "Wan-Animate 2's blocks fill a per-block key/value cache in a reference pass that the "
+        "generation pass reads; a passed-through block would leave its cache unfilled"),
+    "ChronoEditTransformer3DModel": (
+        "ChronoEdit's blocks are Wan's, but its pipeline (temporal reasoning frames, a CLIP "
+        "image encoder) has no tiny test, so HyCa does not claim it"),
+    "SanaVideoTransformer3DModel": (
+        "Sana-Video (Sana's blocks over video tokens, optional ControlNet samples added between "
+        "blocks) has no tiny pipeline test, so HyCa does not claim it"),
+    "SanaWMTransformer3DModel": (
+        "Sana-WM, a world model with its own block design and frame-chunked rollout; not mapped"),
+    "SanaWMLTX2RefinerTransformer3DModel": (
+        "Sana-WM's refiner (LTX-2 blocks with a key/value cache carried across chunks); not mapped"),
+    "LuminaNextDiT2DModel": "Lumina-Next, the generation before Lumina2, has other blocks; not mapped",
+    "CogView3PlusTransformer2DModel": "CogView3-Plus, the generation before CogView4, has other blocks; not mapped",
+}
+
+
 def family_of(transformer: torch.nn.Module) -> Family:
+    """The table entry for ``transformer``'s class.
+
+    Raises:
+        TypeError: the class is refused (the message gives :data:`REFUSED`'s reason) or
+            unknown; either way the message lists the supported classes.
+    """
     name = type(transformer).__name__
     if name not in FAMILIES:
         supported = ", ".join(sorted(FAMILIES))
-        raise TypeError(f"HyCa does not support {name} yet; supported transformers: {supported}")
+        why = f" ({REFUSED[name]})" if name in REFUSED else ""
+        raise TypeError(f"HyCa does not support {name} yet{why}; supported transformers: {supported}")
     return FAMILIES[name]
 
 
