@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import (SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
+from diffusers import (SanaVideoPipeline, SanaVideoTransformer3DModel, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
                        CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, HiDreamImagePipeline,
                        HiDreamImageTransformer2DModel, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel,
@@ -399,6 +399,24 @@ def _sana_pipeline(transformer):
                         scheduler=_scheduler(shift=3.0))
 
 
+# --- Sana-Video ---------------------------------------------------------------------------
+
+SANA_VIDEO = dict(SANA, patch_size=(1, 2, 2), rope_max_seq_len=32)
+
+
+def _sana_video_call(pipe, steps, cfg=False, **extra):
+    negative = dict(guidance_scale=3.0, negative_prompt_embeds=_embeds(16, 7),
+                    negative_prompt_attention_mask=torch.ones(1, TEXT_TOKENS)) if cfg else dict(guidance_scale=1.0)
+    return pipe(prompt_embeds=_embeds(16, 3), prompt_attention_mask=torch.ones(1, TEXT_TOKENS), height=64,
+                width=64, frames=5, num_inference_steps=steps, output_type="latent", generator=_generator(),
+                use_resolution_binning=False, negative_prompt=None, **negative, **extra).frames
+
+
+def _sana_video_pipeline(transformer):
+    return SanaVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                             scheduler=_scheduler(shift=3.0))
+
+
 def _maker(cls, config, gain):
     return lambda seed: _seeded(cls, seed, gain, **config)
 
@@ -440,6 +458,8 @@ CASES: dict[str, Case] = {
                      _cogview4_call, [("transformer_blocks", 0, False)]),
     "sana": Case("sana", _maker(SanaTransformer2DModel, SANA, 1.0), _sana_pipeline, _sana_call,
                  [("transformer_blocks", None, False)]),
+    "sana-video": Case("sana-video", _maker(SanaVideoTransformer3DModel, SANA_VIDEO, 1.0), _sana_video_pipeline,
+                       _sana_video_call, [("transformer_blocks", None, False)]),
 }
 
 

@@ -209,6 +209,16 @@ FAMILIES: dict[str, Family] = {
         batched_guidance="uncond-first",
         notes="linear-attention blocks with cross-attention, returning the image stream alone",
     ),
+    "SanaVideoTransformer3DModel": Family(
+        name="Sana-Video",
+        block_lists=(BlockList("transformer_blocks", IMAGE),),
+        batched_guidance="uncond-first",
+        notes=(
+            "Sana's linear-attention blocks over video tokens, returning the video stream alone. "
+            "ControlNet samples, when given, are added after blocks outside them, like Wan VACE's "
+            "hints: exact every step and in no cached residual"
+        ),
+    ),
 }
 
 
@@ -243,9 +253,6 @@ REFUSED: dict[str, str] = {
     "ChronoEditTransformer3DModel": (
         "ChronoEdit's blocks are Wan's, but its pipeline (temporal reasoning frames, a CLIP "
         "image encoder) has no tiny test, so HyCa does not claim it"),
-    "SanaVideoTransformer3DModel": (
-        "Sana-Video (Sana's blocks over video tokens, optional ControlNet samples added between "
-        "blocks) has no tiny pipeline test, so HyCa does not claim it"),
     "SanaWMTransformer3DModel": (
         "Sana-WM, a world model with its own block design and frame-chunked rollout; not mapped"),
     "SanaWMLTX2RefinerTransformer3DModel": (
