@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import (SanaVideoPipeline, SanaVideoTransformer3DModel, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
+from diffusers import (FluxKontextPipeline, SanaVideoPipeline, SanaVideoTransformer3DModel, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
                        CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, HiDreamImagePipeline,
                        HiDreamImageTransformer2DModel, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel,
@@ -417,6 +417,21 @@ def _sana_video_pipeline(transformer):
                              scheduler=_scheduler(shift=3.0))
 
 
+# --- FLUX.1 Kontext (the FLUX transformer; the reference image's tokens join the image stream) ---
+
+
+def _flux_kontext_pipeline(transformer):
+    return FluxKontextPipeline(scheduler=_scheduler(), vae=TINY_VAE, text_encoder=None, tokenizer=None,
+                               text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+
+
+def _flux_kontext_call(pipe, steps, cfg=False, **extra):
+    # max_area: the pipeline otherwise rescales every request to about 1024 x 1024 pixels
+    return pipe(image=_init_image(), prompt_embeds=_embeds(32, 3), pooled_prompt_embeds=torch.zeros(1, 24),
+                height=64, width=64, max_area=64 * 64, _auto_resize=False, num_inference_steps=steps,
+                output_type="latent", generator=_generator(), **extra).images
+
+
 def _maker(cls, config, gain):
     return lambda seed: _seeded(cls, seed, gain, **config)
 
@@ -458,6 +473,8 @@ CASES: dict[str, Case] = {
                      _cogview4_call, [("transformer_blocks", 0, False)]),
     "sana": Case("sana", _maker(SanaTransformer2DModel, SANA, 1.0), _sana_pipeline, _sana_call,
                  [("transformer_blocks", None, False)]),
+    "flux-kontext": Case("flux-kontext", _maker(FluxTransformer2DModel, FLUX, 20.0), _flux_kontext_pipeline,
+                         _flux_kontext_call, [("transformer_blocks", 1, False), ("single_transformer_blocks", 1, False)]),
     "sana-video": Case("sana-video", _maker(SanaVideoTransformer3DModel, SANA_VIDEO, 1.0), _sana_video_pipeline,
                        _sana_video_call, [("transformer_blocks", None, False)]),
 }
