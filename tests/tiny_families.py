@@ -15,7 +15,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import (FluxKontextPipeline, SanaVideoPipeline, SanaVideoTransformer3DModel, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
+from diffusers import (AutoencoderKLHunyuanVideo15, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel,
+                       FluxKontextPipeline, SanaVideoPipeline, SanaVideoTransformer3DModel, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
                        CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, HiDreamImagePipeline,
                        HiDreamImageTransformer2DModel, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel,
@@ -23,6 +24,7 @@ from diffusers import (FluxKontextPipeline, SanaVideoPipeline, SanaVideoTransfor
                        QwenImageTransformer2DModel, SanaPipeline, SanaTransformer2DModel, SD3Transformer2DModel,
                        StableDiffusion3Pipeline, WanPipeline, WanTransformer3DModel, ZImagePipeline,
                        ZImageTransformer2DModel)
+from diffusers.guiders import ClassifierFreeGuidance
 from PIL import Image
 
 TEXT_TOKENS = 5
@@ -187,6 +189,40 @@ def _hunyuan_call(pipe, steps, cfg=False, **extra):
 def _hunyuan_pipeline(transformer):
     return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
                                 scheduler=_scheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None)
+
+
+# --- HunyuanVideo 1.5 ----------------------------------------------------------------------
+
+# in_channels: the pipeline feeds latents, zero condition latents and a mask (4 + 4 + 1)
+HUNYUAN15 = dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                 num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8,
+                 rope_axes_dim=(4, 6, 6), target_size=64, task_type="t2v")
+
+
+def _tiny_hunyuan15_vae() -> AutoencoderKLHunyuanVideo15:
+    torch.manual_seed(8)  # the pipeline reads its compression ratios and latent channels; it decodes nothing here
+    return AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1).eval()
+
+
+TINY_HUNYUAN15_VAE = _tiny_hunyuan15_vae()
+
+
+def _hunyuan15_pipeline(transformer):
+    pipe = HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=TINY_HUNYUAN15_VAE,
+                                  scheduler=_scheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None,
+                                  guider=ClassifierFreeGuidance(guidance_scale=1.0))
+    pipe.vision_num_semantic_tokens = 16  # zero image tokens for text-to-video: 729 in the release, fewer here
+    return pipe
+
+
+def _hunyuan15_call(pipe, steps, cfg=False, **extra):
+    pipe.guider = ClassifierFreeGuidance(guidance_scale=3.0 if cfg else 1.0)
+    second = dict(prompt_embeds_2=_embeds(8, 4, tokens=3), prompt_embeds_mask_2=torch.ones(1, 3),
+                  negative_prompt_embeds_2=_embeds(8, 8, tokens=3), negative_prompt_embeds_mask_2=torch.ones(1, 3))
+    return pipe(prompt_embeds=_embeds(16, 3), prompt_embeds_mask=torch.ones(1, TEXT_TOKENS),
+                negative_prompt_embeds=_embeds(16, 7), negative_prompt_embeds_mask=torch.ones(1, TEXT_TOKENS),
+                height=64, width=64, num_frames=5, num_inference_steps=steps, output_type="latent",
+                generator=_generator(), **second, **extra).frames
 
 
 # --- Wan 2.1 / 2.2 ----------------------------------------------------------------------
@@ -445,6 +481,8 @@ CASES: dict[str, Case] = {
                            _qwen_edit_call, [("transformer_blocks", 1, False)]),
     "hunyuanvideo": Case("hunyuanvideo", _maker(HunyuanVideoTransformer3DModel, HUNYUAN, 20.0), _hunyuan_pipeline,
                          _hunyuan_call, [("transformer_blocks", 0, False), ("single_transformer_blocks", 0, False)]),
+    "hunyuanvideo15": Case("hunyuanvideo15", _maker(HunyuanVideo15Transformer3DModel, HUNYUAN15, 20.0),
+                           _hunyuan15_pipeline, _hunyuan15_call, [("transformer_blocks", 0, False)]),
     "wan2.1": Case("wan2.1", _maker(WanTransformer3DModel, WAN, 1.0), _wan_pipeline, _wan_call,
                    [("blocks", None, False)]),
     "wan2.2": Case("wan2.2", _maker(WanTransformer3DModel, WAN, 1.0), _wan_pipeline, _wan_call,

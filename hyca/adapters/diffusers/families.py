@@ -103,6 +103,16 @@ FAMILIES: dict[str, Family] = {
             "the image stream's tokens cover every latent frame"
         ),
     ),
+    "HunyuanVideo15Transformer3DModel": Family(
+        name="HunyuanVideo 1.5",
+        block_lists=(BlockList("transformer_blocks", IMAGE_TEXT),),
+        notes=(
+            "one list of dual-stream blocks called positionally, returning (video, text); the "
+            "text side (both text encoders' tokens and the image embedding's, joined before the "
+            "blocks) never reaches norm_out/proj_out. The pipeline's guider names its passes "
+            "pred_cond / pred_uncond with cache_context"
+        ),
+    ),
     "WanTransformer3DModel": Family(
         name="Wan",
         block_lists=(BlockList("blocks", IMAGE),),
@@ -237,9 +247,6 @@ REFUSED: dict[str, str] = {
         "Qwen-Image 2.1's blocks read and write a per-block key/value cache of the reference "
         "image ('extract' / 'cached' passes); a passed-through block would leave its cache "
         "unfilled"),
-    "HunyuanVideo15Transformer3DModel": (
-        "HunyuanVideo 1.5 (one list of dual-stream blocks behind several conditioning streams) "
-        "is not mapped and no tiny pipeline is tested"),
     "HunyuanVideoFramepackTransformer3DModel": (
         "FramePack prepends clean and 2x/4x-compressed history latents to the image stream, "
         "a different number per video section; not mapped and no tiny pipeline is tested"),
