@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKLHunyuanVideo15, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel,
+from diffusers import (ChronoEditPipeline, ChronoEditTransformer3DModel, AutoencoderKLHunyuanVideo15, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel,
                        FluxKontextPipeline, SanaVideoPipeline, SanaVideoTransformer3DModel, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
                        CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, HiDreamImagePipeline,
@@ -26,6 +26,8 @@ from diffusers import (AutoencoderKLHunyuanVideo15, HunyuanVideo15Pipeline, Huny
                        ZImageTransformer2DModel)
 from diffusers.guiders import ClassifierFreeGuidance
 from PIL import Image
+from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 TEXT_TOKENS = 5
 
@@ -292,6 +294,37 @@ def _skyreels_pipeline(transformer):
                               transformer=transformer)
 
 
+# --- ChronoEdit (Wan 2.1 image-to-video's design) ----------------------------------------
+
+# in_channels: latents (4) + the first-frame condition: a mask over 4 temporal sub-frames (4)
+# and its VAE latent (4), as pipeline_chronoedit.py prepare_latents stacks them;
+# added_kv_proj_dim: the image cross-attention's width, the transformer's (2 x 12)
+CHRONOEDIT = dict(WAN, in_channels=12, image_dim=8, added_kv_proj_dim=24)
+
+
+def _tiny_clip_vision() -> CLIPVisionModel:
+    torch.manual_seed(3)
+    return CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=32, patch_size=8,
+                                            projection_dim=8)).eval()
+
+
+TINY_CLIP_VISION = _tiny_clip_vision()
+
+
+def _chronoedit_pipeline(transformer):
+    return ChronoEditPipeline(tokenizer=None, text_encoder=None, image_encoder=TINY_CLIP_VISION,
+                              image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                                    crop_size={"height": 32, "width": 32}),
+                              transformer=transformer, vae=TINY_WAN_VAE, scheduler=_scheduler(shift=5.0))
+
+
+def _chronoedit_call(pipe, steps, cfg=False, **extra):
+    guidance = dict(guidance_scale=3.0, negative_prompt_embeds=_embeds(16, 7)) if cfg else dict(guidance_scale=1.0)
+    return pipe(image=_reference_image(32), prompt_embeds=_embeds(16, 3), height=32, width=32,
+                num_inference_steps=steps, output_type="latent", generator=_generator(), **guidance, **extra).frames
+
+
 # --- SD3 / SD3.5 ------------------------------------------------------------------------
 
 SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
@@ -491,6 +524,8 @@ CASES: dict[str, Case] = {
                      [("blocks", None, False)]),
     "skyreels-v2": Case("skyreels-v2", _maker(SkyReelsV2Transformer3DModel, WAN, 1.0), _skyreels_pipeline,
                         _skyreels_call, [("blocks", None, False)]),
+    "chronoedit": Case("chronoedit", _maker(ChronoEditTransformer3DModel, CHRONOEDIT, 1.0), _chronoedit_pipeline,
+                       _chronoedit_call, [("blocks", None, False)]),
     "sd3": Case("sd3", _maker(SD3Transformer2DModel, SD3, 20.0), _sd3_pipeline, _sd3_call,
                 [("transformer_blocks", 1, False)]),
     # batched CFG plus skip-layer guidance: a second call per step with skip_layers set

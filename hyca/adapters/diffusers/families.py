@@ -143,6 +143,17 @@ FAMILIES: dict[str, Family] = {
             "frame; HyCa positions a call by the largest (the noisiest frame)"
         ),
     ),
+    "ChronoEditTransformer3DModel": Family(
+        name="ChronoEdit",
+        block_lists=(BlockList("blocks", IMAGE),),
+        notes=(
+            "Wan 2.1 image-to-video's design (blocks return the video stream alone; the CLIP "
+            "image tokens join the text side). The pipeline runs cond and uncond without a "
+            "cache_context. With temporal reasoning it keeps only the first and last frame "
+            "part-way through: the input shape changes, so HyCa starts a new generation there "
+            "(warm-up computes again); that mode is not tested"
+        ),
+    ),
     "SD3Transformer2DModel": Family(
         name="SD3 / SD3.5",
         block_lists=(BlockList("transformer_blocks", TEXT_IMAGE, text_dropped_if="context_pre_only"),),
@@ -257,9 +268,6 @@ REFUSED: dict[str, str] = {
     "WanAnimate2Transformer3DModel": (
         "Wan-Animate 2's blocks fill a per-block key/value cache in a reference pass that the "
         "generation pass reads; a passed-through block would leave its cache unfilled"),
-    "ChronoEditTransformer3DModel": (
-        "ChronoEdit's blocks are Wan's, but its pipeline (temporal reasoning frames, a CLIP "
-        "image encoder) has no tiny test, so HyCa does not claim it"),
     "SanaWMTransformer3DModel": (
         "Sana-WM, a world model with its own block design and frame-chunked rollout; not mapped"),
     "SanaWMLTX2RefinerTransformer3DModel": (
