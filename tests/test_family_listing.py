@@ -56,9 +56,9 @@ def test_docs_list_every_supported_and_refused_class():
 
 
 @pytest.mark.parametrize("make, says", [
-    (lambda: diffusers.Flux2Transformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=16,
-                                                num_attention_heads=2, joint_attention_dim=16, in_channels=8,
-                                                axes_dims_rope=(4, 4, 4, 4), timestep_guidance_channels=16),
+    (lambda: diffusers.QwenImage21Transformer2DModel(in_channels=8, out_channels=8, num_layers=1, attention_head_dim=16,
+                                                      num_attention_heads=2, context_in_dim=16,
+                                                      axes_dims_rope=(4, 6, 6)),
      "key/value cache"),
     (lambda: diffusers.CogView3PlusTransformer2DModel(num_layers=1, attention_head_dim=8, num_attention_heads=2,
                                                       in_channels=4, out_channels=4, text_embed_dim=16,

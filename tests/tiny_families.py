@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import (ChronoEditPipeline, ChronoEditTransformer3DModel, AutoencoderKLHunyuanVideo15, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel,
+from diffusers import (Flux2Pipeline, Flux2Transformer2DModel, ChronoEditPipeline, ChronoEditTransformer3DModel, AutoencoderKLHunyuanVideo15, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel,
                        FluxKontextPipeline, SanaVideoPipeline, SanaVideoTransformer3DModel, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
                        CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, HiDreamImagePipeline,
@@ -101,6 +101,21 @@ def _flux_call(pipe, steps, cfg=False, **extra):
 def _flux_pipeline(transformer):
     return FluxPipeline(scheduler=_scheduler(), vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=transformer)
+
+
+# --- FLUX.2 -----------------------------------------------------------------------------
+
+FLUX2 = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4))
+
+
+def _flux2_call(pipe, steps, cfg=False, **extra):
+    return pipe(prompt_embeds=_embeds(32, 3), height=64, width=64, num_inference_steps=steps, guidance_scale=4.0,
+                output_type="latent", generator=_generator(), **extra).images
+
+
+def _flux2_pipeline(transformer):
+    return Flux2Pipeline(scheduler=_scheduler(), vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
 
 
 # --- Qwen-Image (and Edit) ------------------------------------------------------------
@@ -508,6 +523,8 @@ def _maker(cls, config, gain):
 CASES: dict[str, Case] = {
     "flux": Case("flux", _maker(FluxTransformer2DModel, FLUX, 20.0), _flux_pipeline, _flux_call,
                  [("transformer_blocks", 1, False), ("single_transformer_blocks", 1, False)]),
+    "flux2": Case("flux2", _maker(Flux2Transformer2DModel, FLUX2, 20.0), _flux2_pipeline, _flux2_call,
+                  [("transformer_blocks", 1, False), ("single_transformer_blocks", None, True)]),
     "qwenimage": Case("qwenimage", _maker(QwenImageTransformer2DModel, QWEN, 20.0), _qwen_pipeline, _qwen_call,
                       [("transformer_blocks", 1, False)]),
     "qwenimage-edit": Case("qwenimage-edit", _maker(QwenImageTransformer2DModel, QWEN, 20.0), _qwen_edit_pipeline,

@@ -82,6 +82,20 @@ FAMILIES: dict[str, Family] = {
             "reaches norm_out/proj_out, so a skip step forecasts the image stream alone"
         ),
     ),
+    "Flux2Transformer2DModel": Family(
+        name="FLUX.2",
+        block_lists=(
+            BlockList("transformer_blocks", TEXT_IMAGE),
+            BlockList("single_transformer_blocks", IMAGE, stream_tokens="tail"),
+        ),
+        notes=(
+            "double blocks return (text, image); the forward concatenates [text, image] for the "
+            "single blocks, which return that one tensor; the image tokens at its tail (with "
+            "reference-image tokens, when the pipeline appends them) reach the output. The Klein "
+            "KV pipeline's first call carries the reference tokens and later calls read them from "
+            "a key/value cache: the stream shrinks after step 0, so HyCa starts over there (untested)"
+        ),
+    ),
     "QwenImageTransformer2DModel": Family(
         name="Qwen-Image",
         block_lists=(BlockList("transformer_blocks", TEXT_IMAGE),),
@@ -247,10 +261,6 @@ FAMILIES: dict[str, Family] = {
 #: the reason (read from each class's ``forward`` in diffusers 0.42.1). ``hyca.enable`` quotes
 #: it; docs/families.md lists the same.
 REFUSED: dict[str, str] = {
-    "Flux2Transformer2DModel": (
-        "FLUX.2 has its own double/single block design, with reference-image tokens that carry "
-        "their own modulation and a key/value cache filled by an 'extract' pass; its block "
-        "streams are not mapped and no tiny FLUX.2 pipeline is tested"),
     "Flux3Transformer2DModel": (
         "FLUX.3 runs text, image and image-condition tokens through separate per-mode block "
         "lists before joint single blocks; which residual reaches the output is not mapped"),
