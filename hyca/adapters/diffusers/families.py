@@ -265,12 +265,13 @@ REFUSED: dict[str, str] = {
         "FLUX.3 runs text, image and image-condition tokens through separate per-mode block "
         "lists before joint single blocks; which residual reaches the output is not mapped"),
     "QwenImage21Transformer2DModel": (
-        "Qwen-Image 2.1's blocks read and write a per-block key/value cache of the reference "
-        "image ('extract' / 'cached' passes); a passed-through block would leave its cache "
-        "unfilled"),
+        "Qwen-Image 2.1 runs one joint sequence through its blocks and its pipeline keeps a "
+        "prefix key/value cache per block ('extract' / 'cached' passes); a passed-through block "
+        "would leave its part of the cache unfilled, and which tokens reach the output is not mapped"),
     "HunyuanVideoFramepackTransformer3DModel": (
-        "FramePack prepends clean and 2x/4x-compressed history latents to the image stream, "
-        "a different number per video section; not mapped and no tiny pipeline is tested"),
+        "FramePack prepends clean and 2x/4x-compressed history latents to the image stream, a "
+        "different number per video section, and only the stream's tail reaches the output; its "
+        "pipeline (SigLIP image encoder, one denoising loop per section) has no tiny test"),
     "WanAnimateTransformer3DModel": (
         "Wan-Animate adds a face adapter's output after every few blocks, computed from the "
         "stream between blocks; a skip step does not compute that stream, so the adapter would "
