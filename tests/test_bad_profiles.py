@@ -13,11 +13,11 @@ import pickle
 
 import pytest
 
-from hyca.profiles import sources
 from hyca.profiles.io import FORMAT_VERSION, profile_filename, save_profile
 from hyca.profiles.sources import resolve_profile
 
 from profile_helpers import random_profile, read_parts, tiny_fingerprint, write_parts
+from test_sources import dirs  # noqa: F401  (fixture: empty extra, shipped and cache folders, no Hub)
 
 KINDS = ("corrupt", "pickle", "newer", "foreign")
 
@@ -25,18 +25,6 @@ KINDS = ("corrupt", "pickle", "newer", "foreign")
 @pytest.fixture()
 def fp():
     return tiny_fingerprint()
-
-
-@pytest.fixture()
-def folders(tmp_path, monkeypatch):
-    d = {name: tmp_path / name for name in ("extra", "shipped", "cache")}
-    for folder in d.values():
-        folder.mkdir()
-    monkeypatch.setenv("HYCA_PROFILES", str(d["extra"]))
-    monkeypatch.setattr(sources, "shipped_dir", lambda: d["shipped"])
-    monkeypatch.setenv("HYCA_CACHE", str(d["cache"]))
-    monkeypatch.setenv("HYCA_HUB_REPO", "none")
-    return d
 
 
 def make_bad(kind: str, folder, fp, tmp_path):
@@ -62,10 +50,10 @@ def hyca_warnings(caplog) -> list[str]:
 
 
 @pytest.mark.parametrize("where", ["extra", "shipped", "cache"])
-def test_each_bad_kind_in_each_folder_is_warned_once(where, folders, fp, tmp_path, caplog):
-    good = save_profile(random_profile(fp, seed=5), folders["extra" if where != "extra" else "cache"]
+def test_each_bad_kind_in_each_folder_is_warned_once(where, dirs, fp, tmp_path, caplog):
+    good = save_profile(random_profile(fp, seed=5), dirs["extra" if where != "extra" else "cache"]
                         / profile_filename(fp), fp)
-    bad = {kind: make_bad(kind, folders[where], fp, tmp_path) for kind in KINDS}
+    bad = {kind: make_bad(kind, dirs[where], fp, tmp_path) for kind in KINDS}
     with caplog.at_level(logging.WARNING, logger="hyca"), pytest.warns(UserWarning):
         found = resolve_profile(fp)
     assert found.path == good
@@ -88,20 +76,20 @@ def test_each_bad_kind_in_each_folder_is_warned_once(where, folders, fp, tmp_pat
     assert [m for m in hyca_warnings(caplog) if str(bad["pickle"]) in m] == hyca_warnings(caplog) != []
 
 
-def test_an_unreadable_file_of_no_known_model_is_warned_too(folders, fp, caplog):
-    (folders["extra"] / "my-favourite.safetensors").write_bytes(b"\x00" * 3)
-    save_profile(random_profile(fp), folders["cache"] / profile_filename(fp), fp)
+def test_an_unreadable_file_of_no_known_model_is_warned_too(dirs, fp, caplog):
+    (dirs["extra"] / "my-favourite.safetensors").write_bytes(b"\x00" * 3)
+    save_profile(random_profile(fp), dirs["cache"] / profile_filename(fp), fp)
     with caplog.at_level(logging.WARNING, logger="hyca"), pytest.warns(UserWarning):
         resolve_profile(fp)
     assert len(hyca_warnings(caplog)) == 1 and "my-favourite.safetensors" in hyca_warnings(caplog)[0]
 
 
-def test_the_webui_folders_are_the_searched_ones_and_automatic_warns(folders, fp, tmp_path, caplog):
+def test_the_webui_folders_are_the_searched_ones_and_automatic_warns(dirs, fp, tmp_path, caplog):
     from hyca.adapters.webui.profiles import AUTOMATIC, ProfileBook, profile_dirs
 
-    assert profile_dirs() == [folders["extra"], folders["shipped"], folders["cache"]]
-    good = save_profile(random_profile(fp, seed=2), folders["cache"] / profile_filename(fp), fp)
-    bad = make_bad("foreign", folders["shipped"], fp, tmp_path)
+    assert profile_dirs() == [dirs["extra"], dirs["shipped"], dirs["cache"]]
+    good = save_profile(random_profile(fp, seed=2), dirs["cache"] / profile_filename(fp), fp)
+    bad = make_bad("foreign", dirs["shipped"], fp, tmp_path)
     with caplog.at_level(logging.WARNING, logger="hyca"), pytest.warns(UserWarning):
         chosen = ProfileBook()._resolve(fp, AUTOMATIC, "", None, ("key",))
     assert str(good) in chosen.source
