@@ -105,10 +105,7 @@ def _check_size(height: int, width: int, multiple: int, device: str | None) -> N
     multiple) as a one-line :class:`CLIError`."""
     from .app.models import size_problem
 
-    try:
-        why = size_problem(height, width, multiple, device)
-    except ValueError as err:  # a malformed HYCA_MAX_PIXELS
-        raise CLIError(str(err)) from None
+    why = size_problem(height, width, multiple, device)
     if why is not None:
         raise CLIError(f"--height/--width {why}")
 

@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,29 +19,46 @@ def _real_profile_folders() -> list[Path]:
     return folders
 
 
-def _listing(folders: list[Path]) -> dict[str, tuple[int, int]]:
-    """Every file under ``folders``, with its size and modification time (ns)."""
-    found = {}
-    for folder in folders:
-        if folder.is_dir():
-            for path in folder.rglob("*"):
-                if path.is_file():
-                    stat = path.stat()
-                    found[str(path)] = (stat.st_size, stat.st_mtime_ns)
-    return found
+#: Write-like audit events (``sys.audit``) and the position of the path they write.
+_WRITES = {"os.rename": 1, "os.mkdir": 0, "os.remove": 0, "os.rmdir": 0, "tempfile.mkstemp": 0,
+           "tempfile.mkdtemp": 0, "shutil.copyfile": 1, "shutil.rmtree": 0}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _watch_writes(folders: list[Path]) -> list[str]:
+    """Record every path under ``folders`` that this process opens for writing, creates,
+    renames onto or removes (an audit hook, so other processes on the machine do not count;
+    subprocesses that tests start inherit the temporary HYCA_CACHE below)."""
+    roots = tuple(os.path.join(os.path.abspath(f), "") for f in folders)
+    seen: list[str] = []
+
+    def hook(event: str, args: tuple) -> None:
+        try:
+            if event == "open":
+                path, mode, flags = args
+                writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & _WRITE_FLAGS)
+            elif event in _WRITES:
+                path, writing = args[_WRITES[event]], True
+            else:
+                return
+            if writing and isinstance(path, (str, os.PathLike)):
+                if os.path.join(os.path.abspath(path), "").startswith(roots):
+                    seen.append(f"{event} {os.fspath(path)}")
+        except Exception:  # an audit hook must never break the code it watches
+            pass
+
+    sys.addaudithook(hook)
+    return seen
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _the_users_profile_cache_is_left_alone():
-    """Fails the session (an error at its last teardown) if any test wrote into the user's
-    real profile cache."""
-    folders = _real_profile_folders()
-    before = _listing(folders)
+    """Fails the session (an error at its last teardown) if a test in this process wrote
+    into the user's real profile cache."""
+    written = _watch_writes(_real_profile_folders())
     yield
-    after = _listing(folders)
-    changed = sorted(set(after) - set(before) | {p for p in before if after.get(p) != before[p]})
-    if changed:
-        pytest.fail(f"tests wrote into the user's profile cache: {changed}", pytrace=False)
+    if written:
+        pytest.fail(f"tests wrote into the user's profile cache: {sorted(set(written))}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

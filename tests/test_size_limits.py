@@ -43,6 +43,7 @@ def test_the_limit_is_configurable(monkeypatch):
     monkeypatch.setenv("HYCA_MAX_PIXELS", "lots")
     with pytest.raises(ValueError, match="HYCA_MAX_PIXELS must be a positive whole number"):
         max_pixels()
+    assert size_problem(64, 64, 16, "cpu") == "HYCA_MAX_PIXELS must be a positive whole number of pixels, got 'lots'"
 
 
 def test_sizes_off_the_models_grid_are_refused_with_a_fitting_size(no_limit_set):

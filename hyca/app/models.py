@@ -280,7 +280,10 @@ def size_problem(height: int, width: int, multiple: int = 1, device: str | None 
     if height % multiple or width % multiple:
         fit = f"{max(multiple, height // multiple * multiple)}x{max(multiple, width // multiple * multiple)}"
         return f"{height}x{width}: this model needs height and width in multiples of {multiple} pixels (e.g. {fit})"
-    limit = max_pixels(device)
+    try:
+        limit = max_pixels(device)
+    except ValueError as err:  # a malformed HYCA_MAX_PIXELS is the problem to report
+        return str(err)
     if height * width > limit:
         return (f"{height}x{width} is {height * width:,} pixels, more than this machine serves ({limit:,}); "
                 f"choose a smaller size, or raise the limit with HYCA_MAX_PIXELS={height * width} "
