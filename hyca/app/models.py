@@ -229,7 +229,7 @@ def check(c: ModelChoice) -> Verdict:
 
 #: Default largest image, in pixels, when ``$HYCA_MAX_PIXELS`` is not set. On a CPU: 256 x 256,
 #: 64 times the area the reference model is trained at (32 x 32); attention cost grows with
-#: the square of the token count (the time it takes: docs/app.md). On a GPU: 2048 x 2048, four times the area
+#: the square of the token count. On a GPU: 2048 x 2048, four times the area
 #: of the menu's 1024 x 1024 models; 4096 x 4096 is 65,536 tokens of 16 x 16 pixels, four
 #: times as many, so sixteen times the attention of 2048 x 2048.
 CPU_MAX_PIXELS = 256 * 256
