@@ -109,7 +109,11 @@ FLUX2 = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, at
              num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4))
 
 
-def _flux2_call(pipe, steps, cfg=False, **extra):
+def _flux2_call(pipe, steps, **extra):
+    """Flux2Pipeline has no classifier-free guidance (its guidance_scale is a model input),
+    so this call takes no ``cfg``; the tests that pass ``cfg=False`` to every case may."""
+    if extra.pop("cfg", False):
+        raise ValueError("Flux2Pipeline has no classifier-free guidance")
     return pipe(prompt_embeds=_embeds(32, 3), height=64, width=64, num_inference_steps=steps, guidance_scale=4.0,
                 output_type="latent", generator=_generator(), **extra).images
 
@@ -510,10 +514,12 @@ def _flux_kontext_pipeline(transformer):
 
 
 def _flux_kontext_call(pipe, steps, cfg=False, **extra):
+    negative = dict(negative_prompt_embeds=_embeds(32, 7), negative_pooled_prompt_embeds=torch.ones(1, 24),
+                    true_cfg_scale=3.0) if cfg else {}
     # max_area: the pipeline otherwise rescales every request to about 1024 x 1024 pixels
     return pipe(image=_init_image(), prompt_embeds=_embeds(32, 3), pooled_prompt_embeds=torch.zeros(1, 24),
                 height=64, width=64, max_area=64 * 64, _auto_resize=False, num_inference_steps=steps,
-                output_type="latent", generator=_generator(), **extra).images
+                output_type="latent", generator=_generator(), **negative, **extra).images
 
 
 def _maker(cls, config, gain):
