@@ -96,6 +96,24 @@ def _check_probe_args(args: argparse.Namespace) -> None:
             raise CLIError(f"-o {args.output}: the folder {folder} is not writable")
     if args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
         raise CLIError(f"--model {args.model}: no such folder")
+    if args.height is not None and args.width is not None:  # before loading: a size no model here can serve
+        _check_size(args.height, args.width, 1, args.device)
+
+
+def _check_size(height: int, width: int, multiple: int, device: str | None) -> None:
+    """The app's limits (``hyca.app.models.size_problem``: ``$HYCA_MAX_PIXELS``, the model's
+    multiple) as a one-line :class:`CLIError`."""
+    from .app.models import size_problem
+
+    why = size_problem(height, width, multiple, device)
+    if why is not None:
+        raise CLIError(f"--height/--width {why}")
+
+
+def _probe_size(pipe: Any, args: argparse.Namespace) -> tuple[int, int]:
+    """The size the probe will run at: the arguments, else the pipeline's own defaults, else 256."""
+    own = dict(getattr(pipe, "hyca_probe_defaults", None) or {})
+    return tuple(getattr(args, k) if getattr(args, k) is not None else own.get(k, 256) for k in ("height", "width"))
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
@@ -113,6 +131,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         fp = diffusers_fingerprint(transformer)
     except TypeError as err:
         raise CLIError(str(err)) from None
+    from .app.models import size_multiple
+
+    _check_size(*_probe_size(pipe, args), size_multiple(pipe), str(pipe.device))
     extra: dict[str, Any] = {}  # the reference pipeline names its own probe defaults (hyca_probe_defaults)
     if args.guidance_scale is not None:
         from .adapters.diffusers.settings import guidance_argument

@@ -56,14 +56,17 @@ def test_the_families_with_a_context_parallel_plan():
     from hyca.adapters.diffusers.families import FAMILIES
 
     with_plan = {name for name in FAMILIES if getattr(getattr(diffusers, name), "_cp_plan", None) is not None}
-    assert with_plan == {"FluxTransformer2DModel", "QwenImageTransformer2DModel", "WanTransformer3DModel"}
+    # rows added to the family table with a plan that no scenario runs yet (docs/multi-gpu.md says so)
+    not_run = {"Flux2Transformer2DModel", "ChronoEditTransformer3DModel"}
+    assert with_plan - not_run == {"FluxTransformer2DModel", "QwenImageTransformer2DModel", "WanTransformer3DModel"}
+    assert not_run <= with_plan
     sys.path.insert(0, str(HERE))
     from cp_worker import SCENARIOS as RUN
     from tiny_families import CASES
 
     assert [name for name, *_ in RUN] == SCENARIOS
     classes = {type(CASES[family].transformer(0)).__name__ for _, family, *_ in RUN}
-    assert classes == with_plan
+    assert classes == with_plan - not_run
     assert {kind for _, _, kind, *_ in RUN} == {"ulysses", "ring"}
     assert {order for _, _, _, order, _ in RUN} == {"cp-first", "hyca-first"}
 

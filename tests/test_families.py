@@ -26,7 +26,7 @@ from tiny_families import CASES
 STEPS = 8
 INTERVAL, WARMUP = 3, 2
 # families whose pipelines run cond and uncond as separate calls
-SEPARATE_CFG = {"flux", "qwenimage", "hunyuanvideo", "wan2.1", "wan2.2", "chroma", "lumina2", "cogview4"}
+SEPARATE_CFG = {"flux", "flux-kontext", "qwenimage", "hunyuanvideo", "hunyuanvideo15", "wan2.1", "wan2.2", "wan-vace", "skyreels-v2", "chronoedit", "chroma", "lumina2", "cogview4"}
 
 
 def hybrid_profile(transformer, seed: int = 0) -> Profile:

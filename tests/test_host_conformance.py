@@ -120,6 +120,8 @@ def scenario(name: str, kind: str) -> None:
 @pytest.mark.parametrize("kind", SCENARIOS)
 @pytest.mark.parametrize("name", FAMILY_CASES)
 def test_host_conformance(name, kind):
+    if kind == "aborted" and name == "hunyuanvideo15":
+        pytest.skip("HunyuanVideo15Pipeline has no callback_on_step_end to cancel from")
     scenario(name, kind)
 
 

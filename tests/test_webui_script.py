@@ -311,7 +311,9 @@ def test_a_solver_name_is_that_solver(webui, name, same_as):
     assert torch.equal(outputs[0], outputs[1])
 
 
-def test_an_unknown_profile_name_runs_automatic_and_says_so(webui, capsys):
+def test_an_unknown_profile_name_runs_automatic_and_says_so(webui, capsys, monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HYCA_CACHE", str(cache))  # automatic probes, and saves what it learned here
     script, _ = build_ui(webui)
     model = model_kinds()["forge_flux"].factory()
     with torch.no_grad():
@@ -319,3 +321,5 @@ def test_an_unknown_profile_name_runs_automatic_and_says_so(webui, capsys):
                  [True, 3, 2, True, True, "nonexistent.safetensors", "", True, "model", False])
     out = capsys.readouterr().out
     assert "profile 'nonexistent.safetensors' is neither a choice of the menu" in out and "using automatic" in out
+    saved = list(cache.glob("*.safetensors"))
+    assert len(saved) == 1 and f"saved to {saved[0]}" in out  # in the temporary cache, nowhere else

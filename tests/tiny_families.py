@@ -15,7 +15,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
+from diffusers import (Flux2Pipeline, Flux2Transformer2DModel, ChronoEditPipeline, ChronoEditTransformer3DModel, AutoencoderKLHunyuanVideo15, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel,
+                       FluxKontextPipeline, SanaVideoPipeline, SanaVideoTransformer3DModel, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, CogView4Pipeline,
                        CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, HiDreamImagePipeline,
                        HiDreamImageTransformer2DModel, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel,
@@ -23,7 +24,10 @@ from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, FluxImg2ImgPipelin
                        QwenImageTransformer2DModel, SanaPipeline, SanaTransformer2DModel, SD3Transformer2DModel,
                        StableDiffusion3Pipeline, WanPipeline, WanTransformer3DModel, ZImagePipeline,
                        ZImageTransformer2DModel)
+from diffusers.guiders import ClassifierFreeGuidance
 from PIL import Image
+from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 TEXT_TOKENS = 5
 
@@ -97,6 +101,25 @@ def _flux_call(pipe, steps, cfg=False, **extra):
 def _flux_pipeline(transformer):
     return FluxPipeline(scheduler=_scheduler(), vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=transformer)
+
+
+# --- FLUX.2 -----------------------------------------------------------------------------
+
+FLUX2 = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4))
+
+
+def _flux2_call(pipe, steps, **extra):
+    """Flux2Pipeline has no classifier-free guidance (its guidance_scale is a model input),
+    so this call takes no ``cfg``; the tests that pass ``cfg=False`` to every case may."""
+    if extra.pop("cfg", False):
+        raise ValueError("Flux2Pipeline has no classifier-free guidance")
+    return pipe(prompt_embeds=_embeds(32, 3), height=64, width=64, num_inference_steps=steps, guidance_scale=4.0,
+                output_type="latent", generator=_generator(), **extra).images
+
+
+def _flux2_pipeline(transformer):
+    return Flux2Pipeline(scheduler=_scheduler(), vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
 
 
 # --- Qwen-Image (and Edit) ------------------------------------------------------------
@@ -189,6 +212,40 @@ def _hunyuan_pipeline(transformer):
                                 scheduler=_scheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None)
 
 
+# --- HunyuanVideo 1.5 ----------------------------------------------------------------------
+
+# in_channels: the pipeline feeds latents, zero condition latents and a mask (4 + 4 + 1)
+HUNYUAN15 = dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                 num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8,
+                 rope_axes_dim=(4, 6, 6), target_size=64, task_type="t2v")
+
+
+def _tiny_hunyuan15_vae() -> AutoencoderKLHunyuanVideo15:
+    torch.manual_seed(8)  # the pipeline reads its compression ratios and latent channels; it decodes nothing here
+    return AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1).eval()
+
+
+TINY_HUNYUAN15_VAE = _tiny_hunyuan15_vae()
+
+
+def _hunyuan15_pipeline(transformer):
+    pipe = HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=TINY_HUNYUAN15_VAE,
+                                  scheduler=_scheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None,
+                                  guider=ClassifierFreeGuidance(guidance_scale=1.0))
+    pipe.vision_num_semantic_tokens = 16  # zero image tokens for text-to-video: 729 in the release, fewer here
+    return pipe
+
+
+def _hunyuan15_call(pipe, steps, cfg=False, **extra):
+    pipe.guider = ClassifierFreeGuidance(guidance_scale=3.0 if cfg else 1.0)
+    second = dict(prompt_embeds_2=_embeds(8, 4, tokens=3), prompt_embeds_mask_2=torch.ones(1, 3),
+                  negative_prompt_embeds_2=_embeds(8, 8, tokens=3), negative_prompt_embeds_mask_2=torch.ones(1, 3))
+    return pipe(prompt_embeds=_embeds(16, 3), prompt_embeds_mask=torch.ones(1, TEXT_TOKENS),
+                negative_prompt_embeds=_embeds(16, 7), negative_prompt_embeds_mask=torch.ones(1, TEXT_TOKENS),
+                height=64, width=64, num_frames=5, num_inference_steps=steps, output_type="latent",
+                generator=_generator(), **second, **extra).frames
+
+
 # --- Wan 2.1 / 2.2 ----------------------------------------------------------------------
 
 WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
@@ -207,6 +264,84 @@ def _wan_pipeline(transformer, transformer_2=None):
     return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=_scheduler(shift=5.0),
                        transformer=transformer, transformer_2=transformer_2,
                        boundary_ratio=0.85 if transformer_2 is not None else None)
+
+
+# --- Wan VACE ----------------------------------------------------------------------------
+
+# vace_in_channels: the pipeline stacks two VAE latents (inactive, reactive: 2 x z_dim) and
+# the mask folded into 8 x 8 = 64 channels (pipeline_wan_vace.py, prepare_masks).
+WAN_VACE = dict(WAN, num_layers=3, vace_layers=[0, 2], vace_in_channels=2 * 4 + 64)
+
+
+def _tiny_wan_vae() -> AutoencoderKLWan:
+    torch.manual_seed(7)
+    return AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                            latents_std=[1.0] * 4).eval()
+
+
+TINY_WAN_VAE = _tiny_wan_vae()
+
+
+def _vace_pipeline(transformer):
+    return WanVACEPipeline(tokenizer=None, text_encoder=None, vae=TINY_WAN_VAE, scheduler=_scheduler(shift=5.0),
+                           transformer=transformer)
+
+
+def _vace_call(pipe, steps, cfg=False, **extra):
+    """A control video whose first two frames are kept (mask 0) and the rest generated."""
+    rng = np.random.default_rng(0)
+    video = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(5)]
+    mask = [Image.fromarray(np.full((32, 32), 0 if i < 2 else 255, dtype=np.uint8)) for i in range(5)]
+    guidance = dict(guidance_scale=3.0, negative_prompt_embeds=_embeds(16, 7)) if cfg else dict(guidance_scale=1.0)
+    return pipe(prompt_embeds=_embeds(16, 3), video=video, mask=mask, height=32, width=32, num_frames=5,
+                num_inference_steps=steps, output_type="latent", generator=_generator(), **guidance,
+                **extra).frames
+
+
+# --- SkyReels-V2 (text-to-video; Wan's design) -----------------------------------------
+
+
+def _skyreels_call(pipe, steps, cfg=False, **extra):
+    guidance = dict(guidance_scale=3.0, negative_prompt_embeds=_embeds(16, 7)) if cfg else dict(guidance_scale=1.0)
+    return pipe(prompt_embeds=_embeds(16, 3), height=32, width=32, num_frames=5, num_inference_steps=steps,
+                output_type="latent", generator=_generator(), **guidance, **extra).frames
+
+
+def _skyreels_pipeline(transformer):
+    return SkyReelsV2Pipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=_scheduler(shift=5.0),
+                              transformer=transformer)
+
+
+# --- ChronoEdit (Wan 2.1 image-to-video's design) ----------------------------------------
+
+# in_channels: latents (4) + the first-frame condition: a mask over 4 temporal sub-frames (4)
+# and its VAE latent (4), as pipeline_chronoedit.py prepare_latents stacks them;
+# added_kv_proj_dim: the image cross-attention's width, the transformer's (2 x 12)
+CHRONOEDIT = dict(WAN, in_channels=12, image_dim=8, added_kv_proj_dim=24)
+
+
+def _tiny_clip_vision() -> CLIPVisionModel:
+    torch.manual_seed(3)
+    return CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=32, patch_size=8,
+                                            projection_dim=8)).eval()
+
+
+TINY_CLIP_VISION = _tiny_clip_vision()
+
+
+def _chronoedit_pipeline(transformer):
+    return ChronoEditPipeline(tokenizer=None, text_encoder=None, image_encoder=TINY_CLIP_VISION,
+                              image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                                    crop_size={"height": 32, "width": 32}),
+                              transformer=transformer, vae=TINY_WAN_VAE, scheduler=_scheduler(shift=5.0))
+
+
+def _chronoedit_call(pipe, steps, cfg=False, **extra):
+    guidance = dict(guidance_scale=3.0, negative_prompt_embeds=_embeds(16, 7)) if cfg else dict(guidance_scale=1.0)
+    return pipe(image=_reference_image(32), prompt_embeds=_embeds(16, 3), height=32, width=32,
+                num_inference_steps=steps, output_type="latent", generator=_generator(), **guidance, **extra).frames
 
 
 # --- SD3 / SD3.5 ------------------------------------------------------------------------
@@ -352,6 +487,41 @@ def _sana_pipeline(transformer):
                         scheduler=_scheduler(shift=3.0))
 
 
+# --- Sana-Video ---------------------------------------------------------------------------
+
+SANA_VIDEO = dict(SANA, patch_size=(1, 2, 2), rope_max_seq_len=32)
+
+
+def _sana_video_call(pipe, steps, cfg=False, **extra):
+    negative = dict(guidance_scale=3.0, negative_prompt_embeds=_embeds(16, 7),
+                    negative_prompt_attention_mask=torch.ones(1, TEXT_TOKENS)) if cfg else dict(guidance_scale=1.0)
+    return pipe(prompt_embeds=_embeds(16, 3), prompt_attention_mask=torch.ones(1, TEXT_TOKENS), height=64,
+                width=64, frames=5, num_inference_steps=steps, output_type="latent", generator=_generator(),
+                use_resolution_binning=False, negative_prompt=None, **negative, **extra).frames
+
+
+def _sana_video_pipeline(transformer):
+    return SanaVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                             scheduler=_scheduler(shift=3.0))
+
+
+# --- FLUX.1 Kontext (the FLUX transformer; the reference image's tokens join the image stream) ---
+
+
+def _flux_kontext_pipeline(transformer):
+    return FluxKontextPipeline(scheduler=_scheduler(), vae=TINY_VAE, text_encoder=None, tokenizer=None,
+                               text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+
+
+def _flux_kontext_call(pipe, steps, cfg=False, **extra):
+    negative = dict(negative_prompt_embeds=_embeds(32, 7), negative_pooled_prompt_embeds=torch.ones(1, 24),
+                    true_cfg_scale=3.0) if cfg else {}
+    # max_area: the pipeline otherwise rescales every request to about 1024 x 1024 pixels
+    return pipe(image=_init_image(), prompt_embeds=_embeds(32, 3), pooled_prompt_embeds=torch.zeros(1, 24),
+                height=64, width=64, max_area=64 * 64, _auto_resize=False, num_inference_steps=steps,
+                output_type="latent", generator=_generator(), **negative, **extra).images
+
+
 def _maker(cls, config, gain):
     return lambda seed: _seeded(cls, seed, gain, **config)
 
@@ -359,16 +529,26 @@ def _maker(cls, config, gain):
 CASES: dict[str, Case] = {
     "flux": Case("flux", _maker(FluxTransformer2DModel, FLUX, 20.0), _flux_pipeline, _flux_call,
                  [("transformer_blocks", 1, False), ("single_transformer_blocks", 1, False)]),
+    "flux2": Case("flux2", _maker(Flux2Transformer2DModel, FLUX2, 20.0), _flux2_pipeline, _flux2_call,
+                  [("transformer_blocks", 1, False), ("single_transformer_blocks", None, True)]),
     "qwenimage": Case("qwenimage", _maker(QwenImageTransformer2DModel, QWEN, 20.0), _qwen_pipeline, _qwen_call,
                       [("transformer_blocks", 1, False)]),
     "qwenimage-edit": Case("qwenimage-edit", _maker(QwenImageTransformer2DModel, QWEN, 20.0), _qwen_edit_pipeline,
                            _qwen_edit_call, [("transformer_blocks", 1, False)]),
     "hunyuanvideo": Case("hunyuanvideo", _maker(HunyuanVideoTransformer3DModel, HUNYUAN, 20.0), _hunyuan_pipeline,
                          _hunyuan_call, [("transformer_blocks", 0, False), ("single_transformer_blocks", 0, False)]),
+    "hunyuanvideo15": Case("hunyuanvideo15", _maker(HunyuanVideo15Transformer3DModel, HUNYUAN15, 20.0),
+                           _hunyuan15_pipeline, _hunyuan15_call, [("transformer_blocks", 0, False)]),
     "wan2.1": Case("wan2.1", _maker(WanTransformer3DModel, WAN, 1.0), _wan_pipeline, _wan_call,
                    [("blocks", None, False)]),
     "wan2.2": Case("wan2.2", _maker(WanTransformer3DModel, WAN, 1.0), _wan_pipeline, _wan_call,
                    [("blocks", None, False)], experts=("transformer", "transformer_2")),
+    "wan-vace": Case("wan-vace", _maker(WanVACETransformer3DModel, WAN_VACE, 1.0), _vace_pipeline, _vace_call,
+                     [("blocks", None, False)]),
+    "skyreels-v2": Case("skyreels-v2", _maker(SkyReelsV2Transformer3DModel, WAN, 1.0), _skyreels_pipeline,
+                        _skyreels_call, [("blocks", None, False)]),
+    "chronoedit": Case("chronoedit", _maker(ChronoEditTransformer3DModel, CHRONOEDIT, 1.0), _chronoedit_pipeline,
+                       _chronoedit_call, [("blocks", None, False)]),
     "sd3": Case("sd3", _maker(SD3Transformer2DModel, SD3, 20.0), _sd3_pipeline, _sd3_call,
                 [("transformer_blocks", 1, False)]),
     # batched CFG plus skip-layer guidance: a second call per step with skip_layers set
@@ -389,6 +569,10 @@ CASES: dict[str, Case] = {
                      _cogview4_call, [("transformer_blocks", 0, False)]),
     "sana": Case("sana", _maker(SanaTransformer2DModel, SANA, 1.0), _sana_pipeline, _sana_call,
                  [("transformer_blocks", None, False)]),
+    "flux-kontext": Case("flux-kontext", _maker(FluxTransformer2DModel, FLUX, 20.0), _flux_kontext_pipeline,
+                         _flux_kontext_call, [("transformer_blocks", 1, False), ("single_transformer_blocks", 1, False)]),
+    "sana-video": Case("sana-video", _maker(SanaVideoTransformer3DModel, SANA_VIDEO, 1.0), _sana_video_pipeline,
+                       _sana_video_call, [("transformer_blocks", None, False)]),
 }
 
 

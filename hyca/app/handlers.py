@@ -29,7 +29,8 @@ from ..profiles.settings import RunSettings
 from ..profiles.sources import resolve_profile
 from . import compare, profile_view
 from .metrics import describe_psnr
-from .models import REFERENCE, STORE, LoadedModel, ModelChoice, ModelError, check, choice, custom_choice
+from .models import (REFERENCE, STORE, LoadedModel, ModelChoice, ModelError, check, choice, custom_choice, size_multiple,
+                     size_problem)
 
 Progress = Callable[[float, str], None]
 
@@ -259,6 +260,9 @@ def _settings(model: LoadedModel, prompt: str, seed: Any, steps: Any, method: st
         raise AppError("enter a prompt")
     steps, interval, warmup = _whole("steps", steps), _whole("N", interval), _whole("warm-up", warmup)
     height, width = model.size
+    why = size_problem(height, width, size_multiple(model.pipe))
+    if why is not None:
+        raise AppError(why)
     return compare.Settings(prompt=prompt.strip(), seed=_seed(seed), steps=steps, height=height,
                             width=width, guidance=model.choice.guidance, method=method, interval=interval,
                             warmup=warmup, lora=lora or "none")

@@ -225,6 +225,73 @@ def check(c: ModelChoice) -> Verdict:
     return decide(c, gather_facts(c))
 
 
+# --- image sizes it can serve ------------------------------------------------------------------
+
+#: Default largest image, in pixels, when ``$HYCA_MAX_PIXELS`` is not set. On a CPU: 256 x 256,
+#: 64 times the area the reference model is trained at (32 x 32); attention cost grows with
+#: the square of the token count. On a GPU: 2048 x 2048, four times the area
+#: of the menu's 1024 x 1024 models; 4096 x 4096 is 65,536 tokens of 16 x 16 pixels, four
+#: times as many, so sixteen times the attention of 2048 x 2048.
+CPU_MAX_PIXELS = 256 * 256
+GPU_MAX_PIXELS = 2048 * 2048
+
+
+def max_pixels(device: str | None = None) -> int:
+    """The largest ``height * width`` the app and the CLI run: ``$HYCA_MAX_PIXELS`` (a whole
+    number of pixels, e.g. ``1048576`` for 1024 x 1024), else :data:`GPU_MAX_PIXELS` on a
+    CUDA device and :data:`CPU_MAX_PIXELS` elsewhere (``device`` None: CUDA if available).
+
+    Raises:
+        ValueError: ``$HYCA_MAX_PIXELS`` is not a positive whole number.
+    """
+    value = os.environ.get("HYCA_MAX_PIXELS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"HYCA_MAX_PIXELS must be a positive whole number of pixels, got {value!r}")
+        return int(value)
+    on_gpu = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    return GPU_MAX_PIXELS if on_gpu else CPU_MAX_PIXELS
+
+
+def size_multiple(pipe: Any) -> int:
+    """Pixels per side of one transformer token, which height and width must be multiples of:
+    the reference model's patch (it works in pixel space), else the VAE's down-sampling
+    (``vae_scale_factor``) times the patch the latents are cut into: 2 x 2 for pipelines that
+    pack latents themselves (FLUX, Chroma, Qwen-Image: ``_pack_latents``), the transformer's
+    ``patch_size`` otherwise (SD3, Sana, Lumina2, ...)."""
+    transformer = getattr(pipe, "transformer", None)
+    if "Reference" in type(pipe).__name__:
+        from ..reference.model import patch_of
+
+        return int(patch_of(transformer))
+    vae = getattr(pipe, "vae_scale_factor", None)
+    vae = vae if isinstance(vae, int) and vae > 0 else 8
+    if hasattr(pipe, "_pack_latents"):
+        return vae * 2
+    patch = getattr(getattr(transformer, "config", None), "patch_size", None) or 1
+    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
+    return vae * int(patch)
+
+
+def size_problem(height: int, width: int, multiple: int = 1, device: str | None = None) -> str | None:
+    """None if a ``height`` x ``width`` image (pixels) can be served here, else one line that
+    says which limit it breaks and what to do."""
+    if height < 1 or width < 1:
+        return f"{height}x{width}: height and width must be positive numbers of pixels"
+    if height % multiple or width % multiple:
+        fit = f"{max(multiple, height // multiple * multiple)}x{max(multiple, width // multiple * multiple)}"
+        return f"{height}x{width}: this model needs height and width in multiples of {multiple} pixels (e.g. {fit})"
+    try:
+        limit = max_pixels(device)
+    except ValueError as err:  # a malformed HYCA_MAX_PIXELS is the problem to report
+        return str(err)
+    if height * width > limit:
+        return (f"{height}x{width} is {height * width:,} pixels, more than this machine serves ({limit:,}); "
+                f"choose a smaller size, or raise the limit with HYCA_MAX_PIXELS={height * width} "
+                f"if the memory is there")
+    return None
+
+
 # --- loading and sharing -----------------------------------------------------------------------
 
 @dataclass

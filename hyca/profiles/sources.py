@@ -22,11 +22,15 @@ differs (``differences``). With ``probe_if_mismatched`` a probe for the run's se
 replaces a profile made for others.
 
 A file that is missing is skipped silently; one that is invalid, for another model, or
-unreachable is a warning and the next source.
+unreachable is a warning and the next source. Every ``*.safetensors`` file in a search
+folder is checked, not only the one that would be chosen: a corrupt, foreign, pickled or
+newer-format file is warned about (``logging`` and ``UserWarning``) once per process, and
+again only after it changed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -40,6 +44,8 @@ from .io import (ProfileError, model_fingerprint, model_prefix, profile_filename
                  save_profile, settings_header)
 from .profile import Profile
 from .settings import RunSettings, differences, mismatch_cost
+
+logger = logging.getLogger("hyca")
 
 #: ``hub_repo`` default: ask ``$HYCA_HUB_REPO`` / the built-in repo. Pass None to skip the Hub.
 DEFAULT = "default"
@@ -120,11 +126,62 @@ def _try_file(path: Path, fp: Mapping[str, Any], interval: int | None, log: _Log
     try:
         profile, notes = read_profile(path, fp, interval=interval)
     except ProfileError as err:
-        log(f"skipping {source} profile: {err}")
+        _tell_bad(path, f"skipping {source} profile: {err}", log)
         return None
     for note in notes:
         log(note)
     return ResolvedProfile(profile, source, path, log.messages)
+
+
+#: Bad files already told about in this process, by (path, size, modification time): a file
+#: is warned about once, and again only after it changed.
+_TOLD: set[tuple[str, int, int]] = set()
+#: Verdicts on search-folder files (None: good), by (path, size, mtime, model checked against).
+_VERDICTS: dict[tuple[str, int, int, str | None], str | None] = {}
+
+
+def _stat_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+def _tell_bad(path: Path, message: str, log: _Log) -> None:
+    """Warn about a bad profile file once per process (log line, UserWarning, ``.warnings``)."""
+    try:
+        key = _stat_key(Path(path))
+    except OSError:
+        key = (str(path), -1, -1)
+    if key in _TOLD:
+        return
+    _TOLD.add(key)
+    logger.warning("HyCa: %s", message)
+    log(message)
+
+
+def _bad_files(folder: Path, source: str, fp: Mapping[str, Any], log: _Log) -> set[Path]:
+    """The ``*.safetensors`` files in a search folder that cannot serve as a profile, each
+    warned about once: unreadable for any model (corrupt, truncated, a pickle, a newer
+    format, not a HyCa profile), or, named for this model, made for another one."""
+    bad: set[Path] = set()
+    if not folder.is_dir():
+        return bad
+    prefix = model_prefix(fp)
+    for path in sorted(folder.glob("*.safetensors")):
+        ours = path.name.startswith(prefix)
+        try:
+            key = (*_stat_key(path), fp.get("config_sha256") if ours else None)
+        except OSError:
+            continue
+        if key not in _VERDICTS:
+            try:
+                read_profile(path, fp if ours else None)
+                _VERDICTS[key] = None
+            except ProfileError as err:
+                _VERDICTS[key] = str(err)
+        if _VERDICTS[key] is not None:
+            bad.add(path)
+            _tell_bad(path, f"skipping {source} profile: {_VERDICTS[key]}", log)
+    return bad
 
 
 #: Hub failures that concern one file name only (not the repo or the connection as a
@@ -190,7 +247,8 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
     ranked = []
     for order, (source, folder) in enumerate(_folders(cache)):
         looked.append(str(folder / names[0]))
-        for rank, file in enumerate(_model_files(folder, fp, names)):
+        bad = _bad_files(folder, source, fp, log)
+        for rank, file in enumerate(f for f in _model_files(folder, fp, names) if f not in bad):
             settings = _settings_of(file)
             cost = mismatch_cost(settings, run) if settings is not None else float("inf")
             ranked.append((cost, order, rank, source, file))

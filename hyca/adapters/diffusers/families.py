@@ -82,6 +82,20 @@ FAMILIES: dict[str, Family] = {
             "reaches norm_out/proj_out, so a skip step forecasts the image stream alone"
         ),
     ),
+    "Flux2Transformer2DModel": Family(
+        name="FLUX.2",
+        block_lists=(
+            BlockList("transformer_blocks", TEXT_IMAGE),
+            BlockList("single_transformer_blocks", IMAGE, stream_tokens="tail"),
+        ),
+        notes=(
+            "double blocks return (text, image); the forward concatenates [text, image] for the "
+            "single blocks, which return that one tensor; the image tokens at its tail (with "
+            "reference-image tokens, when the pipeline appends them) reach the output. The Klein "
+            "KV pipeline's first call carries the reference tokens and later calls read them from "
+            "a key/value cache: the stream shrinks after step 0, so HyCa starts over there (untested)"
+        ),
+    ),
     "QwenImageTransformer2DModel": Family(
         name="Qwen-Image",
         block_lists=(BlockList("transformer_blocks", TEXT_IMAGE),),
@@ -103,6 +117,16 @@ FAMILIES: dict[str, Family] = {
             "the image stream's tokens cover every latent frame"
         ),
     ),
+    "HunyuanVideo15Transformer3DModel": Family(
+        name="HunyuanVideo 1.5",
+        block_lists=(BlockList("transformer_blocks", IMAGE_TEXT),),
+        notes=(
+            "one list of dual-stream blocks called positionally, returning (video, text); the "
+            "text side (both text encoders' tokens and the image embedding's, joined before the "
+            "blocks) never reaches norm_out/proj_out. The pipeline's guider names its passes "
+            "pred_cond / pred_uncond with cache_context"
+        ),
+    ),
     "WanTransformer3DModel": Family(
         name="Wan",
         block_lists=(BlockList("blocks", IMAGE),),
@@ -110,6 +134,38 @@ FAMILIES: dict[str, Family] = {
             "cross-attention blocks called positionally, returning the video stream alone; "
             "Wan 2.2 A14B pipelines hold two of these (transformer, transformer_2), each with "
             "its own engine, profile and step count"
+        ),
+    ),
+    "WanVACETransformer3DModel": Family(
+        name="Wan VACE",
+        block_lists=(BlockList("blocks", IMAGE),),
+        notes=(
+            "Wan's blocks plus vace_blocks, which run first, every step, on the embedded latent "
+            "and the control video; after main block i in vace_layers the forward adds hint i "
+            "to the stream, outside the block. The hints are not part of any block's residual: "
+            "a skip step adds the forecast of the blocks' residuals at the first block and the "
+            "forward still adds this step's exact hints, so nothing is counted twice or forecast "
+            "that is computed anyway (the VACE blocks are never skipped)"
+        ),
+    ),
+    "SkyReelsV2Transformer3DModel": Family(
+        name="SkyReels-V2",
+        block_lists=(BlockList("blocks", IMAGE),),
+        notes=(
+            "Wan's design (its blocks take a causal attention mask as a fifth input and return "
+            "the video stream alone). The diffusion-forcing pipelines feed a timestep per latent "
+            "frame; HyCa positions a call by the largest (the noisiest frame)"
+        ),
+    ),
+    "ChronoEditTransformer3DModel": Family(
+        name="ChronoEdit",
+        block_lists=(BlockList("blocks", IMAGE),),
+        notes=(
+            "Wan 2.1 image-to-video's design (blocks return the video stream alone; the CLIP "
+            "image tokens join the text side). The pipeline runs cond and uncond without a "
+            "cache_context. With temporal reasoning it keeps only the first and last frame "
+            "part-way through: the input shape changes, so HyCa starts a new generation there "
+            "(warm-up computes again); that mode is not tested"
         ),
     ),
     "SD3Transformer2DModel": Family(
@@ -188,14 +244,62 @@ FAMILIES: dict[str, Family] = {
         batched_guidance="uncond-first",
         notes="linear-attention blocks with cross-attention, returning the image stream alone",
     ),
+    "SanaVideoTransformer3DModel": Family(
+        name="Sana-Video",
+        block_lists=(BlockList("transformer_blocks", IMAGE),),
+        batched_guidance="uncond-first",
+        notes=(
+            "Sana's linear-attention blocks over video tokens, returning the video stream alone. "
+            "ControlNet samples, when given, are added after blocks outside them, like Wan VACE's "
+            "hints: exact every step and in no cached residual"
+        ),
+    ),
+}
+
+
+#: Transformer classes diffusers 0.42 ships for the families above that HyCa refuses, with
+#: the reason (read from each class's ``forward`` in diffusers 0.42.1). ``hyca.enable`` quotes
+#: it; docs/families.md lists the same.
+REFUSED: dict[str, str] = {
+    "Flux3Transformer2DModel": (
+        "FLUX.3 runs text, image and image-condition tokens through separate per-mode block "
+        "lists before joint single blocks; which residual reaches the output is not mapped"),
+    "QwenImage21Transformer2DModel": (
+        "Qwen-Image 2.1 runs one joint sequence through its blocks and its pipeline keeps a "
+        "prefix key/value cache per block ('extract' / 'cached' passes); a passed-through block "
+        "would leave its part of the cache unfilled, and which tokens reach the output is not mapped"),
+    "HunyuanVideoFramepackTransformer3DModel": (
+        "FramePack prepends clean and 2x/4x-compressed history latents to the image stream, a "
+        "different number per video section, and only the stream's tail reaches the output; its "
+        "pipeline (SigLIP image encoder, one denoising loop per section) has no tiny test"),
+    "WanAnimateTransformer3DModel": (
+        "Wan-Animate adds a face adapter's output after every few blocks, computed from the "
+        "stream between blocks; a skip step does not compute that stream, so the adapter would "
+        "read a wrong input"),
+    "WanAnimate2Transformer3DModel": (
+        "Wan-Animate 2's blocks fill a per-block key/value cache in a reference pass that the "
+        "generation pass reads; a passed-through block would leave its cache unfilled"),
+    "SanaWMTransformer3DModel": (
+        "Sana-WM, a world model with its own block design and frame-chunked rollout; not mapped"),
+    "SanaWMLTX2RefinerTransformer3DModel": (
+        "Sana-WM's refiner (LTX-2 blocks with a key/value cache carried across chunks); not mapped"),
+    "LuminaNextDiT2DModel": "Lumina-Next, the generation before Lumina2, has other blocks; not mapped",
+    "CogView3PlusTransformer2DModel": "CogView3-Plus, the generation before CogView4, has other blocks; not mapped",
 }
 
 
 def family_of(transformer: torch.nn.Module) -> Family:
+    """The table entry for ``transformer``'s class.
+
+    Raises:
+        TypeError: the class is refused (the message gives :data:`REFUSED`'s reason) or
+            unknown; either way the message lists the supported classes.
+    """
     name = type(transformer).__name__
     if name not in FAMILIES:
         supported = ", ".join(sorted(FAMILIES))
-        raise TypeError(f"HyCa does not support {name} yet; supported transformers: {supported}")
+        why = f" ({REFUSED[name]})" if name in REFUSED else ""
+        raise TypeError(f"HyCa does not support {name} yet{why}; supported transformers: {supported}")
     return FAMILIES[name]
 
 

@@ -1,0 +1,97 @@
+"""Bad profile files in any search folder ($HYCA_PROFILES, the shipped folder, the cache,
+and the WebUI's folders) are warned about once each, even when a good profile elsewhere
+is chosen, as README.md promises ("a bad file is a warning and the next source").
+
+The four kinds of bad file are made here: a truncated file, a pickle, a newer format
+version (forged header), and another model's profile under this model's name.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+
+import pytest
+
+from hyca.profiles.io import FORMAT_VERSION, profile_filename, save_profile
+from hyca.profiles.sources import resolve_profile
+
+from profile_helpers import random_profile, read_parts, tiny_fingerprint, write_parts
+from test_sources import dirs  # noqa: F401  (fixture: empty extra, shipped and cache folders, no Hub)
+
+KINDS = ("corrupt", "pickle", "newer", "foreign")
+
+
+@pytest.fixture()
+def fp():
+    return tiny_fingerprint()
+
+
+def make_bad(kind: str, folder, fp, tmp_path):
+    """One bad file of ``kind`` in ``folder``, named for this model (n<k> names, so that a
+    good general profile elsewhere is the better match and would win without looking)."""
+    path = folder / profile_filename(fp, 3 + KINDS.index(kind))
+    if kind == "corrupt":
+        good = save_profile(random_profile(fp), tmp_path / "whole.safetensors")
+        path.write_bytes(good.read_bytes()[:-40])
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps({"labels": [1, 2, 3]}, protocol=4))
+    elif kind == "newer":
+        tensors, header = read_parts(save_profile(random_profile(fp), tmp_path / "plain.safetensors", fp))
+        write_parts(path, tensors, {**header, "format_version": FORMAT_VERSION + 1})
+    else:
+        other = {**fp, "config_sha256": "e" * 64}
+        save_profile(random_profile(other), path, other)
+    return path
+
+
+def hyca_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "hyca" and r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("where", ["extra", "shipped", "cache"])
+def test_each_bad_kind_in_each_folder_is_warned_once(where, dirs, fp, tmp_path, caplog):
+    good = save_profile(random_profile(fp, seed=5), dirs["extra" if where != "extra" else "cache"]
+                        / profile_filename(fp), fp)
+    bad = {kind: make_bad(kind, dirs[where], fp, tmp_path) for kind in KINDS}
+    with caplog.at_level(logging.WARNING, logger="hyca"), pytest.warns(UserWarning):
+        found = resolve_profile(fp)
+    assert found.path == good
+    told = hyca_warnings(caplog)
+    assert len(told) == len(KINDS)
+    expected = {"corrupt": "truncated", "pickle": "pickle", "newer": "newer", "foreign": "differently configured"}
+    for kind, path in bad.items():
+        line = [m for m in told if str(path) in m]
+        assert len(line) == 1 and f"skipping {where} profile" in line[0] and expected[kind] in line[0], (kind, told)
+    assert len(found.warnings) == len(KINDS)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hyca"):
+        again = resolve_profile(fp)
+    assert again.path == good and hyca_warnings(caplog) == [] and again.warnings == []
+
+    bad["pickle"].write_bytes(pickle.dumps("changed", protocol=4))  # a changed file is looked at again
+    with caplog.at_level(logging.WARNING, logger="hyca"), pytest.warns(UserWarning):
+        resolve_profile(fp)
+    assert [m for m in hyca_warnings(caplog) if str(bad["pickle"]) in m] == hyca_warnings(caplog) != []
+
+
+def test_an_unreadable_file_of_no_known_model_is_warned_too(dirs, fp, caplog):
+    (dirs["extra"] / "my-favourite.safetensors").write_bytes(b"\x00" * 3)
+    save_profile(random_profile(fp), dirs["cache"] / profile_filename(fp), fp)
+    with caplog.at_level(logging.WARNING, logger="hyca"), pytest.warns(UserWarning):
+        resolve_profile(fp)
+    assert len(hyca_warnings(caplog)) == 1 and "my-favourite.safetensors" in hyca_warnings(caplog)[0]
+
+
+def test_the_webui_folders_are_the_searched_ones_and_automatic_warns(dirs, fp, tmp_path, caplog):
+    from hyca.adapters.webui.profiles import AUTOMATIC, ProfileBook, profile_dirs
+
+    assert profile_dirs() == [dirs["extra"], dirs["shipped"], dirs["cache"]]
+    good = save_profile(random_profile(fp, seed=2), dirs["cache"] / profile_filename(fp), fp)
+    bad = make_bad("foreign", dirs["shipped"], fp, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hyca"), pytest.warns(UserWarning):
+        chosen = ProfileBook()._resolve(fp, AUTOMATIC, "", None, ("key",))
+    assert str(good) in chosen.source
+    assert any(str(bad) in note for note in chosen.notes)  # what the WebUI prints to its console
+    assert len(hyca_warnings(caplog)) == 1 and str(bad) in hyca_warnings(caplog)[0]
