@@ -19,6 +19,7 @@ from diffusers import FluxImg2ImgPipeline, FluxPipeline
 import hyca
 from hyca.adapters.diffusers import hooks
 from hyca.adapters.diffusers.fingerprint import fingerprint
+from hyca.adapters.diffusers.settings import guidance_of
 from hyca.profiles.settings import RunSettings
 
 from profile_helpers import random_profile
@@ -43,6 +44,8 @@ def asked(tmp_path, monkeypatch):
         if "true_cfg_scale" in options and options.get("negative_prompt") is None \
                 and options.get("negative_prompt_embeds") is None:
             scale = 1.0
+        if getattr(pipe, "guider", None) is not None:  # as the real probe reads it: the guider's scale
+            scale = guidance_of(pipe, options)
         chosen = RunSettings(steps=options.get("steps", 28), guidance_scale=max(float(scale), 1.0),
                              sigmas=options.get("sigmas"), interval=options["interval"], warmup=options["warmup"])
         seed = int(chosen.steps * 10 + chosen.guidance_scale)

@@ -238,3 +238,20 @@ def test_enable_with_run_settings_probes_for_them(tmp_path, monkeypatch):
     hyca.enable(pipe, interval=3, warmup=2, num_inference_steps=12, guidance_scale=3.0)
     assert calls["steps"] == 12 and calls["true_cfg_scale"] == 3.0 and calls["negative_prompt"] == ""
     assert (calls["interval"], calls["warmup"]) == (3, 2)
+
+
+def test_distilled_guidance_is_not_classifier_free_guidance():
+    """diffusers 0.42: Flux2Pipeline's guidance_scale is a model input (no
+    do_classifier_free_guidance property, one transformer call per step); Flux2KleinPipeline's
+    and SD3's are CFG; FLUX.1's CFG is true_cfg_scale."""
+    import diffusers
+    from hyca.adapters.diffusers.settings import guidance_name, guidance_of
+
+    def bare(cls):
+        return cls.__new__(cls)
+
+    assert guidance_name(bare(diffusers.Flux2Pipeline)) is None
+    assert guidance_of(bare(diffusers.Flux2Pipeline), {"guidance_scale": 4.0}) == 1.0  # no CFG at all
+    assert guidance_name(bare(diffusers.Flux2KleinPipeline)) == "guidance_scale"
+    assert guidance_name(bare(diffusers.StableDiffusion3Pipeline)) == "guidance_scale"
+    assert guidance_name(bare(diffusers.FluxPipeline)) == "true_cfg_scale"

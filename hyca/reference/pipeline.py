@@ -51,6 +51,11 @@ class ReferencePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         with self.transformer.cache_context(branch):
             return velocity(self.transformer, x, sigma.expand(x.shape[0]).to(x.dtype), hidden, pooled, *size)
 
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """As diffusers pipelines whose ``guidance_scale`` is classifier-free guidance say it."""
+        return getattr(self, "_guidance_scale", 1.0) > 1.0
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_inference_steps: int = 50, guidance_scale: float = 1.0,
                  generator: torch.Generator | None = None, seed: int | None = None,
