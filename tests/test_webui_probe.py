@@ -153,3 +153,18 @@ def test_split_cond_and_uncond_calls_probe_at_the_second_step(isolated, probes, 
     # step 1's two calls ran uncached while the probe gathered both branches; the 9 steps after it are cached
     plan = expected_plan(9, 3, 2)
     assert p.extra_generation_params["HyCa steps"] == f"{sum(plan)} computed, {len(plan) - sum(plan)} forecast"
+
+
+def test_guided_calls_that_never_tell_uncond_apart_are_said_and_run_uncached(isolated, probes, capsys, monkeypatch):
+    """A1111 with cond and uncond in separate calls of one image each (its batch_cond_uncond
+    off): nothing tells the branches apart, so no guided probe; said once, the pass uncached."""
+    from hyca.adapters.webui import probe
+
+    monkeypatch.setattr(probe, "branches_in_call", lambda x, hint, conditioning, guided: {"cond": conditioning})
+    _, seen = probes
+    with Frontend("a1111_sd3") as f:
+        plain, _ = f.run(args(False), steps=8)
+        out_img, p = f.run(args(True, 3, 2, profile="automatic"), steps=8)
+    assert seen == [] and "HyCa steps" not in p.extra_generation_params
+    assert capsys.readouterr().out.count("cannot probe with guidance") == 1
+    torch.testing.assert_close(out_img.images[0], plain.images[0], rtol=0, atol=0)

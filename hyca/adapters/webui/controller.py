@@ -221,14 +221,20 @@ class Controller:
         here = probe.branches_in_call(x, hint, conditioning, guided)
         needed = {"cond", "uncond"} if guided else {"cond"}
         sigma_now = float(torch.as_tensor(sigma).flatten()[0])
-        if not needed <= set(pending.conditioning) and not needed <= set(here):
+        if pending.gathered_at is None and not needed <= set(pending.conditioning) and not needed <= set(here):
             # split calls: the branches are gathered over this step's calls, which run uncached; the
             # session opens at the next step
             pending.gathered_at = sigma_now
         for branch, found in here.items():
             pending.conditioning.setdefault(branch, found)
-        if not needed <= set(pending.conditioning) or pending.gathered_at is not None and \
-                abs(sigma_now - pending.gathered_at) <= 1e-5 * max(1.0, abs(sigma_now)):
+        same_step = pending.gathered_at is not None and \
+            abs(sigma_now - pending.gathered_at) <= 1e-5 * max(1.0, abs(sigma_now))
+        if not needed <= set(pending.conditioning) and pending.gathered_at is not None and not same_step:
+            self.session = None  # a whole step went by without a call telling the uncond branch apart
+            console(f"cannot probe with guidance: this {pending.label}'s model calls do not tell cond from uncond; "
+                    "it runs uncached (choose a profile file or a solver in the HyCa menu)")
+            return None
+        if not needed <= set(pending.conditioning) or same_step:
             return None
         sigmas = pending.sigmas()
         if not sigmas:
