@@ -414,3 +414,70 @@ def test_a_cleared_or_odd_number_box_is_explained(box, value, message):
         h._settings(model, "a red circle", 0, boxes["steps"], "hyca", boxes["interval"], boxes["warmup"], "none")
     settings = h._settings(model, "a red circle", 0, 28.0, "hyca", 4, 3, "none")
     assert (settings.steps, settings.interval, settings.warmup) == (28, 4, 3)
+
+
+# --- profiles per settings (issue 21, "The app") -----------------------------------------------
+
+@pytest.fixture()
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HYCA_HUB_REPO", "none")
+    monkeypatch.delenv("HYCA_PROFILES", raising=False)
+
+
+def _shown(image: np.ndarray) -> np.ndarray:
+    """The model's own 32x32 pixels back from the enlarged image a handler returns."""
+    factor = image.shape[0] // 32
+    return image[::factor, ::factor]
+
+
+def test_a_changed_n_gets_a_profile_probed_for_it_and_known_settings_are_not_probed_again(
+        served, solo_pipe, own_cache, monkeypatch):
+    from hyca.app import handlers as h
+
+    probes = []
+    real = h.probe_locked
+    monkeypatch.setattr(h, "probe_locked", lambda model, prompt, steps, interval, warmup, *a, **k:
+                        probes.append((steps, interval, warmup)) or real(model, prompt, steps, interval, warmup, *a, **k))
+    state = h.new_state()
+    at_4 = h.generate(state, "reference", "", PROMPT, 5, STEPS, "HyCa", 4, 2, "none", True)
+    at_10 = h.generate(state, "reference", "", PROMPT, 5, STEPS, "HyCa", 10, 2, "none", True)
+    profile_10 = state["profiles"]["reference"]["current"]
+    back_at_4 = h.generate(state, "reference", "", PROMPT, 5, STEPS, "HyCa", 4, 2, "none", True)
+    fresh = h.new_state()  # another session: the profile probed for N=10 comes from the local cache
+    other_session = h.generate(fresh, "reference", "", PROMPT, 5, STEPS, "HyCa", 10, 2, "none", True)
+    assert probes == [(STEPS, 4, 2), (STEPS, 10, 2)]
+    assert "probed now for these settings" in at_4.numbers["profile"] and "probed now" in at_10.numbers["profile"]
+    assert back_at_4.numbers["profile"] == "session profile" and "from cache" in other_session.numbers["profile"]
+    chosen_for = profile_10.metadata["chosen_for"]
+    assert (chosen_for["interval"], chosen_for["warmup"], chosen_for["steps"]) == (10, 2, STEPS)
+    # the N=10 image is the pipeline's own run with that profile, outside the app
+    assert np.array_equal(_shown(at_10.fast), _as_uint8(_solo(solo_pipe, 5, profile_10, interval=10, warmup=2)))
+    assert np.array_equal(_shown(other_session.fast), _shown(at_10.fast))
+
+
+def test_a_loaded_profile_for_other_settings_says_what_to_do_in_the_app(served, own_cache):
+    from hyca.app import handlers as h
+
+    maker = h.new_state()
+    h.run_probe(maker, "reference", "", PROMPT, STEPS, 4, 2, 3, "none")
+    state = h.new_state()
+    h.use_file(state, "reference", "", maker["profiles"]["reference"]["file"])
+    off = h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 6, 2, "none", True)
+    said = off.numbers["profile"] + " ".join(off.numbers["notes"]) + off.report
+    assert off.numbers["profile"].startswith("the profile you loaded") and "N 4 vs 6" in off.numbers["profile"]
+    assert "Run the probe" in said and "hyca.enable" not in said and "num_inference_steps" not in said
+    # pressing it gives the session a profile for N=6, used from then on instead of the file
+    h.run_probe(state, "reference", "", PROMPT, STEPS, 6, 2, 3, "none")
+    after = h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 6, 2, "none", True)
+    assert after.numbers["profile"] == "session profile"
+    assert state["profiles"]["reference"]["current"].metadata["chosen_for"]["interval"] == 6
+
+
+def test_engine_notes_get_the_apps_remedy():
+    from hyca.app.handlers import IN_APP_REMEDY, in_app_terms
+
+    note = ("the profile was chosen for 28 steps, N=4 and this run differs (N 4 vs 6). For a profile chosen at these "
+            "settings: hyca.enable(pipe, ..., num_inference_steps=..., guidance_scale=...) probes one once")
+    assert in_app_terms(note) == "the profile was chosen for 28 steps, N=4 and this run differs (N 4 vs 6). " + IN_APP_REMEDY
+    assert in_app_terms("a note without a remedy") == "a note without a remedy"

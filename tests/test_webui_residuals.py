@@ -50,11 +50,11 @@ def test_neo_flux_forecast_steps_match_the_reference_and_the_probe_sees_real_res
         reference = f.reference(f.uniform_solvers(), 3, 2, steps=10)[0]
         cached, p = f.run(args(True, 3, 2, guard=guard), steps=10)
         plain, _ = f.run(args(False), steps=10)
-        from hyca.adapters.webui import probe
+        from hyca.probing.recorder import SketchRecorder
 
         seen = []
-        real_record = probe.ProbeEngine.record
-        monkeypatch.setattr(probe.ProbeEngine, "record",
+        real_record = SketchRecorder.record
+        monkeypatch.setattr(SketchRecorder, "record",
                             lambda self, state, block, residual: seen.append(residual.abs().max().item())
                             or real_record(self, state, block, residual))
         monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
@@ -65,7 +65,7 @@ def test_neo_flux_forecast_steps_match_the_reference_and_the_probe_sees_real_res
         torch.testing.assert_close(cached.images[0], reference.images[0], rtol=1e-4, atol=1e-4)
     assert (cached.images[0] - plain.images[0]).abs().max() > 1e-2
     assert p.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
-    assert len(seen) == 10 * 5 and min(seen) > 0  # 10 steps x 5 blocks, none recorded as zero
+    assert len(seen) == 10 * 2 * 5 and min(seen) > 0  # 10 steps x 2 branches (CFG 3) x 5 blocks, none zero
 
 
 def test_block_that_starts_writing_in_place_is_a_failure_not_a_zero_residual(monkeypatch, capsys):

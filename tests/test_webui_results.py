@@ -81,9 +81,10 @@ def test_probed_profile_records_the_settings_of_its_pass(automatic, capsys):
         f.run(args(True, 4, 2, compute_last=False, profile="automatic"), steps=12, cfg_scale=3.5)
         (path,) = automatic.glob("*.safetensors")
         profile, _ = read_profile(path)
-        # the next pass runs other settings: said once, with the guard's part
-        f.run(args(True, 4, 2, compute_last=False, profile="automatic", guard=True), steps=8, cfg_scale=1.0)
-        f.run(args(True, 4, 2, compute_last=False, profile="automatic", guard=True), steps=8, cfg_scale=1.0)
+        # that file chosen for passes at other settings (automatic would probe for them): said once,
+        # with the guard's part
+        f.run(args(True, 4, 2, compute_last=False, profile=path.name, guard=True), steps=8, cfg_scale=1.0)
+        f.run(args(True, 4, 2, compute_last=False, profile=path.name, guard=True), steps=8, cfg_scale=1.0)
     chosen = RunSettings.of_profile(profile.metadata)
     assert chosen == RunSettings(steps=12, guidance_scale=3.5, sigmas=tuple(flow_sigmas(12).tolist()), interval=4,
                                  warmup=2, compute_last=False, positions="step")
@@ -107,10 +108,10 @@ def test_a_profile_probed_without_guidance_starts_a_guided_pass_from_plain_reuse
     profile, _ = read_profile(path)
     profile.solvers = torch.full_like(profile.solvers, pool_names().index("taylor-1"))
     save_profile(profile, path)
-    with Frontend("forge_flux") as f:
-        _, p = f.run(args(True, 3, 2, profile="automatic", guard=True), steps=10, cfg_scale=4.0)
+    with Frontend("forge_flux") as f:  # the file chosen by name (automatic would probe for CFG 4)
+        _, p = f.run(args(True, 3, 2, profile=path.name, guard=True), steps=10, cfg_scale=4.0)
         out = capsys.readouterr().out
-        _, p_off = f.run(args(True, 3, 2, profile="automatic", guard=False), steps=10, cfg_scale=4.0)
+        _, p_off = f.run(args(True, 3, 2, profile=path.name, guard=False), steps=10, cfg_scale=4.0)
     line = next(line for line in out.splitlines() if "chosen for other settings" in line)
     assert "guidance 1 vs 4" in line and "starts every solver group from plain reuse" in line
     switches = p.extra_generation_params["HyCa guard switches"].split(", ")
@@ -172,8 +173,9 @@ def test_no_lora_is_the_base_profile_and_a_lora_set_is_probed(kind, automatic, c
         _, p_lora = f.run(reuse_off, steps=10, lora_hash="outline")  # probes the set
         _, p_again = f.run(reuse_off, steps=10, lora_hash="outline")
     out = capsys.readouterr().out
-    assert out.count("on this pass (every step computed)") == 2  # the base model, then the LoRA set
+    assert out.count("[HyCa] probing ") == 2  # the base model, then the LoRA set
     assert p_base.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
     assert "HyCa LoRA ARI" not in p_base.extra_generation_params
-    assert "HyCa steps" not in p_lora.extra_generation_params  # the probing pass computes every step
-    assert p_again.extra_generation_params["HyCa LoRA ARI"] == "1.000"
+    # the probing pass is cached with the set's profile from its first step
+    assert p_lora.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
+    assert p_lora.extra_generation_params["HyCa LoRA ARI"] == p_again.extra_generation_params["HyCa LoRA ARI"] == "1.000"

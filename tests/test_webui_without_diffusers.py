@@ -35,8 +35,6 @@ SCRIPT = textwrap.dedent('''
     result = {}
     with standins("forge"):
         script = load_script().HyCaScript()
-        from hyca.adapters.webui import probe
-        result["probe_available"] = probe.available()
         from webui_harness import model_kinds
         model = model_kinds()["forge_flux"].factory()
         auto = [True, 3, 2, True, True, "automatic", "", True, "model", True]
@@ -61,9 +59,9 @@ def test_forge_flux_probes_on_its_first_generation_without_diffusers(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     out = done.stdout
-    assert result["probe_available"] is True
     assert result["diffusers_modules"] == []
-    assert "probing Forge FLUX on this pass" in out and "profile ready (probe, saved to" in out
-    assert "HyCa steps" not in result["first"]  # the first generation is the probe, computed in full
-    assert result["second"]["HyCa steps"] == "5 computed, 5 forecast"
+    assert "probing Forge FLUX for this pass's settings" in out and "profile ready (probe, saved to" in out
+    # the first generation is probed at its first call and cached with the profile; the second finds it
+    assert result["first"]["HyCa steps"] == result["second"]["HyCa steps"] == "5 computed, 5 forecast"
+    assert out.count("probing Forge FLUX") == 1
     assert len(list(tmp_path.glob("*.safetensors"))) == 1

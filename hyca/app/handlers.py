@@ -3,9 +3,10 @@
 Every handler takes plain values (what the Gradio components hold) plus the session's
 state dict, and returns plain values; ``app.py`` only lays the components out and wires
 them here. A session's state (a ``gr.State``, one per browser tab or API client) holds
-its profiles per model: ``current`` (what HyCa uses), ``previous`` (the one it
-replaced, for the ARI), ``base`` (probed without a LoRA) and ``lora`` (one per LoRA
-when the reuse switch is off). Models are shared between sessions; every use of one
+its profiles per model: ``settings`` (found or probed per run settings: steps, guidance,
+shift, N, warm-up, size), ``loaded`` (a file or Hub profile the user chose, used until
+the next probe), ``current`` (shown and offered for download), ``previous`` (for the
+ARI), ``base`` (without a LoRA) and ``lora`` (per LoRA and settings, reuse switch off). Models are shared between sessions; every use of one
 happens under its lock, so HyCa hooks set by one session never touch another's run.
 """
 
@@ -25,7 +26,7 @@ from ..profiles.compare import compare_profiles
 from ..profiles.hub import DEFAULT_HUB_REPO, HubError, hub_offline, pull_profile, push_profile
 from ..profiles.io import ProfileError, load_profile, profile_filename, save_profile
 from ..profiles.profile import Profile
-from ..profiles.settings import RunSettings
+from ..profiles.settings import RunSettings, differences
 from ..profiles.sources import resolve_profile
 from . import compare, profile_view
 from .metrics import describe_psnr
@@ -64,8 +65,8 @@ def new_state() -> dict[str, Any]:
 
 
 def _slot(state: dict[str, Any], key: str) -> dict[str, Any]:
-    return state.setdefault("profiles", {}).setdefault(key, {"current": None, "previous": None, "base": None,
-                                                             "lora": {}, "file": None})
+    return state.setdefault("profiles", {}).setdefault(key, {"current": None, "previous": None, "base": None, "lora": {},
+                                                             "file": None, "settings": {}, "loaded": None})
 
 
 def _session_dir(state: dict[str, Any]) -> Path:
@@ -178,18 +179,46 @@ def run_settings(model: LoadedModel, s: compare.Settings) -> RunSettings:
                        compute_last=True, positions="step")
 
 
+def _settings_key(model: LoadedModel, s: compare.Settings) -> tuple:
+    """What the session's profiles are kept by: the run's settings and its image size."""
+    return run_settings(model, s), s.height, s.width
+
+
+#: What to do about a profile chosen for other settings, in the app's terms.
+IN_APP_REMEDY = ("For a profile made for these settings, press “Run the probe” on the Profile tab with these steps, "
+                 "N and warm-up (it replaces the loaded profile).")
+
+
+def in_app_terms(note: str) -> str:
+    """An engine note with its remedy for Python callers replaced by :data:`IN_APP_REMEDY`."""
+    head, found, _ = note.partition(" For a profile chosen at these settings:")
+    return f"{head} {IN_APP_REMEDY}" if found else note
+
+
 def _base_profile(state: dict[str, Any], model: LoadedModel, s: compare.Settings,
                   progress: Progress | None) -> tuple[Profile, str]:
-    """The session's profile without LoRA; else one from the files / Hub / an automatic probe."""
+    """The profile without LoRA for this run's settings: the session's for them; else a file
+    or Hub profile the user loaded (said when it was chosen for other settings); else one
+    from the files / Hub made for these settings, or an automatic probe for them."""
     slot = _slot(state, model.choice.key)
-    for key in ("base", "current"):
-        if _fits(slot[key], model) and slot[key].metadata.get("probe", {}).get("lora", "none") == "none":
-            return slot[key], "session profile"
+    key = _settings_key(model, s)
+    if _fits(slot["settings"].get(key), model):
+        return slot["settings"][key], "session profile"
+    loaded = slot["loaded"]
+    if _fits(loaded, model):
+        chosen_for = RunSettings.of_profile(loaded.metadata)
+        differ = differences(chosen_for, key[0])
+        if not differ:
+            return loaded, "session profile"
+        return loaded, (f"the profile you loaded, chosen for {chosen_for.describe()} (this run: {'; '.join(differ)}). "
+                        + IN_APP_REMEDY)
     resolved = resolve_profile(
-        diffusers_fingerprint(model.transformer), run=run_settings(model, s), probe_if_mismatched=True,
+        diffusers_fingerprint(model.transformer), run=key[0], probe_if_mismatched=True,
         probe=lambda: probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, 4, "none", progress))
+    slot["settings"][key] = resolved.profile
     _set_current(state, model, resolved.profile)
-    where = {"probe": "probed now (saved to the local cache)"}.get(resolved.source, f"from {resolved.source}")
+    where = {"probe": "probed now for these settings (saved to the local cache)"}.get(
+        resolved.source, f"from {resolved.source}")
     return resolved.profile, f"profile {where}"
 
 
@@ -203,11 +232,12 @@ def _profile_for_run(state: dict[str, Any], model: LoadedModel, s: compare.Setti
         note = f" (reused for LoRA '{s.lora}')" if s.lora not in ("none", "") else ""
         return base, where + note, None
     slot = _slot(state, model.choice.key)
-    lora_profile = slot["lora"].get(s.lora)
-    if not (_fits(lora_profile, model) and lora_profile.metadata.get("interval") == s.interval):
+    key = (s.lora, _settings_key(model, s))
+    lora_profile = slot["lora"].get(key)
+    if not _fits(lora_profile, model):
         lora_profile = probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, base.num_clusters, s.lora,
                                     progress, target=base.metadata.get("target", "residual"))
-        slot["lora"][s.lora] = lora_profile
+        slot["lora"][key] = lora_profile
     try:
         ari = compare_profiles(base, lora_profile).ari_overall
     except ProfileError as err:  # e.g. one forecasts the blocks' residuals, the other the output head's input
@@ -275,7 +305,7 @@ def report_numbers(r: compare.SideBySide, s: compare.Settings, where: str, ari: 
         "full_flops": r.full_flops, "fast_flops": r.fast_flops, "flops_ratio": r.flops_ratio,
         "computed_steps": r.run.computed, "forecast_steps": r.run.forecast,
         "psnr": None if np.isinf(r.psnr) else r.psnr, "ssim": r.ssim, "profile": where,
-        "guard": [d.describe() for d in r.run.switches], "notes": list(r.run.notes),
+        "guard": [d.describe() for d in r.run.switches], "notes": [in_app_terms(n) for n in r.run.notes],
     }
     if ari is not None:
         numbers["ari_vs_base"] = ari
@@ -355,7 +385,9 @@ def run_probe(state: dict[str, Any], model_key: str, custom: str | None, prompt:
     slot = _slot(state, c.key)
     base = slot["base"]
     if s.lora != "none":
-        slot["lora"][s.lora] = profile
+        slot["lora"][(s.lora, _settings_key(model, s))] = profile
+    else:  # what HyCa uses at these settings from now on, in place of a loaded file
+        slot["settings"][_settings_key(model, s)], slot["loaded"] = profile, None
     _set_current(state, model, profile, s.lora)
     message = f"Probed {c.label} with prompt {s.prompt!r}" + (f" and LoRA '{s.lora}'" if s.lora != "none" else "")
     if s.lora != "none" and base is not None and _fits(base, model):
@@ -395,6 +427,7 @@ def use_file(state: dict[str, Any], model_key: str, custom: str | None, path: st
     c = chosen_model(model_key, custom)
     model = load_model(c, None)
     profile = load_profile(path, diffusers_fingerprint(model.transformer))
+    _slot(state, c.key)["loaded"] = profile
     _set_current(state, model, profile)
     return f"Loaded {Path(path).name}."
 
@@ -410,7 +443,9 @@ def pull(state: dict[str, Any], model_key: str, custom: str | None, repo: str | 
     fp = diffusers_fingerprint(model.transformer)
     filename = (filename or "").strip() or profile_filename(fp, _whole("N", interval))
     path = pull_profile(repo, filename, model=fp, endpoint=endpoint, token=token, cache_dir=cache_dir)
-    _set_current(state, model, load_profile(path, fp))
+    profile = load_profile(path, fp)
+    _slot(state, c.key)["loaded"] = profile
+    _set_current(state, model, profile)
     return f"Loaded {filename} from the Hub repo {repo}."
 
 

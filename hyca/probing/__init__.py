@@ -1,9 +1,12 @@
 """The probe's core: record a fully computed run as sketches, cluster hidden dimensions,
-choose solvers. Host-free (torch, numpy, scikit-learn): driving a diffusers pipeline lives
-in :mod:`hyca.adapters.diffusers.probe` (``hyca.probe``), a WebUI pass in
-:mod:`hyca.adapters.webui.probe`."""
+choose solvers closed loop. Host-free (torch, numpy, scikit-learn): a host (diffusers in
+:mod:`hyca.adapters.diffusers.probe`, a WebUI pass in :mod:`hyca.adapters.webui.probe`,
+the app, ComfyUI) implements :class:`ProbeHost` and calls :func:`probe_host`."""
 
 from .analysis import analyse, assign, candidate_solvers, selection_report
+from .host import ProbeHost, euler_sample
+from .probe import probe_host
 from .recorder import SketchRecorder
 
-__all__ = ["SketchRecorder", "analyse", "assign", "candidate_solvers", "selection_report"]
+__all__ = ["ProbeHost", "SketchRecorder", "analyse", "assign", "candidate_solvers", "euler_sample", "probe_host",
+           "selection_report"]

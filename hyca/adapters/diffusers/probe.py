@@ -1,44 +1,36 @@
-"""The probe on a diffusers pipeline: one fully computed low-resolution run -> a
-:class:`~hyca.profiles.Profile`.
+"""The probe on a diffusers pipeline: a host of the core's closed-loop probe
+(:func:`hyca.probing.probe_host`), which records one fully computed low-resolution run and
+chooses a :class:`~hyca.profiles.Profile` by running its candidates.
 
-Record (sketches of every block's residual, through HyCa's own hooks), then analyse:
-indicators -> k-means labels -> per-cluster solver with the least error when the run is
-replayed under the schedule the profile is for. HyCa's caching hooks, if enabled on the
-transformer, are set aside for the run and put back afterwards; the recording hooks are
+This module only runs the pipeline (or a caller's sampling loop) with an engine hooked
+in: the recorder, then each candidate's cache. HyCa's caching hooks, if enabled on the
+transformer, are set aside for each run and put back afterwards; the probe's hooks are
 removed whatever happens, so the model computes exactly as before.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import logging
 import operator
-import time
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule
-from ...math.solvers import POOL_VERSION, Solver
-from ...probing import closed_loop
-from ...probing.analysis import analyse, assign, candidate_solvers
+from ...probing.probe import CLOSED_LOOP, EQ5, SELECTIONS, probe_host
 from ...probing.recorder import SketchRecorder
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
 from . import hooks
-from .families import blocks_of, family_of, head_of
+from .families import blocks_of, family_of, head_of, hidden_size
 from .fingerprint import fingerprint
 from .settings import guidance_of, schedule_shift
 
 DEFAULT_PROMPT = "a photo of a cat"
-CLOSED_LOOP, EQ5 = "closed-loop", "eq5"
-#: How the probe chooses: validated on cached runs of its own prompt (default), or eq. 5 alone.
-SELECTIONS = (CLOSED_LOOP, EQ5)
+# CLOSED_LOOP / EQ5 / SELECTIONS (how the probe chooses) live in hyca.probing.probe; re-exported
+__all__ = ["CLOSED_LOOP", "DEFAULT_PROMPT", "EQ5", "SELECTIONS", "TransformerHost", "output_tensor", "probe",
+           "probe_transformer", "recording"]
 
-logger = logging.getLogger("hyca")
 
 
 @contextlib.contextmanager
@@ -123,176 +115,52 @@ def probe_transformer(
 ) -> Profile:
     """Probe ``transformer`` while ``run()`` makes one fully computed generation of
     ``steps`` transformer calls per branch (a hand-written sampling loop, a frontend's
-    sampler). The profile is chosen for ``interval``/``warmup``/``compute_last`` and the
-    ``positions`` axis, as :func:`hyca.enable` will use them; ``clusters`` per block (or
-    shared by all blocks), k-means seeded by ``seed``; sketches of ``rows`` rows (the
-    spectral indicators use the first ``spectral_rows``). ``settings``: extra facts for the
-    metadata's ``probe`` entry (prompt, resolution, ...). ``accumulate_on``: where the
-    recording's running sums live, ``"cpu"`` or None for the residuals' device.
-
-    ``candidates``: the solvers to choose from (default: the whole pool), both per cluster
-    and as single-solver candidates of the closed loop.
-    ``guidance_scale``: the run's classifier-free guidance scale; above 1 both branches
-    are recorded and eq. 5 scores the guided output (:mod:`hyca.probing.recorder`).
-    ``selection``: ``"closed-loop"`` (default) re-runs ``run()`` with HyCa on for each
-    candidate assignment and keeps the one whose final output is nearest the fully computed
-    one (:mod:`hyca.probing.closed_loop`; ``run`` must return that output, the same on
-    every call, e.g. from a fixed seed) -- with ``guard`` as it will run; ``"eq5"``: the
-    paper's open-loop choice alone. ``chosen_for``: the run settings the profile is for
-    (stored as its ``chosen_for``; N, warm-up, last step, axis, steps and guidance are
-    filled in from the arguments). ``on_progress(fraction, description)``: called after each
-    recorded step and each closed-loop run (an app's progress bar). ``target``: what the
-    profile may forecast: None (the closed loop chooses), ``"residual"`` (the blocks'
-    residuals, the paper's), or ``"output"`` (the output head's input; closed loop only).
+    sampler): :func:`hyca.probing.probe_host` with this transformer as the host
+    (:class:`TransformerHost`: each generation is ``run()`` with the engine hooked in).
+    The profile is chosen for ``interval``/``warmup``/``compute_last`` and the
+    ``positions`` axis, as :func:`hyca.enable` will use them. ``settings``: extra facts for
+    the metadata's ``probe`` entry (prompt, resolution, ...). ``guidance_scale``: the run's
+    classifier-free guidance scale; above 1 both branches are recorded
+    (:mod:`hyca.probing.recorder`). ``selection``: ``"closed-loop"`` (default; ``run``
+    must return the final output, the same on every call, e.g. from a fixed seed) or
+    ``"eq5"``. ``chosen_for``: the run settings the profile is for (stored as its
+    ``chosen_for``; steps and guidance come from the arguments). ``target``: None (the
+    closed loop chooses), ``"residual"``, or ``"output"`` (the output head's input; needs
+    a family with an output head). The other settings are :func:`~hyca.probing.probe_host`'s.
     Profiles to be compared by their clustering (a LoRA's against its base model's) must
     share a target."""
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    if target not in (None, "residual", "output"):
-        raise ValueError(f"target must be None, 'residual' or 'output', got {target!r}")
-    if target == "output" and (selection != CLOSED_LOOP or head_of(transformer, family_of(transformer)) is None):
+    family = family_of(transformer)
+    host = TransformerHost(transformer, run, steps)
+    if target == "output" and not host.output_head:
         raise ValueError("target='output' needs selection='closed-loop' and a model whose family offers an output "
                          "head (hyca.adapters.diffusers.families)")
-    schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
-    family = family_of(transformer)
-    blocks = blocks_of(transformer, family)
-    timing: dict[str, float] = {}
-    closing = selection == CLOSED_LOOP
-    short = schedule.short_start(steps) if closing else None  # the other start the closed loop tries
-    with tqdm(total=steps, desc="HyCa probe", unit="step", disable=not progress) as bar:
-        recorder = SketchRecorder(len(blocks), steps, schedule, positions, rows, spectral_rows, seed, branch,
-                                  candidate_solvers(candidates), _Progress(bar, on_progress, steps, closing),
-                                  accumulate_on, guidance_scale=guidance_scale, batched_guidance=family.batched_guidance,
-                                  other_schedules=(short,) if short is not None else ())
-        started = time.perf_counter()
-        with recording(transformer, recorder):
-            reference = output_tensor(run())
-        recorded = time.perf_counter()
-        indicator_values, replay = recorder.finish()
-        profile, report = analyse(indicator_values, replay, clusters, shared, seed, n_init)
-        analysed = time.perf_counter()
-        timing = {"record_s": round(recorded - started, 3), "analysis_s": round(analysed - recorded, 3)}
-    report["branches"] = sorted(recorder.branches_seen)
-    if selection == CLOSED_LOOP and reference is None:
-        logger.warning("HyCa probe: the run returned no output to compare, so the choice is eq. 5's alone "
-                       "(open loop); return the final latent from run() for a closed-loop choice")
-        report["closed_loop"] = {"skipped": "the run returned no output"}
-    elif selection == CLOSED_LOOP:
-        tracks = [closed_loop.Track("", profile)]
-        if short is not None:
-            tracks.append(_start_track(profile.labels, recorder, short, clusters, shared, {}))
-        if target != "residual" and head_of(transformer, family) is not None:  # its own recording
-            started = time.perf_counter()
-            head = SketchRecorder(1, steps, schedule, positions, rows, spectral_rows, seed, branch,
-                                  candidate_solvers(candidates), None, accumulate_on, guidance_scale=guidance_scale,
-                                  batched_guidance=family.batched_guidance,
-                                  other_schedules=(short,) if short is not None else ())
-            head.target = "output"
-            with recording(transformer, head):
-                run()
-            head_values, head_replay = head.finish()
-            head_profile, head_report = analyse(head_values, head_replay, clusters, shared, seed, n_init)
-            tracks.append(closed_loop.Track("output:", closed_loop.with_metadata(head_profile, target="output"),
-                                            closed_loop.OTHER_TRACK_SINGLES))
-            if short is not None:
-                tracks.append(_start_track(head_profile.labels, head, short, clusters, shared, {"target": "output"}))
-            if target == "output":  # the residual tracks are left out; the first track tries every single solver
-                tracks = [closed_loop.Track(t.prefix, t.eq5, None if i == 0 else t.singles)
-                          for i, t in enumerate(t for t in tracks if t.eq5.metadata.get("target") == "output")]
-            timing["record_output_s"] = round(time.perf_counter() - started, 3)
-        profile, report["closed_loop"], seconds = _closed_loop(transformer, run, steps, schedule, positions, guard,
-                                                                tracks, reference, progress,
-                                                                candidate_solvers(candidates), on_progress)
-        timing["closed_loop_s"] = round(seconds, 3)
-        if profile.metadata.get("target") == "output":  # the eq. 5 report that describes the chosen profile
-            report = {**report, **{k: v for k, v in head_report.items() if k != "branches"},
-                      "residual_eq5": {k: report[k] for k in ("blocks", "replay_error")}}
-    first_interval, target = profile.metadata.get("first_interval"), profile.metadata.get("target")
-    settings_for = (chosen_for or RunSettings()).merged(RunSettings(
-        steps=steps, guidance_scale=guidance_scale if guidance_scale is not None else None, interval=interval,
-        warmup=warmup, compute_last=compute_last, positions=positions))
-    profile.metadata = {
-        "method": "hyca",
-        "fingerprint": fingerprint(transformer),
-        "interval": interval,
-        "warmup": warmup,
-        "compute_last": compute_last,
-        "positions": positions,
-        **({"first_interval": first_interval} if first_interval is not None else {}),
-        **({"target": target} if target is not None else {}),
-        "chosen_for": settings_for.to_json(),
-        "probe": {**(settings or {}), "steps": steps, "clusters": clusters, "shared": shared, "seed": seed,
-                  "rows": rows, "spectral_rows": spectral_rows, "n_init": n_init, "branch": branch,
-                  "selection": selection, "guard": guard},
-        "pool_version": POOL_VERSION,
-        "hyca_version": _version(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "selection": report,
-        "timing": timing,
-    }
-    return profile
+    run_settings = RunSettings(steps=steps, guidance_scale=guidance_scale).merged(chosen_for or RunSettings())
+    return probe_host(host, run_settings, Schedule(interval=interval, warmup=warmup, compute_last=compute_last),
+                      positions=positions, clusters=clusters, shared=shared, seed=seed, rows=rows,
+                      spectral_rows=spectral_rows, n_init=n_init, candidates=candidates, branch=branch,
+                      accumulate_on=accumulate_on, selection=selection, guard=guard, target=target,
+                      batched_guidance=family.batched_guidance, progress=progress, on_progress=on_progress,
+                      fingerprint=fingerprint(transformer), facts=settings)
 
 
-class _Progress:
-    """The recorder's progress: the tqdm bar, and ``on_progress`` for the recording's share."""
+class TransformerHost:
+    """A diffusers transformer as a :class:`~hyca.probing.ProbeHost`: ``sample(engine)``
+    is ``run()`` with ``engine`` hooked in place of HyCa's own (:func:`_hooked`)."""
 
-    SHARE = 0.3  # of the whole probe, when closed-loop runs follow the recording
+    def __init__(self, transformer: torch.nn.Module, run: Callable[[], Any], steps: int) -> None:
+        family = family_of(transformer)
+        self.transformer, self.run, self.steps = transformer, run, steps
+        self.num_blocks = len(blocks_of(transformer, family))
+        self.hidden_size = int(hidden_size(transformer))
+        self.output_head = head_of(transformer, family) is not None
 
-    def __init__(self, bar: Any, on_progress: Callable[[float, str], None] | None, steps: int, closing: bool) -> None:
-        self.bar, self.on_progress, self.steps, self.done = bar, on_progress, steps, 0
-        self.share = self.SHARE if closing else 1.0
-
-    def update(self, n: int) -> None:
-        self.bar.update(n)
-        self.done += n
-        if self.on_progress is not None:
-            self.on_progress(self.share * self.done / self.steps, f"probe: step {self.done}/{self.steps}")
-
-
-def _start_track(labels: torch.Tensor, recorder: SketchRecorder, short: Schedule, clusters: int, shared: bool,
-                 metadata: dict[str, Any]) -> "closed_loop.Track":
-    """Eq. 5 replayed on the short-start schedule, for the clustering ``labels``."""
-    profile = assign(labels, recorder.other_replays()[0], clusters, shared)
-    prefix = ("output," if metadata.get("target") == "output" else "") + f"start{short.first_interval}:"
-    return closed_loop.Track(prefix, closed_loop.with_metadata(profile, first_interval=short.first_interval, **metadata),
-                             closed_loop.OTHER_TRACK_SINGLES)
-
-
-def _closed_loop(transformer: torch.nn.Module, run: Callable[[], Any], steps: int, schedule: Schedule,
-                 positions: str, guard: bool, tracks: list["closed_loop.Track"], reference: torch.Tensor,
-                 progress: bool, solvers: Sequence[Solver], on_progress: Callable[[float, str], None] | None = None,
-                 ) -> tuple[Profile, dict[str, Any], float]:
-    """:func:`hyca.probing.closed_loop.choose` with cached runs of ``run`` on ``transformer``."""
-
-    def generate(candidate: Profile) -> torch.Tensor:
-        start = schedule.with_first_interval(candidate.metadata.get("first_interval"))
-        engine = HybridCache(candidate, start, positions, guard=guard)
-        with _hooked(transformer, engine, steps):
-            return output_tensor(run())
-
-    started = time.perf_counter()
-    # per track: eq. 5, its single solvers, refinements at most (one per solver group)
-    expected = sum(1 + (len(solvers) if t.singles is None else t.singles) + len(torch.unique(t.eq5.solvers))
-                   for t in tracks)
-    with tqdm(desc="HyCa probe: closed-loop runs", unit="run", disable=not progress) as bar:
-        def tick(_: Any) -> None:
-            bar.update(1)
-            if on_progress is not None:
-                done = min(bar.n, expected)
-                on_progress(_Progress.SHARE + (1 - _Progress.SHARE) * done / expected,
-                            f"probe: closed-loop run {bar.n} (of at most {expected})")
-
-        chosen, trials, winner = closed_loop.choose(tracks, generate, reference, solvers, on_trial=tick)
-    seconds = time.perf_counter() - started
-    logger.info("HyCa probe: closed loop chose %s (%s) after %d cached runs in %.1f s", winner,
-                ", ".join(f"{t.name} {t.fidelity_db:.1f} dB" for t in trials), len(trials), seconds)
-    return chosen, {"chosen": winner, "trials": [t.to_json() for t in trials]}, seconds
-
-
-def _version() -> str:
-    from ... import __version__
-
-    return __version__
+    def sample(self, engine: Any) -> torch.Tensor | None:
+        if engine is None:
+            return output_tensor(self.run())
+        with _hooked(self.transformer, engine, self.steps) as hook:
+            if isinstance(engine, SketchRecorder):
+                engine.states = hook.states
+            return output_tensor(self.run())
 
 
 @contextlib.contextmanager

@@ -8,13 +8,18 @@ frontend has them, ``patches_replace["dit"]`` block patches. Models without repl
 hooks get gated blocks (gates.py). A1111: the diffusion model's instance ``forward``
 opens each call (sigma from ``on_cfg_denoiser``) and its blocks are gated; everything
 is removed when the generation ends.
+
+A pass whose profile is "automatic" (or a LoRA set's own) starts as a :class:`probe.PendingPass`:
+at its first model call that carries the branches the probe needs, the profile for the
+pass's settings is looked up or probed on that call's conditioning (:mod:`.probe`), and
+the pass runs cached from there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -26,7 +31,7 @@ from .adapter import Adapter
 from .fingerprint import fingerprint
 from .profiles import Chosen, ProfileBook
 from .registry import recognise, supported
-from .session import PassSession, PassStats
+from .session import PassSession, PassStats, step_of
 from .settings import Settings, torch_dtype
 
 logger = logging.getLogger("hyca.webui")
@@ -108,7 +113,6 @@ class Controller:
         self.noted_sigma: float | None = None
         self.book = ProfileBook()
         self.chosen: Chosen | None = None
-        self.probe_fp: dict | None = None
         self.batch_key: tuple | None = None
         self.reported = 0
         self.run_settings: RunSettings | None = None
@@ -132,28 +136,11 @@ class Controller:
         self.gated = []
 
     def finish_pass(self) -> None:
-        if self.session is not None:
+        if isinstance(self.session, PassSession):
             stats = self.session.stats()
-            if isinstance(self.session.engine, probe.ProbeEngine):
-                self._learn(self.session)
-            elif stats.steps.total:
+            if stats.steps.total:
                 self.passes.append((self.session.label, stats))
         self.session, self.pass_key = None, None
-
-    def _learn(self, session: PassSession) -> None:
-        """A probing pass ended: keep its profile, or say why not; without a profile the
-        next pass probes again (a HyCa failure in the pass was already reported)."""
-        if session.failed:
-            return
-        try:
-            learned = self.book.learn(self.chosen, session.engine, self.probe_fp, self.run_settings)
-        except Exception as error:  # noqa: BLE001 - an interrupted or odd pass: no profile this time
-            console(f"no profile from this pass ({error}); the next generation probes again")
-            return
-        self.chosen = learned
-        console(f"profile ready ({learned.source})")
-        for note in learned.notes:
-            console(note)
 
     def start_pass(self, p: Any, settings: Settings, hires: bool | None = None) -> bool:
         """Set up HyCa for the sampling pass about to run; ``True`` when it is on. Never
@@ -194,19 +181,13 @@ class Controller:
             settings = self._interval_for_target(p, settings, hires)
         schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)
         label = "hires pass" if hires else "pass"
-        if chosen.profile is None:
-            console(f"probing {adapter.name} on this pass (every step computed)")
-            engine = probe.ProbeEngine(len(adapter.blocks(model)), schedule)
-        else:
-            # the pass's settings are compared with the profile's here, with the real guidance scale
-            engine = HybridCache(chosen.profile, schedule, cache_dtype=torch_dtype(settings.cache_dtype),
-                                 guard=settings.guard, compare_settings=False)
         self.chosen, self.noted_sigma, self.run_settings = chosen, None, None
-        guidance = getattr(p, "cfg_scale", None)
-        self.session = PassSession(engine, lambda: pass_sigmas(p, hires), label,
-                                   on_schedule=lambda sigmas: self._note_settings(chosen, settings, sigmas, guidance,
-                                                                                   engine))
-        self.probe_fp = fingerprint(model, adapter) if isinstance(engine, probe.ProbeEngine) else None
+        guidance = probe.guidance_of(getattr(p, "cfg_scale", None))
+        if chosen.profile is None:  # settled at the first model call, for this pass's settings
+            self.session = probe.PendingPass(chosen, settings, schedule, label, lambda: pass_sigmas(p, hires), guidance,
+                                       adapter, model)
+        else:
+            self.session = self._open(chosen, settings, schedule, label, lambda: pass_sigmas(p, hires), guidance)
         self.pass_key, self.session_adapter = key, adapter
         self.say_once(f"{adapter.name}: hooked through "
                       f"{'block replace patches' if adapter.style == 'replace' else 'block wrappers'}")
@@ -217,6 +198,99 @@ class Controller:
         else:
             self._gate_calls(model)
         return True
+
+    def _open(self, chosen: Chosen, settings: Settings, schedule: Schedule, label: str, sigmas: Any,
+              guidance: float | None, pass_sigmas_: list[float] | None = None) -> PassSession:
+        """The pass's session with ``chosen``'s profile. ``sigmas``: the schedule the session
+        walks (a list, or a callable asked at the first call); ``pass_sigmas_``: the whole
+        pass's, when the session starts part-way (its settings are the whole pass's)."""
+        # the pass's settings are compared with the profile's here, with the real guidance scale
+        engine = HybridCache(chosen.profile, schedule, cache_dtype=torch_dtype(settings.cache_dtype),
+                             guard=settings.guard, compare_settings=False)
+        return PassSession(engine, sigmas, label, on_schedule=lambda walked: self._note_settings(
+            chosen, settings, pass_sigmas_ if pass_sigmas_ is not None else walked, guidance, engine))
+
+    def _settle(self, pending: probe.PendingPass, x: torch.Tensor, t: Any, sigma: Any, hint: Any,
+                conditioning: dict[str, Any], model_call: Callable[[torch.Tensor, torch.Tensor, dict], Any],
+                output: str) -> PassSession | None:
+        """The first model calls of a pending pass: gather the branches' conditioning; once
+        the probe has what it needs, find or probe the profile for the pass's settings and
+        open the pass's session from this call on. None: this call runs as it is (still
+        gathering, or no profile: the pass runs uncached, as said on the console)."""
+        guided = pending.guidance is not None and pending.guidance > 1.0
+        here = probe.branches_in_call(x, hint, conditioning, guided)
+        needed = {"cond", "uncond"} if guided else {"cond"}
+        sigma_now = float(torch.as_tensor(sigma).flatten()[0])
+        if pending.gathered_at is None and not needed <= set(pending.conditioning) and not needed <= set(here):
+            # split calls: the branches are gathered over this step's calls, which run uncached; the
+            # session opens at the next step
+            pending.gathered_at = sigma_now
+        for branch, found in here.items():
+            pending.conditioning.setdefault(branch, found)
+        same_step = pending.gathered_at is not None and \
+            abs(sigma_now - pending.gathered_at) <= 1e-5 * max(1.0, abs(sigma_now))
+        if not needed <= set(pending.conditioning) and pending.gathered_at is not None and not same_step:
+            self.session = None  # a whole step went by without a call telling the uncond branch apart
+            console(f"cannot probe with guidance: this {pending.label}'s model calls do not tell cond from uncond; "
+                    "it runs uncached (choose a profile file or a solver in the HyCa menu)")
+            return None
+        if not needed <= set(pending.conditioning) or same_step:
+            return None
+        sigmas = pending.sigmas()
+        if not sigmas:
+            self.session = None
+            console(f"cannot probe: the frontend does not tell this {pending.label}'s sigmas; it runs uncached")
+            return None
+        place = step_of(sigma_now, sigmas)
+        if place is None or place[1] != 0.0:
+            return None  # a midpoint call (DPM2): wait for a call on the schedule
+        try:
+            chosen = self._probe_for(pending, x, t, sigma_now, sigmas, model_call, output)
+        except Exception as error:  # noqa: BLE001 - no profile: this pass runs uncached, the next one tries again
+            self.session = None
+            console(f"could not probe ({type(error).__name__}: {error}); this {pending.label} runs uncached")
+            return None
+        self.chosen = chosen
+        session = self._open(chosen, pending.settings, pending.schedule, pending.label, sigmas[place[0]:],
+                             pending.guidance, sigmas)
+        if place[0]:
+            console(f"the {pending.label} is cached from step {place[0] + 1} (its first calls carried one guidance "
+                    "branch each and ran uncached while the probe gathered both)")
+        self.session = session
+        return session
+
+    def _probe_for(self, pending: probe.PendingPass, x: torch.Tensor, t: Any, sigma: float, sigmas: list[float],
+                   model_call: Callable[[torch.Tensor, torch.Tensor, dict], Any], output: str) -> Chosen:
+        """The profile for the pending pass's settings: the book's, or a probe on this pass."""
+        settings = pending.settings
+        run = RunSettings(steps=len(sigmas) - 1, guidance_scale=pending.guidance, sigmas=tuple(sigmas),
+                          interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last,
+                          positions="step")
+        latent = probe.probe_shape(tuple(x.shape), pending.conditioning["cond"])
+        t_value = float(torch.as_tensor(t).flatten()[0])
+        fp = pending.chosen.fp or fingerprint(pending.model, pending.adapter)
+
+        def open_session(engine: Any, walked: list[float]) -> Any:
+            self.session = PassSession(engine, walked, "probe") if engine is not None else pending
+            return self.session
+
+        def run_probe() -> Any:
+            console(f"probing {pending.adapter.name} for this {pending.label}'s settings ({run.describe()}) on its "
+                    f"own conditioning, latent {'x'.join(map(str, latent))}: the closed loop runs every candidate")
+            host = probe.WebUIHost(model_call, output, t_value / sigma if sigma else 1.0,
+                                   {b: pending.conditioning[b] for b in ("cond", "uncond") if b in pending.conditioning},
+                                   sigmas, pending.guidance, latent, x.dtype, x.device, open_session,
+                                   len(pending.adapter.blocks(pending.model)), int(fp["hidden_size"]))
+            try:
+                return probe.run_probe(host, run, pending.schedule, settings.guard, fp, probe.progress_bar)
+            finally:
+                self.session = pending
+
+        chosen = self.book.for_settings(pending.chosen, run, latent, run_probe)
+        self.say_once(f"profile ready ({chosen.source})")
+        for note in chosen.notes:
+            self.say_once(note)
+        return chosen
 
     def _note_settings(self, chosen: Chosen, settings: Settings, sigmas: list[float] | None, guidance: Any,
                        engine: Any = None) -> None:
@@ -282,6 +356,11 @@ class Controller:
             if session is None:
                 return original(x, t, *args, **kwargs)
             sigma = self.noted_sigma if self.noted_sigma is not None else t
+            if isinstance(session, probe.PendingPass):  # A1111's MMDiT returns the flow-matching velocity
+                session = self._settle(session, x, t, sigma, None, {"args": args, "kwargs": kwargs},
+                                       lambda x2, t2, c: original(x2, t2, *c["args"], **c["kwargs"]), "velocity")
+                if session is None:
+                    return original(x, t, *args, **kwargs)
             return session.run_call(x, sigma, None, lambda: original(x, t, *args, **kwargs))
 
         gates.install(model, call_gate)
@@ -302,6 +381,11 @@ class Controller:
                     return model_function(x, t, **c)
                 hint = (c.get("transformer_options") or {}).get("cond_or_uncond", kw.get("cond_or_uncond"))
                 hint = tuple(hint) if hint is not None else None
+                if isinstance(session, probe.PendingPass):  # apply_model returns the denoised latent
+                    session = self._settle(session, x, t, t, hint, c, lambda x2, t2, c2: model_function(x2, t2, **c2),
+                                           "denoised")
+                    if session is None:
+                        return model_function(x, t, **c)
                 return session.run_call(x, t, hint, lambda: model_function(x, t, **c))
 
             if previous is not None:  # another extension's wrapper stays in charge of the call

@@ -1,86 +1,214 @@
-"""Probing inside a WebUI generation: the first pass of a model without a profile runs
-fully computed while :class:`hyca.probing.recorder.SketchRecorder` records it, and the
-profile chosen from that record serves the following generations.
+"""Probing inside a WebUI generation: the core's closed-loop probe
+(:func:`hyca.probing.probe_host`) run at a pass's first model call, on the user's own
+conditioning, over the pass's own sigmas with its CFG scale, at a reduced latent size.
 
-The recorder offers the engine's hook-facing methods, so it takes the engine's place in
-a :class:`~.session.PassSession`: the session maps calls to steps and branches exactly as
-it does for caching, the blocks report the same residuals, and the recorder keeps the
-first (cond) branch.
+The frontend's model call (Forge / Neo: the unet's ``apply_model`` as the
+``model_function_wrapper`` receives it; A1111: the diffusion model's ``forward``) is the
+probe's ``denoise``; :func:`~hyca.probing.host.euler_sample` walks the sigmas, and each
+generation runs through a :class:`~.session.PassSession` with the probe's engine (its
+recorder, then each candidate's cache), so calls reach the blocks exactly as in a pass.
+The chosen profile then caches the pass that asked for it, from its first step.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
 
 from ...engine.cache import BranchState
 from ...engine.schedule import Schedule
-from ...profiles.profile import Profile
+from ...probing.host import euler_sample
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+    from .profiles import Chosen
+    from .settings import Settings
+
+#: The probe's latent has at most this many cells per side (FLUX: 32 latent cells, 256 px):
+#: its cost grows with the token count, and the choice carries over to larger images.
+PROBE_SIDE = 32
+#: Forge / Neo ``cond_or_uncond`` values (ComfyUI's convention): 0 = cond, 1 = uncond.
+HINT_OF = {"cond": 0, "uncond": 1}
+#: What a frontend's model call returns: the denoised latent (Forge / Neo ``apply_model``,
+#: k-diffusion) or the flow-matching velocity (A1111's SD3 ``MMDiT.forward``).
+OUTPUTS = ("denoised", "velocity")
 
 
-def available() -> bool:
-    try:
-        from ...probing import analysis, recorder  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(analysis, "analyse") and hasattr(recorder, "SketchRecorder")
+def _slice(value: Any, batch: int, index: int) -> Any:
+    """``value[index:index+1]`` for a tensor of the call's batch; dicts, lists and tuples
+    item by item; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value[index:index + 1] if value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, Mapping):
+        return {k: _slice(v, batch, index) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_slice(v, batch, index) for v in value)
+    return value
 
 
-class ProbeEngine:
-    """The engine interface the session uses, backed by a SketchRecorder."""
+def branches_in_call(x: torch.Tensor, hint: Any, conditioning: dict[str, Any], guided: bool) -> dict[str, dict]:
+    """The guidance branches one model call carries, each as the conditioning of its first
+    image. Forge / Neo name a call's chunks (``hint`` = ``cond_or_uncond``, one chunk of
+    ``batch / len(hint)`` images per entry; the branch's own ``transformer_options`` say
+    which it is); A1111 batches cond then uncond in one call and names nothing (``hint``
+    None: the first half is cond when guided)."""
+    batch = x.shape[0]
+    found: dict[str, dict] = {}
+    if hint is not None:
+        chunks = list(hint)
+        size = batch // max(1, len(chunks))
+        for branch, which in HINT_OF.items():
+            if which in chunks:
+                part = _slice(conditioning, batch, chunks.index(which) * size)
+                options = dict(part.get("transformer_options") or {})
+                options["cond_or_uncond"] = [which]
+                part["transformer_options"] = options
+                found[branch] = part
+        return found
+    found["cond"] = _slice(conditioning, batch, 0)
+    if guided and batch % 2 == 0 and batch >= 2:
+        found["uncond"] = _slice(conditioning, batch, batch // 2)
+    return found
 
-    positions = "step"
 
-    def __init__(self, num_blocks: int, schedule: Schedule, seed: int = 0) -> None:
-        self.num_blocks, self.schedule, self.seed = num_blocks, schedule, seed
-        self.recorder, self.steps = None, None
+def probe_shape(shape: tuple[int, ...], conditioning: Mapping[str, Any], side: int = PROBE_SIDE) -> tuple[int, ...]:
+    """One image's latent ``shape[1:]`` with its last two (spatial) axes scaled down, aspect
+    kept and even, to at most ``side`` cells; the full size when a conditioning tensor has
+    the latent's spatial size (an inpainting mask, a reference latent), which must match."""
+    per_image = tuple(shape[1:])
+    spatial = [v for v in _tensors(conditioning) if v.dim() >= 3 and tuple(v.shape[-2:]) == per_image[-2:]]
+    height, width = per_image[-2:]
+    scale = min(1.0, side / max(height, width))
+    if spatial or scale >= 1.0:
+        return per_image
+    return (*per_image[:-2], max(2, round(height * scale / 2) * 2), max(2, round(width * scale / 2) * 2))
 
-    def prepare(self, steps: int | None) -> None:
-        """Called with the pass's step count once the sampler is known."""
-        from ...probing.recorder import SketchRecorder
 
-        if not steps:
-            raise RuntimeError("cannot probe: the frontend does not tell this pass's step count")
-        self.recorder = SketchRecorder(self.num_blocks, steps, self.schedule, "step", seed=self.seed)
-        self.steps = steps
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+class _Recording:
+    """A :class:`~hyca.probing.recorder.SketchRecorder` as a pass session's engine (the
+    session asks its engine for branch states)."""
+
+    def __init__(self, recorder: Any) -> None:
+        self.recorder = recorder
 
     def new_state(self) -> BranchState:
         return BranchState()
 
-    def begin_step(self, state: BranchState, position: float | None, signature: Any, total_steps: int | None = None) -> bool:
-        self.recorder.begin_step(state, position, signature, total_steps)
-        state.computing = True
-        return True
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.recorder, name)
 
-    def record(self, state: BranchState, block: int, residual: Any) -> None:
-        self.recorder.record(state, block, residual)
 
-    def end_step(self, state: BranchState) -> None:
-        self.recorder.end_step(state)
-        state.stats.computed += 1
+@dataclass
+class WebUIHost:
+    """A WebUI pass as a :class:`~hyca.probing.ProbeHost`.
 
-    def predicted_residual(self, state: BranchState) -> Any:
-        raise RuntimeError("a probing pass computes every step")
+    ``model_call(x, t, conditioning)``: the frontend's model call; ``output``: what it
+    returns (:data:`OUTPUTS`); ``timestep_per_sigma``: the ``t`` the frontend passes per
+    unit of sigma (Forge: 1, A1111's SD3: 1000); ``conditioning``: branch -> one image's
+    conditioning (the probe's calls carry no hint: the session tells the branches apart by
+    their order, cond first, as the recorder does); ``open_session(engine, sigmas)``: installs a
+    :class:`~.session.PassSession` where the blocks find it and returns it (None removes
+    it). ``latent``: one image's probe latent shape."""
 
-    def profile(self, fp: dict[str, Any], clusters: int = 4, run_settings: Any = None) -> Profile:
-        """The profile chosen from what was recorded (raises if the pass was incomplete).
-        ``run_settings``: the probing pass's :class:`~hyca.profiles.settings.RunSettings`
-        (steps, guidance scale, sigmas, N, warm-up, last step, positions), stored as the
-        profile's ``chosen_for``."""
-        from ...probing.analysis import analyse
+    model_call: Callable[[torch.Tensor, torch.Tensor, dict], Any]
+    output: str
+    timestep_per_sigma: float
+    conditioning: dict[str, dict]
+    sigmas: list[float]
+    guidance_scale: float | None
+    latent: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    open_session: Callable[[Any, list[float]], Any]
+    num_blocks: int
+    hidden_size: int
+    seed: int = 0
+    failures: list[str] = field(default_factory=list)
 
-        if self.recorder is None:
-            raise RuntimeError("the probing pass made no model call")
-        indicators, replay = self.recorder.finish()
-        profile, report = analyse(indicators, replay, clusters)
-        profile.metadata = {
-            "method": "hyca", "fingerprint": fp, "interval": self.schedule.interval, "warmup": self.schedule.warmup,
-            "compute_last": self.schedule.compute_last, "positions": "step",
-            "probe": {"frontend": "webui", "steps": self.steps, "clusters": clusters},
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "selection": report,
-        }
-        if run_settings is not None:
-            profile.metadata["chosen_for"] = run_settings.to_json()
-            if run_settings.guidance_scale is not None:
-                profile.metadata["probe"]["guidance_scale"] = run_settings.guidance_scale
-        return profile
+    def sample(self, engine: Any) -> torch.Tensor:
+        if engine is not None and not hasattr(engine, "new_state"):
+            engine = _Recording(engine)
+        session = self.open_session(engine, self.sigmas) if engine is not None else None
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn(1, *self.latent, generator=generator).to(self.device, self.dtype)
+        try:
+            return euler_sample(lambda x, sigma, branch: self._denoise(session, x, sigma, branch),
+                                noise * self.sigmas[0], self.sigmas, self.guidance_scale)
+        finally:
+            self.open_session(None, self.sigmas)
+            if session is not None and session.failed:
+                raise RuntimeError("a probe run fell back to uncached sampling (see the console)")
+
+    def _denoise(self, session: Any, x: torch.Tensor, sigma: float, branch: str) -> torch.Tensor:
+        conditioning = self.conditioning[branch]
+        s = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
+        t = s * self.timestep_per_sigma
+
+        def call() -> Any:
+            return self.model_call(x, t, conditioning)
+
+        out = (call() if session is None else session.run_call(x, s, None, call)).to(x.dtype)
+        if self.output == "velocity":
+            return out
+        return (x - out) / float(sigma)
+
+
+@dataclass
+class PendingPass:
+    """A pass whose profile is settled at its first model call(s), for its own settings.
+    Blocks see no active call (``active`` None) and run as they are meanwhile."""
+
+    chosen: Chosen
+    settings: Settings
+    schedule: Schedule
+    label: str
+    sigmas: Callable[[], list[float] | None]
+    guidance: float | None
+    adapter: Adapter
+    model: torch.nn.Module
+    conditioning: dict[str, dict] = field(default_factory=dict)
+    #: the sigma of calls that ran uncached while gathering: the session starts after it
+    gathered_at: float | None = None
+    active: None = None
+    failed: bool = False
+
+
+def guidance_of(value: Any) -> float | None:
+    """A frontend's CFG scale as a float (None when it gives none)."""
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def progress_bar(fraction: float, text: str) -> None:
+    """The probe's progress on the WebUI's progress bar (``shared.state.textinfo``)."""
+    try:
+        from modules import shared
+
+        shared.state.textinfo = f"HyCa {text} ({fraction:.0%})"
+    except Exception:  # noqa: BLE001 - no progress bar to show it on (tests, other hosts)
+        pass
+
+
+def run_probe(host: WebUIHost, run: Any, schedule: Any, guard: bool, fp: Mapping[str, Any],
+              on_progress: Callable[[float, str], None] | None = None) -> Any:
+    """:func:`hyca.probing.probe_host` on ``host`` for the pass's settings ``run``
+    (a :class:`~hyca.profiles.settings.RunSettings`); progress on the console (tqdm) and
+    through ``on_progress``."""
+    from ...probing.probe import probe_host
+
+    return probe_host(host, run, schedule, guard=guard, progress=True, on_progress=on_progress, fingerprint=fp,
+                      facts={"frontend": "webui", "latent": list(host.latent)})

@@ -1,45 +1,43 @@
-""""Give me a Profile for this model": the one place the WebUI extension asks for one.
+""""Give me a Profile for this model and these settings": the one place the WebUI extension
+asks for one.
 
 Sources, in the order the user's choice selects them: a uniform method by name, a local
 profile file (shipped in the extension's ``profiles/`` folder or in the cache folder),
-a Hub repo id, or "automatic". "automatic" and Hub ids go through
-``hyca.profiles.sources.resolve_profile`` when that module is installed; when it is not,
-or it finds nothing, the pass is probed (hyca.probing) and the profile saved to the cache;
-without hyca.probing HyCa runs with a uniform second-order Taylor profile and says so once
-in the console. With LoRA reuse off, each new LoRA set gets its own probe and the ARI of
-its clusters against the base profile is reported. Profiles are kept per model fingerprint, choice and LoRA set for the session.
+or "automatic" (optionally with a Hub repo id). A uniform method or a file is known when
+the pass starts. "Automatic" is settled at the pass's first model call, once its settings
+are known (steps, CFG, sigmas, probe size, N, warm-up, LoRA set): a profile already found
+or probed for exactly those settings in this session, else the closest one
+``hyca.profiles.sources.resolve_profile`` finds if it was chosen for the same settings,
+else a closed-loop probe on the pass itself (:mod:`.probe`), saved to the cache. With
+LoRA reuse off, each new LoRA set gets its own probe (kept for the session) and the ARI
+of its clusters against the base profile for the same settings is reported.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
 import torch
 
+from ...profiles import sources
+from ...profiles.compare import compare_profiles
 from ...profiles.profile import Profile
-from . import probe
+from ...profiles.settings import RunSettings
 from .adapter import Adapter
 from .fingerprint import fingerprint
 
-logger = logging.getLogger("hyca.webui")
-
 AUTOMATIC = "automatic"
-FALLBACK_SOLVER = "taylor-2"
 #: Choices that need no file: label -> pool solver name.
 UNIFORM = {"TaylorSeer (taylor-2)": "taylor-2", "TaylorSeer (taylor-1)": "taylor-1", "FORA (reuse)": "reuse"}
-EXTENSION_ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclass
 class Chosen:
     """A profile, where it came from, and what to tell the user. ``profile`` is ``None``
-    when it must be probed: the next pass records, and :meth:`ProfileBook.learn` stores
-    the result under ``key``."""
+    when it is settled at the pass's first model call for the pass's settings
+    (:meth:`ProfileBook.for_settings`), under ``key`` + those settings."""
 
     profile: Profile | None
     source: str                       # what to print and write: "uniform taylor-2", a file name, ...
@@ -47,16 +45,14 @@ class Chosen:
     lora_ari: float | None = None
     key: tuple = ()
     base: Profile | None = None       # a LoRA set's probe is compared with this profile
+    fp: dict | None = None            # the model's fingerprint, for the lookup and the probe
+    lora: str = ""                    # a LoRA set probed on its own (LoRA reuse off)
 
 
 def profile_dirs() -> list[Path]:
     """Where local profiles are listed from: the folders hyca.profiles.sources searches
-    (``$HYCA_PROFILES``, the shipped ``profiles/``, the cache) when it is installed, else the
-    extension's ``profiles/`` folder and ``~/.cache/hyca/profiles``."""
-    sources = _optional("hyca.profiles.sources")
-    if sources is not None:
-        return [*sources.extra_dirs(), sources.shipped_dir(), sources.default_cache_dir()]
-    return [EXTENSION_ROOT / "profiles", Path(os.path.expanduser("~")) / ".cache" / "hyca" / "profiles"]
+    (``$HYCA_PROFILES``, the shipped ``profiles/``, the cache)."""
+    return [*sources.extra_dirs(), sources.shipped_dir(), sources.default_cache_dir()]
 
 
 def local_profiles() -> dict[str, Path]:
@@ -72,13 +68,6 @@ def choices() -> list[str]:
     return [AUTOMATIC, *UNIFORM, *local_profiles()]
 
 
-def _optional(module: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
 def _solver_named(choice: str) -> str | None:
     """The pool solver ``choice`` names (``fora``, ``taylor-2``, ...), or None."""
     from ...math.solvers import get_solver
@@ -91,20 +80,20 @@ def _solver_named(choice: str) -> str | None:
 
 def adjusted_rand_index(a: Profile, b: Profile) -> float:
     """Mean over blocks of the ARI between two profiles' cluster labels (1 = same
-    clustering): :func:`hyca.profiles.compare.compare_profiles` when installed."""
-    compare = _optional("hyca.profiles.compare")
-    if compare is not None:
-        return float(compare.compare_profiles(a, b).ari_overall)
-    from sklearn.metrics import adjusted_rand_score
+    clustering), :func:`hyca.profiles.compare.compare_profiles`."""
+    return float(compare_profiles(a, b).ari_overall)
 
-    if a.labels.shape != b.labels.shape:
-        raise ValueError(f"profiles differ in shape: {tuple(a.labels.shape)} vs {tuple(b.labels.shape)}")
-    scores = [adjusted_rand_score(x.tolist(), y.tolist()) for x, y in zip(a.labels, b.labels)]
-    return float(sum(scores) / len(scores))
+
+def settings_key(run: RunSettings, latent: tuple[int, ...]) -> tuple:
+    """What a profile in the book is chosen for: the pass's settings (steps, CFG, sigmas,
+    N, warm-up, last step) and its probe size class (the probe latent's shape)."""
+    return (run, tuple(latent))
 
 
 class ProfileBook:
-    """Profiles resolved (or probed) so far in this WebUI session."""
+    """Profiles resolved (or probed) so far in this WebUI session: files and uniform methods
+    by model and choice; automatic ones by model, choice, Hub repo, LoRA set and the
+    settings they were chosen for (:func:`settings_key`)."""
 
     def __init__(self) -> None:
         self._known: dict[tuple, Chosen] = {}
@@ -114,39 +103,52 @@ class ProfileBook:
 
     def choose(self, model: torch.nn.Module, adapter: Adapter, choice: str, hub_repo: str = "",
                interval: int | None = None, lora_key: str = "", lora_reuse: bool = True) -> Chosen:
+        """The profile for a pass about to start, or, for "automatic" and for a LoRA set
+        probed on its own, a :class:`Chosen` without one, settled at the first model call."""
         fp = fingerprint(model, adapter)
         base_key = (fp["config_sha256"], choice, hub_repo, interval)
         base = self._known.get(base_key) or self._resolve(fp, choice, hub_repo, interval, base_key)
         if base.profile is not None:
             self._known[base_key] = base
-        if not lora_key or lora_reuse or base.profile is None:
+        own_lora = bool(lora_key) and not lora_reuse
+        if base.profile is not None and not own_lora:
             return base
-        key = base_key + (lora_key,)
+        notes = list(base.notes) if base.profile is None else []
+        if own_lora:
+            notes.append(f"LoRA set {lora_key[:12]}: probing its own profile for this pass's settings")
+        return Chosen(None, "automatic", notes, key=base_key + ((lora_key,) if own_lora else ()), base=base.profile,
+                      fp=fp, lora=lora_key if own_lora else "")
+
+    def for_settings(self, chosen: Chosen, run: RunSettings, latent: tuple[int, ...],
+                     probe: Callable[[], Profile]) -> Chosen:
+        """Settle ``chosen`` (no profile yet) for a pass's settings: the profile this session
+        already has for them, else (automatic) the one ``resolve_profile`` finds if it was
+        chosen for the same settings, else ``probe()``'s, saved to the cache; a LoRA set's
+        own probe is kept for the session and compared with the base profile."""
+        key = chosen.key + settings_key(run, latent)
         if key in self._known:
             return self._known[key]
-        if probe.available():
-            return Chosen(None, "probe", [f"LoRA set {lora_key[:12]}: probing its own profile on this pass"],
-                          key=key, base=base.profile)
-        return Chosen(base.profile, base.source,
-                      [f"LoRA set {lora_key[:12]}: a profile of its own needs hyca.probing; using the base profile"])
-
-    def learn(self, chosen: Chosen, engine: "probe.ProbeEngine", fp: dict, run_settings: Any = None) -> Chosen:
-        """Turn a finished probing pass into the profile ``chosen`` was waiting for.
-        ``run_settings``: the pass's :class:`~hyca.profiles.settings.RunSettings`, written
-        into the profile as what it was chosen for."""
-        profile = engine.profile(fp, run_settings=run_settings)
-        if chosen.base is not None:  # a LoRA set: compared with the base, kept for this session
-            ari = adjusted_rand_index(chosen.base, profile)
-            learned = Chosen(profile, "probe (LoRA set)", [f"LoRA profile: ARI {ari:.3f} against the base profile"],
-                             lora_ari=ari)
+        if chosen.lora:
+            profile = probe()
+            base = chosen.base
+            if base is None:
+                known = self._known.get(chosen.key[:-1] + settings_key(run, latent))
+                base = known.profile if known is not None else None
+            if base is not None:
+                ari = adjusted_rand_index(base, profile)
+                learned = Chosen(profile, "probe (LoRA set)", [f"LoRA profile: ARI {ari:.3f} against the base profile"],
+                                 lora_ari=ari, key=key)
+            else:
+                learned = Chosen(profile, "probe (LoRA set)", ["LoRA profile: no base profile for these settings yet "
+                                                               "to compare its clusters with"], key=key)
         else:
-            learned = Chosen(profile, "probe", [])
-            sources = _optional("hyca.profiles.sources")
-            if sources is not None:  # saved to the cache, read back: what later sessions will load
-                resolved = sources.resolve_profile(fp, interval=chosen.key[3], hub_repo=None,
-                                                   probe=lambda: profile)
-                learned = Chosen(resolved.profile, f"probe, saved to {resolved.path}", list(resolved.warnings))
-        self._known[chosen.key] = learned
+            hub = {"hub_repo": chosen.key[2]} if chosen.key[2] else {}
+            resolved = sources.resolve_profile(chosen.fp, interval=run.interval, run=run, probe=probe,
+                                               probe_if_mismatched=True, **hub)
+            where = f"probe, saved to {resolved.path}" if resolved.source == "probe" and resolved.path else \
+                f"{resolved.source} {resolved.path or ''}".strip()
+            learned = Chosen(resolved.profile, where, list(resolved.warnings), key=key)
+        self._known[key] = learned
         return learned
 
     def _resolve(self, fp: dict, choice: str, hub_repo: str, interval: int | None, key: tuple) -> Chosen:
@@ -166,22 +168,4 @@ class ProfileBook:
             notes.append(f"profile {choice!r} is neither a choice of the menu ({', '.join([AUTOMATIC, *UNIFORM])}), "
                          f"a solver name, nor a profile file in {', '.join(str(d) for d in profile_dirs())}; "
                          "using automatic")
-        chosen = self._automatic(fp, hub_repo, interval, key, blocks, dim)
-        return Chosen(chosen.profile, chosen.source, notes + chosen.notes, key=chosen.key)
-
-    def _automatic(self, fp: dict, hub_repo: str, interval: int | None, key: tuple, blocks: int, dim: int) -> Chosen:
-        sources = _optional("hyca.profiles.sources")
-        if sources is not None:
-            try:
-                kwargs = {"hub_repo": hub_repo} if hub_repo else {}
-                resolved = sources.resolve_profile(fp, interval=interval, **kwargs)
-                return Chosen(resolved.profile, f"{resolved.source} {resolved.path or ''}".strip(),
-                              list(resolved.warnings))
-            except Exception as error:  # noqa: BLE001 - nothing found: probe, or fall back, with the reason
-                note = str(error).split(": looked in")[0]
-        else:
-            note = "hyca.profiles.sources is not installed, so no profile can be looked up"
-        if probe.available():
-            return Chosen(None, "probe", [f"{note}; probing one on this pass (computed in full)"], key=key)
-        message = f"{note}; using a uniform {FALLBACK_SOLVER} profile (TaylorSeer-like)"
-        return Chosen(Profile.uniform(FALLBACK_SOLVER, blocks, dim), f"uniform {FALLBACK_SOLVER}", [message])
+        return Chosen(None, AUTOMATIC, notes, key=key)

@@ -1,0 +1,238 @@
+"""The closed-loop probe, for any host: one recorded fully computed run -> a
+:class:`~hyca.profiles.Profile` chosen by running its candidates.
+
+:func:`probe_host` asks a :class:`~hyca.probing.host.ProbeHost` for generations at the
+probe's settings (its own conditioning, seed and sigmas) with an engine installed:
+
+1. once with a :class:`~hyca.probing.recorder.SketchRecorder` (both guidance branches when
+   the run is guided): indicators and replay errors -> k-means clusters -> eq. 5's
+   per-cluster solvers (:func:`~hyca.probing.analysis.analyse`), on the schedule and on
+   its short start;
+2. when the host offers the output head (``output_head``), once more recording the head's
+   input, analysed the same way;
+3. the tracks of candidates (:mod:`hyca.probing.closed_loop`): each one run by
+   ``host.sample(HybridCache(candidate, ...))``, the one nearest the recorded run kept.
+
+Hosts: :mod:`hyca.adapters.diffusers.probe` (the pipeline call), the WebUI
+(:mod:`hyca.adapters.webui.probe`: :func:`~hyca.probing.host.euler_sample` over the pass's
+sigmas), the app, ComfyUI.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..engine.cache import HybridCache
+from ..engine.schedule import Schedule
+from ..math.solvers import POOL_VERSION, Solver
+from ..profiles.profile import Profile
+from ..profiles.settings import RunSettings
+from . import closed_loop
+from .analysis import analyse, assign, candidate_solvers
+from .host import ProbeHost
+from .recorder import SketchRecorder
+
+CLOSED_LOOP, EQ5 = "closed-loop", "eq5"
+#: How the probe chooses: validated on cached runs of its own prompt (default), or eq. 5 alone.
+SELECTIONS = (CLOSED_LOOP, EQ5)
+TARGETS = (None, "residual", "output")
+
+logger = logging.getLogger("hyca")
+
+
+class _Progress:
+    """The recorder's progress: the tqdm bar, and ``on_progress`` for the recording's share."""
+
+    SHARE = 0.3  # of the whole probe, when closed-loop runs follow the recording
+
+    def __init__(self, bar: Any, on_progress: Callable[[float, str], None] | None, steps: int, closing: bool) -> None:
+        self.bar, self.on_progress, self.steps, self.done = bar, on_progress, steps, 0
+        self.share = self.SHARE if closing else 1.0
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        if self.on_progress is not None:
+            self.on_progress(self.share * self.done / self.steps, f"probe: step {self.done}/{self.steps}")
+
+
+def probe_host(
+    host: ProbeHost,
+    run: RunSettings,
+    schedule: Schedule,
+    *,
+    positions: str = "step",
+    clusters: int = 4,
+    shared: bool = False,
+    seed: int = 0,
+    rows: int = 8,
+    spectral_rows: int | None = 2,
+    n_init: int = 1,
+    candidates: Sequence[str] | None = None,
+    branch: str = "cond",
+    accumulate_on: str | torch.device | None = "cpu",
+    selection: str = CLOSED_LOOP,
+    guard: bool = True,
+    target: str | None = None,
+    batched_guidance: str | None = None,
+    progress: bool = True,
+    on_progress: Callable[[float, str], None] | None = None,
+    fingerprint: Mapping[str, Any] | None = None,
+    facts: Mapping[str, Any] | None = None,
+) -> Profile:
+    """Choose a profile for ``schedule`` (N, warm-up, last step) on the host's run.
+
+    ``run``: the settings of the host's generation: ``steps`` (transformer calls per
+    branch, required) and ``guidance_scale`` (above 1 both branches are recorded and every
+    score is on the guided output); the rest (shift, sigmas) is stored, with ``schedule``
+    and ``positions``, as the profile's ``chosen_for``. ``clusters`` per block (or shared
+    by all blocks), k-means seeded by ``seed``; sketches of ``rows`` rows (the spectral
+    indicators use the first ``spectral_rows``); ``accumulate_on``: where the recording's
+    sums live. ``candidates``: solver names to choose from (default: the pool).
+    ``branch``: the cond branch's context name, for hosts that name branches.
+    ``batched_guidance``: ``"uncond-first"`` / ``"cond-first"`` when one call carries both
+    halves (:class:`~hyca.probing.recorder.SketchRecorder`).
+
+    ``selection``: ``"closed-loop"`` (default) runs every candidate with ``guard`` as it
+    will run and keeps the nearest to full compute; ``"eq5"``: the paper's open-loop choice
+    alone. ``target``: None (the closed loop chooses), ``"residual"`` or ``"output"`` (the
+    output head's input; needs a host with ``output_head`` and the closed loop).
+
+    ``progress``: tqdm bars; ``on_progress(fraction, text)``: after each recorded step and
+    each candidate run. ``fingerprint`` and ``facts`` (prompt, size, frontend, ...) go into
+    the metadata. ``host.sample`` must give the same latent for the same engine (a fixed
+    seed). Raises ``ValueError`` on bad settings, ``RuntimeError`` when a recording fails.
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be None, 'residual' or 'output', got {target!r}")
+    head_offered = bool(getattr(host, "output_head", False))
+    if target == "output" and (selection != CLOSED_LOOP or not head_offered):
+        raise ValueError("target='output' needs selection='closed-loop' and a host that offers the output head")
+    steps = run.steps
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"run.steps must be the run's number of sampling steps, got {steps!r}")
+    guidance_scale = run.guidance_scale
+    solvers = candidate_solvers(candidates)
+    closing = selection == CLOSED_LOOP
+    short = schedule.short_start(steps) if closing else None  # the other start the closed loop tries
+    others = (short,) if short is not None else ()
+
+    def recorder(num_blocks: int, bar_progress: Any) -> SketchRecorder:
+        return SketchRecorder(num_blocks, steps, schedule, positions, rows, spectral_rows, seed, branch, solvers,
+                              bar_progress, accumulate_on, guidance_scale=guidance_scale,
+                              batched_guidance=batched_guidance, other_schedules=others)
+
+    with tqdm(total=steps, desc="HyCa probe", unit="step", disable=not progress) as bar:
+        residuals = recorder(host.num_blocks, _Progress(bar, on_progress, steps, closing))
+        started = time.perf_counter()
+        reference = host.sample(residuals)
+        recorded = time.perf_counter()
+        indicator_values, replay = residuals.finish()
+        profile, report = analyse(indicator_values, replay, clusters, shared, seed, n_init)
+        timing = {"record_s": round(recorded - started, 3), "analysis_s": round(time.perf_counter() - recorded, 3)}
+    report["branches"] = sorted(residuals.branches_seen)
+    if closing and reference is None:
+        logger.warning("HyCa probe: the run returned no output to compare, so the choice is eq. 5's alone "
+                       "(open loop); return the final latent from run() for a closed-loop choice")
+        report["closed_loop"] = {"skipped": "the run returned no output"}
+    elif closing:
+        reference = reference.detach().float().cpu()
+        tracks = [closed_loop.Track("", profile)]
+        if short is not None:
+            tracks.append(_start_track(profile.labels, residuals, short, clusters, shared, {}))
+        if target != "residual" and head_offered:  # the head's input: its own recording
+            started = time.perf_counter()
+            head = recorder(1, None)
+            head.target = "output"
+            host.sample(head)
+            head_values, head_replay = head.finish()
+            head_profile, head_report = analyse(head_values, head_replay, clusters, shared, seed, n_init)
+            tracks.append(closed_loop.Track("output:", closed_loop.with_metadata(head_profile, target="output"),
+                                            closed_loop.OTHER_TRACK_SINGLES))
+            if short is not None:
+                tracks.append(_start_track(head_profile.labels, head, short, clusters, shared, {"target": "output"}))
+            if target == "output":  # the residual tracks are left out; the first track tries every single solver
+                tracks = [closed_loop.Track(t.prefix, t.eq5, None if i == 0 else t.singles)
+                          for i, t in enumerate(t for t in tracks if t.eq5.metadata.get("target") == "output")]
+            timing["record_output_s"] = round(time.perf_counter() - started, 3)
+        profile, report["closed_loop"], seconds = _closed_loop(host, schedule, positions, guard, tracks, reference,
+                                                                progress, solvers, on_progress)
+        timing["closed_loop_s"] = round(seconds, 3)
+        if profile.metadata.get("target") == "output":  # the eq. 5 report that describes the chosen profile
+            report = {**report, **{k: v for k, v in head_report.items() if k != "branches"},
+                      "residual_eq5": {k: report[k] for k in ("blocks", "replay_error")}}
+    first_interval, chosen_target = profile.metadata.get("first_interval"), profile.metadata.get("target")
+    chosen_for = run.merged(RunSettings(interval=schedule.interval, warmup=schedule.warmup,
+                                        compute_last=schedule.compute_last, positions=positions))
+    profile.metadata = {
+        "method": "hyca",
+        **({"fingerprint": dict(fingerprint)} if fingerprint is not None else {}),
+        "interval": schedule.interval,
+        "warmup": schedule.warmup,
+        "compute_last": schedule.compute_last,
+        "positions": positions,
+        **({"first_interval": first_interval} if first_interval is not None else {}),
+        **({"target": chosen_target} if chosen_target is not None else {}),
+        "chosen_for": chosen_for.to_json(),
+        "probe": {**(facts or {}), "steps": steps, "clusters": clusters, "shared": shared, "seed": seed,
+                  "rows": rows, "spectral_rows": spectral_rows, "n_init": n_init, "branch": branch,
+                  "selection": selection, "guard": guard},
+        "pool_version": POOL_VERSION,
+        "hyca_version": _version(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "selection": report,
+        "timing": timing,
+    }
+    return profile
+
+
+def _start_track(labels: torch.Tensor, recorder: SketchRecorder, short: Schedule, clusters: int, shared: bool,
+                 metadata: dict[str, Any]) -> closed_loop.Track:
+    """Eq. 5 replayed on the short-start schedule, for the clustering ``labels``."""
+    profile = assign(labels, recorder.other_replays()[0], clusters, shared)
+    prefix = ("output," if metadata.get("target") == "output" else "") + f"start{short.first_interval}:"
+    return closed_loop.Track(prefix, closed_loop.with_metadata(profile, first_interval=short.first_interval, **metadata),
+                             closed_loop.OTHER_TRACK_SINGLES)
+
+
+def _closed_loop(host: ProbeHost, schedule: Schedule, positions: str, guard: bool, tracks: list[closed_loop.Track],
+                 reference: torch.Tensor, progress: bool, solvers: Sequence[Solver],
+                 on_progress: Callable[[float, str], None] | None = None) -> tuple[Profile, dict[str, Any], float]:
+    """:func:`hyca.probing.closed_loop.choose` with cached runs on ``host``."""
+
+    def generate(candidate: Profile) -> torch.Tensor:
+        start = schedule.with_first_interval(candidate.metadata.get("first_interval"))
+        output = host.sample(HybridCache(candidate, start, positions, guard=guard))
+        return output.detach().float().cpu() if isinstance(output, torch.Tensor) else output
+
+    started = time.perf_counter()
+    # per track: eq. 5, its single solvers, refinements at most (one per solver group)
+    expected = sum(1 + (len(solvers) if t.singles is None else t.singles) + len(torch.unique(t.eq5.solvers))
+                   for t in tracks)
+    with tqdm(desc="HyCa probe: closed-loop runs", unit="run", disable=not progress) as bar:
+        def tick(_: Any) -> None:
+            bar.update(1)
+            if on_progress is not None:
+                done = min(bar.n, expected)
+                on_progress(_Progress.SHARE + (1 - _Progress.SHARE) * done / expected,
+                            f"probe: closed-loop run {bar.n} (of at most {expected})")
+
+        chosen, trials, winner = closed_loop.choose(tracks, generate, reference, solvers, on_trial=tick)
+    seconds = time.perf_counter() - started
+    logger.info("HyCa probe: closed loop chose %s (%s) after %d cached runs in %.1f s", winner,
+                ", ".join(f"{t.name} {t.fidelity_db:.1f} dB" for t in trials), len(trials), seconds)
+    return chosen, {"chosen": winner, "trials": [t.to_json() for t in trials]}, seconds
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

@@ -1,0 +1,170 @@
+"""The WebUI's automatic profile: the core's closed-loop probe run at a pass's first model
+call on every frontend stand-in (tests/standins), guidance-aware, keyed by the pass's
+settings.
+
+Closed loop: while the probe's pass still holds the frontend's model call, every single
+solver of the pool and the kept profile are run here on the probe's own run (its host,
+with engines built here) and scored with a PSNR written here; the kept profile is at
+least as near full compute as every single solver. The cached pass that follows is
+compared with the same profile read from a file (the file path is checked against the
+independent reference in test_webui_passes.py) and, when the profile keeps the plain
+schedule start, with that reference directly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hyca import Profile
+from hyca.engine.cache import HybridCache
+from hyca.math.solvers import pool_names
+
+from test_webui_adapters import Frontend, args
+from webui_reference import expected_plan
+
+KINDS = ["forge_flux", "forge_chroma", "forge_mmditx", "neo_flux", "neo_qwen", "neo_wan", "neo_lumina", "a1111_sd3"]
+
+
+def psnr(output, reference):
+    error = float((output.double() - reference.double()).square().sum())
+    return math.inf if error == 0 else 10 * math.log10(float(reference.double().square().sum()) / error)
+
+
+@pytest.fixture()
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
+    monkeypatch.setenv("HYCA_HUB_REPO", "none")
+    monkeypatch.delenv("HYCA_PROFILES", raising=False)
+    return tmp_path
+
+
+@pytest.fixture()
+def probes(monkeypatch):
+    """Every probe run: its host, its settings, and (``evaluate``) each single solver and
+    the kept profile run on the probe's own generation while its pass still runs."""
+    from hyca.adapters.webui import probe
+
+    seen = []
+    real = probe.run_probe
+
+    def spy(host, run, schedule, guard, fp, on_progress=None):
+        profile = real(host, run, schedule, guard, fp, on_progress)
+        entry = {"run": run, "profile": profile, "latent": host.latent}
+        if spy.evaluate:
+            reference = host.sample(None)
+            blocks, dim = profile.labels.shape
+
+            def score(candidate):
+                start = schedule.with_first_interval(candidate.metadata.get("first_interval"))
+                return psnr(host.sample(HybridCache(candidate, start, guard=guard)), reference)
+
+            entry["kept"] = score(profile)
+            entry["singles"] = {name: score(Profile.uniform(name, blocks, dim)) for name in pool_names()}
+        seen.append(entry)
+        return profile
+
+    spy.evaluate = False
+    monkeypatch.setattr(probe, "run_probe", spy)
+    return spy, seen
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_webui_probe_is_closed_loop_and_guidance_aware_on_every_frontend(kind, isolated, probes, tmp_path, capsys):
+    spy, seen = probes
+    spy.evaluate = True
+    auto = args(True, 3, 2, profile="automatic")
+    with Frontend(kind) as f:
+        plain, _ = f.run(args(False), steps=10, cfg_scale=3.0)
+        probed, p1 = f.run(auto, steps=10, cfg_scale=3.0)
+        (entry,) = seen
+        profile = entry["profile"]
+        path = tmp_path / "kept.safetensors"
+        from hyca.adapters.webui.fingerprint import fingerprint
+        from hyca.adapters.webui.registry import recognise
+        from hyca.profiles.io import save_profile
+
+        save_profile(profile, path, fingerprint(f.model, recognise(f.model)), interval=3)
+        from_file, _ = f.run(args(True, 3, 2, profile=path.name), steps=10, cfg_scale=3.0)
+        if "first_interval" not in profile.metadata:
+            expected = f.reference(profile.dim_solvers(), 3, 2, branches=2, steps=10, cfg_scale=3.0)[0]
+            torch.testing.assert_close(probed.images[0], expected.images[0], rtol=1e-4, atol=1e-4)
+    out = capsys.readouterr().out
+    meta = profile.metadata
+    assert meta["selection"]["branches"] == ["cond", "uncond"]  # CFG 3: the guided output is what is scored
+    assert meta["chosen_for"]["guidance_scale"] == 3.0 and meta["chosen_for"]["steps"] == 10
+    trials = meta["selection"]["closed_loop"]["trials"]
+    assert {f"uniform:{name}" for name in pool_names()} <= {t["name"] for t in trials}
+    assert entry["kept"] >= max(entry["singles"].values()) - 1e-6, (entry["kept"], entry["singles"])
+    assert "probing" in out and "profile ready (probe, saved to" in out
+    # the pass that asked for the profile runs cached with it from its first step
+    assert p1.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
+    assert (probed.images[0] - plain.images[0]).abs().max() > 1e-3
+    torch.testing.assert_close(probed.images[0], from_file.images[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["forge_flux", "a1111_sd3"])
+def test_without_guidance_only_the_cond_branch_is_recorded(kind, isolated, probes):
+    _, seen = probes
+    with Frontend(kind) as f:
+        f.run(args(True, 3, 2, profile="automatic"), steps=8, cfg_scale=1.0)
+    (entry,) = seen
+    assert entry["profile"].metadata["selection"]["branches"] == ["cond"]
+    assert entry["run"].guidance_scale == 1.0
+
+
+def test_changed_settings_get_their_own_profile_and_known_ones_are_not_probed_again(isolated, probes):
+    _, seen = probes
+    with Frontend("neo_flux") as f:
+        for steps, cfg, interval in [(10, 3.0, 3), (12, 3.0, 3), (10, 3.0, 4), (10, 2.0, 3), (10, 3.0, 3), (12, 3.0, 3)]:
+            _, p = f.run(args(True, interval, 2, profile="automatic"), steps=steps, cfg_scale=cfg)
+            assert "HyCa steps" in p.extra_generation_params
+        from hyca.adapters.webui.controller import CONTROLLER
+
+        automatic = [c for key, c in CONTROLLER.book._known.items() if key[1] == "automatic" and len(key) > 4]
+    settings = [(e["run"].steps, e["run"].guidance_scale, e["run"].interval) for e in seen]
+    assert settings == [(10, 3.0, 3), (12, 3.0, 3), (10, 3.0, 4), (10, 2.0, 3)]  # the last two were known
+    for entry in seen:
+        chosen_for = entry["profile"].metadata["chosen_for"]
+        assert (chosen_for["steps"], chosen_for["guidance_scale"], chosen_for["interval"]) == \
+            (entry["run"].steps, entry["run"].guidance_scale, entry["run"].interval)
+    assert len(automatic) == 4
+
+
+def test_a_new_session_finds_the_cached_profile_for_its_settings(isolated, probes):
+    _, seen = probes
+    with Frontend("forge_flux") as f:
+        first, _ = f.run(args(True, 3, 2, profile="automatic"), steps=10)
+    with Frontend("forge_flux") as f:  # a restarted WebUI (empty book); the factory's seeded weights again
+        second, p = f.run(args(True, 3, 2, profile="automatic"), steps=10)
+    assert len(seen) == 1 and len(list(isolated.glob("*.safetensors"))) == 1
+    torch.testing.assert_close(first.images[0], second.images[0], rtol=0, atol=0)
+    assert p.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
+
+
+def test_split_cond_and_uncond_calls_probe_at_the_second_step(isolated, probes, capsys):
+    _, seen = probes
+    with Frontend("forge_flux") as f:
+        _, p = f.run(args(True, 3, 2, profile="automatic"), steps=10, split=True)
+    (entry,) = seen
+    assert entry["profile"].metadata["selection"]["branches"] == ["cond", "uncond"]
+    assert "cached from step 2" in capsys.readouterr().out
+    # step 1's two calls ran uncached while the probe gathered both branches; the 9 steps after it are cached
+    plan = expected_plan(9, 3, 2)
+    assert p.extra_generation_params["HyCa steps"] == f"{sum(plan)} computed, {len(plan) - sum(plan)} forecast"
+
+
+def test_guided_calls_that_never_tell_uncond_apart_are_said_and_run_uncached(isolated, probes, capsys, monkeypatch):
+    """A1111 with cond and uncond in separate calls of one image each (its batch_cond_uncond
+    off): nothing tells the branches apart, so no guided probe; said once, the pass uncached."""
+    from hyca.adapters.webui import probe
+
+    monkeypatch.setattr(probe, "branches_in_call", lambda x, hint, conditioning, guided: {"cond": conditioning})
+    _, seen = probes
+    with Frontend("a1111_sd3") as f:
+        plain, _ = f.run(args(False), steps=8)
+        out_img, p = f.run(args(True, 3, 2, profile="automatic"), steps=8)
+    assert seen == [] and "HyCa steps" not in p.extra_generation_params
+    assert capsys.readouterr().out.count("cannot probe with guidance") == 1
+    torch.testing.assert_close(out_img.images[0], plain.images[0], rtol=0, atol=0)
