@@ -5,7 +5,7 @@ calibration captions and fewer candidate solvers; each profile is then used (gua
 the grid's held-out captions and seeds, and its PSNR against full compute is put next to
 the probe's time and the best single solver of the pool on the same images.
 
-    OMP_NUM_THREADS=1 python bench/probe_cost.py [--prompts 8] [--out bench/results/probe_cost.md]
+    OMP_NUM_THREADS=1 python -m hyca.bench.probe_cost [--prompts 8] [--out bench/results/probe_cost.md]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main() -> int:
                              profile.metadata["selection"].get("closed_loop", {}).get("chosen")))
                 print(rows[-1], flush=True)
     lines = ["# Probe cost against quality (reference model, one CPU thread)", "",
-             f"Command: `OMP_NUM_THREADS=1 python bench/probe_cost.py --prompts {args.prompts}` "
+             f"Command: `OMP_NUM_THREADS=1 python -m hyca.bench.probe_cost --prompts {args.prompts}` "
              "(held-out captions and seeds of the grid; HyCa with the guard on).", "",
              "| cell (steps, guidance, shift, N) | probe | probe s | HyCa PSNR | vs best single | best single | "
              "closed-loop choice |", "|---|---|---|---|---|---|---|"]
