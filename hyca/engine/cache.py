@@ -36,6 +36,13 @@ TARGETS = ("residual", "output")
 
 logger = logging.getLogger("hyca")
 
+#: The note of a run in which some forecast came out NaN or Inf (and was computed instead).
+NON_FINITE = "a forecast was not finite (NaN or Inf); those steps were computed instead"
+
+
+class NonFiniteForecast(RuntimeError):
+    """A forecast asked for outside :meth:`HybridCache.begin_step` came out NaN or Inf."""
+
 #: ``reduce(tensor) -> tensor``: sums a small float64 tensor over every process that
 #: holds a shard of the same step (context parallelism), so data-dependent decisions
 #: (the guard's) come out the same on all of them. ``None``: one process.
@@ -50,6 +57,8 @@ class RunStats:
 
     computed: int = 0
     forecast: int = 0
+    #: skip steps whose forecast was not finite, computed instead
+    non_finite: int = 0
     switches: list[Switch] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -85,6 +94,9 @@ class BranchState:
     current_position: float = 0.0
     computing: bool = True
     failed: bool = False
+    #: this skip step's forecast, made (and checked finite) by begin_step, and its position
+    forecast: torch.Tensor | None = None
+    forecast_position: float | None = None
     positions: deque = field(default_factory=deque)
     computed_steps: deque = field(default_factory=deque)  # step index of each history entry
     histories: list[deque] = field(default_factory=list)
@@ -183,13 +195,24 @@ class HybridCache:
         use_step = self.positions == "step" or position is None
         state.current_position = float(state.step) if use_step else float(position)
         state.computing = state.failed or not state.positions or self.schedule.computes(state.step, state.total_steps)
+        state.forecast = state.forecast_position = None
+        if not state.computing:
+            forecast = self._forecast(state)
+            if bool(torch.isfinite(forecast).all()):
+                state.forecast, state.forecast_position = forecast, state.current_position
+            else:  # computing this step costs time, forecasting it would cost the image
+                state.computing = True
+                state.stats.non_finite += 1
+                self._say(state, NON_FINITE)
         if state.computing:
             state.accumulators = [None] * len(self.solvers)
         return state.computing
 
     def record(self, state: BranchState, block: int, residual: torch.Tensor) -> None:
         """Add block ``block``'s residual (output stream minus input stream) to the
-        per-solver sums of this compute step."""
+        per-solver sums of this compute step. Inference only: the cached sums never hold
+        an autograd graph (the residual is detached)."""
+        residual = residual.detach()
         for s, mask in self._masks_for(residual)[block]:
             acc = state.accumulators[s]
             if acc is None:
@@ -200,8 +223,21 @@ class HybridCache:
                 acc.addcmul_(residual, mask)
 
     def predicted_residual(self, state: BranchState) -> torch.Tensor:
-        """The forecast of ``sum_l R_l`` at this skip step, one weighted sum over all
-        per-solver histories."""
+        """The forecast of ``sum_l R_l`` at this skip step (float32, the residuals' shape),
+        the one :meth:`begin_step` made and found finite. A host that moved the step's
+        position since (a call at a fraction of a step) gets a fresh one; if that is not
+        finite, :class:`NonFiniteForecast` (the host computes instead and says so)."""
+        if state.forecast is not None and state.forecast_position == state.current_position:
+            return state.forecast
+        forecast = self._forecast(state)
+        if not bool(torch.isfinite(forecast).all()):
+            state.stats.non_finite += 1
+            raise NonFiniteForecast(NON_FINITE)
+        return forecast
+
+    @torch.no_grad()
+    def _forecast(self, state: BranchState) -> torch.Tensor:
+        """One weighted sum over all per-solver histories."""
         counts, column = self._weights(state)
         values = []
         for history, count in zip(state.histories, counts):
@@ -229,6 +265,7 @@ class HybridCache:
             state.stats.computed += 1
         else:
             state.stats.forecast += 1
+        state.forecast = state.forecast_position = None
         state.step += 1
         self.last_stats = state.stats
 
