@@ -101,9 +101,12 @@ class BranchState:
     computed_steps: deque = field(default_factory=deque)  # step index of each history entry
     histories: list[deque] = field(default_factory=list)
     accumulators: list[torch.Tensor | None] = field(default_factory=list)
-    #: pool index of the solver each history slot forecasts with now (the guard lowers them)
+    #: batch items, known from the first recorded residual (None before: one entry per slot)
+    items: int | None = None
+    #: pool index of the solver each (history slot, batch item) forecasts with now, slot-major:
+    #: ``active[slot * items + item]`` (the guard lowers them, per item)
     active: list[int] = field(default_factory=list)
-    #: per slot, judged checks lost in a row (the guard switches at ``guard.STRIKES``)
+    #: per (slot, item), judged checks lost in a row (the guard switches at ``guard.STRIKES``)
     strikes: list[int] = field(default_factory=list)
     stats: RunStats = field(default_factory=RunStats)
 
@@ -213,6 +216,8 @@ class HybridCache:
         per-solver sums of this compute step. Inference only: the cached sums never hold
         an autograd graph (the residual is detached)."""
         residual = residual.detach()
+        if state.items is None:
+            self._per_item(state, residual.shape[0])
         for s, mask in self._masks_for(residual)[block]:
             acc = state.accumulators[s]
             if acc is None:
@@ -245,9 +250,17 @@ class HybridCache:
         return forecast(values, column)
 
     def _weights(self, state: BranchState) -> tuple[tuple[int, ...], torch.Tensor]:
-        """Per solver, how many history terms it uses; all their weights as one (terms, 1) column."""
+        """Per slot, how many history terms it uses; all their weights as one (terms, items)
+        matrix, a column per batch item."""
         return _stacked_weights(tuple(state.active), tuple(state.positions), state.current_position,
-                                tuple(len(h) for h in state.histories))
+                                tuple(len(h) for h in state.histories), state.items or 1)
+
+    def _per_item(self, state: BranchState, items: int) -> None:
+        """The batch is known: one solver entry and strike count per (slot, item), each
+        starting where the slot's shared entry stands."""
+        state.items = items
+        state.active = [solver for solver in state.active for _ in range(items)]
+        state.strikes = [strikes for strikes in state.strikes for _ in range(items)]
 
     def end_step(self, state: BranchState) -> None:
         if state.computing:
@@ -278,21 +291,22 @@ class HybridCache:
         """The guard: this computed step is a free check of what each solver would have
         forecast for it; a second guidance branch at the same step also checks the forecasts
         of their difference (see :mod:`hyca.engine.guard`)."""
-        judged = [steady([state.step, *state.computed_steps], self.schedule.interval)] * len(state.active)
+        judged = [steady([state.step, *state.computed_steps], self.schedule.interval)] * len(self.solver_ids)
         branches = max(len(self._begun.get(state.step - 1, ())), len(self._begun.get(state.step, ())))
         rows = SKETCH_ROWS if branches > 1 else 0  # sketches only serve a second guidance branch
         check = measure(list(state.histories), list(state.positions), state.current_position, state.accumulators,
-                        state.active, judged, state.step, self.reduce, rows, self.sketch_seed, self.solver_ids)
+                        state.active, judged, state.step, self.reduce, rows, self.sketch_seed, self.solver_ids,
+                        state.items or 1)
         if not check.judged:
             return
         verdicts = own_verdicts(check)
         peer = self._peer_of(state)
         if peer is not None:  # the guided-aware verdict decides where there is one
-            verdicts.update({slot: better for slot, better in difference_verdicts(check, peer[1]).items()})
-        for slot, better in verdicts.items():
-            state.strikes[slot] = 0 if better is None else state.strikes[slot] + 1
-            if state.strikes[slot] >= STRIKES:
-                self._switch(state, slot, better, state.step)
+            verdicts.update(difference_verdicts(check, peer[1]))
+        for row, better in verdicts.items():
+            state.strikes[row] = 0 if better is None else state.strikes[row] + 1
+            if state.strikes[row] >= STRIKES:
+                self._switch(state, row, better, state.step)
         if peer is not None:
             self._share(state, peer[0])
         self._last_check = (state, check)
@@ -355,13 +369,11 @@ class HybridCache:
         forecasts' errors on ``cond - uncond``, which an unguided probe never scored, and the
         guard needs two steady checks (the third computed step after warm-up, at the
         earliest) before it may switch. At 20-28 steps with N >= 4 that comes after most of the
-        forecasts, or never. On the reference model's 30 guided grid cells the shipped
-        profiles (chosen at 50 steps, no guidance) gave 25.50 dB trusted, 33.39 dB started
-        from reuse, plain reuse 32.74 dB (``bench/results/grid.md``)."""
+        forecasts, or never. The grid measurement behind this choice: docs/engine.md."""
         reuse = pool_names().index("reuse")
-        for slot, solver in enumerate(state.active):
+        for row, solver in enumerate(state.active):
             if solver != reuse:
-                self._switch(state, slot, reuse, state.step)
+                self._switch(state, row, reuse, state.step)
 
     def distrust_guidance(self) -> None:
         """For hosts that know the run's guidance before it starts (a WebUI pass): every
@@ -405,17 +417,21 @@ class HybridCache:
             return None
         return other, check
 
-    def _switch(self, state: BranchState, slot: int, to: int, step: int) -> None:
-        state.stats.switches.append(Switch(step, pool()[state.active[slot]].name, pool()[to].name))
-        state.active[slot], state.strikes[slot] = to, 0
+    def _switch(self, state: BranchState, row: int, to: int, step: int) -> None:
+        """Row ``row`` of ``state.active`` (slot-major, see :class:`BranchState`) switches to ``to``."""
+        item = row % state.items if state.items is not None and state.items > 1 else None
+        state.stats.switches.append(Switch(step, pool()[state.active[row]].name, pool()[to].name, item))
+        state.active[row], state.strikes[row] = to, 0
 
     def _share(self, state: BranchState, other: BranchState) -> None:
         """The branch that checked first adopts the decisions of the second, which also saw
-        the difference of the two."""
-        for slot in range(min(len(state.active), len(other.active))):
-            if other.active[slot] != state.active[slot]:
-                self._switch(other, slot, state.active[slot], state.step)
-            other.strikes[slot] = state.strikes[slot]
+        the difference of the two, item by item."""
+        if len(state.active) != len(other.active):
+            return  # batches of different sizes: their items do not pair
+        for row in range(len(state.active)):
+            if other.active[row] != state.active[row]:
+                self._switch(other, row, state.active[row], state.step)
+            other.strikes[row] = state.strikes[row]
 
     def _fresh_accumulator(self, state: BranchState, s: int, residual: torch.Tensor) -> torch.Tensor:
         dtype = self.cache_dtype or residual.dtype
@@ -456,11 +472,20 @@ def _with_profiles_start(schedule: Schedule, profile: Profile) -> Schedule:
 
 
 @lru_cache(maxsize=4096)
-def _stacked_weights(solver_ids: tuple[int, ...], positions: tuple[float, ...], target: float,
-                     lengths: tuple[int, ...]) -> tuple[tuple[int, ...], torch.Tensor]:
-    """Weights are pure functions of the history positions and the target, and every
-    generation on one schedule repeats the same few, so they are computed once and reused:
-    recomputing them in Python was most of a skip step's own cost. The returned tensor is
-    shared between callers and must not be modified."""
-    per_solver = [pool()[i].weights(list(positions[:n]), target).tolist() for i, n in zip(solver_ids, lengths)]
-    return tuple(len(w) for w in per_solver), torch.tensor([w for ws in per_solver for w in ws]).unsqueeze(1)
+def _stacked_weights(active: tuple[int, ...], positions: tuple[float, ...], target: float,
+                     lengths: tuple[int, ...], items: int) -> tuple[tuple[int, ...], torch.Tensor]:
+    """``active[slot * items + item]``: the solver of each (slot, item). Per slot, the terms
+    its items use (the most any of them uses; an item whose solver uses fewer weighs the
+    rest 0), and all the weights as one ``(terms, items)`` matrix. Weights are pure
+    functions of the history positions and the target, and every generation on one schedule
+    repeats the same few, so they are computed once and reused: recomputing them in Python
+    was most of a skip step's own cost. The returned tensor is shared between callers and
+    must not be modified."""
+    counts, blocks = [], []
+    for slot, n in enumerate(lengths):
+        per_item = [pool()[i].weights(list(positions[:n]), target) for i in active[slot * items:(slot + 1) * items]]
+        count = max(len(w) for w in per_item)
+        blocks.append([[float(v) for v in w] + [0.0] * (count - len(w)) for w in per_item])
+        counts.append(count)
+    columns = torch.tensor([[w[j] for w in block] for block, count in zip(blocks, counts) for j in range(count)])
+    return tuple(counts), columns

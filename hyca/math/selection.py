@@ -27,10 +27,9 @@ Why it matters (bench/results/selection_study.md): after warm-up the first forec
 extrapolate from a history one step apart to targets up to N-1 steps ahead, so
 ``taylor-1`` misses there by far more than ``reuse``; with every step weighted alike that
 one early interval outweighed the ~8x smaller ``taylor-1`` error of every later interval,
-and the probe chose reuse at N >= 5, though closed loop ``taylor-1`` is 7-10 dB better.
-With the weight, PSNR on the reference model at N = 4/5/7, on prompts not used to pick
-the exponent, went from 42.4/39.3/32.4 to 43.9/40.4/37.1 dB (``taylor-1`` alone:
-43.5/39.5/35.8).
+and the probe chose reuse at larger N, though closed loop ``taylor-1`` is better. What the
+weight gained on the reference model, on prompts not used to pick the exponent:
+docs/engine.md.
 """
 
 from __future__ import annotations
