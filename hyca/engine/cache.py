@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -23,10 +21,11 @@ import torch
 from ..math.solvers import Solver, pool, pool_names
 from ..profiles.profile import Profile
 from ..profiles.settings import RunSettings, differences
-from .forecast import forecast
+from .forecast import forecast, stacked_weights
 from .guard import (SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, first_switch, measure,
                     own_verdicts, steady)
 from .schedule import Schedule
+from .state import BranchState, RunStats
 
 POSITION_AXES = ("step", "sigma")
 #: What a profile forecasts: the blocks' summed residuals (the paper's feature caching), or
@@ -47,71 +46,6 @@ class NonFiniteForecast(RuntimeError):
 #: holds a shard of the same step (context parallelism), so data-dependent decisions
 #: (the guard's) come out the same on all of them. ``None``: one process.
 Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class RunStats:
-    """What one guidance branch of the latest run did: steps computed and forecast,
-    solver groups the guard switched (:mod:`hyca.engine.guard`), and anything else the user must
-    hear (``notes``: a fallback, a profile made for other settings, ...)."""
-
-    computed: int = 0
-    forecast: int = 0
-    #: skip steps whose forecast was not finite, computed instead
-    non_finite: int = 0
-    switches: list[Switch] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return self.computed + self.forecast
-
-    def note(self, message: str) -> None:
-        if message not in self.notes:
-            self.notes.append(message)
-
-    def describe(self) -> str:
-        if not self.total:
-            text = "no steps"
-        else:
-            text = (f"{self.computed} of {self.total} steps computed, {self.forecast} forecast "
-                    f"(~{self.forecast / self.total:.0%} fewer transformer FLOPs)")
-        if self.switches:
-            text += "; guard: " + ", ".join(d.describe() for d in self.switches)
-        if self.notes:
-            text += "; " + "; ".join(self.notes)
-        return text
-
-
-@dataclass
-class BranchState:
-    """Everything one guidance branch (cond or uncond) of one generation accumulates."""
-
-    step: int = 0
-    total_steps: int | None = None
-    first_position: float | None = None
-    signature: tuple | None = None
-    current_position: float = 0.0
-    computing: bool = True
-    failed: bool = False
-    #: this skip step's forecast, made (and checked finite) by begin_step, and its position
-    forecast: torch.Tensor | None = None
-    forecast_position: float | None = None
-    positions: deque = field(default_factory=deque)
-    computed_steps: deque = field(default_factory=deque)  # step index of each history entry
-    histories: list[deque] = field(default_factory=list)
-    accumulators: list[torch.Tensor | None] = field(default_factory=list)
-    #: batch items, known from the first recorded residual (None before: one entry per slot)
-    items: int | None = None
-    #: pool index of the solver each (history slot, batch item) forecasts with now, slot-major:
-    #: ``active[slot * items + item]`` (the guard lowers them, per item)
-    active: list[int] = field(default_factory=list)
-    #: per (slot, item), judged checks lost in a row (the guard switches at ``guard.STRIKES``)
-    strikes: list[int] = field(default_factory=list)
-    stats: RunStats = field(default_factory=RunStats)
-
-    def reset(self) -> None:
-        self.__init__()
 
 
 class HybridCache:
@@ -166,16 +100,44 @@ class HybridCache:
         self._max_history = max(s.history for s in self.solvers)
         self.last_stats = RunStats()
 
-    # --- per step ---------------------------------------------------------------
+    # --- the contract (hyca.engine.contract) ------------------------------------
 
     def new_state(self) -> BranchState:
         return BranchState()
 
+    def begin_run(self, settings: RunSettings) -> None:
+        """What the host can tell about the run beyond the engine's own view (the
+        scheduler's shift, a guidance scale the pipeline keeps), compared with the
+        profile's settings at the run's second step."""
+        self.host_run = settings
+
+    def end_run(self) -> None:
+        self.forget_runs()
+
+    def call_position(self, state: BranchState, position: float) -> None:
+        state.current_position = float(position)
+
+    def fail(self, state: BranchState, why: str) -> None:
+        """Every later step of ``state``'s run computes; said once in the log and the stats."""
+        if not state.failed:
+            message = f"{why}; every later step of this run computed"
+            logger.warning("HyCa: %s", message)
+            state.stats.note(message)
+        state.failed = True
+
+    def stats(self, state: BranchState) -> RunStats:
+        return state.stats
+
+    # --- per step ---------------------------------------------------------------
+
     def begin_step(self, state: BranchState, position: float | None, signature: tuple,
-                   total_steps: int | None = None) -> bool:
+                   total_steps: int | None = None, step: int | None = None) -> bool:
         """Decide whether this step runs the blocks. Resets the branch when the input
         shape changes (batch or resolution) or the sampler is back at its first position
-        (a new generation that nobody reset)."""
+        (a new generation that nobody reset). ``step``: the host's step index, when it
+        counts steps itself (see :class:`~hyca.engine.contract.Engine`)."""
+        if step is not None:
+            state.step = step
         if state.step > 0 and (signature != state.signature or
                                (position is not None and position == state.first_position)):
             state.reset()
@@ -252,7 +214,7 @@ class HybridCache:
     def _weights(self, state: BranchState) -> tuple[tuple[int, ...], torch.Tensor]:
         """Per slot, how many history terms it uses; all their weights as one (terms, items)
         matrix, a column per batch item."""
-        return _stacked_weights(tuple(state.active), tuple(state.positions), state.current_position,
+        return stacked_weights(tuple(state.active), tuple(state.positions), state.current_position,
                                 tuple(len(h) for h in state.histories), state.items or 1)
 
     def _per_item(self, state: BranchState, items: int) -> None:
@@ -469,23 +431,3 @@ def _with_profiles_start(schedule: Schedule, profile: Profile) -> Schedule:
             or not 1 <= first <= schedule.interval):
         return schedule
     return schedule.with_first_interval(first)
-
-
-@lru_cache(maxsize=4096)
-def _stacked_weights(active: tuple[int, ...], positions: tuple[float, ...], target: float,
-                     lengths: tuple[int, ...], items: int) -> tuple[tuple[int, ...], torch.Tensor]:
-    """``active[slot * items + item]``: the solver of each (slot, item). Per slot, the terms
-    its items use (the most any of them uses; an item whose solver uses fewer weighs the
-    rest 0), and all the weights as one ``(terms, items)`` matrix. Weights are pure
-    functions of the history positions and the target, and every generation on one schedule
-    repeats the same few, so they are computed once and reused: recomputing them in Python
-    was most of a skip step's own cost. The returned tensor is shared between callers and
-    must not be modified."""
-    counts, blocks = [], []
-    for slot, n in enumerate(lengths):
-        per_item = [pool()[i].weights(list(positions[:n]), target) for i in active[slot * items:(slot + 1) * items]]
-        count = max(len(w) for w in per_item)
-        blocks.append([[float(v) for v in w] + [0.0] * (count - len(w)) for w in per_item])
-        counts.append(count)
-    columns = torch.tensor([[w[j] for w in block] for block, count in zip(blocks, counts) for j in range(count)])
-    return tuple(counts), columns

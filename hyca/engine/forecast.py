@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import torch
+
+from ..math.solvers import pool
 
 
 def forecast(history: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -24,3 +27,23 @@ def forecast(history: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Te
     for value, w in zip(history, weights):
         out.addcmul_(value, w)
     return out
+
+
+@lru_cache(maxsize=4096)
+def stacked_weights(active: tuple[int, ...], positions: tuple[float, ...], target: float,
+                     lengths: tuple[int, ...], items: int) -> tuple[tuple[int, ...], torch.Tensor]:
+    """``active[slot * items + item]``: the solver of each (slot, item). Per slot, the terms
+    its items use (the most any of them uses; an item whose solver uses fewer weighs the
+    rest 0), and all the weights as one ``(terms, items)`` matrix. Weights are pure
+    functions of the history positions and the target, and every generation on one schedule
+    repeats the same few, so they are computed once and reused: recomputing them in Python
+    was most of a skip step's own cost. The returned tensor is shared between callers and
+    must not be modified."""
+    counts, blocks = [], []
+    for slot, n in enumerate(lengths):
+        per_item = [pool()[i].weights(list(positions[:n]), target) for i in active[slot * items:(slot + 1) * items]]
+        count = max(len(w) for w in per_item)
+        blocks.append([[float(v) for v in w] + [0.0] * (count - len(w)) for w in per_item])
+        counts.append(count)
+    columns = torch.tensor([[w[j] for w in block] for block, count in zip(blocks, counts) for j in range(count)])
+    return tuple(counts), columns

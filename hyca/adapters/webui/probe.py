@@ -13,9 +13,10 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any
 
-from ...engine.cache import BranchState
+from ...engine.cache import BranchState, RunStats
 from ...engine.schedule import Schedule
 from ...profiles.profile import Profile
+from ...profiles.settings import RunSettings
 
 
 def available() -> bool:
@@ -27,9 +28,11 @@ def available() -> bool:
 
 
 class ProbeEngine:
-    """The engine interface the session uses, backed by a SketchRecorder."""
+    """The engine contract (:mod:`hyca.engine.contract`) for a probing pass, backed by a
+    SketchRecorder created once the pass's step count is known (:meth:`begin_run`)."""
 
     positions = "step"
+    target = "residual"
 
     def __init__(self, num_blocks: int, schedule: Schedule, seed: int = 0) -> None:
         self.num_blocks, self.schedule, self.seed = num_blocks, schedule, seed
@@ -47,7 +50,27 @@ class ProbeEngine:
     def new_state(self) -> BranchState:
         return BranchState()
 
-    def begin_step(self, state: BranchState, position: float | None, signature: Any, total_steps: int | None = None) -> bool:
+    def begin_run(self, settings: RunSettings) -> None:
+        self.prepare(settings.steps)
+
+    def end_run(self) -> None:
+        """The recording stays for :meth:`profile`."""
+
+    def call_position(self, state: BranchState, position: float) -> None:
+        """The recorder takes positions per sigma at :meth:`begin_step`."""
+
+    def fail(self, state: BranchState, why: str) -> None:
+        if self.recorder is not None:
+            self.recorder.fail(state, why)
+        state.failed = True
+
+    def stats(self, state: BranchState) -> RunStats:
+        return state.stats
+
+    def begin_step(self, state: BranchState, position: float | None, signature: Any, total_steps: int | None = None,
+                   step: int | None = None) -> bool:
+        if step is not None:
+            state.step = step
         self.recorder.begin_step(state, position, signature, total_steps)
         state.computing = True
         return True
