@@ -12,6 +12,7 @@ blocks x K, with the same result up to float rounding.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import deque
 from typing import Callable
@@ -96,7 +97,7 @@ class HybridCache:
         # one_hot[l, s, d] = 1 where dimension d of block l uses the s-th solver in use
         ids = torch.tensor(self.solver_ids)
         self._one_hot = (dim_solvers.unsqueeze(1) == ids.view(1, -1, 1))
-        self._block_masks: dict[tuple, list[list[tuple[int, torch.Tensor | None]]]] = {}
+        self._masks_key = hashlib.sha1(dim_solvers.numpy().tobytes()).hexdigest() + str(tuple(dim_solvers.shape))
         self._max_history = max(s.history for s in self.solvers)
         self.last_stats = RunStats()
 
@@ -163,7 +164,7 @@ class HybridCache:
         state.forecast = state.forecast_position = None
         if not state.computing:
             forecast = self._forecast(state)
-            if bool(torch.isfinite(forecast).all()):
+            if _finite(forecast):
                 state.forecast, state.forecast_position = forecast, state.current_position
             else:  # computing this step costs time, forecasting it would cost the image
                 state.computing = True
@@ -177,10 +178,12 @@ class HybridCache:
         """Add block ``block``'s residual (output stream minus input stream) to the
         per-solver sums of this compute step. Inference only: the cached sums never hold
         an autograd graph (the residual is detached)."""
-        residual = residual.detach()
+        if residual.requires_grad:
+            residual = residual.detach()
         if state.items is None:
             self._per_item(state, residual.shape[0])
-        for s, mask in self._masks_for(residual)[block]:
+        masks = block_masks(self._one_hot, self._masks_key, residual.device, self.cache_dtype or residual.dtype)
+        for s, mask in masks[block]:
             acc = state.accumulators[s]
             if acc is None:
                 acc = state.accumulators[s] = self._fresh_accumulator(state, s, residual)
@@ -197,14 +200,14 @@ class HybridCache:
         if state.forecast is not None and state.forecast_position == state.current_position:
             return state.forecast
         forecast = self._forecast(state)
-        if not bool(torch.isfinite(forecast).all()):
+        if not _finite(forecast):
             state.stats.non_finite += 1
             raise NonFiniteForecast(NON_FINITE)
         return forecast
 
-    @torch.no_grad()
     def _forecast(self, state: BranchState) -> torch.Tensor:
-        """One weighted sum over all per-solver histories."""
+        """One weighted sum over all per-solver histories (detached values and constant
+        weights: no autograd graph)."""
         counts, column = self._weights(state)
         values = []
         for history, count in zip(state.histories, counts):
@@ -401,23 +404,38 @@ class HybridCache:
         # The oldest value is recycled only when nothing reads it before this step ends:
         # the guard forecasts this step from the whole history at its end.
         if not self.guard and len(history) == history.maxlen and history[-1].shape == residual.shape:
-            recycled = history.pop()  # the value about to fall out of the window
-            return recycled.zero_()
+            return history.pop().zero_()  # the value about to fall out of the window
         return torch.zeros(residual.shape, device=residual.device, dtype=dtype)
 
-    def _masks_for(self, residual: torch.Tensor) -> list[list[tuple[int, torch.Tensor | None]]]:
-        """Per block: (solver slot, dimension mask or None when the block uses one solver)."""
-        key = (residual.device, self.cache_dtype or residual.dtype)
-        if key not in self._block_masks:
-            per_block = []
-            for one_hot in self._one_hot:  # (solvers, dim)
-                used = [s for s in range(len(self.solvers)) if one_hot[s].any()]
-                if len(used) == 1:
-                    per_block.append([(used[0], None)])
-                else:
-                    per_block.append([(s, one_hot[s].to(device=key[0], dtype=key[1])) for s in used])
-            self._block_masks[key] = per_block
-        return self._block_masks[key]
+
+def _finite(forecast: torch.Tensor) -> bool:
+    """Whether every element is finite, from one reduction: any NaN or Inf makes the sum
+    non-finite (a sum that overflows counts as non-finite too: that step computes)."""
+    return bool(torch.isfinite(forecast.sum()))
+
+
+_MASKS: dict[tuple, list[list[tuple[int, torch.Tensor | None]]]] = {}
+
+
+def block_masks(one_hot: torch.Tensor, profile_key: str, device: torch.device,
+                dtype: torch.dtype) -> list[list[tuple[int, torch.Tensor | None]]]:
+    """Per block: (solver slot, ``(dim,)`` dimension mask, or None when the block uses one
+    solver) for every slot the block feeds. ``one_hot``: ``(blocks, slots, dim)``. Shared by
+    every engine of the same profile (``profile_key``), so building one engine per request
+    costs no mask transfers after the first. (One masked update per slot and block measured
+    faster than one stacked update of every slot per block on the reference model's shapes:
+    bench/results/engine_overhead.md.)"""
+    key = (profile_key, device, dtype)
+    if key not in _MASKS:
+        if len(_MASKS) > 64:
+            _MASKS.clear()
+        per_block = []
+        for block in one_hot:  # (slots, dim)
+            used = [s for s in range(block.shape[0]) if block[s].any()]
+            per_block.append([(used[0], None)] if len(used) == 1 else
+                             [(s, block[s].to(device=device, dtype=dtype)) for s in used])
+        _MASKS[key] = per_block
+    return _MASKS[key]
 
 
 def _with_profiles_start(schedule: Schedule, profile: Profile) -> Schedule:

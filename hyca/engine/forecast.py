@@ -47,3 +47,11 @@ def stacked_weights(active: tuple[int, ...], positions: tuple[float, ...], targe
         counts.append(count)
     columns = torch.tensor([[w[j] for w in block] for block, count in zip(blocks, counts) for j in range(count)])
     return tuple(counts), columns
+
+
+@lru_cache(maxsize=4096)
+def solver_weights(solver: int, positions: tuple[float, ...], target: float) -> torch.Tensor:
+    """``(terms, 1)``: pool solver ``solver``'s weights for ``positions`` (newest first) and
+    ``target``, cached as :func:`stacked_weights` (the guard asks for the same few at every
+    check). Shared between callers: must not be modified."""
+    return torch.as_tensor(pool()[solver].weights(list(positions), target)).unsqueeze(1)

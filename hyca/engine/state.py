@@ -62,6 +62,7 @@ class BranchState:
     positions: deque = field(default_factory=deque)
     computed_steps: deque = field(default_factory=deque)  # step index of each history entry
     histories: list[deque] = field(default_factory=list)
+    #: this computed step's per-slot sums of the recorded residuals (None: no block fed it yet)
     accumulators: list[torch.Tensor | None] = field(default_factory=list)
     #: batch items, known from the first recorded residual (None before: one entry per slot)
     items: int | None = None
