@@ -77,3 +77,29 @@ def test_reference_model_batch_of_three_captions_equals_each_alone():
     for i in range(3):
         assert (batched[i] - alone[i][0]).abs().max() < NOISE
         assert _item_switches(stats[(0, 1, 2)], i) == decisions[i]
+
+
+def test_reference_model_guided_batch_equals_each_alone():
+    """True classifier-free guidance in separate calls (cond, uncond): the guard also judges
+    the difference of the branches, item i of one against item i of the other. Alone, the
+    two captions' groups take different solvers back (bdf2 at step 14 for the first, taylor-1
+    for the second); the batch of both equals each alone."""
+    pipe = load_pipeline()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.cat([pack(torch.randn(1, 3, data.SIZE, data.SIZE, generator=g), patch_of(pipe.transformer))
+                         for _ in CAPTIONS[:2]])
+    hyca.enable(pipe, interval=4, warmup=3, guard=True)  # the shipped profile, chosen without guidance
+    stats = {}
+
+    def run(items):
+        out = pipe([CAPTIONS[i] for i in items], num_inference_steps=28, guidance_scale=2.5,
+                   latents=latents[items], output_type="pt")
+        stats[tuple(items)] = hyca.stats(pipe)
+        return out.images
+
+    alone, batched = _alone_and_batched(run, 2)
+    decisions = [[_item_switches(branch, None) for branch in stats[(i,)]] for i in range(2)]
+    assert decisions[0] != decisions[1]
+    for i in range(2):
+        assert (batched[i] - alone[i][0]).abs().max() < NOISE
+        assert [_item_switches(branch, i) for branch in stats[(0, 1)]] == decisions[i]
