@@ -190,8 +190,9 @@ def measure(histories: Sequence[Sequence[torch.Tensor]], positions: Sequence[flo
             continue
         union[s] = list(dict.fromkeys(c for row in own for c in row))
         actual = actuals[s].float()
-        misses = predict_all(histories[s], positions, target, tuple(union[s])) - actual  # (union, *actual)
-        per_item = misses.square().sum(dim=tuple(range(2, misses.dim())), dtype=torch.float64)  # (union, batch)
+        misses = [predict(histories[s], positions, target, solver) - actual for solver in union[s]]
+        axes = tuple(range(1, actual.dim()))
+        per_item = torch.stack([m.square().sum(dim=axes, dtype=torch.float64) for m in misses])  # (union, batch)
         energy = actual.square().sum(dim=tuple(range(1, actual.dim())), dtype=torch.float64)
         if per_item.shape[1] != items:  # one solver entry for a batch: the batch's sums
             per_item, energy = per_item.sum(dim=1, keepdim=True), energy.sum().view(1)
@@ -201,11 +202,11 @@ def measure(histories: Sequence[Sequence[torch.Tensor]], positions: Sequence[flo
                               for row in own], device=padded.device)
         measured.append(torch.cat([padded.T.gather(1, index), energy.unsqueeze(1)], dim=1))
         if rows:
-            flat = misses.reshape(misses.shape[0], misses.shape[1], -1, misses.shape[-1])  # (union, batch, tokens, dim)
+            flat = torch.stack([m.reshape(m.shape[0], -1, m.shape[-1]) for m in misses])  # (union, batch, tokens, dim)
             if projection is None or projection.shape[1] != flat.shape[2]:
                 shard = getattr(reduce, "projection", None)  # context parallelism: this rank's columns
                 projection = (_projection(flat.shape[2], rows, seed, flat) if shard is None
-                              else shard((1, *misses.shape[2:]), rows, seed, flat))
+                              else shard((1, *misses[0].shape[1:]), rows, seed, flat))
             sketches[s] = (projection @ flat).double().cpu()
     errors = torch.cat(measured).cpu()  # on the CPU: ``reduce`` moves it if it must
     if reduce is not None:
@@ -221,28 +222,6 @@ def predict(history: Sequence[torch.Tensor], positions: Sequence[float], target:
     count = min(len(history), pool()[solver].history)
     weights = solver_weights(solver, tuple(float(p) for p in positions[:count]), float(target))
     return forecast(list(history)[:len(weights)], weights)
-
-
-def predict_all(history: Sequence[torch.Tensor], positions: Sequence[float], target: float,
-                solvers: tuple[int, ...]) -> torch.Tensor:
-    """:func:`predict` for several solvers at once, ``(solvers, *value)`` float32: one
-    update per history term for all of them, each element summed in the same order as the
-    forecast kernel does (a solver with fewer terms weighs the rest 0), so each row equals
-    that solver's :func:`predict`."""
-    columns = []
-    for solver in solvers:
-        count = min(len(history), pool()[solver].history)
-        columns.append(solver_weights(solver, tuple(float(p) for p in positions[:count]), float(target)))
-    terms = max(len(c) for c in columns)
-    weights = torch.zeros(terms, len(solvers), dtype=torch.float32)
-    for j, column in enumerate(columns):
-        weights[:len(column), j] = column[:, 0]
-    first = history[0]
-    weights = weights.to(first.device).reshape(terms, len(solvers), *[1] * first.dim())
-    out = torch.zeros((len(solvers), *first.shape), device=first.device, dtype=torch.float32)
-    for value, w in zip(history, weights):
-        out.addcmul_(value.unsqueeze(0), w)
-    return out
 
 
 def _verdicts(table: list[list[int]], errors: torch.Tensor, energy: torch.Tensor) -> dict[int, int | None]:
