@@ -61,7 +61,8 @@ def main(repeats: int = 5) -> None:
         for batch in (1, 3):
             on = statistics.median(t for _ in range(repeats) for t in run(batch, branches, True))
             off = statistics.median(t for _ in range(repeats) for t in run(batch, branches, False))
-            print(f"  {branches} branch{'es' if branches > 1 else '  '}, batch {batch}: guard {1e3 * (on - off):7.2f} ms"
+            name = "branches" if branches > 1 else "branch  "
+            print(f"  {branches} {name}, batch {batch}: guard {1e3 * (on - off):7.2f} ms"
                   f"  ({1e3 * (on - off) / batch:6.2f} ms per image)")
 
 

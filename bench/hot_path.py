@@ -35,7 +35,8 @@ def main() -> None:
     print(f"hyca from {hyca.__file__}, torch {torch.__version__}, 1 thread")
     for interval in (4, 7):
         d = decompose(pipe, CASE, 50, interval, "auto", repeats=args.repeats)
-        print(f"N={interval}: full call {d['full_call_ms']:.3f} ms, HyCa computed call {d['hyca_compute_call_ms']:.3f} ms "
+        print(f"N={interval}: full call {d['full_call_ms']:.3f} ms, "
+              f"HyCa computed call {d['hyca_compute_call_ms']:.3f} ms "
               f"(+{d['hyca_compute_call_ms'] - d['full_call_ms']:.3f}), skip call {d['hyca_skip_call_ms']:.3f} ms, "
               f"block-less {d['blockless_call_ms']:.3f} ms (+{d['hyca_skip_call_ms'] - d['blockless_call_ms']:.3f}); "
               f"speed-up modelled {d['modelled_hyca_speedup']:.2f}x, measured {d['measured_hyca_speedup']:.2f}x, "

@@ -30,7 +30,8 @@ every check and still give a worse image, being worse on ``c - u`` (docs/engine.
 branches check the same step, the second also compares the candidates on the difference of
 the two branches' errors (through random sketches of the error tensors, kept from the first
 branch: ``SKETCH_ROWS`` x ``dim`` per candidate, not the tensors), a loss there counts as a
-strike, and both branches share the outcome. A batched call (both branches in one batch) is one branch here.
+strike, and both branches share the outcome. A batched call (both branches in one batch)
+is one branch here.
 
 Per image. Every decision is made per batch item (issue 18): errors, strikes and the solver
 in use are kept per (group, item), and forecasts weigh each item with its own solver, so

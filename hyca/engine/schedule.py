@@ -18,8 +18,8 @@ class Schedule:
     and extrapolating it ``N-1`` steps ahead is the least accurate forecast of a run; a
     short first interval (diffusers' TaylorSeer computes two steps after warm-up) spaces
     the history ``N`` apart sooner. On the reference model it helps on an even sigma
-    schedule and hurts on a shifted one (docs/engine.md), so the probe chooses it closed loop (:mod:`hyca.probing.closed_loop`) and a profile
-    carries it.
+    schedule and hurts on a shifted one (docs/engine.md), so the probe chooses it closed
+    loop (:mod:`hyca.probing.closed_loop`) and a profile carries it.
 
     ``interval=1`` computes every step (caching off, a useful baseline).
     """

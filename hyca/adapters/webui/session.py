@@ -218,7 +218,8 @@ class PassSession:
             step, fraction = self.locate(sigma)
             began = step > branch.step
             if began:  # steps are counted by sigma, not by calls
-                branch.decision = self.engine.begin_step(branch.state, sigma, key, self.total_steps, step)
+                branch.decision = self.engine.begin_step(branch.state, sigma, key, self.total_steps,
+                                                         step)
                 branch.step = step
             self.engine.call_position(branch.state, step + fraction if self.engine.positions == "step" else sigma)
             return Call(branch, computing=branch.decision, began=began)
