@@ -45,11 +45,10 @@ def uniform(solver: str) -> Profile:
     return Profile.uniform(solver, 1, DIM)
 
 
-def steady_checks(steps: int = STEPS) -> list[int]:
-    """Computed steps whose forecast replay has the target and two newest history points N apart."""
-    plan = Schedule(INTERVAL, WARMUP).plan(steps)
-    done = [k for k, c in enumerate(plan) if c]
-    return [k for i, k in enumerate(done) if steady([k, *reversed(done[:i])], INTERVAL)]
+#: Computed steps whose forecast replay has the target and two newest history points N apart,
+#: written out by hand: 30 steps, N=4, warm-up 3 compute 0 1 2 | 6 10 14 18 22 26 | 29; 6 has
+#: history 2, 1 (not N apart), 29 is 3 after 26.
+STEADY_CHECKS = [10, 14, 18, 22, 26]
 
 
 def linear(step: int) -> torch.Tensor:
@@ -72,7 +71,8 @@ def test_ladder_and_steady_checks():
     assert [names[i] for i in lower_orders(names.index("taylor-1"))] == ["reuse"]
     assert lower_orders(names.index("reuse")) == []
     # warm-up 0, 1, 2 then every 4th: 6 (history 2, 1: not steady), 10 (6, 2), 14 (10, 6), ...
-    assert steady_checks()[:3] == [10, 14, 18]
+    done = [k for k, c in enumerate(Schedule(INTERVAL, WARMUP).plan(STEPS)) if c]
+    assert [k for i, k in enumerate(done) if steady([k, *reversed(done[:i])], INTERVAL)] == STEADY_CHECKS
     assert not steady([29, 26, 22], INTERVAL)  # the computed last step is closer than N
 
 
@@ -92,7 +92,7 @@ def test_a_diverging_solver_is_demoted_after_two_lost_steady_checks(solver):
     engine = HybridCache(uniform(solver), Schedule(INTERVAL, WARMUP), guard=True)
     drive(engine, {"cond": noise(1)})
     (demotion,) = drive.states["cond"].stats.switches
-    assert demotion.step == steady_checks()[STRIKES - 1]
+    assert demotion.step == STEADY_CHECKS[STRIKES - 1]
     assert demotion.solver == solver and demotion.to in LADDER
 
 
@@ -143,7 +143,7 @@ def test_branches_that_disagree_are_demoted_together():
     cond, uncond = drive.states["cond"], drive.states["uncond"]
     assert cond.active == uncond.active == [pool_names().index("reuse")]
     # each branch reports its own demotion, at the check that decided it
-    assert [d.step for d in cond.stats.switches + uncond.stats.switches] == [steady_checks()[STRIKES - 1]] * 2
+    assert [d.step for d in cond.stats.switches + uncond.stats.switches] == [STEADY_CHECKS[STRIKES - 1]] * 2
 
 
 def test_fixed_inputs_give_identical_decisions_and_forecasts():
@@ -180,13 +180,13 @@ def test_reduce_sees_every_error_before_the_decision():
     engine = HybridCache(uniform("taylor-1"), Schedule(INTERVAL, WARMUP), guard=True, reduce=reduce)
     drive(engine, {"cond": noise(1)})
     assert drive.states["cond"].stats.switches == []
-    assert len([t for t in seen if t.dim() == 2]) == len(steady_checks())
+    assert len([t for t in seen if t.dim() == 2]) == len(STEADY_CHECKS)
     assert not any(t.dim() == 3 for t in seen)  # one branch: no sketches to compare, none made
     assert math.isfinite(float(seen[0].sum()))
     seen.clear()
     drive(HybridCache(uniform("taylor-1"), Schedule(INTERVAL, WARMUP), guard=True, reduce=reduce), guided_pair(3))
     sketches = [t for t in seen if t.dim() == 3]
-    assert len(sketches) == 2 * len(steady_checks()) and all(t.shape[1] == SKETCH_ROWS for t in sketches)
+    assert len(sketches) == 2 * len(STEADY_CHECKS) and all(t.shape[1] == SKETCH_ROWS for t in sketches)
 
 
 def test_a_switched_group_wins_its_solver_back_when_it_forecasts_best_again():

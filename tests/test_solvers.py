@@ -116,3 +116,61 @@ def test_names_and_aliases():
     assert len({s.name for s in pool()}) == len(pool())
     with pytest.raises(ValueError, match="unknown solver 'rk4'.*known solvers"):
         get_solver("rk4")
+
+
+# --- repeated, unordered and nearly equal positions (issue 18: never a silent NaN) --------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from hyca.math.solvers import NODE_TOLERANCE  # noqa: E402
+
+_position = st.floats(-50, 50, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(solver=st.sampled_from(pool()), positions=st.lists(_position, min_size=1, max_size=5),
+       repeats=st.lists(st.integers(0, 4), max_size=3), nudge=st.sampled_from([0.0, 1e-12, 1e-7, 1e-4]),
+       target=_position)
+def test_fuzzed_positions_always_give_finite_weights_that_sum_to_one(solver, positions, repeats, nudge, target):
+    """Any positions a host may hand over: repeats (Heun's second evaluation of a sigma),
+    nearly equal ones, any order, a target on a position or between them."""
+    t = list(positions)
+    for r in repeats:
+        t.insert(min(r, len(t)), t[min(r, len(t) - 1)] + nudge)
+    w = solver.weights(t, target)
+    assert w.shape == (min(len(t), solver.history),)
+    assert np.all(np.isfinite(w))
+    assert w.sum() == pytest.approx(1.0, abs=1e-6 * max(1.0, np.abs(w).sum()))
+
+
+def test_a_repeated_position_is_one_node_holding_its_newest_value():
+    """Heun at positions [2, 2, 1] (newest first) -> 3: the nodes are 2 and 1, so taylor-2
+    has one slope and extrapolates linearly, 2 * F(2) - F(1); the older value at 2 is unused."""
+    np.testing.assert_allclose(get_solver("taylor-2").weights([2.0, 2.0, 1.0], 3.0), [2.0, 0.0, -1.0])
+    # three distinct of four: the TaylorSeer order-2 fallback, 5/2, -2, 1/2 on a unit grid
+    np.testing.assert_allclose(get_solver("lagrange-4").weights([3.0, 3.0, 2.0, 1.0], 4.0), [2.5, 0.0, -2.0, 0.5])
+    # a target on a cached position is that value
+    np.testing.assert_allclose(get_solver("am3").weights([2.0, 1.0, 0.0, -1.0], 2.0), [1.0, 0.0, 0.0, 0.0])
+    # all the same position: reuse of the newest
+    np.testing.assert_allclose(get_solver("bdf3").weights([1.0] * 4, 0.5), [1.0, 0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("solver", pool(), ids=lambda s: s.name)
+def test_unordered_distinct_positions_stay_exact(solver):
+    """The nodes need no order: shuffled, well separated positions with the target outside
+    them still reproduce every polynomial of the solver's degree."""
+    for _ in range(10):
+        t, x = random_configuration(solver.history)
+        t = np.concatenate([t[:1], RNG.permutation(t[1:])])
+        w = solver.weights(t, x)
+        for degree in range(solver.exact_degree + 1):
+            coefficients = RNG.normal(size=degree + 1)
+            assert w @ np.polyval(coefficients, t) == pytest.approx(np.polyval(coefficients, x), abs=1e-8)
+
+
+def test_nearly_equal_positions_merge_below_the_tolerance_only():
+    solver = get_solver("taylor-1")
+    merged = solver.weights([1.0, 1.0 - 0.5 * NODE_TOLERANCE], 2.0)
+    np.testing.assert_allclose(merged, [1.0, 0.0])  # one node: reuse
+    separate = solver.weights([1.0, 1.0 - 10 * NODE_TOLERANCE], 2.0)
+    np.testing.assert_allclose(separate, [1.0 + 1 / (10 * NODE_TOLERANCE), -1 / (10 * NODE_TOLERANCE)])

@@ -12,10 +12,9 @@ blocks x K, with the same result up to float rounding.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import deque
-from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -23,10 +22,11 @@ import torch
 from ..math.solvers import Solver, pool, pool_names
 from ..profiles.profile import Profile
 from ..profiles.settings import RunSettings, differences
-from .forecast import forecast
+from .forecast import forecast, stacked_weights
 from .guard import (SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, first_switch, measure,
                     own_verdicts, steady)
 from .schedule import Schedule
+from .state import BranchState, RunStats
 
 POSITION_AXES = ("step", "sigma")
 #: What a profile forecasts: the blocks' summed residuals (the paper's feature caching), or
@@ -36,67 +36,17 @@ TARGETS = ("residual", "output")
 
 logger = logging.getLogger("hyca")
 
+#: The note of a run in which some forecast came out NaN or Inf (and was computed instead).
+NON_FINITE = "a forecast was not finite (NaN or Inf); those steps were computed instead"
+
+
+class NonFiniteForecast(RuntimeError):
+    """A forecast asked for outside :meth:`HybridCache.begin_step` came out NaN or Inf."""
+
 #: ``reduce(tensor) -> tensor``: sums a small float64 tensor over every process that
 #: holds a shard of the same step (context parallelism), so data-dependent decisions
 #: (the guard's) come out the same on all of them. ``None``: one process.
 Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class RunStats:
-    """What one guidance branch of the latest run did: steps computed and forecast,
-    solver groups the guard switched (:mod:`hyca.engine.guard`), and anything else the user must
-    hear (``notes``: a fallback, a profile made for other settings, ...)."""
-
-    computed: int = 0
-    forecast: int = 0
-    switches: list[Switch] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return self.computed + self.forecast
-
-    def note(self, message: str) -> None:
-        if message not in self.notes:
-            self.notes.append(message)
-
-    def describe(self) -> str:
-        if not self.total:
-            text = "no steps"
-        else:
-            text = (f"{self.computed} of {self.total} steps computed, {self.forecast} forecast "
-                    f"(~{self.forecast / self.total:.0%} fewer transformer FLOPs)")
-        if self.switches:
-            text += "; guard: " + ", ".join(d.describe() for d in self.switches)
-        if self.notes:
-            text += "; " + "; ".join(self.notes)
-        return text
-
-
-@dataclass
-class BranchState:
-    """Everything one guidance branch (cond or uncond) of one generation accumulates."""
-
-    step: int = 0
-    total_steps: int | None = None
-    first_position: float | None = None
-    signature: tuple | None = None
-    current_position: float = 0.0
-    computing: bool = True
-    failed: bool = False
-    positions: deque = field(default_factory=deque)
-    computed_steps: deque = field(default_factory=deque)  # step index of each history entry
-    histories: list[deque] = field(default_factory=list)
-    accumulators: list[torch.Tensor | None] = field(default_factory=list)
-    #: pool index of the solver each history slot forecasts with now (the guard lowers them)
-    active: list[int] = field(default_factory=list)
-    #: per slot, judged checks lost in a row (the guard switches at ``guard.STRIKES``)
-    strikes: list[int] = field(default_factory=list)
-    stats: RunStats = field(default_factory=RunStats)
-
-    def reset(self) -> None:
-        self.__init__()
 
 
 class HybridCache:
@@ -147,20 +97,48 @@ class HybridCache:
         # one_hot[l, s, d] = 1 where dimension d of block l uses the s-th solver in use
         ids = torch.tensor(self.solver_ids)
         self._one_hot = (dim_solvers.unsqueeze(1) == ids.view(1, -1, 1))
-        self._block_masks: dict[tuple, list[list[tuple[int, torch.Tensor | None]]]] = {}
+        self._masks_key = hashlib.sha1(dim_solvers.numpy().tobytes()).hexdigest() + str(tuple(dim_solvers.shape))
         self._max_history = max(s.history for s in self.solvers)
         self.last_stats = RunStats()
 
-    # --- per step ---------------------------------------------------------------
+    # --- the contract (hyca.engine.contract) ------------------------------------
 
     def new_state(self) -> BranchState:
         return BranchState()
 
+    def begin_run(self, settings: RunSettings) -> None:
+        """What the host can tell about the run beyond the engine's own view (the
+        scheduler's shift, a guidance scale the pipeline keeps), compared with the
+        profile's settings at the run's second step."""
+        self.host_run = settings
+
+    def end_run(self) -> None:
+        self.forget_runs()
+
+    def call_position(self, state: BranchState, position: float) -> None:
+        state.current_position = float(position)
+
+    def fail(self, state: BranchState, why: str) -> None:
+        """Every later step of ``state``'s run computes; said once in the log and the stats."""
+        if not state.failed:
+            message = f"{why}; every later step of this run computed"
+            logger.warning("HyCa: %s", message)
+            state.stats.note(message)
+        state.failed = True
+
+    def stats(self, state: BranchState) -> RunStats:
+        return state.stats
+
+    # --- per step ---------------------------------------------------------------
+
     def begin_step(self, state: BranchState, position: float | None, signature: tuple,
-                   total_steps: int | None = None) -> bool:
+                   total_steps: int | None = None, step: int | None = None) -> bool:
         """Decide whether this step runs the blocks. Resets the branch when the input
         shape changes (batch or resolution) or the sampler is back at its first position
-        (a new generation that nobody reset)."""
+        (a new generation that nobody reset). ``step``: the host's step index, when it
+        counts steps itself (see :class:`~hyca.engine.contract.Engine`)."""
+        if step is not None:
+            state.step = step
         if state.step > 0 and (signature != state.signature or
                                (position is not None and position == state.first_position)):
             state.reset()
@@ -183,14 +161,29 @@ class HybridCache:
         use_step = self.positions == "step" or position is None
         state.current_position = float(state.step) if use_step else float(position)
         state.computing = state.failed or not state.positions or self.schedule.computes(state.step, state.total_steps)
+        state.forecast = state.forecast_position = None
+        if not state.computing:
+            forecast = self._forecast(state)
+            if _finite(forecast):
+                state.forecast, state.forecast_position = forecast, state.current_position
+            else:  # computing this step costs time, forecasting it would cost the image
+                state.computing = True
+                state.stats.non_finite += 1
+                self._say(state, NON_FINITE)
         if state.computing:
             state.accumulators = [None] * len(self.solvers)
         return state.computing
 
     def record(self, state: BranchState, block: int, residual: torch.Tensor) -> None:
         """Add block ``block``'s residual (output stream minus input stream) to the
-        per-solver sums of this compute step."""
-        for s, mask in self._masks_for(residual)[block]:
+        per-solver sums of this compute step. Inference only: the cached sums never hold
+        an autograd graph (the residual is detached)."""
+        if residual.requires_grad:
+            residual = residual.detach()
+        if state.items is None:
+            self._per_item(state, residual.shape[0])
+        masks = block_masks(self._one_hot, self._masks_key, residual.device, self.cache_dtype or residual.dtype)
+        for s, mask in masks[block]:
             acc = state.accumulators[s]
             if acc is None:
                 acc = state.accumulators[s] = self._fresh_accumulator(state, s, residual)
@@ -200,8 +193,21 @@ class HybridCache:
                 acc.addcmul_(residual, mask)
 
     def predicted_residual(self, state: BranchState) -> torch.Tensor:
-        """The forecast of ``sum_l R_l`` at this skip step, one weighted sum over all
-        per-solver histories."""
+        """The forecast of ``sum_l R_l`` at this skip step (float32, the residuals' shape),
+        the one :meth:`begin_step` made and found finite. A host that moved the step's
+        position since (a call at a fraction of a step) gets a fresh one; if that is not
+        finite, :class:`NonFiniteForecast` (the host computes instead and says so)."""
+        if state.forecast is not None and state.forecast_position == state.current_position:
+            return state.forecast
+        forecast = self._forecast(state)
+        if not _finite(forecast):
+            state.stats.non_finite += 1
+            raise NonFiniteForecast(NON_FINITE)
+        return forecast
+
+    def _forecast(self, state: BranchState) -> torch.Tensor:
+        """One weighted sum over all per-solver histories (detached values and constant
+        weights: no autograd graph)."""
         counts, column = self._weights(state)
         values = []
         for history, count in zip(state.histories, counts):
@@ -209,9 +215,17 @@ class HybridCache:
         return forecast(values, column)
 
     def _weights(self, state: BranchState) -> tuple[tuple[int, ...], torch.Tensor]:
-        """Per solver, how many history terms it uses; all their weights as one (terms, 1) column."""
-        return _stacked_weights(tuple(state.active), tuple(state.positions), state.current_position,
-                                tuple(len(h) for h in state.histories))
+        """Per slot, how many history terms it uses; all their weights as one (terms, items)
+        matrix, a column per batch item."""
+        return stacked_weights(tuple(state.active), tuple(state.positions), state.current_position,
+                                tuple(len(h) for h in state.histories), state.items or 1)
+
+    def _per_item(self, state: BranchState, items: int) -> None:
+        """The batch is known: one solver entry and strike count per (slot, item), each
+        starting where the slot's shared entry stands."""
+        state.items = items
+        state.active = [solver for solver in state.active for _ in range(items)]
+        state.strikes = [strikes for strikes in state.strikes for _ in range(items)]
 
     def end_step(self, state: BranchState) -> None:
         if state.computing:
@@ -229,6 +243,7 @@ class HybridCache:
             state.stats.computed += 1
         else:
             state.stats.forecast += 1
+        state.forecast = state.forecast_position = None
         state.step += 1
         self.last_stats = state.stats
 
@@ -241,21 +256,22 @@ class HybridCache:
         """The guard: this computed step is a free check of what each solver would have
         forecast for it; a second guidance branch at the same step also checks the forecasts
         of their difference (see :mod:`hyca.engine.guard`)."""
-        judged = [steady([state.step, *state.computed_steps], self.schedule.interval)] * len(state.active)
+        judged = [steady([state.step, *state.computed_steps], self.schedule.interval)] * len(self.solver_ids)
         branches = max(len(self._begun.get(state.step - 1, ())), len(self._begun.get(state.step, ())))
         rows = SKETCH_ROWS if branches > 1 else 0  # sketches only serve a second guidance branch
         check = measure(list(state.histories), list(state.positions), state.current_position, state.accumulators,
-                        state.active, judged, state.step, self.reduce, rows, self.sketch_seed, self.solver_ids)
+                        state.active, judged, state.step, self.reduce, rows, self.sketch_seed, self.solver_ids,
+                        state.items or 1)
         if not check.judged:
             return
         verdicts = own_verdicts(check)
         peer = self._peer_of(state)
         if peer is not None:  # the guided-aware verdict decides where there is one
-            verdicts.update({slot: better for slot, better in difference_verdicts(check, peer[1]).items()})
-        for slot, better in verdicts.items():
-            state.strikes[slot] = 0 if better is None else state.strikes[slot] + 1
-            if state.strikes[slot] >= STRIKES:
-                self._switch(state, slot, better, state.step)
+            verdicts.update(difference_verdicts(check, peer[1]))
+        for row, better in verdicts.items():
+            state.strikes[row] = 0 if better is None else state.strikes[row] + 1
+            if state.strikes[row] >= STRIKES:
+                self._switch(state, row, better, state.step)
         if peer is not None:
             self._share(state, peer[0])
         self._last_check = (state, check)
@@ -318,13 +334,11 @@ class HybridCache:
         forecasts' errors on ``cond - uncond``, which an unguided probe never scored, and the
         guard needs two steady checks (the third computed step after warm-up, at the
         earliest) before it may switch. At 20-28 steps with N >= 4 that comes after most of the
-        forecasts, or never. On the reference model's 30 guided grid cells the shipped
-        profiles (chosen at 50 steps, no guidance) gave 25.50 dB trusted, 33.39 dB started
-        from reuse, plain reuse 32.74 dB (``bench/results/grid.md``)."""
+        forecasts, or never. The grid measurement behind this choice: docs/engine.md."""
         reuse = pool_names().index("reuse")
-        for slot, solver in enumerate(state.active):
+        for row, solver in enumerate(state.active):
             if solver != reuse:
-                self._switch(state, slot, reuse, state.step)
+                self._switch(state, row, reuse, state.step)
 
     def distrust_guidance(self) -> None:
         """For hosts that know the run's guidance before it starts (a WebUI pass): every
@@ -368,17 +382,21 @@ class HybridCache:
             return None
         return other, check
 
-    def _switch(self, state: BranchState, slot: int, to: int, step: int) -> None:
-        state.stats.switches.append(Switch(step, pool()[state.active[slot]].name, pool()[to].name))
-        state.active[slot], state.strikes[slot] = to, 0
+    def _switch(self, state: BranchState, row: int, to: int, step: int) -> None:
+        """Row ``row`` of ``state.active`` (slot-major, see :class:`BranchState`) switches to ``to``."""
+        item = row % state.items if state.items is not None and state.items > 1 else None
+        state.stats.switches.append(Switch(step, pool()[state.active[row]].name, pool()[to].name, item))
+        state.active[row], state.strikes[row] = to, 0
 
     def _share(self, state: BranchState, other: BranchState) -> None:
         """The branch that checked first adopts the decisions of the second, which also saw
-        the difference of the two."""
-        for slot in range(min(len(state.active), len(other.active))):
-            if other.active[slot] != state.active[slot]:
-                self._switch(other, slot, state.active[slot], state.step)
-            other.strikes[slot] = state.strikes[slot]
+        the difference of the two, item by item."""
+        if len(state.active) != len(other.active):
+            return  # batches of different sizes: their items do not pair
+        for row in range(len(state.active)):
+            if other.active[row] != state.active[row]:
+                self._switch(other, row, state.active[row], state.step)
+            other.strikes[row] = state.strikes[row]
 
     def _fresh_accumulator(self, state: BranchState, s: int, residual: torch.Tensor) -> torch.Tensor:
         dtype = self.cache_dtype or residual.dtype
@@ -386,23 +404,38 @@ class HybridCache:
         # The oldest value is recycled only when nothing reads it before this step ends:
         # the guard forecasts this step from the whole history at its end.
         if not self.guard and len(history) == history.maxlen and history[-1].shape == residual.shape:
-            recycled = history.pop()  # the value about to fall out of the window
-            return recycled.zero_()
+            return history.pop().zero_()  # the value about to fall out of the window
         return torch.zeros(residual.shape, device=residual.device, dtype=dtype)
 
-    def _masks_for(self, residual: torch.Tensor) -> list[list[tuple[int, torch.Tensor | None]]]:
-        """Per block: (solver slot, dimension mask or None when the block uses one solver)."""
-        key = (residual.device, self.cache_dtype or residual.dtype)
-        if key not in self._block_masks:
-            per_block = []
-            for one_hot in self._one_hot:  # (solvers, dim)
-                used = [s for s in range(len(self.solvers)) if one_hot[s].any()]
-                if len(used) == 1:
-                    per_block.append([(used[0], None)])
-                else:
-                    per_block.append([(s, one_hot[s].to(device=key[0], dtype=key[1])) for s in used])
-            self._block_masks[key] = per_block
-        return self._block_masks[key]
+
+def _finite(forecast: torch.Tensor) -> bool:
+    """Whether every element is finite, from one reduction: any NaN or Inf makes the sum
+    non-finite (a sum that overflows counts as non-finite too: that step computes)."""
+    return bool(torch.isfinite(forecast.sum()))
+
+
+_MASKS: dict[tuple, list[list[tuple[int, torch.Tensor | None]]]] = {}
+
+
+def block_masks(one_hot: torch.Tensor, profile_key: str, device: torch.device,
+                dtype: torch.dtype) -> list[list[tuple[int, torch.Tensor | None]]]:
+    """Per block: (solver slot, ``(dim,)`` dimension mask, or None when the block uses one
+    solver) for every slot the block feeds. ``one_hot``: ``(blocks, slots, dim)``. Shared by
+    every engine of the same profile (``profile_key``), so building one engine per request
+    costs no mask transfers after the first. (One masked update per slot and block measured
+    faster than one stacked update of every slot per block on the reference model's shapes:
+    bench/results/engine_overhead.md.)"""
+    key = (profile_key, device, dtype)
+    if key not in _MASKS:
+        if len(_MASKS) > 64:
+            _MASKS.clear()
+        per_block = []
+        for block in one_hot:  # (slots, dim)
+            used = [s for s in range(block.shape[0]) if block[s].any()]
+            per_block.append([(used[0], None)] if len(used) == 1 else
+                             [(s, block[s].to(device=device, dtype=dtype)) for s in used])
+        _MASKS[key] = per_block
+    return _MASKS[key]
 
 
 def _with_profiles_start(schedule: Schedule, profile: Profile) -> Schedule:
@@ -416,14 +449,3 @@ def _with_profiles_start(schedule: Schedule, profile: Profile) -> Schedule:
             or not 1 <= first <= schedule.interval):
         return schedule
     return schedule.with_first_interval(first)
-
-
-@lru_cache(maxsize=4096)
-def _stacked_weights(solver_ids: tuple[int, ...], positions: tuple[float, ...], target: float,
-                     lengths: tuple[int, ...]) -> tuple[tuple[int, ...], torch.Tensor]:
-    """Weights are pure functions of the history positions and the target, and every
-    generation on one schedule repeats the same few, so they are computed once and reused:
-    recomputing them in Python was most of a skip step's own cost. The returned tensor is
-    shared between callers and must not be modified."""
-    per_solver = [pool()[i].weights(list(positions[:n]), target).tolist() for i, n in zip(solver_ids, lengths)]
-    return tuple(len(w) for w in per_solver), torch.tensor([w for ws in per_solver for w in ws]).unsqueeze(1)

@@ -1,24 +1,57 @@
-"""The one prediction kernel: ``F_hat[..., d] = sum_j W[j, d] * H[j, ..., d]``."""
+"""The one prediction kernel: ``F_hat[b, ...] = sum_j W[j, b] * H[j, b, ...]``."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import torch
 
+from ..math.solvers import pool
+
 
 def forecast(history: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sum over cached values, dimension-wise.
+    """Weighted sum over cached values, per batch item.
 
-    ``history[j]`` has shape ``(..., D)``; ``weights`` has shape ``(K, D)`` (a weight per
-    dimension) or ``(K, 1)`` (one weight for every dimension). Accumulates in float32
+    ``history[j]`` has shape ``(B, ...)``; ``weights`` has shape ``(K, B)`` (a weight per
+    cached value and batch item: each image forecast with its own solver) or ``(K, 1)`` (one
+    weight for the whole batch). Accumulates in float32
     whatever the cache dtype, because extrapolation weights such as ``2.86, -4, 5, -2.86``
     cancel, and bf16 rounding of each term would not.
     """
     if len(history) != weights.shape[0]:
         raise ValueError(f"{len(history)} cached values but {weights.shape[0]} weight rows")
     weights = weights.to(device=history[0].device, dtype=torch.float32)
+    weights = weights.reshape(*weights.shape, *[1] * (history[0].dim() - 1))  # (K, B, 1, ...)
     out = torch.zeros(history[0].shape, device=history[0].device, dtype=torch.float32)
     for value, w in zip(history, weights):
         out.addcmul_(value, w)
     return out
+
+
+@lru_cache(maxsize=4096)
+def stacked_weights(active: tuple[int, ...], positions: tuple[float, ...], target: float,
+                     lengths: tuple[int, ...], items: int) -> tuple[tuple[int, ...], torch.Tensor]:
+    """``active[slot * items + item]``: the solver of each (slot, item). Per slot, the terms
+    its items use (the most any of them uses; an item whose solver uses fewer weighs the
+    rest 0), and all the weights as one ``(terms, items)`` matrix. Weights are pure
+    functions of the history positions and the target, and every generation on one schedule
+    repeats the same few, so they are computed once and reused: recomputing them in Python
+    was most of a skip step's own cost. The returned tensor is shared between callers and
+    must not be modified."""
+    counts, blocks = [], []
+    for slot, n in enumerate(lengths):
+        per_item = [pool()[i].weights(list(positions[:n]), target) for i in active[slot * items:(slot + 1) * items]]
+        count = max(len(w) for w in per_item)
+        blocks.append([[float(v) for v in w] + [0.0] * (count - len(w)) for w in per_item])
+        counts.append(count)
+    columns = torch.tensor([[w[j] for w in block] for block, count in zip(blocks, counts) for j in range(count)])
+    return tuple(counts), columns
+
+
+@lru_cache(maxsize=4096)
+def solver_weights(solver: int, positions: tuple[float, ...], target: float) -> torch.Tensor:
+    """``(terms, 1)``: pool solver ``solver``'s weights for ``positions`` (newest first) and
+    ``target``, cached as :func:`stacked_weights` (the guard asks for the same few at every
+    check). Shared between callers: must not be modified."""
+    return torch.as_tensor(pool()[solver].weights(list(positions), target)).unsqueeze(1)

@@ -10,33 +10,37 @@ solver group ``s``. So, with no extra model call, it can measure what each group
 A group whose solver did worse than a lower order (``taylor-1``, then ``reuse``) at
 ``STRIKES`` (two) judged checks in a row is switched to the one that did best at the
 last of them; the profile's own solver stays a candidate, and wins its group back the
-same way. Checks early in a run can go against a solver that wins every later one:
-taylor-1 at 50 steps, shift 3, N=8 had 5.7x reuse's error at step 18 and 0.1x at steps
-26-42; at N=3 it lost the checks at steps 8 and 11 and won all later ones. Demoting at
-the first loss cost 4.7 dB (28 steps, shift 3, N=6, where taylor-1 lost one check by 2%);
-demoting for good after two cost 7.4 dB at 50 steps, shift 3, N=3. With the way back, the
-group returns to its solver once it wins again.
+same way. Checks early in a run can go against a solver that wins every later one, so a
+single loss does not demote, and with the way back the group returns to its solver once it
+wins again (the measurements behind both: docs/engine.md).
 
 A check only judges a solver when the forecast it replays looks like the forecasts still
 to come (:func:`steady`): the target and the newest history points ``N`` steps apart. Right after
 warm-up the history is one step apart and the target ``N`` ahead, where extrapolation
-misses by far more than reuse (20-70x on the reference model) though it beats reuse by
-5-50x once the history is ``N`` apart; judging there demoted good solvers for good
-(measured: -5 dB at 50 steps, N=4). Open-loop choosing (eq. 5)
+misses by far more than reuse though it beats reuse by far once the history is ``N``
+apart; judging there demoted good solvers for good (docs/engine.md). Open-loop choosing (eq. 5)
 scores forecasts on a fully computed trajectory; on the cached trajectory, with guidance
 and at settings the profile was not chosen for, a high order can extrapolate noise
 (issue 11). The check measures on the trajectory the run is actually on.
 
 Guidance. Each branch's own errors do not show what guidance does: the guided output is
 ``u + g (c - u)``, and forecasts whose errors on ``c`` and on ``u`` differ get their
-difference multiplied by ``g``. On the reference model, taylor-1 forecast each branch 2-10x
-better than reuse at every steady check of a 28-step run with guidance 2.5, yet its image
-was 9 dB worse; on ``c - u`` it was 1.8-2.1x *worse* at every one of them. So when two
+difference multiplied by ``g``: a solver can forecast each branch better than reuse at
+every check and still give a worse image, being worse on ``c - u`` (docs/engine.md). So when two
 branches check the same step, the second also compares the candidates on the difference of
 the two branches' errors (through random sketches of the error tensors, kept from the first
 branch: ``SKETCH_ROWS`` x ``dim`` per candidate, not the tensors), a loss there counts as a
-strike, and both branches share the outcome. Measured on that run: 22.2 -> 29.4 dB
-(reuse: 31.1). A batched call (both branches in one batch) is one branch here.
+strike, and both branches share the outcome. A batched call (both branches in one batch)
+is one branch here.
+
+Per image. Every decision is made per batch item (issue 18): errors, strikes and the solver
+in use are kept per (group, item), and forecasts weigh each item with its own solver, so
+an image's result does not depend on its batch-mates. In a batched-guidance call
+(``[uncond..., cond...]`` in one batch: SD3, Sana, Z-Image, HiDream) item ``i`` and item
+``i + B/2`` are one image's two halves; they are decided per item too, each half on its
+own errors (the engine cannot see which half is which, and a half's decision depends only
+on that half, as it would for the image alone). Between separate guidance branches item
+``i`` of one pairs with item ``i`` of the other.
 
 Deterministic: the errors are sums over the same tensors in a fixed order, and, under
 context parallelism, summed over every rank (``reduce``) before anything is decided, so all
@@ -45,13 +49,13 @@ ranks switch alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 from ..math.solvers import get_solver, pool
-from .forecast import forecast
+from .forecast import forecast, solver_weights
 
 #: The ladder of lower orders a solver can be demoted along, lowest last.
 LADDER = ("taylor-1", "reuse")
@@ -67,14 +71,19 @@ SKETCH_ROWS = 32
 
 @dataclass(frozen=True)
 class Switch:
-    """At computed step ``step``, one solver group switched from ``solver`` to ``to``."""
+    """At computed step ``step``, one solver group switched from ``solver`` to ``to`` for
+    batch item ``item``."""
 
     step: int
     solver: str
     to: str
+    #: the batch item whose group switched; None: every item (a batch of one, or a switch
+    #: made before the batch was seen)
+    item: int | None = None
 
     def describe(self) -> str:
-        return f"{self.solver} -> {self.to} at step {self.step}"
+        image = "" if self.item is None else f" (image {self.item + 1})"
+        return f"{self.solver} -> {self.to} at step {self.step}{image}"
 
 
 def candidates(original: int, active: int) -> list[int]:
@@ -114,20 +123,24 @@ def first_switch(plan: Sequence[bool], interval: int) -> int | None:
 
 @dataclass
 class Check:
-    """What one branch measured at one computed step.
+    """What one branch measured at one computed step, per (slot, batch item).
 
-    ``table[s]``: pool indices of the candidates for slot ``s`` (its solver first, then the
-    lower orders; only the solver when the slot was not judged). ``errors[s, c]``: squared
-    error of candidate ``c`` (summed over ranks); ``energy[s]``: the squared norm of the
-    slot's true value. ``sketches[s]``: ``(candidates, rows, dim)``
-    random projections of each candidate's error tensor over its batch and token axes
-    (summed over ranks), for comparing branches; None for slots not judged."""
+    Rows are slot-major: row ``r`` is slot ``r // items``, item ``r % items``. ``table[r]``:
+    pool indices of that row's candidates (its solver first, then the lower orders; only
+    the solver when the slot was not judged). ``errors[r, c]``: squared error of candidate
+    ``c`` on that item (summed over ranks); ``energy[r]``: the item's squared norm of the
+    slot's true value. ``union[s]``: every candidate of slot ``s`` over its items, in the
+    order of ``sketches[s]``: ``(len(union[s]), items, rows, dim)`` random projections of
+    each candidate's error over each item's token axes (summed over ranks), for comparing
+    branches; None for slots not judged or not sketched."""
 
     step: int
     table: list[list[int]]
     errors: torch.Tensor
     energy: torch.Tensor
     sketches: list[torch.Tensor | None]
+    union: list[list[int]] = field(default_factory=list)
+    items: int = 1
 
     @property
     def judged(self) -> bool:
@@ -142,92 +155,114 @@ def _projection(count: int, rows: int, seed: int, like: torch.Tensor) -> torch.T
 def measure(histories: Sequence[Sequence[torch.Tensor]], positions: Sequence[float], target: float,
             actuals: Sequence[torch.Tensor], active: Sequence[int], judged: Sequence[bool], step: int,
             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, rows: int = 0,
-            seed: int = 0, original: Sequence[int] | None = None) -> Check:
+            seed: int = 0, original: Sequence[int] | None = None, items: int = 1) -> Check:
     """Forecast this step with each judged slot's :func:`candidates` and measure the errors
-    (and, with ``rows`` > 0, sketch them). ``histories[s]``: slot ``s``'s cached values
-    (newest first), ``positions`` theirs; ``actuals[s]``: its true value at ``target``,
-    just computed; ``active[s]``: the pool index it forecasts with now; ``original[s]``:
-    the profile's solver for it (default: ``active``); ``judged[s]``: whether this check
-    may judge slot ``s`` (:func:`steady`). ``reduce`` sums over ranks. Under context
+    of every batch item apart (and, with ``rows`` > 0, sketch them). ``histories[s]``: slot
+    ``s``'s cached values ``(batch, ..., dim)`` (newest first), ``positions`` theirs;
+    ``actuals[s]``: its true value at ``target``, just computed; ``active[s * items + i]``:
+    the pool index item ``i`` of slot ``s`` forecasts with now; ``original[s]``: the
+    profile's solver for slot ``s`` (default: ``active`` of item 0); ``judged[s]``: whether
+    this check may judge slot ``s`` (:func:`steady`). ``items``: the batch size, or 1 when
+    every item shares one solver entry. ``reduce`` sums over ranks.
+
+    Sketches project each item's tokens with one ``(rows, tokens)`` matrix, the same for
+    every item, so an item's sketch does not depend on its batch-mates. Under context
     parallelism each rank's error tensors are its token shard of ``(batch, tokens, dim)``: a
-    ``reduce`` with ``projection(shape, rows, seed, like)`` gives each rank its columns of
-    the projection one process would draw for the whole sequence, so the summed sketches
-    (and the decisions) are one process's; without it, ``seed`` must differ between ranks
-    (independent sketches of the shards add up to an unbiased sketch of the whole)."""
-    original = list(active) if original is None else list(original)
-    table = [candidates(original[s], active[s]) if judged[s] else [active[s]] for s in range(len(active))]
+    ``reduce`` with ``projection(shape, rows, seed, like)`` (asked for a batch of one) gives
+    each rank its columns of the projection one process would draw for the whole sequence,
+    so the summed sketches (and the decisions) are one process's; without it, ``seed`` must
+    differ between ranks (independent sketches of the shards add up to an unbiased sketch of
+    the whole)."""
+    slots = len(histories)
+    original = [active[s * items] for s in range(slots)] if original is None else list(original)
+    table = [candidates(original[s], active[s * items + i]) if judged[s] else [active[s * items + i]]
+             for s in range(slots) for i in range(items)]
     width = max((len(row) for row in table), default=1)
-    errors = torch.zeros(len(table), width + 1, dtype=torch.float64)  # the last column: energy
-    sketches: list[torch.Tensor | None] = [None] * len(table)
+    sketches: list[torch.Tensor | None] = [None] * slots
+    union: list[list[int]] = [[] for _ in range(slots)]
     if not any(len(row) > 1 for row in table):  # nothing to judge, no reduce: that depends on steps only
-        return Check(step, table, errors[:, :-1], errors[:, -1], sketches)
+        errors = torch.zeros(len(table), width + 1, dtype=torch.float64)
+        return Check(step, table, errors[:, :-1], errors[:, -1], sketches, union, items)
     measured, projection = [], None
-    for s, row in enumerate(table):
-        if len(row) == 1:
-            measured.append(torch.zeros(width + 1, dtype=torch.float64, device=actuals[s].device))
+    for s in range(slots):
+        own = table[s * items:(s + 1) * items]
+        if len(own[0]) == 1:
+            measured.append(torch.zeros(items, width + 1, dtype=torch.float64, device=actuals[s].device))
             continue
-        misses = [predict(histories[s], positions, target, solver) - actuals[s].float() for solver in row]
-        values = [m.square().sum(dtype=torch.float64) for m in misses]
-        energy = actuals[s].float().square().sum(dtype=torch.float64)
-        measured.append(torch.stack(values + [values[0].new_zeros(())] * (width - len(row)) + [energy]))
+        union[s] = list(dict.fromkeys(c for row in own for c in row))
+        actual = actuals[s].float()
+        misses = [predict(histories[s], positions, target, solver) - actual for solver in union[s]]
+        axes = tuple(range(1, actual.dim()))
+        per_item = torch.stack([m.square().sum(dim=axes, dtype=torch.float64) for m in misses])  # (union, batch)
+        energy = actual.square().sum(dim=tuple(range(1, actual.dim())), dtype=torch.float64)
+        if per_item.shape[1] != items:  # one solver entry for a batch: the batch's sums
+            per_item, energy = per_item.sum(dim=1, keepdim=True), energy.sum().view(1)
+        # each item's candidates, picked out of the union (the last index is a zero: padding)
+        padded = torch.cat([per_item, per_item.new_zeros(1, items)])
+        index = torch.tensor([[union[s].index(c) for c in row] + [len(union[s])] * (width - len(row))
+                              for row in own], device=padded.device)
+        measured.append(torch.cat([padded.T.gather(1, index), energy.unsqueeze(1)], dim=1))
         if rows:
-            flat = torch.stack([m.reshape(-1, m.shape[-1]) for m in misses])  # (candidates, n, dim)
-            if projection is None or projection.shape[1] != flat.shape[1]:
+            flat = torch.stack([m.reshape(m.shape[0], -1, m.shape[-1]) for m in misses])  # (union, batch, tokens, dim)
+            if projection is None or projection.shape[1] != flat.shape[2]:
                 shard = getattr(reduce, "projection", None)  # context parallelism: this rank's columns
-                projection = (_projection(flat.shape[1], rows, seed, flat) if shard is None
-                              else shard(tuple(misses[0].shape), rows, seed, flat))
+                projection = (_projection(flat.shape[2], rows, seed, flat) if shard is None
+                              else shard((1, *misses[0].shape[1:]), rows, seed, flat))
             sketches[s] = (projection @ flat).double().cpu()
-    errors = torch.stack(measured).cpu()  # on the CPU: ``reduce`` moves it if it must
+    errors = torch.cat(measured).cpu()  # on the CPU: ``reduce`` moves it if it must
     if reduce is not None:
         errors = reduce(errors)
-        sketches = [None if k is None else reduce(k) for k in sketches]
-    return Check(step, table, errors[:, :-1], errors[:, -1], sketches)
+        sketches = [None if k is None else reduce(k.reshape(k.shape[0], -1, k.shape[-1])).reshape(k.shape)
+                    for k in sketches]
+    return Check(step, table, errors[:, :-1], errors[:, -1], sketches, union, items)
 
 
 def predict(history: Sequence[torch.Tensor], positions: Sequence[float], target: float, solver: int) -> torch.Tensor:
     """What ``solver`` forecasts for ``target`` from ``history`` (newest first), falling back
     with a short history exactly as the engine does at a skip step; float32."""
     count = min(len(history), pool()[solver].history)
-    weights = torch.as_tensor(pool()[solver].weights(list(positions[:count]), target)).unsqueeze(1)
+    weights = solver_weights(solver, tuple(float(p) for p in positions[:count]), float(target))
     return forecast(list(history)[:len(weights)], weights)
 
 
 def _verdicts(table: list[list[int]], errors: torch.Tensor, energy: torch.Tensor) -> dict[int, int | None]:
     out: dict[int, int | None] = {}
-    for s, row in enumerate(table):
+    for r, row in enumerate(table):
         if len(row) == 1:
             continue
-        best = min(range(1, len(row)), key=lambda c: float(errors[s, c]))
-        lost = float(errors[s, best]) < float(errors[s, 0]) and float(errors[s, 0]) > TOLERANCE * float(energy[s])
-        out[s] = row[best] if lost else None
+        best = min(range(1, len(row)), key=lambda c: float(errors[r, c]))
+        lost = float(errors[r, best]) < float(errors[r, 0]) and float(errors[r, 0]) > TOLERANCE * float(energy[r])
+        out[r] = row[best] if lost else None
     return out
 
 
 def own_verdicts(check: Check) -> dict[int, int | None]:
-    """Per judged slot, the candidate that forecast this step better than the slot's
-    current solver on this branch, or None when the current one did best (or was within
-    ``TOLERANCE`` of the truth)."""
+    """Per judged row (slot, item), the candidate that forecast this step better than the
+    row's current solver on this branch, or None when the current one did best (or was
+    within ``TOLERANCE`` of the truth)."""
     return _verdicts(check.table, check.errors, check.energy)
 
 
 def difference_verdicts(check: Check, other: Check) -> dict[int, int | None]:
     """The same on the difference of two guidance branches at one step (``cond - uncond``,
-    which guidance multiplies by its scale): per slot judged on both with the same
-    candidates, the candidate whose forecast of the difference was better."""
-    table = [row if len(row) > 1 and row == theirs and k is not None and j is not None and k.shape == j.shape
-             else row[:1] for row, theirs, k, j in zip(check.table, other.table, check.sketches, other.sketches)]
-    width = check.errors.shape[1]
-    errors = torch.zeros(len(table), width, dtype=torch.float64)
-    for s, row in enumerate(table):
+    which guidance multiplies by its scale): per row judged on both with the same
+    candidates, the candidate whose forecast of the difference was better. Item ``i`` of
+    one branch pairs with item ``i`` of the other (one image's two halves: in separate
+    calls, the hosts give both branches the same batch order)."""
+    def sketch(c: Check, r: int) -> torch.Tensor | None:
+        k = c.sketches[r // c.items]
+        return None if k is None else k[:, r % c.items]
+
+    table = []
+    for r, (row, theirs) in enumerate(zip(check.table, other.table)):
+        k, j = sketch(check, r), sketch(other, r)
+        same = check.items == other.items and k is not None and j is not None and k.shape == j.shape
+        table.append(row if len(row) > 1 and row == theirs and same else row[:1])
+    errors = torch.zeros(len(table), check.errors.shape[1], dtype=torch.float64)
+    for r, row in enumerate(table):
         if len(row) > 1:
-            errors[s, :len(row)] = (check.sketches[s] - other.sketches[s]).square().sum(dim=(1, 2))
+            s = r // check.items
+            mine, yours = sketch(check, r), sketch(other, r)
+            for c, solver in enumerate(row):
+                errors[r, c] = (mine[check.union[s].index(solver)] - yours[other.union[s].index(solver)]).square().sum()
     return _verdicts(table, errors, check.energy + other.energy)
-
-
-def check_solvers(histories: Sequence[Sequence[torch.Tensor]], positions: Sequence[float], target: float,
-                  actuals: Sequence[torch.Tensor], active: Sequence[int],
-                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  judged: Sequence[bool] | None = None) -> dict[int, int | None]:
-    """One branch's check alone: :func:`measure` then :func:`own_verdicts`."""
-    judged = [True] * len(active) if judged is None else list(judged)
-    return own_verdicts(measure(histories, positions, target, actuals, active, judged, 0, reduce))

@@ -17,10 +17,9 @@ class Schedule:
     ``{0 .. W-1} U {W-1 + F + k*N}``. Right after warm-up the history is one step apart,
     and extrapolating it ``N-1`` steps ahead is the least accurate forecast of a run; a
     short first interval (diffusers' TaylorSeer computes two steps after warm-up) spaces
-    the history ``N`` apart sooner. On the reference model that is worth 3-6 dB on an
-    even sigma schedule and costs 3-5 dB on a shifted one (bench/results/grid.md), so
-    the probe chooses it closed loop (:mod:`hyca.probing.closed_loop`) and a profile
-    carries it.
+    the history ``N`` apart sooner. On the reference model it helps on an even sigma
+    schedule and hurts on a shifted one (docs/engine.md), so the probe chooses it closed
+    loop (:mod:`hyca.probing.closed_loop`) and a profile carries it.
 
     ``interval=1`` computes every step (caching off, a useful baseline).
     """

@@ -28,7 +28,8 @@ apart to targets up to N-1 steps ahead, so ``taylor-1`` misses there by far more
 ``reuse``; with every step weighted alike that one early interval outweighed the smaller
 ``taylor-1`` error of every later interval, and the probe chose reuse as N grew, though
 closed loop ``taylor-1`` was better. The measurements, before and after the weight:
-bench/results/selection_study.md.
+bench/results/selection_study.md; what the weight
+gained on prompts not used to pick the exponent: docs/engine.md.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ At a skip step nothing is evaluated, so a "solver" can only combine cached value
 Each solver here is a pure function from history positions and a target position to
 those weights. Positions are ordered newest first (``t[0]`` is the last computed step)
 and need not be evenly spaced (docs/design.md, section 3): warm-up steps are one step apart, cached
-steps N apart, and sigma schedules are shifted.
+steps N apart, and sigma schedules are shifted. They need not be distinct either (a
+second-order sampler evaluates one sigma twice): :meth:`Solver.weights` defines the
+weights on the distinct positions, so they are finite and sum to 1 for any input.
 
 Every weight vector is built by composing linear functionals on the history
 (unit vectors, divided differences, Lagrange bases), so the derivation of each solver
@@ -154,7 +156,9 @@ def adams_moulton(steps: int) -> WeightFn:
 
 def backward_differentiation(steps: int) -> WeightFn:
     """BDF-k: the polynomial through (x, F(x)), (t_0, F_0) .. (t_{k-1}, F_{k-1}) has slope
-    f(x) at x; solved for F(x) with the AB-k predicted target slope."""
+    f(x) at x; solved for F(x) with the AB-k predicted target slope. Singular where
+    ``L_0'(x) = sum_j 1 / (x - t_j)`` vanishes, which needs the target between the nodes
+    (never when extrapolating): :meth:`Solver.weights` then takes the next lower order."""
 
     def weights(t: np.ndarray, x: float) -> np.ndarray:
         size = steps + 1
@@ -194,15 +198,61 @@ class Solver:
     aliases: tuple[str, ...] = ()
 
     def weights(self, positions: Sequence[float], target: float) -> np.ndarray:
-        """Weights for ``positions`` (newest first). With fewer cached values than the
-        solver needs (right after a short warm-up), it falls back to TaylorSeer of the
-        order the history allows, as TaylorSeer itself does."""
-        t = np.asarray(positions, dtype=float)
+        """Weights for ``positions`` (newest first, any order after that), one per position
+        of the first ``history`` ones, always finite and summing to 1.
+
+        Defined on the *distinct* positions (:func:`distinct_nodes`): a position that repeats
+        a newer one (a second-order sampler such as Heun evaluates one sigma twice), or
+        lies within ``NODE_TOLERANCE`` of the span of it, gets weight 0, and the newest
+        value at each position is the one used. A target at one of the positions gets
+        that value (weight 1), as every rule here gives in the limit. With fewer distinct
+        positions than the solver needs (right after a short warm-up, or after repeats) it
+        falls back to TaylorSeer of the order they allow, as TaylorSeer itself does. Where
+        a rule is singular on its nodes (BDF with the target between them), or comes out
+        non-finite, the next lower order is used, down to reuse."""
+        t = np.asarray(positions, dtype=float)[: self.history]
         if len(t) == 0:
             raise ValueError(f"solver {self.name!r} needs at least one cached value")
-        if len(t) < self.history:
-            return _fallback(len(t)).rule(t, float(target))
-        return self.rule(t[: self.history], float(target))
+        x = float(target)
+        out = np.zeros(len(t))
+        keep, at_target = distinct_nodes(t, x)
+        if at_target is not None:
+            out[at_target] = 1.0
+            return out
+        nodes = t[keep]
+        solver = self if len(nodes) >= self.history else _fallback(len(nodes))
+        while True:
+            with np.errstate(all="ignore"):
+                w = solver.rule(nodes[: solver.history], x)
+            if np.all(np.isfinite(w)) and abs(w.sum() - 1.0) <= SUM_TOLERANCE * max(1.0, np.abs(w).sum()):
+                break
+            solver = _fallback(solver.history - 1) if solver.history > 1 else _BY_NAME["reuse"]
+        out[keep[: len(w)]] = w
+        return out
+
+
+#: Positions closer than this fraction of the span of a solver's positions and target are
+#: one node (:func:`distinct_nodes`): divided differences over closer ones would give
+#: weights so large that float rounding decides the forecast.
+NODE_TOLERANCE = 1e-3
+#: How far from 1 a rule's weights may sum, relative to the sum of their magnitudes,
+#: before the rule is taken as singular on its nodes.
+SUM_TOLERANCE = 1e-6
+
+
+def distinct_nodes(t: np.ndarray, x: float) -> tuple[np.ndarray, int | None]:
+    """Indices of the distinct positions of ``t`` (newest first: a position within
+    ``NODE_TOLERANCE`` of the span of a newer kept one is dropped), and the index of the
+    position the target ``x`` coincides with, if any (None otherwise). Unordered positions
+    are fine: every rule here is defined for any distinct nodes."""
+    span = float(np.ptp(np.append(t, x)))
+    tolerance = NODE_TOLERANCE * span
+    keep: list[int] = []
+    for i, ti in enumerate(t):
+        if all(abs(ti - t[k]) > tolerance for k in keep):
+            keep.append(i)
+    hit = next((k for k in keep if abs(t[k] - x) <= tolerance), None)
+    return np.array(keep, dtype=int), hit
 
 
 _POOL: tuple[Solver, ...] = (

@@ -43,10 +43,12 @@ from typing import Any
 import torch
 
 from ..engine.cache import POSITION_AXES
+from ..engine.state import BranchState, RunStats
 from ..engine.schedule import Schedule
 from ..math.indicators import IndicatorAccumulator
 from ..math.selection import Replay, ReplayErrors
 from ..math.solvers import Solver
+from ..profiles.settings import RunSettings
 
 
 def projection(rows: int, count: int, seed: int) -> torch.Tensor:
@@ -57,7 +59,11 @@ def projection(rows: int, count: int, seed: int) -> torch.Tensor:
 
 
 class SketchRecorder:
-    """Turns one branch of a fully computed run into indicators and replay errors."""
+    """Turns one branch of a fully computed run into indicators and replay errors. An
+    engine of :mod:`hyca.engine.contract` that always computes: ``target`` says what the
+    hooks report as block 0 (``"output"``: the output head's input, one "block")."""
+
+    target = "residual"
 
     def __init__(self, num_blocks: int, steps: int, schedule: Schedule, positions: str = "step",
                  rows: int = 8, spectral_rows: int | None = 2, seed: int = 0, branch: str = "cond",
@@ -98,10 +104,35 @@ class SketchRecorder:
         self._pending = False  # sketches of a step not yet folded into the indicators
         self._projection: torch.Tensor | None = None
 
-    # --- the engine's hook-facing interface ------------------------------------------------
+    # --- the engine contract (hyca.engine.contract) -----------------------------------------
+
+    def new_state(self) -> BranchState:
+        return BranchState()
+
+    def begin_run(self, settings: RunSettings) -> None:
+        """The recording's step count is fixed at construction; a run that says otherwise
+        fails the recording (its replay would be of another schedule)."""
+        if settings.steps is not None and settings.steps != self.steps and self.error is None:
+            self._fail(ValueError(f"the run has {settings.steps} steps, the probe was set up for {self.steps}"))
+
+    def end_run(self) -> None:
+        """Nothing spans a recorded run but the recording, which :meth:`finish` reads."""
+
+    def call_position(self, state: BranchState, position: float) -> None:
+        """Positions are taken per timestep at :meth:`begin_step`; later calls add none."""
+
+    def fail(self, state: BranchState, why: str) -> None:
+        """The host could not record this branch: the probe fails (a partial record would
+        choose from a wrong replay)."""
+        state.failed = True
+        state.stats.note(why)
+        self._fail(RuntimeError(why))
+
+    def stats(self, state: BranchState) -> RunStats:
+        return state.stats
 
     def begin_step(self, state: Any, position: float | None, signature: tuple | None,
-                   total_steps: int | None = None) -> bool:
+                   total_steps: int | None = None, step: int | None = None) -> bool:
         state.computing = True
         new_step = position is None or position != self._position or not self._pending
         if new_step:

@@ -39,6 +39,7 @@ import torch
 from ...engine.cache import BranchState, HybridCache, RunStats
 from ...engine.guard import Switch
 from ...engine.residual import ResidualError, ResidualMeter, Snapshot
+from ...profiles.settings import RunSettings
 
 logger = logging.getLogger("hyca.webui")
 
@@ -209,20 +210,18 @@ class PassSession:
                 source, self._schedule_source = self._schedule_source, None
                 found = source()
                 self.schedule = [float(s) for s in found] if found else None
-                prepare = getattr(self.engine, "prepare", None)
-                if prepare is not None:
-                    prepare(self.total_steps)
+                self.engine.begin_run(RunSettings(steps=self.total_steps))
                 self._tell_schedule()
             sigma = float(torch.as_tensor(sigma).flatten()[0])
             key = (hint, tuple(x.shape))
             branch = self._branch_for(sigma, key)
             step, fraction = self.locate(sigma)
             began = step > branch.step
-            if began:
-                branch.state.step = step  # steps are counted by sigma, not by calls
-                branch.decision = self.engine.begin_step(branch.state, sigma, key, self.total_steps)
+            if began:  # steps are counted by sigma, not by calls
+                branch.decision = self.engine.begin_step(branch.state, sigma, key, self.total_steps,
+                                                         step)
                 branch.step = step
-            branch.state.current_position = step + fraction if self.engine.positions == "step" else sigma
+            self.engine.call_position(branch.state, step + fraction if self.engine.positions == "step" else sigma)
             return Call(branch, computing=branch.decision, began=began)
         except Exception as error:  # noqa: BLE001 - HyCa must never break the host
             raise HyCaFailure(f"could not place the call on the schedule ({error})") from error

@@ -1,0 +1,77 @@
+"""The state a host keeps per guidance branch, and what a branch reports: see
+:mod:`hyca.engine.contract` for who owns it and when it is reset."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .guard import Switch
+
+
+@dataclass
+class RunStats:
+    """What one guidance branch of the latest run did: steps computed and forecast,
+    solver groups the guard switched (:mod:`hyca.engine.guard`), and anything else the user must
+    hear (``notes``: a fallback, a profile made for other settings, ...)."""
+
+    computed: int = 0
+    forecast: int = 0
+    #: skip steps whose forecast was not finite, computed instead
+    non_finite: int = 0
+    switches: list[Switch] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.computed + self.forecast
+
+    def note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+
+    def describe(self) -> str:
+        if not self.total:
+            text = "no steps"
+        else:
+            text = (f"{self.computed} of {self.total} steps computed, {self.forecast} forecast "
+                    f"(~{self.forecast / self.total:.0%} fewer transformer FLOPs)")
+        if self.switches:
+            text += "; guard: " + ", ".join(d.describe() for d in self.switches)
+        if self.notes:
+            text += "; " + "; ".join(self.notes)
+        return text
+
+
+@dataclass
+class BranchState:
+    """Everything one guidance branch (cond or uncond) of one generation accumulates."""
+
+    step: int = 0
+    total_steps: int | None = None
+    first_position: float | None = None
+    signature: tuple | None = None
+    current_position: float = 0.0
+    computing: bool = True
+    failed: bool = False
+    #: this skip step's forecast, made (and checked finite) by begin_step, and its position
+    forecast: torch.Tensor | None = None
+    forecast_position: float | None = None
+    positions: deque = field(default_factory=deque)
+    computed_steps: deque = field(default_factory=deque)  # step index of each history entry
+    histories: list[deque] = field(default_factory=list)
+    #: this computed step's per-slot sums of the recorded residuals (None: no block fed it yet)
+    accumulators: list[torch.Tensor | None] = field(default_factory=list)
+    #: batch items, known from the first recorded residual (None before: one entry per slot)
+    items: int | None = None
+    #: pool index of the solver each (history slot, batch item) forecasts with now, slot-major:
+    #: ``active[slot * items + item]`` (the guard lowers them, per item)
+    active: list[int] = field(default_factory=list)
+    #: per (slot, item), judged checks lost in a row (the guard switches at ``guard.STRIKES``)
+    strikes: list[int] = field(default_factory=list)
+    stats: RunStats = field(default_factory=RunStats)
+
+    def reset(self) -> None:
+        self.__init__()

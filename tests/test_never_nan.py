@@ -1,0 +1,74 @@
+"""Never a silent NaN or Inf (issue 18 item 3): repeated sigmas give finite forecasts by
+the solvers' definition (tests/test_solvers.py fuzzes them), and a forecast that still
+comes out non-finite is caught where it is made: that step is computed and the stats say so."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from diffusers import FlowMatchHeunDiscreteScheduler
+
+import hyca
+from hyca.engine.cache import NON_FINITE, HybridCache
+from hyca.engine.schedule import Schedule
+from hyca.profiles.profile import Profile
+
+from tiny import tiny_flux, tiny_pipeline
+
+
+class HeunForFlux(FlowMatchHeunDiscreteScheduler):
+    """diffusers' flow-matching Heun scheduler, which evaluates every sigma but the first
+    twice, taking FluxPipeline's custom ``sigmas`` argument as just their count (the
+    pipeline insists on passing them; Heun's ``set_timesteps`` accepts only the count)."""
+
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, **kwargs):
+        return super().set_timesteps(len(sigmas) if sigmas is not None else num_inference_steps, device=device)
+
+
+def generate(pipe):
+    g = torch.Generator().manual_seed(0)
+    return pipe(prompt_embeds=torch.randn(1, 5, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 24, generator=g),
+                height=64, width=64, num_inference_steps=8, output_type="latent",
+                generator=torch.Generator().manual_seed(1)).images
+
+
+def test_heun_with_sigma_positions_gives_a_finite_image_with_its_forecasts(caplog):
+    """Warm-up 3 computes Heun's steps 0, 1, 2 at sigmas 1, s1, s1: taylor-2's history holds
+    one sigma twice. Before the solvers handled that, the whole image was NaN, silently."""
+    pipe = tiny_pipeline(tiny_flux())
+    pipe.scheduler = HeunForFlux()
+    full = generate(pipe)
+    hyca.enable(pipe, profile="taylor-2", interval=2, warmup=3, positions="sigma")
+    with caplog.at_level(logging.WARNING, logger="hyca"):
+        out = generate(pipe)
+    (stats,) = hyca.stats(pipe)
+    assert torch.isfinite(out).all() and stats.total == 15
+    assert stats.forecast == 6 and stats.non_finite == 0  # forecast, not computed for safety
+    assert not [r for r in caplog.records if "failed" in r.message or "not finite" in r.message]
+    assert (out - full).abs().max() < (full.abs().max())  # a forecast image, not a wild one
+
+
+def test_a_non_finite_forecast_is_computed_instead_and_said_once(caplog):
+    """A block whose residual overflowed at one computed step (Inf in the history): every
+    skip step that would forecast from it is computed instead, one note says so."""
+    engine = HybridCache(Profile.uniform("taylor-1", 1, 4), Schedule(2, 2), guard=False)
+    state = engine.new_state()
+    computed = []
+    with caplog.at_level(logging.WARNING, logger="hyca"):
+        for step in range(8):
+            computing = engine.begin_step(state, float(8 - step), (1, 3, 4), 8)
+            computed.append(computing)
+            if computing:
+                residual = torch.full((1, 3, 4), float(step))
+                if step == 1:
+                    residual[0, 0, 0] = float("inf")
+                engine.record(state, 0, residual)
+            else:
+                assert torch.isfinite(engine.predicted_residual(state)).all()
+            engine.end_step(state)
+    # N=2, warm-up 2: the schedule computes 0, 1, 3, 5, 7. Step 2 would forecast from step
+    # 1's Inf: computed; step 4 forecasts from steps 3 and 2 (taylor-1's two), both finite
+    assert computed == [True, True, True, True, False, True, False, True]
+    assert state.stats.non_finite == 1 and state.stats.notes == [NON_FINITE]
+    assert [r.message for r in caplog.records].count(f"HyCa: {NON_FINITE}") == 1
