@@ -35,14 +35,13 @@ import torch
 from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule, interval_for_speedup
 from ...profiles.settings import RunSettings, differences
-from ..webui import probe
 from ..webui.adapter import Adapter
 from ..webui.fingerprint import fingerprint
 from ..webui.profiles import Chosen, ProfileBook
 from ..webui.session import PassSession, PassStats
 from ..webui.settings import Settings, torch_dtype
 from .families import PATCHES
-from .probe_host import ComfyProbeHost, closed_loop_available
+from .probe_host import ComfyProbeHost
 
 logger = logging.getLogger("hyca.comfyui")
 
@@ -95,7 +94,7 @@ class Run:
     probe_fp: dict | None   # the model's fingerprint, when the run probes
     schedule: Schedule | None = None
     sigmas: list[float] = field(default_factory=list)
-    closed_loop: bool = False  # the core probe runs before sampling (SAMPLER_SAMPLE), then this run caches
+    closed_loop: bool = False  # settled before sampling (SAMPLER_SAMPLE), probed if need be, then this run caches
 
 
 @dataclass
@@ -210,11 +209,11 @@ class HyCaPatch:
                                    compute_last=settings.compute_last, positions="step")
         probe_fp = fingerprint(model, self.adapter) if chosen.profile is None else None
         run = Run(chosen, run_settings, probe_fp, schedule, schedule_sigmas)
-        if chosen.profile is None and chosen.base is None and closed_loop_available():
-            run.closed_loop = True  # probed when the run's conditioning is ready (SAMPLER_SAMPLE)
-            return None, run
         if chosen.profile is None:
-            return self._open_loop_session(run), run
+            # automatic (or a LoRA set's own profile): settled for this run's settings once its
+            # conditioning is processed (SAMPLER_SAMPLE), probed closed loop if none was made for them
+            run.closed_loop = True
+            return None, run
         engine = self._engine(chosen.profile, schedule)
         self._note_mismatch(chosen, run_settings, engine)
         return self._session(engine, run), run
@@ -227,48 +226,43 @@ class HyCaPatch:
         # a callable schedule: the session prepares a probing engine for the step count
         return PassSession(engine, lambda: run.sigmas, f"run {len(self.reports) + 1}")
 
-    def _open_loop_session(self, run: Run) -> PassSession:
-        """The run itself is the probe (every step computed, recorded): the WebUI's way."""
-        console(f"probing {self.adapter.name} on this run (every step computed)")
-        model_blocks = run.probe_fp["blocks"] if run.probe_fp else {}
-        return self._session(probe.ProbeEngine(sum(model_blocks.values()), run.schedule), run)
-
     def _probe_if_pending(self, guider: Any, extra_args: dict, latent_image: torch.Tensor | None) -> None:
-        """The core closed-loop probe, before this run samples: over the run's sigmas and
-        guidance, at a reduced latent size; the run then caches with the profile chosen.
-        A failure probes open loop on the run itself instead, with one console line."""
+        """Before a run without a profile samples: the profile chosen for its settings (this
+        session's, the cache's, the Hub's) or the core closed-loop probe's, over the run's
+        sigmas and guidance at a reduced latent size; the run then caches with it. Any failure
+        leaves the run uncached, said on the console."""
         active = _RUNS.get().get(id(self))
         if active is None or active.run is None or not active.run.closed_loop:
             return
         run = active.run
         run.closed_loop = False
         try:
-            profile, source = self._probe_closed_loop(guider, extra_args["model_options"], latent_image, run)
-        except Exception as error:  # noqa: BLE001 - the run still samples, probed the simple way
-            console(f"the closed-loop probe failed ({type(error).__name__}: {error})")
-            active.session = self._open_loop_session(run)
+            host = self._probe_host(guider, extra_args["model_options"], latent_image, run)
+            chosen = self.book.for_settings(run.chosen, run.settings, host.shape, lambda: self._probe(host, run))
+        except Exception as error:  # noqa: BLE001 - the run still samples, uncached
+            console(f"no profile for this run ({type(error).__name__}: {error}); this run is sampled uncached")
             return
-        run.chosen = Chosen(profile, source)
-        console(f"profile ready ({source})")
-        active.session = self._session(self._engine(profile, run.schedule), run)
+        run.chosen = chosen
+        for note in chosen.notes:
+            self.say_once(note)
+        console(f"profile ready ({chosen.source})")
+        active.session = self._session(self._engine(chosen.profile, run.schedule), run)
 
-    def _probe_closed_loop(self, guider: Any, model_options: dict, latent_image: torch.Tensor | None,
-                           run: Run) -> tuple[Any, str]:
-        from ...probing import probe_host
-        from ...profiles import sources
-
+    def _probe_host(self, guider: Any, model_options: dict, latent_image: torch.Tensor | None,
+                    run: Run) -> ComfyProbeHost:
         model = guider.model_patcher.model.diffusion_model
         if latent_image is None:
             raise ValueError("the sampler gave no latent to size the probe by")
-        host = ComfyProbeHost(guider, model_options, run.sigmas, latent_image, len(self.adapter.blocks(model)),
+        return ComfyProbeHost(guider, model_options, run.sigmas, latent_image, len(self.adapter.blocks(model)),
                               self.adapter.hidden_size(model), self.installed, run.settings.guidance_scale)
+
+    def _probe(self, host: ComfyProbeHost, run: Run) -> Any:
+        from ...probing import probe_host
+
         console(f"probing {self.adapter.name} closed loop (latent {list(host.shape)}, this run's "
                 f"{run.settings.steps} steps, guidance {run.settings.guidance_scale:g})")
-        profile = probe_host(host, run.settings, run.schedule, fingerprint=run.probe_fp,
-                             facts={"frontend": "comfyui", "latent": list(host.shape)})
-        resolved = sources.resolve_profile(run.probe_fp, interval=run.schedule.interval, hub_repo=None,
-                                           probe=lambda: profile)
-        return resolved.profile, f"probe (closed loop), saved to {resolved.path}"
+        return probe_host(host, run.settings, run.schedule, fingerprint=run.probe_fp,
+                          facts={"frontend": "comfyui", "latent": list(host.shape)})
 
     def _note_mismatch(self, chosen: Chosen, run: RunSettings, engine: HybridCache) -> None:
         """A profile chosen for other settings says so, with what the guard can do."""
@@ -293,29 +287,11 @@ class HyCaPatch:
         if session is None:  # the run ended before it sampled
             return
         stats = session.stats()
-        if isinstance(session.engine, probe.ProbeEngine):
-            self._learn(session, run)
-            return
         report = RunReport(session.label, run.chosen.source, stats, session.failed, list(stats.notes))
         self.reports.append(report)
         console(report.describe())
         for note in stats.notes:
             self.say_once(note)
-
-    def _learn(self, session: PassSession, run: Run) -> None:
-        """A probing run ended: keep its profile for the next runs, or say why not."""
-        report = RunReport(session.label, "probe", session.stats(), session.failed)
-        self.reports.append(report)
-        console(report.describe())
-        if session.failed:  # already said when it failed
-            return
-        try:
-            learned = self.book.learn(run.chosen, session.engine, run.probe_fp, run.settings)
-            lines = [f"profile ready ({learned.source})", *learned.notes]
-        except Exception as error:  # noqa: BLE001 - an interrupted or odd run: no profile this time
-            lines = [f"no profile from this run ({error}); the next run probes again"]
-        for line in lines:
-            console(line)
 
     # --- one model call -----------------------------------------------------------------
 

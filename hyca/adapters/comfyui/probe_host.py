@@ -25,15 +25,6 @@ PROBE_SCALE = 0.5
 MIN_SIDE = 16
 
 
-def closed_loop_available() -> bool:
-    """Whether the core closed-loop probe (``probe_host`` and ``euler_sample``) is installed."""
-    try:
-        from ...probing import euler_sample, probe_host  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _spatial_conditioning(conds: dict, shape: Sequence[int]) -> bool:
     """Whether a condition carries a tensor laid out like the latent (inpaint / i2v concat,
     masks, areas): those are made for the run's size, so the probe keeps that size."""
@@ -63,29 +54,23 @@ def probe_size(shape: Sequence[int], conds: dict) -> tuple[int, ...]:
 class RecorderEngine:
     """The probe's recorder (``hyca.probing.SketchRecorder``) as a :class:`PassSession`
     engine: it makes the branch states a session asks for, and hands the recorder the input
-    shape as the call's signature (a session's signature is ``(branch hint, shape)``; the
-    recorder checks that one shape runs through both branches)."""
+    shape as the call's signature (a session's signature is ``(branch hint, shape)``, and
+    ComfyUI names each call's branch; the recorder checks that one shape runs through both
+    branches). Everything else is the recorder's own (the engine contract)."""
 
     def __init__(self, recorder: Any) -> None:
         self.recorder = recorder
-        self.positions = recorder.positions
 
     def new_state(self) -> BranchState:
         return BranchState()
 
     def begin_step(self, state: BranchState, position: float | None, signature: Any,
-                   total_steps: int | None = None) -> bool:
+                   total_steps: int | None = None, step: int | None = None) -> bool:
         shape = signature[1] if isinstance(signature, tuple) and len(signature) == 2 else signature
-        return self.recorder.begin_step(state, position, shape, total_steps)
+        return self.recorder.begin_step(state, position, shape, total_steps, step)
 
-    def record(self, state: BranchState, block: int, residual: torch.Tensor) -> None:
-        self.recorder.record(state, block, residual)
-
-    def end_step(self, state: BranchState) -> None:
-        self.recorder.end_step(state)
-
-    def predicted_residual(self, state: BranchState) -> torch.Tensor:
-        return self.recorder.predicted_residual(state)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.recorder, name)
 
 
 class ComfyProbeHost:
@@ -131,7 +116,9 @@ class ComfyProbeHost:
         """One probe generation with ``engine`` (None: full compute) on the node's patches."""
         from ...probing import euler_sample
 
-        if engine is not None and not callable(getattr(engine, "new_state", None)):
+        from ...probing.recorder import SketchRecorder
+
+        if isinstance(engine, SketchRecorder):
             engine = RecorderEngine(engine)
         session = PassSession(engine, list(self.sigmas), "probe") if engine is not None else None
         with self.install(session):
