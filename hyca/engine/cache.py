@@ -119,15 +119,20 @@ class HybridCache:
         state.current_position = float(position)
 
     def fail(self, state: BranchState, why: str) -> None:
-        """Every later step of ``state``'s run computes; said once in the log and the stats."""
+        """The host computes the step in progress (a forecast it could not apply) and every
+        later step of ``state``'s run; said once in the log and the stats."""
         if not state.failed:
             message = f"{why}; every later step of this run computed"
             logger.warning("HyCa: %s", message)
             state.stats.note(message)
         state.failed = True
+        state.computing = True
 
     def stats(self, state: BranchState) -> RunStats:
         return state.stats
+
+    def note(self, state: BranchState, message: str) -> None:
+        state.stats.note(message)
 
     # --- per step ---------------------------------------------------------------
 

@@ -107,8 +107,13 @@ class Engine(Protocol):
 
     def fail(self, state: BranchState, why: str) -> None:
         """The host could not do its part for ``state`` (a block did not report, a residual
-        could not be measured, a forecast could not be applied): every later step of the
-        branch computes, and the stats say ``why`` (said once)."""
+        could not be measured, a forecast could not be applied): the host computes the step
+        in progress and every later step of the branch, and the stats say ``why`` (said once)."""
+        ...
+
+    def note(self, state: BranchState, message: str) -> None:
+        """A fact of the host's for ``state``'s stats (the step count it could not learn, a
+        run cut short): kept once among the branch's notes, for the host to render."""
         ...
 
     def end_step(self, state: BranchState) -> None:

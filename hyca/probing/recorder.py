@@ -131,6 +131,9 @@ class SketchRecorder:
     def stats(self, state: BranchState) -> RunStats:
         return state.stats
 
+    def note(self, state: BranchState, message: str) -> None:
+        state.stats.note(message)
+
     def begin_step(self, state: Any, position: float | None, signature: tuple | None,
                    total_steps: int | None = None, step: int | None = None) -> bool:
         state.computing = True

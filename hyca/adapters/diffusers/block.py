@@ -84,8 +84,7 @@ class HyCaBlockHook(ModelHook):
                 why = f"forecast failed ({error})"
             why = self.root.agreed(scope, why, "the forecast failed on another context-parallel rank")
             if why is not None:
-                self.root.fall_back(state, why)
-                state.computing = True
+                scope.engine.fail(state, why)  # the engine marks this step and the rest computed
         if state.computing:
             if scope.output_target:  # the head's input is recorded, not the blocks' residuals
                 return _PLAIN, None, None
@@ -103,7 +102,7 @@ class HyCaBlockHook(ModelHook):
             residual = self.root.meter.residual(snapshot, out_stream)
             scope.engine.record(state, self.index, self._output_part(scope, residual))
         except Exception as error:
-            self.root.fall_back(state, f"caching failed ({error})")
+            scope.engine.fail(state, f"caching failed ({error})")
 
     def _output_part(self, scope: BranchStates, tokens: torch.Tensor) -> torch.Tensor:
         """The tokens of a stream that reach the transformer's output."""

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from ...engine.cache import HybridCache
 from . import compat
 
 #: Name prefixes of diffusers' context-parallel hooks (``diffusers/hooks/context_parallel.py``).
@@ -197,7 +198,7 @@ def attach(engine: Any, transformer: torch.nn.Module, blocks: Sequence[torch.nn.
     context-parallel group, or back at a single process. The first call under a group
     checks that HyCa's hooks see shards and that every rank holds the same profile."""
     cp = context_parallel(transformer)
-    if not hasattr(engine, "reduce"):  # the probe's recorder
+    if not isinstance(engine, HybridCache):  # the probe's recorder
         if cp is not None:
             raise RuntimeError("HyCa: probing under context parallelism is not supported (each rank sees a shard "
                                "of the sequence); probe before enable_parallelism, or on one GPU")

@@ -98,8 +98,7 @@ class HyCaRoot(HookChain):
             self._finish_stale(states, run)
         if state.step == 0:
             self._remember(states)
-            if hasattr(states.engine, "host_run"):
-                self.engine_facts(states, module)
+            self.engine_facts(states, module)
             found = other_cache(module, scan=True)
             if found is not None:
                 raise CacheConflict(conflict_message(module, found, hyca_first=True))
@@ -107,7 +106,7 @@ class HyCaRoot(HookChain):
                 message = ("step count unknown (no pipeline, running scheduler or cache context gave it): the "
                            "last step is computed only if the schedule computes it anyway; pass the scheduler "
                            "that drives the loop as scheduler= to hyca.enable")
-                state.stats.note(message)
+                states.engine.note(state, message)
                 if not self._told_unknown:
                     self._told_unknown = True
                     logger.warning("HyCa: %s", message)
@@ -132,7 +131,7 @@ class HyCaRoot(HookChain):
                 try:
                     states.engine.record(state, 0, x)
                 except Exception as error:
-                    self.fall_back(state, f"caching failed ({error})")
+                    states.engine.fail(state, f"caching failed ({error})")
             return None
         forecast, states.head_forecast = states.head_forecast, None
         if forecast is None:
@@ -155,16 +154,16 @@ class HyCaRoot(HookChain):
             return None
         if states.reports != len(self.block_hooks) and not state.failed:
             if not state.computing:
-                state.failed = True
+                states.engine.fail(state, "block hooks were removed during a forecast step")
                 raise RuntimeError(
                     f"HyCa: only {states.reports} of {len(self.block_hooks)} block hooks ran in a forecast step: "
                     "something removed them during sampling, and this step's output is wrong. Call hyca.enable again")
-            self.fall_back(state, f"only {states.reports} of {len(self.block_hooks)} block hooks ran")
+            states.engine.fail(state, f"only {states.reports} of {len(self.block_hooks)} block hooks ran")
         if state.computing and states.parallel is not None:  # one rank's failure is every rank's
             why = self.agreed(states, "recording failed" if state.failed else None,
                               "caching failed on another context-parallel rank")
             if why is not None:
-                self.fall_back(state, why)
+                states.engine.fail(state, why)
         states.engine.end_step(state)
         if state.total_steps is not None and state.step >= state.total_steps:
             self._finish(states, state, None)  # the run is complete: free its cache now
@@ -176,7 +175,7 @@ class HyCaRoot(HookChain):
         request = REQUEST.get()
         told = request.settings.get(id(module)) if request is not None else None
         facts = self._run_facts(module)
-        states.engine.host_run = told.merged(facts) if told is not None else facts
+        states.engine.begin_run(told.merged(facts) if told is not None else facts)
 
     def _run_facts(self, module: torch.nn.Module) -> RunSettings:
         """What this run's pipeline tells beyond the step count: the shift of the scheduler
@@ -233,14 +232,6 @@ class HyCaRoot(HookChain):
         failed = states.parallel.any(why is not None)
         return why if why is not None else (elsewhere if failed else None)
 
-    def fall_back(self, state: BranchState, why: str) -> None:
-        """Compute every remaining step of this generation; said once in the log and in the stats."""
-        if not state.failed:
-            message = f"{why}; every later step of this run computed"
-            logger.warning("HyCa: %s", message)
-            state.stats.note(message)
-        state.failed = True
-
     def _finish_stale(self, states: BranchStates, run: Run) -> None:
         """A new run has begun: every other branch still holding a run on another schedule
         (the uncond branch of a guided run that was cancelled, when the next run has no
@@ -257,7 +248,7 @@ class HyCaRoot(HookChain):
         name = next((n for n, s in states.all_states().items() if s is state), "?")
         if state.stats.total:
             if why is not None and state.total_steps is not None and state.step < state.total_steps:
-                state.stats.note(f"stopped after {state.step} of {state.total_steps} steps")
+                states.engine.note(state, f"stopped after {state.step} of {state.total_steps} steps")
             logger.info("HyCa [%s]: %s", name, state.stats.describe())
         state.reset()
 
@@ -270,9 +261,7 @@ class HyCaRoot(HookChain):
             if state.step > 0:
                 self._finish(states, state, "the pipeline call ended")
         states.reset()
-        forget = getattr(states.engine, "forget_runs", None)
-        if forget is not None:
-            forget()
+        states.engine.end_run()
 
     def reset(self, default: bool = False) -> None:
         """Drop the calling scope's run state (a pipeline call's end: diffusers'
@@ -284,9 +273,7 @@ class HyCaRoot(HookChain):
                 if state.stats.total:
                     logger.info("HyCa [%s]: %s", name, state.stats.describe())
             states.reset()
-            forget = getattr(states.engine, "forget_runs", None)  # the probe's recorder has no runs to forget
-            if forget is not None:
-                forget()
+            states.engine.end_run()
 
     def _pipeline_cleanup(self, *args: Any, **kwargs: Any) -> None:
         self.reset()

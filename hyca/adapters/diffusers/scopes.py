@@ -111,7 +111,7 @@ class BranchStates:
     @property
     def output_target(self) -> bool:
         """Whether this scope's engine forecasts the output head's input."""
-        return getattr(self.engine, "target", "residual") == "output"
+        return self.engine.target == "output"
 
     def _forget_unnamed(self) -> None:
         self._unnamed = DEFAULT_BRANCH

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
-from ...engine.cache import BranchState
 from ...engine.schedule import Schedule
 from ...probing.host import euler_sample
 
@@ -96,20 +95,6 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-class _Recording:
-    """A :class:`~hyca.probing.recorder.SketchRecorder` as a pass session's engine (the
-    session asks its engine for branch states)."""
-
-    def __init__(self, recorder: Any) -> None:
-        self.recorder = recorder
-
-    def new_state(self) -> BranchState:
-        return BranchState()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.recorder, name)
-
-
 @dataclass
 class WebUIHost:
     """A WebUI pass as a :class:`~hyca.probing.ProbeHost`.
@@ -138,8 +123,6 @@ class WebUIHost:
     failures: list[str] = field(default_factory=list)
 
     def sample(self, engine: Any) -> torch.Tensor:
-        if engine is not None and not hasattr(engine, "new_state"):
-            engine = _Recording(engine)
         session = self.open_session(engine, self.sigmas) if engine is not None else None
         generator = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(1, *self.latent, generator=generator).to(self.device, self.dtype)
