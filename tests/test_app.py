@@ -327,7 +327,8 @@ def test_lora_without_reuse_probes_again_and_reports_the_ari(served):
     again = h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 4, 2, "outline", False)
     assert "probed again with LoRA 'outline'" in again.numbers["profile"]
     slot = state["profiles"]["reference"]
-    base, lora = slot["base"], slot["lora"]["outline"]
+    base = slot["base"]
+    (lora,) = [profile for (name, _settings), profile in slot["lora"].items() if name == "outline"]
     assert lora is not base and lora.labels.shape == base.labels.shape
     expected = np.mean([adjusted_rand_score(a.numpy(), b.numpy()) for a, b in zip(base.labels, lora.labels)])
     assert again.numbers["ari_vs_base"] == pytest.approx(expected, abs=1e-12)
