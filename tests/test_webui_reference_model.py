@@ -74,7 +74,7 @@ def test_webui_generation_equals_the_diffusers_pipeline(pipe, flavour, guidance)
     try:
         with H.Frontend(R.KINDS[flavour]) as frontend:
             noise = R.harness_noise(1, len(PROMPTS), frontend.spec.latent)[0]
-            webui = R.webui_images(pipe, frontend, [PROMPTS], steps, guidance, H.args(False))
+            webui, _ = R.webui_images(pipe, frontend, [PROMPTS], steps, guidance, H.args(False))
         expected = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=latent_to_tokens(noise),
                         output_type="pt").images
     finally:
