@@ -6,6 +6,12 @@ path's quality numbers (python -m hyca.bench.webui_path) comparable with the dif
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -88,3 +94,14 @@ def test_frontend_schedule_is_the_webui_one():
     scheduler = frontend_scheduler(3.0)
     scheduler.set_timesteps(28)
     torch.testing.assert_close(scheduler.sigmas, H.flow_sigmas(28, 3.0))
+
+
+@pytest.mark.skipif(not os.environ.get("HYCA_FORGE_CHECKOUT"),
+                    reason="set HYCA_FORGE_CHECKOUT to a checkout of stable-diffusion-webui-forge")
+def test_real_forge_class_equals_the_diffusers_transformer():
+    """The same with Forge's own backend/nn/flux.py (run in a fresh interpreter, since the
+    stand-ins also call their package ``backend``)."""
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "real_forge_flux.py"),
+                           os.environ["HYCA_FORGE_CHECKOUT"]], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["max_abs_diff"] <= 2e-5 * max(1.0, result["scale"])
