@@ -139,7 +139,7 @@ def webui_path(work: Work, flavour: str, steps: int, guidance: float, interval: 
             "note": infotexts[0]}
 
 
-def run_cell(work: Work, cell: tuple, warmup: int, flavours: list[str]) -> dict:
+def run_cell(work: Work, cell: tuple, warmup: int, flavours: list[str], commit: str) -> dict:
     from ..reference.webui import frontend_scheduler
 
     steps, guidance, shift, interval = cell
@@ -149,7 +149,7 @@ def run_cell(work: Work, cell: tuple, warmup: int, flavours: list[str]) -> dict:
     rows = {DIFFUSERS: diffusers_plain(work, steps, guidance, interval, warmup)}
     for flavour in flavours:
         rows[WEBUI[flavour]] = webui_path(work, flavour, steps, guidance, interval, warmup, full)
-    out = {"steps": steps, "guidance": guidance, "shift": shift, "interval": interval, "warmup": warmup,
+    out = {"commit": commit, "steps": steps, "guidance": guidance, "shift": shift, "interval": interval, "warmup": warmup,
            "prompts": sum(len(b) for b in work.batches), "rows": {}}
     for name, row in rows.items():
         p, s = fidelity(row.pop("images"), full)
@@ -170,17 +170,19 @@ def _commit() -> str:
         return "unknown"
 
 
-def report(cells: list[dict], command: str, commit: str, flavours: list[str]) -> str:
+def report(cells: list[dict], command: str, flavours: list[str]) -> str:
     seconds = sum(c["seconds"] for c in cells)
+    commit = ", ".join(sorted({c.get("commit", "unknown") for c in cells}))
     names = [DIFFUSERS] + [WEBUI[f] for f in flavours]
     lines = ["# HyCa on the WebUI path (reference model in the frontends' FLUX class, held-out captions)", "",
-             f"Command: `{command}` (commit {commit}, one torch thread)  ",
+             f"Command: `{command}` (measured at commit {commit}, one torch thread)  ",
              f"Run time: {seconds / 60:.1f} min for {len(cells)} cells (sum over cells); "
              f"{cells[0]['prompts'] if cells else 0} held-out captions per cell, warm-up "
              f"{cells[0]['warmup'] if cells else '-'}.", "",
              "PSNR (dB) / SSIM against full compute (the diffusers pipeline, HyCa off) of the same caption, noise "
              "and sigmas (Forge's \"Simple\" flow schedule on both sides). Δ: the WebUI row minus the diffusers row; "
-             f"the bar is |Δ| <= {BAR_DB} dB in every cell (✗ where not).", "",
+             f"the bar is |Δ| <= {BAR_DB} dB in every cell (✗: more than {BAR_DB} dB below the diffusers row; "
+             f"▲: more than {BAR_DB} dB above it).", "",
              "| steps, guidance, shift, N | " + " | ".join(names) + " | " +
              " | ".join(f"Δ {WEBUI[f]}" for f in flavours) + " |",
              "|---|" + "---|" * (len(names) + len(flavours))]
@@ -192,14 +194,15 @@ def report(cells: list[dict], command: str, commit: str, flavours: list[str]) ->
         for f in flavours:
             d = r[WEBUI[f]]["psnr"] - base
             ok = abs(d) <= BAR_DB
-            deltas.append(f"{d:+.2f}{'' if ok else ' ✗'}")
+            deltas.append(f"{d:+.2f}{'' if ok else ' ✗' if d < 0 else ' ▲'}")
             if not ok:
                 misses.append((c, f, d))
         lines.append(f"| {c['steps']}, {c['guidance']:g}, {c['shift']:g}, N={c['interval']} | " +
                      " | ".join(f"{r[n]['psnr']:.2f} / {r[n]['ssim']:.4f}" for n in names) + " | " +
                      " | ".join(deltas) + " |")
+    losses = sum(d < 0 for _, _, d in misses)
     lines += ["", f"Cells outside the {BAR_DB} dB bar: **{len(misses)}** of {len(cells) * len(flavours)} "
-              "(cell x frontend)."]
+              f"(cell x frontend): {losses} below the diffusers row, {len(misses) - losses} above it."]
     for c, f, d in misses:
         lines.append(f"- {c['steps']} steps, guidance {c['guidance']:g}, shift {c['shift']:g}, N={c['interval']}: "
                      f"{WEBUI[f]} {d:+.2f} dB against the diffusers plain call")
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.combine:
         cells = [json.loads(line) for path in args.combine for line in path.read_text().splitlines() if line.strip()]
         flavours = [f for f in WEBUI if cells and WEBUI[f] in cells[0]["rows"]]
-        args.out.write_text(report(cells, args.command or "see --combine", _commit(), flavours))
+        args.out.write_text(report(cells, args.command or "see --combine", flavours))
         print(f"wrote {args.out}")
         return
     if args.prompts % args.batch:
@@ -255,12 +258,12 @@ def main(argv: list[str] | None = None) -> None:
     R.register(pipe.transformer)
     work = Work(pipe, R, args.prompts, args.batch)
     cells = [(s, g, sh, n) for s in args.steps for g in args.guidance for sh in args.shift for n in args.intervals]
-    results = []
+    results, commit = [], _commit()
     raw = args.out.with_suffix(".jsonl")
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text("")
     for cell in cells:
-        result = run_cell(work, cell, args.warmup, args.frontends)
+        result = run_cell(work, cell, args.warmup, args.frontends, commit)
         results.append(result)
         with raw.open("a") as f:
             f.write(json.dumps(result) + "\n")
@@ -268,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
                          {n: r["psnr"] for n, r in result["rows"].items()}), flush=True)
     command = "python -m hyca.bench.webui_path" + ("" if argv is None and len(sys.argv) < 2 else
                                                    " " + " ".join(argv if argv is not None else sys.argv[1:]))
-    args.out.write_text(report(results, command, _commit(), args.frontends))
+    args.out.write_text(report(results, command, args.frontends))
     print(f"wrote {args.out} and {raw}")
 
 
