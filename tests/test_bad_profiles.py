@@ -85,13 +85,24 @@ def test_an_unreadable_file_of_no_known_model_is_warned_too(dirs, fp, caplog):
 
 
 def test_the_webui_folders_are_the_searched_ones_and_automatic_warns(dirs, fp, tmp_path, caplog):
-    from hyca.adapters.webui.profiles import AUTOMATIC, ProfileBook, profile_dirs
+    """The WebUI's automatic profile is settled for a pass's settings (ProfileBook.for_settings):
+    a good profile made for them in the cache is used, and a bad file in the shipped folder is
+    warned about once, in the log and among the notes the WebUI prints to its console."""
+    from hyca.adapters.webui.profiles import AUTOMATIC, Chosen, ProfileBook, profile_dirs
+    from hyca.profiles.settings import RunSettings
 
     assert profile_dirs() == [dirs["extra"], dirs["shipped"], dirs["cache"]]
-    good = save_profile(random_profile(fp, seed=2), dirs["cache"] / profile_filename(fp), fp)
+    run = RunSettings(steps=10, guidance_scale=1.0, interval=3, warmup=2)
+    made = random_profile(fp, seed=2, interval=3, warmup=2, chosen_for=run.to_json())
+    good = save_profile(made, dirs["cache"] / profile_filename(fp, interval=3), fp)
     bad = make_bad("foreign", dirs["shipped"], fp, tmp_path)
+
+    def probe():
+        raise AssertionError("a profile made for these settings is in the cache: nothing to probe")
+
+    pending = Chosen(None, AUTOMATIC, key=(fp["config_sha256"], AUTOMATIC, "", 3), fp=fp)
     with caplog.at_level(logging.WARNING, logger="hyca"), pytest.warns(UserWarning):
-        chosen = ProfileBook()._resolve(fp, AUTOMATIC, "", None, ("key",))
+        chosen = ProfileBook().for_settings(pending, run, (16, 8, 8), probe)
     assert str(good) in chosen.source
     assert any(str(bad) in note for note in chosen.notes)  # what the WebUI prints to its console
     assert len(hyca_warnings(caplog)) == 1 and str(bad) in hyca_warnings(caplog)[0]
