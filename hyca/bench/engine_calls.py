@@ -1,8 +1,8 @@
 """The engine's own time per step, without a model (issue 20 item 8): the calls a host
 makes on the reference model's shapes, 50 steps, with a shipped reference profile.
 
-    python bench/engine_calls.py [N]
-    PYTHONPATH=<other checkout> python bench/engine_calls.py [N]   # another engine
+    python -m hyca.bench.engine_calls [N]
+    PYTHONPATH=<other checkout> python -m hyca.bench.engine_calls [N]   # another engine
 
 A computed step is ``begin_step`` + one ``record`` per block (6 blocks, residuals
 ``(1, 64, 128)`` like the reference model's) + ``end_step`` (with the guard's check on a
@@ -46,7 +46,7 @@ def one_run(engine: HybridCache, residuals: list[list[torch.Tensor]]) -> tuple[l
 def main() -> None:
     interval = int(sys.argv[1]) if len(sys.argv) > 1 else 4
     torch.set_num_threads(1)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the source checkout: hyca/bench/ -> the repository
     profile = load_profile(root / "profiles" / f"FluxTransformer2DModel-69c832fc89ed-n{interval}.safetensors")
     g = torch.Generator().manual_seed(0)
     base = torch.randn(3, BLOCKS, *SHAPE, generator=g)

@@ -1,8 +1,8 @@
 """What per-image guard decisions cost (issue 18 item 1): the guard's time at a judged
 computed step, one branch and two guidance branches, batch 1 and 3, on the CPU.
 
-    python bench/guard_per_item.py                      # this checkout's engine
-    PYTHONPATH=<other checkout> python bench/guard_per_item.py   # another engine, same shapes
+    python -m hyca.bench.guard_per_item                      # this checkout's engine
+    PYTHONPATH=<other checkout> python -m hyca.bench.guard_per_item   # another engine, same shapes
 
 The engine is driven directly (no model): one block reporting a ``(batch, tokens, dim)``
 residual per computed step, a profile whose dimensions split over four solvers (reuse,

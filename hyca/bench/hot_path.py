@@ -1,8 +1,8 @@
 """The engine's part of HyCa's wall-clock on the reference model (issue 20 item 8), and an
 output to compare between two engine versions.
 
-    python bench/hot_path.py [--save out.safetensors]
-    PYTHONPATH=<other checkout> python bench/hot_path.py --save other.safetensors
+    python -m hyca.bench.hot_path [--save out.safetensors]
+    PYTHONPATH=<other checkout> python -m hyca.bench.hot_path --save other.safetensors
 
 Per-call medians (hyca.bench.overhead.decompose: a computed call, a skip call, the block-less
 transformer, full compute) at 50 steps, N=4 and N=7, the shipped reference profile, guard
