@@ -145,13 +145,15 @@ def latent(family: str, seed: int, batch: int = 1, size: int = 8) -> torch.Tenso
 
 def sample(patcher: Any, positive: list, negative: list, noise: torch.Tensor, steps: int = 8, cfg: float = 1.0,
            sampler: str = "euler", scheduler: str = "simple", denoise: float = 1.0,
-           latent_image: torch.Tensor | None = None, sigmas: torch.Tensor | None = None) -> torch.Tensor:
-    """One KSampler run through ``comfy.sample.sample`` (what the KSampler node calls)."""
+           latent_image: torch.Tensor | None = None, sigmas: torch.Tensor | None = None,
+           callback: Any = None) -> torch.Tensor:
+    """One KSampler run through ``comfy.sample.sample`` (what the KSampler node calls);
+    ``callback(step, x0, x, total_steps)`` as the KSampler's preview callback."""
     comfy = load_comfy()
     base = torch.zeros_like(noise) if latent_image is None else latent_image
     with torch.inference_mode():
         return comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive, negative, base,
-                                   denoise=denoise, sigmas=sigmas, disable_pbar=True, seed=0)
+                                   denoise=denoise, sigmas=sigmas, disable_pbar=True, seed=0, callback=callback)
 
 
 # --- what the hand-written reference needs to know of each family (read off comfy/ldm) ----

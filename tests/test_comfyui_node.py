@@ -224,3 +224,23 @@ def test_node_loads_probes_and_caches_without_diffusers(tmp_path):
     assert done.returncode == 0 and result, done.stderr[-3000:]
     assert result[0] == "RESULT []"
     assert "run 2: 4 of 8 steps computed" in done.stdout
+
+
+def test_an_interrupted_run_says_where_it_stopped_and_the_next_run_is_clean(capsys):
+    """A run cut short from the sampler's callback (ComfyUI's interrupt raises there) is
+    reported as stopped after the steps it began, not as a finished run; the next run equals
+    a run of a fresh patched model bitwise."""
+    patcher = harness.tiny_patcher("flux", seed=3)
+    pos, neg, noise = harness.conditioning("flux", 1), harness.conditioning("flux", 2), harness.latent("flux", 0)
+    model, _ = apply_hyca(patcher, Settings(enabled=True, interval=3, warmup=2, profile="FORA (reuse)"))
+
+    def interrupt(step, x0, x, total):
+        if step == 3:
+            raise KeyboardInterrupt("interrupted (simulated)")
+
+    with pytest.raises(KeyboardInterrupt):
+        harness.sample(model, pos, neg, noise, steps=8, cfg=2.0, callback=interrupt)
+    assert "stopped after 4 of 8 steps" in capsys.readouterr().out
+    after = harness.sample(model, pos, neg, noise, steps=8, cfg=2.0)
+    fresh, _ = apply_hyca(patcher, Settings(enabled=True, interval=3, warmup=2, profile="FORA (reuse)"))
+    assert torch.equal(after, harness.sample(fresh, pos, neg, noise, steps=8, cfg=2.0))

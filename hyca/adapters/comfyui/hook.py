@@ -73,11 +73,14 @@ class RunReport:
     stats: PassStats
     failed: bool = False
     notes: list[str] = field(default_factory=list)
+    scheduled: int | None = None  # the run's step count (its sigmas), when known
 
     def describe(self) -> str:
         steps = self.stats.steps
         text = (f"{self.label}: {steps.computed} of {steps.total} steps computed, {steps.forecast} forecast; "
                 f"{self.stats.flops_saving:.0%} of block compute skipped (profile: {self.profile})")
+        if self.scheduled is not None and steps.total < self.scheduled:
+            text += f"; stopped after {steps.total} of {self.scheduled} steps (interrupted, or an error)"
         if self.stats.switches:
             text += f"; the guard switched {self.stats.describe_switches()}"
         if self.failed:
@@ -287,7 +290,8 @@ class HyCaPatch:
         if session is None:  # the run ended before it sampled
             return
         stats = session.stats()
-        report = RunReport(session.label, run.chosen.source, stats, session.failed, list(stats.notes))
+        report = RunReport(session.label, run.chosen.source, stats, session.failed, list(stats.notes),
+                           scheduled=len(run.sigmas) - 1 if run.sigmas else None)
         self.reports.append(report)
         console(report.describe())
         for note in stats.notes:
