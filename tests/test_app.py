@@ -482,3 +482,15 @@ def test_engine_notes_get_the_apps_remedy():
             "settings: hyca.enable(pipe, ..., num_inference_steps=..., guidance_scale=...) probes one once")
     assert in_app_terms(note) == "the profile was chosen for 28 steps, N=4 and this run differs (N 4 vs 6). " + IN_APP_REMEDY
     assert in_app_terms("a note without a remedy") == "a note without a remedy"
+
+
+def test_steps_with_nothing_to_forecast_run_in_full_and_say_so():
+    """4 steps at warm-up 3 and N=4 (the steps slider's minimum with the app's defaults):
+    every step is computed, so there is nothing to probe; the run is the full run and the
+    report says why nothing was cached."""
+    from hyca.app import handlers as h
+
+    result = h.generate(h.new_state(), "reference", "", PROMPT, 0, 4, "HyCa", 4, 3, "none", True)
+    assert result.numbers["forecast_steps"] == 0
+    assert "nothing to forecast" in result.numbers["profile"]
+    assert np.array_equal(result.full, result.fast)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..adapters.diffusers.fingerprint import fingerprint as diffusers_fingerprint
+from ..engine.schedule import Schedule
 from ..profiles import fingerprint as fpmod
 from ..profiles.compare import compare_profiles
 from ..profiles.hub import DEFAULT_HUB_REPO, HubError, hub_offline, pull_profile, push_profile
@@ -223,10 +224,13 @@ def _base_profile(state: dict[str, Any], model: LoadedModel, s: compare.Settings
 
 
 def _profile_for_run(state: dict[str, Any], model: LoadedModel, s: compare.Settings, lora_reuse: bool,
-                     progress: Progress | None) -> tuple[Profile | None, str, float | None]:
+                     progress: Progress | None) -> tuple[Profile | str | None, str, float | None]:
     """(profile, where it came from, ARI vs the base profile when a LoRA was probed)."""
     if s.method != "HyCa":
         return None, f"{s.method}: one solver ({compare.METHODS[s.method]}) for every dimension", None
+    if all(Schedule(s.interval, s.warmup).plan(s.steps)):  # nothing to forecast, so nothing to probe
+        return "reuse", (f"nothing to forecast: at {s.steps} steps with warm-up {s.warmup} and N={s.interval} "
+                         "every step is computed; use more steps, a smaller warm-up or a smaller N to cache"), None
     base, where = _base_profile(state, model, s, progress)
     if s.lora in ("none", "") or lora_reuse:
         note = f" (reused for LoRA '{s.lora}')" if s.lora not in ("none", "") else ""
