@@ -35,12 +35,12 @@ import torch
 from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule, interval_for_speedup
 from ...profiles.settings import RunSettings, differences
+from ..webui import kinds
 from ..webui.adapter import Adapter
 from ..webui.fingerprint import fingerprint
 from ..webui.profiles import Chosen, ProfileBook
 from ..webui.session import PassSession, PassStats
 from ..webui.settings import Settings, torch_dtype
-from .families import PATCHES
 from .probe_host import ComfyProbeHost
 
 logger = logging.getLogger("hyca.comfyui")
@@ -155,7 +155,8 @@ class HyCaPatch:
         replace = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
         for index, (spec, i, _) in enumerate(self.adapter.blocks(model)):
             existing = replace.get((spec.dit_key, i))
-            clone.set_model_patch_replace(PATCHES[spec.kind](self.current, index, existing), "dit", spec.dit_key, i)
+            patch = kinds.PATCHES[spec.layout](self.current, index, existing)
+            clone.set_model_patch_replace(patch, "dit", spec.dit_key, i)
 
         def outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
             return self._run(executor, noise, latent_image, sampler, sigmas, *args, **kwargs)

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ...layouts import BlockList, text_dropped
 from .calls import _argument, _parameter_names
 from .compat import ModelHook
-from .families import BlockList
 from .scopes import ACTIVE, BranchStates
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ class HyCaBlockHook(ModelHook):
         returns = self.spec.returns
         if isinstance(returns, str):
             return stream
-        dropped = self.spec.text_dropped_if is not None and getattr(module, self.spec.text_dropped_if, False)
+        dropped = text_dropped(self.spec.layout, module)
         return tuple(stream if name == self.spec.stream else
                      None if dropped else _argument(self._names, name, args, kwargs)
                      for name in returns)

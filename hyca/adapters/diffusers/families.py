@@ -15,29 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ...layouts import HEAD, SINGLE, TAIL, BlockList, Layout
+
 TEXT = "encoder_hidden_states"
 IMAGE = "hidden_states"
-
-
-@dataclass(frozen=True)
-class BlockList:
-    """``attribute``: the ``nn.ModuleList`` on the transformer, run in table order.
-    ``returns``: for each output position of a block, the name of the input argument it
-    updates (a plain string when the block returns one tensor). ``stream`` is the input
-    that reaches the output; its residual is what HyCa caches.
-
-    ``stream_tokens="tail"``: the block sees text and image tokens concatenated
-    (``[text, image]``) and only the last tokens, as many as the first block's stream
-    has, reach the output (Chroma's single blocks); ``"head"``: the same with
-    ``[image, text]`` (HiDream's single blocks). ``text_dropped_if``: a block
-    attribute which, when true, makes every output but the stream ``None`` (SD3's last
-    joint block has ``context_pre_only`` and returns ``(None, hidden_states)``)."""
-
-    attribute: str
-    returns: tuple[str, ...] | str
-    stream: str = IMAGE
-    stream_tokens: str = "all"
-    text_dropped_if: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,11 +44,20 @@ class Family:
     notes: str = ""
 
 
+# The layouts of diffusers' blocks (:mod:`hyca.layouts`), in diffusers' argument names.
 # Blocks that return (text, image) and take both by keyword: FLUX's double and single
-# blocks, Qwen-Image's, SD3's joint blocks, Chroma's double blocks.
-TEXT_IMAGE = (TEXT, IMAGE)
+# blocks, Qwen-Image's, Chroma's double blocks.
+TEXT_IMAGE = Layout((TEXT, IMAGE), IMAGE)
 # HunyuanVideo and CogView4 return them the other way round.
-IMAGE_TEXT = (IMAGE, TEXT)
+IMAGE_TEXT = Layout((IMAGE, TEXT), IMAGE)
+# SD3's joint blocks: (text, image), the last (context_pre_only) returns (None, image).
+JOINT = Layout((TEXT, IMAGE), IMAGE, text_dropped_if="context_pre_only")
+# The image stream alone (Wan, Sana; Lumina2's joint sequence, cached whole).
+IMAGE_ONLY = Layout(IMAGE, IMAGE)
+# One tensor over a concatenated sequence: [text, image] (FLUX.2, Chroma single blocks) and
+# [image, text] (HiDream single blocks).
+CONCAT_TAIL = Layout(IMAGE, IMAGE, TAIL)
+CONCAT_HEAD = Layout(IMAGE, IMAGE, HEAD)
 
 FAMILIES: dict[str, Family] = {
     "FluxTransformer2DModel": Family(
@@ -86,7 +76,7 @@ FAMILIES: dict[str, Family] = {
         name="FLUX.2",
         block_lists=(
             BlockList("transformer_blocks", TEXT_IMAGE),
-            BlockList("single_transformer_blocks", IMAGE, stream_tokens="tail"),
+            BlockList("single_transformer_blocks", CONCAT_TAIL),
         ),
         notes=(
             "double blocks return (text, image); the forward concatenates [text, image] for the "
@@ -129,7 +119,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "WanTransformer3DModel": Family(
         name="Wan",
-        block_lists=(BlockList("blocks", IMAGE),),
+        block_lists=(BlockList("blocks", IMAGE_ONLY),),
         notes=(
             "cross-attention blocks called positionally, returning the video stream alone; "
             "Wan 2.2 A14B pipelines hold two of these (transformer, transformer_2), each with "
@@ -138,7 +128,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "WanVACETransformer3DModel": Family(
         name="Wan VACE",
-        block_lists=(BlockList("blocks", IMAGE),),
+        block_lists=(BlockList("blocks", IMAGE_ONLY),),
         notes=(
             "Wan's blocks plus vace_blocks, which run first, every step, on the embedded latent "
             "and the control video; after main block i in vace_layers the forward adds hint i "
@@ -150,7 +140,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "SkyReelsV2Transformer3DModel": Family(
         name="SkyReels-V2",
-        block_lists=(BlockList("blocks", IMAGE),),
+        block_lists=(BlockList("blocks", IMAGE_ONLY),),
         notes=(
             "Wan's design (its blocks take a causal attention mask as a fifth input and return "
             "the video stream alone). The diffusion-forcing pipelines feed a timestep per latent "
@@ -159,7 +149,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "ChronoEditTransformer3DModel": Family(
         name="ChronoEdit",
-        block_lists=(BlockList("blocks", IMAGE),),
+        block_lists=(BlockList("blocks", IMAGE_ONLY),),
         notes=(
             "Wan 2.1 image-to-video's design (blocks return the video stream alone; the CLIP "
             "image tokens join the text side). The pipeline runs cond and uncond without a "
@@ -170,7 +160,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "SD3Transformer2DModel": Family(
         name="SD3 / SD3.5",
-        block_lists=(BlockList("transformer_blocks", TEXT_IMAGE, text_dropped_if="context_pre_only"),),
+        block_lists=(BlockList("transformer_blocks", JOINT),),
         bypass_args=("skip_layers",),
         batched_guidance="uncond-first",
         notes=(
@@ -183,7 +173,7 @@ FAMILIES: dict[str, Family] = {
         name="Chroma",
         block_lists=(
             BlockList("transformer_blocks", TEXT_IMAGE),
-            BlockList("single_transformer_blocks", IMAGE, stream_tokens="tail"),
+            BlockList("single_transformer_blocks", CONCAT_TAIL),
         ),
         notes=(
             "double blocks return (text, image); the forward concatenates [text, image] for "
@@ -193,7 +183,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "Lumina2Transformer2DModel": Family(
         name="Lumina2",
-        block_lists=(BlockList("layers", IMAGE),),
+        block_lists=(BlockList("layers", IMAGE_ONLY),),
         timestep_direction="up",
         head='norm_out.linear_2',
         notes=(
@@ -205,7 +195,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "ZImageTransformer2DModel": Family(
         name="Z-Image",
-        block_lists=(BlockList("layers", "x", stream="x"),),
+        block_lists=(BlockList("layers", SINGLE),),
         timestep_arg="t",
         input_arg="x",
         timestep_direction="up",
@@ -222,7 +212,7 @@ FAMILIES: dict[str, Family] = {
         name="HiDream-I1",
         block_lists=(
             BlockList("double_stream_blocks", IMAGE_TEXT),
-            BlockList("single_stream_blocks", IMAGE, stream_tokens="head"),
+            BlockList("single_stream_blocks", CONCAT_HEAD),
         ),
         timestep_arg="timesteps",
         batched_guidance="uncond-first",
@@ -240,13 +230,13 @@ FAMILIES: dict[str, Family] = {
     ),
     "SanaTransformer2DModel": Family(
         name="Sana",
-        block_lists=(BlockList("transformer_blocks", IMAGE),),
+        block_lists=(BlockList("transformer_blocks", IMAGE_ONLY),),
         batched_guidance="uncond-first",
         notes="linear-attention blocks with cross-attention, returning the image stream alone",
     ),
     "SanaVideoTransformer3DModel": Family(
         name="Sana-Video",
-        block_lists=(BlockList("transformer_blocks", IMAGE),),
+        block_lists=(BlockList("transformer_blocks", IMAGE_ONLY),),
         batched_guidance="uncond-first",
         notes=(
             "Sana's linear-attention blocks over video tokens, returning the video stream alone. "

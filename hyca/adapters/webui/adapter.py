@@ -1,7 +1,7 @@
 """What one frontend hook point looks like: the model class, its block lists in the order
-they run, how each kind of block is called, and whether the frontend offers
-``patches_replace["dit"]`` keys for them. The thin per-frontend modules each declare one
-:class:`Adapter`; the registry picks the one that matches the loaded model."""
+they run (each with its :class:`~hyca.layouts.Layout`), and whether the frontend offers
+``patches_replace["dit"]`` keys for them. Every WebUI hook point is one :class:`Adapter`
+row of ``registry.ADAPTERS`` (ComfyUI's are rows of ``comfyui.families.FAMILIES``)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,7 @@ from typing import Callable
 
 import torch
 
-#: Which gate wraps a block of each kind (style "gate").
-GATE_KINDS = ("img_txt", "concat_tail", "joint", "single")
-#: Which replace patch serves a block of each kind (style "replace").
-PATCH_KINDS = ("img_txt", "concat_tail", "img")
-
-
-@dataclass(frozen=True)
-class BlockList:
-    attribute: str            # the ModuleList on the model, e.g. "double_blocks"
-    kind: str                 # see GATE_KINDS / PATCH_KINDS
-    dit_key: str | None = None  # patches_replace["dit"] key name, e.g. "double_block"
+from ...layouts import BlockList
 
 
 @dataclass(frozen=True)
@@ -29,7 +19,7 @@ class Adapter:
     frontend: str                         # "forge", "neo" or "a1111"
     classes: tuple[str, ...]              # class names of the diffusion model
     block_lists: tuple[BlockList, ...]
-    style: str                            # "gate" (wrap block forwards) or "replace" (dit patches)
+    style: str                            # "gate" (kinds.GATES wrap block forwards) or "replace" (kinds.PATCHES)
     requires: tuple[str, ...] = ()        # methods the model must have (duck-typed version check)
     refuses: tuple[str, ...] = ()         # methods whose presence means another variant
     dim: Callable[[torch.nn.Module], int] | None = None

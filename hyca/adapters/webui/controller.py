@@ -36,9 +36,6 @@ from .settings import Settings, torch_dtype
 
 logger = logging.getLogger("hyca.webui")
 
-GATES = {"img_txt": kinds.gate_img_txt, "concat_tail": kinds.gate_concat_tail, "single": kinds.gate_single}
-PATCHES = {"img_txt": kinds.patch_img_txt, "concat_tail": kinds.patch_concat_tail, "img": kinds.patch_img}
-
 
 def console(message: str) -> None:
     print(f"[HyCa] {message}")
@@ -339,12 +336,7 @@ class Controller:
 
     def _gate_blocks(self, model: torch.nn.Module, adapter: Adapter) -> None:
         for index, (spec, _, block) in enumerate(adapter.blocks(model)):
-            if spec.kind == "joint":
-                pre_only = bool(getattr(getattr(block, "context_block", None), "pre_only", False))
-                gate = kinds.gate_joint(self.current, index, pre_only)
-            else:
-                gate = GATES[spec.kind](self.current, index)
-            gates.install(block, gate)
+            gates.install(block, kinds.GATES[spec.layout](self.current, index, block))
         if model not in self.gated:
             self.gated.append(model)
 
@@ -399,7 +391,8 @@ class Controller:
             replace = clone.model_options.setdefault("transformer_options", {}).get("patches_replace", {}).get("dit", {})
             for index, (spec, i, _) in enumerate(adapter.blocks(model)):
                 existing = replace.get((spec.dit_key, i))
-                clone.set_model_patch_replace(PATCHES[spec.kind](self.current, index, existing), "dit", spec.dit_key, i)
+                clone.set_model_patch_replace(kinds.PATCHES[spec.layout](self.current, index, existing), "dit",
+                                              spec.dit_key, i)
         p.sd_model.forge_objects.unet = clone
 
     # --- results ----------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""How each kind of block is called and what it returns: where the stream that reaches
-the output comes in and goes out, and what a skipped block hands on: its inputs as they
+"""The WebUI and ComfyUI hook function for each block layout (:mod:`hyca.layouts`): how a
+block of that layout is called and what it returns, where the stream that reaches the
+output comes in and goes out, and what a skipped block hands on: its inputs as they
 came (``passthrough(None)``), or, for the first block that runs in a forecast call, its
 stream with the forecast added (``passthrough(stream)``).
 
@@ -7,7 +8,8 @@ Two hook styles: ``gate_*`` functions wrap a block's own ``forward`` (see gates.
 ``patch_*`` functions are ComfyUI-style ``patches_replace["dit"]`` entries,
 ``fn(args: dict, extra: {"original_block": fn}) -> dict``, chained with any patch that
 was already there. Both ask ``session_of()`` for the pass in progress and stay out of
-the way when there is none.
+the way when there is none. :data:`GATES` and :data:`PATCHES` at the end are the one
+place a layout meets its hook function.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from ... import layouts
+from ...layouts import Layout
 from .session import HyCaFailure, PassSession
 
 SessionOf = Callable[[], "PassSession | None"]
@@ -25,7 +29,7 @@ def _arg(args: tuple, kwargs: dict, name: str, position: int) -> Any:
     return kwargs[name] if name in kwargs else args[position]
 
 
-def _tail(call: Any, index: int) -> int:
+def _image_tokens(call: Any, index: int) -> int:
     tokens = call.image_tokens
     if tokens is None:
         raise HyCaFailure(f"block {index} found no image-stream length (no dual-stream block ran first)")
@@ -34,7 +38,7 @@ def _tail(call: Any, index: int) -> int:
 
 # --- gates: wrappers of a block's forward ----------------------------------------------
 
-def gate_img_txt(session_of: SessionOf, index: int) -> Callable[..., Any]:
+def gate_img_txt(session_of: SessionOf, index: int, block: torch.nn.Module) -> Callable[..., Any]:
     """``img, txt = block(img=, txt=, ...)`` (Forge FLUX / Chroma double blocks)."""
 
     def gate(original, *args, **kwargs):
@@ -49,7 +53,7 @@ def gate_img_txt(session_of: SessionOf, index: int) -> Callable[..., Any]:
     return gate
 
 
-def gate_concat_tail(session_of: SessionOf, index: int) -> Callable[..., Any]:
+def gate_concat_tail(session_of: SessionOf, index: int, block: torch.nn.Module) -> Callable[..., Any]:
     """``x = block(cat(txt, img), ...)`` (FLUX / Chroma single blocks): only the image
     tokens at the tail reach the output, so only their residual is kept."""
 
@@ -58,16 +62,17 @@ def gate_concat_tail(session_of: SessionOf, index: int) -> Callable[..., Any]:
         if session is None or session.active is None:
             return original(*args, **kwargs)
         x = _arg(args, kwargs, "img", 0) if ("img" in kwargs or args) else kwargs["x"]
-        n = _tail(session.active, index)
+        n = _image_tokens(session.active, index)
         return session.block(index, x[:, -n:], lambda: original(*args, **kwargs), lambda out: out[:, -n:],
                              lambda stream: x if stream is None else torch.cat((x[:, :-n], stream), 1))
 
     return gate
 
 
-def gate_joint(session_of: SessionOf, index: int, pre_only: bool) -> Callable[..., Any]:
+def gate_joint(session_of: SessionOf, index: int, block: torch.nn.Module) -> Callable[..., Any]:
     """``context, x = block(context, x, c=)`` (SD3 / SD3.5 joint blocks; the last one is
     ``pre_only`` and hands back no context)."""
+    pre_only = layouts.text_dropped(layouts.JOINT, block)
 
     def gate(original, *args, **kwargs):
         session = session_of()
@@ -80,7 +85,7 @@ def gate_joint(session_of: SessionOf, index: int, pre_only: bool) -> Callable[..
     return gate
 
 
-def gate_single(session_of: SessionOf, index: int) -> Callable[..., Any]:
+def gate_single(session_of: SessionOf, index: int, block: torch.nn.Module) -> Callable[..., Any]:
     """``x = layer(x, ...)`` over one joint token stream (Lumina2 / Z-Image layers)."""
 
     def gate(original, *args, **kwargs):
@@ -138,5 +143,33 @@ def patch_concat_tail(session_of: SessionOf, index: int, previous: Callable | No
         x = args["img"]
         return {"img": x if stream is None else torch.cat((x[:, :-stream.shape[1]], stream), 1)}
 
-    return _patch(session_of, index, previous, lambda a, c: a["img"][:, -_tail(c, index):],
-                  lambda o, c: o["img"][:, -_tail(c, index):], passthrough)
+    return _patch(session_of, index, previous, lambda a, c: a["img"][:, -_image_tokens(c, index):],
+                  lambda o, c: o["img"][:, -_image_tokens(c, index):], passthrough)
+
+
+def patch_concat_head(session_of: SessionOf, index: int, previous: Callable | None) -> Callable[[dict, dict], dict]:
+    """``{"img": cat(img, txt), ...} -> {"img"}`` (ComfyUI HunyuanVideo single blocks): only
+    the image tokens at the head reach the output, so only their residual is kept. The image
+    length is the double blocks' image stream (noted by :func:`patch_img_txt`)."""
+
+    def passthrough(args: dict, stream: torch.Tensor | None) -> dict:
+        x = args["img"]
+        return {"img": x if stream is None else torch.cat((stream, x[:, stream.shape[1]:]), 1)}
+
+    return _patch(session_of, index, previous, lambda a, c: a["img"][:, :_image_tokens(c, index)],
+                  lambda o, c: o["img"][:, :_image_tokens(c, index)], passthrough)
+
+
+# --- the one place a layout meets its hook function ---------------------------------------
+
+#: Style "gate": ``GATES[layout](session_of, index, block)`` wraps that block's forward.
+GATES: dict[Layout, Callable[[SessionOf, int, torch.nn.Module], Callable[..., Any]]] = {
+    layouts.IMG_TXT: gate_img_txt, layouts.CONCAT_TAIL: gate_concat_tail, layouts.JOINT: gate_joint,
+    layouts.SINGLE: gate_single,
+}
+#: Style "replace": ``PATCHES[layout](session_of, index, previous)`` is the block's
+#: ``patches_replace["dit"]`` entry, chained with ``previous``.
+PATCHES: dict[Layout, Callable[[SessionOf, int, Callable | None], Callable[[dict, dict], dict]]] = {
+    layouts.IMG_TXT: patch_img_txt, layouts.CONCAT_TAIL: patch_concat_tail, layouts.CONCAT_HEAD: patch_concat_head,
+    layouts.IMG: patch_img,
+}
