@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypedDict
 
 import torch
 from tqdm.auto import tqdm
@@ -60,6 +60,26 @@ class _Progress:
         self.done += n
         if self.on_progress is not None:
             self.on_progress(self.share * self.done / self.steps, f"probe: step {self.done}/{self.steps}")
+
+
+class ProbeOptions(TypedDict, total=False):
+    """The probe's settings a host hands on unchanged (their meaning and defaults are
+    :func:`probe_host`'s); a host's own probe function takes them as ``**options``."""
+
+    positions: str
+    clusters: int
+    shared: bool
+    seed: int
+    rows: int
+    spectral_rows: int | None
+    n_init: int
+    candidates: Sequence[str] | None
+    branch: str
+    accumulate_on: str | torch.device | None
+    selection: str
+    guard: bool
+    progress: bool
+    on_progress: Callable[[float, str], None] | None
 
 
 def probe_host(

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Unpack
 
 import torch
 
 from ...engine.schedule import Schedule
-from ...probing.probe import CLOSED_LOOP, EQ5, SELECTIONS, probe_host
+from ...probing.probe import CLOSED_LOOP, EQ5, SELECTIONS, ProbeOptions, probe_host
 from ...probing.recorder import SketchRecorder
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
@@ -94,24 +94,11 @@ def probe_transformer(
     interval: int = 5,
     warmup: int = 3,
     compute_last: bool = True,
-    positions: str = "step",
-    clusters: int = 4,
-    shared: bool = False,
-    seed: int = 0,
-    rows: int = 8,
-    spectral_rows: int | None = 2,
-    n_init: int = 1,
-    candidates: Sequence[str] | None = None,
-    branch: str = "cond",
-    progress: bool = True,
     settings: dict[str, Any] | None = None,
-    accumulate_on: str | torch.device | None = "cpu",
     guidance_scale: float | None = None,
-    selection: str = CLOSED_LOOP,
-    guard: bool = True,
     chosen_for: RunSettings | None = None,
-    on_progress: Callable[[float, str], None] | None = None,
     target: str | None = None,
+    **options: Unpack[ProbeOptions],
 ) -> Profile:
     """Probe ``transformer`` while ``run()`` makes one fully computed generation of
     ``steps`` transformer calls per branch (a hand-written sampling loop, a frontend's
@@ -126,7 +113,8 @@ def probe_transformer(
     ``"eq5"``. ``chosen_for``: the run settings the profile is for (stored as its
     ``chosen_for``; steps and guidance come from the arguments). ``target``: None (the
     closed loop chooses), ``"residual"``, or ``"output"`` (the output head's input; needs
-    a family with an output head). The other settings are :func:`~hyca.probing.probe_host`'s.
+    a family with an output head). ``options``: the other settings, :func:`~hyca.probing.probe_host`'s
+    (:class:`~hyca.probing.probe.ProbeOptions`), with its defaults.
     Profiles to be compared by their clustering (a LoRA's against its base model's) must
     share a target."""
     family = family_of(transformer)
@@ -136,11 +124,8 @@ def probe_transformer(
                          "head (hyca.adapters.diffusers.families)")
     run_settings = RunSettings(steps=steps, guidance_scale=guidance_scale).merged(chosen_for or RunSettings())
     return probe_host(host, run_settings, Schedule(interval=interval, warmup=warmup, compute_last=compute_last),
-                      positions=positions, clusters=clusters, shared=shared, seed=seed, rows=rows,
-                      spectral_rows=spectral_rows, n_init=n_init, candidates=candidates, branch=branch,
-                      accumulate_on=accumulate_on, selection=selection, guard=guard, target=target,
-                      batched_guidance=family.batched_guidance, progress=progress, on_progress=on_progress,
-                      fingerprint=fingerprint(transformer), facts=settings)
+                      target=target, batched_guidance=family.batched_guidance, fingerprint=fingerprint(transformer),
+                      facts=settings, **options)
 
 
 class TransformerHost:
