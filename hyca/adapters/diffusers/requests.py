@@ -36,7 +36,7 @@ from ...engine.schedule import Schedule
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings, differences
 from ...profiles.io import ProfileError
-from . import hooks, parallel
+from . import hooks, parallel, sharing
 from .scopes import REQUEST, Request
 from .settings import guidance_of, schedule_shift
 
@@ -74,19 +74,26 @@ class Chooser:
         """A fresh engine for one request at ``run`` (see the module doc)."""
         with self.lock:  # two requests at new settings: one probe, not two at once on one transformer
             profile = self.chosen.get(run)
-            if profile is None:
+            if profile is None and transformer.training:  # runs uncached (the root hook says so): choose later
+                profile = self.template.profile
+            elif profile is None:
                 profile = self.chosen[run] = self._choose(transformer, run)
         if profile is self.template.profile:
             return hooks.fresh_engine(self.template)
         template = self.template
-        return HybridCache(profile, self.schedule, template.positions, template.cache_dtype, guard=template.guard,
+        made = HybridCache(profile, self.schedule, template.positions, template.cache_dtype, guard=template.guard,
                            compare_settings=template.compare_settings)
+        made._told = template._told  # logged once per enabled model, noted in each run's stats
+        return made
 
     def _choose(self, transformer: torch.nn.Module, run: RunSettings) -> Profile:
         from .api import AUTO
 
         chosen_for = RunSettings.of_profile(self.template.profile.metadata)
-        if self.spec != AUTO or not differences(chosen_for, run):
+        if self.spec != AUTO or not differences(chosen_for, run, own_sigmas=True):
+            return self.template.profile
+        if run.steps is not None and all(self.schedule.plan(run.steps)):
+            # nothing to forecast, nothing for a probe to compare: the engine says the run is computed
             return self.template.profile
         if parallel.context_parallel(transformer) is not None:
             # every rank must hold the profile enable agreed on (node-local caches may differ), and
@@ -123,12 +130,14 @@ class Requests:
             settings[id(transformer)] = run
             engines[id(transformer)] = chooser.engine_for(transformer, run)
         request = Request(engines, settings)
-        token = REQUEST.set(request)
-        try:
-            yield
-        finally:
-            REQUEST.reset(token)
-            request.close()
+        held = [t for t in (getattr(pipe, c.attribute, None) for c in self.choosers) if isinstance(t, torch.nn.Module)]
+        with sharing.sampling(held):  # no probe swaps the hooks while this call samples
+            token = REQUEST.set(request)
+            try:
+                yield
+            finally:
+                REQUEST.reset(token)
+                request.close()
 
 
 def read_call(pipe: Any, call: Callable, args: tuple, kwargs: dict) -> RunSettings | None:
