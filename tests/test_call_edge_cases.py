@@ -15,6 +15,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from diffusers import FluxPipeline
 
 import hyca
 from hyca.adapters.diffusers import hooks
@@ -168,6 +169,27 @@ def test_a_probe_waits_for_a_request_sampling_and_both_equal_their_runs_alone(tm
     assert isinstance(out["a"], torch.Tensor) and isinstance(out["b"], torch.Tensor), out
     torch.testing.assert_close(out["a"], alone_a, rtol=0, atol=0)
     torch.testing.assert_close(out["b"], alone_b, rtol=0, atol=0)
+
+
+# --- 4. pipelines built around the enabled pipeline's transformer --------------------------
+
+def test_a_pipeline_sharing_the_transformer_uses_the_profile_made_for_its_call(asked, caplog):
+    pipe = plain()
+    expected = flux(pipe, STEPS)  # the enabled pipeline probes these settings
+    probes = len(asked)
+    other = FluxPipeline(**pipe.components)  # not passed to hyca.enable
+    assert other.transformer is pipe.transformer
+    torch.testing.assert_close(flux(other, STEPS), expected, rtol=0, atol=0)
+    assert not any("not passed to hyca.enable" in note for note in hyca.stats(other)[0].notes)
+    # at settings nobody probed: the enable-time profile, said once in the log and in every run's stats
+    enable_time = RunSettings.of_profile(hooks.root_hook(pipe.transformer).engine.profile.metadata)
+    with caplog.at_level(logging.WARNING, logger="hyca"):
+        for _ in range(2):
+            flux(other, 8)
+            assert any("not passed to hyca.enable" in note for note in hyca.stats(other)[0].notes)
+    assert sum("not passed to hyca.enable" in r.getMessage() for r in caplog.records) == 1
+    assert len(asked) == probes  # a run under way never probes
+    assert enable_time.steps != 8
 
 
 # --- 5. training mode and gradients --------------------------------------------------------

@@ -26,6 +26,7 @@ import functools
 import inspect
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -78,6 +79,32 @@ class Chooser:
                 profile = self.template.profile
             elif profile is None:
                 profile = self.chosen[run] = self._choose(transformer, run)
+        return self.engine_of(profile)
+
+    def known(self, transformer: torch.nn.Module, run: RunSettings) -> Profile | None:
+        """The profile made for ``run`` without probing (a call that cannot probe: another
+        pipeline's, already sampling): chosen before in this process, ``hyca.enable``'s, or
+        a profile file chosen for exactly these settings; ``None`` when only a probe would
+        give one."""
+        from .api import AUTO
+
+        with self.lock:
+            profile = self.chosen.get(run)
+            if profile is not None or self.spec != AUTO:
+                return profile if profile is not None else self.template.profile
+            if not differences(RunSettings.of_profile(self.template.profile.metadata), run, own_sigmas=True):
+                return self.template.profile
+            try:
+                found = self.resolve(transformer, None, run)
+            except ProfileError:
+                return None
+            if differences(RunSettings.of_profile(found.metadata), run, own_sigmas=True):
+                return None
+            self.chosen[run] = found
+            return found
+
+    def engine_of(self, profile: Profile) -> HybridCache:
+        """A fresh engine for one run on ``profile``."""
         if profile is self.template.profile:
             return hooks.fresh_engine(self.template)
         template = self.template
@@ -209,6 +236,52 @@ def intercept(pipe: Any, choosers: list[Chooser]) -> None:
     """Route ``pipe(...)`` through a request scope (see the module doc)."""
     object.__setattr__(pipe, "__class__", request_class(original_class(pipe)))
     pipe.__dict__[CONTROLLER] = Requests(choosers)
+    for chooser in choosers:
+        transformer = getattr(pipe, chooser.attribute, None)
+        if isinstance(transformer, torch.nn.Module):
+            _CHOOSERS[transformer] = chooser
+
+
+#: transformer -> the chooser of the pipeline it was last enabled through (for the calls of
+#: other pipelines built around it: :func:`engine_for_other_pipeline`)
+_CHOOSERS: "weakref.WeakKeyDictionary[torch.nn.Module, Chooser]" = weakref.WeakKeyDictionary()
+_TOLD_OTHER: set[tuple[int, RunSettings]] = set()
+
+
+def engine_for_other_pipeline(transformer: torch.nn.Module, pipe: Any, steps: int | None, current: Any,
+                              ) -> tuple[Any, str | None]:
+    """For a run of a pipeline that holds an enabled pipeline's transformer but was not
+    itself passed to ``hyca.enable`` (``Cls(**pipe.components)``, ``from_pipe``), at its
+    first step: the engine for its settings (steps from its scheduler, guidance from its
+    ``__call__``'s arguments, the scheduler's shift; its sigmas are not told apart from the
+    default schedule's) and a note when no profile made for them is known (only a probe
+    would give one, and a run under way cannot probe). ``current``: the scope's engine,
+    kept when its profile is the one. ``(current, None)`` when the transformer was not
+    enabled through a pipeline."""
+    from .runs import call_arguments
+
+    chooser = _CHOOSERS.get(transformer)
+    root = hooks.root_hook(transformer)
+    if chooser is None or root is None or root.engine is not chooser.template:
+        return current, None
+    given = call_arguments(pipe)
+    guidance = guidance_of(pipe, {k: v for k, v in given.items() if k != "self"}) if given else None
+    run = RunSettings(steps=steps, guidance_scale=guidance,
+                      shift=schedule_shift(getattr(pipe, "scheduler", None))).merged(chooser.options)
+    profile = chooser.known(transformer, run)
+    note = None
+    if profile is None:
+        profile = chooser.template.profile
+        note = (f"{type(pipe).__name__} shares {type(transformer).__name__} with a pipeline HyCa is enabled on but "
+                f"was not passed to hyca.enable itself, and no profile made for its settings ({run.describe()}) is "
+                "known yet (a run under way cannot probe): it uses the profile hyca.enable chose. Call the enabled "
+                "pipeline once at these settings first, or pass this pipeline to hyca.enable too")
+        if (id(chooser), run) not in _TOLD_OTHER:
+            _TOLD_OTHER.add((id(chooser), run))
+            logger.warning("HyCa: %s", note)
+    if getattr(current, "profile", None) is profile:
+        return current, note
+    return chooser.engine_of(profile), note
 
 
 def release(pipe: Any) -> None:

@@ -102,6 +102,7 @@ class HyCaRoot(HookChain):
             self._finish(states, state, ended)
             self._finish_stale(states, run)
         if state.step == 0:
+            self._other_pipeline_run(states, state, module, run)
             self._remember(states)
             self.engine_facts(states, module)
             found = other_cache(module, scan=True)
@@ -173,6 +174,19 @@ class HyCaRoot(HookChain):
         if state.total_steps is not None and state.step >= state.total_steps:
             self._finish(states, state, None)  # the run is complete: free its cache now
         return None
+
+    def _other_pipeline_run(self, states: BranchStates, state: BranchState, module: torch.nn.Module, run: Run,
+                            ) -> None:
+        """A run of a pipeline not passed to ``hyca.enable`` (no request of its own) begins:
+        its scope takes the engine for its call's settings (:mod:`.requests`)."""
+        pipe = calling_pipeline(module) if REQUEST.get() is None and states is not self.default else None
+        if pipe is None:
+            return
+        from .requests import engine_for_other_pipeline
+
+        states.engine, note = engine_for_other_pipeline(module, pipe, run.total, states.engine)
+        if note is not None:
+            states.engine.note(state, note)
 
     def engine_facts(self, states: BranchStates, module: torch.nn.Module) -> None:
         """Tell the scope's engine what is known of the run beginning now: the settings
