@@ -25,7 +25,7 @@ from hyca.engine.cache import HybridCache
 from hyca.engine.schedule import Schedule
 from hyca.profiles.settings import RunSettings
 
-from profile_helpers import random_profile
+from profile_helpers import no_profiles_but_a_cache, random_profile, stand_in_probes
 from tiny import conditioning, tiny_flux, tiny_pipeline
 from tiny_families import CASES
 
@@ -47,17 +47,8 @@ def stand_in_profile(pipe, options: dict):
 @pytest.fixture()
 def asked(tmp_path, monkeypatch):
     """An empty profile cache and the stand-in probe; yields the options of each probe."""
-    monkeypatch.setenv("HYCA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HYCA_HUB_REPO", "none")
-    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path / "nothing-here"))
-    calls: list[dict] = []
-
-    def stand_in(pipe, **options):
-        calls.append(options)
-        return stand_in_profile(pipe, options)
-
-    monkeypatch.setattr("hyca.adapters.diffusers.probe.probe", stand_in)
-    return calls
+    no_profiles_but_a_cache(tmp_path, monkeypatch)
+    return stand_in_probes(monkeypatch, stand_in_profile)
 
 
 def plain(**settings):
@@ -113,9 +104,7 @@ def test_a_call_that_forecasts_no_step_computes_every_step_and_says_so_once(sett
 # --- 3. a probe while another request samples on the transformer ---------------------------
 
 def test_a_probe_waits_for_a_request_sampling_and_both_equal_their_runs_alone(tmp_path, monkeypatch):
-    monkeypatch.setenv("HYCA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HYCA_HUB_REPO", "none")
-    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path / "nothing-here"))
+    no_profiles_but_a_cache(tmp_path, monkeypatch)
     swapped = threading.Event()
 
     def swapping_probe(pipe, **options):
