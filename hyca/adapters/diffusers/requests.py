@@ -88,20 +88,23 @@ class Chooser:
         give one."""
         from .api import AUTO
 
-        with self.lock:
-            profile = self.chosen.get(run)
-            if profile is not None or self.spec != AUTO:
-                return profile if profile is not None else self.template.profile
-            if not differences(RunSettings.of_profile(self.template.profile.metadata), run, own_sigmas=True):
-                return self.template.profile
-            try:
-                found = self.resolve(transformer, None, run)
-            except ProfileError:
-                return None
-            if differences(RunSettings.of_profile(found.metadata), run, own_sigmas=True):
-                return None
-            self.chosen[run] = found
-            return found
+        profile = self.chosen.get(run)
+        if profile is not None or self.spec != AUTO:
+            return profile if profile is not None else self.template.profile
+        if not differences(RunSettings.of_profile(self.template.profile.metadata), run, own_sigmas=True):
+            return self.template.profile
+        if not self.lock.acquire(blocking=False):  # a probe holds it: never wait inside a run under way
+            return None
+        try:
+            found = self.resolve(transformer, None, run)
+        except ProfileError:
+            return None
+        finally:
+            self.lock.release()
+        if differences(RunSettings.of_profile(found.metadata), run, own_sigmas=True):
+            return None
+        self.chosen.setdefault(run, found)
+        return found
 
     def engine_of(self, profile: Profile) -> HybridCache:
         """A fresh engine for one run on ``profile``."""
