@@ -63,3 +63,24 @@ def permuted(profile: Profile, seed: int) -> Profile:
         labels[blk] = perm[profile.labels[blk]]
         solvers[blk, perm] = profile.solvers[blk]
     return Profile(labels, solvers, dict(profile.metadata))
+
+
+def no_profiles_but_a_cache(tmp_path, monkeypatch, cache: str = "cache") -> None:
+    """Profile lookup sees an empty cache under ``tmp_path`` and nothing else (no Hub, no
+    extra folder)."""
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path / cache))
+    monkeypatch.setenv("HYCA_HUB_REPO", "none")
+    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path / "nothing-here"))
+
+
+def stand_in_probes(monkeypatch, make) -> list[dict]:
+    """Replace the diffusers probe by ``make(pipe, options) -> Profile``; returns the list
+    of the options each probe was asked with (filled as probes run)."""
+    calls: list[dict] = []
+
+    def stand_in(pipe, **options):
+        calls.append(options)
+        return make(pipe, options)
+
+    monkeypatch.setattr("hyca.adapters.diffusers.probe.probe", stand_in)
+    return calls

@@ -22,7 +22,7 @@ from hyca.adapters.diffusers.fingerprint import fingerprint
 from hyca.adapters.diffusers.settings import guidance_of
 from hyca.profiles.settings import RunSettings
 
-from profile_helpers import random_profile
+from profile_helpers import no_profiles_but_a_cache, random_profile, stand_in_probes
 from tiny_families import CASES
 
 STEPS, INTERVAL, WARMUP = 6, 2, 1
@@ -33,13 +33,9 @@ GUIDANCE = 3.0  # every tiny family's guided call (tests/tiny_families.py)
 @pytest.fixture()
 def asked(tmp_path, monkeypatch):
     """An empty profile cache and a probe stand-in; yields the settings each probe was asked for."""
-    monkeypatch.setenv("HYCA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HYCA_HUB_REPO", "none")
-    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path / "nothing-here"))
-    calls: list[dict] = []
+    no_profiles_but_a_cache(tmp_path, monkeypatch)
 
-    def stand_in(pipe, **options):
-        calls.append(options)
+    def stand_in(pipe, options):
         scale = options.get("true_cfg_scale", options.get("guidance_scale", 1.0))
         if "true_cfg_scale" in options and options.get("negative_prompt") is None \
                 and options.get("negative_prompt_embeds") is None:
@@ -52,8 +48,7 @@ def asked(tmp_path, monkeypatch):
         return random_profile(fingerprint(pipe.transformer), seed=seed, interval=options["interval"],
                               warmup=options["warmup"], chosen_for=chosen.to_json())
 
-    monkeypatch.setattr("hyca.adapters.diffusers.probe.probe", stand_in)
-    return calls
+    return stand_in_probes(monkeypatch, stand_in)
 
 
 def enable_plain(pipe, experts):

@@ -150,6 +150,9 @@ class HybridCache:
         if state.step == 0:
             if self._left_over(state):
                 self.forget_runs()
+            if total_steps is not None and all(self.schedule.plan(total_steps)):
+                self._say(state, f"the schedule (warm-up {self.schedule.warmup}, N={self.schedule.interval}) "
+                                 f"forecasts none of this run's {total_steps} steps: every step is computed")
             state.first_position = position
             state.signature = signature
             state.total_steps = total_steps
@@ -295,6 +298,8 @@ class HybridCache:
     def _compare_settings(self, state: BranchState) -> None:
         """At a branch's second step (the branches of step 0 have all begun): say once
         what differs between the run and the settings the profile was chosen for."""
+        if state.total_steps is not None and all(self.schedule.plan(state.total_steps)):
+            return  # nothing forecast: the profile plays no part (said at step 0)
         run = self.run_settings(state).merged(self.host_run)
         found = differences(self.chosen_for, run)
         branches = self.guidance_branches()

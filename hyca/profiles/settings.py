@@ -12,6 +12,7 @@ Every field may be ``None`` (not known); unknown fields never count as a differe
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
@@ -108,14 +109,26 @@ class RunSettings:
 
     def tag(self) -> str:
         """A file-name part naming the run settings: ``w3-s28-g2.5-sh3`` (known fields only;
-        the interval has its own ``-n<N>`` part)."""
+        the interval has its own ``-n<N>`` part), with ``-sg<hash>`` for a sigma schedule of
+        its own (:meth:`sigmas_hash`), so that a custom schedule and the default one at the
+        same step count never share a file."""
         parts = []
         for prefix, value in (("w", self.warmup), ("s", self.steps), ("g", self.guidance_scale), ("sh", self.shift)):
             if value is not None:
                 parts.append(f"{prefix}{value:g}" if isinstance(value, float) else f"{prefix}{value}")
+        if self.sigmas is not None:
+            parts.append(f"sg{self.sigmas_hash()}")
         if self.positions not in (None, "step"):
             parts.append(self.positions)
         return "-".join(parts)
+
+    def sigmas_hash(self) -> str:
+        """8 hex digits naming the sigma schedule, rounded to 3 significant digits (the
+        tolerance :func:`differences` compares at); ``""`` when no schedule is known."""
+        if self.sigmas is None:
+            return ""
+        text = ",".join(f"{s:.3g}" for s in self.sigmas)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     def describe(self) -> str:
         """``28 steps, guidance 2.5, shift 3, N=6, warm-up 3`` (known fields only)."""
@@ -147,8 +160,9 @@ def _sigmas_differ(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return len(a) != len(b) or not all(_close(x, y) for x, y in zip(a, b))
 
 
-def _differing(chosen: RunSettings, run: RunSettings) -> dict[str, str]:
-    """Field -> ``"<chosen> vs <run>"`` for every field known on both sides that differs."""
+def _differing(chosen: RunSettings, run: RunSettings, own_sigmas: bool = False) -> dict[str, str]:
+    """Field -> ``"<chosen> vs <run>"`` for every field known on both sides that differs;
+    with ``own_sigmas`` also a sigma schedule on one side only (see :func:`differences`)."""
     out: dict[str, str] = {}
 
     def both(name: str) -> bool:
@@ -162,6 +176,8 @@ def _differing(chosen: RunSettings, run: RunSettings) -> dict[str, str]:
     if both("sigmas"):
         if _sigmas_differ(chosen.sigmas, run.sigmas):
             out["sigmas"] = "another sigma schedule"
+    elif own_sigmas and (chosen.sigmas is None) != (run.sigmas is None):
+        out["sigmas"] = "the scheduler's own vs given" if run.sigmas is not None else "given vs the scheduler's own"
     elif both("shift") and not _close(chosen.shift, run.shift):
         out["shift"] = f"{chosen.shift:g} vs {run.shift:g}"
     return out
@@ -171,18 +187,23 @@ _LABELS = {"interval": "N", "warmup": "warm-up", "steps": "steps", "compute_last
            "positions": "positions axis", "guidance": "guidance", "sigmas": "sigmas", "shift": "shift"}
 
 
-def differences(chosen: RunSettings, run: RunSettings) -> list[str]:
+def differences(chosen: RunSettings, run: RunSettings, own_sigmas: bool = False) -> list[str]:
     """What differs between the settings a profile was chosen for and a run's, as short
-    phrases (``"steps 50 vs 28"``); empty when nothing known differs."""
-    return [f"{_LABELS[k]} {v}" for k, v in _differing(chosen, run).items()]
+    phrases (``"steps 50 vs 28"``); empty when nothing known differs.
+
+    ``own_sigmas``: the host says that a run without ``sigmas`` samples on its scheduler's
+    own schedule (a diffusers call given no ``sigmas``), so a profile chosen for a sigma
+    schedule of its own differs from it, and the other way round."""
+    return [f"{_LABELS[k]} {v}" for k, v in _differing(chosen, run, own_sigmas).items()]
 
 
-def mismatch_cost(chosen: RunSettings, run: RunSettings) -> float:
+def mismatch_cost(chosen: RunSettings, run: RunSettings, own_sigmas: bool = False) -> float:
     """How far apart two settings are, for ranking profiles (0 = nothing known differs).
     Guidance counts fully when one side is guided and the other is not, half when both are
-    guided at different scales; steps count by their relative difference."""
+    guided at different scales; steps count by their relative difference. ``own_sigmas``:
+    as in :func:`differences`."""
     cost = 0.0
-    for name in _differing(chosen, run):
+    for name in _differing(chosen, run, own_sigmas):
         weight = _COST[name]
         if name == "guidance" and chosen.guided == run.guided:
             weight /= 2

@@ -218,6 +218,7 @@ def _try_hub(repo: str, names: list[str], fp: Mapping[str, Any], interval: int |
 def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_repo: str | None = DEFAULT,
                     hub_filename: str | None = None, interval: int | None = None, run: RunSettings | None = None,
                     probe: Callable[[], Profile] | None = None, probe_if_mismatched: bool = False,
+                    own_sigmas: bool = False,
                     cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
                     hub_endpoint: str | None = None, hub_token: str | bool | None = None,
                     hub_cache_dir: str | os.PathLike | None = None) -> ResolvedProfile:
@@ -228,7 +229,9 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
     still differs is in the result's ``differences``). ``probe``: zero-argument callable
     making a profile when no source has one (or, with ``probe_if_mismatched``, when the
     closest one was made for other settings); without it, finding nothing raises
-    :class:`ProfileError`. ``offline``: skip the network (the Hub cache is still read);
+    :class:`ProfileError`. ``own_sigmas``: a run without ``sigmas`` samples on its
+    scheduler's own schedule, so a profile chosen for given sigmas differs from it and the
+    other way round (:func:`~hyca.profiles.settings.differences`). ``offline``: skip the network (the Hub cache is still read);
     default: huggingface_hub's offline mode.
     """
     fp = model_fingerprint(model)
@@ -250,7 +253,7 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
         bad = _bad_files(folder, source, fp, log)
         for rank, file in enumerate(f for f in _model_files(folder, fp, names) if f not in bad):
             settings = _settings_of(file)
-            cost = mismatch_cost(settings, run) if settings is not None else float("inf")
+            cost = mismatch_cost(settings, run, own_sigmas) if settings is not None else float("inf")
             ranked.append((cost, order, rank, source, file))
     best = None
     for cost, _, _, source, file in sorted(ranked, key=lambda item: item[:3]):
@@ -259,16 +262,16 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
             break
 
     repo = hub_repo_id() if hub_repo == DEFAULT else hub_repo
-    if repo and (best is None or _differences(best, run)):
+    if repo and (best is None or _differences(best, run, own_sigmas)):
         looked.append(f"Hub repo {repo}")
         found = _try_hub(repo, [hub_filename] if hub_filename else names, fp, interval, log,
                          offline=hub_offline() if offline is None else offline, cache_dir=hub_cache_dir,
                          endpoint=hub_endpoint, token=hub_token)
-        if found is not None and (best is None or _cost(found, run) < _cost(best, run)):
+        if found is not None and (best is None or _cost(found, run, own_sigmas) < _cost(best, run, own_sigmas)):
             best = found
 
     if best is not None:
-        best.differences = _differences(best, run)
+        best.differences = _differences(best, run, own_sigmas)
         if not (best.differences and probe is not None and probe_if_mismatched):
             return best
         log(f"the closest profile ({best.path or best.source}) was chosen for {_chosen(best).describe()}; "
@@ -280,7 +283,7 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
         )
     target = cache / (names[0] if run.tag() else names[-1])
     resolved = _probe_and_cache(probe, fp, interval, target, log)
-    resolved.differences = _differences(resolved, run)
+    resolved.differences = _differences(resolved, run, own_sigmas)
     return resolved
 
 
@@ -288,12 +291,12 @@ def _chosen(resolved: ResolvedProfile) -> RunSettings:
     return RunSettings.of_profile(resolved.profile.metadata)
 
 
-def _differences(resolved: ResolvedProfile, run: RunSettings) -> list[str]:
-    return differences(_chosen(resolved), run)
+def _differences(resolved: ResolvedProfile, run: RunSettings, own_sigmas: bool = False) -> list[str]:
+    return differences(_chosen(resolved), run, own_sigmas)
 
 
-def _cost(resolved: ResolvedProfile, run: RunSettings) -> float:
-    return mismatch_cost(_chosen(resolved), run)
+def _cost(resolved: ResolvedProfile, run: RunSettings, own_sigmas: bool = False) -> float:
+    return mismatch_cost(_chosen(resolved), run, own_sigmas)
 
 
 def _probe_and_cache(probe: Callable[[], Profile], fp: Mapping[str, Any], interval: int | None, target: Path,

@@ -6,13 +6,13 @@ import logging
 import math
 import numbers
 import os
-from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 import torch
 
 from ...engine.cache import HybridCache, RunStats
 from ...engine.schedule import Schedule, interval_for_speedup
+from ...profiles.io import ProfileError
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
 from . import hooks, parallel, requests
@@ -23,6 +23,8 @@ from .settings import schedule_shift
 TRANSFORMER_ATTRIBUTES = ("transformer", "transformer_2")
 #: ``profile=AUTO``: find the model's profile (shipped, cache, Hub) or probe it on first use.
 AUTO = "auto"
+#: The step count :func:`hyca.probe` samples when none is given.
+PROBE_STEPS = 28
 
 logger = logging.getLogger("hyca")
 
@@ -83,7 +85,20 @@ def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile
         return resolve_profile(fingerprint(transformer), path=spec, interval=run.interval).profile
     if spec != AUTO:
         return spec
-    resolved = resolve_profile(fingerprint(transformer), run=run, probe=make, probe_if_mismatched=told_settings)
+    nothing = make is not None and _forecasts_nothing(run)
+    if nothing:
+        make = None  # a probe would have nothing to compare; the engine says every step is computed
+    # a diffusers call given no sigmas samples on its scheduler's own schedule
+    try:
+        resolved = resolve_profile(fingerprint(transformer), run=run, probe=make, probe_if_mismatched=told_settings,
+                                   own_sigmas=True)
+    except ProfileError:
+        if not nothing:
+            raise
+        # never used to forecast; its chosen_for lets a later call at other settings take or probe its own
+        profile = Profile.uniform("reuse", len(blocks_of(transformer, family_of(transformer))), hidden_size(transformer))
+        profile.metadata["chosen_for"] = run.to_json()
+        return profile
     logger.info("HyCa: %s profile from %s", type(transformer).__name__, resolved.path or resolved.source)
     if resolved.differences:
         remedy = ("each pipeline call takes or probes one for its own settings (docs/requests.md); pass "
@@ -93,6 +108,14 @@ def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile
         logger.warning("HyCa: the closest profile (%s) was chosen for other settings (%s); %s",
                        resolved.path or resolved.source, "; ".join(resolved.differences), remedy)
     return resolved.profile
+
+
+def _forecasts_nothing(run: RunSettings) -> bool:
+    """Whether HyCa's schedule computes every one of the run's steps (few steps, a long
+    warm-up, ``interval=1``); steps not known: the probe's default count."""
+    schedule = Schedule(interval=run.interval or 5, warmup=run.warmup or 3,
+                        compute_last=run.compute_last is not False)
+    return all(schedule.plan(run.steps or PROBE_STEPS))
 
 
 def _first_use_probe(target: Any, attribute: str, run: RunSettings, probe_kwargs: Mapping[str, Any] | None,
@@ -327,8 +350,7 @@ def stats(target: Any) -> list[RunStats]:
     for transformer in transformers_of(target):
         hook = hooks.root_hook(transformer)
         if hook is not None:
-            latest = hook.latest().engine.last_stats
-            out.append(replace(latest, notes=[*latest.notes, *hook.notes]) if hook.notes else latest)
+            out.append(hook.latest_stats())
     return out
 
 

@@ -21,7 +21,7 @@ from ...probing.probe import CLOSED_LOOP, EQ5, SELECTIONS, ProbeOptions, probe_h
 from ...probing.recorder import SketchRecorder
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
-from . import hooks
+from . import hooks, sharing
 from .families import blocks_of, family_of, head_of, hidden_size
 from .fingerprint import fingerprint
 from .settings import guidance_of, schedule_shift
@@ -37,23 +37,28 @@ __all__ = ["CLOSED_LOOP", "DEFAULT_PROMPT", "EQ5", "SELECTIONS", "TransformerHos
 def _hooked(transformer: torch.nn.Module, engine: Any, steps: int) -> Iterator[Any]:
     """Hook ``engine`` (a :class:`SketchRecorder` or a :class:`HybridCache`) in place of
     HyCa's own for the duration; HyCa's hooks, if enabled, are restored afterwards with the
-    same engine and settings."""
+    same engine and settings. The transformer is the probe's alone meanwhile: it waits for
+    the pipeline calls sampling on it, and new ones wait for it (:mod:`.sharing`)."""
     if getattr(transformer, "is_cache_enabled", False):
         raise RuntimeError(f"{type(transformer).__name__} has a diffusers cache enabled; the probe needs "
                            "every step computed: call transformer.disable_cache() first")
+    if transformer.training:  # HyCa stays out of training-mode calls: the probe would record none
+        raise RuntimeError(f"{type(transformer).__name__} is in training mode, and HyCa (its probe too) runs "
+                           "inference only: call .eval() on it before probing or sampling with HyCa")
     family = family_of(transformer)
     blocks = blocks_of(transformer, family)
-    previous = hooks.root_hook(transformer)
-    if previous is not None and isinstance(previous.engine, SketchRecorder):
-        previous = None  # left over from a probe that could not clean up: do not restore it
-    hooks.unregister(transformer)
-    try:
-        hooks.register(transformer, blocks, engine, family, lambda *_: steps)
-        yield hooks.root_hook(transformer)
-    finally:
+    with sharing.use_of(transformer).exclusive(type(transformer).__name__):
+        previous = hooks.root_hook(transformer)
+        if previous is not None and isinstance(previous.engine, SketchRecorder):
+            previous = None  # left over from a probe that could not clean up: do not restore it
         hooks.unregister(transformer)
-        if previous is not None:
-            hooks.register(transformer, blocks, previous.engine, previous.family, previous.total_steps)
+        try:
+            hooks.register(transformer, blocks, engine, family, lambda *_: steps)
+            yield hooks.root_hook(transformer)
+        finally:
+            hooks.unregister(transformer)
+            if previous is not None:
+                hooks.register(transformer, blocks, previous.engine, previous.family, previous.total_steps)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ import functools
 import inspect
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -36,7 +37,7 @@ from ...engine.schedule import Schedule
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings, differences
 from ...profiles.io import ProfileError
-from . import hooks, parallel
+from . import hooks, parallel, sharing
 from .scopes import REQUEST, Request
 from .settings import guidance_of, schedule_shift
 
@@ -74,19 +75,55 @@ class Chooser:
         """A fresh engine for one request at ``run`` (see the module doc)."""
         with self.lock:  # two requests at new settings: one probe, not two at once on one transformer
             profile = self.chosen.get(run)
-            if profile is None:
+            if profile is None and transformer.training:  # runs uncached (the root hook says so): choose later
+                profile = self.template.profile
+            elif profile is None:
                 profile = self.chosen[run] = self._choose(transformer, run)
+        return self.engine_of(profile)
+
+    def known(self, transformer: torch.nn.Module, run: RunSettings) -> Profile | None:
+        """The profile made for ``run`` without probing (a call that cannot probe: another
+        pipeline's, already sampling): chosen before in this process, ``hyca.enable``'s, or
+        a profile file chosen for exactly these settings; ``None`` when only a probe would
+        give one."""
+        from .api import AUTO
+
+        profile = self.chosen.get(run)
+        if profile is not None or self.spec != AUTO:
+            return profile if profile is not None else self.template.profile
+        if not differences(RunSettings.of_profile(self.template.profile.metadata), run, own_sigmas=True):
+            return self.template.profile
+        if not self.lock.acquire(blocking=False):  # a probe holds it: never wait inside a run under way
+            return None
+        try:
+            found = self.resolve(transformer, None, run)
+        except ProfileError:
+            return None
+        finally:
+            self.lock.release()
+        if differences(RunSettings.of_profile(found.metadata), run, own_sigmas=True):
+            return None
+        self.chosen.setdefault(run, found)
+        return found
+
+    def engine_of(self, profile: Profile) -> HybridCache:
+        """A fresh engine for one run on ``profile``."""
         if profile is self.template.profile:
             return hooks.fresh_engine(self.template)
         template = self.template
-        return HybridCache(profile, self.schedule, template.positions, template.cache_dtype, guard=template.guard,
+        made = HybridCache(profile, self.schedule, template.positions, template.cache_dtype, guard=template.guard,
                            compare_settings=template.compare_settings)
+        made._told = template._told  # logged once per enabled model, noted in each run's stats
+        return made
 
     def _choose(self, transformer: torch.nn.Module, run: RunSettings) -> Profile:
         from .api import AUTO
 
         chosen_for = RunSettings.of_profile(self.template.profile.metadata)
-        if self.spec != AUTO or not differences(chosen_for, run):
+        if self.spec != AUTO or not differences(chosen_for, run, own_sigmas=True):
+            return self.template.profile
+        if run.steps is not None and all(self.schedule.plan(run.steps)):
+            # nothing to forecast, nothing for a probe to compare: the engine says the run is computed
             return self.template.profile
         if parallel.context_parallel(transformer) is not None:
             # every rank must hold the profile enable agreed on (node-local caches may differ), and
@@ -123,12 +160,14 @@ class Requests:
             settings[id(transformer)] = run
             engines[id(transformer)] = chooser.engine_for(transformer, run)
         request = Request(engines, settings)
-        token = REQUEST.set(request)
-        try:
-            yield
-        finally:
-            REQUEST.reset(token)
-            request.close()
+        held = [t for t in (getattr(pipe, c.attribute, None) for c in self.choosers) if isinstance(t, torch.nn.Module)]
+        with sharing.sampling(held):  # no probe swaps the hooks while this call samples
+            token = REQUEST.set(request)
+            try:
+                yield
+            finally:
+                REQUEST.reset(token)
+                request.close()
 
 
 def read_call(pipe: Any, call: Callable, args: tuple, kwargs: dict) -> RunSettings | None:
@@ -200,6 +239,52 @@ def intercept(pipe: Any, choosers: list[Chooser]) -> None:
     """Route ``pipe(...)`` through a request scope (see the module doc)."""
     object.__setattr__(pipe, "__class__", request_class(original_class(pipe)))
     pipe.__dict__[CONTROLLER] = Requests(choosers)
+    for chooser in choosers:
+        transformer = getattr(pipe, chooser.attribute, None)
+        if isinstance(transformer, torch.nn.Module):
+            _CHOOSERS[transformer] = chooser
+
+
+#: transformer -> the chooser of the pipeline it was last enabled through (for the calls of
+#: other pipelines built around it: :func:`engine_for_other_pipeline`)
+_CHOOSERS: "weakref.WeakKeyDictionary[torch.nn.Module, Chooser]" = weakref.WeakKeyDictionary()
+_TOLD_OTHER: set[tuple[int, RunSettings]] = set()
+
+
+def engine_for_other_pipeline(transformer: torch.nn.Module, pipe: Any, steps: int | None, current: Any,
+                              ) -> tuple[Any, str | None]:
+    """For a run of a pipeline that holds an enabled pipeline's transformer but was not
+    itself passed to ``hyca.enable`` (``Cls(**pipe.components)``, ``from_pipe``), at its
+    first step: the engine for its settings (steps from its scheduler, guidance from its
+    ``__call__``'s arguments, the scheduler's shift; its sigmas are not told apart from the
+    default schedule's) and a note when no profile made for them is known (only a probe
+    would give one, and a run under way cannot probe). ``current``: the scope's engine,
+    kept when its profile is the one. ``(current, None)`` when the transformer was not
+    enabled through a pipeline."""
+    from .runs import call_arguments
+
+    chooser = _CHOOSERS.get(transformer)
+    root = hooks.root_hook(transformer)
+    if chooser is None or root is None or root.engine is not chooser.template:
+        return current, None
+    given = call_arguments(pipe)
+    guidance = guidance_of(pipe, {k: v for k, v in given.items() if k != "self"}) if given else None
+    run = RunSettings(steps=steps, guidance_scale=guidance,
+                      shift=schedule_shift(getattr(pipe, "scheduler", None))).merged(chooser.options)
+    profile = chooser.known(transformer, run)
+    note = None
+    if profile is None:
+        profile = chooser.template.profile
+        note = (f"{type(pipe).__name__} shares {type(transformer).__name__} with a pipeline HyCa is enabled on but "
+                f"was not passed to hyca.enable itself, and no profile made for its settings ({run.describe()}) is "
+                "known yet (a run under way cannot probe): it uses the profile hyca.enable chose. Call the enabled "
+                "pipeline once at these settings first, or pass this pipeline to hyca.enable too")
+        if (id(chooser), run) not in _TOLD_OTHER:
+            _TOLD_OTHER.add((id(chooser), run))
+            logger.warning("HyCa: %s", note)
+    if getattr(current, "profile", None) is profile:
+        return current, note
+    return chooser.engine_of(profile), note
 
 
 def release(pipe: Any) -> None:

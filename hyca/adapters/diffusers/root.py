@@ -4,6 +4,7 @@ call and decides whose run the call belongs to and whether its blocks run (see :
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 import threading
 import weakref
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from ...engine.cache import BranchState, HybridCache
+from ...engine.state import RunStats
 from ...engine.residual import ResidualMeter
 from ...profiles.settings import RunSettings
 from . import parallel
@@ -42,6 +44,9 @@ class HyCaRoot(HookChain):
         self.router = ScopeRouter(self)
         self.default = BranchStates(engine, self.router, self)
         self._latest: dict[int, BranchStates] = {}  # thread -> the scope of its latest run
+        #: thread -> its transformer calls computed in full since its latest cached run began
+        #: (training mode, gradients): what ``hyca.stats`` reports for that thread then
+        self._uncached: dict[int, RunStats] = {}
         self.meter = ResidualMeter()
         self.blocks = [block for _, block in blocks]
         self.block_hooks = [HyCaBlockHook(i, spec, self) for i, (spec, _) in enumerate(blocks)]
@@ -97,6 +102,7 @@ class HyCaRoot(HookChain):
             self._finish(states, state, ended)
             self._finish_stale(states, run)
         if state.step == 0:
+            self._other_pipeline_run(states, state, module, run)
             self._remember(states)
             self.engine_facts(states, module)
             found = other_cache(module, scan=True)
@@ -168,6 +174,19 @@ class HyCaRoot(HookChain):
         if state.total_steps is not None and state.step >= state.total_steps:
             self._finish(states, state, None)  # the run is complete: free its cache now
         return None
+
+    def _other_pipeline_run(self, states: BranchStates, state: BranchState, module: torch.nn.Module, run: Run,
+                            ) -> None:
+        """A run of a pipeline not passed to ``hyca.enable`` (no request of its own) begins:
+        its scope takes the engine for its call's settings (:mod:`.requests`)."""
+        pipe = calling_pipeline(module) if REQUEST.get() is None and states is not self.default else None
+        if pipe is None:
+            return
+        from .requests import engine_for_other_pipeline
+
+        states.engine, note = engine_for_other_pipeline(module, pipe, run.total, states.engine)
+        if note is not None:
+            states.engine.note(state, note)
 
     def engine_facts(self, states: BranchStates, module: torch.nn.Module) -> None:
         """Tell the scope's engine what is known of the run beginning now: the settings
@@ -329,7 +348,15 @@ class HyCaRoot(HookChain):
         """The scope of the calling thread's latest run (the default scope if none)."""
         return self._latest.get(threading.get_ident(), self.default)
 
+    def latest_stats(self) -> RunStats:
+        """What the calling thread's latest transformer calls did: its calls computed in
+        full (training mode, gradients) when those came after its latest cached run, else
+        that run's stats; the model's notes (calls HyCa stayed out of) in either."""
+        stats = self._uncached.get(threading.get_ident()) or self.latest().engine.last_stats
+        return replace(stats, notes=[*stats.notes, *(n for n in self.notes if n not in stats.notes)])
+
     def _remember(self, states: BranchStates) -> None:
+        self._uncached.pop(threading.get_ident(), None)
         latest = self._latest
         latest.pop(threading.get_ident(), None)
         latest[threading.get_ident()] = states
@@ -339,7 +366,12 @@ class HyCaRoot(HookChain):
     def _pass_training(self, module: torch.nn.Module) -> None:
         """A forward with gradients enabled or the model in training mode runs uncached and
         touches no run state (a training step after validation images, ParaAttention #15,
-        mflux #136: forecasting it would mix autograd graphs across steps); said once."""
+        mflux #136: forecasting it would mix autograd graphs across steps); said once, and
+        counted as computed for the calling thread's ``hyca.stats``."""
+        uncached = self._uncached.setdefault(threading.get_ident(), RunStats())
+        uncached.computed += 1
+        while len(self._uncached) > MAX_THREADS_REMEMBERED:
+            self._uncached.pop(next(iter(self._uncached)))
         if self.notes:
             return
         why = "the model is in training mode" if module.training else "gradients are enabled"
@@ -360,4 +392,5 @@ def fresh_engine(engine: Any) -> Any:
     made = HybridCache(engine.profile, engine.schedule, engine.positions, engine.cache_dtype, guard=engine.guard,
                        compare_settings=engine.compare_settings)
     made.sketch_seed, made._start_from_reuse = engine.sketch_seed, engine._start_from_reuse
+    made._told = engine._told  # a note is logged once per enabled model, and stays in each run's stats
     return made

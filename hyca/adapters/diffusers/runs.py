@@ -49,6 +49,19 @@ def calling_pipeline(transformer: torch.nn.Module) -> Any:
     return None
 
 
+def call_arguments(pipe: Any) -> dict[str, Any]:
+    """The local variables of ``pipe``'s ``__call__`` running now (its arguments, as far as
+    the call has not reassigned them); empty when no such frame is on the stack."""
+    frame = sys._getframe(1)
+    for _ in range(MAX_FRAMES):
+        if frame is None:
+            return {}
+        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipe:
+            return dict(frame.f_locals)
+        frame = frame.f_back
+    return {}
+
+
 def _holds(owner: Any, transformer: torch.nn.Module) -> bool:
     return (getattr(owner, "scheduler", None) is not None
             and any(getattr(owner, a, None) is transformer for a in PIPELINE_TRANSFORMERS))

@@ -1,0 +1,222 @@
+"""What a new user met on the plain ``hyca.enable(pipe)`` path that reads each call's
+settings: custom sigmas beside the default schedule, few-step calls, a first call at new
+settings while another request samples, training-mode and gradient calls.
+
+Probes are replaced by a stand-in making a random profile seeded by the settings it is
+asked for, sigmas included (a profile chosen for other settings gives another image). The
+expectations are the same call on a fresh profile cache, the same request alone, and the
+pipeline without HyCa."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+import hyca
+from hyca.adapters.diffusers import hooks
+from hyca.adapters.diffusers.fingerprint import fingerprint
+from hyca.adapters.diffusers.probe import _hooked
+from hyca.engine.cache import HybridCache
+from hyca.engine.schedule import Schedule
+from hyca.profiles.settings import RunSettings
+
+from profile_helpers import no_profiles_but_a_cache, random_profile, stand_in_probes
+from tiny import conditioning, tiny_flux, tiny_pipeline
+from tiny_families import CASES
+
+STEPS, INTERVAL, WARMUP = 6, 2, 1
+#: a schedule of the call's own, unlike the tiny FLUX scheduler's default for STEPS steps
+OWN_SIGMAS = [1.0, 0.9, 0.75, 0.5, 0.3, 0.1]
+
+
+def stand_in_profile(pipe, options: dict):
+    """A random profile seeded by the settings asked for (steps, guidance, sigmas)."""
+    sigmas = options.get("sigmas")
+    chosen = RunSettings(steps=options.get("steps", 28), guidance_scale=1.0, sigmas=sigmas,
+                         interval=options["interval"], warmup=options["warmup"])
+    seed = chosen.steps * 10 + (round(sum(sigmas) * 100) if sigmas is not None else 0)
+    return random_profile(fingerprint(pipe.transformer), seed=seed, interval=options["interval"],
+                          warmup=options["warmup"], chosen_for=chosen.to_json())
+
+
+@pytest.fixture()
+def asked(tmp_path, monkeypatch):
+    """An empty profile cache and the stand-in probe; yields the options of each probe."""
+    no_profiles_but_a_cache(tmp_path, monkeypatch)
+    return stand_in_probes(monkeypatch, stand_in_profile)
+
+
+def plain(**settings):
+    pipe = CASES["flux"].build()
+    hyca.enable(pipe, **{"interval": INTERVAL, "warmup": WARMUP, **settings})
+    return pipe
+
+
+def flux(pipe, steps: int = STEPS, **extra) -> torch.Tensor:
+    return CASES["flux"].run(pipe, steps, **extra)
+
+
+# --- 1. custom sigmas and the default schedule at one step count ---------------------------
+
+def test_own_sigmas_and_the_default_schedule_each_get_their_own_profile_in_either_order(tmp_path, monkeypatch,
+                                                                                         asked):
+    alone = {}
+    for name, extra in (("sigmas", {"sigmas": OWN_SIGMAS}), ("default", {})):
+        monkeypatch.setenv("HYCA_CACHE", str(tmp_path / f"fresh-{name}"))
+        alone[name] = flux(plain(), **extra)
+    assert not torch.equal(alone["sigmas"], alone["default"])  # the comparison can tell them apart
+    for order in (("sigmas", "default"), ("default", "sigmas")):
+        monkeypatch.setenv("HYCA_CACHE", str(tmp_path / "-then-".join(order)))
+        pipe = plain()
+        for name in order:
+            got = flux(pipe, **({"sigmas": OWN_SIGMAS} if name == "sigmas" else {}))
+            torch.testing.assert_close(got, alone[name], rtol=0, atol=0)
+        for name in order:  # a new process on that cache: each settings' file serves its own settings
+            again = flux(plain(), **({"sigmas": OWN_SIGMAS} if name == "sigmas" else {}))
+            torch.testing.assert_close(again, alone[name], rtol=0, atol=0)
+    six_steps = [p.name for p in (tmp_path / "sigmas-then-default").iterdir() if "-s6-" in p.name]
+    assert len(six_steps) == 2  # one file per schedule (the enable-time profile is the third)
+
+
+# --- 2. calls whose schedule forecasts no step ---------------------------------------------
+
+@pytest.mark.parametrize("settings, steps", [({}, 1), ({}, 2), ({}, 4), ({"interval": 1}, STEPS),
+                                             ({"warmup": 100}, STEPS)])
+def test_a_call_that_forecasts_no_step_computes_every_step_and_says_so_once(settings, steps, asked, caplog):
+    enabled = plain(**({"interval": 5, "warmup": 3} if not settings else settings))
+    never = CASES["flux"].build()
+    with caplog.at_level(logging.WARNING, logger="hyca"):
+        for _ in range(2):
+            got = flux(enabled, steps)
+            torch.testing.assert_close(got, flux(never, steps), rtol=0, atol=0)
+            (stats,) = hyca.stats(enabled)
+            assert (stats.computed, stats.forecast) == (steps, 0)
+            assert any("forecasts none" in note for note in stats.notes), stats.notes
+    assert sum("forecasts none" in r.getMessage() for r in caplog.records) == 1
+    assert all("steps" not in a for a in asked)  # the enable-time probe at most: none for these steps
+
+
+# --- 3. a probe while another request samples on the transformer ---------------------------
+
+def test_a_probe_waits_for_a_request_sampling_and_both_equal_their_runs_alone(tmp_path, monkeypatch):
+    no_profiles_but_a_cache(tmp_path, monkeypatch)
+    swapped = threading.Event()
+
+    def swapping_probe(pipe, **options):
+        """Swaps the transformer's hooks for a run, as the real probe does (its own ``_hooked``)."""
+        profile = stand_in_profile(pipe, options)
+        engine = HybridCache(profile, Schedule(interval=INTERVAL, warmup=WARMUP))
+        steps = options.get("steps", 28)
+        with _hooked(pipe.transformer, engine, steps):
+            swapped.set()
+            flux(pipe, steps)
+        return profile
+
+    monkeypatch.setattr("hyca.adapters.diffusers.probe.probe", swapping_probe)
+    pipe = plain()
+    alone_a = flux(pipe, STEPS)  # probes STEPS first
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path / "fresh"))
+    alone_b = flux(plain(), 8)
+    swapped.clear()
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path / "cache"))
+
+    start = threading.Barrier(2)
+    a_sampling = threading.Event()
+    out: dict[str, object] = {}
+
+    def hold(pipe, step, timestep, kwargs):
+        if step == 1:
+            a_sampling.set()
+            swapped.wait(timeout=3)  # the probe would swap the hooks now, mid-run, if nothing stopped it
+        return kwargs
+
+    def request_a():
+        start.wait()
+        try:
+            out["a"] = flux(pipe, STEPS, callback_on_step_end=hold)
+        except Exception as error:  # pragma: no cover - reported by the assertion below
+            out["a"] = error
+
+    def request_b():
+        start.wait()
+        a_sampling.wait(timeout=30)
+        try:
+            out["b"] = flux(pipe, 8)  # new settings: probes
+        except Exception as error:  # pragma: no cover
+            out["b"] = error
+
+    threads = [threading.Thread(target=request_a), threading.Thread(target=request_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert isinstance(out["a"], torch.Tensor) and isinstance(out["b"], torch.Tensor), out
+    torch.testing.assert_close(out["a"], alone_a, rtol=0, atol=0)
+    torch.testing.assert_close(out["b"], alone_b, rtol=0, atol=0)
+
+
+# --- 4. pipelines built around the enabled pipeline's transformer --------------------------
+
+def test_a_pipeline_sharing_the_transformer_uses_the_profile_made_for_its_call(asked, caplog):
+    pipe = plain()
+    expected = flux(pipe, STEPS)  # the enabled pipeline probes these settings
+    probes = len(asked)
+    other = FluxPipeline(**pipe.components)  # not passed to hyca.enable
+    assert other.transformer is pipe.transformer
+    torch.testing.assert_close(flux(other, STEPS), expected, rtol=0, atol=0)
+    assert not any("not passed to hyca.enable" in note for note in hyca.stats(other)[0].notes)
+    # at settings nobody probed: the enable-time profile, said once in the log and in every run's stats
+    enable_time = RunSettings.of_profile(hooks.root_hook(pipe.transformer).engine.profile.metadata)
+    with caplog.at_level(logging.WARNING, logger="hyca"):
+        for _ in range(2):
+            flux(other, 8)
+            assert any("not passed to hyca.enable" in note for note in hyca.stats(other)[0].notes)
+    assert sum("not passed to hyca.enable" in r.getMessage() for r in caplog.records) == 1
+    assert len(asked) == probes  # a run under way never probes
+    assert enable_time.steps != 8
+
+
+# --- 5. training mode and gradients --------------------------------------------------------
+
+def test_stats_after_a_gradient_forward_show_that_call_not_the_previous_run(asked):
+    pipe = plain()
+    flux(pipe)
+    assert hyca.stats(pipe)[0].forecast > 0
+    inputs = _one_transformer_call_inputs(CASES["flux"].build())
+    with torch.enable_grad():
+        pipe.transformer(**inputs)
+    (stats,) = hyca.stats(pipe)
+    assert (stats.computed, stats.forecast) == (1, 0)
+    assert any("gradients are enabled" in note for note in stats.notes)
+    flux(pipe)  # a cached run again: its own counts
+    assert hyca.stats(pipe)[0].forecast > 0
+
+
+def _one_transformer_call_inputs(pipe) -> dict:
+    """The keyword inputs of the transformer's first call in a one-step run of ``pipe``."""
+    captured: dict = {}
+
+    def keep(module, args, kwargs):
+        captured.setdefault("kwargs", {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+
+    handle = pipe.transformer.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        flux(pipe, 1)
+    finally:
+        handle.remove()
+    return captured["kwargs"]
+
+
+def test_probing_a_model_in_training_mode_names_the_cause(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path / "cache"))
+    pipe = tiny_pipeline(tiny_flux())
+    pipe.transformer.train()
+    with pytest.raises(RuntimeError, match=r"training mode.*\.eval\(\)"):
+        hyca.probe(pipe, height=64, width=64, steps=8, interval=2, warmup=1, clusters=2, progress=False,
+                   selection="eq5", **conditioning())
+    assert hooks.root_hook(pipe.transformer) is None  # nothing of the probe's left behind
