@@ -111,6 +111,11 @@ def _seeded(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, param in sorted(module.named_parameters()):
             param.copy_(torch.randn(param.shape, generator=generator) * (0.2 if param.ndim > 1 else 0.05))
+        # buffers a checkpoint fills (SD3's MMDiT ``pos_embed`` is made with torch.empty: left
+        # as it is, it holds whatever was in memory, NaN in some test orders)
+        for name, buffer in sorted(module.named_buffers()):
+            if buffer.is_floating_point():
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.05)
 
 
 def tiny_patcher(family: str = "flux", seed: int = 0) -> Any:
