@@ -3,9 +3,8 @@
 Eq. 5 scores each solver by its forecast error on a fully computed trajectory (open
 loop). At run time forecasts feed back: a forecast error moves the sample, the next
 computed step sees another input, and guidance amplifies the error of ``cond - uncond``.
-On the reference model at 28 steps, guidance 2.5, N=6, a profile chosen by eq. 5 at
-exactly those settings gave 17.9 dB where plain reuse gave 28 dB (issue 11). So the
-probe runs the cached schedule itself, on its own prompt and seed, for each candidate
+On guided runs an eq. 5 profile chosen at the run's own settings can land far below plain
+reuse (measured in bench/results/grid.md and docs/bench.md). So the probe runs the cached schedule itself, on its own prompt and seed, for each candidate
 assignment, measures how far the final output lands from the fully computed one it
 recorded, and keeps the best:
 
