@@ -208,24 +208,3 @@ def test_bypassed_node_and_interval_one_are_bit_identical(family):
     every_step = hyca(patcher, Settings(enabled=True, interval=1, warmup=1, profile="FORA (reuse)", guard=False))
     assert torch.equal(harness.sample(every_step, pos, neg, noise, steps=6, cfg=2.5), before)
     assert not torch.equal(harness.sample(patched, pos, neg, noise, steps=6, cfg=2.5), before)
-
-
-def test_two_runs_at_once_on_one_patched_model_each_equal_alone():
-    """Per request: a run's HyCa state lives in its own context (thread), so two samplers
-    running at once on one patched model (8 and 6 steps) each give what they give alone."""
-    import threading
-
-    model = hyca(harness.tiny_patcher("flux"))
-
-    def run(seed: int, steps: int) -> torch.Tensor:
-        return harness.sample(model, *_prompts("flux", (seed,)), harness.latent("flux", seed), steps=steps, cfg=2.5)
-
-    jobs = ((1, 8), (2, 6))
-    alone = {seed: run(seed, steps) for seed, steps in jobs}
-    together: dict[int, torch.Tensor] = {}
-    threads = [threading.Thread(target=lambda s=seed, n=steps: together.__setitem__(s, run(s, n))) for seed, steps in jobs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert all(torch.equal(together[seed], alone[seed]) for seed, _ in jobs)

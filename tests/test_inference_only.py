@@ -63,7 +63,10 @@ def test_training_after_validation_images_equals_the_unpatched_model(caplog):
     said = [r.message for r in caplog.records if "inference only" in r.message]
     assert len(said) == 1 and "training mode" in said[0]
     after = hyca.stats(pipe)[0]
-    assert (after.computed, after.forecast) == (validation.computed, validation.forecast)  # state untouched
+    # what the stats report now: the training forwards, one per training step, computed in full
+    # (not the validation run's counts beside a note that says nothing was cached)
+    assert (after.computed, after.forecast) == (len(losses), 0)
+    assert (validation.computed, validation.forecast) != (len(losses), 0)
     assert any("inference only" in note for note in after.notes)
 
     # evaluation after training: under no_grad HyCa caches again; the steps it computes are
@@ -113,4 +116,5 @@ def test_a_forward_with_gradients_in_eval_mode_passes_through():
     (got, got_grad), (want, want_grad) = results
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert torch.equal(got_grad, want_grad)
-    assert hyca.stats(patched)[0].total == 0
+    stats = hyca.stats(patched)[0]
+    assert (stats.computed, stats.forecast) == (5, 0)  # the five forwards with gradients, in full
