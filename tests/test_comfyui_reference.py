@@ -87,13 +87,17 @@ def test_full_compute_images_match_the_diffusers_pipeline(reference, guidance):
     assert float((got - expected).abs().max()) < 1e-4
 
 
-def _grid_cell(reference, guidance: float, interval: int, guard: bool) -> list[tuple[float, float, float]]:
+def _grid_cell(reference, guidance: float, interval: int, guard: bool,
+               switches: list | None = None) -> list[tuple[float, float, float]]:
     """``(diffusers PSNR, ComfyUI PSNR, largest pixel difference)`` per caption, each PSNR
-    against that path's own full-compute image, HyCa with the shipped profile for N."""
+    against that path's own full-compute image, HyCa with the shipped profile for N.
+    ``switches``: given, gets per caption the guard switches of the branch that ran last on
+    each path (diffusers: uncond; ComfyUI: its report's uncond branch) as ``(step, from, to)``."""
     pipe, patcher, to_latent, to_image = reference
     book = ShippedBook(interval)
     settings = Settings(enabled=True, interval=interval, warmup=3, guard=guard)
-    model = HyCaPatch(settings, recognise(patcher.model.diffusion_model), book).install(patcher)
+    patch = HyCaPatch(settings, recognise(patcher.model.diffusion_model), book)
+    model = patch.install(patcher)
     cells = []
     for seed, caption in enumerate(CAPTIONS):
         noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
@@ -101,10 +105,15 @@ def _grid_cell(reference, guidance: float, interval: int, guard: bool) -> list[t
         hyca.enable(pipe, profile=book.profile, interval=interval, warmup=3, guard=guard)
         try:
             cached = _diffusers(pipe, caption, guidance, noise)
+            last_branch = [(s.step, s.solver, s.to) for s in hyca.stats(pipe)[0].switches]
         finally:
             hyca.disable(pipe)
         ours = _comfy(pipe, model, to_latent, to_image, caption, guidance, noise)
         cells.append((psnr(cached, full), psnr(ours, full), float((ours - cached).abs().max())))
+        if switches is not None:
+            uncond = [(s.step, s.solver, s.to) for branch, s in patch.reports[-1].stats.switches
+                      if branch == ("uncond" if guidance > 1 else "cond")]
+            switches.append((last_branch, uncond))
     return cells
 
 
@@ -120,12 +129,23 @@ def test_hyca_in_comfyui_gives_the_diffusers_path_images(reference, guidance, in
 
 
 @pytest.mark.parametrize("interval", [3, 5])
-def test_hyca_with_the_guard_unguided_gives_the_diffusers_path_images(reference, interval):
-    """Guard on, no guidance: one branch on both sides, the same images. (Guided, ComfyUI
-    batches cond and uncond into one call, which the guard judges as one branch, while the
-    diffusers pipeline keeps two: docs/comfyui.md gives those cells' numbers.)"""
-    for diffusers_db, comfy_db, largest in _grid_cell(reference, 1.0, interval, guard=True):
+@pytest.mark.parametrize("guidance", [1.0, 2.5], ids=["unguided", "guided"])
+def test_hyca_with_the_guard_gives_the_diffusers_path_images(reference, guidance, interval):
+    """Guard on: the same images and the same guard switches as the diffusers path. Guided,
+    ComfyUI batches cond and uncond into one call; HyCa keeps each chunk as its own branch,
+    so the guard judges the forecasts of ``cond - uncond`` as it does on the diffusers
+    pipeline's two calls (hyca/adapters/comfyui/chunks.py)."""
+    switches: list = []
+    for diffusers_db, comfy_db, largest in _grid_cell(reference, guidance, interval, True, switches):
         assert largest < 1e-3 and abs(comfy_db - diffusers_db) < 0.3
+    # a guided run on these profiles (chosen without guidance) starts every group from reuse:
+    # ComfyUI knows the guidance before sampling and switches at step 0, the diffusers engine
+    # at step 1 (HybridCache._compare_settings), both before the first forecast; the guard's
+    # own switches come after the warm-up (3) and must be the same
+    for diffusers_switches, comfy_switches in switches:
+        assert [s for s in comfy_switches if s[0] >= 3] == [s for s in diffusers_switches if s[0] >= 3]
+    if guidance > 1 and interval == 3:  # (at N=5 the guard keeps reuse in these 20 steps)
+        assert all(len([s for s in d if s[0] >= 3]) > 0 for d, _ in switches)  # the guard did switch
 
 
 def test_guided_run_on_an_unguided_profile_starts_from_reuse_and_says_so(reference, capsys):

