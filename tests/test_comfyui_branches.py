@@ -23,35 +23,19 @@ if harness.comfy_root() is None:
 from hyca.adapters.comfyui.chunks import ChunkedSession  # noqa: E402
 from hyca.adapters.comfyui.families import recognise  # noqa: E402
 from hyca.adapters.comfyui.hook import HyCaPatch  # noqa: E402
+from hyca.adapters.webui import kinds  # noqa: E402
 from hyca.adapters.webui.settings import Settings  # noqa: E402
 from hyca.engine.cache import HybridCache  # noqa: E402
 from hyca.engine.schedule import Schedule  # noqa: E402
 from hyca.profiles.profile import Profile  # noqa: E402
 
-from test_comfyui import FAMILIES, _prompts, relative_error  # noqa: E402
+# the tiny models of every family, shared with the conformance matrix (one per family per session)
+from test_comfyui import _drop_models, _prompts, family, relative_error  # noqa: E402,F401
 
 #: taylor-2 everywhere with the guard on: at 16 steps, N=3, warm-up 2 the guard switches
 #: the tiny models' groups to reuse, so its verdicts decide the images
 GUARDED = Settings(enabled=True, interval=3, warmup=2, profile="TaylorSeer (taylor-2)", guard=True)
 STEPS = 16
-_MODELS: dict[str, object] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _drop_models():
-    """ModelPatcher.__del__ needs ComfyUI's modules alive: drop the models while they are."""
-    yield
-    _MODELS.clear()
-    import gc
-
-    gc.collect()
-
-
-@pytest.fixture(params=FAMILIES)
-def family(request):
-    if request.param not in _MODELS:
-        _MODELS[request.param] = harness.tiny_patcher(request.param)
-    return request.param, _MODELS[request.param]
 
 
 def _patched(patcher) -> tuple[object, HyCaPatch]:
@@ -117,12 +101,14 @@ def _toy_block(args: dict) -> dict:
 
 
 def _toy_run(session: ChunkedSession, x: torch.Tensor, txt: torch.Tensor, sigma: float, hint: tuple) -> torch.Tensor:
-    """One model call of two toy blocks through the session, as the replace patches run them."""
+    """One model call of two toy blocks through HyCa's own replace patches (FLUX's double-block
+    layout), as the model's forward calls them."""
+    patches = [kinds.patch_img_txt(lambda: session, index, None) for index in range(2)]
+
     def blocks() -> torch.Tensor:
         args = {"img": x, "txt": txt}
-        for index in range(2):
-            args = session.block(index, args["img"], lambda a=args: _toy_block(a), lambda out: out["img"],
-                                 lambda stream, a=args: {"img": a["img"] if stream is None else stream, "txt": a["txt"]})
+        for patch in patches:
+            args = patch(args, {"original_block": _toy_block})
         return args["img"]
 
     return session.run_call(x, sigma, hint, blocks)
