@@ -60,15 +60,16 @@ class ChunkedSession(PassSession):
         if x.shape[0] % len(hint):
             raise HyCaFailure(f"a batch of {x.shape[0]} rows does not split into its {len(hint)} guidance chunks")
         rows = x.shape[0] // len(hint)
-        chunks = [Chunk(h, slice(i * rows, (i + 1) * rows), None) for i, h in enumerate(hint)]  # type: ignore[arg-type]
-        batched = ChunkedCall(chunks)
-        for chunk in batched.order():
-            call = super().begin_call(x[chunk.rows], sigma, (chunk.hint,))
+        layout = [(h, slice(i * rows, (i + 1) * rows)) for i, h in enumerate(hint)]
+        calls: dict[int, Call] = {}
+        for i in sorted(range(len(layout)), key=lambda i: layout[i][0]):  # cond first
+            h, part = layout[i]
+            call = super().begin_call(x[part], sigma, (h,))
             if call is None:
                 return None
-            chunk.call = call
-        batched.forecast_pending = [not chunk.call.computing for chunk in chunks]
-        return batched
+            calls[i] = call
+        chunks = [Chunk(h, part, calls[i]) for i, (h, part) in enumerate(layout)]
+        return ChunkedCall(chunks, forecast_pending=[not chunk.call.computing for chunk in chunks])
 
     def end_call(self, call: Call | ChunkedCall) -> None:
         """Each chunk's step ends in its branch, cond first: the uncond branch's guard check

@@ -10,9 +10,10 @@
 - a ``SAMPLER_SAMPLE`` wrapper: where a run without a profile is probed, once its
   conditioning is processed and its model loaded (:mod:`.probe_host`);
 - an ``APPLY_MODEL`` wrapper: one model call (``comfy/model_base.py``
-  ``BaseModel.apply_model``, ``t`` is sigma). Its branch comes from
-  ``transformer_options["cond_or_uncond"]`` (0 cond, 1 uncond per batch chunk) and its
-  step from sigma (Heun's and DPM2's extra calls land on a step already begun).
+  ``BaseModel.apply_model``, ``t`` is sigma). Its branches come from
+  ``transformer_options["cond_or_uncond"]`` (0 cond, 1 uncond per batch chunk; each chunk
+  of a batched call is its own branch, :mod:`.chunks`) and its step from sigma (Heun's
+  and DPM2's extra calls land on a step already begun).
 
 ``ModelPatcher.clone()`` deep-copies ``model_options`` but copies wrapper lists and hands
 functions on by reference, so the patches and wrappers are plain closures over one
