@@ -50,6 +50,7 @@ ranks switch alike.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
@@ -67,6 +68,8 @@ TOLERANCE = 1e-6
 #: Rows of the random sketch that compares guidance branches (relative error of a squared
 #: norm about sqrt(2 / rows): 25%, enough for the 2x effects it has to see).
 SKETCH_ROWS = 32
+#: A pseudo-solver index for :func:`predict_all` whose forecast is zero.
+ZERO = -1
 
 
 @dataclass(frozen=True)
@@ -183,38 +186,102 @@ def measure(histories: Sequence[Sequence[torch.Tensor]], positions: Sequence[flo
     if not any(len(row) > 1 for row in table):  # nothing to judge, no reduce: that depends on steps only
         errors = torch.zeros(len(table), width + 1, dtype=torch.float64)
         return Check(step, table, errors[:, :-1], errors[:, -1], sketches, union, items)
-    measured, projection = [], None
     for s in range(slots):
         own = table[s * items:(s + 1) * items]
-        if len(own[0]) == 1:
-            measured.append(torch.zeros(items, width + 1, dtype=torch.float64, device=actuals[s].device))
+        if len(own[0]) > 1:
+            union[s] = list(dict.fromkeys(c for row in own for c in row))
+    misses, per_item = _misses(histories, positions, target, actuals, union)
+    sums, offsets, projection = [], [], None
+    for s in range(slots):
+        offsets.append(sum(len(k) for k in sums))
+        if s not in misses:
             continue
-        union[s] = list(dict.fromkeys(c for row in own for c in row))
-        actual = actuals[s].float()
-        misses = [predict(histories[s], positions, target, solver) - actual for solver in union[s]]
-        axes = tuple(range(1, actual.dim()))
-        per_item = torch.stack([m.square().sum(dim=axes, dtype=torch.float64) for m in misses])  # (union, batch)
-        energy = actual.square().sum(dim=tuple(range(1, actual.dim())), dtype=torch.float64)
-        if per_item.shape[1] != items:  # one solver entry for a batch: the batch's sums
-            per_item, energy = per_item.sum(dim=1, keepdim=True), energy.sum().view(1)
-        # each item's candidates, picked out of the union (the last index is a zero: padding)
-        padded = torch.cat([per_item, per_item.new_zeros(1, items)])
-        index = torch.tensor([[union[s].index(c) for c in row] + [len(union[s])] * (width - len(row))
-                              for row in own], device=padded.device)
-        measured.append(torch.cat([padded.T.gather(1, index), energy.unsqueeze(1)], dim=1))
+        found = per_item[s]
+        sums.append(found.sum(dim=1, keepdim=True) if found.shape[1] != items else found)  # one entry for a batch
         if rows:
-            flat = torch.stack([m.reshape(m.shape[0], -1, m.shape[-1]) for m in misses])  # (union, batch, tokens, dim)
-            if projection is None or projection.shape[1] != flat.shape[2]:
+            miss = misses[s]
+            flat = miss[:-1].reshape(miss.shape[0] - 1, miss.shape[1], -1, miss.shape[-1])
+            if projection is None or projection.shape[1] != flat.shape[2]:  # (union, batch, tokens, dim)
                 shard = getattr(reduce, "projection", None)  # context parallelism: this rank's columns
                 projection = (_projection(flat.shape[2], rows, seed, flat) if shard is None
-                              else shard((1, *misses[0].shape[1:]), rows, seed, flat))
+                              else shard((1, *miss.shape[2:]), rows, seed, flat))
             sketches[s] = (projection @ flat).double().cpu()
-    errors = torch.cat(measured).cpu()  # on the CPU: ``reduce`` moves it if it must
+    # each (slot, item) row's candidates and energy, picked out of every slot's sums at once;
+    # rows of slots not judged (and padding) point at a final row of zeros
+    stacked = torch.cat([*sums, sums[0].new_zeros(1, items)])
+    index = _row_index(tuple(tuple(row) for row in table), tuple(tuple(u) for u in union), tuple(offsets),
+                       width, items, stacked.shape[0] - 1)
+    errors = stacked[index.to(stacked.device), _item_columns(len(table), width + 1, items).to(stacked.device)]
+    errors = errors.cpu()  # on the CPU: ``reduce`` moves it if it must
     if reduce is not None:
         errors = reduce(errors)
         sketches = [None if k is None else reduce(k.reshape(k.shape[0], -1, k.shape[-1])).reshape(k.shape)
                     for k in sketches]
     return Check(step, table, errors[:, :-1], errors[:, -1], sketches, union, items)
+
+
+#: Above this many bytes of float32 misses, :func:`_misses` goes slot by slot (the stacked
+#: form holds every slot's candidates at once: too much at a large model's resolution).
+STACKED_BYTES = 64 * 2 ** 20
+
+
+def _misses(histories: Sequence[Sequence[torch.Tensor]], positions: Sequence[float], target: float,
+            actuals: Sequence[torch.Tensor], union: list[list[int]],
+            ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """For each slot ``s`` with candidates ``union[s]``: the misses ``(candidates + 1, batch,
+    ...)`` of its candidates' forecasts and, last, of a forecast of zero (its miss is the
+    truth, its squared sum the energy), and their squared sums per item ``(candidates + 1,
+    batch)``, float64. Small tensors (a small model's) go through one stacked pass for every
+    slot, large ones slot by slot: the same float operations per element in the same order
+    either way (zero weights add exact zeros), so both give the same bits; stacking only
+    saves per-operation overhead, which dominates at small sizes."""
+    judged = [s for s in range(len(histories)) if union[s]]
+    if not judged:
+        return {}, {}
+    like = actuals[judged[0]]
+    width = max(len(union[s]) for s in judged) + 1
+    terms = max(len(histories[s]) for s in judged)
+    stackable = all(actuals[s].shape == like.shape for s in judged)
+    if not stackable or 4 * like.numel() * len(judged) * (width + terms + 1) > STACKED_BYTES:
+        misses = {s: predict_all(histories[s], positions, target, (*union[s], ZERO)).sub_(actuals[s].float())
+                  for s in judged}
+        return misses, {s: m.square().sum(dim=tuple(range(2, m.dim())), dtype=torch.float64) for s, m in misses.items()}
+    weights = torch.zeros(terms, len(judged), width)
+    for i, s in enumerate(judged):
+        found = _weight_columns((*union[s], ZERO), tuple(float(p) for p in positions[:len(histories[s])]), float(target))
+        weights[:found.shape[0], i, :found.shape[1]] = found
+    weights = weights.to(like.device).reshape(terms, len(judged), width, *[1] * like.dim())
+    zero = torch.zeros_like(histories[judged[0]][0])  # for a slot whose history is shorter: weighed 0
+    out = torch.zeros((len(judged), width, *like.shape), device=like.device, dtype=torch.float32)
+    for j in range(terms):
+        value = torch.stack([histories[s][j] if j < len(histories[s]) else zero for s in judged])
+        out.addcmul_(value.unsqueeze(1), weights[j])
+    out.sub_(torch.stack([actuals[s].float() for s in judged]).unsqueeze(1))
+    sums = out.square().sum(dim=tuple(range(3, out.dim())), dtype=torch.float64)  # (slots, width, batch)
+    return ({s: out[i, :len(union[s]) + 1] for i, s in enumerate(judged)},
+            {s: sums[i, :len(union[s]) + 1] for i, s in enumerate(judged)})
+
+
+@lru_cache(maxsize=1024)
+def _row_index(table: tuple[tuple[int, ...], ...], union: tuple[tuple[int, ...], ...], offsets: tuple[int, ...],
+               width: int, items: int, zero: int) -> torch.Tensor:
+    """``(rows, width + 1)`` rows of the stacked per-slot sums :func:`measure` reads for each
+    (slot, item) row: its candidates (padded with ``zero``, a row of zeros), then its energy."""
+    index = []
+    for r, row in enumerate(table):
+        s = r // items
+        if len(row) == 1:
+            index.append([zero] * (width + 1))
+            continue
+        found = [offsets[s] + union[s].index(c) for c in row]
+        index.append(found + [zero] * (width - len(row)) + [offsets[s] + len(union[s])])
+    return torch.tensor(index)
+
+
+@lru_cache(maxsize=64)
+def _item_columns(rows: int, width: int, items: int) -> torch.Tensor:
+    """``(rows, width)``: the batch item of each row, repeated along it."""
+    return (torch.arange(rows) % items).unsqueeze(1).expand(rows, width)
 
 
 def predict(history: Sequence[torch.Tensor], positions: Sequence[float], target: float, solver: int) -> torch.Tensor:
@@ -223,6 +290,35 @@ def predict(history: Sequence[torch.Tensor], positions: Sequence[float], target:
     count = min(len(history), pool()[solver].history)
     weights = solver_weights(solver, tuple(float(p) for p in positions[:count]), float(target))
     return forecast(list(history)[:len(weights)], weights)
+
+
+def predict_all(history: Sequence[torch.Tensor], positions: Sequence[float], target: float,
+                solvers: Sequence[int]) -> torch.Tensor:
+    """``(len(solvers), *history[0].shape)``: what each solver forecasts, as :func:`predict`,
+    in one pass over the history: each cached value is read once and added, weighted, to
+    every candidate's forecast (a candidate using fewer values weighs the rest 0; :data:`ZERO`
+    forecasts zero). Element
+    for element the same float operations in the same order as :func:`predict` (the sum
+    starts from zeros and adds ``value * weight`` newest first), so the two agree bit for bit
+    on finite values; the check's cost grows with the history, not with the candidates."""
+    columns = _weight_columns(tuple(solvers), tuple(float(p) for p in positions[:len(history)]), float(target))
+    like = history[0]
+    weights = columns.to(device=like.device, dtype=torch.float32)
+    weights = weights.reshape(*weights.shape, *[1] * like.dim())  # (terms, candidates, 1, ...)
+    out = torch.zeros((len(solvers), *like.shape), device=like.device, dtype=torch.float32)
+    for value, w in zip(history, weights):
+        out.addcmul_(value.unsqueeze(0), w)
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _weight_columns(solvers: tuple[int, ...], positions: tuple[float, ...], target: float) -> torch.Tensor:
+    """``(terms, candidates)``: :func:`solver_weights` of each solver side by side, zero-padded
+    to the longest; cached (every check of a run on one schedule asks for the same few)."""
+    per_solver = [[0.0] if s == ZERO else solver_weights(s, positions[:pool()[s].history], target)[:, 0].tolist()
+                  for s in solvers]
+    terms = max(len(w) for w in per_solver)
+    return torch.tensor([[w[j] if j < len(w) else 0.0 for w in per_solver] for j in range(terms)])
 
 
 def _verdicts(table: list[list[int]], errors: torch.Tensor, energy: torch.Tensor) -> dict[int, int | None]:
