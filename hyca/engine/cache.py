@@ -25,8 +25,10 @@ from ..profiles.settings import RunSettings, differences
 from .forecast import forecast, stacked_weights
 from .guard import (SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, first_switch, measure,
                     own_verdicts, steady)
-from .schedule import Schedule
+from .schedule import Schedule, with_profiles_start
+from .slots import STACKED_BYTES, block_masks, stacked_masks
 from .state import BranchState, RunStats
+
 
 POSITION_AXES = ("step", "sigma")
 #: What a profile forecasts: the blocks' summed residuals (the paper's feature caching), or
@@ -74,7 +76,7 @@ class HybridCache:
         self.target = profile.metadata.get("target", "residual")
         if self.target not in TARGETS:
             raise ValueError(f"profile target must be one of {TARGETS}, got {self.target!r}")
-        self.schedule = _with_profiles_start(schedule, profile)
+        self.schedule = with_profiles_start(schedule, profile)
         self.positions = positions
         self.cache_dtype = cache_dtype
         self.guard = guard
@@ -180,6 +182,7 @@ class HybridCache:
                 self._say(state, NON_FINITE)
         if state.computing:
             state.accumulators = [None] * len(self.solvers)
+            state.stacked = None
         return state.computing
 
     def record(self, state: BranchState, block: int, residual: torch.Tensor) -> None:
@@ -190,7 +193,11 @@ class HybridCache:
             residual = residual.detach()
         if state.items is None:
             self._per_item(state, residual.shape[0])
-        masks = block_masks(self._one_hot, self._masks_key, residual.device, self.cache_dtype or residual.dtype)
+        dtype = self.cache_dtype or residual.dtype
+        masks = block_masks(self._one_hot, self._masks_key, residual.device, dtype)
+        if len(self.solvers) * residual.numel() * dtype.itemsize <= STACKED_BYTES:
+            self._record_stacked(state, block, residual, masks[block], dtype)
+            return
         for s, mask in masks[block]:
             acc = state.accumulators[s]
             if acc is None:
@@ -199,6 +206,23 @@ class HybridCache:
                 acc.add_(residual)
             else:
                 acc.addcmul_(residual, mask)
+
+    def _record_stacked(self, state: BranchState, block: int, residual: torch.Tensor,
+                        fed: list[tuple[int, torch.Tensor | None]], dtype: torch.dtype) -> None:
+        """:meth:`record` for small residuals: every slot's sum is a row of one
+        ``(slots, *residual.shape)`` tensor, updated by one ``addcmul_`` with the block's
+        ``(slots, dim)`` mask instead of one update per slot (per-operation overhead is most
+        of a small model's recording cost). Per element the same operation as the per-slot
+        update (a slot the block does not feed adds an exact zero), so the sums are the same
+        bits. The rows are the slots' history values (a value stays in memory until the
+        slot keeping it longest drops it: why large residuals go slot by slot)."""
+        if state.stacked is None:
+            state.stacked = torch.zeros((len(self.solvers), *residual.shape), device=residual.device, dtype=dtype)
+        masks = stacked_masks(self._one_hot, self._masks_key, residual.device, dtype)[block]
+        state.stacked.addcmul_(residual.unsqueeze(0), masks.view(masks.shape[0], *[1] * (residual.dim() - 1), -1))
+        for s, _ in fed:
+            if state.accumulators[s] is None:
+                state.accumulators[s] = state.stacked[s]
 
     def predicted_residual(self, state: BranchState) -> torch.Tensor:
         """The forecast of ``sum_l R_l`` at this skip step (float32, the residuals' shape),
@@ -247,7 +271,7 @@ class HybridCache:
                     history.appendleft(acc)
                 state.positions.appendleft(state.current_position)
                 state.computed_steps.appendleft(state.step)
-            state.accumulators = []
+            state.accumulators, state.stacked = [], None
             state.stats.computed += 1
         else:
             state.stats.forecast += 1
@@ -422,40 +446,3 @@ def _finite(forecast: torch.Tensor) -> bool:
     """Whether every element is finite, from one reduction: any NaN or Inf makes the sum
     non-finite (a sum that overflows counts as non-finite too: that step computes)."""
     return bool(torch.isfinite(forecast.sum()))
-
-
-_MASKS: dict[tuple, list[list[tuple[int, torch.Tensor | None]]]] = {}
-
-
-def block_masks(one_hot: torch.Tensor, profile_key: str, device: torch.device,
-                dtype: torch.dtype) -> list[list[tuple[int, torch.Tensor | None]]]:
-    """Per block: (solver slot, ``(dim,)`` dimension mask, or None when the block uses one
-    solver) for every slot the block feeds. ``one_hot``: ``(blocks, slots, dim)``. Shared by
-    every engine of the same profile (``profile_key``), so building one engine per request
-    costs no mask transfers after the first. (One masked update per slot and block measured
-    faster than one stacked update of every slot per block on the reference model's shapes:
-    bench/results/engine_overhead.md.)"""
-    key = (profile_key, device, dtype)
-    if key not in _MASKS:
-        if len(_MASKS) > 64:
-            _MASKS.clear()
-        per_block = []
-        for block in one_hot:  # (slots, dim)
-            used = [s for s in range(block.shape[0]) if block[s].any()]
-            per_block.append([(used[0], None)] if len(used) == 1 else
-                             [(s, block[s].to(device=device, dtype=dtype)) for s in used])
-        _MASKS[key] = per_block
-    return _MASKS[key]
-
-
-def _with_profiles_start(schedule: Schedule, profile: Profile) -> Schedule:
-    """The schedule with the first interval after warm-up the profile was chosen with
-    (:class:`Schedule`), when the profile was chosen for this interval and warm-up and the
-    schedule does not set one itself."""
-    first = profile.metadata.get("first_interval")
-    chosen = RunSettings.of_profile(profile.metadata)
-    if (first is None or schedule.first_interval is not None or chosen.interval != schedule.interval
-            or chosen.warmup not in (None, schedule.warmup) or not isinstance(first, int)
-            or not 1 <= first <= schedule.interval):
-        return schedule
-    return schedule.with_first_interval(first)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..profiles.profile import Profile
+from ..profiles.settings import RunSettings
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -92,3 +95,16 @@ def interval_for_speedup(steps: int, warmup: int, speedup: float, compute_last: 
         if reached > best[1]:
             best = (interval, reached)
     return best
+
+
+def with_profiles_start(schedule: Schedule, profile: Profile) -> Schedule:
+    """The schedule with the first interval after warm-up the profile was chosen with
+    (:class:`Schedule`), when the profile was chosen for this interval and warm-up and the
+    schedule does not set one itself."""
+    first = profile.metadata.get("first_interval")
+    chosen = RunSettings.of_profile(profile.metadata)
+    if (first is None or schedule.first_interval is not None or chosen.interval != schedule.interval
+            or chosen.warmup not in (None, schedule.warmup) or not isinstance(first, int)
+            or not 1 <= first <= schedule.interval):
+        return schedule
+    return schedule.with_first_interval(first)

@@ -64,6 +64,9 @@ class BranchState:
     histories: list[deque] = field(default_factory=list)
     #: this computed step's per-slot sums of the recorded residuals (None: no block fed it yet)
     accumulators: list[torch.Tensor | None] = field(default_factory=list)
+    #: small residuals: the step's per-slot sums as one (slots, ...) tensor (``accumulators``
+    #: are its rows once fed)
+    stacked: torch.Tensor | None = None
     #: batch items, known from the first recorded residual (None before: one entry per slot)
     items: int | None = None
     #: pool index of the solver each (history slot, batch item) forecasts with now, slot-major:
