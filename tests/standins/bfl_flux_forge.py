@@ -15,18 +15,14 @@ from __future__ import annotations
 import torch
 
 from bfl_flux_layers import FluxBody, patchify, unpatchify
+from flux_block_loops import forge_blocks
 
 
 class IntegratedFluxTransformer2DModel(FluxBody):
     def inner_forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
         img, txt, vec = self.embed(img, txt, timesteps, y, guidance)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-        for block in self.double_blocks:
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
-        img = torch.cat((txt, img), 1)
-        for block in self.single_blocks:
-            img = block(img, vec=vec, pe=pe)
-        img = img[:, txt.shape[1]:, ...]
+        img = forge_blocks(self, img, txt, vec, pe)
         return self.final_layer(img, vec)
 
     def forward(self, x, timestep, context, y, guidance=None, **kwargs):

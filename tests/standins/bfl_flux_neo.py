@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from bfl_flux_layers import FluxBody, patchify, unpatchify
+from flux_block_loops import neo_blocks
 
 
 class IntegratedFluxTransformer2DModel(FluxBody):
@@ -28,37 +29,7 @@ class IntegratedFluxTransformer2DModel(FluxBody):
                      transformer_options={}, attn_mask=None):  # noqa: B006 - upstream's signature
         img, txt, vec = self.embed(img, txt, timesteps, y, guidance)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-        blocks_replace = transformer_options.get("patches_replace", {}).get("dit", {})
-        for i, block in enumerate(self.double_blocks):
-            if ("double_block", i) in blocks_replace:
-                def block_wrap(args, block=block):
-                    out = {}
-                    out["img"], out["txt"] = block(img=args["img"], txt=args["txt"], vec=args["vec"], pe=args["pe"],
-                                                   attn_mask=args.get("attn_mask"),
-                                                   transformer_options=args.get("transformer_options"))
-                    return out
-
-                out = blocks_replace[("double_block", i)](
-                    {"img": img, "txt": txt, "vec": vec, "pe": pe, "attn_mask": attn_mask,
-                     "transformer_options": transformer_options}, {"original_block": block_wrap})
-                txt, img = out["txt"], out["img"]
-            else:
-                img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=attn_mask,
-                                 transformer_options=transformer_options)
-        img = torch.cat((txt, img), 1)
-        for i, block in enumerate(self.single_blocks):
-            if ("single_block", i) in blocks_replace:
-                def block_wrap(args, block=block):
-                    return {"img": block(args["img"], vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"),
-                                         transformer_options=args.get("transformer_options"))}
-
-                out = blocks_replace[("single_block", i)](
-                    {"img": img, "vec": vec, "pe": pe, "attn_mask": attn_mask,
-                     "transformer_options": transformer_options}, {"original_block": block_wrap})
-                img = out["img"]
-            else:
-                img = block(img, vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=transformer_options)
-        img = img[:, txt.shape[1]:, ...]
+        img = neo_blocks(self, img, txt, vec, pe, attn_mask, transformer_options)
         return self.final_layer(img, vec)
 
     def forward(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flux_block_loops import forge_blocks
 from standin_layers import (JointPair, LastLayer, StreamBlock, flux_ids, patchify, rope_like, scale_gates,
                             timestep_embedding, unpatchify)
 
@@ -62,12 +63,7 @@ class IntegratedFluxTransformer2DModel(nn.Module):
         txt = self.txt_in(txt)
         ids = torch.cat((txt_ids, img_ids), dim=1)
         pe = rope_like(ids, self.hidden_size)
-        for block in self.double_blocks:
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
-        img = torch.cat((txt, img), 1)
-        for block in self.single_blocks:
-            img = block(img, vec=vec, pe=pe)
-        img = img[:, txt.shape[1]:, ...]
+        img = forge_blocks(self, img, txt, vec, pe)
         return self.final_layer(img, vec)
 
     def forward(self, x, timestep, context, y, guidance=None, **kwargs):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flux_block_loops import neo_blocks
 from standin_layers import (JointPair, LastLayer, StreamBlock, flux_ids, patchify, rope_like, scale_gates,
                             timestep_embedding, unpatchify)
 
@@ -60,7 +61,6 @@ class IntegratedFluxTransformer2DModel(nn.Module):
 
     def forward_orig(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None,
                      transformer_options={}, attn_mask=None):  # noqa: B006
-        patches_replace = transformer_options.get("patches_replace", {})
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps, 256))
         if self.guidance_embed and guidance is not None:
@@ -68,37 +68,7 @@ class IntegratedFluxTransformer2DModel(nn.Module):
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
         pe = rope_like(torch.cat((txt_ids, img_ids), dim=1), self.hidden_size)
-        blocks_replace = patches_replace.get("dit", {})
-        for i, block in enumerate(self.double_blocks):
-            if ("double_block", i) in blocks_replace:
-                def block_wrap(args, block=block):
-                    out = {}
-                    out["img"], out["txt"] = block(img=args["img"], txt=args["txt"], vec=args["vec"], pe=args["pe"],
-                                                   attn_mask=args.get("attn_mask"),
-                                                   transformer_options=args.get("transformer_options"))
-                    return out
-
-                out = blocks_replace[("double_block", i)](
-                    {"img": img, "txt": txt, "vec": vec, "pe": pe, "attn_mask": attn_mask,
-                     "transformer_options": transformer_options}, {"original_block": block_wrap})
-                txt, img = out["txt"], out["img"]
-            else:
-                img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=attn_mask,
-                                 transformer_options=transformer_options)
-        img = torch.cat((txt, img), 1)
-        for i, block in enumerate(self.single_blocks):
-            if ("single_block", i) in blocks_replace:
-                def block_wrap(args, block=block):
-                    return {"img": block(args["img"], vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"),
-                                         transformer_options=args.get("transformer_options"))}
-
-                out = blocks_replace[("single_block", i)](
-                    {"img": img, "vec": vec, "pe": pe, "attn_mask": attn_mask,
-                     "transformer_options": transformer_options}, {"original_block": block_wrap})
-                img = out["img"]
-            else:
-                img = block(img, vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=transformer_options)
-        img = img[:, txt.shape[1]:, ...]
+        img = neo_blocks(self, img, txt, vec, pe, attn_mask, transformer_options)
         return self.final_layer(img, vec)
 
     def forward(self, x, timestep, context, y=None, guidance=None, control=None, transformer_options={}, **kwargs):  # noqa: B006
