@@ -111,14 +111,18 @@ def _folders(cache_dir: Path) -> Iterator[tuple[str, Path]]:
 
 
 class _Log:
-    """Collects warnings for the result and raises each as a UserWarning as it happens."""
+    """Collects warnings for the result and, with ``warn``, raises each as a UserWarning as it
+    happens (a host that shows the result's warnings itself, a WebUI or ComfyUI console, passes
+    ``warn=False``: a console would show each twice)."""
 
-    def __init__(self) -> None:
+    def __init__(self, warn: bool = True) -> None:
         self.messages: list[str] = []
+        self.warn = warn
 
     def __call__(self, message: str) -> None:
         self.messages.append(message)
-        warnings.warn(message, UserWarning, stacklevel=4)
+        if self.warn:
+            warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def _try_file(path: Path, fp: Mapping[str, Any], interval: int | None, log: _Log, source: str,
@@ -221,7 +225,7 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
                     own_sigmas: bool = False,
                     cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
                     hub_endpoint: str | None = None, hub_token: str | bool | None = None,
-                    hub_cache_dir: str | os.PathLike | None = None) -> ResolvedProfile:
+                    hub_cache_dir: str | os.PathLike | None = None, warn: bool = True) -> ResolvedProfile:
     """Find the profile for the model with fingerprint ``model``; see the module doc.
 
     ``interval``: the N it will run at (prefers a profile made for it; another N warns).
@@ -232,10 +236,11 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
     :class:`ProfileError`. ``own_sigmas``: a run without ``sigmas`` samples on its
     scheduler's own schedule, so a profile chosen for given sigmas differs from it and the
     other way round (:func:`~hyca.profiles.settings.differences`). ``offline``: skip the network (the Hub cache is still read);
-    default: huggingface_hub's offline mode.
+    default: huggingface_hub's offline mode. ``warn``: raise each warning as a
+    :class:`UserWarning` as well as listing it in the result's ``warnings`` (False: list only).
     """
     fp = model_fingerprint(model)
-    log = _Log()
+    log = _Log(warn)
     if path is not None:
         profile, notes = read_profile(path, fp, interval=interval)
         for note in notes:

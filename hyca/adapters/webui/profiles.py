@@ -144,7 +144,7 @@ class ProfileBook:
         else:
             hub = {"hub_repo": chosen.key[2]} if chosen.key[2] else {}
             resolved = sources.resolve_profile(chosen.fp, interval=run.interval, run=run, probe=probe,
-                                               probe_if_mismatched=True, **hub)
+                                               probe_if_mismatched=True, warn=False, **hub)
             where = f"probe, saved to {resolved.path}" if resolved.source == "probe" and resolved.path else \
                 f"{resolved.source} {resolved.path or ''}".strip()
             learned = Chosen(resolved.profile, where, list(resolved.warnings), key=key)
