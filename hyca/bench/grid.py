@@ -5,10 +5,14 @@ A cell is one sampling setting: step count x guidance scale x scheduler shift x 
 interval N (warm-up fixed). In each cell, on held-out captions of the reference model
 (combinations never seen in training) with fixed seeds:
 
-* **HyCa** as a user gets it at those settings: the probe (closed-loop choice, on
-  calibration captions of the training split, at the cell's steps, guidance and N), run
-  with the guard on;
-* **HyCa (no guard)**: the same profile with the guard off (what the guard costs or buys
+* **HyCa** as a user gets it: the plain call, ``hyca.enable(pipe, interval=N, warmup=W)``
+  and nothing else told, then the pipeline called at the cell's steps and guidance (the
+  scheduler's shift set as the cell says); the call's settings are read from it and the
+  probe it runs on first use is HyCa's default one (its own prompt, not our calibration
+  captions), on an empty profile cache of its own;
+* **HyCa (probe told the settings)**: the probe run explicitly (closed-loop choice, on
+  calibration captions of the training split, at the cell's steps, guidance and N), guard
+  on; **HyCa (no guard)**: the same profile with the guard off (what the guard costs or buys
   on a profile chosen for the run's settings);
 * **HyCa (eq. 5)**: the paper's open-loop choice, guard off;
 * **HyCa (shipped profile)**: the profile shipped for N (chosen at 50 steps, no guidance,
@@ -35,6 +39,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -54,6 +61,7 @@ from .metrics import psnr, ssim
 
 PSNR_CAP = 100.0
 HYCA = "HyCa"
+HYCA_TOLD = "HyCa (probe told the settings)"
 HYCA_EQ5 = "HyCa (eq. 5, paper)"
 HYCA_NO_GUARD = "HyCa (no guard)"
 SHIPPED = "HyCa (shipped profile, guard)"
@@ -158,9 +166,31 @@ def engine(name: str, profile: Any, interval: int, warmup: int, guard: bool, **i
                   hyca.disable, info=info)
 
 
+def plain_call(interval: int, warmup: int) -> Method:
+    """:data:`HYCA`: ``hyca.enable(pipe, interval=, warmup=)`` with an empty profile cache of
+    its own (``HYCA_CACHE``, removed after), so its first call probes at the cell's settings
+    as a user's first call at new settings does."""
+    kept: dict[str, Any] = {}
+
+    def enable(pipe: Any) -> None:
+        kept["cache"], kept["env"] = tempfile.mkdtemp(prefix="hyca-grid-cache-"), os.environ.get("HYCA_CACHE")
+        os.environ["HYCA_CACHE"] = kept["cache"]
+        hyca.enable(pipe, interval=interval, warmup=warmup)
+
+    def disable(pipe: Any) -> None:
+        hyca.disable(pipe)
+        if kept["env"] is None:
+            os.environ.pop("HYCA_CACHE", None)
+        else:
+            os.environ["HYCA_CACHE"] = kept["env"]
+        shutil.rmtree(kept["cache"], ignore_errors=True)
+
+    return Method(HYCA, enable, disable, info={"call": f"hyca.enable(pipe, interval={interval}, warmup={warmup})"})
+
+
 def hyca_methods(work: Workload, cell: tuple, settings: GridSettings) -> tuple[list[Method], dict]:
-    """HyCa as probed at the cell's settings (closed loop) with and without the guard, and
-    eq. 5 alone (guard off)."""
+    """HyCa's plain call; HyCa as probed at the cell's settings (closed loop) with and without
+    the guard; eq. 5 alone (guard off)."""
     from ..adapters.diffusers.probe import probe
 
     steps, guidance, _, interval = cell
@@ -180,7 +210,8 @@ def hyca_methods(work: Workload, cell: tuple, settings: GridSettings) -> tuple[l
     info = {"probe_seconds": round(closed_seconds, 2), "eq5_probe_seconds": round(eq5_seconds, 2),
             "closed_loop_choice": report.get("chosen"), "closed_loop_trials": report.get("trials", []),
             "profile": _solver_shares(closed)}
-    methods = [engine(HYCA, closed, interval, settings.warmup, True),
+    methods = [plain_call(interval, settings.warmup),
+               engine(HYCA_TOLD, closed, interval, settings.warmup, True),
                engine(HYCA_NO_GUARD, closed, interval, settings.warmup, False),
                engine(HYCA_EQ5, eq5, interval, settings.warmup, False)]
     return methods, info
