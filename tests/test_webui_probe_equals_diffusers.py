@@ -25,6 +25,8 @@ from hyca.adapters.webui.settings import Settings
 from hyca.reference import load_pipeline
 from hyca.reference.webui import frontend_scheduler, latent_to_tokens
 
+from test_webui_probe import isolated  # noqa: F401 - the fixture: a temporary profile cache, no Hub
+
 PROMPTS = ["a large red circle at the center on a white background",
            "a small blue square at the top left on a black and white background"]
 STEPS, INTERVAL, WARMUP = 10, 3, 2
@@ -40,14 +42,6 @@ def pipe():
     pipe.scheduler = original
     for kind in R.KINDS.values():
         H.OVERRIDES.pop(kind, None)
-
-
-@pytest.fixture()
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
-    monkeypatch.setenv("HYCA_HUB_REPO", "none")
-    monkeypatch.delenv("HYCA_PROFILES", raising=False)
-    return tmp_path
 
 
 def webui_choice(pipe, flavour: str, guidance: float, monkeypatch) -> tuple[dict, torch.Tensor]:
