@@ -108,3 +108,28 @@ def test_webui_probe_chooses_as_the_diffusers_probe_on_the_same_input(pipe, isol
     assert webui.metadata.get("first_interval") == diffusers.metadata.get("first_interval")
     for a, b in zip(ours["closed_loop"]["trials"], theirs["closed_loop"]["trials"]):
         assert a["fidelity_db"] == pytest.approx(b["fidelity_db"], abs=1e-3), (a, b)
+
+
+@pytest.mark.parametrize("batch,hint,guided,cond,uncond", [
+    (6, [0, 1], True, [0, 1], [3, 4]),     # Forge / Neo: a cond chunk of 3, then an uncond chunk of 3
+    (2, [1, 0], True, [1, 1], [0, 0]),     # one image per chunk, uncond first: that image twice
+    (1, [0], False, [0, 0], None),         # unguided batch of one
+    (4, None, True, [0, 1], [2, 3]),       # A1111: cond half, then uncond half, unnamed
+    (3, None, False, [0, 1], None),        # A1111 unguided: the first two images
+])
+def test_the_probe_samples_the_first_two_images_or_one_twice(batch, hint, guided, cond, uncond):
+    """What each probe sample is conditioned on, written out by hand per frontend layout; a
+    tensor without the call's batch axis (shared by every image) is passed as it is."""
+    x = torch.zeros(batch, 4, 2, 2)
+    shared = torch.ones(batch + 1, 3)
+    conditioning = {"c_crossattn": torch.arange(batch).float().reshape(batch, 1), "shared": shared,
+                    "transformer_options": {"patches": {}}}
+    found = webui_probe.branches_in_call(x, hint, conditioning, guided)
+    assert sorted(found) == (["cond", "uncond"] if uncond else ["cond"])
+    for branch, images in (("cond", cond), ("uncond", uncond)):
+        if images is None:
+            continue
+        assert found[branch]["c_crossattn"].flatten().tolist() == [float(i) for i in images]
+        assert found[branch]["shared"] is shared
+        if hint is not None:
+            assert found[branch]["transformer_options"]["cond_or_uncond"] == [0 if branch == "cond" else 1]
