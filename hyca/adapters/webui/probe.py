@@ -124,8 +124,9 @@ class WebUIHost:
     ``model_call(x, t, conditioning)``: the frontend's model call; ``output``: what it
     returns (:data:`OUTPUTS`); ``timestep_per_sigma``: the ``t`` the frontend passes per
     unit of sigma (Forge: 1, A1111's SD3: 1000); ``conditioning``: branch -> the
-    conditioning of ``samples`` images (:func:`branches_in_call`; the probe's calls carry no hint: the session tells the branches apart by
-    their order, cond first, as the recorder does); ``open_session(engine, sigmas)``: installs a
+    conditioning of ``samples`` images (:func:`branches_in_call`; the probe's calls carry no
+    hint: the session tells the branches apart by their order, cond first, as the recorder
+    does); ``open_session(engine, sigmas)``: installs a
     :class:`~.session.PassSession` where the blocks find it and returns it (None removes
     it). ``latent``: one image's probe latent shape; ``samples``: the images of each
     probe generation (noise ``(samples, *latent)`` from ``seed``)."""
