@@ -273,7 +273,8 @@ class Controller:
 
         def run_probe() -> Any:
             console(f"probing {pending.adapter.name} for this {pending.label}'s settings ({run.describe()}) on its "
-                    f"own conditioning, latent {'x'.join(map(str, latent))}: the closed loop runs every candidate")
+                    f"own conditioning ({probe.PROBE_SAMPLES} samples), latent {'x'.join(map(str, latent))}: the "
+                    "closed loop runs every candidate")
             host = probe.WebUIHost(model_call, output, t_value / sigma if sigma else 1.0,
                                    {b: pending.conditioning[b] for b in ("cond", "uncond") if b in pending.conditioning},
                                    sigmas, pending.guidance, latent, x.dtype, x.device, open_session,

@@ -1,6 +1,7 @@
 """Probing inside a WebUI generation: the core's closed-loop probe
 (:func:`hyca.probing.probe_host`) run at a pass's first model call, on the user's own
-conditioning, over the pass's own sigmas with its CFG scale, at a reduced latent size.
+conditioning (its first :data:`PROBE_SAMPLES` images), over the pass's own sigmas with its CFG
+scale, at a reduced latent size.
 
 The frontend's model call (Forge / Neo: the unet's ``apply_model`` as the
 ``model_function_wrapper`` receives it; A1111: the diffusion model's ``forward``) is the
@@ -28,6 +29,12 @@ if TYPE_CHECKING:
 #: The probe's latent has at most this many cells per side (FLUX: 32 latent cells, 256 px):
 #: its cost grows with the token count, and the choice carries over to larger images.
 PROBE_SIDE = 32
+#: Images the probe samples at once: as many as the diffusers probe's calibration run has
+#: captions on the reference model (``ReferencePipeline.hyca_probe_defaults``: two), so both
+#: hosts score a candidate by the same number of samples. They are the user's first images
+#: of the batch (their own prompts); a batch of one is sampled twice, with two noises. One
+#: sample alone let one caption's noise decide (bench/results/webui_path.md).
+PROBE_SAMPLES = 2
 #: Forge / Neo ``cond_or_uncond`` values (ComfyUI's convention): 0 = cond, 1 = uncond.
 HINT_OF = {"cond": 0, "uncond": 1}
 #: What a frontend's model call returns: the denoised latent (Forge / Neo ``apply_model``,
@@ -35,21 +42,34 @@ HINT_OF = {"cond": 0, "uncond": 1}
 OUTPUTS = ("denoised", "velocity")
 
 
-def _slice(value: Any, batch: int, index: int) -> Any:
-    """``value[index:index+1]`` for a tensor of the call's batch; dicts, lists and tuples
-    item by item; anything else as it is."""
+def _take(value: Any, batch: int, indices: list[int]) -> Any:
+    """The images ``indices`` of a call's batch: every tensor whose first axis is the call's
+    ``batch``, dicts, lists and tuples item by item; anything else as it is."""
     if isinstance(value, torch.Tensor):
-        return value[index:index + 1] if value.dim() > 0 and value.shape[0] == batch else value
+        if value.dim() == 0 or value.shape[0] != batch:
+            return value
+        if indices == list(range(indices[0], indices[0] + len(indices))):
+            return value[indices[0]:indices[0] + len(indices)]
+        return value[torch.tensor(indices, device=value.device)]
     if isinstance(value, Mapping):
-        return {k: _slice(v, batch, index) for k, v in value.items()}
+        return {k: _take(v, batch, indices) for k, v in value.items()}
     if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
-        return type(value)(_slice(v, batch, index) for v in value)
+        return type(value)(_take(v, batch, indices) for v in value)
     return value
 
 
-def branches_in_call(x: torch.Tensor, hint: Any, conditioning: dict[str, Any], guided: bool) -> dict[str, dict]:
-    """The guidance branches one model call carries, each as the conditioning of its first
-    image. Forge / Neo name a call's chunks (``hint`` = ``cond_or_uncond``, one chunk of
+def _images(start: int, available: int, samples: int) -> list[int]:
+    """``samples`` image indices from the ``available`` ones at ``start``: the first
+    ``samples`` when there are that many, else the available ones again in turn (the probe
+    then draws another noise for each repeat)."""
+    return [start + i % max(1, available) for i in range(samples)]
+
+
+def branches_in_call(x: torch.Tensor, hint: Any, conditioning: dict[str, Any], guided: bool,
+                     samples: int = PROBE_SAMPLES) -> dict[str, dict]:
+    """The guidance branches one model call carries, each as the conditioning of
+    ``samples`` images (the call's first ones, repeated in turn when it has fewer). Forge /
+    Neo name a call's chunks (``hint`` = ``cond_or_uncond``, one chunk of
     ``batch / len(hint)`` images per entry; the branch's own ``transformer_options`` say
     which it is); A1111 batches cond then uncond in one call and names nothing (``hint``
     None: the first half is cond when guided)."""
@@ -60,15 +80,17 @@ def branches_in_call(x: torch.Tensor, hint: Any, conditioning: dict[str, Any], g
         size = batch // max(1, len(chunks))
         for branch, which in HINT_OF.items():
             if which in chunks:
-                part = _slice(conditioning, batch, chunks.index(which) * size)
+                part = _take(conditioning, batch, _images(chunks.index(which) * size, size, samples))
                 options = dict(part.get("transformer_options") or {})
                 options["cond_or_uncond"] = [which]
                 part["transformer_options"] = options
                 found[branch] = part
         return found
-    found["cond"] = _slice(conditioning, batch, 0)
-    if guided and batch % 2 == 0 and batch >= 2:
-        found["uncond"] = _slice(conditioning, batch, batch // 2)
+    halves = guided and batch % 2 == 0 and batch >= 2
+    size = batch // 2 if halves else batch
+    found["cond"] = _take(conditioning, batch, _images(0, size, samples))
+    if halves:
+        found["uncond"] = _take(conditioning, batch, _images(size, size, samples))
     return found
 
 
@@ -101,11 +123,13 @@ class WebUIHost:
 
     ``model_call(x, t, conditioning)``: the frontend's model call; ``output``: what it
     returns (:data:`OUTPUTS`); ``timestep_per_sigma``: the ``t`` the frontend passes per
-    unit of sigma (Forge: 1, A1111's SD3: 1000); ``conditioning``: branch -> one image's
-    conditioning (the probe's calls carry no hint: the session tells the branches apart by
-    their order, cond first, as the recorder does); ``open_session(engine, sigmas)``: installs a
+    unit of sigma (Forge: 1, A1111's SD3: 1000); ``conditioning``: branch -> the
+    conditioning of ``samples`` images (:func:`branches_in_call`; the probe's calls carry no
+    hint: the session tells the branches apart by their order, cond first, as the recorder
+    does); ``open_session(engine, sigmas)``: installs a
     :class:`~.session.PassSession` where the blocks find it and returns it (None removes
-    it). ``latent``: one image's probe latent shape."""
+    it). ``latent``: one image's probe latent shape; ``samples``: the images of each
+    probe generation (noise ``(samples, *latent)`` from ``seed``)."""
 
     model_call: Callable[[torch.Tensor, torch.Tensor, dict], Any]
     output: str
@@ -120,12 +144,13 @@ class WebUIHost:
     num_blocks: int
     hidden_size: int
     seed: int = 0
+    samples: int = PROBE_SAMPLES
     failures: list[str] = field(default_factory=list)
 
     def sample(self, engine: Any) -> torch.Tensor:
         session = self.open_session(engine, self.sigmas) if engine is not None else None
         generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn(1, *self.latent, generator=generator).to(self.device, self.dtype)
+        noise = torch.randn(self.samples, *self.latent, generator=generator).to(self.device, self.dtype)
         try:
             return euler_sample(lambda x, sigma, branch: self._denoise(session, x, sigma, branch),
                                 noise * self.sigmas[0], self.sigmas, self.guidance_scale)
