@@ -105,6 +105,37 @@ def default_probe_seconds(pipe, repeats: int = 3) -> list[float]:
     return out
 
 
+def flux_call_tflops(side_px: int = 256, text_tokens: int = 512) -> float:
+    """TFLOPs of one FLUX.1-dev transformer call at ``side_px`` (VAE 8x, patch 2), counted by
+    ``FlopCounterMode`` on FLUX.1-dev's config built on the meta device (no weights)."""
+    from diffusers import FluxTransformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hyca.bench.gpu import FLUX_DEV
+
+    tokens = (side_px // 16) ** 2
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**FLUX_DEV).eval()
+        inputs = dict(hidden_states=torch.randn(1, tokens, 64), encoder_hidden_states=torch.randn(1, text_tokens, 4096),
+                      pooled_projections=torch.randn(1, 768), timestep=torch.ones(1), guidance=torch.ones(1),
+                      img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text_tokens, 3), return_dict=False)
+        with FlopCounterMode(display=False) as counted:
+            model(**inputs)
+    return counted.get_total_flops() / 1e12
+
+
+def flux_probe_calls(steps: int = 28, interval: int = 5, warmup: int = 3) -> tuple[int, int]:
+    """Transformer calls of the default probe on a guidance-distilled FLUX (one branch, one
+    prompt): two recordings (residuals, output head's input) plus the fewest and the most
+    cached runs the closed loop makes (residual track: eq. 5, 11 singles, a refinement per
+    other solver eq. 5 uses, up to 10; output track, one block of 4 clusters: eq. 5, 3
+    singles, up to 3 refinements; no short start at these settings)."""
+    from hyca.engine.schedule import Schedule
+
+    computed = sum(bool(c) for c in Schedule(interval=interval, warmup=warmup).plan(steps))
+    return 2 * steps + (12 + 4) * computed, 2 * steps + (22 + 7) * computed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=8, help="held-out captions per cell")
@@ -113,8 +144,14 @@ def main() -> int:
     parser.add_argument("--rows", type=Path, help="also write the rows as JSON lines here (to merge runs)")
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="JSON-line row files to add to the table")
     parser.add_argument("--default-probe", action="store_true", help="time the default in-process probe")
+    parser.add_argument("--flops", action="store_true", help="print the FLUX.1-dev 256 px probe's FLOPs and exit")
     parser.add_argument("--out", type=Path, default=Path("bench/results/probe_cost.md"))
     args = parser.parse_args()
+    if args.flops:
+        per_call, (fewest, most) = flux_call_tflops(), flux_probe_calls()
+        print(f"FLUX.1-dev 256 px: {per_call:.2f} TFLOPs per call; default probe {fewest}-{most} calls, "
+              f"{fewest * per_call / 1000:.2f}-{most * per_call / 1000:.2f} PFLOPs")
+        return 0
     torch.set_num_threads(1)
     from hyca.reference import load_pipeline
 
