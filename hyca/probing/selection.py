@@ -3,14 +3,14 @@ calibration captions, and how it spends fewer runs on the losers.
 
 * **Per-sample fidelity.** Each cached run is scored per calibration sample (caption and
   seed), so two candidates compare *paired*: the same captions, the same noise.
-* **Simplest within noise** (:func:`pick`). The candidate with the best mean fidelity is
+* **Simplest within noise** (:func:`pick`; opt-in, the probe's ``tolerance``). The candidate with the best mean fidelity is
   not taken blindly: among the candidates whose paired per-sample difference to the best
   has a mean within the calibration noise (one standard error of that mean, or a fixed dB
   margin), the simplest is kept. Simple means a single solver on the first track (the
   blocks' residuals on the plain schedule) before eq. 5's mixed assignment, before any
   other track, before greedy refinements. A composite that wins by less than its captions
   scatter is a winner on those captions only (issue 21 item 6, bench/results/probe_cost.md).
-* **Successive halving** (:class:`Screen`). Every candidate is first run on a few
+* **Successive halving** (:class:`Screen`; opt-in, the probe's ``halving``). Every candidate is first run on a few
   samples; only the best few (and the best single solver of the first track, the simple
   fallback) are run on the rest. A host runs a subset with ``generate(profile, samples)``.
 
