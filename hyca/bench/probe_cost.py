@@ -1,21 +1,28 @@
-"""Probe cost against quality (issue 21 item 3) on the reference model.
+"""Probe cost against quality (issue 21 items 3 and 6) on the reference model.
 
-For a few grid cells (steps, guidance, shift, N), the closed-loop probe is run with fewer
-calibration captions and fewer candidate solvers; each profile is then used (guard on) on
-the grid's held-out captions and seeds, and its PSNR against full compute is put next to
-the probe's time and the best single solver of the pool on the same images.
+For grid cells (steps, guidance, shift, N) the closed-loop probe is run with several
+settings: calibration captions, the rule that picks among scored candidates (the best
+mean, or the simplest within one standard error / a dB margin of it), and successive
+halving (every candidate screened on a quarter of the captions, the finalists run on the
+rest). Each profile is then used (guard on) on the grid's held-out captions and seeds, and
+its PSNR against full compute is put next to the probe's time and the best single solver
+of the pool on the same images. The default in-process probe (``hyca.probe(pipe)`` on the
+reference model's own defaults, 28 steps) is timed too.
 
-    OMP_NUM_THREADS=1 python -m hyca.bench.probe_cost [--prompts 8] [--out bench/results/probe_cost.md]
+    OMP_NUM_THREADS=1 python -m hyca.bench.probe_cost [--prompts 8] [--cells 0,1,2] [--out bench/results/probe_cost.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -24,15 +31,58 @@ import hyca
 from hyca.bench.grid import PSNR_CAP, GridSettings, Workload, shifted
 from hyca.bench.metrics import psnr
 from hyca.math.solvers import pool_names
+from hyca.probing import closed_loop, selection
+from hyca.profiles.profile import Profile
 
-CELLS = [(28, 2.5, 3.0, 6), (50, 1.0, 3.0, 4), (20, 2.5, 1.0, 4)]
-#: (label, calibration captions, candidate solvers; None = the whole pool)
-VARIANTS = [("default: 8 captions, 11 candidates", 8, None),
-            ("4 captions, 11 candidates", 4, None),
-            ("2 captions, 11 candidates", 2, None),
-            ("8 captions, 4 candidates", 8, ("reuse", "taylor-1", "taylor-2", "lagrange-3")),
-            ("2 captions, 4 candidates", 2, ("reuse", "taylor-1", "taylor-2", "lagrange-3"))]
+#: (steps, guidance, shift, N): both step counts, guidance 1 / 2.5, shift 1 / 3, N 4 / 6 / 8
+CELLS = [(28, 2.5, 3.0, 6), (50, 1.0, 3.0, 4), (28, 1.0, 1.0, 8), (50, 2.5, 3.0, 8), (28, 2.5, 1.0, 4),
+         (50, 2.5, 1.0, 6)]
+#: (calibration captions, successive halving): one probe each per cell
+PROBES = [(8, False), (8, True), (4, True)]
+#: (tolerance, label): every rule re-picks from the same probe's trials (what that probe with
+#: this tolerance chooses: the pick is deterministic given the trials)
+TOLERANCES = [("best", "best"), ("se", "simplest within 1 SE"), (0.5, "simplest within 0.5 dB")]
+VARIANTS = [(f"{captions} captions, {label}, {'halving' if halving else 'every caption'}", captions, tol, halving)
+            for captions, halving in PROBES for tol, label in TOLERANCES]
 WARMUP = 3
+
+
+@contextlib.contextmanager
+def capturing() -> Iterator[dict]:
+    """Every candidate profile the closed loop runs, in trial order, next to its trials
+    (``closed_loop.choose`` wrapped for the duration; the probe calls it through the module)."""
+    captured: dict = {}
+    original = closed_loop.choose
+
+    def choose(tracks, generate, reference, *args, **kwargs):
+        profiles: list = []
+
+        def recording(profile, *rest):
+            profiles.append(profile)
+            return generate(profile, *rest)
+
+        result = original(tracks, recording, reference, *args, **kwargs)
+        captured.update(trials=result[1], profiles=profiles)
+        return result
+
+    closed_loop.choose = choose
+    try:
+        yield captured
+    finally:
+        closed_loop.choose = original
+
+
+def repicked(captured: dict, final, tolerance) -> tuple[str, object]:
+    """The candidate the probe picks with ``tolerance`` from its captured trials (those run on
+    every calibration sample), as a profile carrying the probe's metadata."""
+    trials, profiles = captured["trials"], captured["profiles"]
+    scored = [selection.Scored(t.name, 0 if t.name.startswith(("eq5", "uniform:")) else 1,
+                               torch.tensor(t.per_sample_db or (t.fidelity_db,), dtype=torch.float64), ())
+              for t in trials if not t.samples]
+    name = selection.pick(scored, tolerance).name
+    candidate = profiles[max(i for i, t in enumerate(trials) if t.name == name and not t.samples)]
+    kept = {k: v for k, v in final.metadata.items() if k not in ("first_interval", "target")}
+    return name, Profile(candidate.labels, candidate.solvers, {**kept, **candidate.metadata})
 
 
 def held_out_psnr(work: Workload, cell: tuple, full: torch.Tensor, profile) -> float:
@@ -45,51 +95,129 @@ def held_out_psnr(work: Workload, cell: tuple, full: torch.Tensor, profile) -> f
     return float(np.mean([min(psnr(a, b), PSNR_CAP) for a, b in zip(images, full)]))
 
 
+def default_probe_seconds(pipe, repeats: int = 3) -> list[float]:
+    """``hyca.probe(pipe)`` as a plain call runs it: the pipeline's own defaults, 28 steps."""
+    out = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        hyca.probe(pipe, steps=28, progress=False)
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def flux_call_tflops(side_px: int = 256, text_tokens: int = 512) -> float:
+    """TFLOPs of one FLUX.1-dev transformer call at ``side_px`` (VAE 8x, patch 2), counted by
+    ``FlopCounterMode`` on FLUX.1-dev's config built on the meta device (no weights)."""
+    from diffusers import FluxTransformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hyca.bench.gpu import FLUX_DEV
+
+    tokens = (side_px // 16) ** 2
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**FLUX_DEV).eval()
+        inputs = dict(hidden_states=torch.randn(1, tokens, 64), encoder_hidden_states=torch.randn(1, text_tokens, 4096),
+                      pooled_projections=torch.randn(1, 768), timestep=torch.ones(1), guidance=torch.ones(1),
+                      img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text_tokens, 3), return_dict=False)
+        with FlopCounterMode(display=False) as counted:
+            model(**inputs)
+    return counted.get_total_flops() / 1e12
+
+
+def flux_probe_calls(steps: int = 28, interval: int = 5, warmup: int = 3) -> tuple[int, int]:
+    """Transformer calls of the default probe on a guidance-distilled FLUX (one branch, one
+    prompt): two recordings (residuals, output head's input) plus the fewest and the most
+    cached runs the closed loop makes (residual track: eq. 5, 11 singles, a refinement per
+    other solver eq. 5 uses, up to 10; output track, one block of 4 clusters: eq. 5, 3
+    singles, up to 3 refinements; no short start at these settings)."""
+    from hyca.engine.schedule import Schedule
+
+    computed = sum(bool(c) for c in Schedule(interval=interval, warmup=warmup).plan(steps))
+    return 2 * steps + (12 + 4) * computed, 2 * steps + (22 + 7) * computed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=8, help="held-out captions per cell")
+    parser.add_argument("--cells", default=",".join(str(i) for i in range(len(CELLS))),
+                        help="indices into CELLS to run (comma-separated)")
+    parser.add_argument("--rows", type=Path, help="also write the rows as JSON lines here (to merge runs)")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[], help="JSON-line row files to add to the table")
+    parser.add_argument("--default-probe", action="store_true", help="time the default in-process probe")
+    parser.add_argument("--flops", action="store_true", help="print the FLUX.1-dev 256 px probe's FLOPs and exit")
     parser.add_argument("--out", type=Path, default=Path("bench/results/probe_cost.md"))
     args = parser.parse_args()
+    if args.flops:
+        per_call, (fewest, most) = flux_call_tflops(), flux_probe_calls()
+        print(f"FLUX.1-dev 256 px: {per_call:.2f} TFLOPs per call; default probe {fewest}-{most} calls, "
+              f"{fewest * per_call / 1000:.2f}-{most * per_call / 1000:.2f} PFLOPs")
+        return 0
     torch.set_num_threads(1)
     from hyca.reference import load_pipeline
 
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    rows = []
-    for cell in CELLS:
+    rows = [json.loads(line) for path in args.merge for line in path.read_text().splitlines() if line.strip()]
+    for index in (int(i) for i in args.cells.split(",") if i.strip()):
+        cell = CELLS[index]
         steps, guidance, shift, interval = cell
         work = Workload(pipe, replace(GridSettings(), prompts=args.prompts, batch=args.prompts, calibration_prompts=8))
         with shifted(pipe, shift):
             full = work.generate(steps, guidance)
             singles = {name: held_out_psnr(work, cell, full, name) for name in pool_names()}
             best_name = max(singles, key=singles.get)
-            for label, captions, candidates in VARIANTS:
+            evaluated: dict[str, float] = {}
+            for captions, halving in PROBES:
                 started = time.perf_counter()
-                profile = hyca.probe(pipe, prompt=work.calibration[:captions], height=work.size, width=work.size,
-                                     steps=steps, interval=interval, warmup=WARMUP, guidance_scale=guidance,
-                                     latents=work.calibration_latents[:captions].clone(), output_type="pt",
-                                     progress=False, candidates=candidates)
+                with capturing() as captured:
+                    final = hyca.probe(pipe, prompt=work.calibration[:captions], height=work.size, width=work.size,
+                                       steps=steps, interval=interval, warmup=WARMUP, guidance_scale=guidance,
+                                       latents=work.calibration_latents[:captions].clone(), output_type="pt",
+                                       progress=False, halving=halving)
                 seconds = time.perf_counter() - started
-                quality = held_out_psnr(work, cell, full, profile)
-                rows.append((cell, label, seconds, quality, quality - singles[best_name], best_name,
-                             profile.metadata["selection"].get("closed_loop", {}).get("chosen")))
-                print(rows[-1], flush=True)
-    lines = ["# Probe cost against quality (reference model, one CPU thread)", "",
-             f"Command: `OMP_NUM_THREADS=1 python -m hyca.bench.probe_cost --prompts {args.prompts}` "
-             "(held-out captions and seeds of the grid; HyCa with the guard on).", "",
-             "| cell (steps, guidance, shift, N) | probe | probe s | HyCa PSNR | vs best single | best single | "
-             "closed-loop choice |", "|---|---|---|---|---|---|---|"]
-    for cell, label, seconds, quality, margin, best, chosen in rows:
-        lines.append(f"| {cell} | {label} | {seconds:.1f} | {quality:.2f} | {margin:+.2f} | {best} | {chosen} |")
-    lines += ["", "Per probe setting, over the cells:", "", "| probe | mean s | mean margin | worst margin |",
-              "|---|---|---|---|"]
-    for label, _, _ in VARIANTS:
-        mine = [r for r in rows if r[1] == label]
-        lines.append(f"| {label} | {statistics.mean(r[2] for r in mine):.1f} | "
-                     f"{statistics.mean(r[4] for r in mine):+.2f} | {min(r[4] for r in mine):+.2f} |")
-    args.out.write_text("\n".join(lines) + "\n")
+                for tolerance, label in TOLERANCES:
+                    name, profile = repicked(captured, final, tolerance)
+                    key = f"{captions}/{name}"  # the same recording, so the same candidate, with or without halving
+                    if name.startswith("uniform:"):  # one solver on the residuals: the single's own row
+                        evaluated[key] = singles[name.removeprefix("uniform:")]
+                    elif key not in evaluated:
+                        evaluated[key] = held_out_psnr(work, cell, full, profile)
+                    quality = evaluated[key]
+                    rows.append({"cell": list(cell), "label": f"{captions} captions, {label}, "
+                                 f"{'halving' if halving else 'every caption'}", "seconds": seconds,
+                                 "psnr": quality, "margin": quality - singles[best_name], "best": best_name,
+                                 "chosen": name, "runs": len(captured["trials"])})
+                    print(json.dumps(rows[-1]), flush=True)
+                    if args.rows is not None:
+                        with args.rows.open("a") as f:
+                            f.write(json.dumps(rows[-1]) + "\n")
+    default = default_probe_seconds(pipe) if args.default_probe else []
+    write(args, rows, default)
     print(args.out)
     return 0
+
+
+def write(args: argparse.Namespace, rows: list[dict], default: list[float]) -> None:
+    lines = ["# Probe cost against quality (reference model, one CPU thread)", "",
+             f"Command: `OMP_NUM_THREADS=1 python -m hyca.bench.probe_cost --prompts {args.prompts}` "
+             "(held-out captions and seeds of the grid; HyCa with the guard on). Margin: HyCa's held-out "
+             "PSNR minus the best single solver's on the same images.", "",
+             "| cell (steps, guidance, shift, N) | probe | probe s | cached runs | HyCa PSNR | vs best single | "
+             "best single | closed-loop choice |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {tuple(r['cell'])} | {r['label']} | {r['seconds']:.1f} | {r['runs']} | {r['psnr']:.2f} | "
+                     f"{r['margin']:+.2f} | {r['best']} | {r['chosen']} |")
+    lines += ["", "Per probe setting, over the cells:", "",
+              "| probe | cells | mean s | mean margin | worst margin |", "|---|---|---|---|---|"]
+    for label, *_ in VARIANTS:
+        mine = [r for r in rows if r["label"] == label]
+        if mine:
+            lines.append(f"| {label} | {len(mine)} | {statistics.mean(r['seconds'] for r in mine):.1f} | "
+                         f"{statistics.mean(r['margin'] for r in mine):+.2f} | {min(r['margin'] for r in mine):+.2f} |")
+    if default:
+        lines += ["", f"Default in-process probe (`hyca.probe(pipe, steps=28)`, the reference pipeline's own "
+                      f"defaults): {', '.join(f'{s:.1f}' for s in default)} s."]
+    args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 
 from ..math.solvers import Solver, pool, pool_names
 from ..profiles.profile import Profile
+from . import selection
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,24 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Trial:
-    """What one cached run gave: its fidelity to full compute in dB (higher is nearer)."""
+    """What one cached run gave: its fidelity to full compute in dB (higher is nearer), the
+    mean over the calibration ``samples`` it ran (empty: all), and per sample."""
 
     name: str
     fidelity_db: float
+    per_sample_db: tuple[float, ...] = ()
+    samples: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        db = self.fidelity_db
-        return {"name": self.name, "fidelity_db": round(db, 3) if math.isfinite(db) else None}
+        def rounded(db: float) -> float | None:
+            return round(db, 3) if math.isfinite(db) else None
+
+        out: dict[str, Any] = {"name": self.name, "fidelity_db": rounded(self.fidelity_db)}
+        if len(self.per_sample_db) > 1:
+            out["per_sample_db"] = [rounded(db) for db in self.per_sample_db]
+        if self.samples:
+            out["samples"] = list(self.samples)
+        return out
 
 
 def fidelity_db(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -60,20 +71,8 @@ def fidelity_db(output: torch.Tensor, reference: torch.Tensor) -> float:
     fully computed one: per sample ``10 log10(||reference||^2 / ||output - reference||^2)``
     in dB, averaged over the batch, as benchmarks average PSNR over images (one sample's
     large error must not hide the rest). ``inf`` when they are equal. Raises
-    ``ValueError`` on a shape mismatch."""
-    output, reference = torch.as_tensor(output).double(), torch.as_tensor(reference).double()
-    if output.shape != reference.shape:
-        raise ValueError(f"output shape {tuple(output.shape)} differs from the reference's {tuple(reference.shape)}")
-    if reference.dim() < 2:
-        output, reference = output.unsqueeze(0), reference.unsqueeze(0)
-    errors = (output - reference).square().flatten(1).sum(1)
-    signals = reference.square().flatten(1).sum(1).clamp_min(1e-30)
-    if bool((errors == 0).all()):
-        return math.inf
-    if not bool(torch.isfinite(errors).all()):
-        return -math.inf
-    per_sample = 10 * torch.log10(signals / errors.clamp_min(signals * 1e-30))
-    return float(per_sample.mean())
+    ``ValueError`` on a shape mismatch. Per sample: :func:`hyca.probing.selection.fidelities_db`."""
+    return selection.mean_db(selection.fidelities_db(output, reference))
 
 
 def with_solvers(base: Profile, cluster_solvers: torch.Tensor) -> Profile:
@@ -147,9 +146,10 @@ def _run_track(track: Track, singles: Sequence[Solver], run: Callable[[Candidate
     return scored
 
 
-def choose(tracks: Profile | Sequence[Track], generate: Callable[[Profile], torch.Tensor], reference: torch.Tensor,
+def choose(tracks: Profile | Sequence[Track], generate: Callable[..., torch.Tensor], reference: torch.Tensor,
            solvers: Sequence[Solver] | None = None, refine: bool = True,
-           on_trial: Callable[[Trial], None] | None = None) -> tuple[Profile, list[Trial], str]:
+           on_trial: Callable[[Trial], None] | None = None, tolerance: str | float = selection.BEST,
+           screen: selection.Screen | None = None) -> tuple[Profile, list[Trial], str]:
     """Run every candidate through ``generate(profile) -> final output`` and keep the one
     nearest ``reference`` (the fully computed run's output, same prompt and seed).
 
@@ -158,29 +158,58 @@ def choose(tracks: Profile | Sequence[Track], generate: Callable[[Profile], torc
     Per track, in order: eq. 5, the single solvers, then, with ``refine``, greedy
     refinements of the mixed assignment (each kept only when it improves the run).
     ``generate`` must apply what a candidate's metadata says (``first_interval``,
-    ``target``). Ties keep the earlier candidate. Returns the chosen profile, every trial,
+    ``target``).
+
+    ``tolerance``: ``"best"`` keeps the best mean fidelity (ties: the earlier candidate);
+    ``"se"`` or a margin in dB keeps the simplest candidate level with it
+    (:func:`hyca.probing.selection.pick`). ``screen``: successive halving
+    (:class:`~hyca.probing.selection.Screen`): every candidate runs on the screen's samples
+    only, ``generate(profile, samples)`` with ``samples`` a tuple of indices into
+    ``reference``'s batch, and the finalists on the rest; the greedy steps compare screened
+    scores. Returns the chosen profile, every trial (the finalists' again, on all samples),
     and the winner's name.
     """
     tracks = [Track("", tracks)] if isinstance(tracks, Profile) else list(tracks)
     trials: list[Trial] = []
+    scored_by_name: dict[str, selection.Scored] = {}
+    profiles: dict[str, Profile] = {}
+    track_index = 0
 
-    def run(candidate: Candidate) -> float:
-        db = fidelity_db(generate(candidate.profile), reference)
-        trial = Trial(candidate.name, db)
+    def measure(candidate: Candidate, samples: tuple[int, ...] | None) -> selection.Scored:
+        if samples is None:
+            per_sample = selection.fidelities_db(generate(candidate.profile), reference)
+        else:
+            per_sample = selection.fidelities_db(generate(candidate.profile, samples), reference[list(samples)])
+        trial = Trial(candidate.name, selection.mean_db(per_sample), tuple(per_sample.tolist()), samples or ())
         trials.append(trial)
         if on_trial is not None:
             on_trial(trial)
-        return db
+        return selection.Scored(candidate.name, track_index, per_sample, samples or ())
+
+    def run(candidate: Candidate) -> float:
+        scored = measure(candidate, screen.first if screen is not None else None)
+        scored_by_name[candidate.name], profiles[candidate.name] = scored, candidate.profile
+        return scored.mean
 
     everything = list(solvers) if solvers is not None else list(pool())
     scored = _run_track(tracks[0], everything, run, refine)
     ranked = sorted((pair for pair in scored if "uniform:" in pair[1].name), key=lambda pair: -pair[0])
     best_singles = [pool()[int(c.profile.solvers.flatten()[0])] for _, c in ranked]
-    for track in tracks[1:]:
+    for track_index, track in enumerate(tracks[1:], start=1):
         singles = everything if track.singles is None else best_singles[:track.singles]
-        scored += _run_track(track, singles, run, refine)
-    best_db, best = max(scored, key=lambda pair: pair[0])  # max keeps the first of equals
-    return best.profile, trials, best.name
+        _run_track(track, singles, run, refine)
+    finalists = list(scored_by_name.values())
+    if screen is not None and screen.rest:
+        finalists = []
+        for screened in screen.finalists_of(list(scored_by_name.values())):
+            track_index = screened.track
+            rest = measure(Candidate(screened.name, profiles[screened.name]), screen.rest)
+            order = torch.tensor(screened.samples + rest.samples).argsort()
+            per_sample = torch.cat([screened.per_sample, rest.per_sample])[order]
+            finalists.append(selection.Scored(screened.name, screened.track, per_sample, ()))
+            trials[-1] = Trial(screened.name, selection.mean_db(per_sample), tuple(per_sample.tolist()))
+    best = selection.pick(finalists, tolerance)
+    return profiles[best.name], trials, best.name
 
 
 def with_metadata(profile: Profile, **updates: Any) -> Profile:

@@ -34,6 +34,7 @@ from ..math.solvers import POOL_VERSION, Solver
 from ..profiles.profile import Profile
 from ..profiles.settings import RunSettings
 from . import closed_loop
+from . import selection as picking
 from .analysis import analyse, assign, candidate_solvers
 from .host import ProbeHost
 from .recorder import SketchRecorder
@@ -80,6 +81,14 @@ class ProbeOptions(TypedDict, total=False):
     guard: bool
     progress: bool
     on_progress: Callable[[float, str], None] | None
+    tolerance: str | float
+    halving: bool
+
+
+#: The closed loop's default rule: the best mean. The simplest-within-noise rules and halving
+#: are opt-in: over the cells of bench/results/probe_cost.md they bought nothing on average
+#: (the rules) or cost held-out quality (halving) against the probe as it was.
+TOLERANCE = picking.BEST
 
 
 def probe_host(
@@ -103,6 +112,8 @@ def probe_host(
     batched_guidance: str | None = None,
     progress: bool = True,
     on_progress: Callable[[float, str], None] | None = None,
+    tolerance: str | float = TOLERANCE,
+    halving: bool = False,
     fingerprint: Mapping[str, Any] | None = None,
     facts: Mapping[str, Any] | None = None,
 ) -> Profile:
@@ -124,6 +135,12 @@ def probe_host(
     alone. ``target``: None (the closed loop chooses), ``"residual"`` or ``"output"`` (the
     output head's input; needs a host with ``output_head`` and the closed loop).
 
+    ``tolerance``: how the closed loop picks among its scored candidates (``"best"``, the
+    default; ``"se"``: the simplest within one standard error of the best, or a margin in dB;
+    :func:`hyca.probing.selection.pick`). ``halving`` (off by default): when the host runs calibration samples
+    separately (``host.samples`` > 1), screen every candidate on a quarter of them and run
+    only the finalists on the rest (:func:`hyca.probing.selection.screen_for`).
+
     ``progress``: tqdm bars; ``on_progress(fraction, text)``: after each recorded step and
     each candidate run. ``fingerprint`` and ``facts`` (prompt, size, frontend, ...) go into
     the metadata. ``host.sample`` must give the same latent for the same engine (a fixed
@@ -142,6 +159,7 @@ def probe_host(
     guidance_scale = run.guidance_scale
     solvers = candidate_solvers(candidates)
     closing = selection == CLOSED_LOOP
+    screen = None
     short = schedule.short_start(steps) if closing else None  # the other start the closed loop tries
     others = (short,) if short is not None else ()
 
@@ -183,8 +201,9 @@ def probe_host(
                 tracks = [closed_loop.Track(t.prefix, t.eq5, None if i == 0 else t.singles)
                           for i, t in enumerate(t for t in tracks if t.eq5.metadata.get("target") == "output")]
             timing["record_output_s"] = round(time.perf_counter() - started, 3)
+        screen = picking.screen_for(int(getattr(host, "samples", None) or 1)) if halving else None
         profile, report["closed_loop"], seconds = _closed_loop(host, schedule, positions, guard, tracks, reference,
-                                                                progress, solvers, on_progress)
+                                                                progress, solvers, on_progress, tolerance, screen)
         timing["closed_loop_s"] = round(seconds, 3)
         if profile.metadata.get("target") == "output":  # the eq. 5 report that describes the chosen profile
             report = {**report, **{k: v for k, v in head_report.items() if k != "branches"},
@@ -204,7 +223,8 @@ def probe_host(
         "chosen_for": chosen_for.to_json(),
         "probe": {**(facts or {}), "steps": steps, "clusters": clusters, "shared": shared, "seed": seed,
                   "rows": rows, "spectral_rows": spectral_rows, "n_init": n_init, "branch": branch,
-                  "selection": selection, "guard": guard},
+                  "selection": selection, "guard": guard, "tolerance": tolerance,
+                  "halving": list(screen.first) if screen is not None else None},
         "pool_version": POOL_VERSION,
         "hyca_version": _version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -225,27 +245,35 @@ def _start_track(labels: torch.Tensor, recorder: SketchRecorder, short: Schedule
 
 def _closed_loop(host: ProbeHost, schedule: Schedule, positions: str, guard: bool, tracks: list[closed_loop.Track],
                  reference: torch.Tensor, progress: bool, solvers: Sequence[Solver],
-                 on_progress: Callable[[float, str], None] | None = None) -> tuple[Profile, dict[str, Any], float]:
-    """:func:`hyca.probing.closed_loop.choose` with cached runs on ``host``."""
+                 on_progress: Callable[[float, str], None] | None = None, tolerance: str | float = TOLERANCE,
+                 screen: picking.Screen | None = None) -> tuple[Profile, dict[str, Any], float]:
+    """:func:`hyca.probing.closed_loop.choose` with cached runs on ``host`` (of the
+    calibration ``samples`` only, when halving)."""
 
-    def generate(candidate: Profile) -> torch.Tensor:
+    def generate(candidate: Profile, samples: tuple[int, ...] | None = None) -> torch.Tensor:
         start = schedule.with_first_interval(candidate.metadata.get("first_interval"))
-        output = host.sample(HybridCache(candidate, start, positions, guard=guard))
+        engine = HybridCache(candidate, start, positions, guard=guard)
+        output = host.sample(engine) if samples is None else host.sample(engine, samples)
         return output.detach().float().cpu() if isinstance(output, torch.Tensor) else output
 
     started = time.perf_counter()
     # per track: eq. 5, its single solvers, refinements at most (one per solver group)
     expected = sum(1 + (len(solvers) if t.singles is None else t.singles) + len(torch.unique(t.eq5.solvers))
-                   for t in tracks)
+                   for t in tracks) + (screen.finalists + 1 if screen is not None and screen.rest else 0)
+    done = 0  # counted here: a disabled tqdm bar (progress=False, the app's case) does not count
     with tqdm(desc="HyCa probe: closed-loop runs", unit="run", disable=not progress) as bar:
         def tick(_: Any) -> None:
+            nonlocal done
+            done += 1
             bar.update(1)
             if on_progress is not None:
-                done = min(bar.n, expected)
-                on_progress(_Progress.SHARE + (1 - _Progress.SHARE) * done / expected,
-                            f"probe: closed-loop run {bar.n} (of at most {expected})")
+                on_progress(_Progress.SHARE + (1 - _Progress.SHARE) * min(done, expected) / expected,
+                            f"probe: closed-loop run {done} (of at most {expected})")
 
-        chosen, trials, winner = closed_loop.choose(tracks, generate, reference, solvers, on_trial=tick)
+        chosen, trials, winner = closed_loop.choose(tracks, generate, reference, solvers, on_trial=tick,
+                                                    tolerance=tolerance, screen=screen)
+    if on_progress is not None:  # fewer runs than the most expected: refinements that were not needed
+        on_progress(1.0, f"probe: chose {winner} after {len(trials)} closed-loop runs")
     seconds = time.perf_counter() - started
     logger.info("HyCa probe: closed loop chose %s (%s) after %d cached runs in %.1f s", winner,
                 ", ".join(f"{t.name} {t.fidelity_db:.1f} dB" for t in trials), len(trials), seconds)

@@ -103,6 +103,7 @@ def probe_transformer(
     guidance_scale: float | None = None,
     chosen_for: RunSettings | None = None,
     target: str | None = None,
+    samples: int | None = None,
     **options: Unpack[ProbeOptions],
 ) -> Profile:
     """Probe ``transformer`` while ``run()`` makes one fully computed generation of
@@ -118,12 +119,14 @@ def probe_transformer(
     ``"eq5"``. ``chosen_for``: the run settings the profile is for (stored as its
     ``chosen_for``; steps and guidance come from the arguments). ``target``: None (the
     closed loop chooses), ``"residual"``, or ``"output"`` (the output head's input; needs
-    a family with an output head). ``options``: the other settings, :func:`~hyca.probing.probe_host`'s
+    a family with an output head). ``samples``: the number of calibration samples when
+    ``run(indices)`` also runs those samples alone, each exactly as in the whole batch (the
+    probe then screens candidates on a few; :func:`hyca.probing.selection.screen_for`). ``options``: the other settings, :func:`~hyca.probing.probe_host`'s
     (:class:`~hyca.probing.probe.ProbeOptions`), with its defaults.
     Profiles to be compared by their clustering (a LoRA's against its base model's) must
     share a target."""
     family = family_of(transformer)
-    host = TransformerHost(transformer, run, steps)
+    host = TransformerHost(transformer, run, steps, samples)
     if target == "output" and not host.output_head:
         raise ValueError("target='output' needs selection='closed-loop' and a model whose family offers an output "
                          "head (hyca.adapters.diffusers.families)")
@@ -137,20 +140,24 @@ class TransformerHost:
     """A diffusers transformer as a :class:`~hyca.probing.ProbeHost`: ``sample(engine)``
     is ``run()`` with ``engine`` hooked in place of HyCa's own (:func:`_hooked`)."""
 
-    def __init__(self, transformer: torch.nn.Module, run: Callable[[], Any], steps: int) -> None:
+    def __init__(self, transformer: torch.nn.Module, run: Callable[..., Any], steps: int,
+                 samples: int | None = None) -> None:
         family = family_of(transformer)
-        self.transformer, self.run, self.steps = transformer, run, steps
+        self.transformer, self.run, self.steps, self.samples = transformer, run, steps, samples
         self.num_blocks = len(blocks_of(transformer, family))
         self.hidden_size = int(hidden_size(transformer))
         self.output_head = head_of(transformer, family) is not None
 
-    def sample(self, engine: Any) -> torch.Tensor | None:
+    def sample(self, engine: Any, samples: tuple[int, ...] | None = None) -> torch.Tensor | None:
+        """``run()``, or ``run(samples)`` (those calibration samples only; a host made with
+        ``samples``) with ``engine`` hooked in."""
+        call = self.run if samples is None else (lambda: self.run(samples))
         if engine is None:
-            return output_tensor(self.run())
+            return output_tensor(call())
         with _hooked(self.transformer, engine, self.steps) as hook:
             if isinstance(engine, SketchRecorder):
                 engine.states = hook.states
-            return output_tensor(self.run())
+            return output_tensor(call())
 
 
 @contextlib.contextmanager
@@ -212,7 +219,9 @@ def probe(
 
     ``options``: settings of :func:`probe_transformer` (``compute_last``, ``rows``,
     ``spectral_rows``, ``n_init``, ``candidates``, ``branch``, ``accumulate_on``,
-    ``selection``, ``guard``, ``target``, ``on_progress``); everything else goes to the
+    ``selection``, ``guard``, ``target``, ``on_progress``, ``tolerance``, ``halving``); a list of
+    prompts with per-sample ``latents`` lets the probe screen candidates on a few of them
+    (successive halving); everything else goes to the
     pipeline call (e.g. ``guidance_scale``, or ``prompt_embeds`` instead of a prompt).
     """
     own = dict(getattr(pipe, "hyca_probe_defaults", None) or {})
@@ -222,7 +231,7 @@ def probe(
     height, width = (_pixels(name, value) for name, value in (("height", height), ("width", width)))
     options = {**{k: v for k, v in own.items() if k not in given}, **options}
     probe_keys = ("compute_last", "rows", "spectral_rows", "n_init", "candidates", "branch", "accumulate_on",
-                  "selection", "guard", "on_progress", "target")
+                  "selection", "guard", "on_progress", "target", "tolerance", "halving")
     probe_options = {k: options.pop(k) for k in probe_keys if k in options}
     call = {"output_type": "latent", **options}
     if "prompt_embeds" not in call:
@@ -239,12 +248,49 @@ def probe(
     chosen_for = RunSettings(steps=steps, guidance_scale=guidance, shift=schedule_shift(getattr(pipe, "scheduler", None)),
                              sigmas=tuple(float(s) for s in sigmas) if sigmas is not None else None)
 
-    def run() -> Any:
+    samples = _separable(call)
+
+    def run(indices: tuple[int, ...] | None = None) -> Any:
         generator = torch.Generator().manual_seed(seed)
-        return pipe(height=height, width=width, num_inference_steps=steps, generator=generator, **call)
+        return pipe(height=height, width=width, num_inference_steps=steps, generator=generator,
+                    **(call if indices is None else _subset(call, indices)))
 
     with _quiet(pipe):
         return probe_transformer(transformer, run, steps, interval=interval, warmup=warmup, positions=positions,
                                  clusters=clusters, shared=shared, seed=seed, progress=progress,
                                  settings=settings, guidance_scale=guidance, chosen_for=chosen_for,
-                                 **probe_options)
+                                 samples=samples, **probe_options)
+
+
+#: Per-sample arguments of a pipeline call, batch first; a call whose samples all come from
+#: these (the noise given as ``latents``, so no generator draws it for the whole batch) can
+#: run a subset of its samples, each as it runs in the whole batch.
+_PER_SAMPLE = ("prompt", "latents", "negative_prompt")
+
+
+def _separable(call: dict[str, Any]) -> int | None:
+    """The number of samples when ``call`` can be split into them (a list of prompts with
+    their own ``latents``, nothing else batched), else None."""
+    prompts, latents = call.get("prompt"), call.get("latents")
+    if not isinstance(prompts, list) or not isinstance(latents, torch.Tensor) or len(prompts) < 2:
+        return None
+    if latents.shape[0] != len(prompts) or "prompt_embeds" in call or call.get("num_images_per_prompt", 1) != 1:
+        return None
+    negative = call.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str) and not (isinstance(negative, list)
+                                                                       and len(negative) == len(prompts)):
+        return None
+    return len(prompts)
+
+
+def _subset(call: dict[str, Any], indices: tuple[int, ...]) -> dict[str, Any]:
+    """``call`` with its per-sample arguments cut to ``indices`` (latents cloned: a pipeline
+    may write into them)."""
+    out = dict(call)
+    for key in _PER_SAMPLE:
+        value = call.get(key)
+        if isinstance(value, torch.Tensor):
+            out[key] = value[list(indices)].clone()
+        elif isinstance(value, list):
+            out[key] = [value[i] for i in indices]
+    return out
