@@ -151,14 +151,6 @@ def test_with_the_guard_off_the_profile_runs_as_chosen_and_says_so():
 
 # --- the WebUI: console and infotext ------------------------------------------------------------
 
-@pytest.fixture
-def automatic(tmp_path, monkeypatch):
-    monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
-    monkeypatch.setenv("HYCA_HUB_REPO", "none")
-    monkeypatch.delenv("HYCA_PROFILES", raising=False)
-    return tmp_path
-
-
 def test_webui_pass_off_its_profiles_settings_says_the_path_in_infotext_and_console(automatic, capsys):
     from hyca.profiles.io import read_profile, save_profile
 

@@ -64,14 +64,6 @@ def test_engine_notes_go_to_the_console_once(monkeypatch, capsys):
     assert capsys.readouterr().out.count("a note from the engine") == 1
 
 
-@pytest.fixture
-def automatic(tmp_path, monkeypatch):
-    monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
-    monkeypatch.setenv("HYCA_HUB_REPO", "none")
-    monkeypatch.delenv("HYCA_PROFILES", raising=False)
-    return tmp_path
-
-
 def test_probed_profile_records_the_settings_of_its_pass(automatic, capsys):
     from hyca.profiles.io import read_profile
     from hyca.profiles.settings import RunSettings

@@ -36,8 +36,9 @@ PATHS = ("robust", "profile", "reuse", "taylor-1")
 
 #: The solver the robust path starts every solver group from on an unguided run on a shifted
 #: sigma schedule (FLUX's, SD3's: shift > :data:`SHIFTED`), where taylor-1 beat plain reuse
-#: by 3-9 dB on the reference model; on guided runs and on even schedules (shift 1) plain
-#: reuse won (up to 14 dB guided). Measured: bench/results/off_settings.md.
+#: on the reference model; on guided runs (guidance multiplies a forecast's error on
+#: ``cond - uncond``) and on even schedules (shift 1) plain reuse won. Measured:
+#: bench/results/off_settings.md, summed up in docs/engine.md.
 ROBUST_START_SHIFTED = "taylor-1"
 #: ... and on every other run (guided, or an even schedule).
 ROBUST_START = "reuse"
@@ -54,7 +55,7 @@ class OffSettings:
     (:func:`~hyca.profiles.settings.differences`, e.g. ``"steps 50 vs 28"``); ``path``: one
     of :data:`PATHS` as applied (``"robust"`` never appears without the guard: a run with
     the guard off uses the profile as chosen, ``"profile"``); ``start``: the solver every
-    group above it starts from (``None``: the profile's own); ``guard``: whether the guard
+    group starts from (``None``: the profile's own); ``guard``: whether the guard
     checks the run."""
 
     chosen_for: RunSettings
