@@ -7,17 +7,20 @@ at 50 steps, no guidance, shift 1) and one probed at 28 steps, guidance 2.5, shi
 user's earlier run, kept in the cache and taken as the closest by a later plain call). Each
 is run, guard on, in every cell of 28 / 50 steps x guidance 1 / 2.5 (true CFG, the
 reference pipeline's ``guidance_scale``) x shift 1 / 3 x N 4 / 6 / 8 it was not chosen for,
-along every path of :data:`hyca.profiles.off_settings.PATHS`:
+along these paths:
 
 * **today**: what the engine did before the robust path (the profile's solvers, except that
   a guided run on a profile chosen without guidance started every group from reuse);
-* **start taylor-1** / **start reuse**: every group above that solver starts from it, the
-  guard deciding from there;
+* **start taylor-1** / **start reuse**: every group starts from that solver (engine path
+  ``"taylor-1"`` / ``"reuse"``), the guard deciding from there;
 * **robust**: the rule the engine applies (:func:`hyca.profiles.off_settings.robust_start`),
   which is one of the two above per cell.
 
 Fidelity: mean per-image PSNR against full compute of the same caption and noise, on a
 handful of held-out captions (the grid's, :class:`hyca.bench.grid.Workload`). One thread.
+Rows go to ``<work>/rows.jsonl`` as they are measured (``--steps`` splits the cells over
+processes); ``--report FILE`` writes the markdown from them, reading the robust column
+with the engine's rule as it stands.
 """
 
 from __future__ import annotations
