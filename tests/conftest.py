@@ -69,3 +69,13 @@ def _profiles_in_a_temporary_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.mktemp("hyca-cache")
     monkeypatch.setenv("HYCA_CACHE", str(cache))
     monkeypatch.delenv("HYCA_PROFILES", raising=False)
+
+
+@pytest.fixture
+def automatic(tmp_path, monkeypatch):
+    """Profiles found or probed land in ``tmp_path`` only: no Hub, no $HYCA_PROFILES (the
+    WebUI's "automatic" profile choice, in a folder of the test's own)."""
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
+    monkeypatch.setenv("HYCA_HUB_REPO", "none")
+    monkeypatch.delenv("HYCA_PROFILES", raising=False)
+    return tmp_path

@@ -435,10 +435,11 @@ def _shown(image: np.ndarray) -> np.ndarray:
 def test_a_changed_n_gets_a_profile_probed_for_it_and_known_settings_are_not_probed_again(
         served, solo_pipe, own_cache, monkeypatch):
     from hyca.app import handlers as h
+    from hyca.app import session_profiles
 
     probes = []
-    real = h.probe_locked
-    monkeypatch.setattr(h, "probe_locked", lambda model, prompt, steps, interval, warmup, *a, **k:
+    real = session_profiles.probe_locked
+    monkeypatch.setattr(session_profiles, "probe_locked", lambda model, prompt, steps, interval, warmup, *a, **k:
                         probes.append((steps, interval, warmup)) or real(model, prompt, steps, interval, warmup, *a, **k))
     state = h.new_state()
     at_4 = h.generate(state, "reference", "", PROMPT, 5, STEPS, "HyCa", 4, 2, "none", True)
@@ -466,22 +467,18 @@ def test_a_loaded_profile_for_other_settings_says_what_to_do_in_the_app(served, 
     h.use_file(state, "reference", "", maker["profiles"]["reference"]["file"])
     off = h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 6, 2, "none", True)
     said = off.numbers["profile"] + " ".join(off.numbers["notes"]) + off.report
-    assert off.numbers["profile"].startswith("the profile you loaded") and "N 4 vs 6" in off.numbers["profile"]
+    # the engine's off-settings decision, in the app's words: what differs, the path, what to press
+    assert off.numbers["profile"] == "the profile you loaded"
+    assert off.numbers["off_settings"] == "robust (reuse start, guard)"  # unguided, even sigmas: reuse
+    (note,) = [n for n in off.numbers["notes"] if "chosen for other settings" in n]
+    assert "N 4 vs 6" in note and "robust path" in note and note.endswith(h.IN_APP_REMEDY)
+    assert "Used away from its settings: robust (reuse start, guard)" in off.report
     assert "Run the probe" in said and "hyca.enable" not in said and "num_inference_steps" not in said
     # pressing it gives the session a profile for N=6, used from then on instead of the file
     h.run_probe(state, "reference", "", PROMPT, STEPS, 6, 2, 3, "none")
     after = h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 6, 2, "none", True)
     assert after.numbers["profile"] == "session profile"
     assert state["profiles"]["reference"]["current"].metadata["chosen_for"]["interval"] == 6
-
-
-def test_engine_notes_get_the_apps_remedy():
-    from hyca.app.handlers import IN_APP_REMEDY, in_app_terms
-
-    note = ("the profile was chosen for 28 steps, N=4 and this run differs (N 4 vs 6). For a profile chosen at these "
-            "settings: hyca.enable(pipe, ..., num_inference_steps=..., guidance_scale=...) probes one once")
-    assert in_app_terms(note) == "the profile was chosen for 28 steps, N=4 and this run differs (N 4 vs 6). " + IN_APP_REMEDY
-    assert in_app_terms("a note without a remedy") == "a note without a remedy"
 
 
 def test_steps_with_nothing_to_forecast_run_in_full_and_say_so():

@@ -148,19 +148,25 @@ def test_hyca_with_the_guard_gives_the_diffusers_path_images(reference, guidance
         assert all(len([s for s in d if s[0] >= 3]) > 0 for d, _ in switches)  # the guard did switch
 
 
-def test_guided_run_on_an_unguided_profile_starts_from_reuse_and_says_so(reference, capsys):
-    """As the diffusers engine does (HybridCache.start_from_reuse): the shipped profiles were
-    chosen without guidance, so a guided run with the guard on starts every group from reuse."""
+@pytest.mark.parametrize("guidance, differs", [(2.5, "guidance 1 vs 2.5"), (1.0, "steps 50 vs 20")],
+                         ids=["guided", "unguided"])
+def test_a_run_off_the_shipped_profiles_settings_starts_from_reuse_and_says_so(reference, capsys, guidance, differs):
+    """As the diffusers engine does (hyca.profiles.off_settings): the shipped profiles were
+    chosen at 50 steps without guidance; a run of 20 steps, guided or unguided on the
+    reference scheduler's even sigmas, starts every solver group from plain reuse with the
+    guard on, says so once on the console, and its report lists the switches."""
     pipe, patcher, to_latent, to_image = reference
     book = ShippedBook(5)
     assert book.profile.metadata["chosen_for"]["guidance_scale"] in (None, 1.0)
+    assert set(book.profile.solvers.flatten().tolist()) - {0}  # some group not on plain reuse
     model = HyCaPatch(Settings(enabled=True, interval=5, warmup=3, guard=True),
                       recognise(patcher.model.diffusion_model), book).install(patcher)
     noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for _ in range(2):
-        _comfy(pipe, model, to_latent, to_image, CAPTIONS[0], 2.5, noise)
+        _comfy(pipe, model, to_latent, to_image, CAPTIONS[0], guidance, noise)
     out = capsys.readouterr().out
-    assert out.count("starts every solver group from plain reuse") == 1
+    assert out.count("robust path: the run starts every solver group from plain reuse") == 1
+    assert differs in out and re.search(r"\S+ -> reuse at step 0", out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """A profile chosen without guidance, on a guided run, starts every solver group from plain
-reuse (``HybridCache.start_from_reuse``), in every family whose guidance HyCa can see: two
+reuse (the robust path, ``hyca.profiles.off_settings``), in every family whose guidance HyCa can see: two
 branches in separate calls (true CFG), or a batched call whose pipeline keeps its scale
 (``_guidance_scale``). The expectation is independent of that code: the same run with a
 uniform ``reuse`` profile."""

@@ -116,22 +116,6 @@ def test_a_run_on_other_settings_is_told_once(caplog):
     assert any("steps 50 vs 8" in n for n in notes)
 
 
-def test_the_note_says_whether_the_guard_can_act_in_this_run(caplog):
-    """8 steps at N=3, warm-up 2 compute steps 0, 1, 4 and 7: one judged check (at 7), so
-    the guard can switch nothing, and a profile chosen for 50 steps runs unprotected."""
-    model, cond = tiny_flux(), Inputs(seed=1)
-    profile = hyca.Profile.uniform("taylor-1", 5, 32)
-    profile.metadata.update(interval=3, warmup=2, chosen_for=RunSettings(steps=50, guidance_scale=1.0, interval=3,
-                                                                          warmup=2).to_json())
-    hyca.enable(model, profile=profile, interval=3, warmup=2)
-    try:
-        euler_sample(model, cond, 8, lambda m, x, sigma, step: _one_branch(m, cond, x, sigma))
-        notes = hyca.stats(model)[0].notes
-    finally:
-        hyca.disable(model)
-    assert any("the guard gets too few checks in 8 steps at N=3" in n for n in notes), notes
-
-
 def _one_branch(m, inputs, x, sigma):
     with m.cache_context("cond", num_inference_steps=8):
         return inputs.call(m, x, sigma)

@@ -64,14 +64,6 @@ def test_engine_notes_go_to_the_console_once(monkeypatch, capsys):
     assert capsys.readouterr().out.count("a note from the engine") == 1
 
 
-@pytest.fixture
-def automatic(tmp_path, monkeypatch):
-    monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
-    monkeypatch.setenv("HYCA_HUB_REPO", "none")
-    monkeypatch.delenv("HYCA_PROFILES", raising=False)
-    return tmp_path
-
-
 def test_probed_profile_records_the_settings_of_its_pass(automatic, capsys):
     from hyca.profiles.io import read_profile
     from hyca.profiles.settings import RunSettings
@@ -90,11 +82,11 @@ def test_probed_profile_records_the_settings_of_its_pass(automatic, capsys):
                                  warmup=2, compute_last=False, positions="step")
     lines = [line for line in capsys.readouterr().out.splitlines() if "chosen for other settings" in line]
     assert len(lines) == 1
-    assert "steps 12 vs 8" in lines[0] and "guidance 3.5 vs 1" in lines[0] and "guard (on)" in lines[0]
+    assert "steps 12 vs 8" in lines[0] and "guidance 3.5 vs 1" in lines[0] and "robust path" in lines[0]
 
 
 def test_a_profile_probed_without_guidance_starts_a_guided_pass_from_plain_reuse(automatic, capsys):
-    """As on diffusers (HybridCache.start_from_reuse): a pass with guidance on a profile
+    """As on diffusers (hyca.profiles.off_settings): a pass with guidance on a profile
     probed without it starts every solver group from reuse, says so, and lists the switches."""
     import torch
 

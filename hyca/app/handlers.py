@@ -13,29 +13,23 @@ happens under its lock, so HyCa hooks set by one session never touch another's r
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from ..adapters.diffusers.fingerprint import fingerprint as diffusers_fingerprint
-from ..engine.schedule import Schedule
-from ..profiles import fingerprint as fpmod
 from ..profiles.compare import compare_profiles
 from ..profiles.hub import DEFAULT_HUB_REPO, HubError, hub_offline, pull_profile, push_profile
-from ..profiles.io import ProfileError, load_profile, profile_filename, save_profile
+from ..profiles.io import ProfileError, load_profile, profile_filename
 from ..profiles.profile import Profile
-from ..profiles.settings import RunSettings, differences
-from ..profiles.sources import resolve_profile
 from . import compare, profile_view
 from .metrics import describe_psnr
-from .models import (REFERENCE, STORE, LoadedModel, ModelChoice, ModelError, check, choice, custom_choice, size_multiple,
-                     size_problem)
-
-Progress = Callable[[float, str], None]
-
+from .models import REFERENCE, STORE, LoadedModel, ModelChoice, ModelError, check, choice, custom_choice, size_multiple, \
+    size_problem
+from .session_profiles import (IN_APP_REMEDY, Progress, fits, probe_locked, profile_for_run, set_current, settings_key,
+                               session_slot)
 
 class AppError(RuntimeError):
     """Something the user can fix; the app shows the message (``gr.Error``)."""
@@ -63,46 +57,6 @@ def model_status(model_key: str, custom: str | None) -> str:
 
 def new_state() -> dict[str, Any]:
     return {"profiles": {}, "dir": None}
-
-
-def _slot(state: dict[str, Any], key: str) -> dict[str, Any]:
-    return state.setdefault("profiles", {}).setdefault(key, {"current": None, "previous": None, "base": None, "lora": {},
-                                                             "file": None, "settings": {}, "loaded": None})
-
-
-def _session_dir(state: dict[str, Any]) -> Path:
-    if not state.get("dir"):
-        state["dir"] = tempfile.mkdtemp(prefix="hyca-app-")
-    return Path(state["dir"])
-
-
-def _fits(profile: Profile | None, model: LoadedModel) -> bool:
-    if profile is None:
-        return False
-    fp = profile.metadata.get("fingerprint")
-    if fp:
-        return fpmod.mismatch(fp, diffusers_fingerprint(model.transformer)) is None
-    from ..adapters.diffusers.families import blocks_of, family_of, hidden_size
-
-    t = model.transformer
-    return (profile.num_blocks, profile.dim) == (len(blocks_of(t, family_of(t))), hidden_size(t))
-
-
-def _set_current(state: dict[str, Any], model: LoadedModel, profile: Profile, lora: str = "none") -> str:
-    """Make ``profile`` the session's current one (the old one becomes ``previous``); save it
-    as a file for download and return its path."""
-    slot = _slot(state, model.choice.key)
-    if slot["current"] is not None and slot["current"] is not profile:
-        slot["previous"] = slot["current"]
-    slot["current"] = profile
-    if lora in ("none", "", None):
-        slot["base"] = profile
-    fp = diffusers_fingerprint(model.transformer)
-    name = profile_filename(fp, profile.metadata.get("interval"))
-    if lora not in ("none", "", None):
-        name = name.replace(".safetensors", f"-lora-{lora}.safetensors")
-    slot["file"] = str(save_profile(profile, _session_dir(state) / name, fp))
-    return slot["file"]
 
 
 # --- running under the model's lock ----------------------------------------------------------
@@ -144,109 +98,6 @@ def out_of_memory_explained(model: LoadedModel) -> Iterator[None]:
         raise AppError(f"{model.choice.label} ran out of GPU memory during this run; try fewer steps or a "
                        "machine with more GPU memory (the app uses model CPU offload only when the weights "
                        "alone do not fit)") from None
-
-
-def _probe_size(model: LoadedModel) -> tuple[int, int]:
-    """Small models are probed at their own size; large ones at the probe's 256x256."""
-    return model.size if max(model.size) <= 256 else (256, 256)
-
-
-def probe_locked(model: LoadedModel, prompt: str, steps: int, interval: int, warmup: int, clusters: int,
-                 lora: str, progress: Progress | None, target: str | None = None) -> Profile:
-    """Run the probe (caller holds the lock) with ``lora`` active; progress per transformer call.
-    ``target``: as the probe's (a LoRA's profile keeps its base profile's, so their clusterings compare)."""
-    from ..adapters.diffusers.probe import probe
-
-    compare.apply_lora(model, lora)
-    height, width = _probe_size(model)
-    options: dict[str, Any] = {}
-    if model.choice.key == REFERENCE or "Reference" in type(model.pipe).__name__:
-        options["output_type"] = "np"  # the reference pipeline has no latent output
-    if model.choice.guidance is not None:
-        options["guidance_scale"] = model.choice.guidance
-    profile = probe(model.pipe, prompt=prompt, height=height, width=width, steps=steps, interval=interval,
-                    warmup=warmup, clusters=clusters, progress=False, on_progress=progress, target=target, **options)
-    profile.metadata.setdefault("probe", {})["lora"] = lora
-    return profile
-
-
-def run_settings(model: LoadedModel, s: compare.Settings) -> RunSettings:
-    """What this app run samples with, for choosing (or probing) a profile made for it."""
-    from ..adapters.diffusers.settings import guidance_of, schedule_shift
-
-    call = {"guidance_scale": model.choice.guidance} if model.choice.guidance is not None else {}
-    return RunSettings(steps=s.steps, guidance_scale=guidance_of(model.pipe, call),
-                       shift=schedule_shift(model.pipe.scheduler), interval=s.interval, warmup=s.warmup,
-                       compute_last=True, positions="step")
-
-
-def _settings_key(model: LoadedModel, s: compare.Settings) -> tuple:
-    """What the session's profiles are kept by: the run's settings and its image size."""
-    return run_settings(model, s), s.height, s.width
-
-
-#: What to do about a profile chosen for other settings, in the app's terms.
-IN_APP_REMEDY = ("For a profile made for these settings, press “Run the probe” on the Profile tab with these steps, "
-                 "N and warm-up (it replaces the loaded profile).")
-
-
-def in_app_terms(note: str) -> str:
-    """An engine note with its remedy for Python callers replaced by :data:`IN_APP_REMEDY`."""
-    head, found, _ = note.partition(" For a profile chosen at these settings:")
-    return f"{head} {IN_APP_REMEDY}" if found else note
-
-
-def _base_profile(state: dict[str, Any], model: LoadedModel, s: compare.Settings,
-                  progress: Progress | None) -> tuple[Profile, str]:
-    """The profile without LoRA for this run's settings: the session's for them; else a file
-    or Hub profile the user loaded (said when it was chosen for other settings); else one
-    from the files / Hub made for these settings, or an automatic probe for them."""
-    slot = _slot(state, model.choice.key)
-    key = _settings_key(model, s)
-    if _fits(slot["settings"].get(key), model):
-        return slot["settings"][key], "session profile"
-    loaded = slot["loaded"]
-    if _fits(loaded, model):
-        chosen_for = RunSettings.of_profile(loaded.metadata)
-        differ = differences(chosen_for, key[0])
-        if not differ:
-            return loaded, "session profile"
-        return loaded, (f"the profile you loaded, chosen for {chosen_for.describe()} (this run: {'; '.join(differ)}). "
-                        + IN_APP_REMEDY)
-    resolved = resolve_profile(
-        diffusers_fingerprint(model.transformer), run=key[0], probe_if_mismatched=True,
-        probe=lambda: probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, 4, "none", progress))
-    slot["settings"][key] = resolved.profile
-    _set_current(state, model, resolved.profile)
-    where = {"probe": "probed now for these settings (saved to the local cache)"}.get(
-        resolved.source, f"from {resolved.source}")
-    return resolved.profile, f"profile {where}"
-
-
-def _profile_for_run(state: dict[str, Any], model: LoadedModel, s: compare.Settings, lora_reuse: bool,
-                     progress: Progress | None) -> tuple[Profile | str | None, str, float | None]:
-    """(profile, where it came from, ARI vs the base profile when a LoRA was probed)."""
-    if s.method != "HyCa":
-        return None, f"{s.method}: one solver ({compare.METHODS[s.method]}) for every dimension", None
-    if all(Schedule(s.interval, s.warmup).plan(s.steps)):  # nothing to forecast, so nothing to probe
-        return "reuse", (f"nothing to forecast: at {s.steps} steps with warm-up {s.warmup} and N={s.interval} "
-                         "every step is computed; use more steps, a smaller warm-up or a smaller N to cache"), None
-    base, where = _base_profile(state, model, s, progress)
-    if s.lora in ("none", "") or lora_reuse:
-        note = f" (reused for LoRA '{s.lora}')" if s.lora not in ("none", "") else ""
-        return base, where + note, None
-    slot = _slot(state, model.choice.key)
-    key = (s.lora, _settings_key(model, s))
-    lora_profile = slot["lora"].get(key)
-    if not _fits(lora_profile, model):
-        lora_profile = probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, base.num_clusters, s.lora,
-                                    progress, target=base.metadata.get("target", "residual"))
-        slot["lora"][key] = lora_profile
-    try:
-        ari = compare_profiles(base, lora_profile).ari_overall
-    except ProfileError as err:  # e.g. one forecasts the blocks' residuals, the other the output head's input
-        return lora_profile, f"probed again with LoRA '{s.lora}' (no ARI: {err})", None
-    return lora_profile, f"probed again with LoRA '{s.lora}'", ari
 
 
 # --- the side-by-side tab -------------------------------------------------------------------
@@ -302,6 +153,13 @@ def _settings(model: LoadedModel, prompt: str, seed: Any, steps: Any, method: st
                             warmup=warmup, lora=lora or "none")
 
 
+def app_notes(run: Any) -> list[str]:
+    """The run's notes (a :class:`~hyca.engine.state.RunStats`) for the app's report: the
+    off-settings note (:mod:`hyca.profiles.off_settings`) with what to do about it in the app."""
+    off = None if run.off_settings is None else run.off_settings.describe()
+    return [f"{n}. {IN_APP_REMEDY}" if n == off else n for n in run.notes]
+
+
 def report_numbers(r: compare.SideBySide, s: compare.Settings, where: str, ari: float | None) -> dict[str, Any]:
     numbers = {
         "method": s.method, "interval": s.interval, "warmup": s.warmup, "lora": s.lora,
@@ -309,7 +167,8 @@ def report_numbers(r: compare.SideBySide, s: compare.Settings, where: str, ari: 
         "full_flops": r.full_flops, "fast_flops": r.fast_flops, "flops_ratio": r.flops_ratio,
         "computed_steps": r.run.computed, "forecast_steps": r.run.forecast,
         "psnr": None if np.isinf(r.psnr) else r.psnr, "ssim": r.ssim, "profile": where,
-        "guard": [d.describe() for d in r.run.switches], "notes": [in_app_terms(n) for n in r.run.notes],
+        "guard": [d.describe() for d in r.run.switches], "notes": app_notes(r.run),
+        "off_settings": None if r.run.off_settings is None else r.run.off_settings.short(),
     }
     if ari is not None:
         numbers["ari_vs_base"] = ari
@@ -330,7 +189,8 @@ def report_markdown(n: dict[str, Any]) -> str:
         f"**{n['flops_ratio']:.2f}x** fewer transformer FLOPs (torch.utils.flop_counter) · "
         f"PSNR **{psnr}** · SSIM **{n['ssim']:.4f}** (vs full compute)",
         "",
-        f"Profile: {n['profile']}.",
+        f"Profile: {n['profile']}." + (f" Used away from its settings: {n['off_settings']}." if n.get("off_settings")
+                                        else ""),
         "",
         "Guard: " + ("; ".join(n["guard"]) if n["guard"] else "no solver group switched") + " (it checks every "
         "computed step's forecasts and switches a group that forecast worse than a lower order twice in a row).",
@@ -348,7 +208,7 @@ def generate(state: dict[str, Any], model_key: str, custom: str | None, prompt: 
     model = load_model(chosen_model(model_key, custom), progress)
     s = _settings(model, prompt, seed, steps, method, interval, warmup, lora)
     with holding(model, progress), out_of_memory_explained(model):
-        profile, where, ari = _profile_for_run(state, model, s, bool(lora_reuse), progress)
+        profile, where, ari = profile_for_run(state, model, s, bool(lora_reuse), progress)
         result = compare.side_by_side(model, s, profile, progress)
     numbers = report_numbers(result, s, where, ari)
     return GenerateResult(compare.upscale(result.full), compare.upscale(result.fast), report_markdown(numbers),
@@ -369,7 +229,7 @@ class ProfileView:
 def view(state: dict[str, Any], model_key: str, custom: str | None, by: str = "cluster",
          message: str = "") -> ProfileView:
     """The current profile of the chosen model, as picture, table and summary."""
-    slot = _slot(state, chosen_model(model_key, custom).key)
+    slot = session_slot(state, chosen_model(model_key, custom).key)
     profile = slot["current"]
     if profile is None:
         return ProfileView(None, "", [], message or "No profile yet: run the probe, or load one.", None)
@@ -386,15 +246,15 @@ def run_probe(state: dict[str, Any], model_key: str, custom: str | None, prompt:
     s = _settings(model, prompt, 0, steps, "HyCa", interval, warmup, lora)
     with holding(model, progress), out_of_memory_explained(model):
         profile = probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, _whole("clusters", clusters), s.lora, progress)
-    slot = _slot(state, c.key)
+    slot = session_slot(state, c.key)
     base = slot["base"]
     if s.lora != "none":
-        slot["lora"][(s.lora, _settings_key(model, s))] = profile
+        slot["lora"][(s.lora, settings_key(model, s))] = profile
     else:  # what HyCa uses at these settings from now on, in place of a loaded file
-        slot["settings"][_settings_key(model, s)], slot["loaded"] = profile, None
-    _set_current(state, model, profile, s.lora)
+        slot["settings"][settings_key(model, s)], slot["loaded"] = profile, None
+    set_current(state, model, profile, s.lora)
     message = f"Probed {c.label} with prompt {s.prompt!r}" + (f" and LoRA '{s.lora}'" if s.lora != "none" else "")
-    if s.lora != "none" and base is not None and _fits(base, model):
+    if s.lora != "none" and base is not None and fits(base, model):
         cmp = compare_profiles(base, profile)
         message += f". ARI vs the profile without LoRA: {cmp.ari_overall:.3f}"
     return message + "."
@@ -408,7 +268,7 @@ def describe_comparison(a: Profile, b: Profile, what: str) -> str:
 
 
 def ari_vs_previous(state: dict[str, Any], model_key: str, custom: str | None) -> str:
-    slot = _slot(state, chosen_model(model_key, custom).key)
+    slot = session_slot(state, chosen_model(model_key, custom).key)
     if slot["current"] is None or slot["previous"] is None:
         raise AppError("there is no earlier profile to compare with: probe twice (e.g. with and without a "
                        "LoRA, or another prompt) or load a file")
@@ -416,7 +276,7 @@ def ari_vs_previous(state: dict[str, Any], model_key: str, custom: str | None) -
 
 
 def ari_vs_file(state: dict[str, Any], model_key: str, custom: str | None, path: str | None) -> str:
-    slot = _slot(state, chosen_model(model_key, custom).key)
+    slot = session_slot(state, chosen_model(model_key, custom).key)
     if not path:
         raise AppError("choose a profile file (.safetensors) to compare with")
     if slot["current"] is None:
@@ -431,8 +291,8 @@ def use_file(state: dict[str, Any], model_key: str, custom: str | None, path: st
     c = chosen_model(model_key, custom)
     model = load_model(c, None)
     profile = load_profile(path, diffusers_fingerprint(model.transformer))
-    _slot(state, c.key)["loaded"] = profile
-    _set_current(state, model, profile)
+    session_slot(state, c.key)["loaded"] = profile
+    set_current(state, model, profile)
     return f"Loaded {Path(path).name}."
 
 
@@ -448,14 +308,14 @@ def pull(state: dict[str, Any], model_key: str, custom: str | None, repo: str | 
     filename = (filename or "").strip() or profile_filename(fp, _whole("N", interval))
     path = pull_profile(repo, filename, model=fp, endpoint=endpoint, token=token, cache_dir=cache_dir)
     profile = load_profile(path, fp)
-    _slot(state, c.key)["loaded"] = profile
-    _set_current(state, model, profile)
+    session_slot(state, c.key)["loaded"] = profile
+    set_current(state, model, profile)
     return f"Loaded {filename} from the Hub repo {repo}."
 
 
 def push(state: dict[str, Any], model_key: str, custom: str | None, repo: str | None, *,
          endpoint: str | None = None, token: str | bool | None = None) -> str:
-    slot = _slot(state, chosen_model(model_key, custom).key)
+    slot = session_slot(state, chosen_model(model_key, custom).key)
     if slot["file"] is None:
         raise AppError("there is no profile to push: run the probe or load one first")
     repo = (repo or "").strip()

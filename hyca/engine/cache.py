@@ -21,9 +21,10 @@ import torch
 
 from ..math.solvers import Solver, pool, pool_names
 from ..profiles.profile import Profile
-from ..profiles.settings import RunSettings, differences
+from ..profiles.off_settings import PATHS, OffSettings, decide
+from ..profiles.settings import RunSettings
 from .forecast import forecast, stacked_weights
-from .guard import (SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, first_switch, measure,
+from .guard import (SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, measure,
                     own_verdicts, steady)
 from .schedule import Schedule, with_profiles_start
 from .slots import STACKED_BYTES, block_masks, stacked_masks
@@ -63,13 +64,19 @@ class HybridCache:
         guard: bool = True,
         reduce: Reduce | None = None,
         compare_settings: bool = True,
+        off_settings: str = "robust",
     ) -> None:
         """``guard``: check every computed step's forecast against what was computed and
         switch solver groups that did worse than a lower order (:mod:`hyca.engine.guard`);
         ``False`` is the paper's behaviour. ``reduce``: see :data:`Reduce`.
         ``compare_settings``: at each run's second step, say once what differs between the
         run and the settings the profile was chosen for (a host that knows the run's
-        settings up front, such as a WebUI pass, says it itself and passes False)."""
+        settings up front, such as a WebUI pass, tells them with :meth:`expect` and passes False).
+        ``off_settings``: what a run that differs from the profile's settings does, one of
+        :data:`hyca.profiles.off_settings.PATHS` (``"robust"``: start solver groups from a low
+        order, the guard deciding; ``"profile"``: the robust path off)."""
+        if off_settings not in PATHS:
+            raise ValueError(f"off_settings must be one of {PATHS}, got {off_settings!r}")
         if positions not in POSITION_AXES:
             raise ValueError(f"positions must be one of {POSITION_AXES}, got {positions!r}")
         self.profile = profile
@@ -89,7 +96,8 @@ class HybridCache:
         self.chosen_for = RunSettings.of_profile(profile.metadata)
         self.compare_settings = compare_settings
         self._told: set[str] = set()
-        self._start_from_reuse = False  # set by distrust_guidance
+        self.off_settings = off_settings
+        self._expected: OffSettings | None = None  # set by expect: applied to every branch at its step 0
         #: what the host can tell about the run in progress beyond the engine's own view (the
         #: scheduler's shift, a guidance scale the pipeline keeps); set by the host at step 0
         self.host_run = RunSettings()
@@ -163,8 +171,8 @@ class HybridCache:
             state.computed_steps = deque(maxlen=self._max_history)
             state.active = list(self.solver_ids)
             state.strikes = [0] * len(self.solver_ids)
-            if self._start_from_reuse:
-                self.start_from_reuse(state)
+            if self._expected is not None:
+                self._take_path(state, self._expected, log=False)
         self._note_branch(state)
         if state.step == 1 and self.compare_settings:
             self._compare_settings(state)
@@ -320,65 +328,63 @@ class HybridCache:
         return len(self._begun.get(0, ()))
 
     def _compare_settings(self, state: BranchState) -> None:
-        """At a branch's second step (the branches of step 0 have all begun): say once
-        what differs between the run and the settings the profile was chosen for."""
+        """At a branch's second step (the branches of step 0 have all begun): compare the
+        run with the settings the profile was chosen for and, where they differ, take the
+        off-settings path (:func:`hyca.profiles.off_settings.decide`) and say so once."""
         if state.total_steps is not None and all(self.schedule.plan(state.total_steps)):
             return  # nothing forecast: the profile plays no part (said at step 0)
         run = self.run_settings(state).merged(self.host_run)
-        found = differences(self.chosen_for, run)
         branches = self.guidance_branches()
+        extra = []
         if self.chosen_for.guided is False and branches > 1 and run.guided is None:
-            found.append("guidance: chosen without, this run has two guidance branches")
+            extra.append("guidance: chosen without, this run has two guidance branches")
         elif self.chosen_for.guided and branches == 1 and run.guided is None:
-            found.append(f"guidance: chosen at {self.chosen_for.guidance_scale:g}, this run has one branch")
-        if not found:
-            return
-        unguided_profile = self.chosen_for.guided is False and (branches > 1 or bool(run.guided))
-        if not self.guard:
-            guard = ""
-        elif unguided_profile:
-            guard = ("; the guard starts every solver group from plain reuse and gives a group its solver back when "
-                     "that solver wins its checks")
+            extra.append(f"guidance: chosen at {self.chosen_for.guidance_scale:g}, this run has one branch")
+        off = decide(self.chosen_for, run, self.guard, self.off_settings, extra,
+                     guided_branches=branches > 1 if branches else None)
+        if off is not None:
+            self._take_path(state, off, log=True)
+
+    def expect(self, run: RunSettings, own_sigmas: bool = False) -> OffSettings | None:
+        """For hosts that know the run's settings before it starts (a WebUI pass, a ComfyUI
+        sampler): decide the off-settings path for ``run`` now; every branch that begins from
+        now on takes it at its step 0 and carries it in its stats. Returns the decision for
+        the host to say (``None``: the run matches the profile's settings)."""
+        self._expected = decide(self.chosen_for, run, self.guard, self.off_settings, own_sigmas=own_sigmas)
+        return self._expected
+
+    def _take_path(self, state: BranchState, off: OffSettings, log: bool) -> None:
+        """``state``'s branch runs off its profile's settings: start its groups as ``off``
+        says and note it in its stats (and the log, once, when the engine found it itself)."""
+        state.stats.off_settings = off
+        if off.start is not None:
+            self.start_from(state, off.start)
+        if log:
+            self._say(state, off.describe())
         else:
-            guard = "; " + self.guard_reach(run.steps)
-        message = (f"the profile was chosen for {self.chosen_for.describe()} and this run differs ({'; '.join(found)})"
-                   f"{guard}. For a profile chosen at these settings: "
-                   "hyca.enable(pipe, ..., num_inference_steps=..., guidance_scale=...) probes one once")
-        if unguided_profile and self.guard:
-            self.start_from_reuse(state)
-        self._say(state, message)
+            state.stats.note(off.describe())
 
-    def guard_reach(self, steps: int | None) -> str:
-        """What the guard can do for a run of ``steps`` (:func:`guard.first_switch`), as a
-        clause of the mismatch note."""
-        if steps is None:
-            return "the guard checks its forecasts"
-        first = first_switch(self.schedule.plan(steps), self.schedule.interval)
-        if first is None:
-            return (f"the guard gets too few checks in {steps} steps at N={self.schedule.interval} to switch "
-                    "anything, so this run relies on the profile as it is")
-        return f"the guard checks its forecasts and can switch a solver from step {first} of {steps} on"
+    def start_from(self, state: BranchState, solver: str) -> None:
+        """Switch every solver group of ``state`` to ``solver`` before it forecasts (a
+        reuse group to taylor-1 too): the robust path for a profile used off its settings
+        (:mod:`hyca.profiles.off_settings`). The guard's candidates for a group are then
+        ``solver``, the profile's own solver and that solver's lower orders
+        (:func:`guard.candidates`), so a check can move it down to reuse or give it its own
+        solver back; the switches show in the stats.
 
-    def start_from_reuse(self, state: BranchState) -> None:
-        """Switch every solver group of ``state`` to plain reuse before it forecasts: what a
-        profile chosen without guidance does on a guided run. Its solvers stay candidates and
-        win their groups back at the guard's checks (:func:`guard.candidates`).
-
-        Why not trust the profile and let the guard demote it: guidance multiplies the
-        forecasts' errors on ``cond - uncond``, which an unguided probe never scored, and the
-        guard needs two steady checks (the third computed step after warm-up, at the
-        earliest) before it may switch. At 20-28 steps with N >= 4 that comes after most of the
-        forecasts, or never. The grid measurement behind this choice: docs/engine.md."""
-        reuse = pool_names().index("reuse")
-        for row, solver in enumerate(state.active):
-            if solver != reuse:
-                self._switch(state, row, reuse, state.step)
-
-    def distrust_guidance(self) -> None:
-        """For hosts that know the run's guidance before it starts (a WebUI pass): every
-        branch that begins from now on starts its groups from plain reuse, as
-        :meth:`start_from_reuse`. Without the guard it does nothing."""
-        self._start_from_reuse = self.guard
+        Why not trust the profile and let the guard demote it: the guard needs two steady
+        checks (the third computed step after warm-up, at the earliest) before it may switch;
+        at 20-28 steps with N >= 4 that comes after most of the forecasts, or never. The
+        measurements behind the start solvers: bench/results/off_settings.md."""
+        to = pool_names().index(solver)
+        depth = pool()[to].history  # a slot keeps as much history as its solver reads: raised, it needs more
+        state.histories = [h if h.maxlen >= depth else deque(h, maxlen=depth) for h in state.histories]
+        if state.positions.maxlen < depth:
+            state.positions = deque(state.positions, maxlen=depth)
+            state.computed_steps = deque(state.computed_steps, maxlen=depth)
+        for row, active in enumerate(state.active):
+            if active != to:
+                self._switch(state, row, to, state.step)
 
     def _say(self, state: BranchState, message: str) -> None:
         """A note in the run's stats, logged once per engine."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..profiles.off_settings import OffSettings
 from .guard import Switch
 
 
@@ -15,7 +16,8 @@ from .guard import Switch
 class RunStats:
     """What one guidance branch of the latest run did: steps computed and forecast,
     solver groups the guard switched (:mod:`hyca.engine.guard`), and anything else the user must
-    hear (``notes``: a fallback, a profile made for other settings, ...)."""
+    hear (``notes``: a fallback, a profile made for other settings, ...; ``off_settings``: the
+    latter as data)."""
 
     computed: int = 0
     forecast: int = 0
@@ -23,6 +25,9 @@ class RunStats:
     non_finite: int = 0
     switches: list[Switch] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: the run differs from the settings its profile was chosen for: what differs and which
+    #: path it took (:mod:`hyca.profiles.off_settings`; its sentence is among ``notes``)
+    off_settings: OffSettings | None = None
 
     @property
     def total(self) -> int:

@@ -35,7 +35,7 @@ import torch
 
 from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule, interval_for_speedup
-from ...profiles.settings import RunSettings, differences
+from ...profiles.settings import RunSettings
 from ..webui import kinds
 from ..webui.adapter import Adapter
 from ..webui.fingerprint import fingerprint
@@ -271,23 +271,13 @@ class HyCaPatch:
                           facts={"frontend": "comfyui", "latent": list(host.shape)})
 
     def _note_mismatch(self, chosen: Chosen, run: RunSettings, engine: HybridCache) -> None:
-        """A profile chosen for other settings says so, with what the guard can do."""
+        """A profile chosen for other settings: the engine takes the off-settings path
+        (:mod:`hyca.profiles.off_settings`) and its note is said once."""
         if chosen.profile is None:
             return
-        chosen_for = RunSettings.of_profile(chosen.profile.metadata)
-        differ = differences(chosen_for, run)
-        if not differ:
-            return
-        if self.settings.guard and chosen_for.guided is False and run.guided:
-            # as the diffusers engine does on a guided run (HybridCache.start_from_reuse)
-            engine.distrust_guidance()
-            guard = ("the guard (on) starts every solver group from plain reuse and gives a group its solver back "
-                     "when that solver wins its checks (a profile chosen without guidance, on a guided run)")
-        elif self.settings.guard:
-            guard = f"the guard (on): {engine.guard_reach(run.steps)}"
-        else:
-            guard = "the guard is off: turn it on to check every solver on this run"
-        self.say_once(f"profile {chosen.source} was chosen for other settings ({'; '.join(differ)}); {guard}")
+        off = engine.expect(run)
+        if off is not None:
+            self.say_once(off.describe())
 
     def _finish(self, session: PassSession | None, run: Run) -> None:
         if session is None:  # the run ended before it sampled

@@ -105,7 +105,9 @@ def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile
                   "num_inference_steps= and guidance_scale= to hyca.enable to prepare it now" if make else
                   "a bare transformer cannot be probed here: enable HyCa on its pipeline with those settings, or "
                   "make one with `python -m hyca probe` (--steps, --guidance-scale, --shift) and pass the file")
-        logger.warning("HyCa: the closest profile (%s) was chosen for other settings (%s); %s",
+        # what differs and the path a run takes are said by the engine at the run (RunStats.off_settings)
+        logger.warning("HyCa: the closest profile (%s) was made for other settings (%s): a run at these settings "
+                       "takes the off-settings path and says which in hyca.stats; %s",
                        resolved.path or resolved.source, "; ".join(resolved.differences), remedy)
     return resolved.profile
 
@@ -214,9 +216,8 @@ def enable(
     requests in threads sharing the transformer never mix (``docs/requests.md``); the
     pipeline gets a request subclass of its class, undone by :func:`disable`. Calls with
     gradients enabled or the model in training mode run uncached (inference only). A run that differs from its profile's settings is told so once (log and
-    :func:`stats` notes) and protected by the guard; a guided run on a profile chosen
-    without guidance starts every solver group from plain reuse
-    (:meth:`~hyca.engine.cache.HybridCache.start_from_reuse`).
+    :func:`stats` notes and ``off_settings``) and takes the robust path: every solver group
+    starts from a low order and the guard moves it (:mod:`hyca.profiles.off_settings`).
     Enabling again replaces the previous settings. Returns the engine of each transformer.
     """
     schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)

@@ -112,7 +112,7 @@ class Chooser:
             return hooks.fresh_engine(self.template)
         template = self.template
         made = HybridCache(profile, self.schedule, template.positions, template.cache_dtype, guard=template.guard,
-                           compare_settings=template.compare_settings)
+                           compare_settings=template.compare_settings, off_settings=template.off_settings)
         made._told = template._told  # logged once per enabled model, noted in each run's stats
         return made
 

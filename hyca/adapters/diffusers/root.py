@@ -390,7 +390,7 @@ def fresh_engine(engine: Any) -> Any:
     if not isinstance(engine, HybridCache):
         return engine
     made = HybridCache(engine.profile, engine.schedule, engine.positions, engine.cache_dtype, guard=engine.guard,
-                       compare_settings=engine.compare_settings)
-    made.sketch_seed, made._start_from_reuse = engine.sketch_seed, engine._start_from_reuse
+                       compare_settings=engine.compare_settings, off_settings=engine.off_settings)
+    made.sketch_seed, made._expected = engine.sketch_seed, engine._expected
     made._told = engine._told  # a note is logged once per enabled model, and stays in each run's stats
     return made

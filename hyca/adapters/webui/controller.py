@@ -25,7 +25,7 @@ import torch
 
 from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule, interval_for_speedup
-from ...profiles.settings import RunSettings, differences
+from ...profiles.settings import RunSettings
 from . import gates, kinds, probe
 from .adapter import Adapter
 from .fingerprint import fingerprint
@@ -293,7 +293,8 @@ class Controller:
     def _note_settings(self, chosen: Chosen, settings: Settings, sigmas: list[float] | None, guidance: Any,
                        engine: Any = None) -> None:
         """The pass's schedule is known: what it runs with (a probing pass writes it into
-        its profile), and, for a profile chosen for other settings, what differs (once)."""
+        its profile), and, for a profile chosen for other settings, the path the pass takes
+        (:mod:`hyca.profiles.off_settings`, said once)."""
         try:
             guidance_scale = float(guidance) if guidance is not None else None
         except (TypeError, ValueError):
@@ -302,22 +303,12 @@ class Controller:
             steps=len(sigmas) - 1 if sigmas else None, guidance_scale=guidance_scale,
             sigmas=tuple(sigmas) if sigmas else None, interval=settings.interval, warmup=settings.warmup,
             compute_last=settings.compute_last, positions="step")
-        if chosen.profile is None:
+        if chosen.profile is None or not isinstance(engine, HybridCache):
             return
-        chosen_for = RunSettings.of_profile(chosen.profile.metadata)
-        differ = differences(chosen_for, self.run_settings)
-        if differ and settings.guard and chosen_for.guided is False and self.run_settings.guided \
-                and isinstance(engine, HybridCache):
-            # as the diffusers engine does on a guided run (HybridCache.start_from_reuse)
-            engine.distrust_guidance()
-            guard = ("the guard (on) starts every solver group from plain reuse and gives a group its solver back "
-                     "when that solver wins its checks (a profile chosen without guidance, on a guided pass)")
-        elif differ and settings.guard:  # with a profile the pass's engine is a HybridCache
-            guard = f"the guard (on): {engine.guard_reach(self.run_settings.steps)}"
-        elif differ:
-            guard = "the guard is off: turn it on to check every solver on this run"
-        if differ:
-            self.say_once(f"profile {chosen.source} was chosen for other settings ({'; '.join(differ)}); {guard}")
+        # the engine decides the path and carries it in the pass's stats (console, infotext)
+        off = engine.expect(self.run_settings)
+        if off is not None:
+            self.say_once(off.describe())  # the same sentence as the stats note: said once
 
     def _interval_for_target(self, p: Any, settings: Settings, hires: bool) -> Settings:
         """The N that gives the pass ``settings.speedup`` times fewer block passes (with the
@@ -409,6 +400,7 @@ class Controller:
             total.calls_forecast += stats.calls_forecast
             several = len(self.passes) > 1
             total.switches += [(f"{label}, {branch}" if several else branch, d) for branch, d in stats.switches]
+            total.off_settings = total.off_settings or stats.off_settings
         return total
 
     def results(self) -> dict[str, str]:
@@ -420,6 +412,8 @@ class Controller:
                "HyCa saving": f"{total.flops_saving:.0%}"}
         if self.chosen is not None and self.chosen.lora_ari is not None:
             out["HyCa LoRA ARI"] = f"{self.chosen.lora_ari:.3f}"
+        if total.off_settings is not None:  # the profile ran away from its settings: the path it took
+            out["HyCa off-settings"] = total.off_settings.short()
         if total.switches:
             out["HyCa guard switches"] = total.describe_switches()
         return out

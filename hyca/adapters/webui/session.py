@@ -39,6 +39,7 @@ import torch
 from ...engine.cache import BranchState, HybridCache, RunStats
 from ...engine.guard import Switch
 from ...engine.residual import ResidualError, ResidualMeter, Snapshot
+from ...profiles.off_settings import OffSettings
 from ...profiles.settings import RunSettings
 
 logger = logging.getLogger("hyca.webui")
@@ -120,6 +121,8 @@ class PassStats:
     #: ``(branch, switch)`` for every solver group the guard switched in this pass
     switches: list[tuple[str, Switch]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: the pass ran its profile away from the settings it was chosen for (the engine's decision)
+    off_settings: OffSettings | None = None
 
     def describe_switches(self) -> str:
         """``taylor-2 -> taylor-1 at step 6 (cond), ...``; the branch is named only when
@@ -311,12 +314,14 @@ class PassSession:
         steps = RunStats()
         switches: list[tuple[str, Switch]] = []
         notes: list[str] = []
+        off_settings: OffSettings | None = None
         for key, branch in self._branches.items():
             steps.computed = max(steps.computed, branch.state.stats.computed)
             steps.forecast = max(steps.forecast, branch.state.stats.forecast)
             switches += [(branch_name(key), d) for d in branch.state.stats.switches]
             notes += [n for n in branch.state.stats.notes if n not in notes]
-        return PassStats(steps, self.calls_computed, self.calls_forecast, switches, notes)
+            off_settings = off_settings or branch.state.stats.off_settings
+        return PassStats(steps, self.calls_computed, self.calls_forecast, switches, notes, off_settings)
 
 
 def branch_name(key: tuple) -> str:
