@@ -70,20 +70,24 @@ def _probe_size(model: LoadedModel) -> tuple[int, int]:
     return model.size if max(model.size) <= 256 else (256, 256)
 
 
-def probe_locked(model: LoadedModel, prompt: str, steps: int, interval: int, warmup: int, clusters: int,
+def probe_locked(model: LoadedModel, prompt: str | None, steps: int, interval: int, warmup: int, clusters: int,
                  lora: str, progress: Progress | None, target: str | None = None) -> Profile:
     """Run the probe (caller holds the lock) with ``lora`` active; progress per transformer call.
-    ``target``: as the probe's (a LoRA's profile keeps its base profile's, so their clusterings compare)."""
+    ``prompt``: None for the probe a plain ``hyca.enable`` call runs (the pipeline's own probe
+    captions: the app's automatic profiles are the diffusers path's, and shared with it through
+    the cache); a prompt is sampled twice, with two noises (one sample lets one noise decide
+    the profile: bench/results/webui_path.md). ``target``: as the probe's (a LoRA's profile
+    keeps its base profile's, so their clusterings compare)."""
     from ..adapters.diffusers.probe import probe
 
     compare.apply_lora(model, lora)
     height, width = _probe_size(model)
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {} if prompt is None else {"prompt": [prompt, prompt]}
     if model.choice.key == REFERENCE or "Reference" in type(model.pipe).__name__:
         options["output_type"] = "np"  # the reference pipeline has no latent output
     if model.choice.guidance is not None:
         options["guidance_scale"] = model.choice.guidance
-    profile = probe(model.pipe, prompt=prompt, height=height, width=width, steps=steps, interval=interval,
+    profile = probe(model.pipe, height=height, width=width, steps=steps, interval=interval,
                     warmup=warmup, clusters=clusters, progress=False, on_progress=progress, target=target, **options)
     profile.metadata.setdefault("probe", {})["lora"] = lora
     return profile
@@ -125,7 +129,7 @@ def base_profile(state: dict[str, Any], model: LoadedModel, s: compare.Settings,
             else "session profile"
     resolved = resolve_profile(
         diffusers_fingerprint(model.transformer), run=key[0], probe_if_mismatched=True,
-        probe=lambda: probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, 4, "none", progress))
+        probe=lambda: probe_locked(model, None, s.steps, s.interval, s.warmup, 4, "none", progress))
     slot["settings"][key] = resolved.profile
     set_current(state, model, resolved.profile)
     where = {"probe": "probed now for these settings (saved to the local cache)"}.get(
@@ -149,7 +153,7 @@ def profile_for_run(state: dict[str, Any], model: LoadedModel, s: compare.Settin
     key = (s.lora, settings_key(model, s))
     lora_profile = slot["lora"].get(key)
     if not fits(lora_profile, model):
-        lora_profile = probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, base.num_clusters, s.lora,
+        lora_profile = probe_locked(model, None, s.steps, s.interval, s.warmup, base.num_clusters, s.lora,
                                     progress, target=base.metadata.get("target", "residual"))
         slot["lora"][key] = lora_profile
     try:

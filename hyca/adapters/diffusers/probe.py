@@ -26,7 +26,9 @@ from .families import blocks_of, family_of, head_of, hidden_size
 from .fingerprint import fingerprint
 from .settings import guidance_of, schedule_shift
 
-DEFAULT_PROMPT = "a photo of a cat"
+#: Two captions, two samples: one sample lets one image's noise decide the profile
+#: (bench/results/webui_path.md measured what that costs).
+DEFAULT_PROMPT = ["a photo of a cat", "a watercolor painting of a lighthouse on a cliff at sunset"]
 # CLOSED_LOOP / EQ5 / SELECTIONS (how the probe chooses) live in hyca.probing.probe; re-exported
 __all__ = ["CLOSED_LOOP", "DEFAULT_PROMPT", "EQ5", "SELECTIONS", "TransformerHost", "output_tensor", "probe",
            "probe_transformer", "recording"]
@@ -213,7 +215,7 @@ def probe(
     warm-up; the profile records them (``chosen_for``) and ``hyca.enable`` prefers a
     profile made for the run's settings.
 
-    Defaults: ``prompt`` "a photo of a cat" at 256 x 256, latent output, unless the
+    Defaults: ``prompt`` :data:`DEFAULT_PROMPT` (two captions) at 256 x 256, latent output, unless the
     pipeline names its own in a ``hyca_probe_defaults`` dict (the shipped reference model
     does: captions it knows, its 32 x 32 pixels).
 
