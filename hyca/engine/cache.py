@@ -27,12 +27,9 @@ from .guard import (SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, fi
                     own_verdicts, steady)
 from .schedule import Schedule
 from .state import BranchState, RunStats
+from .targets import TARGETS  # what a profile forecasts: residuals, the head's input, the model output
 
 POSITION_AXES = ("step", "sigma")
-#: What a profile forecasts: the blocks' summed residuals (the paper's feature caching), or
-#: the output head's input, the last hidden state after the final norm and modulation (a
-#: linear map away from the model output; its profile has one "block").
-TARGETS = ("residual", "output")
 
 logger = logging.getLogger("hyca")
 

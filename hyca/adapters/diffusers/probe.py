@@ -117,8 +117,8 @@ def probe_transformer(
     must return the final output, the same on every call, e.g. from a fixed seed) or
     ``"eq5"``. ``chosen_for``: the run settings the profile is for (stored as its
     ``chosen_for``; steps and guidance come from the arguments). ``target``: None (the
-    closed loop chooses), ``"residual"``, or ``"output"`` (the output head's input; needs
-    a family with an output head). ``options``: the other settings, :func:`~hyca.probing.probe_host`'s
+    closed loop chooses), ``"residual"``, ``"output"`` (the output head's input; needs
+    a family with an output head) or ``"model_output"`` (the transformer's output). ``options``: the other settings, :func:`~hyca.probing.probe_host`'s
     (:class:`~hyca.probing.probe.ProbeOptions`), with its defaults.
     Profiles to be compared by their clustering (a LoRA's against its base model's) must
     share a target."""
@@ -143,6 +143,7 @@ class TransformerHost:
         self.num_blocks = len(blocks_of(transformer, family))
         self.hidden_size = int(hidden_size(transformer))
         self.output_head = head_of(transformer, family) is not None
+        self.model_output = True  # the root hook records and replaces any transformer's output
 
     def sample(self, engine: Any) -> torch.Tensor | None:
         if engine is None:
