@@ -46,6 +46,7 @@ TARGETS = (None, "residual", "output", "model_output")
 #: Per target recorded besides the residuals: the host attribute that offers it, and the
 #: prefix of its tracks' candidates.
 _OTHER_TARGETS = {"output": ("output_head", "output"), "model_output": ("model_output", "model")}
+_DESCRIBED = {"output": "the output head", "model_output": "the model output"}
 #: Solvers the model-output tracks always try: the strategies of peers that forecast the
 #: model output (FORA-style reuse, diffusers' TaylorSeer lite orders 1 and 2).
 MODEL_OUTPUT_SOLVERS = ("reuse", "taylor-1", "taylor-2")
@@ -144,8 +145,8 @@ def probe_host(
         raise ValueError(f"target must be None, 'residual', 'output' or 'model_output', got {target!r}")
     offered = [name for name, (attribute, _) in _OTHER_TARGETS.items() if getattr(host, attribute, False)]
     if target in _OTHER_TARGETS and (selection != CLOSED_LOOP or target not in offered):
-        raise ValueError(f"target={target!r} needs selection='closed-loop' and a host that offers it "
-                         f"({_OTHER_TARGETS[target][0]})")
+        raise ValueError(f"target={target!r} needs selection='closed-loop' and a host that offers "
+                         f"{_DESCRIBED[target]} ({_OTHER_TARGETS[target][0]})")
     steps = run.steps
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"run.steps must be the run's number of sampling steps, got {steps!r}")
