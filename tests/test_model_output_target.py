@@ -14,9 +14,11 @@ from hyca.adapters.diffusers.fingerprint import fingerprint
 from hyca.adapters.diffusers.probe import probe_transformer
 from hyca.engine.schedule import Schedule
 from hyca.engine.targets import as_tokens, from_tokens, require_target
+from hyca.probing.closed_loop import fidelity_db
 from hyca.profiles import Profile, load_profile, save_profile
 
 from tiny import Inputs, conditioning, euler_sample, fresh_copy, tiny_flux, tiny_pipeline
+from test_output_target import _known_length  # the steps told through a cache context, as there
 from tiny_families import CASES
 
 STEPS, INTERVAL, WARMUP = 10, 3, 2
@@ -54,9 +56,16 @@ def reference_run(model, inputs, solver: str, plan: list[bool]) -> torch.Tensor:
     return euler_sample(model, inputs, STEPS, velocity)[0]
 
 
-def _known_length(model, inputs, x, sigma):
-    with model.cache_context("cond", num_inference_steps=STEPS):
-        return inputs.call(model, x, sigma)
+def cached_run(model, inputs, profile: Profile, **options) -> tuple[torch.Tensor, object]:
+    """Euler sampling with ``profile`` enabled (steps known from the cache context), then
+    disabled: the final sample and the run's stats."""
+    hyca.enable(model, profile=profile, interval=INTERVAL, warmup=WARMUP, scheduler=None, **options)
+    try:
+        with torch.no_grad():
+            result = euler_sample(model, inputs, STEPS, lambda m, x, s, i: _known_length(m, inputs, x, s))[0]
+        return result, hyca.stats(model)[0]
+    finally:
+        hyca.disable(model)
 
 
 @pytest.mark.parametrize("solver", ["reuse", "taylor-1"])
@@ -64,14 +73,7 @@ def test_model_output_profiles_forecast_the_output_by_the_formula(solver):
     model, inputs = tiny_flux(), Inputs()
     plan = Schedule(INTERVAL, WARMUP).plan(STEPS)
     expected = reference_run(fresh_copy(model), inputs, solver, plan)
-    hyca.enable(model, profile=model_output_profile(solver), interval=INTERVAL, warmup=WARMUP, guard=False,
-                scheduler=None)
-    try:
-        with torch.no_grad():
-            result = euler_sample(model, inputs, STEPS, lambda m, x, s, i: _known_length(m, inputs, x, s))[0]
-        stats = hyca.stats(model)[0]
-    finally:
-        hyca.disable(model)
+    result, stats = cached_run(model, inputs, model_output_profile(solver), guard=False)
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
     assert (stats.computed, stats.forecast) == (sum(plan), STEPS - sum(plan))
     # disabled means gone: bit-identical to a model never patched
@@ -85,12 +87,7 @@ def test_a_skip_step_runs_no_block():
         block.attn.register_forward_hook(lambda *_: calls.append(1))  # inside the block: counts real runs
     blocks = len(model.transformer_blocks) + len(model.single_transformer_blocks)
     plan = Schedule(INTERVAL, WARMUP).plan(STEPS)
-    hyca.enable(model, profile=model_output_profile("taylor-1"), interval=INTERVAL, warmup=WARMUP, scheduler=None)
-    try:
-        with torch.no_grad():
-            euler_sample(model, inputs, STEPS, lambda m, x, s, i: _known_length(m, inputs, x, s))
-    finally:
-        hyca.disable(model)
+    cached_run(model, inputs, model_output_profile("taylor-1"))
     assert len(calls) == blocks * sum(plan)
 
 
@@ -134,14 +131,7 @@ def test_model_output_profiles_round_trip_and_name_their_target(tmp_path):
 
 def test_a_profile_for_other_output_channels_computes_and_says_so():
     model, inputs = tiny_flux(), Inputs()
-    hyca.enable(model, profile=model_output_profile("reuse", dim=CHANNELS + 1), interval=INTERVAL, warmup=WARMUP,
-                scheduler=None)
-    try:
-        with torch.no_grad():
-            result = euler_sample(model, inputs, STEPS, lambda m, x, s, i: _known_length(m, inputs, x, s))[0]
-        stats = hyca.stats(model)[0]
-    finally:
-        hyca.disable(model)
+    result, stats = cached_run(model, inputs, model_output_profile("reuse", dim=CHANNELS + 1))
     assert stats.forecast == 0 and any("output channels" in n for n in stats.notes)
     assert torch.equal(result, euler_sample(fresh_copy(model), inputs, STEPS)[0])
 
@@ -218,13 +208,7 @@ def test_probe_offers_the_model_output_track_and_keeps_to_it_when_asked():
     # the chosen profile, enabled as a user would, lands where its trial did
     best = max(t["fidelity_db"] for t in trials)
     reference = loop()[0]
-    hyca.enable(model, profile=forced, interval=INTERVAL, warmup=WARMUP, scheduler=None)
-    try:
-        with torch.no_grad():
-            cached = euler_sample(model, inputs, STEPS, lambda m, x, s, i: _known_length(m, inputs, x, s))[0]
-    finally:
-        hyca.disable(model)
-    from hyca.probing.closed_loop import fidelity_db
+    cached, _ = cached_run(model, inputs, forced)
     assert fidelity_db(cached, reference) == pytest.approx(best, abs=0.05)
 
 

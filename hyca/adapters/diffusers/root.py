@@ -133,16 +133,9 @@ class HyCaRoot(HookChain):
         if state is None or states.bypass or states.engine.target != OUTPUT:
             return None
         x = args[0] if args else kwargs["input"]
-        if state.computing:
-            if not state.failed:
-                try:
-                    states.engine.record(state, 0, x)
-                except Exception as error:
-                    states.engine.fail(state, f"caching failed ({error})")
-            return None
-        forecast, states.head_forecast = states.head_forecast, None
+        forecast = self._record_or_take(states, state, lambda: x, "the output head")
         if forecast is None:
-            raise RuntimeError("HyCa: a forecast step reached the output head without a forecast")
+            return None
         forecast = forecast.to(device=x.device, dtype=x.dtype)
         return ((forecast, *args[1:]), kwargs) if args else (args, {**kwargs, "input": forecast})
 
@@ -184,25 +177,26 @@ class HyCaRoot(HookChain):
         zeroes them; a torch forward hook cannot skip the embeddings and head, which are
         cheap). Returns the replacement output, or None to keep the call's."""
         sample = sample_of(output)
+        forecast = self._record_or_take(states, state, lambda: _output_tokens(states.engine, sample),
+                                        "the model output")
+        return None if forecast is None else with_sample(output, from_tokens(forecast, sample))
+
+    @staticmethod
+    def _record_or_take(states: BranchStates, state: BranchState, value: Any, where: str) -> torch.Tensor | None:
+        """The output targets' part: at a computed step record ``value()`` as block 0 (a
+        failure computes the rest of the run and says why) and return None; at a skip step
+        return the forecast the first block made (``where`` names the place, for the error)."""
         if state.computing:
             if not state.failed:
                 try:
-                    if not isinstance(sample, torch.Tensor):  # Z-Image: one tensor per image
-                        raise TypeError(f"the model output is a {type(sample).__name__}, not one tensor, so a "
-                                        "model-output profile cannot forecast it; use a residual profile")
-                    tokens = as_tokens(sample)
-                    dim = getattr(getattr(states.engine, "profile", None), "dim", tokens.shape[-1])
-                    if dim != tokens.shape[-1]:
-                        raise ValueError(f"the profile forecasts {dim} output channels, the model gives "
-                                         f"{tokens.shape[-1]}: make a profile for this model")
-                    states.engine.record(state, 0, tokens)
+                    states.engine.record(state, 0, value())
                 except Exception as error:
                     states.engine.fail(state, f"caching failed ({error})")
             return None
         forecast, states.head_forecast = states.head_forecast, None
         if forecast is None:
-            raise RuntimeError("HyCa: a forecast step of a model-output profile ended without a forecast")
-        return with_sample(output, from_tokens(forecast, sample))
+            raise RuntimeError(f"HyCa: a forecast step reached {where} without a forecast")
+        return forecast
 
     def _other_pipeline_run(self, states: BranchStates, state: BranchState, module: torch.nn.Module, run: Run,
                             ) -> None:
@@ -411,6 +405,20 @@ class HyCaRoot(HookChain):
         logger.warning("HyCa: %s", message)
 
 
+
+
+def _output_tokens(engine: Any, sample: Any) -> torch.Tensor:
+    """A model output as the engine records it, ``(batch, tokens, channels)``; ``ValueError``
+    / ``TypeError`` when a model-output profile cannot forecast it."""
+    if not isinstance(sample, torch.Tensor):  # Z-Image: one tensor per image
+        raise TypeError(f"the model output is a {type(sample).__name__}, not one tensor, so a model-output "
+                        "profile cannot forecast it; use a residual profile")
+    tokens = as_tokens(sample)
+    dim = getattr(getattr(engine, "profile", None), "dim", tokens.shape[-1])
+    if dim != tokens.shape[-1]:
+        raise ValueError(f"the profile forecasts {dim} output channels, the model gives {tokens.shape[-1]}: "
+                         "make a profile for this model")
+    return tokens
 
 
 def fresh_engine(engine: Any) -> Any:
