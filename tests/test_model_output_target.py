@@ -109,10 +109,12 @@ def test_taylorseer_lite_order_1_is_the_same_forecast():
         cache_interval=INTERVAL, disable_cache_before_step=WARMUP, max_order=1, taylor_factors_dtype=torch.float32,
         use_lite_mode=True))
     pipe = tiny_pipeline(fresh_copy(model))
-    profile = model_output_profile("taylor-1", first_interval=2, interval=INTERVAL, warmup=WARMUP)
-    hyca.enable(pipe, profile=profile, interval=INTERVAL, warmup=WARMUP, compute_last=False, guard=False)
+    # as the probe's lite track writes it: the start, and the last step forecast
+    profile = model_output_profile("taylor-1", first_interval=2, skip_last=True, interval=INTERVAL, warmup=WARMUP)
+    hyca.enable(pipe, profile=profile, interval=INTERVAL, warmup=WARMUP, guard=False)
     ours, theirs, full = run(pipe), run(lite), run(tiny_pipeline(fresh_copy(model)))
     stats = hyca.stats(pipe)[0]
+    assert not stats.notes  # the profile's own schedule: nothing to say
     assert (stats.computed, stats.forecast) == (5, 7)  # steps 0, 1, 3, 6, 9 of 12
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert (ours - full).abs().max() > 1e-2  # forecasting did change the run: the agreement is not vacuous
@@ -200,6 +202,7 @@ def test_probe_offers_the_model_output_track_and_keeps_to_it_when_asked():
     # the lite-equivalent candidates are run: model output, short start, reuse / taylor-1 / taylor-2
     for solver in ("reuse", "taylor-1", "taylor-2"):
         assert f"model:uniform:{solver}" in names
+        assert f"model,lite:uniform:{solver}" in names  # TaylorSeer lite's own schedule
     forced = probe_transformer(model, loop, STEPS, interval=INTERVAL, warmup=WARMUP, progress=False,
                                target="model_output", candidates=("reuse", "taylor-1"))
     assert forced.metadata["target"] == "model_output" and (forced.num_blocks, forced.dim) == (1, CHANNELS)
@@ -236,3 +239,15 @@ def test_the_webui_runs_uncached_with_a_model_output_profile_and_says_why(tmp_pa
     assert "HyCa steps" not in p.extra_generation_params
     lines = [line for line in capsys.readouterr().out.splitlines() if "could not start" in line]
     assert len(lines) == 1 and "model output" in lines[0]
+
+
+@pytest.mark.parametrize("steps, interval, warmup", [(50, 4, 3), (12, 3, 2), (28, 6, 3), (20, 5, 1)])
+def test_lite_start_computes_taylorseers_steps(steps, interval, warmup):
+    """diffusers' rule (``TaylorSeerCacheHook._measure_should_compute``, 0.42.1): a step computes
+    when ``step < before`` or ``(step - before - 1) % interval == 0``."""
+    theirs = [s < warmup or (s - warmup - 1) % interval == 0 for s in range(steps)]
+    ours = Schedule(interval, warmup).lite_start(steps)
+    if sum(theirs) > sum(Schedule(interval, warmup).plan(steps)):
+        assert ours is None
+    else:
+        assert ours.plan(steps) == theirs

@@ -32,18 +32,19 @@ def _model_output_singles(pipe: Any, interval: int, warmup: int, steps: int) -> 
         return []
     channels = pipe.transformer.proj_out.out_features
     methods = []
-    short = Schedule(interval, warmup).short_start(steps)
-    for start in (None, short.first_interval if short is not None else None):
+    schedule = Schedule(interval, warmup)
+    starts = [None, schedule.short_start(steps), getattr(schedule, "lite_start", lambda _: None)(steps)]
+    for start in [None, *(s for s in starts[1:] if s is not None)]:
         for name in ("reuse", "taylor-1", "taylor-2"):
             profile = Profile.uniform(name, 1, channels)
             profile.metadata.update(target="model_output", interval=interval, warmup=warmup)
             label = f"model output {name}"
             if start is not None:
-                profile.metadata["first_interval"] = start
-                label += f" (start {start})"
+                profile.metadata["first_interval"] = start.first_interval
+                label += f" (start {start.first_interval})" if start.compute_last else " (TaylorSeer's schedule)"
+                if not start.compute_last:
+                    profile.metadata["skip_last"] = True
             methods.append(grid.engine(label, profile, interval, warmup, False))
-        if short is None:
-            break
     return methods
 
 

@@ -455,4 +455,4 @@ def _with_profiles_start(schedule: Schedule, profile: Profile) -> Schedule:
             or chosen.warmup not in (None, schedule.warmup) or not isinstance(first, int)
             or not 1 <= first <= schedule.interval):
         return schedule
-    return schedule.with_first_interval(first)
+    return schedule.with_start(first, profile.metadata.get("skip_last") is True)

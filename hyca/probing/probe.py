@@ -155,11 +155,13 @@ def probe_host(
     closing = selection == CLOSED_LOOP
     short = schedule.short_start(steps) if closing else None  # the other start the closed loop tries
     others = (short,) if short is not None else ()
+    # the model-output tracks also replay diffusers TaylorSeer's schedule (lite mode's, exactly)
+    lite = schedule.lite_start(steps) if closing else None
 
-    def recorder(num_blocks: int, bar_progress: Any) -> SketchRecorder:
+    def recorder(num_blocks: int, bar_progress: Any, starts: tuple[Schedule, ...] = others) -> SketchRecorder:
         return SketchRecorder(num_blocks, steps, schedule, positions, rows, spectral_rows, seed, branch, solvers,
                               bar_progress, accumulate_on, guidance_scale=guidance_scale,
-                              batched_guidance=batched_guidance, other_schedules=others)
+                              batched_guidance=batched_guidance, other_schedules=starts)
 
     with tqdm(total=steps, desc="HyCa probe", unit="step", disable=not progress) as bar:
         residuals = recorder(host.num_blocks, _Progress(bar, on_progress, steps, closing))
@@ -184,8 +186,9 @@ def probe_host(
             if target not in (None, name):
                 continue
             started = time.perf_counter()
-            more, other_reports[name] = _target_tracks(host, name, recorder(1, None), short, clusters, shared, seed,
-                                                       n_init)
+            starts = others + ((lite,) if name == "model_output" and lite is not None else ())
+            more, other_reports[name] = _target_tracks(host, name, recorder(1, None, starts), starts, clusters,
+                                                       shared, seed, n_init)
             tracks += more
             timing[f"record_{name}_s"] = round(time.perf_counter() - started, 3)
         if target in _OTHER_TARGETS:  # the residual tracks are left out; the first track tries every single solver
@@ -199,6 +202,7 @@ def probe_host(
             report = {**report, **{k: v for k, v in other_reports[chosen].items() if k != "branches"},
                       "residual_eq5": {k: report[k] for k in ("blocks", "replay_error")}}
     first_interval, chosen_target = profile.metadata.get("first_interval"), profile.metadata.get("target")
+    skip_last = profile.metadata.get("skip_last") is True
     chosen_for = run.merged(RunSettings(interval=schedule.interval, warmup=schedule.warmup,
                                         compute_last=schedule.compute_last, positions=positions))
     profile.metadata = {
@@ -209,6 +213,7 @@ def probe_host(
         "compute_last": schedule.compute_last,
         "positions": positions,
         **({"first_interval": first_interval} if first_interval is not None else {}),
+        **({"skip_last": True} if skip_last else {}),
         **({"target": chosen_target} if chosen_target is not None else {}),
         "chosen_for": chosen_for.to_json(),
         "probe": {**(facts or {}), "steps": steps, "clusters": clusters, "shared": shared, "seed": seed,
@@ -223,11 +228,12 @@ def probe_host(
     return profile
 
 
-def _target_tracks(host: ProbeHost, name: str, recording: SketchRecorder, short: Schedule | None, clusters: int,
+def _target_tracks(host: ProbeHost, name: str, recording: SketchRecorder, starts: tuple[Schedule, ...], clusters: int,
                    shared: bool, seed: int, n_init: int) -> tuple[list[closed_loop.Track], dict[str, Any]]:
     """The tracks of target ``name`` (``"output"``, ``"model_output"``): ``recording`` (a
-    one-"block" recorder) records it on one more fully computed run, eq. 5 is chosen on
-    the schedule and on its short start. Returns the tracks and eq. 5's report."""
+    one-"block" recorder whose other schedules are ``starts``) records it on one more fully
+    computed run, eq. 5 is chosen on the schedule and on each of ``starts``. Returns the
+    tracks and eq. 5's report."""
     recording.target = name
     host.sample(recording)
     values, replay = recording.finish()
@@ -236,18 +242,24 @@ def _target_tracks(host: ProbeHost, name: str, recording: SketchRecorder, short:
     prefix = _OTHER_TARGETS[name][1]
     tracks = [closed_loop.Track(f"{prefix}:", closed_loop.with_metadata(profile, target=name),
                                 closed_loop.OTHER_TRACK_SINGLES, always)]
-    if short is not None:
-        tracks.append(_start_track(profile.labels, recording, short, clusters, shared, {"target": name}, always))
+    for index, start in enumerate(starts):
+        tracks.append(_start_track(profile.labels, recording, start, clusters, shared, {"target": name}, always, index))
     return tracks, report
 
 
-def _start_track(labels: torch.Tensor, recorder: SketchRecorder, short: Schedule, clusters: int, shared: bool,
-                 metadata: dict[str, Any], always: tuple[str, ...] = ()) -> closed_loop.Track:
-    """Eq. 5 replayed on the short-start schedule, for the clustering ``labels``."""
-    profile = assign(labels, recorder.other_replays()[0], clusters, shared)
+def _start_track(labels: torch.Tensor, recorder: SketchRecorder, start: Schedule, clusters: int, shared: bool,
+                 metadata: dict[str, Any], always: tuple[str, ...] = (), index: int = 0) -> closed_loop.Track:
+    """Eq. 5 replayed on another start of the schedule (the recorder's ``index``-th other
+    schedule: the short start, or TaylorSeer's, whose last step is forecast), for the
+    clustering ``labels``."""
+    profile = assign(labels, recorder.other_replays()[index], clusters, shared)
     target = metadata.get("target")
-    prefix = (f"{_OTHER_TARGETS[target][1]}," if target in _OTHER_TARGETS else "") + f"start{short.first_interval}:"
-    return closed_loop.Track(prefix, closed_loop.with_metadata(profile, first_interval=short.first_interval, **metadata),
+    skip_last = not start.compute_last
+    prefix = ((f"{_OTHER_TARGETS[target][1]}," if target in _OTHER_TARGETS else "")
+              + ("lite:" if skip_last else f"start{start.first_interval}:"))
+    extra = {"skip_last": True} if skip_last else {}
+    return closed_loop.Track(prefix, closed_loop.with_metadata(profile, first_interval=start.first_interval,
+                                                               **extra, **metadata),
                              closed_loop.OTHER_TRACK_SINGLES, always)
 
 
@@ -257,7 +269,8 @@ def _closed_loop(host: ProbeHost, schedule: Schedule, positions: str, guard: boo
     """:func:`hyca.probing.closed_loop.choose` with cached runs on ``host``."""
 
     def generate(candidate: Profile) -> torch.Tensor:
-        start = schedule.with_first_interval(candidate.metadata.get("first_interval"))
+        metadata = candidate.metadata
+        start = schedule.with_start(metadata.get("first_interval"), metadata.get("skip_last") is True)
         output = host.sample(HybridCache(candidate, start, positions, guard=guard))
         return output.detach().float().cpu() if isinstance(output, torch.Tensor) else output
 
