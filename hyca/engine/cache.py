@@ -72,6 +72,7 @@ class HybridCache:
         if self.target not in TARGETS:
             raise ValueError(f"profile target must be one of {TARGETS}, got {self.target!r}")
         self.schedule = _with_profiles_start(schedule, profile)
+        self.asked_compute_last = schedule.compute_last  # the run's setting, whatever end the profile chose
         self.positions = positions
         self.cache_dtype = cache_dtype
         self.guard = guard
@@ -285,7 +286,7 @@ class HybridCache:
         """What this engine can tell about the run ``state`` belongs to: its schedule and
         axis, and the step count once known (guidance: see :meth:`guidance_branches`)."""
         return RunSettings(steps=state.total_steps, interval=self.schedule.interval, warmup=self.schedule.warmup,
-                           compute_last=self.schedule.compute_last, positions=self.positions)
+                           compute_last=self.asked_compute_last, positions=self.positions)
 
     def guidance_branches(self) -> int:
         """How many branch states began the current run's first step: 2 with classifier-free

@@ -429,5 +429,6 @@ def fresh_engine(engine: Any) -> Any:
     made = HybridCache(engine.profile, engine.schedule, engine.positions, engine.cache_dtype, guard=engine.guard,
                        compare_settings=engine.compare_settings)
     made.sketch_seed, made._start_from_reuse = engine.sketch_seed, engine._start_from_reuse
+    made.asked_compute_last = engine.asked_compute_last  # its schedule already has the profile's end
     made._told = engine._told  # a note is logged once per enabled model, and stays in each run's stats
     return made
