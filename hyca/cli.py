@@ -195,6 +195,8 @@ def summary(profile: Profile, path: str | Path | None = None) -> str:
         f"blocks:    {', '.join(f'{k} x{v}' for k, v in fp.get('blocks', {}).items()) or '?'}",
         (f"shape:     output head's input, {profile.dim} dims, {_count(profile.num_clusters, 'cluster')}"
          if meta.get("target") == "output" else
+         f"shape:     model output, {profile.dim} channels, {_count(profile.num_clusters, 'cluster')}"
+         if meta.get("target") == "model_output" else
          f"shape:     {profile.num_blocks} blocks x {profile.dim} dims, {_count(profile.num_clusters, 'cluster')} per block")
         + f"{' (one labelling shared by all blocks)' if shared else ''}",
         "solvers:   " + "\n           ".join(_solver_counts(profile)),

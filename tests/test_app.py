@@ -260,7 +260,10 @@ def test_probe_returns_a_profile_that_hyca_uses(served, solo_pipe):
     blocks = len(solo_pipe.transformer.transformer_blocks) + len(solo_pipe.transformer.single_transformer_blocks)
     if profile.metadata.get("target") == "output":  # the closed loop chose to forecast the output head's input
         blocks = 1
-    assert (profile.num_blocks, profile.dim, profile.num_clusters) == (blocks, solo_pipe.transformer.inner_dim, 3)
+    dim = solo_pipe.transformer.inner_dim
+    if profile.metadata.get("target") == "model_output":  # it chose to forecast the model output: its channels
+        blocks, dim = 1, solo_pipe.transformer.proj_out.out_features
+    assert (profile.num_blocks, profile.dim, profile.num_clusters) == (blocks, dim, 3)
     assert profile.metadata["interval"] == 4 and profile.metadata["warmup"] == 2
     assert len(table["data"]) == blocks * 3 and Image.open(picture).size[0] % profile.dim == 0
     # HyCa in the same session now uses that profile: its image is the solo run with it.

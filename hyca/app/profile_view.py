@@ -80,6 +80,9 @@ def summary(profile: Profile) -> str:
     if meta.get("target") == "output":
         lines = [f"**Forecasts the output head's input: {profile.dim} dims, {profile.num_clusters} clusters**; "
                  f"solvers in use: {used}."]
+    elif meta.get("target") == "model_output":
+        lines = [f"**Forecasts the model output: {profile.dim} channels, {profile.num_clusters} clusters**; "
+                 f"solvers in use: {used}."]
     else:
         lines = [f"**{profile.num_blocks} blocks × {profile.dim} dims, {profile.num_clusters} clusters per block**; "
                  f"solvers in use: {used}."]

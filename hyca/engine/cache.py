@@ -29,13 +29,10 @@ from .guard import (SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, me
 from .schedule import Schedule, with_profiles_start
 from .slots import STACKED_BYTES, block_masks, stacked_masks
 from .state import BranchState, RunStats
+from .targets import TARGETS  # what a profile forecasts: residuals, the head's input, the model output
 
 
 POSITION_AXES = ("step", "sigma")
-#: What a profile forecasts: the blocks' summed residuals (the paper's feature caching), or
-#: the output head's input, the last hidden state after the final norm and modulation (a
-#: linear map away from the model output; its profile has one "block").
-TARGETS = ("residual", "output")
 
 logger = logging.getLogger("hyca")
 
@@ -84,6 +81,7 @@ class HybridCache:
         if self.target not in TARGETS:
             raise ValueError(f"profile target must be one of {TARGETS}, got {self.target!r}")
         self.schedule = with_profiles_start(schedule, profile)
+        self.asked_compute_last = schedule.compute_last  # the run's setting, whatever end the profile chose
         self.positions = positions
         self.cache_dtype = cache_dtype
         self.guard = guard
@@ -320,7 +318,7 @@ class HybridCache:
         """What this engine can tell about the run ``state`` belongs to: its schedule and
         axis, and the step count once known (guidance: see :meth:`guidance_branches`)."""
         return RunSettings(steps=state.total_steps, interval=self.schedule.interval, warmup=self.schedule.warmup,
-                           compute_last=self.schedule.compute_last, positions=self.positions)
+                           compute_last=self.asked_compute_last, positions=self.positions)
 
     def guidance_branches(self) -> int:
         """How many branch states began the current run's first step: 2 with classifier-free

@@ -42,7 +42,8 @@ The order of what happens at a step, per branch:
    makes the forecast and checks it is finite (a non-finite one: the step computes).
 3. Computing: ``record(state, block, residual)`` for every block, in any order.
    Forecasting: ``predicted_residual(state)`` once (the first block adds it to its input
-   stream, or the output head takes it for an ``"output"`` target).
+   stream, or the output head takes it for an ``"output"`` target, or it is the call's
+   output for a ``"model_output"`` target).
 4. Anything going wrong on the host's side: ``fail(state, why)``; every later step of
    the branch computes, and the stats say why.
 5. ``end_step(state)``: a computed step's sums join the history (after the guard's check
@@ -67,7 +68,8 @@ class Engine(Protocol):
 
     ``positions``: the axis solvers extrapolate along, ``"step"`` or ``"sigma"``.
     ``target``: what a forecast replaces, ``"residual"`` (the summed block residuals, added
-    to the first block's input stream) or ``"output"`` (the output head's input)."""
+    to the first block's input stream), ``"output"`` (the output head's input) or
+    ``"model_output"`` (the transformer's output, :mod:`hyca.engine.targets`)."""
 
     positions: str
     target: str
@@ -97,7 +99,8 @@ class Engine(Protocol):
 
     def record(self, state: BranchState, block: int, residual: torch.Tensor) -> None:
         """Block ``block``'s residual ``(batch, tokens, dim)`` at a computed step (output
-        stream minus input stream; for an ``"output"`` target, the head's input as block 0)."""
+        stream minus input stream; for an ``"output"`` target, the head's input as block 0;
+        for ``"model_output"``, the model output as block 0, ``(batch, tokens, channels)``)."""
         ...
 
     def predicted_residual(self, state: BranchState) -> torch.Tensor:

@@ -61,6 +61,22 @@ class Schedule:
     def with_first_interval(self, first_interval: int | None) -> "Schedule":
         return replace(self, first_interval=None if first_interval in (None, self.interval) else first_interval)
 
+    def with_start(self, first_interval: int | None, skip_last: bool = False) -> "Schedule":
+        """:meth:`with_first_interval`, and with ``skip_last`` the last step forecast (what a
+        profile chosen on :meth:`lite_start` carries as metadata ``skip_last``)."""
+        started = self.with_first_interval(first_interval)
+        return replace(started, compute_last=False) if skip_last else started
+
+    def lite_start(self, total_steps: int) -> "Schedule | None":
+        """diffusers TaylorSeer's schedule at this interval and warm-up (``cache_interval=N``,
+        ``disable_cache_before_step=W``: steps ``0 .. W-1`` and ``W+1 + kN``, the last step
+        not computed unless it falls there): a first interval of 2 without ``compute_last``.
+        None when it computes more steps in a run of ``total_steps`` than this schedule."""
+        if self.interval < 2:
+            return None
+        lite = replace(self, first_interval=2, compute_last=False)
+        return lite if sum(lite.plan(total_steps)) <= sum(self.plan(total_steps)) else None
+
     def short_start(self, total_steps: int) -> "Schedule | None":
         """The same schedule with the shortest first interval (at least 2) that computes no
         more steps in a run of ``total_steps`` than this one; None when there is none."""
@@ -107,4 +123,4 @@ def with_profiles_start(schedule: Schedule, profile: Profile) -> Schedule:
             or chosen.warmup not in (None, schedule.warmup) or not isinstance(first, int)
             or not 1 <= first <= schedule.interval):
         return schedule
-    return schedule.with_first_interval(first)
+    return schedule.with_start(first, profile.metadata.get("skip_last") is True)

@@ -17,7 +17,9 @@ recorded, and keeps the best:
   short first interval after warm-up (eq. 5 replayed on it; which start is better depends
   on the sigma schedule, :class:`~hyca.engine.schedule.Schedule`), and the output head's
   input as the forecast target instead of the blocks' residuals (eq. 5 on a recording of
-  it), each with the best single solvers of the first round.
+  it), and the model output itself (the target of diffusers' TaylorSeer lite and of
+  whole-output reuse; :mod:`hyca.engine.targets`), each with the best single solvers of the
+  first round and the solvers the track names (``always``).
 
 Each trial is one cached generation at probe resolution, about ``1/N`` of a full one.
 This module only decides; the adapter that can run the pipeline supplies ``generate``.
@@ -112,11 +114,13 @@ class Track:
     """One family of candidates: eq. 5's assignment for one schedule start or forecast
     target (``eq5`` carries them in its metadata: ``first_interval``, ``target``), the
     single solvers on the same, and refinements. ``singles``: None for every solver of the
-    pool, ``k`` for the ``k`` best single solvers of the first track."""
+    pool, ``k`` for the ``k`` best single solvers of the first track. ``always``: pool
+    names tried on this track besides those (a peer's strategy it must not lose to)."""
 
     prefix: str
     eq5: Profile
     singles: int | None = None
+    always: tuple[str, ...] = ()
 
 
 #: Single solvers tried on the tracks after the first: the best few of the first.
@@ -197,6 +201,7 @@ def choose(tracks: Profile | Sequence[Track], generate: Callable[..., torch.Tens
     best_singles = [pool()[int(c.profile.solvers.flatten()[0])] for _, c in ranked]
     for track_index, track in enumerate(tracks[1:], start=1):
         singles = everything if track.singles is None else best_singles[:track.singles]
+        singles = [*singles, *(s for s in everything if s.name in track.always and s not in singles)]
         _run_track(track, singles, run, refine)
     finalists = list(scored_by_name.values())
     if screen is not None and screen.rest:

@@ -29,7 +29,10 @@ class ProbeHost(Protocol):
 
     Optional: ``output_head: bool`` (read with ``getattr``, default False): the host can
     record and forecast the output head's input (an engine whose ``target`` is
-    ``"output"``, one block), so the probe also tries that target."""
+    ``"output"``, one block), so the probe also tries that target. ``model_output: bool``
+    (default False): likewise for the model's output (target ``"model_output"``, one
+    block of output channels: the host records its model call's output at computed steps
+    and returns the engine's forecast in its place at skip steps)."""
 
     num_blocks: int          # blocks the host's engine records (or 1 for an output-head target)
     hidden_size: int         # feature dimension D of a residual

@@ -9,7 +9,8 @@ probe's settings (its own conditioning, seed and sigmas) with an engine installe
    per-cluster solvers (:func:`~hyca.probing.analysis.analyse`), on the schedule and on
    its short start;
 2. when the host offers the output head (``output_head``), once more recording the head's
-   input, analysed the same way;
+   input, analysed the same way; when it offers the model output (``model_output``), once
+   more recording the model's output (:mod:`hyca.engine.targets`);
 3. the tracks of candidates (:mod:`hyca.probing.closed_loop`): each one run by
    ``host.sample(HybridCache(candidate, ...))``, the one nearest the recorded run kept.
 
@@ -42,7 +43,14 @@ from .recorder import SketchRecorder
 CLOSED_LOOP, EQ5 = "closed-loop", "eq5"
 #: How the probe chooses: validated on cached runs of its own prompt (default), or eq. 5 alone.
 SELECTIONS = (CLOSED_LOOP, EQ5)
-TARGETS = (None, "residual", "output")
+TARGETS = (None, "residual", "output", "model_output")
+#: Per target recorded besides the residuals: the host attribute that offers it, and the
+#: prefix of its tracks' candidates.
+_OTHER_TARGETS = {"output": ("output_head", "output"), "model_output": ("model_output", "model")}
+_DESCRIBED = {"output": "the output head", "model_output": "the model output"}
+#: Solvers the model-output tracks always try: the strategies of peers that forecast the
+#: model output (FORA-style reuse, diffusers' TaylorSeer lite orders 1 and 2).
+MODEL_OUTPUT_SOLVERS = ("reuse", "taylor-1", "taylor-2")
 
 logger = logging.getLogger("hyca")
 
@@ -132,8 +140,10 @@ def probe_host(
 
     ``selection``: ``"closed-loop"`` (default) runs every candidate with ``guard`` as it
     will run and keeps the nearest to full compute; ``"eq5"``: the paper's open-loop choice
-    alone. ``target``: None (the closed loop chooses), ``"residual"`` or ``"output"`` (the
-    output head's input; needs a host with ``output_head`` and the closed loop).
+    alone. ``target``: None (the closed loop chooses), ``"residual"``, ``"output"`` (the
+    output head's input; needs a host with ``output_head`` and the closed loop) or
+    ``"model_output"`` (the model's output; needs a host with ``model_output`` and the
+    closed loop).
 
     ``tolerance``: how the closed loop picks among its scored candidates (``"best"``, the
     default; ``"se"``: the simplest within one standard error of the best, or a margin in dB;
@@ -149,10 +159,11 @@ def probe_host(
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     if target not in TARGETS:
-        raise ValueError(f"target must be None, 'residual' or 'output', got {target!r}")
-    head_offered = bool(getattr(host, "output_head", False))
-    if target == "output" and (selection != CLOSED_LOOP or not head_offered):
-        raise ValueError("target='output' needs selection='closed-loop' and a host that offers the output head")
+        raise ValueError(f"target must be None, 'residual', 'output' or 'model_output', got {target!r}")
+    offered = [name for name, (attribute, _) in _OTHER_TARGETS.items() if getattr(host, attribute, False)]
+    if target in _OTHER_TARGETS and (selection != CLOSED_LOOP or target not in offered):
+        raise ValueError(f"target={target!r} needs selection='closed-loop' and a host that offers "
+                         f"{_DESCRIBED[target]} ({_OTHER_TARGETS[target][0]})")
     steps = run.steps
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"run.steps must be the run's number of sampling steps, got {steps!r}")
@@ -162,11 +173,13 @@ def probe_host(
     screen = None
     short = schedule.short_start(steps) if closing else None  # the other start the closed loop tries
     others = (short,) if short is not None else ()
+    # the model-output tracks also replay diffusers TaylorSeer's schedule (lite mode's, exactly)
+    lite = schedule.lite_start(steps) if closing else None
 
-    def recorder(num_blocks: int, bar_progress: Any) -> SketchRecorder:
+    def recorder(num_blocks: int, bar_progress: Any, starts: tuple[Schedule, ...] = others) -> SketchRecorder:
         return SketchRecorder(num_blocks, steps, schedule, positions, rows, spectral_rows, seed, branch, solvers,
                               bar_progress, accumulate_on, guidance_scale=guidance_scale,
-                              batched_guidance=batched_guidance, other_schedules=others)
+                              batched_guidance=batched_guidance, other_schedules=starts)
 
     with tqdm(total=steps, desc="HyCa probe", unit="step", disable=not progress) as bar:
         residuals = recorder(host.num_blocks, _Progress(bar, on_progress, steps, closing))
@@ -186,29 +199,29 @@ def probe_host(
         tracks = [closed_loop.Track("", profile)]
         if short is not None:
             tracks.append(_start_track(profile.labels, residuals, short, clusters, shared, {}))
-        if target != "residual" and head_offered:  # the head's input: its own recording
+        other_reports = {}
+        for name in offered:  # the head's input, the model output: each its own recording
+            if target not in (None, name):
+                continue
             started = time.perf_counter()
-            head = recorder(1, None)
-            head.target = "output"
-            host.sample(head)
-            head_values, head_replay = head.finish()
-            head_profile, head_report = analyse(head_values, head_replay, clusters, shared, seed, n_init)
-            tracks.append(closed_loop.Track("output:", closed_loop.with_metadata(head_profile, target="output"),
-                                            closed_loop.OTHER_TRACK_SINGLES))
-            if short is not None:
-                tracks.append(_start_track(head_profile.labels, head, short, clusters, shared, {"target": "output"}))
-            if target == "output":  # the residual tracks are left out; the first track tries every single solver
-                tracks = [closed_loop.Track(t.prefix, t.eq5, None if i == 0 else t.singles)
-                          for i, t in enumerate(t for t in tracks if t.eq5.metadata.get("target") == "output")]
-            timing["record_output_s"] = round(time.perf_counter() - started, 3)
+            starts = others + ((lite,) if name == "model_output" and lite is not None else ())
+            more, other_reports[name] = _target_tracks(host, name, recorder(1, None, starts), starts, clusters,
+                                                       shared, seed, n_init)
+            tracks += more
+            timing[f"record_{name}_s"] = round(time.perf_counter() - started, 3)
+        if target in _OTHER_TARGETS:  # the residual tracks are left out; the first track tries every single solver
+            tracks = [closed_loop.Track(t.prefix, t.eq5, None if i == 0 else t.singles, t.always)
+                      for i, t in enumerate(t for t in tracks if t.eq5.metadata.get("target") == target)]
         screen = picking.screen_for(int(getattr(host, "samples", None) or 1)) if halving else None
         profile, report["closed_loop"], seconds = _closed_loop(host, schedule, positions, guard, tracks, reference,
                                                                 progress, solvers, on_progress, tolerance, screen)
         timing["closed_loop_s"] = round(seconds, 3)
-        if profile.metadata.get("target") == "output":  # the eq. 5 report that describes the chosen profile
-            report = {**report, **{k: v for k, v in head_report.items() if k != "branches"},
+        chosen = profile.metadata.get("target")
+        if chosen in other_reports:  # the eq. 5 report that describes the chosen profile
+            report = {**report, **{k: v for k, v in other_reports[chosen].items() if k != "branches"},
                       "residual_eq5": {k: report[k] for k in ("blocks", "replay_error")}}
     first_interval, chosen_target = profile.metadata.get("first_interval"), profile.metadata.get("target")
+    skip_last = profile.metadata.get("skip_last") is True
     chosen_for = run.merged(RunSettings(interval=schedule.interval, warmup=schedule.warmup,
                                         compute_last=schedule.compute_last, positions=positions))
     profile.metadata = {
@@ -219,6 +232,7 @@ def probe_host(
         "compute_last": schedule.compute_last,
         "positions": positions,
         **({"first_interval": first_interval} if first_interval is not None else {}),
+        **({"skip_last": True} if skip_last else {}),
         **({"target": chosen_target} if chosen_target is not None else {}),
         "chosen_for": chosen_for.to_json(),
         "probe": {**(facts or {}), "steps": steps, "clusters": clusters, "shared": shared, "seed": seed,
@@ -234,13 +248,39 @@ def probe_host(
     return profile
 
 
-def _start_track(labels: torch.Tensor, recorder: SketchRecorder, short: Schedule, clusters: int, shared: bool,
-                 metadata: dict[str, Any]) -> closed_loop.Track:
-    """Eq. 5 replayed on the short-start schedule, for the clustering ``labels``."""
-    profile = assign(labels, recorder.other_replays()[0], clusters, shared)
-    prefix = ("output," if metadata.get("target") == "output" else "") + f"start{short.first_interval}:"
-    return closed_loop.Track(prefix, closed_loop.with_metadata(profile, first_interval=short.first_interval, **metadata),
-                             closed_loop.OTHER_TRACK_SINGLES)
+def _target_tracks(host: ProbeHost, name: str, recording: SketchRecorder, starts: tuple[Schedule, ...], clusters: int,
+                   shared: bool, seed: int, n_init: int) -> tuple[list[closed_loop.Track], dict[str, Any]]:
+    """The tracks of target ``name`` (``"output"``, ``"model_output"``): ``recording`` (a
+    one-"block" recorder whose other schedules are ``starts``) records it on one more fully
+    computed run, eq. 5 is chosen on the schedule and on each of ``starts``. Returns the
+    tracks and eq. 5's report."""
+    recording.target = name
+    host.sample(recording)
+    values, replay = recording.finish()
+    profile, report = analyse(values, replay, clusters, shared, seed, n_init)
+    always = MODEL_OUTPUT_SOLVERS if name == "model_output" else ()
+    prefix = _OTHER_TARGETS[name][1]
+    tracks = [closed_loop.Track(f"{prefix}:", closed_loop.with_metadata(profile, target=name),
+                                closed_loop.OTHER_TRACK_SINGLES, always)]
+    for index, start in enumerate(starts):
+        tracks.append(_start_track(profile.labels, recording, start, clusters, shared, {"target": name}, always, index))
+    return tracks, report
+
+
+def _start_track(labels: torch.Tensor, recorder: SketchRecorder, start: Schedule, clusters: int, shared: bool,
+                 metadata: dict[str, Any], always: tuple[str, ...] = (), index: int = 0) -> closed_loop.Track:
+    """Eq. 5 replayed on another start of the schedule (the recorder's ``index``-th other
+    schedule: the short start, or TaylorSeer's, whose last step is forecast), for the
+    clustering ``labels``."""
+    profile = assign(labels, recorder.other_replays()[index], clusters, shared)
+    target = metadata.get("target")
+    skip_last = not start.compute_last
+    prefix = ((f"{_OTHER_TARGETS[target][1]}," if target in _OTHER_TARGETS else "")
+              + ("lite:" if skip_last else f"start{start.first_interval}:"))
+    extra = {"skip_last": True} if skip_last else {}
+    return closed_loop.Track(prefix, closed_loop.with_metadata(profile, first_interval=start.first_interval,
+                                                               **extra, **metadata),
+                             closed_loop.OTHER_TRACK_SINGLES, always)
 
 
 def _closed_loop(host: ProbeHost, schedule: Schedule, positions: str, guard: bool, tracks: list[closed_loop.Track],
@@ -251,14 +291,16 @@ def _closed_loop(host: ProbeHost, schedule: Schedule, positions: str, guard: boo
     calibration ``samples`` only, when halving)."""
 
     def generate(candidate: Profile, samples: tuple[int, ...] | None = None) -> torch.Tensor:
-        start = schedule.with_first_interval(candidate.metadata.get("first_interval"))
+        metadata = candidate.metadata
+        start = schedule.with_start(metadata.get("first_interval"), metadata.get("skip_last") is True)
         engine = HybridCache(candidate, start, positions, guard=guard)
         output = host.sample(engine) if samples is None else host.sample(engine, samples)
         return output.detach().float().cpu() if isinstance(output, torch.Tensor) else output
 
     started = time.perf_counter()
     # per track: eq. 5, its single solvers, refinements at most (one per solver group)
-    expected = sum(1 + (len(solvers) if t.singles is None else t.singles) + len(torch.unique(t.eq5.solvers))
+    expected = sum(1 + (len(solvers) if t.singles is None else t.singles + len(t.always))
+                   + len(torch.unique(t.eq5.solvers))
                    for t in tracks) + (screen.finalists + 1 if screen is not None and screen.rest else 0)
     done = 0  # counted here: a disabled tqdm bar (progress=False, the app's case) does not count
     with tqdm(desc="HyCa probe: closed-loop runs", unit="run", disable=not progress) as bar:

@@ -20,7 +20,7 @@ from .io import ProfileError
 from .profile import Profile
 
 
-_TARGET_NAMES = {"residual": "blocks' residuals", "output": "output head's input"}
+_TARGET_NAMES = {"residual": "blocks' residuals", "output": "output head's input", "model_output": "model output"}
 
 
 @dataclass(frozen=True)

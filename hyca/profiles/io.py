@@ -289,8 +289,13 @@ def _check_fingerprint(fp: Any, where: str = "the fingerprint") -> None:
 def _check_shapes(labels_shape: Any, solvers_shape: Any, fp: Mapping[str, Any], where: str = "profile",
                   target: Any = None) -> None:
     """A profile covers every block x hidden dim; one that forecasts the output head
-    (``target="output"``) covers that head's input, one "block" x hidden dim."""
-    want = (1 if target == "output" else fpmod.total_blocks(fp), int(fp["hidden_size"]))
+    (``target="output"``) covers that head's input, one "block" x hidden dim; one that
+    forecasts the model output (``"model_output"``), one "block" x output channels (the
+    fingerprint does not hold them: the host checks them at the first step)."""
+    if target == "model_output" and len(labels_shape) == 2 and labels_shape[1] >= 1:
+        want = (1, int(labels_shape[1]))
+    else:
+        want = (1 if target == "output" else fpmod.total_blocks(fp), int(fp["hidden_size"]))
     if len(labels_shape) != 2 or tuple(labels_shape) != want:
         raise ProfileError(
             f"{where}: labels have shape {tuple(labels_shape)}, but the model it names "

@@ -35,6 +35,7 @@ import torch
 
 from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule, interval_for_speedup
+from ...engine.targets import require_target
 from ...profiles.settings import RunSettings
 from ..webui import kinds
 from ..webui.adapter import Adapter
@@ -225,6 +226,7 @@ class HyCaPatch:
         return self._session(engine, run), run
 
     def _engine(self, profile: Any, schedule: Schedule) -> HybridCache:
+        require_target(profile.metadata, ("residual",), "the ComfyUI node")  # it hooks blocks only
         return HybridCache(profile, schedule, cache_dtype=torch_dtype(self.settings.cache_dtype),
                            guard=self.settings.guard, compare_settings=False)
 

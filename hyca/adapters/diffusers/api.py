@@ -59,6 +59,8 @@ def _profile_for(profile: Profile | str, transformer: torch.nn.Module, num_block
                 raise ValueError(f"this profile forecasts the output head, which {type(transformer).__name__} does "
                                  "not offer to HyCa; use a residual profile (python -m hyca probe)")
             profile.check_fits(1, head.in_features, type(transformer).__name__)
+        elif profile.metadata.get("target") == "model_output":  # one "block": the output channels, checked
+            profile.check_fits(1, profile.dim, type(transformer).__name__)  # against the output at step 0
         else:
             profile.check_fits(num_blocks, dim, type(transformer).__name__)
         return profile

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Callable
 
@@ -36,3 +37,24 @@ def _scalar(timestep: Any) -> float | None:
         return None
     value = torch.as_tensor(timestep)
     return float(value.max() if value.numel() > 1 else value.reshape(()))
+
+
+def sample_of(output: Any) -> Any:
+    """The model output's prediction: the tensor itself, the first item of a tuple
+    (``return_dict=False``), or ``.sample`` (``Transformer2DModelOutput``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return getattr(output, "sample", None)
+
+
+def with_sample(output: Any, sample: torch.Tensor) -> Any:
+    """``output`` in its own type with ``sample`` as its prediction (see :func:`sample_of`)."""
+    if isinstance(output, torch.Tensor):
+        return sample
+    if isinstance(output, (tuple, list)):
+        return type(output)((sample, *output[1:]))
+    if dataclasses.is_dataclass(output):
+        return dataclasses.replace(output, sample=sample)
+    raise TypeError(f"HyCa cannot put a forecast into a {type(output).__name__} output")

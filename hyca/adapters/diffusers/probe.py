@@ -120,8 +120,8 @@ def probe_transformer(
     must return the final output, the same on every call, e.g. from a fixed seed) or
     ``"eq5"``. ``chosen_for``: the run settings the profile is for (stored as its
     ``chosen_for``; steps and guidance come from the arguments). ``target``: None (the
-    closed loop chooses), ``"residual"``, or ``"output"`` (the output head's input; needs
-    a family with an output head). ``samples``: the number of calibration samples when
+    closed loop chooses), ``"residual"``, ``"output"`` (the output head's input; needs
+    a family with an output head) or ``"model_output"`` (the transformer's output). ``samples``: the number of calibration samples when
     ``run(indices)`` also runs those samples alone, each exactly as in the whole batch (the
     probe then screens candidates on a few; :func:`hyca.probing.selection.screen_for`). ``options``: the other settings, :func:`~hyca.probing.probe_host`'s
     (:class:`~hyca.probing.probe.ProbeOptions`), with its defaults.
@@ -149,6 +149,7 @@ class TransformerHost:
         self.num_blocks = len(blocks_of(transformer, family))
         self.hidden_size = int(hidden_size(transformer))
         self.output_head = head_of(transformer, family) is not None
+        self.model_output = True  # the root hook records and replaces any transformer's output
 
     def sample(self, engine: Any, samples: tuple[int, ...] | None = None) -> torch.Tensor | None:
         """``run()``, or ``run(samples)`` (those calibration samples only; a host made with

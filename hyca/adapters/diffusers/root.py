@@ -14,10 +14,11 @@ import torch
 from ...engine.cache import BranchState, HybridCache
 from ...engine.state import RunStats
 from ...engine.residual import ResidualMeter
+from ...engine.targets import MODEL_OUTPUT, OUTPUT, as_tokens, from_tokens
 from ...profiles.settings import RunSettings
 from . import parallel
 from .block import BLOCK_HOOK, HyCaBlockHook
-from .calls import _argument, _parameter_names, _scalar, _shape_signature
+from .calls import _argument, _parameter_names, _scalar, _shape_signature, sample_of, with_sample
 from .chain import HookChain
 from .conflicts import CacheConflict, conflict_message, other_cache
 from .families import BlockList, Family, head_of
@@ -60,7 +61,7 @@ class HyCaRoot(HookChain):
         self._told_unknown = False  # "step count unknown" said once in the log
         self.head = head_of(transformer, family)
         # target "output": the engine forecasts the head's input (the final hidden state), not the residuals
-        if self.default.output_target and self.head is None:
+        if self.default.engine.target == OUTPUT and self.head is None:
             raise ValueError(f"{type(transformer).__name__}: a profile that forecasts the output head needs a head "
                              "(the family table has none for this model); use a residual profile")
 
@@ -129,24 +130,17 @@ class HyCaRoot(HookChain):
         forecast made at the first block on a skipped one."""
         states = ACTIVE.get()
         state = None if states is None or states.root is not self else states.current
-        if state is None or states.bypass or not states.output_target:
+        if state is None or states.bypass or states.engine.target != OUTPUT:
             return None
         x = args[0] if args else kwargs["input"]
-        if state.computing:
-            if not state.failed:
-                try:
-                    states.engine.record(state, 0, x)
-                except Exception as error:
-                    states.engine.fail(state, f"caching failed ({error})")
-            return None
-        forecast, states.head_forecast = states.head_forecast, None
+        forecast = self._record_or_take(states, state, lambda: x, "the output head")
         if forecast is None:
-            raise RuntimeError("HyCa: a forecast step reached the output head without a forecast")
+            return None
         forecast = forecast.to(device=x.device, dtype=x.dtype)
         return ((forecast, *args[1:]), kwargs) if args else (args, {**kwargs, "input": forecast})
 
     @torch.compiler.disable
-    def _post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+    def _post(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         states = ACTIVE.get()
         if states is None or states.root is not self:  # a call HyCa stayed out of (training, gradients)
             return None
@@ -165,6 +159,7 @@ class HyCaRoot(HookChain):
                     f"HyCa: only {states.reports} of {len(self.block_hooks)} block hooks ran in a forecast step: "
                     "something removed them during sampling, and this step's output is wrong. Call hyca.enable again")
             states.engine.fail(state, f"only {states.reports} of {len(self.block_hooks)} block hooks ran")
+        replaced = self._model_output(states, state, output) if states.engine.target == MODEL_OUTPUT else None
         if state.computing and states.parallel is not None:  # one rank's failure is every rank's
             why = self.agreed(states, "recording failed" if state.failed else None,
                               "caching failed on another context-parallel rank")
@@ -173,7 +168,35 @@ class HyCaRoot(HookChain):
         states.engine.end_step(state)
         if state.total_steps is not None and state.step >= state.total_steps:
             self._finish(states, state, None)  # the run is complete: free its cache now
-        return None
+        return replaced
+
+    def _model_output(self, states: BranchStates, state: BranchState, output: Any) -> Any:
+        """Target ``"model_output"`` (:mod:`hyca.engine.targets`): record the call's output
+        at a computed step; at a skip step return the output with the forecast in place of
+        its sample (the blocks only passed their inputs on, as diffusers' TaylorSeer lite
+        zeroes them; a torch forward hook cannot skip the embeddings and head, which are
+        cheap). Returns the replacement output, or None to keep the call's."""
+        sample = sample_of(output)
+        forecast = self._record_or_take(states, state, lambda: _output_tokens(states.engine, sample),
+                                        "the model output")
+        return None if forecast is None else with_sample(output, from_tokens(forecast, sample))
+
+    @staticmethod
+    def _record_or_take(states: BranchStates, state: BranchState, value: Any, where: str) -> torch.Tensor | None:
+        """The output targets' part: at a computed step record ``value()`` as block 0 (a
+        failure computes the rest of the run and says why) and return None; at a skip step
+        return the forecast the first block made (``where`` names the place, for the error)."""
+        if state.computing:
+            if not state.failed:
+                try:
+                    states.engine.record(state, 0, value())
+                except Exception as error:
+                    states.engine.fail(state, f"caching failed ({error})")
+            return None
+        forecast, states.head_forecast = states.head_forecast, None
+        if forecast is None:
+            raise RuntimeError(f"HyCa: a forecast step reached {where} without a forecast")
+        return forecast
 
     def _other_pipeline_run(self, states: BranchStates, state: BranchState, module: torch.nn.Module, run: Run,
                             ) -> None:
@@ -384,6 +407,20 @@ class HyCaRoot(HookChain):
 
 
 
+def _output_tokens(engine: Any, sample: Any) -> torch.Tensor:
+    """A model output as the engine records it, ``(batch, tokens, channels)``; ``ValueError``
+    / ``TypeError`` when a model-output profile cannot forecast it."""
+    if not isinstance(sample, torch.Tensor):  # Z-Image: one tensor per image
+        raise TypeError(f"the model output is a {type(sample).__name__}, not one tensor, so a model-output "
+                        "profile cannot forecast it; use a residual profile")
+    tokens = as_tokens(sample)
+    dim = getattr(getattr(engine, "profile", None), "dim", tokens.shape[-1])
+    if dim != tokens.shape[-1]:
+        raise ValueError(f"the profile forecasts {dim} output channels, the model gives {tokens.shape[-1]}: "
+                         "make a profile for this model")
+    return tokens
+
+
 def fresh_engine(engine: Any) -> Any:
     """A new engine like ``engine`` (a :class:`HybridCache`): same profile, schedule and
     options, none of its run bookkeeping, so that requests running at once never share it."""
@@ -392,5 +429,6 @@ def fresh_engine(engine: Any) -> Any:
     made = HybridCache(engine.profile, engine.schedule, engine.positions, engine.cache_dtype, guard=engine.guard,
                        compare_settings=engine.compare_settings, off_settings=engine.off_settings)
     made.sketch_seed, made._expected = engine.sketch_seed, engine._expected
+    made.asked_compute_last = engine.asked_compute_last  # its schedule already has the profile's end
     made._told = engine._told  # a note is logged once per enabled model, and stays in each run's stats
     return made

@@ -97,7 +97,7 @@ class BranchStates:
         self.stream_tokens: int | None = None
         self.current: BranchState | None = None
         self.reports = 0
-        self.head_forecast: torch.Tensor | None = None  # output target: made at the first block, used at the head
+        self.head_forecast: torch.Tensor | None = None  # output targets: made at the first block, used at the head / output
         self.open: BranchState | None = None
         self.parallel: Any = None
         self.owner: int | None = None  # default scope: the thread whose run it holds
@@ -110,8 +110,10 @@ class BranchStates:
 
     @property
     def output_target(self) -> bool:
-        """Whether this scope's engine forecasts the output head's input."""
-        return self.engine.target == "output"
+        """Whether this scope's engine forecasts something after the blocks (the output
+        head's input, or the model output): the blocks neither record nor add a forecast,
+        the first one hands the forecast over (``head_forecast``) and the rest pass through."""
+        return self.engine.target in ("output", "model_output")
 
     def _forget_unnamed(self) -> None:
         self._unnamed = DEFAULT_BRANCH

@@ -25,6 +25,7 @@ import torch
 
 from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule, interval_for_speedup
+from ...engine.targets import require_target
 from ...profiles.settings import RunSettings
 from . import gates, kinds, probe
 from .adapter import Adapter
@@ -202,6 +203,7 @@ class Controller:
         walks (a list, or a callable asked at the first call); ``pass_sigmas_``: the whole
         pass's, when the session starts part-way (its settings are the whole pass's)."""
         # the pass's settings are compared with the profile's here, with the real guidance scale
+        require_target(chosen.profile.metadata, ("residual",), "the WebUI extension")  # it hooks blocks only
         engine = HybridCache(chosen.profile, schedule, cache_dtype=torch_dtype(settings.cache_dtype),
                              guard=settings.guard, compare_settings=False)
         return PassSession(engine, sigmas, label, on_schedule=lambda walked: self._note_settings(

@@ -1,0 +1,254 @@
+"""Profiles that forecast the transformer's output itself (``target="model_output"``, the
+strategy of diffusers' TaylorSeer lite): checked against forecasts written out by hand on an
+unpatched model, against diffusers' own ``TaylorSeerCacheConfig(use_lite_mode=True)``, and
+through the closed-loop probe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import TaylorSeerCacheConfig
+
+import hyca
+from hyca.adapters.diffusers.fingerprint import fingerprint
+from hyca.adapters.diffusers.probe import probe_transformer
+from hyca.engine.schedule import Schedule
+from hyca.engine.targets import as_tokens, from_tokens, require_target
+from hyca.probing.closed_loop import fidelity_db
+from hyca.profiles import Profile, load_profile, save_profile
+
+from tiny import Inputs, conditioning, euler_sample, fresh_copy, tiny_flux, tiny_pipeline
+from test_output_target import _known_length  # the steps told through a cache context, as there
+from tiny_families import CASES
+
+STEPS, INTERVAL, WARMUP = 10, 3, 2
+CHANNELS = 16  # tiny_flux's out_channels (= in_channels): the last axis of its output
+
+
+def model_output_profile(solver: str, dim: int = CHANNELS, **metadata) -> Profile:
+    profile = Profile.uniform(solver, 1, dim)
+    profile.metadata.update(target="model_output", **metadata)
+    return profile
+
+
+def by_hand(solver: str, history: list[tuple[int, torch.Tensor]], k: int) -> torch.Tensor:
+    """The forecast at step ``k`` from ``history`` (newest first, (step, output)), written out:
+    reuse is the last computed output; taylor-1 extends the line through the last two."""
+    (t1, o1), *rest = history
+    if solver == "reuse":
+        return o1
+    (t2, o2) = rest[0]
+    return o1 + (o1 - o2) * (k - t1) / (t1 - t2)
+
+
+def reference_run(model, inputs, solver: str, plan: list[bool]) -> torch.Tensor:
+    """Euler sampling of the unpatched model where each step the plan skips takes the
+    hand-written forecast of the model outputs of the computed steps as its velocity."""
+    history: list[tuple[int, torch.Tensor]] = []
+
+    def velocity(m, x, sigma, k):
+        if plan[k]:
+            out = inputs.call(m, x, sigma)
+            history.insert(0, (k, out))
+            return out
+        return by_hand(solver, history, k)
+
+    return euler_sample(model, inputs, STEPS, velocity)[0]
+
+
+def cached_run(model, inputs, profile: Profile, **options) -> tuple[torch.Tensor, object]:
+    """Euler sampling with ``profile`` enabled (steps known from the cache context), then
+    disabled: the final sample and the run's stats."""
+    hyca.enable(model, profile=profile, interval=INTERVAL, warmup=WARMUP, scheduler=None, **options)
+    try:
+        with torch.no_grad():
+            result = euler_sample(model, inputs, STEPS, lambda m, x, s, i: _known_length(m, inputs, x, s))[0]
+        return result, hyca.stats(model)[0]
+    finally:
+        hyca.disable(model)
+
+
+@pytest.mark.parametrize("solver", ["reuse", "taylor-1"])
+def test_model_output_profiles_forecast_the_output_by_the_formula(solver):
+    model, inputs = tiny_flux(), Inputs()
+    plan = Schedule(INTERVAL, WARMUP).plan(STEPS)
+    expected = reference_run(fresh_copy(model), inputs, solver, plan)
+    result, stats = cached_run(model, inputs, model_output_profile(solver), guard=False)
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+    assert (stats.computed, stats.forecast) == (sum(plan), STEPS - sum(plan))
+    # disabled means gone: bit-identical to a model never patched
+    assert torch.equal(euler_sample(model, inputs, STEPS)[0], euler_sample(fresh_copy(model), inputs, STEPS)[0])
+
+
+def test_a_skip_step_runs_no_block():
+    model, inputs = tiny_flux(), Inputs()
+    calls = []
+    for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+        block.attn.register_forward_hook(lambda *_: calls.append(1))  # inside the block: counts real runs
+    blocks = len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    plan = Schedule(INTERVAL, WARMUP).plan(STEPS)
+    cached_run(model, inputs, model_output_profile("taylor-1"))
+    assert len(calls) == blocks * sum(plan)
+
+
+def test_taylorseer_lite_order_1_is_the_same_forecast():
+    """diffusers' lite mode (``diffusers/hooks/taylorseer_cache.py``, 0.42.1) computes steps
+    ``0 .. B-1`` and ``B+1 + k*N`` (``B = disable_cache_before_step``) and forecasts proj_out's
+    output, FLUX's model output, by ``o(t1) + (o(t1) - o(t0)) / (t1 - t0) * (k - t1)`` in call
+    counts. HyCa's schedule with warm-up B and a first interval of 2 computes the same steps
+    (``{0..W-1} U {W-1+F+kN}``), without its last one, and taylor-1 on the step axis is the same
+    line: the two runs agree up to float rounding (factors kept in float32 on both sides)."""
+    model = tiny_flux()
+
+    def run(pipe):
+        return pipe(num_inference_steps=12, height=32, width=32, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **conditioning()).images
+
+    lite = tiny_pipeline(fresh_copy(model))
+    lite.transformer.enable_cache(TaylorSeerCacheConfig(
+        cache_interval=INTERVAL, disable_cache_before_step=WARMUP, max_order=1, taylor_factors_dtype=torch.float32,
+        use_lite_mode=True))
+    pipe = tiny_pipeline(fresh_copy(model))
+    # as the probe's lite track writes it: the start, and the last step forecast
+    profile = model_output_profile("taylor-1", first_interval=2, skip_last=True, interval=INTERVAL, warmup=WARMUP,
+                                   compute_last=True)  # chosen for the default schedule, whose end it changes
+    hyca.enable(pipe, profile=profile, interval=INTERVAL, warmup=WARMUP, guard=False)
+    ours, theirs, full = run(pipe), run(lite), run(tiny_pipeline(fresh_copy(model)))
+    stats = hyca.stats(pipe)[0]
+    assert not stats.notes  # the profile's own schedule: nothing to say
+    assert (stats.computed, stats.forecast) == (5, 7)  # steps 0, 1, 3, 6, 9 of 12
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert (ours - full).abs().max() > 1e-2  # forecasting did change the run: the agreement is not vacuous
+
+
+def test_model_output_profiles_round_trip_and_name_their_target(tmp_path):
+    model = tiny_flux()
+    fp = fingerprint(model)
+    path = save_profile(model_output_profile("taylor-2"), tmp_path / "mo.safetensors", fp)
+    loaded = load_profile(path, fp)
+    assert (loaded.num_blocks, loaded.dim, loaded.metadata["target"]) == (1, CHANNELS, "model_output")
+    (engine,) = hyca.enable(model, profile=loaded, interval=INTERVAL, warmup=WARMUP)
+    assert engine.target == "model_output"
+    hyca.disable(model)
+
+
+def test_a_profile_for_other_output_channels_computes_and_says_so():
+    model, inputs = tiny_flux(), Inputs()
+    result, stats = cached_run(model, inputs, model_output_profile("reuse", dim=CHANNELS + 1))
+    assert stats.forecast == 0 and any("output channels" in n for n in stats.notes)
+    assert torch.equal(result, euler_sample(fresh_copy(model), inputs, STEPS)[0])
+
+
+def test_token_view_of_channel_first_outputs():
+    image = torch.randn(2, 5, 3, 4)  # (batch, channels, height, width)
+    tokens = as_tokens(image)
+    assert tokens.shape == (2, 12, 5)
+    assert torch.equal(tokens[1, 2 * 4 + 3], image[1, :, 2, 3])  # token h*W + w holds pixel (h, w)
+    assert torch.equal(from_tokens(tokens, image), image)
+    video = torch.randn(1, 3, 2, 2, 2)
+    assert torch.equal(from_tokens(as_tokens(video), video), video)
+    flat = torch.randn(2, 7, 4)
+    assert as_tokens(flat) is flat
+
+
+def _channels(output: torch.Tensor) -> int:
+    return output.shape[-1] if output.dim() == 3 else output.shape[1]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_family_reuses_its_model_output(name):
+    """With reuse, every forecast call's output is exactly one the same run computed before,
+    in the family's own output type; the run computes the planned steps."""
+    case = CASES[name]
+    pipe = case.build()
+    outputs: dict[str, list] = {}
+    channels = {}
+    for expert in case.experts:
+        seen = []
+        handle = getattr(pipe, expert).register_forward_hook(lambda m, a, o, seen=seen: seen.append(o))
+        case.run(pipe, 2)
+        handle.remove()
+        sample = seen[0][0] if isinstance(seen[0], tuple) else getattr(seen[0], "sample", seen[0])
+        channels[expert] = _channels(sample) if isinstance(sample, torch.Tensor) else len(sample)
+    profiles = {e: model_output_profile("reuse", channels[e]) for e in case.experts}
+    hyca.enable(pipe, profile=profiles if len(case.experts) > 1 else profiles["transformer"], interval=INTERVAL,
+                warmup=WARMUP)
+    for expert in case.experts:  # registered after HyCa's hook: sees what the pipeline gets
+        seen = outputs.setdefault(expert, [])
+        getattr(pipe, expert).register_forward_hook(lambda m, a, o, seen=seen: seen.append(o))
+    try:
+        out = case.run(pipe, 8)
+        stats = hyca.stats(pipe)
+    finally:
+        hyca.disable(pipe)
+    assert torch.isfinite(out).all()
+    if not isinstance(sample, torch.Tensor):  # Z-Image returns one tensor per image: computed, and said
+        assert sum(s.forecast for s in stats) == 0 and any("not one tensor" in n for s in stats for n in s.notes)
+        return
+    assert sum(s.forecast for s in stats) > 0
+    repeats = 0
+    for seen in outputs.values():
+        samples = [o[0] if isinstance(o, tuple) else getattr(o, "sample", o) for o in seen]
+        assert all(type(o) is type(seen[0]) for o in seen)  # the family's own output type throughout
+        repeats += sum(any(torch.equal(s, e) for e in samples[:i]) for i, s in enumerate(samples))
+    assert repeats == sum(s.forecast for s in stats)
+
+
+def test_probe_offers_the_model_output_track_and_keeps_to_it_when_asked():
+    model, inputs = tiny_flux(), Inputs()
+    loop = lambda: euler_sample(model, inputs, STEPS)  # noqa: E731
+    profile = probe_transformer(model, loop, STEPS, interval=INTERVAL, warmup=WARMUP, progress=False,
+                                candidates=("reuse", "taylor-1", "taylor-2"))
+    names = [t["name"] for t in profile.metadata["selection"]["closed_loop"]["trials"]]
+    # the lite-equivalent candidates are run: model output, short start, reuse / taylor-1 / taylor-2
+    for solver in ("reuse", "taylor-1", "taylor-2"):
+        assert f"model:uniform:{solver}" in names
+        assert f"model,lite:uniform:{solver}" in names  # TaylorSeer lite's own schedule
+    forced = probe_transformer(model, loop, STEPS, interval=INTERVAL, warmup=WARMUP, progress=False,
+                               target="model_output", candidates=("reuse", "taylor-1"))
+    assert forced.metadata["target"] == "model_output" and (forced.num_blocks, forced.dim) == (1, CHANNELS)
+    trials = forced.metadata["selection"]["closed_loop"]["trials"]
+    assert all(t["name"].startswith("model") for t in trials)
+    # the chosen profile, enabled as a user would, lands where its trial did
+    best = max(t["fidelity_db"] for t in trials)
+    reference = loop()[0]
+    cached, _ = cached_run(model, inputs, forced)
+    assert fidelity_db(cached, reference) == pytest.approx(best, abs=0.05)
+
+
+def test_hosts_that_hook_blocks_only_refuse_model_output_profiles():
+    with pytest.raises(ValueError, match="model output, which the ComfyUI node cannot apply"):
+        require_target({"target": "model_output"}, ("residual",), "the ComfyUI node")
+    require_target({}, ("residual",), "the ComfyUI node")  # old profiles (no target) are residual profiles
+
+
+def test_the_webui_runs_uncached_with_a_model_output_profile_and_says_why(tmp_path, monkeypatch, capsys):
+    """A model-output profile file for the WebUI's own model (valid for the diffusers host)
+    is listed, but the WebUI hooks blocks only: the generation runs as without HyCa and one
+    console line says why."""
+    from hyca.adapters.webui.fingerprint import fingerprint as webui_fingerprint
+    from hyca.adapters.webui.registry import recognise
+    from webui_harness import Frontend, args
+
+    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path))
+    with Frontend("forge_flux") as f:
+        fp = webui_fingerprint(f.model, recognise(f.model))
+        save_profile(model_output_profile("taylor-1", dim=7), tmp_path / "model-output.safetensors", fp)
+        out, p = f.run(args(True, 3, 2, profile="model-output.safetensors"), steps=10)
+        plain, _ = f.run(args(False), steps=10)
+    assert torch.equal(out.images[0], plain.images[0])
+    assert "HyCa steps" not in p.extra_generation_params
+    lines = [line for line in capsys.readouterr().out.splitlines() if "could not start" in line]
+    assert len(lines) == 1 and "model output" in lines[0]
+
+
+@pytest.mark.parametrize("steps, interval, warmup", [(50, 4, 3), (12, 3, 2), (28, 6, 3), (20, 5, 1)])
+def test_lite_start_computes_taylorseers_steps(steps, interval, warmup):
+    """diffusers' rule (``TaylorSeerCacheHook._measure_should_compute``, 0.42.1): a step computes
+    when ``step < before`` or ``(step - before - 1) % interval == 0``."""
+    theirs = [s < warmup or (s - warmup - 1) % interval == 0 for s in range(steps)]
+    ours = Schedule(interval, warmup).lite_start(steps)
+    if sum(theirs) > sum(Schedule(interval, warmup).plan(steps)):
+        assert ours is None
+    else:
+        assert ours.plan(steps) == theirs
