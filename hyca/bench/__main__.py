@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", action="store_true",
                    help="the settings grid: steps {20,28,50} x guidance {1,2.5} x shift {1,3} x N {3,4,5,6,8}")
     p.add_argument("--intervals", type=int, nargs="+", metavar="N", help="--grid: the intervals N to run")
+    p.add_argument("--guidance", type=float, nargs="+", metavar="G", help="--grid: the guidance scales to run")
+    p.add_argument("--shifts", type=float, nargs="+", metavar="S", help="--grid: the scheduler shifts to run")
     p.add_argument("--shard", default="0/1", metavar="I/N", help="--grid: run every N-th cell starting at I")
     p.add_argument("--resume", action="store_true", help="--grid: keep the cells already in the results file")
     p.add_argument("--report-only", action="store_true", help="--grid: redraw tables and heatmap from the results")
@@ -124,6 +126,10 @@ def _grid(args: argparse.Namespace, name: str, command: str) -> int:
         settings = replace(settings, prompts=args.prompts)
     if args.intervals:
         settings = replace(settings, intervals=tuple(args.intervals))
+    if args.guidance:
+        settings = replace(settings, guidance=tuple(args.guidance))
+    if args.shifts:
+        settings = replace(settings, shifts=tuple(args.shifts))
     index, count = (int(v) for v in args.shard.split("/"))
     results = args.out / (f"{name}.jsonl" if count == 1 else f"{name}.shard{index}of{count}.jsonl")
     if args.remeasure:
