@@ -355,7 +355,13 @@ def test_profile_round_trip_through_a_hub_standin(served, hub, tmp_path):
     with pytest.raises(h.AppError, match="no earlier profile"):
         h.ari_vs_previous(second, "reference", "")
     h.run_probe(second, "reference", "", "a large yellow diamond at the center on a black background", STEPS, 4, 2, 3, "none")
-    assert "ARI current vs previous profile" in h.ari_vs_previous(second, "reference", "")
+    slot = second["profiles"]["reference"]
+    targets = {p.metadata.get("target", "residual") for p in (slot["current"], slot["previous"])}
+    if len(targets) == 1:  # the probe chose the same kind of profile for both prompts: comparable
+        assert "ARI current vs previous profile" in h.ari_vs_previous(second, "reference", "")
+    else:  # e.g. a model-output profile for one prompt, an output-head one for the other: said, not a crash
+        with pytest.raises(h.AppError, match="cannot be compared"):
+            h.ari_vs_previous(second, "reference", "")
 
 
 def test_generation_and_probe_report_progress_per_transformer_call(served):
@@ -494,3 +500,16 @@ def test_steps_with_nothing_to_forecast_run_in_full_and_say_so():
     assert result.numbers["forecast_steps"] == 0
     assert "nothing to forecast" in result.numbers["profile"]
     assert np.array_equal(result.full, result.fast)
+
+
+def test_profiles_of_different_targets_are_said_to_be_incomparable():
+    """The ARI buttons compare clusterings of one kind of feature; a model-output profile and an
+    output-head one cannot be compared, and the app says so instead of failing."""
+    from hyca.app import handlers as h
+    from hyca.profiles.profile import Profile
+
+    head, output = Profile.uniform("taylor-1", 1, 8), Profile.uniform("reuse", 1, 8)
+    head.metadata["target"], output.metadata["target"] = "output", "model_output"
+    with pytest.raises(h.AppError, match="cannot be compared: one profile forecasts the output head's input"):
+        h.describe_comparison(head, output, "previous profile")
+    assert "ARI current vs previous profile" in h.describe_comparison(head, head, "previous profile")

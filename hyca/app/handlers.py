@@ -261,7 +261,13 @@ def run_probe(state: dict[str, Any], model_key: str, custom: str | None, prompt:
 
 
 def describe_comparison(a: Profile, b: Profile, what: str) -> str:
-    cmp = compare_profiles(a, b)
+    """The ARI line for two profiles; :class:`AppError` with the reason when they cannot be
+    compared (another target or shape: the probe may choose a model-output profile for one
+    prompt and an output-head one for another)."""
+    try:
+        cmp = compare_profiles(a, b)
+    except ProfileError as error:
+        raise AppError(f"the current profile and the {what} cannot be compared: {error}") from error
     per_block = ", ".join(f"{v:.2f}" for v in cmp.ari_per_block)
     return (f"ARI current vs {what}: **{cmp.ari_overall:.3f}** (per block: {per_block}); the same solver for "
             f"{cmp.solver_agreement:.0%} of dimensions.")
