@@ -111,3 +111,25 @@ def test_the_webui_folders_are_the_searched_ones_and_automatic_warns(dirs, fp, t
     assert str(good) in chosen.source
     assert any(str(bad) in note for note in chosen.notes)  # what the WebUI prints to its console
     assert len(hyca_warnings(caplog)) == 1 and str(bad) in hyca_warnings(caplog)[0]
+
+def test_a_profile_probed_for_a_pass_is_named_by_its_file_at_later_passes(dirs, fp):
+    """The first pass at new settings probes and says "probe, saved to <file>"; later passes at
+    the same settings use that profile without probing and name the file (a fresh-eyes run saw
+    ComfyUI's console say "probe" at every run)."""
+    from hyca.adapters.webui.profiles import AUTOMATIC, Chosen, ProfileBook
+    from hyca.profiles.settings import RunSettings
+
+    run = RunSettings(steps=10, guidance_scale=1.0, interval=3, warmup=2)
+    calls = []
+
+    def probe():
+        calls.append(1)
+        return random_profile(fp, seed=5, interval=3, warmup=2, chosen_for=run.to_json())
+
+    book, pending = ProfileBook(), Chosen(None, AUTOMATIC, key=(fp["config_sha256"], AUTOMATIC, "", 3), fp=fp)
+    first = book.for_settings(pending, run, (16, 8, 8), probe)
+    again = book.for_settings(pending, run, (16, 8, 8), probe)
+    saved = list(dirs["cache"].glob("*.safetensors"))
+    assert len(calls) == 1 and len(saved) == 1 and again.profile is first.profile
+    assert first.source == f"probe, saved to {saved[0]}"
+    assert again.source == f"{saved[0]} (probed earlier this session)"

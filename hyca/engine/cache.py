@@ -160,7 +160,7 @@ class HybridCache:
                 self.forget_runs()
             if total_steps is not None and all(self.schedule.plan(total_steps)):
                 self._say(state, f"the schedule (warm-up {self.schedule.warmup}, N={self.schedule.interval}) "
-                                 f"forecasts none of this run's {total_steps} steps: every step is computed")
+                                 f"forecasts none of this run's {total_steps} step{'s' if total_steps != 1 else ''}: every step is computed")
             state.first_position = position
             state.signature = signature
             state.total_steps = total_steps

@@ -15,7 +15,7 @@ of its clusters against the base profile for the same settings is reported.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +31,10 @@ from .fingerprint import fingerprint
 AUTOMATIC = "automatic"
 #: Choices that need no file: label -> pool solver name.
 UNIFORM = {"TaylorSeer (taylor-2)": "taylor-2", "TaylorSeer (taylor-1)": "taylor-1", "FORA (reuse)": "reuse"}
+
+
+#: How a profile probed for a pass's settings is named at that pass (later passes name the file).
+PROBED = "probe, saved to "
 
 
 @dataclass
@@ -126,8 +130,11 @@ class ProfileBook:
         chosen for the same settings, else ``probe()``'s, saved to the cache; a LoRA set's
         own probe is kept for the session and compared with the base profile."""
         key = chosen.key + settings_key(run, latent)
-        if key in self._known:
-            return self._known[key]
+        if key in self._known:  # a later pass: the file it was saved to, not "probe" again
+            known = self._known[key]
+            probed = known.source.startswith(PROBED)
+            return replace(known, source=f"{known.source[len(PROBED):]} (probed earlier this session)") if probed \
+                else known
         if chosen.lora:
             profile = probe()
             base = chosen.base
@@ -145,7 +152,7 @@ class ProfileBook:
             hub = {"hub_repo": chosen.key[2]} if chosen.key[2] else {}
             resolved = sources.resolve_profile(chosen.fp, interval=run.interval, run=run, probe=probe,
                                                probe_if_mismatched=True, warn=False, **hub)
-            where = f"probe, saved to {resolved.path}" if resolved.source == "probe" and resolved.path else \
+            where = f"{PROBED}{resolved.path}" if resolved.source == "probe" and resolved.path else \
                 f"{resolved.source} {resolved.path or ''}".strip()
             learned = Chosen(resolved.profile, where, list(resolved.warnings), key=key)
         self._known[key] = learned
