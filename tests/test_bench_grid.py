@@ -49,8 +49,8 @@ def test_fixed_schedules_save_what_their_plan_skips(cell):
     # every single solver on the paper's schedule costs the same
     assert len({rows[grid.SINGLE + n]["flops_speedup"] for n in pool_names()}) == 1
     # the plain call probes on its first call, before the counted held-out batch: its FLOPs are
-    # a cached run's (at most HyCa's schedule's, lite's start computing no more), not the probe's
-    assert rows[grid.HYCA]["flops_speedup"] >= 20 / computed * (1 - 1e-9)
+    # a cached run's, not the probe's (counted with the probe, the row read 0.15x)
+    assert rows[grid.HYCA]["flops_speedup"] > 1.5
 
 
 def test_a_row_is_psnr_against_full_compute_of_the_same_captions(cell):
