@@ -220,8 +220,8 @@ class HybridCache:
         ``(slots, dim)`` mask instead of one update per slot (per-operation overhead is most
         of a small model's recording cost). Per element the same operation as the per-slot
         update (a slot the block does not feed adds an exact zero), so the sums are the same
-        bits. The rows are the slots' history values (a value stays in memory until the
-        slot keeping it longest drops it: why large residuals go slot by slot)."""
+        bits. At the step's end each slot's history takes a copy of its row (a view would keep
+        the whole stacked tensor alive as long as the longest history keeps its row)."""
         if state.stacked is None:
             state.stacked = torch.zeros((len(self.solvers), *residual.shape), device=residual.device, dtype=dtype)
         masks = stacked_masks(self._one_hot, self._masks_key, residual.device, dtype)[block]
@@ -274,7 +274,9 @@ class HybridCache:
                 self._check(state)  # (N=1 forecasts nothing: nothing to check)
             if not state.failed:
                 for history, acc in zip(state.histories, state.accumulators):
-                    history.appendleft(acc)
+                    # a stacked row would keep every slot's row alive until the slot keeping
+                    # history longest drops it: the history holds its own copy
+                    history.appendleft(acc if state.stacked is None else acc.clone())
                 state.positions.appendleft(state.current_position)
                 state.computed_steps.appendleft(state.step)
             state.accumulators, state.stacked = [], None
