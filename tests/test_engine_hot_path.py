@@ -85,3 +85,19 @@ def test_stacked_and_per_slot_recording_give_the_same_forecasts(monkeypatch, use
     per_slot = _run(HybridCache(profile, Schedule(3, 2), guard=use_guard, compare_settings=False))
     assert len(stacked) == len(per_slot) > 5
     assert all(torch.equal(a, b) for a, b in zip(stacked, per_slot))
+
+
+def test_every_candidate_in_one_pass_equals_the_engine_kernel_bit_for_bit():
+    """The guard replays each candidate as a skip step would forecast it: with the engine's
+    kernel (hyca.engine.forecast.forecast) on that solver's weights, short histories included."""
+    from hyca.engine.forecast import forecast, solver_weights
+
+    g = torch.Generator().manual_seed(4)
+    for terms in range(1, 5):
+        history = [torch.randn(2, 8, 16, generator=g) for _ in range(terms)]
+        positions = [10.0 - 2 * j for j in range(terms)]
+        together = guard.predict_all(history, positions, 12.0, list(range(len(pool()))))
+        for solver in range(len(pool())):
+            n = min(terms, pool()[solver].history)
+            weights = solver_weights(solver, tuple(positions[:n]), 12.0)
+            assert torch.equal(together[solver], forecast(history[:len(weights)], weights))

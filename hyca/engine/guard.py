@@ -56,7 +56,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..math.solvers import get_solver, pool
-from .forecast import forecast, solver_weights
+from .forecast import solver_weights
 
 #: The ladder of lower orders a solver can be demoted along, lowest last.
 LADDER = ("taylor-1", "reuse")
@@ -284,23 +284,16 @@ def _item_columns(rows: int, width: int, items: int) -> torch.Tensor:
     return (torch.arange(rows) % items).unsqueeze(1).expand(rows, width)
 
 
-def predict(history: Sequence[torch.Tensor], positions: Sequence[float], target: float, solver: int) -> torch.Tensor:
-    """What ``solver`` forecasts for ``target`` from ``history`` (newest first), falling back
-    with a short history exactly as the engine does at a skip step; float32."""
-    count = min(len(history), pool()[solver].history)
-    weights = solver_weights(solver, tuple(float(p) for p in positions[:count]), float(target))
-    return forecast(list(history)[:len(weights)], weights)
-
-
 def predict_all(history: Sequence[torch.Tensor], positions: Sequence[float], target: float,
                 solvers: Sequence[int]) -> torch.Tensor:
-    """``(len(solvers), *history[0].shape)``: what each solver forecasts, as :func:`predict`,
-    in one pass over the history: each cached value is read once and added, weighted, to
-    every candidate's forecast (a candidate using fewer values weighs the rest 0; :data:`ZERO`
-    forecasts zero). Element
-    for element the same float operations in the same order as :func:`predict` (the sum
-    starts from zeros and adds ``value * weight`` newest first), so the two agree bit for bit
-    on finite values; the check's cost grows with the history, not with the candidates."""
+    """``(len(solvers), *history[0].shape)``: what each solver forecasts for ``target`` from
+    ``history`` (newest first), falling back with a short history as the engine does at a
+    skip step; float32. One pass over the history: each cached value is read once and
+    added, weighted, to every candidate's forecast (a candidate using fewer values weighs the
+    rest 0; :data:`ZERO` forecasts zero). Element for element the same float operations in
+    the same order as the engine's kernel (:func:`~hyca.engine.forecast.forecast`: the sum
+    starts from zeros and adds ``value * weight`` newest first), so the two agree bit for
+    bit on finite values; the check's cost grows with the history, not the candidates."""
     columns = _weight_columns(tuple(solvers), tuple(float(p) for p in positions[:len(history)]), float(target))
     like = history[0]
     weights = columns.to(device=like.device, dtype=torch.float32)
