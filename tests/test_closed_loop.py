@@ -80,6 +80,23 @@ def test_a_refinement_is_kept_only_when_it_gets_closer():
     assert [t.name for t in trials[-2:]] == ["eq5+taylor-2->taylor-1", "eq5+am2->taylor-1"]
 
 
+
+def test_unguarded_candidates_run_with_the_guard_off_and_can_win():
+    """A track's ``unguarded`` solvers (the model output on TaylorSeer lite's schedule, as lite
+    runs it) are tried after the rest with metadata ``guard: false``, which the engine reads."""
+    runs = []
+
+    def generate(profile: Profile) -> torch.Tensor:
+        runs.append(profile.metadata.get("guard"))
+        unguarded = profile.metadata.get("guard") is False
+        return torch.ones(10) + (0.1 if unguarded else 0.5)
+
+    track = closed_loop.Track("model,lite:", mixed_profile(), unguarded=("taylor-1",))
+    chosen, trials, name = closed_loop.choose([track], generate, torch.ones(10), refine=False)
+    assert name == "model,lite:uniform:taylor-1,no-guard" and trials[-1].name == name
+    assert chosen.metadata["guard"] is False and chosen.solver_names() == ["taylor-1"]
+    assert runs == [None] * (1 + len(pool_names())) + [False]
+
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_pipeline(tiny_flux())

@@ -215,3 +215,24 @@ def test_first_switch_is_the_second_judged_check(steps, interval, expected):
     from hyca.engine.schedule import Schedule
 
     assert first_switch(Schedule(interval, 3).plan(steps), interval) == expected
+
+
+def test_a_profile_chosen_without_the_guard_runs_without_it_at_its_own_settings():
+    """Metadata ``guard: false`` (the closed loop kept a guard-off candidate): at the profile's
+    own settings the engine's guard stays out (no switch, where the same profile without the
+    flag is demoted); a run off those settings takes the off-settings path with the guard on,
+    exactly as the profile without the flag does."""
+    def profile(unguarded: bool, steps: int) -> Profile:
+        chosen = uniform("taylor-2")
+        chosen.metadata.update(chosen_for={"steps": steps}, **({"guard": False} if unguarded else {}))
+        return chosen
+
+    outcomes = {}
+    for unguarded in (False, True):
+        for steps in (STEPS, 50):
+            drive(HybridCache(profile(unguarded, steps), Schedule(INTERVAL, WARMUP), guard=True), {"cond": noise(1)})
+            stats = drive.states["cond"].stats
+            outcomes[unguarded, steps] = (stats.switches, stats.off_settings is not None, drive.states["cond"].active)
+    assert outcomes[False, STEPS][0] and not outcomes[False, STEPS][1]  # guarded: demoted, at its settings
+    assert outcomes[True, STEPS][0] == [] and outcomes[True, STEPS][2] == [pool_names().index("taylor-2")]
+    assert outcomes[True, 50][1] and outcomes[True, 50] == outcomes[False, 50]  # off its settings: guarded again

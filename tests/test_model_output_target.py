@@ -204,6 +204,8 @@ def test_probe_offers_the_model_output_track_and_keeps_to_it_when_asked():
     for solver in ("reuse", "taylor-1", "taylor-2"):
         assert f"model:uniform:{solver}" in names
         assert f"model,lite:uniform:{solver}" in names  # TaylorSeer lite's own schedule
+    for solver in ("taylor-1", "taylor-2"):  # and lite's strategy exactly: no guard
+        assert f"model,lite:uniform:{solver},no-guard" in names
     forced = probe_transformer(model, loop, STEPS, interval=INTERVAL, warmup=WARMUP, progress=False,
                                target="model_output", candidates=("reuse", "taylor-1"))
     assert forced.metadata["target"] == "model_output" and (forced.num_blocks, forced.dim) == (1, CHANNELS)
@@ -214,6 +216,38 @@ def test_probe_offers_the_model_output_track_and_keeps_to_it_when_asked():
     reference = loop()[0]
     cached, _ = cached_run(model, inputs, forced)
     assert fidelity_db(cached, reference) == pytest.approx(best, abs=0.05)
+
+
+def test_a_probe_that_keeps_a_guard_off_candidate_says_so_in_its_profile(monkeypatch):
+    """The chosen candidate's ``guard: false`` reaches the profile's metadata (the engine reads
+    it there), and the profile enabled with the guard on runs as the guard-off engine does
+    (that the flag keeps a guard out that would act: tests/test_guard.py)."""
+    from hyca.probing import closed_loop
+
+    original = closed_loop.choose
+
+    def keep_lite_unguarded(tracks, generate, reference, *args, **kwargs):
+        _, trials, _ = original(tracks, generate, reference, *args, **kwargs)
+        lite = next(t for t in tracks if t.prefix == "model,lite:")
+        candidate = closed_loop.with_metadata(closed_loop.uniform_candidates(lite.eq5, [pool_solver("taylor-1")])[0]
+                                              .profile, guard=False)
+        return candidate, trials, "model,lite:uniform:taylor-1,no-guard"
+
+    monkeypatch.setattr(closed_loop, "choose", keep_lite_unguarded)
+    model, inputs = tiny_flux(), Inputs()
+    profile = probe_transformer(model, lambda: euler_sample(model, inputs, STEPS), STEPS, interval=INTERVAL,
+                                warmup=WARMUP, progress=False, candidates=("reuse", "taylor-1", "taylor-2"))
+    assert profile.metadata["guard"] is False and profile.metadata["skip_last"] is True
+    guarded, _ = cached_run(model, inputs, profile)
+    plain = Profile(profile.labels, profile.solvers, {k: v for k, v in profile.metadata.items() if k != "guard"})
+    unguarded, _ = cached_run(model, inputs, plain, guard=False)
+    assert torch.equal(guarded, unguarded)
+
+
+def pool_solver(name: str):
+    from hyca.math.solvers import pool, pool_names
+
+    return pool()[pool_names().index(name)]
 
 
 def test_hosts_that_hook_blocks_only_refuse_model_output_profiles():

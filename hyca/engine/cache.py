@@ -65,7 +65,8 @@ class HybridCache:
     ) -> None:
         """``guard``: check every computed step's forecast against what was computed and
         switch solver groups that did worse than a lower order (:mod:`hyca.engine.guard`);
-        ``False`` is the paper's behaviour. ``reduce``: see :data:`Reduce`.
+        ``False`` is the paper's behaviour (so is a profile whose metadata says ``guard: false``,
+        on runs at its own settings: the closed loop chose it so). ``reduce``: see :data:`Reduce`.
         ``compare_settings``: at each run's second step, say once what differs between the
         run and the settings the profile was chosen for (a host that knows the run's
         settings up front, such as a WebUI pass, tells them with :meth:`expect` and passes False).
@@ -85,6 +86,7 @@ class HybridCache:
         self.positions = positions
         self.cache_dtype = cache_dtype
         self.guard = guard
+        self.unguarded = profile.metadata.get("guard") is False  # see _guarded
         self.reduce = reduce
         #: seeds the guard's sketches; ranks of one context-parallel group need different ones
         self.sketch_seed = 0
@@ -270,7 +272,7 @@ class HybridCache:
             recorded = all(acc is not None for acc in state.accumulators)
             if not recorded:
                 state.failed = True  # some block did not report: the history would be inconsistent
-            if not state.failed and self.guard and state.positions and self.schedule.interval > 1:
+            if not state.failed and self._guarded(state) and state.positions and self.schedule.interval > 1:
                 self._check(state)  # (N=1 forecasts nothing: nothing to check)
             if not state.failed:
                 for history, acc in zip(state.histories, state.accumulators):
@@ -286,6 +288,11 @@ class HybridCache:
         state.forecast = state.forecast_position = None
         state.step += 1
         self.last_stats = state.stats
+
+    def _guarded(self, state: BranchState) -> bool:
+        """Whether the guard checks ``state``'s run: on, unless the closed loop chose the
+        profile without it (metadata ``guard: false``) and the run is at its settings."""
+        return self.guard and not (self.unguarded and state.stats.off_settings is None)
 
     def history_bytes(self, state: BranchState) -> int:
         return sum(t.numel() * t.element_size() for h in state.histories for t in h)
@@ -370,12 +377,8 @@ class HybridCache:
         (:mod:`hyca.profiles.off_settings`). The guard's candidates for a group are then
         ``solver``, the profile's own solver and that solver's lower orders
         (:func:`guard.candidates`), so a check can move it down to reuse or give it its own
-        solver back; the switches show in the stats.
-
-        Why not trust the profile and let the guard demote it: the guard needs two steady
-        checks (the third computed step after warm-up, at the earliest) before it may switch;
-        at 20-28 steps with N >= 4 that comes after most of the forecasts, or never. The
-        measurements behind the start solvers: bench/results/off_settings.md."""
+        solver back; the switches show in the stats. Why start low rather than let the guard
+        demote: :mod:`hyca.profiles.off_settings`."""
         to = pool_names().index(solver)
         depth = pool()[to].history  # a slot keeps as much history as its solver reads: raised, it needs more
         state.histories = [h if h.maxlen >= depth else deque(h, maxlen=depth) for h in state.histories]

@@ -115,12 +115,15 @@ class Track:
     target (``eq5`` carries them in its metadata: ``first_interval``, ``target``), the
     single solvers on the same, and refinements. ``singles``: None for every solver of the
     pool, ``k`` for the ``k`` best single solvers of the first track. ``always``: pool
-    names tried on this track besides those (a peer's strategy it must not lose to)."""
+    names tried on this track besides those (a peer's strategy it must not lose to);
+    ``unguarded``: pool names also tried with the guard off (metadata ``guard: false``), as a
+    peer that has no guard runs them."""
 
     prefix: str
     eq5: Profile
     singles: int | None = None
     always: tuple[str, ...] = ()
+    unguarded: tuple[str, ...] = ()
 
 
 #: Single solvers tried on the tracks after the first: the best few of the first.
@@ -147,6 +150,11 @@ def _run_track(track: Track, singles: Sequence[Solver], run: Callable[[Candidate
             scored.append((db, candidate))
             if db > mixed_db:
                 mixed_db, mixed = db, candidate
+    for name in track.unguarded:
+        index = pool_names().index(name)
+        profile = with_metadata(with_solvers(eq5, torch.full_like(eq5.solvers, index)), guard=False)
+        candidate = Candidate(f"{prefix}uniform:{name},no-guard", profile)
+        scored.append((run(candidate), candidate))
     return scored
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import time
+from dataclasses import replace
 from typing import Any, Callable, Mapping, Sequence, TypedDict
 
 import torch
@@ -51,6 +52,9 @@ _DESCRIBED = {"output": "the output head", "model_output": "the model output"}
 #: Solvers the model-output tracks always try: the strategies of peers that forecast the
 #: model output (FORA-style reuse, diffusers' TaylorSeer lite orders 1 and 2).
 MODEL_OUTPUT_SOLVERS = ("reuse", "taylor-1", "taylor-2")
+#: Tried on the model output with TaylorSeer lite's schedule and the guard off too: lite's
+#: own strategy exactly (it has no guard), so a guarded probe cannot lose to it on its run.
+LITE_UNGUARDED = ("taylor-1", "taylor-2")
 
 logger = logging.getLogger("hyca")
 
@@ -209,8 +213,10 @@ def probe_host(
                                                        shared, seed, n_init)
             tracks += more
             timing[f"record_{name}_s"] = round(time.perf_counter() - started, 3)
+        if guard:  # lite's strategy as lite runs it
+            tracks = [replace(t, unguarded=LITE_UNGUARDED) if t.prefix == "model,lite:" else t for t in tracks]
         if target in _OTHER_TARGETS:  # the residual tracks are left out; the first track tries every single solver
-            tracks = [closed_loop.Track(t.prefix, t.eq5, None if i == 0 else t.singles, t.always)
+            tracks = [replace(t, singles=None if i == 0 else t.singles)
                       for i, t in enumerate(t for t in tracks if t.eq5.metadata.get("target") == target)]
         screen = picking.screen_for(int(getattr(host, "samples", None) or 1)) if halving else None
         profile, report["closed_loop"], seconds = _closed_loop(host, schedule, positions, guard, tracks, reference,
@@ -222,6 +228,7 @@ def probe_host(
                       "residual_eq5": {k: report[k] for k in ("blocks", "replay_error")}}
     first_interval, chosen_target = profile.metadata.get("first_interval"), profile.metadata.get("target")
     skip_last = profile.metadata.get("skip_last") is True
+    unguarded = profile.metadata.get("guard") is False
     chosen_for = run.merged(RunSettings(interval=schedule.interval, warmup=schedule.warmup,
                                         compute_last=schedule.compute_last, positions=positions))
     profile.metadata = {
@@ -233,6 +240,7 @@ def probe_host(
         "positions": positions,
         **({"first_interval": first_interval} if first_interval is not None else {}),
         **({"skip_last": True} if skip_last else {}),
+        **({"guard": False} if unguarded else {}),
         **({"target": chosen_target} if chosen_target is not None else {}),
         "chosen_for": chosen_for.to_json(),
         "probe": {**(facts or {}), "steps": steps, "clusters": clusters, "shared": shared, "seed": seed,
@@ -299,7 +307,7 @@ def _closed_loop(host: ProbeHost, schedule: Schedule, positions: str, guard: boo
 
     started = time.perf_counter()
     # per track: eq. 5, its single solvers, refinements at most (one per solver group)
-    expected = sum(1 + (len(solvers) if t.singles is None else t.singles + len(t.always))
+    expected = sum(1 + (len(solvers) if t.singles is None else t.singles + len(t.always)) + len(t.unguarded)
                    + len(torch.unique(t.eq5.solvers))
                    for t in tracks) + (screen.finalists + 1 if screen is not None and screen.rest else 0)
     done = 0  # counted here: a disabled tqdm bar (progress=False, the app's case) does not count

@@ -7,7 +7,11 @@ or ComfyUI session whose probe is off or that took the closest cached profile, a
 another one's noise and land below plain reuse (issue 21, item 4). The *robust path* keeps
 the profile's clustering and starts each solver group from a low order, with the guard on:
 the guard's checks (:mod:`hyca.engine.guard`) then demote a group to plain reuse, or give it
-the profile's own solver back where that solver wins on this run's trajectory.
+the profile's own solver back where that solver wins on this run's trajectory. Why not
+trust the profile and let the guard demote it: the guard needs two steady checks (the third
+computed step after warm-up, at the earliest) before it may switch; at 20-28 steps with
+N >= 4 that comes after most of the forecasts, or never. A profile the closed loop chose
+with the guard off (metadata ``guard: false``) gets the guard back on this path.
 
 Which low order (:func:`robust_start`): plain reuse on guided runs and even sigma schedules,
 taylor-1 on unguided runs on shifted ones, measured on the reference model at off-settings
