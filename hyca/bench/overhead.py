@@ -36,7 +36,10 @@ class CallTimes:
 
     @contextlib.contextmanager
     def attached(self, transformer: torch.nn.Module) -> Iterator["CallTimes"]:
-        handles = [transformer.register_forward_pre_hook(self._before), transformer.register_forward_hook(self._after)]
+        # first before and last after every other hook: a call's time includes HyCa's root
+        # hook on both sides (its pre-hook alone is most of HyCa's per-call bookkeeping)
+        handles = [transformer.register_forward_pre_hook(self._before, prepend=True),
+                   transformer.register_forward_hook(self._after)]
         try:
             yield self
         finally:
