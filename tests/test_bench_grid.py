@@ -113,7 +113,19 @@ def test_remeasure_replaces_only_the_named_rows(cell, tmp_path):
     assert again["remeasured"] == [name] and grid.read(out) == [again]
     assert "Measured again in 1 cell with" in grid_report.markdown([again], "python -m hyca.bench --grid")
     with pytest.raises(ValueError, match="cannot measure"):
-        grid.remeasure(SETTINGS, out, [grid.HYCA], pipe=tiny_components(seed=0), log=lambda _: None)
+        grid.remeasure(SETTINGS, out, [grid.HYCA_TOLD], pipe=tiny_components(seed=0), log=lambda _: None)
+
+
+def test_the_plain_call_is_measured_again_as_it_was_and_names_its_choice(cell, tmp_path):
+    """The default row probes on first use; measured again it probes again (a cache of its
+    own) and lands on the same images, now with what its probe chose."""
+    out = tmp_path / "grid.jsonl"
+    out.write_text(json.dumps(cell) + "\n")
+    (again,) = grid.remeasure(SETTINGS, out, [grid.HYCA], pipe=tiny_components(seed=0), log=lambda _: None)
+    before, after = ({r["method"]: r for r in c["rows"]}[grid.HYCA] for c in (cell, again))
+    assert after["psnr_per_prompt"] == pytest.approx(before["psnr_per_prompt"], abs=1e-3)
+    trials = after["info"]["closed_loop_trials"]
+    assert after["info"]["closed_loop_choice"] in {t["name"] for t in trials} and len(trials) > 10
 
 
 def test_report_only_without_results_says_what_is_there(tmp_path, capsys):

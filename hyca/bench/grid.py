@@ -39,11 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -57,10 +54,10 @@ from ..math.solvers import pool_names
 from . import methods as m
 from .calibrate import search
 from .flops import TransformerFlops
+from .grid_plain import HYCA, plain_row
 from .metrics import psnr, ssim
 
 PSNR_CAP = 100.0
-HYCA = "HyCa"
 HYCA_TOLD = "HyCa (probe told the settings)"
 HYCA_EQ5 = "HyCa (eq. 5, paper)"
 HYCA_NO_GUARD = "HyCa (no guard)"
@@ -166,31 +163,6 @@ def engine(name: str, profile: Any, interval: int, warmup: int, guard: bool, **i
                   hyca.disable, info=info)
 
 
-def plain_call(interval: int, warmup: int, first_call: Callable[[], Any]) -> Method:
-    """:data:`HYCA`: ``hyca.enable(pipe, interval=, warmup=)`` with an empty profile cache of
-    its own (``HYCA_CACHE``, removed after), so its first call probes at the cell's settings
-    as a user's first call at new settings does. ``first_call`` makes that call (a
-    calibration caption at the cell's settings) before the held-out batches, whose FLOPs
-    must not count the probe's."""
-    kept: dict[str, Any] = {}
-
-    def enable(pipe: Any) -> None:
-        kept["cache"], kept["env"] = tempfile.mkdtemp(prefix="hyca-grid-cache-"), os.environ.get("HYCA_CACHE")
-        os.environ["HYCA_CACHE"] = kept["cache"]
-        hyca.enable(pipe, interval=interval, warmup=warmup)
-        first_call()
-
-    def disable(pipe: Any) -> None:
-        hyca.disable(pipe)
-        if kept["env"] is None:
-            os.environ.pop("HYCA_CACHE", None)
-        else:
-            os.environ["HYCA_CACHE"] = kept["env"]
-        shutil.rmtree(kept["cache"], ignore_errors=True)
-
-    return Method(HYCA, enable, disable, info={"call": f"hyca.enable(pipe, interval={interval}, warmup={warmup})"})
-
-
 def hyca_methods(work: Workload, cell: tuple, settings: GridSettings) -> tuple[list[Method], dict]:
     """HyCa's plain call; HyCa as probed at the cell's settings (closed loop) with and without
     the guard; eq. 5 alone (guard off)."""
@@ -213,11 +185,7 @@ def hyca_methods(work: Workload, cell: tuple, settings: GridSettings) -> tuple[l
     info = {"probe_seconds": round(closed_seconds, 2), "eq5_probe_seconds": round(eq5_seconds, 2),
             "closed_loop_choice": report.get("chosen"), "closed_loop_trials": report.get("trials", []),
             "profile": _solver_shares(closed)}
-    def first_call() -> None:
-        work.pipe(work.calibration[:1], num_inference_steps=steps, guidance_scale=guidance,
-                  latents=work.calibration_latents[:1].clone(), output_type="pt")
-
-    methods = [plain_call(interval, settings.warmup, first_call),
+    methods = [plain_row(work, cell, settings),
                engine(HYCA_TOLD, closed, interval, settings.warmup, True),
                engine(HYCA_NO_GUARD, closed, interval, settings.warmup, False),
                engine(HYCA_EQ5, eq5, interval, settings.warmup, False)]
@@ -389,7 +357,8 @@ def remeasure(settings: GridSettings, out: Path, names: list[str], pipe: Any = N
               log: Callable[[str], None] = print) -> list[dict]:
     """Measure the methods ``names`` again in every cell of ``out`` and replace their rows
     (marked in the cell's ``remeasured``): after a change that touches only them, without
-    the hours of a full run. Only :func:`fixed_methods` can be measured again this way.
+    the hours of a full run. :func:`fixed_methods` and the plain call (:data:`HYCA`, which
+    probes on first use) can be measured again this way.
 
     Raises ``ValueError`` for a name that is not one of them."""
     from .workload import load
@@ -404,7 +373,7 @@ def remeasure(settings: GridSettings, out: Path, names: list[str], pipe: Any = N
         cell = tuple(result["cell"][k] for k in ("steps", "guidance", "shift", "interval"))
         started = time.perf_counter()
         with shifted(work.pipe, cell[2]):
-            available = {m.name: m for m in fixed_methods(work, cell, settings)}
+            available = {m.name: m for m in [*fixed_methods(work, cell, settings), plain_row(work, cell, settings)]}
             unknown = [n for n in names if n not in available]
             if unknown:
                 raise ValueError(f"cannot measure {unknown} again (only {sorted(available)})")
