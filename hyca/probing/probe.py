@@ -95,6 +95,7 @@ class ProbeOptions(TypedDict, total=False):
     on_progress: Callable[[float, str], None] | None
     tolerance: str | float
     halving: bool
+    refine: bool
 
 
 #: The closed loop's default rule: the best mean. The simplest-within-noise rules and halving
@@ -126,6 +127,7 @@ def probe_host(
     on_progress: Callable[[float, str], None] | None = None,
     tolerance: str | float = TOLERANCE,
     halving: bool = False,
+    refine: bool = False,
     fingerprint: Mapping[str, Any] | None = None,
     facts: Mapping[str, Any] | None = None,
 ) -> Profile:
@@ -153,7 +155,11 @@ def probe_host(
     default; ``"se"``: the simplest within one standard error of the best, or a margin in dB;
     :func:`hyca.probing.selection.pick`). ``halving`` (off by default): when the host runs calibration samples
     separately (``host.samples`` > 1), screen every candidate on a quarter of them and run
-    only the finalists on the rest (:func:`hyca.probing.selection.screen_for`).
+    only the finalists on the rest (:func:`hyca.probing.selection.screen_for`). ``refine`` (off by
+    default): also try the greedy refinements of each track's mixed assignment
+    (:func:`hyca.probing.closed_loop.handed_over`); measured on held-out captions they did not
+    change what the probe's choice gives (``python -m hyca.bench.selection_transfer``,
+    docs/bench.md) and cost about one run in seven.
 
     ``progress``: tqdm bars; ``on_progress(fraction, text)``: after each recorded step and
     each candidate run. ``fingerprint`` and ``facts`` (prompt, size, frontend, ...) go into
@@ -220,7 +226,8 @@ def probe_host(
                       for i, t in enumerate(t for t in tracks if t.eq5.metadata.get("target") == target)]
         screen = picking.screen_for(int(getattr(host, "samples", None) or 1)) if halving else None
         profile, report["closed_loop"], seconds = _closed_loop(host, schedule, positions, guard, tracks, reference,
-                                                                progress, solvers, on_progress, tolerance, screen)
+                                                                progress, solvers, on_progress, tolerance, screen,
+                                                                refine)
         timing["closed_loop_s"] = round(seconds, 3)
         chosen = profile.metadata.get("target")
         if chosen in other_reports:  # the eq. 5 report that describes the chosen profile
@@ -246,7 +253,7 @@ def probe_host(
         "probe": {**(facts or {}), "steps": steps, "clusters": clusters, "shared": shared, "seed": seed,
                   "rows": rows, "spectral_rows": spectral_rows, "n_init": n_init, "branch": branch,
                   "selection": selection, "guard": guard, "tolerance": tolerance,
-                  "halving": list(screen.first) if screen is not None else None},
+                  "halving": list(screen.first) if screen is not None else None, "refine": refine},
         "pool_version": POOL_VERSION,
         "hyca_version": _version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -294,7 +301,7 @@ def _start_track(labels: torch.Tensor, recorder: SketchRecorder, start: Schedule
 def _closed_loop(host: ProbeHost, schedule: Schedule, positions: str, guard: bool, tracks: list[closed_loop.Track],
                  reference: torch.Tensor, progress: bool, solvers: Sequence[Solver],
                  on_progress: Callable[[float, str], None] | None = None, tolerance: str | float = TOLERANCE,
-                 screen: picking.Screen | None = None) -> tuple[Profile, dict[str, Any], float]:
+                 screen: picking.Screen | None = None, refine: bool = False) -> tuple[Profile, dict[str, Any], float]:
     """:func:`hyca.probing.closed_loop.choose` with cached runs on ``host`` (of the
     calibration ``samples`` only, when halving)."""
 
@@ -308,7 +315,7 @@ def _closed_loop(host: ProbeHost, schedule: Schedule, positions: str, guard: boo
     started = time.perf_counter()
     # per track: eq. 5, its single solvers, refinements at most (one per solver group)
     expected = sum(1 + (len(solvers) if t.singles is None else t.singles + len(t.always)) + len(t.unguarded)
-                   + len(torch.unique(t.eq5.solvers))
+                   + (len(torch.unique(t.eq5.solvers)) if refine else 0)
                    for t in tracks) + (screen.finalists + 1 if screen is not None and screen.rest else 0)
     done = 0  # counted here: a disabled tqdm bar (progress=False, the app's case) does not count
     with tqdm(desc="HyCa probe: closed-loop runs", unit="run", disable=not progress) as bar:
@@ -320,7 +327,7 @@ def _closed_loop(host: ProbeHost, schedule: Schedule, positions: str, guard: boo
                 on_progress(_Progress.SHARE + (1 - _Progress.SHARE) * min(done, expected) / expected,
                             f"probe: closed-loop run {done} (of at most {expected})")
 
-        chosen, trials, winner = closed_loop.choose(tracks, generate, reference, solvers, on_trial=tick,
+        chosen, trials, winner = closed_loop.choose(tracks, generate, reference, solvers, refine=refine, on_trial=tick,
                                                     tolerance=tolerance, screen=screen)
     if on_progress is not None:  # fewer runs than the most expected: refinements that were not needed
         on_progress(1.0, f"probe: chose {winner} after {len(trials)} closed-loop runs")

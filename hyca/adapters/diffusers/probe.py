@@ -222,7 +222,7 @@ def probe(
 
     ``options``: settings of :func:`probe_transformer` (``compute_last``, ``rows``,
     ``spectral_rows``, ``n_init``, ``candidates``, ``branch``, ``accumulate_on``,
-    ``selection``, ``guard``, ``target``, ``on_progress``, ``tolerance``, ``halving``); a list of
+    ``selection``, ``guard``, ``target``, ``on_progress``, ``tolerance``, ``halving``, ``refine``); a list of
     prompts with per-sample ``latents`` lets the probe screen candidates on a few of them
     (successive halving); everything else goes to the
     pipeline call (e.g. ``guidance_scale``, or ``prompt_embeds`` instead of a prompt).
@@ -234,7 +234,7 @@ def probe(
     height, width = (_pixels(name, value) for name, value in (("height", height), ("width", width)))
     options = {**{k: v for k, v in own.items() if k not in given}, **options}
     probe_keys = ("compute_last", "rows", "spectral_rows", "n_init", "candidates", "branch", "accumulate_on",
-                  "selection", "guard", "on_progress", "target", "tolerance", "halving")
+                  "selection", "guard", "on_progress", "target", "tolerance", "halving", "refine")
     probe_options = {k: options.pop(k) for k in probe_keys if k in options}
     call = {"output_type": "latent", **options}
     if "prompt_embeds" not in call:
