@@ -245,15 +245,15 @@ class Controller:
         place = step_of(sigma_now, sigmas)
         if place is None or place[1] != 0.0:
             return None  # a midpoint call (DPM2): wait for a call on the schedule
-        try:
+        try:  # a profile this pass cannot run (another target, from the cache or the Hub) is refused too
             chosen = self._probe_for(pending, x, t, sigma_now, sigmas, model_call, output)
+            session = self._open(chosen, pending.settings, pending.schedule, pending.label, sigmas[place[0]:],
+                                 pending.guidance, sigmas, pending.adapter.head_module(pending.model) is not None)
         except Exception as error:  # noqa: BLE001 - no profile: this pass runs uncached, the next one tries again
             self.session = None
-            console(f"could not probe ({type(error).__name__}: {error}); this {pending.label} runs uncached")
+            console(f"could not settle a profile ({type(error).__name__}: {error}); this {pending.label} runs uncached")
             return None
         self.chosen = chosen
-        session = self._open(chosen, pending.settings, pending.schedule, pending.label, sigmas[place[0]:],
-                             pending.guidance, sigmas, pending.adapter.head_module(pending.model) is not None)
         if place[0]:
             console(f"the {pending.label} is cached from step {place[0] + 1} (its first calls carried one guidance "
                     "branch each and ran uncached while the probe gathered both)")
