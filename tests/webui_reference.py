@@ -77,7 +77,9 @@ class ReferenceHyCa:
         for h in self.handles:
             h.remove()
 
-    def _begin(self, module, args, kwargs):
+    def _place(self, args, kwargs) -> tuple[dict, float, bool]:
+        """This model call's branch state (its step's decision made on the step's first
+        call), its position (step plus fraction) and whether it begins its step."""
         t = args[1] if len(args) > 1 else next(kwargs[k] for k in ("timestep", "timesteps", "t") if k in kwargs)
         sigma = float(t.flatten()[0]) / self.multiplier
         if self.sigma is None or abs(sigma - self.sigma) > 1e-7:
@@ -88,9 +90,14 @@ class ReferenceHyCa:
         first = k > branch["began"]
         if first:
             branch["began"], branch["decision"] = k, self.plan[k] or not branch["history"]
-            if branch["decision"]:
-                self.computed_steps.append(k)
-        self.call = {"branch": branch, "position": k + fraction, "store": first and branch["decision"],
+        return branch, k + fraction, first
+
+    def _begin(self, module, args, kwargs):
+        branch, position, first = self._place(args, kwargs)
+        k = int(position)
+        if first and branch["decision"]:
+            self.computed_steps.append(k)
+        self.call = {"branch": branch, "position": position, "store": first and branch["decision"],
                      "compute": branch["decision"], "residuals": {}, "n": None, "added": False}
         if not self.call["compute"]:
             recent = branch["history"][: self.depth]
@@ -164,17 +171,8 @@ class HeadReference:
             h.remove()
 
     def _begin(self, module, args, kwargs):
-        t = args[1] if len(args) > 1 else next(kwargs[k] for k in ("timestep", "timesteps", "t") if k in kwargs)
-        sigma = float(t.flatten()[0]) / self.multiplier
-        if self.sigma is None or abs(sigma - self.sigma) > 1e-7:
-            self.sigma, self.ordinal = sigma, 0
-        branch = self.state.setdefault(self.ordinal % self.branches, {"history": [], "began": -1})
-        self.ordinal += 1
-        k, fraction = locate(sigma, self.schedule)
-        first = k > branch["began"]
-        if first:
-            branch["began"], branch["decision"] = k, self.plan[k] or not branch["history"]
-        self.call = {"branch": branch, "position": k + fraction, "store": first and branch["decision"],
+        branch, position, first = ReferenceHyCa._place(self, args, kwargs)
+        self.call = {"branch": branch, "position": position, "store": first and branch["decision"],
                      "compute": branch["decision"]}
         self.decisions.append(branch["decision"])
 
