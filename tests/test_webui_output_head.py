@@ -147,9 +147,17 @@ def test_a_probed_output_head_profile_caches_the_pass_that_asked_for_it(kind, is
     with Frontend(kind) as f:
         cached, p = f.run(args(True, INTERVAL, WARMUP, profile="automatic"), steps=STEPS)
         expected, _ = reference_run(f, chosen["profile"])
+        # a new WebUI session finds the saved output-head profile in the cache and runs it, no probe
+        from hyca.adapters.webui.controller import CONTROLLER
+
+        CONTROLLER.book.clear()
+        monkeypatch.setattr(probe, "run_probe", lambda *a, **k: pytest.fail("probed again"))
+        from_cache, _ = f.run(args(True, INTERVAL, WARMUP, profile="automatic"), steps=STEPS)
     torch.testing.assert_close(cached.images[0], expected.images[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(from_cache.images[0], cached.images[0])
     assert p.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
-    assert "could not" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "could not" not in out and "profile ready (cache" in out, out
 
 
 def test_a_model_output_profile_from_the_automatic_path_is_refused_and_said(isolated, monkeypatch, capsys):
