@@ -222,3 +222,24 @@ def test_a_head_that_never_runs_falls_back_to_uncached_and_says_so(isolated, mon
     assert torch.equal(out.images[0], plain.images[0]) and "HyCa steps" not in p.extra_generation_params
     lines = [line for line in capsys.readouterr().out.splitlines() if "the output head did not run" in line]
     assert len(lines) == 1 and "uncached" in lines[0], lines
+
+
+@pytest.mark.parametrize("call", ["positional", "input", "x", "unknown"])
+def test_the_head_gate_replaces_the_input_however_the_head_is_called(call):
+    """torch's Linear names its argument ``input``, Forge's ForgeOperations.Linear ``x``;
+    a call the gate cannot read runs the head as it is (the pass then fails in end_call)."""
+    from types import SimpleNamespace
+
+    from hyca.adapters.webui.kinds import gate_head
+
+    x, forecast = torch.zeros(1, 3, 4), torch.ones(1, 3, 4)
+    session = SimpleNamespace(active=object(), head_input=lambda value: forecast if value is x else None)
+    seen = []
+    gate = gate_head(lambda: session)
+    if call == "positional":
+        gate(lambda value: seen.append(value), x)
+    elif call == "unknown":
+        gate(lambda **kw: seen.append(kw["weird"]), weird=x)
+    else:
+        gate(lambda **kw: seen.append(kw[call]), **{call: x})
+    assert seen[0] is (x if call == "unknown" else forecast)

@@ -335,8 +335,11 @@ class Controller:
         """Wrap the blocks (style "gate") and, with ``head``, the output head (if the adapter has one)."""
         for index, (spec, _, block) in enumerate(adapter.blocks(model) if adapter.style == "gate" else ()):
             gates.install(block, kinds.GATES[spec.layout](self.current, index, block))
-        if head and adapter.head_module(model) is not None:
-            gates.install(adapter.head_module(model), kinds.gate_head(self.current))
+        module = adapter.head_module(model) if head else None
+        if module is not None:
+            gates.install(module, kinds.gate_head(self.current))
+        elif head and adapter.head is not None:  # a frontend version that renamed its final layer
+            self.say_once(f"{adapter.name}: no output head at {adapter.head}; output-head profiles are not offered")
         if model not in self.gated:
             self.gated.append(model)
 

@@ -111,7 +111,9 @@ def gate_head(session_of: SessionOf) -> Callable[..., Any]:
         session = session_of()
         if session is None or session.active is None:
             return original(*args, **kwargs)
-        name = None if args else next(n for n in ("input", "x") if n in kwargs)
+        name = None if args else next((n for n in ("input", "x") if n in kwargs), None)
+        if not args and name is None:  # an unknown calling convention: the head is left alone, and a
+            return original(*args, **kwargs)  # recording or forecast call then fails in end_call, said once
         forecast = session.head_input(args[0] if args else kwargs[name])
         if forecast is None:
             return original(*args, **kwargs)
