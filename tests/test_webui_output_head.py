@@ -243,3 +243,30 @@ def test_the_head_gate_replaces_the_input_however_the_head_is_called(call):
     else:
         gate(lambda **kw: seen.append(kw[call]), **{call: x})
     assert seen[0] is (x if call == "unknown" else forecast)
+
+
+def test_a_lora_probe_of_another_target_than_the_base_is_said_not_compared(isolated, monkeypatch, capsys):
+    """LoRA reuse off: the LoRA set's own probe keeps an output-head profile, the base a
+    residual one; clusters of different targets are not compared (said), the pass is cached."""
+    from hyca.adapters.webui import probe
+
+    real = probe.run_probe
+    calls = []
+
+    def base_residual_then_lora_output(host, run, schedule, guard, fp, on_progress=None):
+        calls.append(run)
+        if len(calls) == 1:
+            return real(host, run, schedule, guard, fp, on_progress)
+        profile = output_profile(host.hidden_size, seed=3)
+        profile.metadata["chosen_for"] = run.to_json()
+        return profile
+
+    monkeypatch.setattr(probe, "run_probe", base_residual_then_lora_output)
+    with Frontend("forge_flux") as f:
+        f.run(args(True, INTERVAL, WARMUP, profile="automatic", lora_reuse=False), steps=STEPS)
+        lora, p = f.run(args(True, INTERVAL, WARMUP, profile="automatic", lora_reuse=False), steps=STEPS,
+                        lora_hash="abc123")
+    out = capsys.readouterr().out
+    assert len(calls) == 2 and p.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
+    assert "it forecasts the output, the base profile the residual: their clusters are not compared" in out, out
+    assert "HyCa LoRA ARI" not in p.extra_generation_params
