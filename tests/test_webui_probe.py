@@ -54,7 +54,7 @@ def probes(monkeypatch):
         entry = {"run": run, "profile": profile, "latent": host.latent}
         if spy.evaluate:
             reference = host.sample(None)
-            blocks, dim = profile.labels.shape
+            blocks, dim = host.num_blocks, host.hidden_size  # the singles forecast the blocks' residuals
 
             def score(candidate):
                 start = schedule.with_first_interval(candidate.metadata.get("first_interval"))
@@ -68,6 +68,18 @@ def probes(monkeypatch):
     spy.evaluate = False
     monkeypatch.setattr(probe, "run_probe", spy)
     return spy, seen
+
+
+def head_reference(f, profile, interval, warmup, **settings):
+    """The pass with an output-head profile, from webui_reference.HeadReference."""
+    from test_webui_output_head import HEADS, head_of
+    from webui_harness import ReferenceScript
+    from webui_reference import HeadReference
+
+    reference = HeadReference(f.model, head_of(f.model, HEADS[f.kind]), profile.dim_solvers(), interval, warmup, 2,
+                              f.spec.timestep_multiplier)
+    with reference:
+        return f.run([], ReferenceScript(reference), **settings)[0]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -87,7 +99,10 @@ def test_the_webui_probe_is_closed_loop_and_guidance_aware_on_every_frontend(kin
 
         save_profile(profile, path, fingerprint(f.model, recognise(f.model)), interval=3)
         from_file, _ = f.run(args(True, 3, 2, profile=path.name), steps=10, cfg_scale=3.0)
-        if "first_interval" not in profile.metadata:
+        if "first_interval" not in profile.metadata and profile.metadata.get("target") == "output":
+            expected = head_reference(f, profile, 3, 2, steps=10, cfg_scale=3.0)
+            torch.testing.assert_close(probed.images[0], expected.images[0], rtol=1e-4, atol=1e-4)
+        elif "first_interval" not in profile.metadata:
             expected = f.reference(profile.dim_solvers(), 3, 2, branches=2, steps=10, cfg_scale=3.0)[0]
             torch.testing.assert_close(probed.images[0], expected.images[0], rtol=1e-4, atol=1e-4)
     out = capsys.readouterr().out
@@ -96,6 +111,8 @@ def test_the_webui_probe_is_closed_loop_and_guidance_aware_on_every_frontend(kin
     assert meta["chosen_for"]["guidance_scale"] == 3.0 and meta["chosen_for"]["steps"] == 10
     trials = meta["selection"]["closed_loop"]["trials"]
     assert {f"uniform:{name}" for name in pool_names()} <= {t["name"] for t in trials}
+    # every stand-in's adapter names its output head: the head's input is a candidate target too
+    assert "output:eq5" in {t["name"] for t in trials}, [t["name"] for t in trials]
     assert entry["kept"] >= max(entry["singles"].values()) - 1e-6, (entry["kept"], entry["singles"])
     assert "probing" in out and "profile ready (probe, saved to" in out
     # the pass that asked for the profile runs cached with it from its first step

@@ -55,7 +55,7 @@ def test_neo_flux_forecast_steps_match_the_reference_and_the_probe_sees_real_res
         seen = []
         real_record = SketchRecorder.record
         monkeypatch.setattr(SketchRecorder, "record",
-                            lambda self, state, block, residual: seen.append(residual.abs().max().item())
+                            lambda self, state, block, residual: seen.append((self.target, residual.abs().max().item()))
                             or real_record(self, state, block, residual))
         monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
         monkeypatch.setenv("HYCA_HUB_REPO", "none")
@@ -65,7 +65,10 @@ def test_neo_flux_forecast_steps_match_the_reference_and_the_probe_sees_real_res
         torch.testing.assert_close(cached.images[0], reference.images[0], rtol=1e-4, atol=1e-4)
     assert (cached.images[0] - plain.images[0]).abs().max() > 1e-2
     assert p.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
-    assert len(seen) == 10 * 2 * 5 and min(seen) > 0  # 10 steps x 2 branches (CFG 3) x 5 blocks, none zero
+    blocks = [value for target, value in seen if target == "residual"]
+    head = [value for target, value in seen if target == "output"]  # the output-head track's recording
+    assert len(blocks) == 10 * 2 * 5 and min(blocks) > 0  # 10 steps x 2 branches (CFG 3) x 5 blocks, none zero
+    assert len(head) == 10 * 2 and min(head) > 0  # the head's input, once per step and branch
 
 
 def test_block_that_starts_writing_in_place_is_a_failure_not_a_zero_residual(monkeypatch, capsys):

@@ -77,7 +77,9 @@ class ReferenceHyCa:
         for h in self.handles:
             h.remove()
 
-    def _begin(self, module, args, kwargs):
+    def _place(self, args, kwargs) -> tuple[dict, float, bool]:
+        """This model call's branch state (its step's decision made on the step's first
+        call), its position (step plus fraction) and whether it begins its step."""
         t = args[1] if len(args) > 1 else next(kwargs[k] for k in ("timestep", "timesteps", "t") if k in kwargs)
         sigma = float(t.flatten()[0]) / self.multiplier
         if self.sigma is None or abs(sigma - self.sigma) > 1e-7:
@@ -88,9 +90,14 @@ class ReferenceHyCa:
         first = k > branch["began"]
         if first:
             branch["began"], branch["decision"] = k, self.plan[k] or not branch["history"]
-            if branch["decision"]:
-                self.computed_steps.append(k)
-        self.call = {"branch": branch, "position": k + fraction, "store": first and branch["decision"],
+        return branch, k + fraction, first
+
+    def _begin(self, module, args, kwargs):
+        branch, position, first = self._place(args, kwargs)
+        k = int(position)
+        if first and branch["decision"]:
+            self.computed_steps.append(k)
+        self.call = {"branch": branch, "position": position, "store": first and branch["decision"],
                      "compute": branch["decision"], "residuals": {}, "n": None, "added": False}
         if not self.call["compute"]:
             recent = branch["history"][: self.depth]
@@ -133,3 +140,49 @@ class ReferenceHyCa:
             return hand_on(args, kwargs, s, first, n)
 
         return hook
+
+
+class HeadReference:
+    """The output-head target (``target="output"``) written out with plain torch hooks on an
+    unpatched model: calls are placed on steps and branches as :class:`ReferenceHyCa` places
+    them; the call that begins a computed step stores the head's input (the input of the
+    final linear map, ``head``); on a forecast call the head runs on the per-dimension
+    forecast of the stored inputs (``references.per_block_forecast`` over one "block"), and
+    the blocks run as they are: on such a call nothing the blocks do reaches the output.
+    ``decisions``: per model call, whether its step computes."""
+
+    def __init__(self, model, head, dim_solvers: torch.Tensor, interval: int, warmup: int, branches: int,
+                 timestep_multiplier: float, compute_last: bool = True, depth: int = 4):
+        self.model, self.head, self.dim_solvers = model, head, dim_solvers
+        self.interval, self.warmup, self.compute_last = interval, warmup, compute_last
+        self.branches, self.multiplier, self.depth = branches, timestep_multiplier, depth
+        self.handles = []
+        self.decisions: list[bool] = []
+
+    start_pass = ReferenceHyCa.start_pass
+
+    def __enter__(self):
+        self.handles = [self.model.register_forward_pre_hook(self._begin, with_kwargs=True),
+                        self.head.register_forward_pre_hook(self._head)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _begin(self, module, args, kwargs):
+        branch, position, first = ReferenceHyCa._place(self, args, kwargs)
+        self.call = {"branch": branch, "position": position, "store": first and branch["decision"],
+                     "compute": branch["decision"]}
+        self.decisions.append(branch["decision"])
+
+    def _head(self, module, args):
+        call, x = self.call, args[0]
+        if call["compute"]:
+            if call["store"]:
+                call["branch"]["history"].insert(0, (call["position"], x.clone()))
+            return None
+        recent = call["branch"]["history"][: self.depth]
+        forecast = per_block_forecast(self.dim_solvers, [[v for _, v in recent]], [p for p, _ in recent],
+                                      call["position"])
+        return (forecast.to(x.dtype),)

@@ -99,6 +99,22 @@ CONTRACTS = [
     ("neo", "backend/nn/qwen.py", ['out["txt"], out["img"] = block('], "Qwen-Image block returns (txt, img)"),
     ("neo", "backend/nn/wan.py", ['("double_block", i) in blocks_replace'], "Wan replace key"),
     ("neo", "backend/nn/lumina.py", ["for layer in self.layers"], "Lumina2 layers looped, no replace hook"),
+    # output heads (registry ``head``): the final layer is called last, and applies its ``linear`` last
+    ("forge", "backend/nn/flux.py", ["img = self.final_layer(img, vec)"], "FLUX: final_layer called last"),
+    ("forge", "backend/nn/flux.py", ["x = self.linear(x)"], "FLUX LastLayer: head = final_layer.linear"),
+    ("forge", "backend/nn/chroma.py", ["img = self.final_layer(img, final_mod)"], "Chroma: final_layer called last"),
+    ("forge", "backend/nn/chroma.py", ["x = self.linear(x)"], "Chroma LastLayer: head = final_layer.linear"),
+    ("forge", "backend/nn/mmditx.py", ["x = self.final_layer(x, c_mod)"], "SD3.5: final_layer called last"),
+    ("forge", "backend/nn/mmditx.py", ["x = self.linear(x)"], "SD3.5 FinalLayer: head = final_layer.linear"),
+    ("neo", "backend/nn/flux.py", ["return self.final_layer(img, vec_orig)"], "Neo FLUX: final_layer called last"),
+    ("neo", "backend/nn/flux.py", ["x = self.linear(x)"], "Neo FLUX LastLayer: head = final_layer.linear"),
+    ("neo", "backend/nn/qwen.py", ["hidden_states = self.proj_out(hidden_states)"], "Qwen-Image: head = proj_out"),
+    ("neo", "backend/nn/wan.py", ["x = self.head(x, e)"], "Wan: the Head module called last"),
+    ("neo", "backend/nn/wan.py", ["x = self.head(self.norm(x)"], "Wan Head: head = head.head"),
+    ("neo", "backend/nn/lumina.py", ["x = self.final_layer(x, adaln_input)"], "Lumina2: final_layer called last"),
+    ("neo", "backend/nn/lumina.py", ["x = self.linear(x)"], "Lumina2 FinalLayer: head = final_layer.linear"),
+    ("a1111", "modules/models/sd3/mmdit.py", ["x = self.final_layer(x, c_mod)"], "SD3: final_layer called last"),
+    ("a1111", "modules/models/sd3/mmdit.py", ["x = self.linear(x)"], "SD3 FinalLayer: head = final_layer.linear"),
     ("forge", "backend/diffusion_engine/base.py", ["self.current_lora_hash = str([])"], "no LoRA = '[]'"),
     ("neo", "backend/diffusion_engine/base.py", ["self.current_lora_hash = str([])"], "no LoRA = '[]'"),
     ("forge", "extensions-builtin/sd_forge_lora/networks.py", ["compiled_lora_targets_hash = str(compiled_lora_targets)"], "LoRA hash = str(targets)"),
@@ -248,7 +264,7 @@ else:
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
 import webui_harness as H
-from webui_reference import ReferenceHyCa
+from webui_reference import HeadReference, ReferenceHyCa
 from hyca import Profile
 
 def init(model, seed=0, std=0.08):
@@ -344,6 +360,22 @@ for kind, spec in H.OVERRIDES.items():
             row["skip0_vs_uncached"] = rel(got.images[0], skipped_plain.images[0])
         import os
         os.environ["HYCA_HUB_REPO"] = "none"
+        head = adapter.head_module(model)  # the output head: an output-head profile file, against HeadReference
+        row["head"] = adapter.head if head is not None else None
+        if head is not None:
+            from hyca.profiles.io import save_profile
+            os.environ["HYCA_PROFILES"] = os.getcwd()
+            out_profile = Profile.uniform("taylor-2", 1, dim)
+            out_profile.metadata["target"] = "output"
+            save_profile(out_profile, "head.safetensors", fp)
+            ref = HeadReference(model, head, out_profile.dim_solvers(), 3, 2, 1, spec.timestep_multiplier)
+            with ref:
+                want, _ = run([], H.ReferenceScript(ref), steps=10)
+            got, p = run([True, 3, 2, True, True, "head.safetensors", "", True, "model", False], steps=10)
+            row["head_rel_error"] = rel(got.images[0], want.images[0])
+            row["head_vs_uncached"] = rel(got.images[0], plain.images[0])
+            row["head_steps"] = p.extra_generation_params.get("HyCa steps")
+            del os.environ["HYCA_PROFILES"]
         auto = [True, 3, 2, True, True, "automatic", "", True, "model", False]
         first, p1 = run(auto, steps=10)
         second, p2 = run(auto, steps=10)
@@ -352,11 +384,16 @@ for kind, spec in H.OVERRIDES.items():
         from hyca.adapters.webui.controller import CONTROLLER
         probed = [c.profile for key, c in CONTROLLER.book._known.items() if key[1] == "automatic" and c.profile is not None]
         if probed:
-            ref = ReferenceHyCa(model, kind, probed[-1].dim_solvers(), 3, 2, 1, spec.timestep_multiplier)
+            output = probed[-1].metadata.get("target") == "output"
+            ref = (HeadReference(model, head, probed[-1].dim_solvers(), 3, 2, 1, spec.timestep_multiplier) if output else
+                   ReferenceHyCa(model, kind, probed[-1].dim_solvers(), 3, 2, 1, spec.timestep_multiplier))
             with ref:
                 want, _ = run([], H.ReferenceScript(ref), steps=10)
             row["probed_rel_error"] = rel(second.images[0], want.images[0])
             row["probed_solvers"] = probed[-1].solver_names()
+            # a shorter first interval (start2) is a schedule the references here do not follow
+            row["probed_target"] = probed[-1].metadata.get("target", "residual")
+            row["probed_first_interval"] = probed[-1].metadata.get("first_interval")
         CONTROLLER.book.clear()
     except Exception as error:  # noqa: BLE001 - reported per model
         import traceback

@@ -23,6 +23,12 @@ class Adapter:
     requires: tuple[str, ...] = ()        # methods the model must have (duck-typed version check)
     refuses: tuple[str, ...] = ()         # methods whose presence means another variant
     dim: Callable[[torch.nn.Module], int] | None = None
+    #: The output head, a dotted attribute path from the diffusion model: the final linear
+    #: map whose input is the last hidden state after the final norm and modulation, the
+    #: module diffusers' families table names (``proj_out``; ``hyca.adapters.diffusers.families``),
+    #: so a profile with ``target="output"`` forecasts the same tensor on both hosts. None:
+    #: output-head profiles are not offered for this model.
+    head: str | None = None
 
     def matches(self, model: torch.nn.Module) -> bool:
         return (type(model).__name__ in self.classes
@@ -33,6 +39,17 @@ class Adapter:
     def blocks(self, model: torch.nn.Module) -> list[tuple[BlockList, int, torch.nn.Module]]:
         """``(list, index within the list, block)`` in the order the blocks run."""
         return [(spec, i, block) for spec in self.block_lists for i, block in enumerate(getattr(model, spec.attribute))]
+
+    def head_module(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The module :attr:`head` names on ``model``, or None (no head named, or the model
+        has no module there). Any ``nn.Module``: Forge's ``ForgeOperations.Linear``
+        (``backend/operations.py``) is not a ``torch.nn.Linear``."""
+        if self.head is None:
+            return None
+        module: object = model
+        for part in self.head.split("."):
+            module = getattr(module, part, None)
+        return module if isinstance(module, torch.nn.Module) else None
 
     def hidden_size(self, model: torch.nn.Module) -> int:
         if self.dim is not None:

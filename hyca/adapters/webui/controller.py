@@ -25,7 +25,7 @@ import torch
 
 from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule, interval_for_speedup
-from ...engine.targets import require_target
+from ...engine.targets import OUTPUT, RESIDUAL, require_target, target_of
 from ...profiles.settings import RunSettings
 from . import gates, kinds, probe
 from .adapter import Adapter
@@ -185,12 +185,13 @@ class Controller:
             self.session = probe.PendingPass(chosen, settings, schedule, label, lambda: pass_sigmas(p, hires), guidance,
                                        adapter, model)
         else:
-            self.session = self._open(chosen, settings, schedule, label, lambda: pass_sigmas(p, hires), guidance)
+            self.session = self._open(chosen, settings, schedule, label, lambda: pass_sigmas(p, hires), guidance,
+                                      head=adapter.head_module(model) is not None)
         self.pass_key, self.session_adapter = key, adapter
         self.say_once(f"{adapter.name}: hooked through "
                       f"{'block replace patches' if adapter.style == 'replace' else 'block wrappers'}")
-        if adapter.style == "gate":
-            self._gate_blocks(model, adapter)
+        # the output head is hooked where its profile may forecast it (a pending one may be probed so)
+        self._gate_blocks(model, adapter, chosen.profile is None or target_of(chosen.profile.metadata) == OUTPUT)
         if frontend == "forge":
             self._patch_unet(p, unet, adapter)
         else:
@@ -198,12 +199,13 @@ class Controller:
         return True
 
     def _open(self, chosen: Chosen, settings: Settings, schedule: Schedule, label: str, sigmas: Any,
-              guidance: float | None, pass_sigmas_: list[float] | None = None) -> PassSession:
+              guidance: float | None, pass_sigmas_: list[float] | None = None, head: bool = False) -> PassSession:
         """The pass's session with ``chosen``'s profile. ``sigmas``: the schedule the session
         walks (a list, or a callable asked at the first call); ``pass_sigmas_``: the whole
-        pass's, when the session starts part-way (its settings are the whole pass's)."""
+        pass's, when the session starts part-way (its settings are the whole pass's); ``head``:
+        the model's output head is known (output-head profiles are accepted)."""
         # the pass's settings are compared with the profile's here, with the real guidance scale
-        require_target(chosen.profile.metadata, ("residual",), "the WebUI extension")  # it hooks blocks only
+        require_target(chosen.profile.metadata, (RESIDUAL, OUTPUT) if head else (RESIDUAL,), "the WebUI extension")
         engine = HybridCache(chosen.profile, schedule, cache_dtype=torch_dtype(settings.cache_dtype),
                              guard=settings.guard, compare_settings=False)
         return PassSession(engine, sigmas, label, on_schedule=lambda walked: self._note_settings(
@@ -243,15 +245,15 @@ class Controller:
         place = step_of(sigma_now, sigmas)
         if place is None or place[1] != 0.0:
             return None  # a midpoint call (DPM2): wait for a call on the schedule
-        try:
+        try:  # a profile this pass cannot run (another target, from the cache or the Hub) is refused too
             chosen = self._probe_for(pending, x, t, sigma_now, sigmas, model_call, output)
+            session = self._open(chosen, pending.settings, pending.schedule, pending.label, sigmas[place[0]:],
+                                 pending.guidance, sigmas, pending.adapter.head_module(pending.model) is not None)
         except Exception as error:  # noqa: BLE001 - no profile: this pass runs uncached, the next one tries again
             self.session = None
-            console(f"could not probe ({type(error).__name__}: {error}); this {pending.label} runs uncached")
+            console(f"could not settle a profile ({type(error).__name__}: {error}); this {pending.label} runs uncached")
             return None
         self.chosen = chosen
-        session = self._open(chosen, pending.settings, pending.schedule, pending.label, sigmas[place[0]:],
-                             pending.guidance, sigmas)
         if place[0]:
             console(f"the {pending.label} is cached from step {place[0] + 1} (its first calls carried one guidance "
                     "branch each and ran uncached while the probe gathered both)")
@@ -280,7 +282,8 @@ class Controller:
             host = probe.WebUIHost(model_call, output, t_value / sigma if sigma else 1.0,
                                    {b: pending.conditioning[b] for b in ("cond", "uncond") if b in pending.conditioning},
                                    sigmas, pending.guidance, latent, x.dtype, x.device, open_session,
-                                   len(pending.adapter.blocks(pending.model)), int(fp["hidden_size"]))
+                                   len(pending.adapter.blocks(pending.model)), int(fp["hidden_size"]),
+                                   output_head=pending.adapter.head_module(pending.model) is not None)
             try:
                 return probe.run_probe(host, run, pending.schedule, settings.guard, fp, probe.progress_bar)
             finally:
@@ -328,9 +331,15 @@ class Controller:
     def current(self) -> PassSession | None:
         return self.session
 
-    def _gate_blocks(self, model: torch.nn.Module, adapter: Adapter) -> None:
-        for index, (spec, _, block) in enumerate(adapter.blocks(model)):
+    def _gate_blocks(self, model: torch.nn.Module, adapter: Adapter, head: bool) -> None:
+        """Wrap the blocks (style "gate") and, with ``head``, the output head (if the adapter has one)."""
+        for index, (spec, _, block) in enumerate(adapter.blocks(model) if adapter.style == "gate" else ()):
             gates.install(block, kinds.GATES[spec.layout](self.current, index, block))
+        module = adapter.head_module(model) if head else None
+        if module is not None:
+            gates.install(module, kinds.gate_head(self.current))
+        elif head and adapter.head is not None:  # a frontend version that renamed its final layer
+            self.say_once(f"{adapter.name}: no output head at {adapter.head}; output-head profiles are not offered")
         if model not in self.gated:
             self.gated.append(model)
 

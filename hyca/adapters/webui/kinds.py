@@ -99,6 +99,29 @@ def gate_single(session_of: SessionOf, index: int, block: torch.nn.Module) -> Ca
     return gate
 
 
+def gate_head(session_of: SessionOf) -> Callable[..., Any]:
+    """The output head, ``out = head(x)`` (a linear map; the adapter's ``head``): on a pass
+    whose engine forecasts the head's input, ``x`` is recorded on a computed call and
+    replaced by the forecast on a forecast call (:meth:`PassSession.head_input`); on any
+    other pass the head runs as it is. Upstream calls it positionally (``self.linear(x)``,
+    ``self.proj_out(hidden_states)``, ``self.head(...)``); torch's ``Linear`` names the
+    argument ``input``, Forge's ``ForgeOperations.Linear`` ``x``."""
+
+    def gate(original, *args, **kwargs):
+        session = session_of()
+        if session is None or session.active is None:
+            return original(*args, **kwargs)
+        name = None if args else next((n for n in ("input", "x") if n in kwargs), None)
+        if not args and name is None:  # an unknown calling convention: the head is left alone, and a
+            return original(*args, **kwargs)  # recording or forecast call then fails in end_call, said once
+        forecast = session.head_input(args[0] if args else kwargs[name])
+        if forecast is None:
+            return original(*args, **kwargs)
+        return original(forecast, *args[1:], **kwargs) if args else original(**{**kwargs, name: forecast})
+
+    return gate
+
+
 # --- replace patches: patches_replace["dit"] entries -------------------------------------
 
 def _patch(session_of: SessionOf, index: int, previous: Callable | None, stream_of: Callable[[dict, Any], torch.Tensor],

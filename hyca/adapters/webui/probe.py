@@ -145,6 +145,9 @@ class WebUIHost:
     hidden_size: int
     seed: int = 0
     samples: int = PROBE_SAMPLES
+    #: the model's output head is hooked (:func:`.kinds.gate_head`): the probe also tries
+    #: forecasting its input (``target="output"``), as on diffusers
+    output_head: bool = False
     failures: list[str] = field(default_factory=list)
 
     def sample(self, engine: Any) -> torch.Tensor:

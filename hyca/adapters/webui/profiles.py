@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from ...engine.targets import target_of
 from ...profiles import sources
 from ...profiles.compare import compare_profiles
 from ...profiles.profile import Profile
@@ -141,7 +142,11 @@ class ProfileBook:
             if base is None:
                 known = self._known.get(chosen.key[:-1] + settings_key(run, latent))
                 base = known.profile if known is not None else None
-            if base is not None:
+            if base is not None and target_of(base.metadata) != target_of(profile.metadata):
+                learned = Chosen(profile, "probe (LoRA set)", [
+                    f"LoRA profile: it forecasts the {target_of(profile.metadata).replace('_', ' ')}, the base profile "
+                    f"the {target_of(base.metadata).replace('_', ' ')}: their clusters are not compared"], key=key)
+            elif base is not None:
                 ari = adjusted_rand_index(base, profile)
                 learned = Chosen(profile, "probe (LoRA set)", [f"LoRA profile: ARI {ari:.3f} against the base profile"],
                                  lora_ari=ari, key=key)

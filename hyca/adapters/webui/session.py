@@ -26,6 +26,14 @@ zero residual: that is a :class:`HyCaFailure`, never a silent zero.
 Forecast: on a forecast call every block hands its inputs on unchanged, except the first
 block that actually runs in that call, which adds the forecast summed residual. Which
 block that is does not matter (Forge's SD3.5 skip list, layer-skip patches).
+
+Output head (an engine whose ``target`` is ``"output"``, :mod:`hyca.engine.targets`): the
+blocks record nothing; the head's input (the adapter's ``head``, hooked by
+:func:`.kinds.gate_head`) is recorded as block 0 on the call that begins a computed step,
+and on a forecast call every block hands its inputs on and the head's input is the
+engine's forecast, as the diffusers root does (``HyCaRoot._head_pre`` /
+``_record_or_take``). A recording or forecast call that never reaches the head is a
+:class:`HyCaFailure` (its output would be the blocks' pass-through, not the forecast).
 """
 
 from __future__ import annotations
@@ -107,6 +115,7 @@ class Call:
     began: bool                       # the first call of its step: its residuals are recorded
     image_tokens: int | None = None   # length of the image stream, for concatenated streams
     forecast_pending: bool = True     # a forecast call: no block has added the forecast yet
+    head_reached: bool = False        # output target: the head's input was recorded / replaced
 
     @property
     def record(self) -> bool:
@@ -229,9 +238,17 @@ class PassSession:
         except Exception as error:  # noqa: BLE001 - HyCa must never break the host
             raise HyCaFailure(f"could not place the call on the schedule ({error})") from error
 
+    @property
+    def output_target(self) -> bool:
+        """The engine forecasts the output head's input, not the blocks' residuals."""
+        return getattr(self.engine, "target", "residual") == "output"
+
     def end_call(self, call: Call) -> None:
         """Count the call; the call that began a step closes it in the engine (its
         residuals, recorded by the blocks, join the history)."""
+        if self.output_target and not call.head_reached and (call.record or not call.computing):
+            raise HyCaFailure("the output head did not run in this model call, so its input could not be "
+                              f"{'recorded' if call.computing else 'replaced by the forecast'}")
         try:
             if call.computing:
                 self.calls_computed += 1
@@ -283,6 +300,8 @@ class PassSession:
         call = self.active
         if call is None:
             return run()
+        if self.output_target:  # the head's input is recorded or forecast; the blocks run or hand on
+            return run() if call.computing else passthrough(None)
         if call.computing:
             if not call.record:
                 return run()
@@ -307,6 +326,32 @@ class PassSession:
             return passthrough(None)
         except Exception as error:  # noqa: BLE001
             raise HyCaFailure(f"could not forecast block {index} ({error})") from error
+
+    def head_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The output head is about to run on ``x`` (``(batch, tokens, hidden)``). Output
+        target: on the call that begins a computed step, record ``x`` as block 0 and return
+        None; on a forecast call return the engine's forecast (``x``'s shape, dtype and
+        device) to run the head on instead. None also when no call is active or the engine
+        forecasts residuals. Raises :class:`HyCaFailure` when recording or forecasting fails."""
+        call = self.active
+        if call is None or not self.output_target:
+            return None
+        call.head_reached = True
+        if call.computing:
+            if call.record:
+                try:
+                    self.engine.record(call.branch.state, 0, x)
+                except Exception as error:  # noqa: BLE001
+                    raise HyCaFailure(f"could not record the output head's input ({error})") from error
+            return None
+        try:
+            forecast = self.engine.predicted_residual(call.branch.state)
+        except Exception as error:  # noqa: BLE001
+            raise HyCaFailure(f"could not forecast the output head's input ({error})") from error
+        if tuple(forecast.shape) != tuple(x.shape):
+            raise HyCaFailure(f"the output head's input has shape {tuple(x.shape)}, its forecast "
+                              f"{tuple(forecast.shape)}")
+        return forecast.to(device=x.device, dtype=x.dtype)
 
     # --- results ----------------------------------------------------------------------
 

@@ -3,7 +3,8 @@ exo101/sd-webui-forge-neo-v3 at 5692d2d1e6c293faf5486f7cb18c27c9a3faa758, see te
 time_dim_concat=None, transformer_options={}, **kw)`` -> ``forward_orig``; blocks in
 ``self.blocks`` are called as ``block(x, e=e0, freqs=freqs, context=context,
 context_img_len=..., transformer_options=...)`` and return ``x``; the ``dit``
-``("double_block", i)`` replace patch is honoured. Tiny random weights."""
+``("double_block", i)`` replace patch is honoured; the output goes through ``self.head``, a
+``Head`` whose linear is ``head.head``. Tiny random weights."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from standin_layers import Modulated, StreamBlock, scale_gates, timestep_embedding
+from standin_layers import StreamBlock, scale_gates, timestep_embedding
 
 
 class WanAttentionBlock(nn.Module):
@@ -26,6 +27,21 @@ class WanAttentionBlock(nn.Module):
         return x + F.scaled_dot_product_attention(self.cross_q(x), k, v)
 
 
+class Head(nn.Module):
+    """Upstream's ``Head`` module names (``wan.py:213``): ``norm``, the output linear ``head``
+    and a ``modulation`` parameter; ``head(norm(x) * (1 + e[1]) + e[0])``."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, 1e-6, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) * 0.1)
+
+    def forward(self, x, e):
+        e = (self.modulation + e.unsqueeze(1)).chunk(2, dim=1)
+        return self.head(self.norm(x) * (1 + e[1]) + e[0])
+
+
 class WanModel(nn.Module):
     def __init__(self, in_dim=4, dim=32, text_dim=16, num_layers=4, seed=0):
         super().__init__()
@@ -35,8 +51,7 @@ class WanModel(nn.Module):
         self.text_embedding = nn.Linear(text_dim, dim)
         self.time_embedding = nn.Linear(256, dim)
         self.blocks = nn.ModuleList([WanAttentionBlock(dim) for _ in range(num_layers)])
-        self.head = Modulated(dim)
-        self.head_out = nn.Linear(dim, in_dim * 4)
+        self.head = Head(dim, in_dim * 4)
         scale_gates(self)
 
     def forward_orig(self, x, t, context, clip_fea=None, freqs=None, transformer_options={}, **kwargs):  # noqa: B006
@@ -58,7 +73,7 @@ class WanModel(nn.Module):
             else:
                 x = block(x, e=e0, freqs=freqs, context=context, context_img_len=None,
                           transformer_options=transformer_options)
-        x = self.head_out(self.head(x, e0)[0])
+        x = self.head(x, e0)  # upstream passes the unprojected time embedding e; the stand-in has e0 only
         c = self.out_dim
         x = x.reshape(bs, frames, h // 2, w // 2, c, 2, 2).permute(0, 4, 1, 2, 5, 3, 6)
         return x.reshape(bs, c, frames, h, w)
