@@ -62,6 +62,7 @@ def test_each_call_names_its_profile_and_a_replacement_is_logged_once(pipe, cach
     (at_8,) = cache.glob("*.safetensors")
     (line,) = said(caplog, "HyCa: FluxTransformer2DModel: profile ")
     assert f"probed on first use, saved to {at_8}" in line and "made for 8 steps" in line
+    assert "a pipeline call at other settings takes or probes the profile for its own" in line
 
     generate(pipe, steps=8)
     run = hyca.stats(pipe)[0]

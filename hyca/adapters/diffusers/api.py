@@ -77,11 +77,12 @@ def _is_profile_file(spec: Any) -> bool:
 
 
 def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile] | None, run: RunSettings,
-             told_settings: bool, per_call: bool = False) -> Any:
+             told_settings: bool, per_call: bool = False, pipeline: bool = False) -> Any:
     """Turn ``"auto"`` or a file path into a :class:`Profile`; leave anything else as given.
     ``told_settings``: the caller said what it will run (steps, guidance), so a profile made
     for other settings is replaced by a probe for these. ``per_call``: a pipeline call's
-    choice, which its chooser logs (only when it differs from the one ``hyca.enable`` named)."""
+    choice, which its chooser logs (only when it differs from the one ``hyca.enable`` named).
+    ``pipeline``: the transformer is a pipeline's, whose calls choose for their own settings."""
     from ...profiles.sources import resolve_profile
 
     if _is_profile_file(spec):
@@ -104,7 +105,7 @@ def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile
         profile.source = "none (the schedule forecasts none of the run's steps)"
         return profile
     if not per_call:
-        _say_chosen(transformer, resolved.profile, may_change=make is not None and not told_settings)
+        _say_chosen(transformer, resolved.profile, may_change=pipeline)
     if resolved.differences:
         remedy = ("each pipeline call takes or probes one for its own settings (docs/requests.md); pass "
                   "num_inference_steps= and guidance_scale= to hyca.enable to prepare it now" if make else
@@ -263,8 +264,9 @@ def enable(
         blocks = blocks_of(transformer, family)
         make = _first_use_probe(target, attribute, run, probe_kwargs)
         # under context parallelism: resolved on the first rank, the same profile on every rank
+        spec = _profile_of(profile, attribute)
         chosen = parallel.agree_profile(transformer, lambda: _profile_for(
-            _resolve(_profile_of(profile, attribute), transformer, make, run, told_settings), transformer,
+            _resolve(spec, transformer, make, run, told_settings, pipeline=pipeline is not None), transformer,
             len(blocks), hidden_size(transformer)))
         engine = HybridCache(chosen, schedule, positions, cache_dtype, guard=guard)
         hooks.unregister(transformer)  # enabling again replaces the settings
@@ -274,8 +276,7 @@ def enable(
             root.say_once(beyond, said=True)  # its runs note it in their stats, the log has it
         engines.append(engine)
         if pipeline is not None:
-            choosers.append(_chooser(pipeline, attribute, _profile_of(profile, attribute), engine, schedule, run,
-                                     probe_kwargs, len(blocks)))
+            choosers.append(_chooser(pipeline, attribute, spec, engine, schedule, run, probe_kwargs, len(blocks)))
     if pipeline is not None:
         requests.intercept(pipeline, choosers)
     return engines
