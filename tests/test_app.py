@@ -352,6 +352,7 @@ def test_profile_round_trip_through_a_hub_standin(served, hub, tmp_path):
            cache_dir=str(tmp_path / "hf"))
     sent, got = first["profiles"]["reference"]["current"], second["profiles"]["reference"]["current"]
     assert torch.equal(sent.labels, got.labels) and torch.equal(sent.solvers, got.solvers)
+    assert got.source == f"{name} from the Hub repo someone/profiles"  # what a run's report names
     assert "ARI current vs previous" not in h.view(second, "reference", "").summary
     with pytest.raises(h.AppError, match="no earlier profile"):
         h.ari_vs_previous(second, "reference", "")
