@@ -103,8 +103,8 @@ def _check_probe_args(args: argparse.Namespace) -> None:
 
 def _check_schedule(args: argparse.Namespace) -> None:
     """A schedule the probe cannot serve, said before the model loads: one that forecasts
-    no step (nothing to compare), or whose N spans the whole run (every step between the
-    warm-up and the last forecast from the warm-up alone). Defaults: :func:`hyca.probe`'s."""
+    no step (nothing to compare), or whose N does not fit in the run (after the warm-up at
+    most the last step computed, the rest forecast). Defaults: :func:`hyca.probe`'s."""
     import inspect
 
     from .adapters.diffusers.probe import probe

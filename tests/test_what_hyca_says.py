@@ -16,6 +16,7 @@ import hyca
 from hyca.adapters.diffusers.families import blocks_of, family_of, hidden_size
 from hyca.adapters.diffusers.fingerprint import fingerprint
 from hyca.cli import main
+from hyca.engine.schedule import Schedule
 from hyca.profiles import Profile, load_profile, save_profile
 
 from tiny import tiny_flux, tiny_pipeline
@@ -118,26 +119,37 @@ def test_an_interval_that_spans_the_run_is_said_once_and_noted_in_every_run(pipe
     generate(pipe)
     run = hyca.stats(pipe)[0]
     assert (run.computed, run.forecast) == (3, 9)  # steps 0, 1 (warm-up) and 11 (the last): by hand
-    (line,) = said(caplog, "N=20 spans the rest of this run", logging.WARNING)
-    assert "12 steps, warm-up 2" in line and "9 steps are forecast" in line and "N below 10" in line
-    assert any("N=20 spans the rest of this run" in n for n in run.notes)
+    (line,) = said(caplog, "N=20 does not fit in this run", logging.WARNING)
+    assert "(12 steps, warm-up 2): of the 10 steps after the warm-up it computes 1 and forecasts 9" in line
+    assert "use an N below 10" in line
+    assert any("N=20 does not fit in this run" in n for n in run.notes)
 
     caplog.clear()  # told up front when the steps are given, and not again at the run
     hyca.enable(pipe, "taylor-1", interval=20, warmup=2, num_inference_steps=STEPS)
-    assert said(caplog, "N=20 spans the rest of this run", logging.WARNING)
+    assert said(caplog, "N=20 does not fit in this run", logging.WARNING)
     generate(pipe)
-    assert len(said(caplog, "N=20 spans the rest of this run", logging.WARNING)) == 1
+    assert len(said(caplog, "N=20 does not fit in this run", logging.WARNING)) == 1
 
     caplog.clear()
     hyca.enable(pipe, "taylor-1", interval=9, warmup=2)  # 1 + 9 = 10: step 10 is computed, the interval fits
     generate(pipe)
-    assert not said(caplog, "spans") and not any("spans" in n for n in hyca.stats(pipe)[0].notes)
+    assert not said(caplog, "does not fit") and not any("does not fit" in n for n in hyca.stats(pipe)[0].notes)
     hyca.disable(pipe)
 
 
+def test_whether_an_interval_fits_is_read_from_the_schedule_by_hand():
+    # 12 steps, warm-up 3: computed 0, 1, 2, then 2 + N must come before the last step, 11
+    assert Schedule(8, 3).interval_beyond(12) is None  # step 10 is computed
+    assert "of the 9 steps after the warm-up it computes 1 and forecasts 8" in Schedule(9, 3).interval_beyond(12)
+    # a profile's short first interval without the last step (diffusers TaylorSeer's start): step 4 only
+    lite = Schedule(20, 3, first_interval=2, compute_last=False)
+    assert "it computes 1 and forecasts 8" in lite.interval_beyond(12)
+    assert Schedule(5, 3).interval_beyond(3) is None  # nothing forecast: the engine says that itself
+
+
 @pytest.mark.parametrize("arguments, expected", [
-    (["--steps", "12", "--interval", "20"], "--interval 20 with --steps 12: N=20 spans the rest of this run"),
-    (["--steps", "12", "--interval", "9"], "use an N below 9"),  # the probe's warm-up 3: 2 + 9 = 11, the last
+    (["--steps", "12", "--interval", "20"], "--interval 20 with --steps 12: N=20 does not fit in this run"),
+    (["--steps", "12", "--interval", "9"], "use an N below 9"),  # the probe's warm-up 3: 2 + 9 = 11, the last step
     (["--steps", "3"], "--steps 3 with --interval 5 and --warmup 3 computes every step"),
     (["--interval", "1"], "computes every step"),
 ])

@@ -89,17 +89,18 @@ class Schedule:
 
     def interval_beyond(self, total_steps: int) -> str | None:
         """Why the interval does not fit a run of ``total_steps``: one interval after the
-        last warm-up step reaches the run's last step or beyond, so no step between the
-        warm-up and the last is computed and all of them are forecast from the warm-up's
-        history alone (e.g. N=20 in a 12-step run). None when it fits, or when the
+        last warm-up step reaches the run's last step or beyond (e.g. N=20 in a 12-step
+        run), so after the warm-up the run computes at most the last step (and a profile's
+        short first interval) and forecasts the rest. None when it fits, or when the
         schedule forecasts none of the steps (a case of its own)."""
         plan = self.plan(total_steps)
         if all(plan) or self.warmup - 1 + self.interval < total_steps - 1:
             return None
-        return (f"N={self.interval} spans the rest of this run ({total_steps} steps, warm-up {self.warmup}): no step "
-                f"between the warm-up and the last is computed, so {plan.count(False)} steps are forecast from the "
-                f"warm-up's history alone; for caching that follows the run, use an N below "
-                f"{max(total_steps - self.warmup, 2)}")
+        remaining = total_steps - self.warmup
+        computed = sum(plan[self.warmup:])
+        return (f"N={self.interval} does not fit in this run ({total_steps} steps, warm-up {self.warmup}): of the "
+                f"{remaining} steps after the warm-up it computes {computed} and forecasts {remaining - computed}; "
+                f"for caching that follows the run, use an N below {max(remaining, 2)}")
 
     def plan(self, total_steps: int) -> list[bool]:
         """``True`` for each computed step of a run of ``total_steps``."""
