@@ -227,6 +227,13 @@ def test_custom_sigmas_go_to_the_scheduler_as_in_diffusers(pipe):
     caption = ["a large blue square at the center on a white background"]
     assert np.array_equal(generate(pipe, caption, steps=8, seed=2),
                           pipe(caption, sigmas=default, seed=2, output_type="np").images)
+    hyca.enable(pipe, "taylor-2", interval=3, warmup=2)  # HyCa counts the call's steps from its sigmas
+    try:
+        pipe(caption, sigmas=sigmas, num_inference_steps=50, seed=2, output_type="np")
+        stats = hyca.stats(pipe)[0]
+    finally:
+        hyca.disable(pipe)
+    assert (stats.computed, stats.forecast) == (3, 2)  # steps 0, 1 (warm-up) and 4 (1 + N, the last of 5)
 
 
 def test_a_generator_list_gives_each_image_its_own_noise(pipe):
