@@ -98,6 +98,34 @@ def _check_probe_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--model {args.model}: no such folder")
     if args.height is not None and args.width is not None:  # before loading: a size no model here can serve
         _check_size(args.height, args.width, 1, args.device)
+    _check_schedule(args)
+
+
+def _check_schedule(args: argparse.Namespace) -> None:
+    """A schedule the probe cannot serve, said before the model loads: one that forecasts
+    no step (nothing to compare), or whose N does not fit in the run (after the warm-up at
+    most the last step computed, the rest forecast). Defaults: :func:`hyca.probe`'s."""
+    import inspect
+
+    from .adapters.diffusers.probe import probe
+    from .engine.schedule import Schedule
+
+    own = inspect.signature(probe).parameters
+    steps, interval, warmup = (getattr(args, k) if getattr(args, k) is not None else own[k].default
+                               for k in ("steps", "interval", "warmup"))
+    if steps < 1:
+        raise CLIError(f"--steps must be a positive number of sampling steps, got {steps}")
+    try:
+        schedule = Schedule(interval=interval, warmup=warmup)
+    except ValueError as err:
+        raise CLIError(f"--interval/--warmup: {err}") from None
+    if all(schedule.plan(steps)):
+        raise CLIError(f"--steps {steps} with --interval {interval} and --warmup {warmup} computes every step, so "
+                       "nothing is forecast and there is nothing to probe: use more steps, a shorter warm-up or "
+                       "an interval above 1")
+    beyond = schedule.interval_beyond(steps)
+    if beyond is not None:
+        raise CLIError(f"--interval {interval} with --steps {steps}: {beyond}")
 
 
 def _check_size(height: int, width: int, multiple: int, device: str | None) -> None:

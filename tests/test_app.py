@@ -5,6 +5,7 @@ pipeline run directly, outside the app."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -268,7 +269,7 @@ def test_probe_returns_a_profile_that_hyca_uses(served, solo_pipe):
     assert len(table["data"]) == blocks * 3 and Image.open(picture).size[0] % profile.dim == 0
     # HyCa in the same session now uses that profile: its image is the solo run with it.
     full, fast, _, numbers = _generate(client, method="HyCa", seed=5)
-    assert numbers["profile"] == "session profile"
+    assert numbers["profile"] == f"session profile (probed on the Profile tab with prompt {PROMPT!r})"
     assert np.array_equal(_pixels(fast), _as_uint8(_solo(solo_pipe, 5, profile)))
 
 
@@ -351,6 +352,7 @@ def test_profile_round_trip_through_a_hub_standin(served, hub, tmp_path):
            cache_dir=str(tmp_path / "hf"))
     sent, got = first["profiles"]["reference"]["current"], second["profiles"]["reference"]["current"]
     assert torch.equal(sent.labels, got.labels) and torch.equal(sent.solvers, got.solvers)
+    assert got.source == f"{name} from the Hub repo someone/profiles"  # what a run's report names
     assert "ARI current vs previous" not in h.view(second, "reference", "").summary
     with pytest.raises(h.AppError, match="no earlier profile"):
         h.ari_vs_previous(second, "reference", "")
@@ -458,8 +460,13 @@ def test_a_changed_n_gets_a_profile_probed_for_it_and_known_settings_are_not_pro
     fresh = h.new_state()  # another session: the profile probed for N=10 comes from the local cache
     other_session = h.generate(fresh, "reference", "", PROMPT, 5, STEPS, "HyCa", 10, 2, "none", True)
     assert probes == [(STEPS, 4, 2), (STEPS, 10, 2)]
-    assert "probed now for these settings" in at_4.numbers["profile"] and "probed now" in at_10.numbers["profile"]
-    assert back_at_4.numbers["profile"] == "session profile" and "from cache" in other_session.numbers["profile"]
+    cache = os.environ["HYCA_CACHE"]  # own_cache's: each profile is named by where it was saved or found
+    assert at_4.numbers["profile"].startswith(f"profile probed now for these settings, saved to {cache}")
+    at_10_file = at_10.numbers["profile"].split("saved to ")[1]
+    assert Path(at_10_file).parent == Path(cache) and Path(at_10_file).is_file() and "-n10-" in at_10_file
+    assert back_at_4.numbers["profile"] == "session profile (probed on first use, saved to " + \
+        at_4.numbers["profile"].split("saved to ")[1] + ")"
+    assert other_session.numbers["profile"] == f"profile from {at_10_file} (local cache)"
     chosen_for = profile_10.metadata["chosen_for"]
     assert (chosen_for["interval"], chosen_for["warmup"], chosen_for["steps"]) == (10, 2, STEPS)
     # the N=10 image is the pipeline's own run with that profile, outside the app
@@ -477,7 +484,7 @@ def test_a_loaded_profile_for_other_settings_says_what_to_do_in_the_app(served, 
     off = h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 6, 2, "none", True)
     said = off.numbers["profile"] + " ".join(off.numbers["notes"]) + off.report
     # the engine's off-settings decision, in the app's words: what differs, the path, what to press
-    assert off.numbers["profile"] == "the profile you loaded"
+    assert off.numbers["profile"] == f"the profile you loaded ({maker['profiles']['reference']['file']})"
     assert off.numbers["off_settings"] == "robust (reuse start, guard)"  # unguided, even sigmas: reuse
     (note,) = [n for n in off.numbers["notes"] if "chosen for other settings" in n]
     assert "N 4 vs 6" in note and "robust path" in note and note.endswith(h.IN_APP_REMEDY)
@@ -486,7 +493,7 @@ def test_a_loaded_profile_for_other_settings_says_what_to_do_in_the_app(served, 
     # pressing it gives the session a profile for N=6, used from then on instead of the file
     h.run_probe(state, "reference", "", PROMPT, STEPS, 6, 2, 3, "none")
     after = h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 6, 2, "none", True)
-    assert after.numbers["profile"] == "session profile"
+    assert after.numbers["profile"] == f"session profile (probed on the Profile tab with prompt {PROMPT!r})"
     assert state["profiles"]["reference"]["current"].metadata["chosen_for"]["interval"] == 6
 
 

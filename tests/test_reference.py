@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hyca
+from diffusers import FlowMatchEulerDiscreteScheduler
 from hyca.reference import CaptionTokenizer, ReferencePipeline, checker, data, load_pipeline, shipped_path
 from hyca.reference import tiny_components
 from hyca.reference.model import image_ids, pack, patch_of, unpack, velocity
@@ -198,6 +199,56 @@ def test_loras_restyle_as_intended_switch_and_unload_exactly(pipe):
     sat = lambda images: np.mean([checker.saturation(im) for im in images])  # noqa: E731
     assert sat(pastel) < 0.7 * sat(base), (sat(pastel), sat(base))
     assert np.array_equal(run(), base)
+
+
+def _timesteps_seen(pipe, **call):
+    """The timestep the transformer receives at each step of ``pipe(**call)``."""
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(float(kwargs["timestep"][0])), with_kwargs=True)
+    try:
+        pipe("a small red circle", output_type="pt", seed=0, **call)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_custom_sigmas_go_to_the_scheduler_as_in_diffusers(pipe):
+    # diffusers' retrieve_timesteps: scheduler.set_timesteps(sigmas=...), the step count their length
+    sigmas = [1.0, 0.8, 0.55, 0.3, 0.1]
+    own = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    own.set_timesteps(sigmas=sigmas)
+    expected = (own.timesteps / 1000).tolist()
+    assert len(expected) == 5 and _timesteps_seen(pipe, sigmas=sigmas, num_inference_steps=50) == \
+        pytest.approx(expected, abs=1e-6)
+    # the scheduler's own 8-step sigmas given explicitly: the same image as num_inference_steps=8
+    own.set_timesteps(8)
+    default = own.sigmas[:-1].tolist()
+    caption = ["a large blue square at the center on a white background"]
+    assert np.array_equal(generate(pipe, caption, steps=8, seed=2),
+                          pipe(caption, sigmas=default, seed=2, output_type="np").images)
+    hyca.enable(pipe, "taylor-2", interval=3, warmup=2)  # HyCa counts the call's steps from its sigmas
+    try:
+        pipe(caption, sigmas=sigmas, num_inference_steps=50, seed=2, output_type="np")
+        stats = hyca.stats(pipe)[0]
+    finally:
+        hyca.disable(pipe)
+    assert (stats.computed, stats.forecast) == (3, 2)  # steps 0, 1 (warm-up) and 4 (1 + N, the last of 5)
+
+
+def test_a_generator_list_gives_each_image_its_own_noise(pipe):
+    captions = ["a large red circle at the center on a white background",
+                "a small blue square at the top left on a black and white background"]
+    batch = pipe(captions, num_inference_steps=6, output_type="np",
+                 generator=[torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)]).images
+    for caption, seed, image in zip(captions, (11, 12), batch):
+        alone = pipe([caption], num_inference_steps=6, output_type="np",
+                     generator=torch.Generator().manual_seed(seed)).images[0]
+        np.testing.assert_allclose(image, alone, atol=1e-5)  # batched matmuls may round differently
+    one = pipe(captions, num_inference_steps=6, output_type="np", generator=torch.Generator().manual_seed(11)).images
+    assert not np.allclose(one[1], batch[1], atol=1e-2)  # one generator draws the whole batch's noise
+    with pytest.raises(ValueError, match="list of generators of length 3"):
+        pipe(captions, num_inference_steps=2, output_type="np", generator=[torch.Generator() for _ in range(3)])
 
 
 # --- HyCa on the reference model ------------------------------------------------------------

@@ -69,18 +69,22 @@ def test_order_of_sources(dirs, fp, hub, tmp_path):
 
     found = resolve(path=explicit)
     assert (found.source, found.path) == ("path", explicit) and same(found.profile, profiles["path"])
+    assert found.profile.source == str(explicit)  # what a run reports as its profile (RunStats.profile)
+    words = {"extra": "($HYCA_PROFILES)", "shipped": "(shipped with hyca)", "cache": "(local cache)"}
     for name in ("extra", "shipped", "cache"):
         found = resolve()
         assert (found.source, found.path) == (name, placed[name]) and same(found.profile, profiles[name])
-        assert found.warnings == []
+        assert found.warnings == [] and found.profile.source == f"{placed[name]} {words[name]}"
         placed[name].unlink()
     found = resolve()
     assert found.source == "hub" and same(found.profile, profiles["hub"]) and found.warnings == []
+    assert found.profile.source == f"{profile_filename(fp)} from the Hub repo {REPO}"
     hub.state.repos.clear()
     # (huggingface_hub would still serve its cached copy of a vanished repo: use an empty Hub cache)
     with pytest.warns(UserWarning, match="not found"):
         found = resolve(hub_cache=tmp_path / "fresh-hf")
     assert found.source == "probe" and probe.calls == 1 and same(found.profile, profiles["probe"])
+    assert found.path.parent == dirs["cache"] and found.profile.source == f"probed on first use, saved to {found.path}"
 
 
 def test_interval_specific_file_is_preferred(dirs, fp):

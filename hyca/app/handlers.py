@@ -246,6 +246,8 @@ def run_probe(state: dict[str, Any], model_key: str, custom: str | None, prompt:
     s = _settings(model, prompt, 0, steps, "HyCa", interval, warmup, lora)
     with holding(model, progress), out_of_memory_explained(model):
         profile = probe_locked(model, s.prompt, s.steps, s.interval, s.warmup, _whole("clusters", clusters), s.lora, progress)
+    profile.source = f"probed on the Profile tab with prompt {s.prompt!r}" + (
+        f" and LoRA '{s.lora}'" if s.lora != "none" else "")
     slot = session_slot(state, c.key)
     base = slot["base"]
     if s.lora != "none":
@@ -314,6 +316,7 @@ def pull(state: dict[str, Any], model_key: str, custom: str | None, repo: str | 
     filename = (filename or "").strip() or profile_filename(fp, _whole("N", interval))
     path = pull_profile(repo, filename, model=fp, endpoint=endpoint, token=token, cache_dir=cache_dir)
     profile = load_profile(path, fp)
+    profile.source = f"{filename} from the Hub repo {repo}"
     session_slot(state, c.key)["loaded"] = profile
     set_current(state, model, profile)
     return f"Loaded {filename} from the Hub repo {repo}."

@@ -121,20 +121,25 @@ def base_profile(state: dict[str, Any], model: LoadedModel, s: compare.Settings,
     slot = session_slot(state, model.choice.key)
     key = settings_key(model, s)
     if fits(slot["settings"].get(key), model):
-        return slot["settings"][key], "session profile"
+        return slot["settings"][key], named("session profile", slot["settings"][key])
     loaded = slot["loaded"]
     if fits(loaded, model):
         # at other settings the run's own note says what differs and which path it takes (report_numbers)
-        return loaded, "the profile you loaded" if differences(RunSettings.of_profile(loaded.metadata), key[0]) \
-            else "session profile"
+        return loaded, named("the profile you loaded" if differences(RunSettings.of_profile(loaded.metadata), key[0])
+                             else "session profile", loaded)
     resolved = resolve_profile(
         diffusers_fingerprint(model.transformer), run=key[0], probe_if_mismatched=True,
         probe=lambda: probe_locked(model, None, s.steps, s.interval, s.warmup, 4, "none", progress))
     slot["settings"][key] = resolved.profile
     set_current(state, model, resolved.profile)
-    where = {"probe": "probed now for these settings (saved to the local cache)"}.get(
-        resolved.source, f"from {resolved.source}")
+    where = (f"probed now for these settings, saved to {resolved.path}" if resolved.source == "probe"
+             else f"from {resolved.describe()}")
     return resolved.profile, f"profile {where}"
+
+
+def named(what: str, profile: Profile) -> str:
+    """``what`` with the profile's source (a file, the Hub, a probe on the Profile tab)."""
+    return f"{what} ({profile.source})" if profile.source else what
 
 
 def profile_for_run(state: dict[str, Any], model: LoadedModel, s: compare.Settings, lora_reuse: bool,

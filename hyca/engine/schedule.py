@@ -87,6 +87,21 @@ class Schedule:
                 return candidate
         return None
 
+    def interval_beyond(self, total_steps: int) -> str | None:
+        """Why the interval does not fit a run of ``total_steps``: one interval after the
+        last warm-up step reaches the run's last step or beyond (e.g. N=20 in a 12-step
+        run), so after the warm-up the run computes at most the last step (and a profile's
+        short first interval) and forecasts the rest. None when it fits, or when the
+        schedule forecasts none of the steps (a case of its own)."""
+        plan = self.plan(total_steps)
+        if all(plan) or self.warmup - 1 + self.interval < total_steps - 1:
+            return None
+        remaining = total_steps - self.warmup
+        computed = sum(plan[self.warmup:])
+        return (f"N={self.interval} does not fit in this run ({total_steps} steps, warm-up {self.warmup}): of the "
+                f"{remaining} steps after the warm-up it computes {computed} and forecasts {remaining - computed}; "
+                f"for caching that follows the run, use an N below {max(remaining, 2)}")
+
     def plan(self, total_steps: int) -> list[bool]:
         """``True`` for each computed step of a run of ``total_steps``."""
         return [self.computes(step, total_steps) for step in range(total_steps)]

@@ -28,6 +28,10 @@ class RunStats:
     #: the run differs from the settings its profile was chosen for: what differs and which
     #: path it took (:mod:`hyca.profiles.off_settings`; its sentence is among ``notes``)
     off_settings: OffSettings | None = None
+    #: the profile the run used, where it came from in words (a file path, the shipped or Hub
+    #: one, "probed on first use, saved to ..."; :attr:`hyca.profiles.Profile.source`), as the
+    #: host knows it; None when the host does not say
+    profile: str | None = None
 
     @property
     def total(self) -> int:
@@ -43,6 +47,8 @@ class RunStats:
         else:
             text = (f"{self.computed} of {self.total} steps computed, {self.forecast} forecast "
                     f"(~{self.forecast / self.total:.0%} fewer transformer FLOPs)")
+        if self.profile is not None:
+            text += f"; profile: {self.profile}"
         if self.switches:
             text += "; guard: " + ", ".join(d.describe() for d in self.switches)
         if self.notes:

@@ -414,7 +414,7 @@ def read_profile(path: str | os.PathLike, expected: Any = None, *,
         "format_version": version,
         "pool_version": pool_info["version"],
     }
-    return Profile(labels=labels, solvers=solvers, metadata=metadata), warns
+    return Profile(labels=labels, solvers=solvers, metadata=metadata, source=str(path)), warns
 
 
 def load_profile(path: str | os.PathLike, model: Any = None, *, interval: int | None = None) -> Profile:

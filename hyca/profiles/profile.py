@@ -17,12 +17,16 @@ class Profile:
     ``labels``: ``(blocks, dim)`` integer cluster of each hidden dimension in each block.
     ``solvers``: ``(blocks, clusters)`` index into :func:`hyca.math.solvers.pool` of the
     solver each cluster uses. ``metadata``: JSON-able facts (model fingerprint, probe
-    settings, ...), carried along but not read by the engine.
+    settings, ...), carried along but not read by the engine. ``source``: where the profile
+    came from, in words (a file path, the shipped folder, the Hub, a probe), set by whoever
+    read or made it and reported with each run (:attr:`hyca.engine.state.RunStats.profile`);
+    not saved in the file and not compared.
     """
 
     labels: torch.Tensor
     solvers: torch.Tensor
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.labels = torch.as_tensor(self.labels, dtype=torch.int64).cpu()
@@ -49,6 +53,7 @@ class Profile:
             labels=torch.zeros(num_blocks, dim, dtype=torch.int64),
             solvers=torch.full((num_blocks, 1), index, dtype=torch.int64),
             metadata={"method": get_solver(solver).name},
+            source=f"solver {get_solver(solver).name!r} for every dimension (no profile file)",
         )
 
     @property

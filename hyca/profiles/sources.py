@@ -61,6 +61,23 @@ class ResolvedProfile:
     warnings: list[str] = field(default_factory=list)
     #: what differs between the settings the profile was chosen for and the run's
     differences: list[str] = field(default_factory=list)
+    #: the Hub repo it was downloaded from (source ``hub``)
+    repo: str | None = None
+
+    def describe(self) -> str:
+        """Where the profile came from, in words: what a run reports as its profile
+        (``Profile.source``, ``RunStats.profile``) and what the log names."""
+        if self.source == "probe":
+            return "probed on first use, " + (f"saved to {self.path}" if self.path is not None else "not saved")
+        if self.source == "hub":
+            return f"{self.path.name if self.path else '?'} from the Hub repo {self.repo}"
+        where = {"extra": " ($HYCA_PROFILES)", "shipped": " (shipped with hyca)", "cache": " (local cache)"}
+        return f"{self.path}{where.get(self.source, '')}"
+
+    def named(self) -> "ResolvedProfile":
+        """This result, its profile's ``source`` set to :meth:`describe`."""
+        self.profile.source = self.describe()
+        return self
 
 
 def shipped_dir() -> Path:
@@ -209,6 +226,7 @@ def _try_hub(repo: str, names: list[str], fp: Mapping[str, Any], interval: int |
             continue
         found = _try_file(path, fp, interval, log, "hub")
         if found is not None:
+            found.repo = repo
             return found
     cut_off = [err for err in misses if err.kind != "no-file"]
     if cut_off:
@@ -245,7 +263,7 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
         profile, notes = read_profile(path, fp, interval=interval)
         for note in notes:
             log(note)
-        return ResolvedProfile(profile, "path", Path(path), log.messages)
+        return ResolvedProfile(profile, "path", Path(path), log.messages).named()
 
     run = (run or RunSettings()).merged(RunSettings(interval=interval))
     interval = run.interval
@@ -278,7 +296,7 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
     if best is not None:
         best.differences = _differences(best, run, own_sigmas)
         if not (best.differences and probe is not None and probe_if_mismatched):
-            return best
+            return best.named()
         log(f"the closest profile ({best.path or best.source}) was chosen for {_chosen(best).describe()}; "
             f"probing one for this run's settings ({run.describe()})")
     elif probe is None:
@@ -289,7 +307,7 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
     target = cache / (names[0] if run.tag() else names[-1])
     resolved = _probe_and_cache(probe, fp, interval, target, log)
     resolved.differences = _differences(resolved, run, own_sigmas)
-    return resolved
+    return resolved.named()
 
 
 def _chosen(resolved: ResolvedProfile) -> RunSettings:

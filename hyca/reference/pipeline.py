@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.loaders import FluxLoraLoaderMixin
+from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from . import data
@@ -58,13 +60,19 @@ class ReferencePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_inference_steps: int = 50, guidance_scale: float = 1.0,
-                 generator: torch.Generator | None = None, seed: int | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, seed: int | None = None,
                  height: int = data.SIZE, width: int = data.SIZE, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True):
+                 output_type: str = "pil", return_dict: bool = True, sigmas: list[float] | None = None):
         """``guidance_scale`` > 1 runs true classifier-free guidance against the empty
         caption (the model was trained with caption dropout). ``seed`` is shorthand for a
-        fresh ``torch.Generator().manual_seed(seed)``. ``output_type``: "pil", "np"
-        ((b, H, W, 3) float in [0, 1]) or "pt" ((b, 3, H, W) float in [0, 1])."""
+        fresh ``torch.Generator().manual_seed(seed)``. ``generator``: one generator for the
+        batch's noise, or a list with one per prompt (image ``i`` draws its noise from
+        ``generator[i]``, so it is the image that prompt and generator give alone), as in
+        diffusers' ``FluxPipeline`` (``randn_tensor``); a list of another length is a
+        ``ValueError``. ``sigmas``: a custom sigma schedule (decreasing, in (0, 1]), passed to
+        ``scheduler.set_timesteps(sigmas=...)`` as diffusers' ``retrieve_timesteps`` does; the
+        step count is then its length and ``num_inference_steps`` is not used. ``output_type``:
+        "pil", "np" ((b, H, W, 3) float in [0, 1]) or "pt" ((b, 3, H, W) float in [0, 1])."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         patch = patch_of(self.transformer)
@@ -73,6 +81,10 @@ class ReferencePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
+        if isinstance(generator, list) and len(generator) != len(prompts):  # diffusers' FluxPipeline's check
+            raise ValueError(f"You have passed a list of generators of length {len(generator)}, but requested an "
+                             f"effective batch size of {len(prompts)}. Make sure the batch size matches the length "
+                             "of the generators.")
         device, dtype = self.transformer.device, self.transformer.dtype
         hidden, pooled = self.encode_prompt(prompts)
         guided = guidance_scale > 1.0
@@ -81,10 +93,10 @@ class ReferencePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
             empty_hidden, empty_pooled = self.encode_prompt([""] * len(prompts))
         shape = (len(prompts), 3, height, width)
         if latents is None:
-            latents = pack(torch.randn(shape, generator=generator), patch)
+            latents = pack(randn_tensor(shape, generator=generator), patch)  # per-image noise from a list
         x = latents.to(device=device, dtype=dtype)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas)
         self.scheduler.set_begin_index(0)
         for t in self.progress_bar(self.scheduler.timesteps):
             sigma = (t / 1000).to(dtype)

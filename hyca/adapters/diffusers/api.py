@@ -77,10 +77,12 @@ def _is_profile_file(spec: Any) -> bool:
 
 
 def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile] | None, run: RunSettings,
-             told_settings: bool) -> Any:
+             told_settings: bool, per_call: bool = False, pipeline: bool = False) -> Any:
     """Turn ``"auto"`` or a file path into a :class:`Profile`; leave anything else as given.
     ``told_settings``: the caller said what it will run (steps, guidance), so a profile made
-    for other settings is replaced by a probe for these."""
+    for other settings is replaced by a probe for these. ``per_call``: a pipeline call's
+    choice, which its chooser logs (only when it differs from the one ``hyca.enable`` named).
+    ``pipeline``: the transformer is a pipeline's, whose calls choose for their own settings."""
     from ...profiles.sources import resolve_profile
 
     if _is_profile_file(spec):
@@ -100,8 +102,10 @@ def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile
         # never used to forecast; its chosen_for lets a later call at other settings take or probe its own
         profile = Profile.uniform("reuse", len(blocks_of(transformer, family_of(transformer))), hidden_size(transformer))
         profile.metadata["chosen_for"] = run.to_json()
+        profile.source = "none (the schedule forecasts none of the run's steps)"
         return profile
-    logger.info("HyCa: %s profile from %s", type(transformer).__name__, resolved.path or resolved.source)
+    if not per_call:
+        _say_chosen(transformer, resolved.profile, may_change=pipeline)
     if resolved.differences:
         remedy = ("each pipeline call takes or probes one for its own settings (docs/requests.md); pass "
                   "num_inference_steps= and guidance_scale= to hyca.enable to prepare it now" if make else
@@ -112,6 +116,16 @@ def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile
                        "takes the off-settings path and says which in hyca.stats; %s",
                        resolved.path or resolved.source, "; ".join(resolved.differences), remedy)
     return resolved.profile
+
+
+def _say_chosen(transformer: torch.nn.Module, profile: Profile, may_change: bool) -> None:
+    """The enable-time line: which profile, made for which settings, and (``may_change``:
+    a pipeline whose calls choose for their own settings) that a call at other settings
+    may use another, which its chooser then logs (:mod:`.requests`)."""
+    made_for = RunSettings.of_profile(profile.metadata).describe()
+    logger.info("HyCa: %s: profile %s, made for %s%s", type(transformer).__name__, profile.source, made_for,
+                "; a pipeline call at other settings takes or probes the profile for its own and says so"
+                if may_change else "")
 
 
 def _forecasts_nothing(run: RunSettings) -> bool:
@@ -236,6 +250,10 @@ def enable(
                       shift=schedule_shift(scheduler if scheduler is not None else getattr(target, "scheduler", None)))
     told_settings = num_inference_steps is not None or guidance_scale is not None
     pipeline = None if isinstance(target, torch.nn.Module) else target
+    # before any first-use probe: an interval that spans the whole run (each expert sees part of it)
+    beyond = schedule.interval_beyond(steps) if steps is not None and not _has_experts(target) else None
+    if beyond is not None:
+        logger.warning("HyCa: %s (hyca.recommended_settings(pipe, %d) picks one)", beyond, steps)
     engines, choosers = [], []
     for attribute, transformer in named_transformers(target):
         _check_not_compiled(transformer, attribute)
@@ -246,17 +264,19 @@ def enable(
         blocks = blocks_of(transformer, family)
         make = _first_use_probe(target, attribute, run, probe_kwargs)
         # under context parallelism: resolved on the first rank, the same profile on every rank
+        spec = _profile_of(profile, attribute)
         chosen = parallel.agree_profile(transformer, lambda: _profile_for(
-            _resolve(_profile_of(profile, attribute), transformer, make, run, told_settings), transformer,
+            _resolve(spec, transformer, make, run, told_settings, pipeline=pipeline is not None), transformer,
             len(blocks), hidden_size(transformer)))
         engine = HybridCache(chosen, schedule, positions, cache_dtype, guard=guard)
         hooks.unregister(transformer)  # enabling again replaces the settings
         with parallel.split_hooks_outside([block for _, block in blocks]):  # HyCa's hooks see the shard
-            hooks.register(transformer, blocks, engine, family, hooks.Steps(scheduler, pipeline))
+            root = hooks.register(transformer, blocks, engine, family, hooks.Steps(scheduler, pipeline))
+        if beyond is not None:
+            root.say_once(beyond, said=True)  # its runs note it in their stats, the log has it
         engines.append(engine)
         if pipeline is not None:
-            choosers.append(_chooser(pipeline, attribute, _profile_of(profile, attribute), engine, schedule, run,
-                                     probe_kwargs, len(blocks)))
+            choosers.append(_chooser(pipeline, attribute, spec, engine, schedule, run, probe_kwargs, len(blocks)))
     if pipeline is not None:
         requests.intercept(pipeline, choosers)
     return engines
@@ -273,7 +293,7 @@ def _chooser(pipeline: Any, attribute: str, spec: Any, engine: HybridCache, sche
         return None if _has_experts(pipeline) else _first_use_probe(pipeline, attribute, call, probe_kwargs, True)
 
     def resolve(transformer: torch.nn.Module, make: Callable[[], Profile] | None, call: RunSettings) -> Profile:
-        return _profile_for(_resolve(AUTO, transformer, make, call, True), transformer, num_blocks,
+        return _profile_for(_resolve(AUTO, transformer, make, call, True, per_call=True), transformer, num_blocks,
                             hidden_size(transformer))
 
     return requests.Chooser(attribute, spec, engine, schedule, options, probe_for, resolve)

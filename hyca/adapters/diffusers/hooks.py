@@ -45,6 +45,7 @@ use of diffusers' private hook API). This module registers and finds HyCa on a t
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -63,11 +64,13 @@ __all__ = ["BLOCK_HOOK", "ROOT_HOOK", "ROOT_ATTRIBUTE", "BranchStates", "CacheCo
 
 
 def register(transformer: torch.nn.Module, blocks: list[tuple[BlockList, torch.nn.Module]],
-             engine: Any, family: Family, total_steps: Any = None) -> HyCaRoot:
+             engine: Any, family: Family, total_steps: Any = None, run_log_level: int = logging.INFO) -> HyCaRoot:
     """Hook ``engine`` into ``transformer``. ``total_steps``: a :class:`Steps` (what
     ``hyca.enable`` passes), or a callable ``(count_from_cache_context) -> count`` for a
-    fixed count (the probe's)."""
-    root = HyCaRoot(transformer, blocks, engine, family, total_steps if total_steps is not None else Steps())
+    fixed count (the probe's). ``run_log_level``: the level of the line each finished run
+    logs (the probe's candidate runs: ``logging.DEBUG``, the probe logs one summary)."""
+    root = HyCaRoot(transformer, blocks, engine, family, total_steps if total_steps is not None else Steps(),
+                    run_log_level)
     root.install(transformer)
     return root
 

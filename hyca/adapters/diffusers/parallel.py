@@ -129,7 +129,8 @@ class RankGroup:
         from ...profiles.profile import Profile
 
         first = self.rank == 0
-        meta = json.dumps(profile.metadata if first and profile is not None else {}, default=str).encode()
+        sent = {"metadata": profile.metadata, "source": profile.source} if first and profile is not None else {}
+        meta = json.dumps(sent, default=str).encode()  # the source too: every rank's stats name the profile
         message = (error or "").encode() if first else b""
         blocks, dim = (tuple(profile.labels.shape) if first and profile is not None else (0, 0))
         clusters = profile.solvers.shape[1] if first and profile is not None else 0
@@ -146,7 +147,7 @@ class RankGroup:
         solvers = profile.solvers if first else torch.zeros(blocks, clusters, dtype=torch.int64)
         labels, solvers = (self._send(t) for t in (labels, solvers))
         meta = json.loads(self._bytes(meta, meta_len).decode())
-        return Profile(labels, solvers, meta)
+        return Profile(labels, solvers, meta.get("metadata", {}), source=meta.get("source"))
 
     def _send(self, tensor: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist

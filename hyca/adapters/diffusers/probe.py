@@ -11,6 +11,7 @@ removed whatever happens, so the model computes exactly as before.
 from __future__ import annotations
 
 import contextlib
+import logging
 import operator
 from typing import Any, Callable, Iterator, Unpack
 
@@ -55,12 +56,14 @@ def _hooked(transformer: torch.nn.Module, engine: Any, steps: int) -> Iterator[A
             previous = None  # left over from a probe that could not clean up: do not restore it
         hooks.unregister(transformer)
         try:
-            hooks.register(transformer, blocks, engine, family, lambda *_: steps)
+            # a line per candidate run at DEBUG: the probe logs one summary of them all
+            hooks.register(transformer, blocks, engine, family, lambda *_: steps, run_log_level=logging.DEBUG)
             yield hooks.root_hook(transformer)
         finally:
             hooks.unregister(transformer)
             if previous is not None:
-                hooks.register(transformer, blocks, previous.engine, previous.family, previous.total_steps)
+                restored = hooks.register(transformer, blocks, previous.engine, previous.family, previous.total_steps)
+                restored.told_notes |= previous.told_notes  # what the enabled model said once stays said
 
 
 @contextlib.contextmanager

@@ -133,7 +133,9 @@ class Chooser:
             profile = self.resolve(transformer, self.probe(run), run)
         except ProfileError:
             return self.template.profile
-        logger.info("HyCa: %s profile for %s chosen", type(transformer).__name__, run.describe())
+        if profile.source != self.template.profile.source:  # once per settings: chosen[run] remembers it
+            logger.info("HyCa: %s: calls at %s use profile %s (in place of %s, which hyca.enable named)",
+                        type(transformer).__name__, run.describe(), profile.source, self.template.profile.source)
         return profile
 
 

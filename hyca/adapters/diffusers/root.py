@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ...engine.cache import BranchState, HybridCache
+from ...engine.cache import BranchState
 from ...engine.state import RunStats
 from ...engine.residual import ResidualMeter
 from ...engine.targets import MODEL_OUTPUT, OUTPUT, as_tokens, from_tokens
@@ -23,7 +23,7 @@ from .chain import HookChain
 from .conflicts import CacheConflict, conflict_message, other_cache
 from .families import BlockList, Family, head_of
 from .runs import Run, Steps, _weak, calling_pipeline
-from .scopes import ACTIVE, REQUEST, UNANNOUNCED, BranchStates, Request, ScopeRouter
+from .scopes import ACTIVE, REQUEST, UNANNOUNCED, BranchStates, Request, ScopeRouter, fresh_engine
 from .settings import guidance_name, guidance_of, schedule_shift
 
 logger = logging.getLogger("hyca")
@@ -38,8 +38,10 @@ class HyCaRoot(HookChain):
     default scope, whose engine is ``engine``, for calls made outside any pipeline call."""
 
     def __init__(self, transformer: torch.nn.Module, blocks: list[tuple[BlockList, torch.nn.Module]],
-                 engine: Any, family: Family, total_steps: Any) -> None:
+                 engine: Any, family: Family, total_steps: Any, run_log_level: int = logging.INFO) -> None:
         self.engine = engine
+        #: the level of each finished run's line and of this root's notes (a probe's runs: DEBUG)
+        self.run_log_level = run_log_level
         self.family = family
         self.total_steps = total_steps  # a :class:`Steps`, or a callable ``(count_from_context) -> count``
         self.router = ScopeRouter(self)
@@ -59,6 +61,7 @@ class HyCaRoot(HookChain):
         self.lost: str | None = None  # why HyCa cannot run, once that is known
         self.notes: list[str] = []  # said once per model, shown in every stats() (calls HyCa stayed out of)
         self._told_unknown = False  # "step count unknown" said once in the log
+        self.told_notes: set[str] = set()  # run notes this root logged (each once)
         self.head = head_of(transformer, family)
         # target "output": the engine forecasts the head's input (the final hidden state), not the residuals
         if self.default.engine.target == OUTPUT and self.head is None:
@@ -104,6 +107,7 @@ class HyCaRoot(HookChain):
             self._finish_stale(states, run)
         if state.step == 0:
             self._other_pipeline_run(states, state, module, run)
+            self._run_notes(states, state, run)
             self._remember(states)
             self.engine_facts(states, module)
             found = other_cache(module, scan=True)
@@ -211,6 +215,26 @@ class HyCaRoot(HookChain):
         if note is not None:
             states.engine.note(state, note)
 
+    def _run_notes(self, states: BranchStates, state: BranchState, run: Run) -> None:
+        """At a run's first step: the profile it uses (``RunStats.profile``), and a note when
+        the interval spans the whole run (:meth:`~hyca.engine.schedule.Schedule.interval_beyond`)."""
+        profile, schedule = getattr(states.engine, "profile", None), getattr(states.engine, "schedule", None)
+        if profile is not None:
+            state.stats.profile = profile.source or "a Profile object given to hyca.enable"
+        beyond = schedule.interval_beyond(run.total) if schedule is not None and run.total else None
+        if beyond is not None:
+            states.engine.note(state, beyond)
+            self.say_once(beyond)
+
+    def say_once(self, message: str, said: bool = False) -> None:
+        """Log ``message`` once per root (a probe's candidate runs: at their level, DEBUG);
+        ``said``: the caller logged it already."""
+        if message not in self.told_notes:
+            self.told_notes.add(message)
+            if not said:
+                logger.log(max(self.run_log_level, logging.WARNING) if self.run_log_level >= logging.INFO
+                           else self.run_log_level, "HyCa: %s", message)
+
     def engine_facts(self, states: BranchStates, module: torch.nn.Module) -> None:
         """Tell the scope's engine what is known of the run beginning now: the settings
         read from the pipeline call (:mod:`.requests`), completed from the pipeline."""
@@ -291,7 +315,7 @@ class HyCaRoot(HookChain):
         if state.stats.total:
             if why is not None and state.total_steps is not None and state.step < state.total_steps:
                 states.engine.note(state, f"stopped after {state.step} of {state.total_steps} steps")
-            logger.info("HyCa [%s]: %s", name, state.stats.describe())
+            logger.log(self.run_log_level, "HyCa [%s]: %s", name, state.stats.describe())
         state.reset()
 
     # --- resets ---------------------------------------------------------------------------
@@ -313,7 +337,7 @@ class HyCaRoot(HookChain):
         for states in [scope] + ([self.default] if default and scope is not self.default else []):
             for name, state in states.all_states().items():
                 if state.stats.total:
-                    logger.info("HyCa [%s]: %s", name, state.stats.describe())
+                    logger.log(self.run_log_level, "HyCa [%s]: %s", name, state.stats.describe())
             states.reset()
             states.engine.end_run()
 
@@ -405,8 +429,6 @@ class HyCaRoot(HookChain):
         logger.warning("HyCa: %s", message)
 
 
-
-
 def _output_tokens(engine: Any, sample: Any) -> torch.Tensor:
     """A model output as the engine records it, ``(batch, tokens, channels)``; ``ValueError``
     / ``TypeError`` when a model-output profile cannot forecast it."""
@@ -419,16 +441,3 @@ def _output_tokens(engine: Any, sample: Any) -> torch.Tensor:
         raise ValueError(f"the profile forecasts {dim} output channels, the model gives {tokens.shape[-1]}: "
                          "make a profile for this model")
     return tokens
-
-
-def fresh_engine(engine: Any) -> Any:
-    """A new engine like ``engine`` (a :class:`HybridCache`): same profile, schedule and
-    options, none of its run bookkeeping, so that requests running at once never share it."""
-    if not isinstance(engine, HybridCache):
-        return engine
-    made = HybridCache(engine.profile, engine.schedule, engine.positions, engine.cache_dtype, guard=engine.guard,
-                       compare_settings=engine.compare_settings, off_settings=engine.off_settings)
-    made.sketch_seed, made._expected = engine.sketch_seed, engine._expected
-    made.asked_compute_last = engine.asked_compute_last  # its schedule already has the profile's end
-    made._told = engine._told  # a note is logged once per enabled model, and stays in each run's stats
-    return made

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ...engine.cache import BranchState
+from ...engine.cache import BranchState, HybridCache
 from .compat import StateManager
 
 DEFAULT_BRANCH = "default"
@@ -243,3 +243,16 @@ def _same_input(kept: Any, sample: Any) -> bool:
     parts = list(sample) if isinstance(sample, (list, tuple)) else []
     return (isinstance(kept, list) and len(kept) == len(parts)
             and all(k.shape == s.shape and torch.equal(k, s) for k, s in zip(kept, parts)))
+
+
+def fresh_engine(engine: Any) -> Any:
+    """A new engine like ``engine`` (a :class:`HybridCache`): same profile, schedule and
+    options, none of its run bookkeeping, so that requests running at once never share it."""
+    if not isinstance(engine, HybridCache):
+        return engine
+    made = HybridCache(engine.profile, engine.schedule, engine.positions, engine.cache_dtype, guard=engine.guard,
+                       compare_settings=engine.compare_settings, off_settings=engine.off_settings)
+    made.sketch_seed, made._expected = engine.sketch_seed, engine._expected
+    made.asked_compute_last = engine.asked_compute_last  # its schedule already has the profile's end
+    made._told = engine._told  # a note is logged once per enabled model, and stays in each run's stats
+    return made
