@@ -61,8 +61,11 @@ def picked_on_calibration(cell: dict) -> tuple[str, float] | None:
               and t["fidelity_db"] is not None]
     if not trials:
         return None
-    # the tracks a single solver can be on in the grid: the paper's schedule, the short start, the head
-    trials = [t for t in trials if not (t["name"].startswith("output") and "start" in t["name"])]
+    # the tracks a single solver has a grid row on: the paper's schedule, the short start, the
+    # head (not the model output, nor the head with a short start, nor a guard-off candidate)
+    trials = [t for t in trials if t["name"].split("uniform:")[0] in ("", "output:") or
+              (t["name"].startswith("start") and t["name"].count(":") == 2)]
+    trials = [t for t in trials if "," not in t["name"]]
     name = max(trials, key=lambda t: t["fidelity_db"])["name"]
     rows = _rows(cell)
     solver = name.split("uniform:")[1]
