@@ -133,3 +133,18 @@ def test_report_only_without_results_says_what_is_there(tmp_path, capsys):
     assert main(["--grid", "--report-only", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert f"no grid results named grid in {tmp_path}" in err and "grid-quick-tiny.jsonl" in err
+
+
+def test_the_calibration_pick_is_a_single_solver_with_a_grid_row():
+    """Candidates without a grid row (the model output, the head with a short start, a
+    guard-off candidate) are passed over, however well they scored on calibration."""
+    trials = [{"name": "model,lite:uniform:taylor-1,no-guard", "fidelity_db": 40.0},
+              {"name": "output,start2:uniform:reuse", "fidelity_db": 39.0},
+              {"name": "model:uniform:reuse", "fidelity_db": 38.0},
+              {"name": "start2:uniform:am2", "fidelity_db": 31.0},
+              {"name": "output:uniform:ab3", "fidelity_db": 30.0},
+              {"name": "uniform:reuse", "fidelity_db": 20.0}]
+    rows = [{"method": grid.SINGLE_SHORT + "am2", "psnr": 33.0}, {"method": grid.SINGLE_OUTPUT + "ab3", "psnr": 35.0},
+            {"method": grid.SINGLE + "reuse", "psnr": 30.0}]
+    cell = {"info": {"closed_loop_trials": trials}, "rows": rows}
+    assert grid_report.picked_on_calibration(cell) == ("short: am2", pytest.approx(-2.0))
