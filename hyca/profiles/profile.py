@@ -17,7 +17,8 @@ class Profile:
     ``labels``: ``(blocks, dim)`` integer cluster of each hidden dimension in each block.
     ``solvers``: ``(blocks, clusters)`` index into :func:`hyca.math.solvers.pool` of the
     solver each cluster uses. ``metadata``: JSON-able facts (model fingerprint, probe
-    settings, ...), carried along but not read by the engine. ``source``: where the profile
+    settings, ...); the engine reads what the closed loop chose besides the solvers
+    (``target``, ``first_interval``, ``skip_last``, ``guard``) and ``chosen_for``. ``source``: where the profile
     came from, in words (a file path, the shipped folder, the Hub, a probe), set by whoever
     read or made it and reported with each run (:attr:`hyca.engine.state.RunStats.profile`);
     not saved in the file and not compared.
