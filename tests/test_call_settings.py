@@ -168,3 +168,24 @@ def test_the_request_class_is_invisible_and_disable_restores_the_original(tmp_pa
     hyca.disable(pipe)
     assert type(pipe) is FluxPipeline and "_hyca_requests" not in pipe.__dict__
     assert torch.equal(flux_at(pipe, STEPS), flux_at(never, STEPS))
+
+
+def test_a_schedule_that_forecasts_the_last_step_keeps_its_own_cached_profile(tmp_path, monkeypatch):
+    """compute_last=False chooses for another schedule than the default: its profile is a file
+    of its own, so switching back and forth probes once per schedule, not at every switch
+    (the real probe, counted; the shipped folder hidden)."""
+    no_profiles_but_a_cache(tmp_path, monkeypatch)
+    from hyca.adapters.diffusers import probe as probing
+
+    probes, real = [], probing.probe
+    monkeypatch.setattr(probing, "probe", lambda *a, **k: probes.append(k.get("compute_last")) or real(*a, **k))
+    from hyca.reference import load_pipeline
+
+    pipe = load_pipeline()
+    for compute_last in (True, False, True, False):
+        hyca.enable(pipe, interval=3, warmup=2, compute_last=compute_last)
+        pipe("a large red circle at the center on a white background", num_inference_steps=8, seed=0)
+        hyca.disable(pipe)
+    assert len(probes) == 2
+    names = sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors"))
+    assert len(names) == 2 and sum(n.endswith("-nolast.safetensors") for n in names) == 1, names

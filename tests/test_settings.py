@@ -4,6 +4,7 @@ run's settings, and how a run on other settings is told so."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,6 +24,9 @@ RUN = RunSettings(steps=28, guidance_scale=2.5, shift=3.0, interval=6, warmup=3,
 def test_json_round_trip_and_tag():
     assert RunSettings.from_json(RUN.to_json()) == RUN
     assert RUN.tag() == "w3-s28-g2.5-sh3"
+    # what makes another profile makes another file: the last step forecast, the sigma axis
+    assert replace(RUN, compute_last=False).tag() == "w3-s28-g2.5-sh3-nolast" != RUN.tag()
+    assert RunSettings(steps=28, positions="sigma", compute_last=False).tag() == "s28-sigma-nolast"
     with pytest.raises(ValueError, match="'steps'"):
         RunSettings.from_json({"steps": "many"})
     assert RunSettings.from_json({"steps": 8, "unknown": 1}).steps == 8  # newer writers' keys are ignored

@@ -111,7 +111,8 @@ class RunSettings:
         """A file-name part naming the run settings: ``w3-s28-g2.5-sh3`` (known fields only;
         the interval has its own ``-n<N>`` part), with ``-sg<hash>`` for a sigma schedule of
         its own (:meth:`sigmas_hash`), so that a custom schedule and the default one at the
-        same step count never share a file."""
+        same step count never share a file; likewise ``-sigma`` for the sigma axis and
+        ``-nolast`` for a schedule whose last step is forecast."""
         parts = []
         for prefix, value in (("w", self.warmup), ("s", self.steps), ("g", self.guidance_scale), ("sh", self.shift)):
             if value is not None:
@@ -120,6 +121,8 @@ class RunSettings:
             parts.append(f"sg{self.sigmas_hash()}")
         if self.positions not in (None, "step"):
             parts.append(self.positions)
+        if self.compute_last is False:  # a schedule that forecasts the last step: another profile
+            parts.append("nolast")
         return "-".join(parts)
 
     def sigmas_hash(self) -> str:
