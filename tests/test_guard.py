@@ -236,3 +236,16 @@ def test_a_profile_chosen_without_the_guard_runs_without_it_at_its_own_settings(
     assert outcomes[False, STEPS][0] and not outcomes[False, STEPS][1]  # guarded: demoted, at its settings
     assert outcomes[True, STEPS][0] == [] and outcomes[True, STEPS][2] == [pool_names().index("taylor-2")]
     assert outcomes[True, 50][1] and outcomes[True, 50] == outcomes[False, 50]  # off its settings: guarded again
+
+
+def test_a_run_without_the_guard_by_its_profiles_choice_says_so():
+    from hyca.engine.cache import UNGUARDED
+
+    chosen = uniform("taylor-2")
+    chosen.metadata.update(chosen_for={"steps": STEPS}, guard=False)
+    for guard, expected in ((True, [UNGUARDED]), (False, [])):  # guard=False by the caller: nothing to add
+        drive(HybridCache(chosen, Schedule(INTERVAL, WARMUP), guard=guard), {"cond": noise(1)})
+        assert drive.states["cond"].stats.notes == expected
+    chosen.metadata["chosen_for"] = {"steps": 50}  # off its settings: the guard is on, no such note
+    drive(HybridCache(chosen, Schedule(INTERVAL, WARMUP), guard=True), {"cond": noise(1)})
+    assert UNGUARDED not in drive.states["cond"].stats.notes

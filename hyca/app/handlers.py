@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..adapters.diffusers.fingerprint import fingerprint as diffusers_fingerprint
+from ..engine.cache import UNGUARDED
 from ..profiles.compare import compare_profiles
 from ..profiles.hub import DEFAULT_HUB_REPO, HubError, hub_offline, pull_profile, push_profile
 from ..profiles.io import ProfileError, load_profile, profile_filename
@@ -192,9 +193,10 @@ def report_markdown(n: dict[str, Any]) -> str:
         f"Profile: {n['profile']}." + (f" Used away from its settings: {n['off_settings']}." if n.get("off_settings")
                                         else ""),
         "",
-        "Guard: " + ("; ".join(n["guard"]) if n["guard"] else "no solver group switched") + " (it checks every "
-        "computed step's forecasts and switches a group that forecast worse than a lower order twice in a row).",
-        *(f"\n**Note:** {note}" for note in n["notes"]),
+        ("Guard: off for this profile (its probe chose it without the guard at these settings)." if UNGUARDED in n["notes"]
+         else "Guard: " + ("; ".join(n["guard"]) if n["guard"] else "no solver group switched") + " (it checks every "
+         "computed step's forecasts and switches a group that forecast worse than a lower order twice in a row)."),
+        *(f"\n**Note:** {note}" for note in n["notes"] if note != UNGUARDED),
     ]
     if "ari_vs_base" in n:
         lines.append(f"ARI of the LoRA profile vs the base profile: **{n['ari_vs_base']:.3f}** "

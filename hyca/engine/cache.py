@@ -38,6 +38,8 @@ logger = logging.getLogger("hyca")
 
 #: The note of a run in which some forecast came out NaN or Inf (and was computed instead).
 NON_FINITE = "a forecast was not finite (NaN or Inf); those steps were computed instead"
+#: The note of a run at its profile's settings whose profile the closed loop chose guard-off.
+UNGUARDED = "guard off: the probe chose this profile without the guard at these settings (metadata guard: false)"
 
 
 class NonFiniteForecast(RuntimeError):
@@ -176,6 +178,8 @@ class HybridCache:
         self._note_branch(state)
         if state.step == 1 and self.compare_settings:
             self._compare_settings(state)
+        if state.step == 1 and self.guard and self.unguarded and state.stats.off_settings is None:
+            state.stats.note(UNGUARDED)
         use_step = self.positions == "step" or position is None
         state.current_position = float(state.step) if use_step else float(position)
         state.computing = state.failed or not state.positions or self.schedule.computes(state.step, state.total_steps)
@@ -290,8 +294,7 @@ class HybridCache:
         self.last_stats = state.stats
 
     def _guarded(self, state: BranchState) -> bool:
-        """Whether the guard checks ``state``'s run: on, unless the closed loop chose the
-        profile without it (metadata ``guard: false``) and the run is at its settings."""
+        """On, unless the profile was chosen guard-off and the run is at its settings."""
         return self.guard and not (self.unguarded and state.stats.off_settings is None)
 
     def history_bytes(self, state: BranchState) -> int:
