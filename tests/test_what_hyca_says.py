@@ -161,3 +161,20 @@ def test_the_cli_refuses_a_schedule_the_probe_cannot_serve_before_loading_the_mo
     monkeypatch.setattr("hyca.cli._load_pipeline", no_model)
     assert main(["probe", "--model", "reference", *arguments]) == 1
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("settings", [dict(interval=1), dict(interval=4, warmup=30)])
+def test_settings_with_nothing_to_forecast_get_no_advice_meant_for_a_bare_transformer(settings, caplog):
+    """A pipeline whose schedule forecasts nothing: the closest (shipped) profile plays no part,
+    so nothing about its settings or about probing a bare transformer is said; the run says
+    every step was computed."""
+    from hyca.reference import load_pipeline
+
+    reference = load_pipeline()
+    with caplog.at_level(logging.INFO, logger="hyca"):
+        hyca.enable(reference, **settings)
+        reference("a large red circle at the center on a white background", num_inference_steps=8, seed=0)
+    stats = hyca.stats(reference)[0]
+    hyca.disable(reference)
+    assert "bare transformer" not in caplog.text and "made for other settings" not in caplog.text
+    assert (stats.computed, stats.forecast) == (8, 0) and "every step is computed" in stats.describe()

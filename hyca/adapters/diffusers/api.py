@@ -106,7 +106,7 @@ def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile
         return profile
     if not per_call:
         _say_chosen(transformer, resolved.profile, may_change=pipeline)
-    if resolved.differences:
+    if resolved.differences and not nothing:  # (nothing forecast: the profile plays no part; the engine says so)
         remedy = ("each pipeline call takes or probes one for its own settings (docs/requests.md); pass "
                   "num_inference_steps= and guidance_scale= to hyca.enable to prepare it now" if make else
                   "a bare transformer cannot be probed here: enable HyCa on its pipeline with those settings, or "
