@@ -221,6 +221,18 @@ def test_an_unreachable_speedup_says_what_it_reaches(caplog):
     assert settings["interval"] >= 4 and "out of reach" in caplog.text
 
 
+@pytest.mark.parametrize("steps, speedup", [(8, 3.0), (11, 3.0), (28, 7.0), (12, 20.0)])
+def test_a_recommended_interval_always_fits_the_run(steps, speedup, caplog):
+    """What recommended_settings picks never draws the engine's "N does not fit" note: at
+    least one step is computed between the warm-up and the last one."""
+    from hyca.engine.schedule import Schedule
+
+    settings = hyca.recommended_settings(CASES["qwenimage"].build(), steps, speedup=speedup)
+    schedule = Schedule(settings["interval"], settings["warmup"])
+    plan = schedule.plan(steps)
+    assert any(plan[settings["warmup"]:steps - 1]) and schedule.interval_beyond(steps) is None
+
+
 def test_every_family_in_the_table_has_a_tiny_pipeline_test():
     covered = {type(CASES[name].transformer(0)).__name__ for name in CASES}
     assert covered == set(FAMILIES)

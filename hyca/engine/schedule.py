@@ -115,12 +115,17 @@ class Schedule:
 def interval_for_speedup(steps: int, warmup: int, speedup: float, compute_last: bool = True) -> tuple[int, float]:
     """The smallest interval whose schedule over ``steps`` computes few enough steps for
     ``speedup`` times fewer block passes, and the speed-up it reaches; when no interval
-    reaches it, the one that comes closest. Raises ``ValueError`` for a speed-up below 1."""
+    reaches it, the one that comes closest. Only intervals that fit the run are considered
+    (:meth:`Schedule.interval_beyond`: at least one computed step between the warm-up and the
+    last one). Raises ``ValueError`` for a speed-up below 1."""
     if not speedup >= 1:
         raise ValueError(f"speedup must be >= 1 (times fewer block passes), got {speedup!r}")
     best = (1, 1.0)
     for interval in range(1, steps + 1):
-        reached = 1 / Schedule(interval, warmup, compute_last).computed_fraction(steps)
+        schedule = Schedule(interval, warmup, compute_last)
+        if interval > 1 and schedule.interval_beyond(steps) is not None:
+            break  # longer intervals do not fit either
+        reached = 1 / schedule.computed_fraction(steps)
         if reached >= speedup:
             return interval, reached
         if reached > best[1]:
