@@ -367,8 +367,8 @@ def stats(target: Any) -> list[RunStats]:
     transformer (requests running in other threads at the same time have their own; each
     thread sees its own latest); ``notes`` say where HyCa fell back to computing (and why)
     or stayed out of a call (training, gradients). With guidance in separate calls it is
-    the stats of the branch that ran last (both branches compute the same steps and share
-    the guard's switches; the log has a line per branch)."""
+    the stats of the branch that ran last: both branches compute the same steps, while the
+    guard's switches listed are that branch's (the other's are in the log, a line per branch)."""
     out = []
     for transformer in transformers_of(target):
         hook = hooks.root_hook(transformer)
