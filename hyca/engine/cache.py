@@ -23,7 +23,7 @@ from ..math.solvers import Solver, pool, pool_names
 from ..profiles.profile import Profile
 from ..profiles.off_settings import PATHS, OffSettings, decide
 from ..profiles.settings import RunSettings
-from .forecast import forecast, stacked_weights
+from .forecast import finite, forecast, stacked_weights
 from .guard import (SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, measure,
                     own_verdicts, steady)
 from .schedule import Schedule, with_profiles_start
@@ -45,9 +45,8 @@ UNGUARDED = "guard off: the probe chose this profile without the guard at these 
 class NonFiniteForecast(RuntimeError):
     """A forecast asked for outside :meth:`HybridCache.begin_step` came out NaN or Inf."""
 
-#: ``reduce(tensor) -> tensor``: sums a small float64 tensor over every process that
-#: holds a shard of the same step (context parallelism), so data-dependent decisions
-#: (the guard's) come out the same on all of them. ``None``: one process.
+#: ``reduce(tensor) -> tensor``: sums a small float64 tensor over the processes holding shards
+#: of one step (context parallelism), so the guard decides alike on all. ``None``: one process.
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -186,7 +185,7 @@ class HybridCache:
         state.forecast = state.forecast_position = None
         if not state.computing:
             forecast = self._forecast(state)
-            if _finite(forecast):
+            if finite(forecast):
                 state.forecast, state.forecast_position = forecast, state.current_position
             else:  # computing this step costs time, forecasting it would cost the image
                 state.computing = True
@@ -244,7 +243,7 @@ class HybridCache:
         if state.forecast is not None and state.forecast_position == state.current_position:
             return state.forecast
         forecast = self._forecast(state)
-        if not _finite(forecast):
+        if not finite(forecast):
             state.stats.non_finite += 1
             raise NonFiniteForecast(NON_FINITE)
         return forecast
@@ -452,9 +451,3 @@ class HybridCache:
         if not self.guard and len(history) == history.maxlen and history[-1].shape == residual.shape:
             return history.pop().zero_()  # the value about to fall out of the window
         return torch.zeros(residual.shape, device=residual.device, dtype=dtype)
-
-
-def _finite(forecast: torch.Tensor) -> bool:
-    """Whether every element is finite, from one reduction: any NaN or Inf makes the sum
-    non-finite (a sum that overflows counts as non-finite too: that step computes)."""
-    return bool(torch.isfinite(forecast.sum()))

@@ -55,3 +55,9 @@ def solver_weights(solver: int, positions: tuple[float, ...], target: float) -> 
     ``target``, cached as :func:`stacked_weights` (the guard asks for the same few at every
     check). Shared between callers: must not be modified."""
     return torch.as_tensor(pool()[solver].weights(list(positions), target)).unsqueeze(1)
+
+
+def finite(forecast: torch.Tensor) -> bool:
+    """Whether every element is finite, from one reduction: any NaN or Inf makes the sum
+    non-finite (a sum that overflows counts as non-finite too: that step computes)."""
+    return bool(torch.isfinite(forecast.sum()))
