@@ -178,3 +178,9 @@ def test_settings_with_nothing_to_forecast_get_no_advice_meant_for_a_bare_transf
     hyca.disable(reference)
     assert "bare transformer" not in caplog.text and "made for other settings" not in caplog.text
     assert (stats.computed, stats.forecast) == (8, 0) and "every step is computed" in stats.describe()
+
+
+def test_a_wrong_positions_axis_is_refused_before_anything_is_probed(pipe, cache, caplog):
+    with caplog.at_level(logging.INFO, logger="hyca"), pytest.raises(ValueError, match="positions must be one of"):
+        hyca.enable(pipe, interval=4, warmup=3, positions="time", num_inference_steps=16)
+    assert "probing" not in caplog.text and not cache.exists()

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ...engine.cache import HybridCache, RunStats
+from ...engine.cache import POSITION_AXES, HybridCache, RunStats
 from ...engine.schedule import Schedule, interval_for_speedup
 from ...profiles.io import ProfileError
 from ...profiles.profile import Profile
@@ -239,6 +239,8 @@ def enable(
     schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
     cache_dtype = _cache_dtype(cache_dtype)
     _check_run(guard, num_inference_steps, guidance_scale, profile, target)
+    if positions not in POSITION_AXES:  # before any profile is looked up or probed
+        raise ValueError(f"positions must be one of {POSITION_AXES}, got {positions!r}")
     if scheduler is not None and not hasattr(scheduler, "timesteps"):
         raise ValueError(f"scheduler must be the diffusers scheduler that drives your sampling loop, got {scheduler!r}")
     if probe_kwargs is not None and not isinstance(probe_kwargs, Mapping):
