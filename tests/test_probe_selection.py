@@ -190,3 +190,18 @@ def test_progress_reaches_the_end_without_a_console_bar():
     after_recording = [f for f in seen if f > 0.3]
     assert len(after_recording) == runs + 1  # one report per cached run, then the choice at 1
     assert seen == sorted(seen) and seen[-1] == 1.0
+
+
+def test_halving_without_separable_samples_says_it_cannot_halve(caplog):
+    """One prompt and no per-sample latents: nothing to screen on; the probe says so and
+    records no screen."""
+    import logging
+
+    from hyca.adapters.diffusers.probe import probe
+    from tiny import conditioning, tiny_flux, tiny_pipeline
+
+    with caplog.at_level(logging.WARNING, logger="hyca"):
+        profile = probe(tiny_pipeline(tiny_flux()), **conditioning(), height=64, width=64, steps=8, interval=3,
+                        warmup=2, clusters=2, progress=False, halving=True)
+    assert "halving needs calibration samples" in caplog.text
+    assert profile.metadata["probe"]["halving"] is None

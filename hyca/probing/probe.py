@@ -225,6 +225,9 @@ def probe_host(
             tracks = [replace(t, singles=None if i == 0 else t.singles)
                       for i, t in enumerate(t for t in tracks if t.eq5.metadata.get("target") == target)]
         screen = picking.screen_for(int(getattr(host, "samples", None) or 1)) if halving else None
+        if halving and screen is None:
+            logger.warning("HyCa probe: halving needs calibration samples the host can run apart (a list of "
+                           "prompts with per-sample latents); every candidate runs on the whole calibration batch")
         profile, report["closed_loop"], seconds = _closed_loop(host, schedule, positions, guard, tracks, reference,
                                                                 progress, solvers, on_progress, tolerance, screen,
                                                                 refine)
