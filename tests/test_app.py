@@ -520,3 +520,26 @@ def test_profiles_of_different_targets_are_said_to_be_incomparable():
     with pytest.raises(h.AppError, match="cannot be compared: one profile forecasts the output head's input"):
         h.describe_comparison(head, output, "previous profile")
     assert "ARI current vs previous profile" in h.describe_comparison(head, head, "previous profile")
+
+
+def test_the_timed_order_alternates_between_requests_and_keeps_each_side_its_own(monkeypatch):
+    """The run timed second was measured faster even where both do the same work (a
+    fresh-eyes finding): requests alternate which side runs first; each side's image and
+    time still come from its own run, whatever the order."""
+    from hyca.app import compare
+    from hyca.app.models import LoadedModel
+    from hyca.reference import load_pipeline
+
+    order: list[str] = []
+    timed = compare._timed
+    monkeypatch.setattr(compare, "_timed", lambda pipe, s, label, progress: order.append(label) or
+                        timed(pipe, s, label, progress))
+    model = LoadedModel(choice=choice("reference"), pipe=load_pipeline())
+    s = compare.Settings(prompt="a large red circle at the center on a white background", seed=0, steps=8,
+                         height=32, width=32, method="FORA", interval=3, warmup=2)
+    results = [compare.side_by_side(model, s) for _ in range(3)]
+    assert order == ["full compute", "FORA", "FORA", "full compute", "full compute", "FORA"]
+    plain = compare.generate(model.pipe, s)
+    for r in results:
+        assert np.array_equal(r.full, plain) and not np.array_equal(r.fast, plain)
+        assert np.array_equal(r.fast, results[0].fast)

@@ -166,20 +166,27 @@ def _counted_flops(model: LoadedModel, s: Settings, profile: Profile | str) -> t
 
 def side_by_side(model: LoadedModel, s: Settings, profile: Profile | None = None,
                  progress: Progress | None = None) -> SideBySide:
-    """Full compute, then ``s.method`` with the same seed; the caller must hold ``model.lock``."""
+    """Full compute and ``s.method`` with the same seed, timed in turn (which one first
+    alternates between requests); the caller must hold ``model.lock``."""
     chosen = method_profile(s.method, profile)
     pipe = model.pipe
     apply_lora(model, s.lora)
     if not model.warm:  # the first call of a fresh model pays one-off costs: keep them untimed
         generate(pipe, replace(s, steps=1))
         model.warm = True
-    full, full_s = _timed(pipe, s, "full compute", progress)
+    # the run timed second was measured faster even where both runs do the same work: the
+    # order alternates between requests, so neither side always has it
+    fast_first, model.compared = model.compared % 2 == 1, model.compared + 1
+    if not fast_first:
+        full, full_s = _timed(pipe, s, "full compute", progress)
     enable(pipe, chosen, interval=s.interval, warmup=s.warmup)
     try:
         fast, fast_s = _timed(pipe, s, s.method, progress)
         run = stats(pipe)[0]
     finally:
         disable(pipe)
+    if fast_first:
+        full, full_s = _timed(pipe, s, "full compute", progress)
     if progress is not None:
         progress(1.0, "counting FLOPs")
     full_flops, fast_flops = _counted_flops(model, s, chosen)

@@ -302,6 +302,7 @@ class LoadedModel:
     loras: tuple[str, ...] = ()
     size: tuple[int, int] = (0, 0)  # (height, width) generated at
     warm: bool = False  # one untimed call made, so timings exclude one-off start-up costs
+    compared: int = 0  # side-by-side requests served: the timed order alternates between them
 
     @property
     def transformer(self) -> torch.nn.Module:
