@@ -75,6 +75,8 @@ def _check_probe_args(args: argparse.Namespace) -> None:
     for name in ("height", "width"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CLIError(f"--{name} must be a positive number of pixels, got {getattr(args, name)}")
+    if args.clusters is not None and args.clusters < 1:
+        raise CLIError(f"--clusters must be at least 1 (clusters per block), got {args.clusters}")
     if args.seed is not None and not 0 <= args.seed < 2 ** 32:
         raise CLIError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     if args.guidance_scale is not None and not args.guidance_scale >= 0:

@@ -208,6 +208,7 @@ def test_probe_of_a_missing_model_is_one_line(tmp_path, capsys):
     (["--seed", "-5"], "--seed must be between 0 and 2**32 - 1, got -5"),
     (["--guidance-scale", "-2"], "--guidance-scale must be >= 0 (1 = no guidance), got -2.0"),
     (["--shift", "0"], "--shift must be positive, got 0.0"),
+    (["--clusters", "0"], "--clusters must be at least 1 (clusters per block), got 0"),
     (["--device", "foo"], "--device 'foo' is not a torch device"),
     (["-o", "/no/such/folder/p.safetensors"],
      "-o /no/such/folder/p.safetensors: the folder /no/such/folder does not exist"),
