@@ -1,7 +1,7 @@
 """How well a closed-loop choice made on a few calibration samples carries over to others
 (issue 21 items 3 and 6), read from the settings grid's recorded probe trials.
 
-    python -m hyca.bench.selection_transfer bench/results/grid-plain.jsonl [--k 2 4] [--out FILE]
+    python -m hyca.bench.selection_transfer bench/results/grid-plain.json [--k 2 4] [--out FILE]
 
 Each grid cell's told probe scored every candidate on the same 8 calibration captions
 (``closed_loop_trials``, per-sample fidelity in dB, no halving). For every subset of ``k``
@@ -130,13 +130,20 @@ def report(cells: list[dict], ks: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
+def _cells(path: Path) -> list[dict]:
+    """A grid's cells from its report JSON (``{"cells": [...]}``) or its JSON-lines results."""
+    if path.suffix == ".json":
+        return json.loads(path.read_text())["cells"]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="+", type=Path, help="grid results (JSON lines, one cell per line)")
+    parser.add_argument("results", nargs="+", type=Path, help="grid results: a report's .json or the .jsonl cells")
     parser.add_argument("--k", nargs="+", type=int, default=[2, 4], help="calibration samples a probe has")
     parser.add_argument("--out", type=Path, help="write the markdown here too")
     args = parser.parse_args()
-    cells = [json.loads(line) for path in args.results for line in path.read_text().splitlines() if line.strip()]
+    cells = [cell for path in args.results for cell in _cells(path)]
     text = report(cells, args.k)
     print(text)
     if args.out is not None:
