@@ -231,7 +231,10 @@ def summary(profile: Profile, path: str | Path | None = None) -> str:
         + f"{' (one labelling shared by all blocks)' if shared else ''}",
         "solvers:   " + "\n           ".join(_solver_counts(profile)),
         f"schedule:  chosen for interval N={meta.get('interval', '?')}, warm-up {meta.get('warmup', '?')}"
-        + (f", first computed step {meta['first_interval']} after warm-up" if meta.get("first_interval") else ""),
+        + (f", first computed step {meta['first_interval']} after warm-up" if meta.get("first_interval") else "")
+        + (", last step forecast" if meta.get("skip_last") else ""),
+        *(["guard:     off at the settings it was chosen for (the closed loop kept it without the guard)"]
+          if meta.get("guard") is False else []),
         f"run:       chosen for {_chosen_for(meta)}",
         f"probe:     {', '.join(f'{k}={v}' for k, v in probe.items()) or 'not recorded'}",
         f"created:   {meta.get('created', '?')} by hyca {meta.get('hyca_version', '?')} "

@@ -72,6 +72,18 @@ def test_show_marks_a_shared_labelling(tmp_path, fp, capsys):
     assert "one labelling shared by all blocks" in capsys.readouterr().out
 
 
+def test_show_names_what_the_closed_loop_chose_beyond_the_solvers(saved, tmp_path, capsys):
+    profile, _ = saved
+    main(["show", str(save_profile(profile, tmp_path / "plain.safetensors"))])
+    plain = capsys.readouterr().out
+    assert "guard:" not in plain and "last step forecast" not in plain
+    profile.metadata.update(guard=False, skip_last=True, first_interval=2)
+    main(["show", str(save_profile(profile, tmp_path / "lite.safetensors"))])
+    out = capsys.readouterr().out
+    assert "first computed step 2 after warm-up, last step forecast" in out
+    assert "guard:     off at the settings it was chosen for" in out
+
+
 def overall(out: str) -> float:
     return float(re.search(r"overall ARI \(mean over 5 blocks\): (-?[\d.]+)", out).group(1))
 
