@@ -157,7 +157,7 @@ def probe_host(
     separately (``host.samples`` > 1), screen every candidate on a quarter of them and run
     only the finalists on the rest (:func:`hyca.probing.selection.screen_for`). ``refine`` (off by
     default): also try the greedy refinements of each track's mixed assignment
-    (:func:`hyca.probing.closed_loop.handed_over`); measured on held-out captions they did not
+    (:func:`hyca.probing.closed_loop.handed_over`); measured on held-out captions they barely
     change what the probe's choice gives (``python -m hyca.bench.selection_transfer``,
     docs/bench.md) and cost about one run in seven.
 
