@@ -177,7 +177,7 @@ class HybridCache:
         self._note_branch(state)
         if state.step == 1 and self.compare_settings:
             self._compare_settings(state)
-        if state.step == 1 and self.guard and self.unguarded and state.stats.off_settings is None:
+        if state.step == 1 and self.guard and not self._guarded(state):
             state.stats.note(UNGUARDED)
         use_step = self.positions == "step" or position is None
         state.current_position = float(state.step) if use_step else float(position)

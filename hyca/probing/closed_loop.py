@@ -150,10 +150,8 @@ def _run_track(track: Track, singles: Sequence[Solver], run: Callable[[Candidate
             scored.append((db, candidate))
             if db > mixed_db:
                 mixed_db, mixed = db, candidate
-    for name in track.unguarded:
-        index = pool_names().index(name)
-        profile = with_metadata(with_solvers(eq5, torch.full_like(eq5.solvers, index)), guard=False)
-        candidate = Candidate(f"{prefix}uniform:{name},no-guard", profile)
+    for single in uniform_candidates(eq5, [s for s in pool() if s.name in track.unguarded]):
+        candidate = Candidate(f"{prefix}{single.name},no-guard", with_metadata(single.profile, guard=False))
         scored.append((run(candidate), candidate))
     return scored
 

@@ -219,8 +219,8 @@ def probe_host(
                                                        shared, seed, n_init)
             tracks += more
             timing[f"record_{name}_s"] = round(time.perf_counter() - started, 3)
-        if guard:  # lite's strategy as lite runs it
-            tracks = [replace(t, unguarded=LITE_UNGUARDED) if t.prefix == "model,lite:" else t for t in tracks]
+        if not guard:  # every candidate runs without the guard already
+            tracks = [replace(t, unguarded=()) for t in tracks]
         if target in _OTHER_TARGETS:  # the residual tracks are left out; the first track tries every single solver
             tracks = [replace(t, singles=None if i == 0 else t.singles)
                       for i, t in enumerate(t for t in tracks if t.eq5.metadata.get("target") == target)]
@@ -296,9 +296,10 @@ def _start_track(labels: torch.Tensor, recorder: SketchRecorder, start: Schedule
     prefix = ((f"{_OTHER_TARGETS[target][1]}," if target in _OTHER_TARGETS else "")
               + ("lite:" if skip_last else f"start{start.first_interval}:"))
     extra = {"skip_last": True} if skip_last else {}
+    lite = skip_last and target == "model_output"  # TaylorSeer lite's strategy: also as lite runs it
     return closed_loop.Track(prefix, closed_loop.with_metadata(profile, first_interval=start.first_interval,
                                                                **extra, **metadata),
-                             closed_loop.OTHER_TRACK_SINGLES, always)
+                             closed_loop.OTHER_TRACK_SINGLES, always, LITE_UNGUARDED if lite else ())
 
 
 def _closed_loop(host: ProbeHost, schedule: Schedule, positions: str, guard: bool, tracks: list[closed_loop.Track],
