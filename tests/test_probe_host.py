@@ -17,8 +17,8 @@ import torch
 
 from hyca.engine.cache import BranchState, HybridCache
 from hyca.engine.schedule import Schedule
-from hyca.math.solvers import pool, pool_names
-from hyca.probing import euler_sample, probe_host
+from hyca.math.solvers import pool
+from hyca.probing import SINGLES, euler_sample, probe_host
 from hyca.probing.recorder import SketchRecorder
 from hyca.profiles.profile import Profile
 from hyca.profiles.settings import RunSettings
@@ -149,11 +149,11 @@ def test_the_kept_candidate_is_the_best_of_its_trials_on_a_guided_input_dependen
     kept = psnr(cached_run(host, profile), reference)
     trials = meta["selection"]["closed_loop"]["trials"]
     names = [t["name"] for t in trials]
-    assert {f"uniform:{name}" for name in pool_names()} <= set(names)
+    assert {f"uniform:{name}" for name in SINGLES} <= set(names)
     best = max((t["fidelity_db"] if t["fidelity_db"] is not None else math.inf) for t in trials)
     assert kept == pytest.approx(best, abs=1e-3)  # the report rounds to 3 decimals
     # every single solver, run here on its own, lands no nearer than the kept profile
-    for name in pool_names():
+    for name in SINGLES:
         assert psnr(cached_run(host, Profile.uniform(name, BLOCKS, DIM)), reference) <= kept + 1e-6
 
 
@@ -176,3 +176,20 @@ def test_a_recording_that_misses_a_block_fails_loudly():
 
     with pytest.raises(RuntimeError, match="did not run"):
         run_probe(Lossy(ToyModel()))
+
+
+def test_the_closed_loop_tries_alone_the_singles_it_is_given():
+    """By default the short-history solvers (``SINGLES``); ``singles=`` names others; given
+    ``candidates`` and no ``singles``, every candidate; a single that is not a candidate is
+    refused before anything runs."""
+    def tried(**options):
+        trials = run_probe(ToyHost(ToyModel()), **options).metadata["selection"]["closed_loop"]["trials"]
+        return {t["name"].split(":", 1)[1] for t in trials if t["name"].startswith("uniform:")}
+
+    assert tried() == set(SINGLES)
+    assert tried(singles=["taylor-3", "fora"]) == {"taylor-3", "reuse"}  # an alias names its solver
+    assert tried(candidates=["reuse", "ab3", "lagrange-4"]) == {"reuse", "ab3", "lagrange-4"}
+    host = ToyHost(ToyModel())
+    with pytest.raises(ValueError, match="not among the candidates"):
+        run_probe(host, candidates=["reuse", "taylor-1"], singles=["bdf2"])
+    assert host.calls == []

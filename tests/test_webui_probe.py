@@ -19,7 +19,7 @@ import torch
 
 from hyca import Profile
 from hyca.engine.cache import HybridCache
-from hyca.math.solvers import pool_names
+from hyca.probing import SINGLES
 
 from test_webui_adapters import Frontend, args
 from webui_reference import expected_plan
@@ -61,7 +61,7 @@ def probes(monkeypatch):
                 return psnr(host.sample(HybridCache(candidate, start, guard=guard)), reference)
 
             entry["kept"] = score(profile)
-            entry["singles"] = {name: score(Profile.uniform(name, blocks, dim)) for name in pool_names()}
+            entry["singles"] = {name: score(Profile.uniform(name, blocks, dim)) for name in SINGLES}
         seen.append(entry)
         return profile
 
@@ -110,7 +110,7 @@ def test_the_webui_probe_is_closed_loop_and_guidance_aware_on_every_frontend(kin
     assert meta["selection"]["branches"] == ["cond", "uncond"]  # CFG 3: the guided output is what is scored
     assert meta["chosen_for"]["guidance_scale"] == 3.0 and meta["chosen_for"]["steps"] == 10
     trials = meta["selection"]["closed_loop"]["trials"]
-    assert {f"uniform:{name}" for name in pool_names()} <= {t["name"] for t in trials}
+    assert {f"uniform:{name}" for name in SINGLES} <= {t["name"] for t in trials}
     # every stand-in's adapter names its output head: the head's input is a candidate target too
     assert "output:eq5" in {t["name"] for t in trials}, [t["name"] for t in trials]
     assert entry["kept"] >= max(entry["singles"].values()) - 1e-6, (entry["kept"], entry["singles"])

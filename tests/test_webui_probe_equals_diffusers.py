@@ -1,7 +1,7 @@
 """The WebUI probe chooses what the diffusers probe chooses when both are given the same
 calibration input: the reference model loaded into Forge's and Neo's own FLUX class
-(tests/reference_frontends.py), the WebUI's automatic profile probed on a batch of two
-captions, against ``hyca.probe`` on the diffusers pipeline with the same two captions, the
+(tests/reference_frontends.py), the WebUI's automatic profile probed on a batch of four
+captions, against ``hyca.probe`` on the diffusers pipeline with the same four captions, the
 noise the WebUI probe draws, the same sigmas, guidance, N, warm-up and last step. The
 expectation is the diffusers path's own choice, computed by its own host.
 
@@ -24,12 +24,13 @@ from hyca.adapters.diffusers.probe import TransformerHost, probe_transformer
 from hyca.adapters.webui import probe as webui_probe
 from hyca.adapters.webui.settings import Settings
 from hyca.reference import load_pipeline
+from hyca.reference.pipeline import ReferencePipeline
 from hyca.reference.webui import frontend_scheduler, latent_to_tokens
 
 from test_webui_probe import isolated  # noqa: F401 - the fixture: a temporary profile cache, no Hub
 
-PROMPTS = ["a large red circle at the center on a white background",
-           "a small blue square at the top left on a black and white background"]
+#: The reference pipeline's own probe captions: a batch as large as the WebUI probe samples.
+PROMPTS = list(ReferencePipeline.hyca_probe_defaults["prompt"])
 STEPS, INTERVAL, WARMUP = 10, 3, 2
 
 
@@ -59,7 +60,7 @@ def webui_choice(pipe, flavour: str, guidance: float, monkeypatch) -> tuple[dict
     with H.Frontend(R.KINDS[flavour]) as frontend:
         _, infotexts = R.webui_images(pipe, frontend, [PROMPTS], STEPS, guidance, on)
     (host,) = seen
-    assert host.samples == 2 and list(host.latent) == list(frontend.spec.latent)
+    assert host.samples == len(PROMPTS) == webui_probe.PROBE_SAMPLES and list(host.latent) == list(frontend.spec.latent)
     noise = torch.randn(host.samples, *host.latent, generator=torch.Generator().manual_seed(host.seed))
     assert "HyCa profile: automatic" in infotexts[0]
     return host, noise
@@ -67,7 +68,7 @@ def webui_choice(pipe, flavour: str, guidance: float, monkeypatch) -> tuple[dict
 
 def diffusers_choice(pipe, guidance: float, noise_tokens: torch.Tensor, monkeypatch):
     """``hyca.probe``'s choice (its :func:`probe_transformer` on the pipeline call) for the
-    two captions from ``noise_tokens``, scored on the final latent: the tokens of the
+    captions from ``noise_tokens``, scored on the final latent: the tokens of the
     pipeline's last scheduler step; its host offers the blocks and the output head, not the
     model output."""
     made = TransformerHost.__init__
@@ -122,13 +123,14 @@ def test_webui_probe_chooses_as_the_diffusers_probe_on_the_same_input(pipe, isol
 
 
 @pytest.mark.parametrize("batch,hint,guided,cond,uncond", [
-    (6, [0, 1], True, [0, 1], [3, 4]),     # Forge / Neo: a cond chunk of 3, then an uncond chunk of 3
-    (2, [1, 0], True, [1, 1], [0, 0]),     # one image per chunk, uncond first: that image twice
-    (1, [0], False, [0, 0], None),         # unguided batch of one
-    (4, None, True, [0, 1], [2, 3]),       # A1111: cond half, then uncond half, unnamed
-    (3, None, False, [0, 1], None),        # A1111 unguided: the first two images
+    (6, [0, 1], True, [0, 1, 2, 0], [3, 4, 5, 3]),  # Forge / Neo: a cond chunk of 3, then an uncond chunk of 3
+    (2, [1, 0], True, [1, 1, 1, 1], [0, 0, 0, 0]),  # one image per chunk, uncond first: that image 4 times
+    (1, [0], False, [0, 0, 0, 0], None),            # unguided batch of one
+    (4, None, True, [0, 1, 0, 1], [2, 3, 2, 3]),    # A1111: cond half, then uncond half, unnamed
+    (3, None, False, [0, 1, 2, 0], None),           # A1111 unguided, fewer images than samples
+    (8, None, False, [0, 1, 2, 3], None),           # more images than samples: the first ones
 ])
-def test_the_probe_samples_the_first_two_images_or_one_twice(batch, hint, guided, cond, uncond):
+def test_the_probe_samples_the_first_four_images_or_repeats_them(batch, hint, guided, cond, uncond):
     """What each probe sample is conditioned on, written out by hand per frontend layout; a
     tensor without the call's batch axis (shared by every image) is passed as it is."""
     x = torch.zeros(batch, 4, 2, 2)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from ..adapters.diffusers.fingerprint import fingerprint as diffusers_fingerprint
 from ..engine.schedule import Schedule
+from ..probing import CALIBRATION_SAMPLES
 from ..profiles import fingerprint as fpmod
 from ..profiles.compare import compare_profiles
 from ..profiles.io import ProfileError, profile_filename, save_profile
@@ -75,14 +76,14 @@ def probe_locked(model: LoadedModel, prompt: str | None, steps: int, interval: i
     """Run the probe (caller holds the lock) with ``lora`` active; progress per transformer call.
     ``prompt``: None for the probe a plain ``hyca.enable`` call runs (the pipeline's own probe
     captions: the app's automatic profiles are the diffusers path's, and shared with it through
-    the cache); a prompt is sampled twice, with two noises (one sample lets one noise decide
-    the profile: bench/results/webui_path.md). ``target``: as the probe's (a LoRA's profile
+    the cache); a prompt is sampled ``CALIBRATION_SAMPLES`` times, each with its own noise (one
+    sample lets one noise decide the profile: bench/results/webui_path.md). ``target``: as the probe's (a LoRA's profile
     keeps its base profile's, so their clusterings compare)."""
     from ..adapters.diffusers.probe import probe
 
     compare.apply_lora(model, lora)
     height, width = _probe_size(model)
-    options: dict[str, Any] = {} if prompt is None else {"prompt": [prompt, prompt]}
+    options: dict[str, Any] = {} if prompt is None else {"prompt": [prompt] * CALIBRATION_SAMPLES}
     if model.choice.key == REFERENCE or "Reference" in type(model.pipe).__name__:
         options["output_type"] = "np"  # the reference pipeline has no latent output
     if model.choice.guidance is not None:

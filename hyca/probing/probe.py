@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..engine.cache import HybridCache
 from ..engine.schedule import Schedule
-from ..math.solvers import POOL_VERSION, Solver
+from ..math.solvers import POOL_VERSION, Solver, get_solver
 from ..profiles.profile import Profile
 from ..profiles.settings import RunSettings
 from . import closed_loop
@@ -55,6 +55,19 @@ MODEL_OUTPUT_SOLVERS = ("reuse", "taylor-1", "taylor-2")
 #: Tried on the model output with TaylorSeer lite's schedule and the guard off too: lite's
 #: own strategy exactly (it has no guard), so a guarded probe cannot lose to it on its run.
 LITE_UNGUARDED = ("taylor-1", "taylor-2")
+#: Single solvers the closed loop tries alone by default: the short-history ones (at most three
+#: cached values, exact for lines: FORA's reuse, TaylorSeer 1 and 2, AM2, BDF2). Every
+#: candidate the loop adds is one more chance for a calibration caption's noise to pick a
+#: winner that does not carry over; on the settings grid, fewer candidates scored on more
+#: captions carried over better (``python -m hyca.bench.selection_transfer --pool``,
+#: bench/results/selection_transfer.md). The longer-history solvers stay in eq. 5's pool,
+#: chosen per cluster on the recorded trajectory.
+SINGLES = ("reuse", "taylor-1", "taylor-2", "am2", "bdf2")
+#: Calibration samples a host's default probe scores each candidate on (captions, or the
+#: user's conditioning with that many noises). With two, one caption's noise could decide a
+#: choice that the next caption does not share; four carried over better on the settings grid
+#: (the same study as :data:`SINGLES`; fewer single candidates pay for most of the extra runs).
+CALIBRATION_SAMPLES = 4
 
 logger = logging.getLogger("hyca")
 
@@ -87,6 +100,7 @@ class ProbeOptions(TypedDict, total=False):
     spectral_rows: int | None
     n_init: int
     candidates: Sequence[str] | None
+    singles: Sequence[str] | None
     branch: str
     accumulate_on: str | torch.device | None
     selection: str
@@ -117,6 +131,7 @@ def probe_host(
     spectral_rows: int | None = 2,
     n_init: int = 1,
     candidates: Sequence[str] | None = None,
+    singles: Sequence[str] | None = None,
     branch: str = "cond",
     accumulate_on: str | torch.device | None = "cpu",
     selection: str = CLOSED_LOOP,
@@ -140,6 +155,8 @@ def probe_host(
     by all blocks), k-means seeded by ``seed``; sketches of ``rows`` rows (the spectral
     indicators use the first ``spectral_rows``); ``accumulate_on``: where the recording's
     sums live. ``candidates``: solver names to choose from (default: the pool).
+    ``singles``: those the closed loop also tries alone, every cluster on one solver
+    (default: :data:`SINGLES` when ``candidates`` is not given, else every candidate).
     ``branch``: the cond branch's context name, for hosts that name branches.
     ``batched_guidance``: ``"uncond-first"`` / ``"cond-first"`` when one call carries both
     halves (:class:`~hyca.probing.recorder.SketchRecorder`).
@@ -179,6 +196,7 @@ def probe_host(
         raise ValueError(f"run.steps must be the run's number of sampling steps, got {steps!r}")
     guidance_scale = run.guidance_scale
     solvers = candidate_solvers(candidates)
+    alone = _singles(solvers, singles if singles is not None else (SINGLES if candidates is None else None))
     closing = selection == CLOSED_LOOP
     screen = None
     short = schedule.short_start(steps) if closing else None  # the other start the closed loop tries
@@ -229,7 +247,7 @@ def probe_host(
             logger.warning("HyCa probe: halving needs calibration samples the host can run apart (a list of "
                            "prompts with per-sample latents); every candidate runs on the whole calibration batch")
         profile, report["closed_loop"], seconds = _closed_loop(host, schedule, positions, guard, tracks, reference,
-                                                                progress, solvers, on_progress, tolerance, screen,
+                                                                progress, alone, on_progress, tolerance, screen,
                                                                 refine)
         timing["closed_loop_s"] = round(seconds, 3)
         chosen = profile.metadata.get("target")
@@ -255,6 +273,7 @@ def probe_host(
         "chosen_for": chosen_for.to_json(),
         "probe": {**(facts or {}), "steps": steps, "clusters": clusters, "shared": shared, "seed": seed,
                   "rows": rows, "spectral_rows": spectral_rows, "n_init": n_init, "branch": branch,
+                  "singles": [s.name for s in alone],
                   "selection": selection, "guard": guard, "tolerance": tolerance,
                   "halving": list(screen.first) if screen is not None else None, "refine": refine},
         "pool_version": POOL_VERSION,
@@ -264,6 +283,18 @@ def probe_host(
         "timing": timing,
     }
     return profile
+
+
+def _singles(solvers: Sequence[Solver], names: Sequence[str] | None) -> tuple[Solver, ...]:
+    """The solvers of ``solvers`` named in ``names`` (None: all), in pool order; ``ValueError``
+    when ``names`` holds a solver that is not a candidate."""
+    if names is None:
+        return tuple(solvers)
+    wanted = {get_solver(name).name for name in names}
+    missing = wanted - {s.name for s in solvers}
+    if missing:
+        raise ValueError(f"singles {sorted(missing)} are not among the candidates {[s.name for s in solvers]}")
+    return tuple(s for s in solvers if s.name in wanted)
 
 
 def _target_tracks(host: ProbeHost, name: str, recording: SketchRecorder, starts: tuple[Schedule, ...], clusters: int,

@@ -32,11 +32,13 @@ class ReferencePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
     _lora_loadable_modules = ["transformer"]
     model_cpu_offload_seq = "text_encoder->transformer"
     #: What HyCa's probe uses unless told otherwise (``hyca.probe`` reads this attribute of
-    #: any pipeline): captions this model knows, its own size, and pixel output (it has no
-    #: latent space).
+    #: any pipeline): captions this model knows (as many as ``hyca.probing.CALIBRATION_SAMPLES``,
+    #: from the training split), its own size, and pixel output (it has no latent space).
     hyca_probe_defaults = dict(
         prompt=["a large red circle at the center on a white background",
-                "a small blue square at the top left on a black and white background"],
+                "a small blue square at the top left on a black and white background",
+                "a large green triangle at the bottom right on a gray background",
+                "a small yellow diamond at the top right on a black background"],
         height=data.SIZE, width=data.SIZE, output_type="pt")
 
     def __init__(self, transformer: FluxTransformer2DModel, text_encoder: CaptionEncoder,

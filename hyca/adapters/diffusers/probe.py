@@ -29,7 +29,11 @@ from .settings import guidance_of, schedule_shift
 
 #: Two captions, two samples: one sample lets one image's noise decide the profile
 #: (bench/results/webui_path.md measured what that costs).
-DEFAULT_PROMPT = ["a photo of a cat", "a watercolor painting of a lighthouse on a cliff at sunset"]
+#: The probe's captions unless told (as many as ``hyca.probing.CALIBRATION_SAMPLES``): varied
+#: subjects and styles, so that no one image's dynamics decide the choice.
+DEFAULT_PROMPT = ["a photo of a cat", "a watercolor painting of a lighthouse on a cliff at sunset",
+                  "a portrait of an old man with a grey beard, studio lighting",
+                  "a red sports car on a mountain road in the morning"]
 # CLOSED_LOOP / EQ5 / SELECTIONS (how the probe chooses) live in hyca.probing.probe; re-exported
 __all__ = ["CLOSED_LOOP", "DEFAULT_PROMPT", "EQ5", "SELECTIONS", "TransformerHost", "output_tensor", "probe",
            "probe_transformer", "recording"]
@@ -219,12 +223,12 @@ def probe(
     warm-up; the profile records them (``chosen_for``) and ``hyca.enable`` prefers a
     profile made for the run's settings.
 
-    Defaults: ``prompt`` :data:`DEFAULT_PROMPT` (two captions) at 256 x 256, latent output, unless the
+    Defaults: ``prompt`` :data:`DEFAULT_PROMPT` (four captions) at 256 x 256, latent output, unless the
     pipeline names its own in a ``hyca_probe_defaults`` dict (the shipped reference model
     does: captions it knows, its 32 x 32 pixels).
 
     ``options``: settings of :func:`probe_transformer` (``compute_last``, ``rows``,
-    ``spectral_rows``, ``n_init``, ``candidates``, ``branch``, ``accumulate_on``,
+    ``spectral_rows``, ``n_init``, ``candidates``, ``singles``, ``branch``, ``accumulate_on``,
     ``selection``, ``guard``, ``target``, ``on_progress``, ``tolerance``, ``halving``, ``refine``); a list of
     prompts with per-sample ``latents`` lets the probe screen candidates on a few of them
     (successive halving); everything else goes to the
@@ -236,7 +240,7 @@ def probe(
     prompt, height, width = (v if v is not None else own.get(k, fallback[k]) for k, v in given.items())
     height, width = (_pixels(name, value) for name, value in (("height", height), ("width", width)))
     options = {**{k: v for k, v in own.items() if k not in given}, **options}
-    probe_keys = ("compute_last", "rows", "spectral_rows", "n_init", "candidates", "branch", "accumulate_on",
+    probe_keys = ("compute_last", "rows", "spectral_rows", "n_init", "candidates", "singles", "branch", "accumulate_on",
                   "selection", "guard", "on_progress", "target", "tolerance", "halving", "refine")
     probe_options = {k: options.pop(k) for k in probe_keys if k in options}
     call = {"output_type": "latent", **options}

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 
 from ...engine.schedule import Schedule
+from ...probing import CALIBRATION_SAMPLES
 from ...probing.host import euler_sample
 
 if TYPE_CHECKING:
@@ -29,12 +30,12 @@ if TYPE_CHECKING:
 #: The probe's latent has at most this many cells per side (FLUX: 32 latent cells, 256 px):
 #: its cost grows with the token count, and the choice carries over to larger images.
 PROBE_SIDE = 32
-#: Images the probe samples at once: as many as the diffusers probe's calibration run has
-#: captions on the reference model (``ReferencePipeline.hyca_probe_defaults``: two), so both
-#: hosts score a candidate by the same number of samples. They are the user's first images
-#: of the batch (their own prompts); a batch of one is sampled twice, with two noises. One
-#: sample alone let one caption's noise decide (bench/results/webui_path.md).
-PROBE_SAMPLES = 2
+#: Images the probe samples at once: the core's calibration count, as the diffusers probe's
+#: captions, so both hosts score a candidate by the same number of samples. They are the
+#: user's first images of the batch (their own prompts), repeated with other noises when the
+#: batch is smaller. One sample alone let one caption's noise decide
+#: (bench/results/webui_path.md).
+PROBE_SAMPLES = CALIBRATION_SAMPLES
 #: Forge / Neo ``cond_or_uncond`` values (ComfyUI's convention): 0 = cond, 1 = uncond.
 HINT_OF = {"cond": 0, "uncond": 1}
 #: What a frontend's model call returns: the denoised latent (Forge / Neo ``apply_model``,
