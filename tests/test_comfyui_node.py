@@ -21,6 +21,7 @@ pytest.importorskip("av", reason="comfy_api.latest imports PyAV (the test extra 
 
 from hyca.adapters.comfyui import apply_hyca, hook  # noqa: E402
 from hyca.adapters.webui.settings import Settings  # noqa: E402
+from hyca.probing import CALIBRATION_SAMPLES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +123,7 @@ def test_closed_loop_probe_host_samples_like_comfys_own_euler(tmp_path, monkeypa
     pos, neg = harness.conditioning("flux", 1), harness.conditioning("flux", 2)
     model, _ = apply_hyca(patcher, Settings(enabled=True, interval=3, warmup=2, guard=False))
     first = harness.sample(model, pos, neg, harness.latent("flux", 0, size=32), steps=10, cfg=2.0)
-    assert seen["shape"] == (1, 16, 16, 16) and seen["run"].steps == 10 and seen["run"].guidance_scale == 2.0
+    assert seen["shape"] == (CALIBRATION_SAMPLES, 16, 16, 16) and seen["run"].steps == 10 and seen["run"].guidance_scale == 2.0
     noise = torch.randn(seen["shape"], generator=torch.Generator().manual_seed(0))
     euler = harness.sample(patcher, pos, neg, noise, cfg=2.0, sigmas=torch.tensor(seen["sigmas"]))
     assert relative_error(seen["latent"], patcher.model.process_latent_in(euler)) < 1e-4

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ...engine.cache import BranchState
+from ...probing import CALIBRATION_SAMPLES
 from ..webui.session import PassSession
 
 #: Spatial size of the probe's latent relative to the run's (per side).
@@ -42,13 +43,15 @@ def _spatial_conditioning(conds: dict, shape: Sequence[int]) -> bool:
 
 def probe_size(shape: Sequence[int], conds: dict) -> tuple[int, ...]:
     """The probe's latent shape: the run's with each spatial side scaled by
-    :data:`PROBE_SCALE` (at least :data:`MIN_SIDE`, even), batch 1; the run's own spatial
-    size when the conditioning is laid out like the latent."""
+    :data:`PROBE_SCALE` (at least :data:`MIN_SIDE`, even), a batch of the core's
+    ``CALIBRATION_SAMPLES`` noises (one image's noise alone lets it decide the choice); the
+    run's own spatial size when the conditioning is laid out like the latent. ComfyUI repeats
+    each condition to the call's batch (``comfy/conds.py`` ``process_cond``)."""
     if _spatial_conditioning(conds, shape):
-        return (1, *shape[1:])
+        return (CALIBRATION_SAMPLES, *shape[1:])
     *lead, height, width = shape
     side = lambda n: n if n <= MIN_SIDE else max(MIN_SIDE, int(n * PROBE_SCALE) // 2 * 2)  # noqa: E731
-    return (1, *lead[1:], side(height), side(width))
+    return (CALIBRATION_SAMPLES, *lead[1:], side(height), side(width))
 
 
 class RecorderEngine:
@@ -93,8 +96,9 @@ class ComfyProbeHost:
         self.guidance_scale = guidance_scale
         shape = probe_size(tuple(latent_image.shape), guider.conds)
         start = latent_image[:1]
-        if tuple(start.shape) != shape:
+        if tuple(start.shape[1:]) != shape[1:]:
             start = comfy.utils.common_upscale(start, shape[-1], shape[-2], "bilinear", "disabled")
+        start = start.expand(shape)  # the run's first image, under each calibration noise
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(latent_image)
         sampling = guider.inner_model.model_sampling
         self.start = sampling.noise_scaling(torch.tensor(self.sigmas[0]), noise, start)
