@@ -133,6 +133,44 @@ def test_closed_loop_probe_host_samples_like_comfys_own_euler(tmp_path, monkeypa
     assert torch.equal(again, first) and seen["probes"] == 1  # the session keeps the profile for these settings
     assert list(tmp_path.glob("Flux-*.safetensors"))  # saved to the cache, not next to the code
 
+def test_a_cached_profile_the_node_cannot_apply_is_passed_over_for_its_own_probe(tmp_path, monkeypatch, capsys):
+    """The cache holds a profile for the run's exact settings that forecasts the output head
+    (another host's kind; the node hooks blocks only): the node says it passes it over and
+    probes its own, and the run is cached with that, not left uncached."""
+    import hyca.probing
+    from hyca.profiles.io import load_profile, save_profile
+    from hyca.profiles.profile import Profile
+
+    _empty_profile_sources(monkeypatch, tmp_path)
+    probes = []
+
+    def probe_host(host, run, schedule, **kwargs):
+        probes.append(run)
+        profile = Profile.uniform("reuse", host.num_blocks, host.hidden_size)
+        profile.metadata.update(fingerprint=kwargs["fingerprint"], chosen_for=run.to_json())
+        return profile
+
+    monkeypatch.setattr(hyca.probing, "probe_host", probe_host)
+    patcher = harness.tiny_patcher("flux", seed=3)
+    pos, neg = harness.conditioning("flux", 1), harness.conditioning("flux", 2)
+    settings = Settings(enabled=True, interval=3, warmup=2, guard=False)
+    first = harness.sample(apply_hyca(patcher, settings)[0], pos, neg, harness.latent("flux", 0, size=32), steps=10,
+                           cfg=2.0)
+    (saved,) = tmp_path.glob("Flux-*.safetensors")
+    residual = load_profile(saved)
+    head = Profile.uniform("taylor-1", 1, residual.labels.shape[1])  # the output head's input: one "block"
+    head.metadata.update({k: v for k, v in residual.metadata.items() if k in ("fingerprint", "chosen_for")},
+                         target="output")
+    save_profile(head, saved)
+    capsys.readouterr()
+    again = harness.sample(apply_hyca(patcher, settings)[0], pos, neg, harness.latent("flux", 0, size=32), steps=10,
+                           cfg=2.0)
+    lines = capsys.readouterr().out
+    assert "passing over" in lines and "forecasts the output" in lines
+    assert len(probes) == 2 and "sampled uncached" not in lines
+    assert torch.equal(again, first)  # the same probe result, the same cached run
+
+
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 #: Inputs that choose a model file: their choices are whatever is on disk (not checked here).
 FILE_INPUTS = {"ckpt_name", "unet_name", "vae_name", "clip_name", "clip_name1", "clip_name2"}

@@ -11,6 +11,7 @@ import torch
 from hyca.adapters.diffusers.fingerprint import fingerprint
 from hyca.profiles import sources
 from hyca.profiles.io import ProfileError, load_profile, profile_filename, save_profile
+from hyca.profiles.profile import Profile
 from hyca.profiles.sources import candidate_names, default_cache_dir, resolve_profile
 
 from hub_standin import closed_port_endpoint, hub, online  # noqa: F401  (fixtures)
@@ -118,6 +119,26 @@ def test_profile_for_another_model_is_skipped(dirs, fp):
     with pytest.warns(UserWarning, match="skipping shipped profile.*differently configured"):
         found = resolve_profile(fp)
     assert found.path == good
+
+
+def test_a_profile_of_a_target_the_host_cannot_apply_is_passed_over(dirs, fp):
+    """A host that hooks the blocks only (ComfyUI, a WebUI) asks for residual profiles: a
+    model-output profile ahead of the residual one in the search order is passed over, said;
+    with nothing runnable left the host's own probe runs."""
+    g = torch.Generator().manual_seed(5)  # one "block": the model output, as wide as the model names it
+    model_output = Profile(torch.randint(0, 4, (1, 32), generator=g), torch.zeros(1, 4, dtype=torch.long),
+                           {"fingerprint": fp, "target": "model_output"})
+    shipped = save_profile(model_output, dirs["shipped"] / profile_filename(fp))
+    residual = save_profile(random_profile(fp, seed=6), dirs["cache"] / profile_filename(fp))
+    assert resolve_profile(fp).path == shipped  # a host that applies every target takes the first
+    with pytest.warns(UserWarning, match="passing over .*forecasts the model output.*applies residual"):
+        found = resolve_profile(fp, targets=("residual",))
+    assert found.path == residual and len(found.warnings) == 1
+    residual.unlink()
+    probe = Probe(random_profile(fp, seed=7))
+    with pytest.warns(UserWarning, match="passing over"):
+        probed = resolve_profile(fp, targets=("residual", "output"), probe=probe)
+    assert (probed.source, probe.calls) == ("probe", 1) and same(probed.profile, probe.profile)
 
 
 def test_offline_skips_the_hub_with_one_warning(dirs, fp, monkeypatch):

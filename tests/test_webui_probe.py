@@ -160,6 +160,32 @@ def test_a_new_session_finds_the_cached_profile_for_its_settings(isolated, probe
     assert p.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
 
 
+def test_a_cached_profile_the_pass_cannot_apply_is_passed_over_for_its_own_probe(isolated, probes, capsys):
+    """The cache holds, for the pass's exact settings, a profile of a target the WebUI cannot
+    apply (the model output: a diffusers-only kind): a restarted WebUI says it passes it over
+    and probes its own, and the pass is cached as the first one was, not left uncached."""
+    from hyca.profiles.io import load_profile, save_profile
+
+    _, seen = probes
+    with Frontend("forge_flux") as f:
+        first, _ = f.run(args(True, 3, 2, profile="automatic"), steps=10)
+    (saved,) = isolated.glob("*.safetensors")
+    residual = load_profile(saved)
+    width = residual.labels.shape[1]
+    other = Profile.uniform("taylor-1", 1, width)  # as wide as the blocks' hidden states: the file reads as this model's
+    other.metadata.update({k: v for k, v in residual.metadata.items() if k in ("fingerprint", "chosen_for")},
+                          target="model_output")
+    save_profile(other, saved)
+    capsys.readouterr()
+    with Frontend("forge_flux") as f:
+        second, p = f.run(args(True, 3, 2, profile="automatic"), steps=10)
+    out = capsys.readouterr().out
+    assert "passing over" in out and "forecasts the model output" in out and "runs uncached" not in out
+    assert len(seen) == 2
+    torch.testing.assert_close(first.images[0], second.images[0], rtol=0, atol=0)
+    assert p.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
+
+
 def test_split_cond_and_uncond_calls_probe_at_the_second_step(isolated, probes, capsys):
     _, seen = probes
     with Frontend("forge_flux") as f:

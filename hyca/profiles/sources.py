@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,7 +243,8 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
                     own_sigmas: bool = False,
                     cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
                     hub_endpoint: str | None = None, hub_token: str | bool | None = None,
-                    hub_cache_dir: str | os.PathLike | None = None, warn: bool = True) -> ResolvedProfile:
+                    hub_cache_dir: str | os.PathLike | None = None, warn: bool = True,
+                    targets: Collection[str] | None = None) -> ResolvedProfile:
     """Find the profile for the model with fingerprint ``model``; see the module doc.
 
     ``interval``: the N it will run at (prefers a profile made for it; another N warns).
@@ -256,6 +257,9 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
     other way round (:func:`~hyca.profiles.settings.differences`). ``offline``: skip the network (the Hub cache is still read);
     default: huggingface_hub's offline mode. ``warn``: raise each warning as a
     :class:`UserWarning` as well as listing it in the result's ``warnings`` (False: list only).
+    ``targets``: the forecast targets the caller's host can apply (``"residual"``,
+    ``"output"``, ``"model_output"``; None: all): a found profile of another target (made by
+    another host, sharing the cache) is passed over, said in the warnings, as if absent.
     """
     fp = model_fingerprint(model)
     log = _Log(warn)
@@ -280,16 +284,16 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
             ranked.append((cost, order, rank, source, file))
     best = None
     for cost, _, _, source, file in sorted(ranked, key=lambda item: item[:3]):
-        best = _try_file(file, fp, interval, log, source)
+        best = _runnable(_try_file(file, fp, interval, log, source), targets, log)
         if best is not None:
             break
 
     repo = hub_repo_id() if hub_repo == DEFAULT else hub_repo
     if repo and (best is None or _differences(best, run, own_sigmas)):
         looked.append(f"Hub repo {repo}")
-        found = _try_hub(repo, [hub_filename] if hub_filename else names, fp, interval, log,
-                         offline=hub_offline() if offline is None else offline, cache_dir=hub_cache_dir,
-                         endpoint=hub_endpoint, token=hub_token)
+        found = _runnable(_try_hub(repo, [hub_filename] if hub_filename else names, fp, interval, log,
+                                   offline=hub_offline() if offline is None else offline, cache_dir=hub_cache_dir,
+                                   endpoint=hub_endpoint, token=hub_token), targets, log)
         if found is not None and (best is None or _cost(found, run, own_sigmas) < _cost(best, run, own_sigmas)):
             best = found
 
@@ -308,6 +312,18 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
     resolved = _probe_and_cache(probe, fp, interval, target, log)
     resolved.differences = _differences(resolved, run, own_sigmas)
     return resolved.named()
+
+
+def _runnable(found: ResolvedProfile | None, targets: Collection[str] | None, log: _Log) -> ResolvedProfile | None:
+    """``found``, unless its target is not one of ``targets`` (then None, said once)."""
+    if found is None or targets is None:
+        return found
+    target = found.profile.metadata.get("target", "residual")
+    if target in targets:
+        return found
+    log(f"passing over {found.path or found.source}: it forecasts the {str(target).replace('_', ' ')}, which "
+        f"this host cannot apply (it applies {', '.join(targets)})")
+    return None
 
 
 def _chosen(resolved: ResolvedProfile) -> RunSettings:

@@ -35,7 +35,7 @@ import torch
 
 from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule, interval_for_speedup
-from ...engine.targets import require_target
+from ...engine.targets import RESIDUAL, require_target
 from ...profiles.settings import RunSettings
 from ..webui import kinds
 from ..webui.adapter import Adapter
@@ -48,6 +48,8 @@ from .probe_host import ComfyProbeHost
 
 logger = logging.getLogger("hyca.comfyui")
 
+#: The forecast targets the node applies: it hooks the blocks only.
+APPLIED = (RESIDUAL,)
 #: The wrapper key HyCa's wrappers are filed under (``add_wrapper_with_key``).
 WRAPPER_KEY = "hyca"
 
@@ -226,7 +228,7 @@ class HyCaPatch:
         return self._session(engine, run), run
 
     def _engine(self, profile: Any, schedule: Schedule) -> HybridCache:
-        require_target(profile.metadata, ("residual",), "the ComfyUI node")  # it hooks blocks only
+        require_target(profile.metadata, APPLIED, "the ComfyUI node")
         return HybridCache(profile, schedule, cache_dtype=torch_dtype(self.settings.cache_dtype),
                            guard=self.settings.guard, compare_settings=False)
 
@@ -246,7 +248,9 @@ class HyCaPatch:
         run.closed_loop = False
         try:
             host = self._probe_host(guider, extra_args["model_options"], latent_image, run)
-            chosen = self.book.for_settings(run.chosen, run.settings, host.shape, lambda: self._probe(host, run))
+            chosen = self.book.for_settings(run.chosen, run.settings, host.shape, lambda: self._probe(host, run),
+                                            APPLIED)
+            engine = self._engine(chosen.profile, run.schedule)
         except Exception as error:  # noqa: BLE001 - the run still samples, uncached
             console(f"no profile for this run ({type(error).__name__}: {error}); this run is sampled uncached")
             return
@@ -254,7 +258,7 @@ class HyCaPatch:
         for note in chosen.notes:
             self.say_once(note)
         console(f"profile ready ({chosen.source})")
-        active.session = self._session(self._engine(chosen.profile, run.schedule), run)
+        active.session = self._session(engine, run)
 
     def _probe_host(self, guider: Any, model_options: dict, latent_image: torch.Tensor | None,
                     run: Run) -> ComfyProbeHost:

@@ -289,7 +289,8 @@ class Controller:
             finally:
                 self.session = pending
 
-        chosen = self.book.for_settings(pending.chosen, run, latent, run_probe)
+        applied = (RESIDUAL, OUTPUT) if pending.adapter.head_module(pending.model) is not None else (RESIDUAL,)
+        chosen = self.book.for_settings(pending.chosen, run, latent, run_probe, applied)
         self.say_once(f"profile ready ({chosen.source})")
         for note in chosen.notes:
             self.say_once(note)

@@ -125,11 +125,12 @@ class ProfileBook:
                       fp=fp, lora=lora_key if own_lora else "")
 
     def for_settings(self, chosen: Chosen, run: RunSettings, latent: tuple[int, ...],
-                     probe: Callable[[], Profile]) -> Chosen:
+                     probe: Callable[[], Profile], targets: tuple[str, ...] | None = None) -> Chosen:
         """Settle ``chosen`` (no profile yet) for a pass's settings: the profile this session
         already has for them, else (automatic) the one ``resolve_profile`` finds if it was
-        chosen for the same settings, else ``probe()``'s, saved to the cache; a LoRA set's
-        own probe is kept for the session and compared with the base profile."""
+        chosen for the same settings and forecasts one of ``targets`` (those the host applies;
+        None: any), else ``probe()``'s, saved to the cache; a LoRA set's own probe is kept for
+        the session and compared with the base profile."""
         key = chosen.key + settings_key(run, latent)
         if key in self._known:  # a later pass: the file it was saved to, not "probe" again
             known = self._known[key]
@@ -156,7 +157,7 @@ class ProfileBook:
         else:
             hub = {"hub_repo": chosen.key[2]} if chosen.key[2] else {}
             resolved = sources.resolve_profile(chosen.fp, interval=run.interval, run=run, probe=probe,
-                                               probe_if_mismatched=True, warn=False, **hub)
+                                               probe_if_mismatched=True, warn=False, targets=targets, **hub)
             where = f"{PROBED}{resolved.path}" if resolved.source == "probe" and resolved.path else \
                 f"{resolved.source} {resolved.path or ''}".strip()
             learned = Chosen(resolved.profile, where, list(resolved.warnings), key=key)
