@@ -2,14 +2,13 @@
 ComfyUI 0.3.75's own ``Flux`` class (tests/comfy_harness.py ``reference_in_comfy``),
 sampled by ComfyUI (``comfy.sample.sample``, euler over the reference scheduler's sigmas)
 against the diffusers pipeline: the same images with full compute, and with HyCa on both
-sides (the shipped profiles) the same PSNR against full compute, within 0.3 dB, per cell
+sides (eq. 5's residual profile for N, the one shipped until 50d2f88) the same PSNR against full compute, within 0.3 dB, per cell
 of a small grid (captions x guidance x N)."""
 
 from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,14 +24,13 @@ from hyca.adapters.comfyui.families import recognise  # noqa: E402
 from hyca.adapters.comfyui.hook import HyCaPatch  # noqa: E402
 from hyca.adapters.webui.profiles import Chosen  # noqa: E402
 from hyca.adapters.webui.settings import Settings  # noqa: E402
-from hyca.profiles.io import read_profile  # noqa: E402
+from hyca.profiles.profile import Profile  # noqa: E402
 from hyca.reference import load_pipeline  # noqa: E402
 from hyca.reference.model import pack  # noqa: E402
 
 STEPS = 20
 CAPTIONS = ("a large blue circle at the center on a black background",
             "a small red triangle at the top left on a white and gray background")
-SHIPPED = Path(__file__).resolve().parents[1] / "profiles"
 
 
 def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
@@ -40,15 +38,22 @@ def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-class ShippedBook:
-    """Profile choice as the test sets it: the shipped profile for N (made for the diffusers
-    class; the ComfyUI class has the same blocks in the same order and the same hidden dims)."""
+class Eq5Book:
+    """Profile choice as the test sets it: eq. 5's residual profile for N, probed on the
+    reference pipeline at 50 steps without guidance (deterministic: what the repository
+    shipped until its profiles were chosen closed loop; the ComfyUI class has the same blocks
+    in the same order and the same hidden dims, and applies residual profiles only)."""
 
-    def __init__(self, interval: int) -> None:
-        self.profile, _ = read_profile(SHIPPED / f"FluxTransformer2DModel-69c832fc89ed-n{interval}.safetensors")
+    _made: dict[int, Profile] = {}
+
+    def __init__(self, pipe, interval: int) -> None:
+        if interval not in self._made:
+            self._made[interval] = hyca.probe(pipe, prompt="a large red circle at the center on a white background",
+                                              steps=50, interval=interval, warmup=3, selection="eq5", progress=False)
+        self.profile = self._made[interval]
 
     def choose(self, *args, **kwargs) -> Chosen:
-        return Chosen(self.profile, f"shipped n{self.profile.metadata.get('interval')}")
+        return Chosen(self.profile, f"eq5 n{self.profile.metadata.get('interval')}")
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +95,11 @@ def test_full_compute_images_match_the_diffusers_pipeline(reference, guidance):
 def _grid_cell(reference, guidance: float, interval: int, guard: bool,
                switches: list | None = None) -> list[tuple[float, float, float]]:
     """``(diffusers PSNR, ComfyUI PSNR, largest pixel difference)`` per caption, each PSNR
-    against that path's own full-compute image, HyCa with the shipped profile for N.
+    against that path's own full-compute image, HyCa with eq. 5's profile for N.
     ``switches``: given, gets per caption the guard switches of the branch that ran last on
     each path (diffusers: uncond; ComfyUI: its report's uncond branch) as ``(step, from, to)``."""
     pipe, patcher, to_latent, to_image = reference
-    book = ShippedBook(interval)
+    book = Eq5Book(pipe, interval)
     settings = Settings(enabled=True, interval=interval, warmup=3, guard=guard)
     patch = HyCaPatch(settings, recognise(patcher.model.diffusion_model), book)
     model = patch.install(patcher)
@@ -150,13 +155,13 @@ def test_hyca_with_the_guard_gives_the_diffusers_path_images(reference, guidance
 
 @pytest.mark.parametrize("guidance, differs", [(2.5, "guidance 1 vs 2.5"), (1.0, "steps 50 vs 20")],
                          ids=["guided", "unguided"])
-def test_a_run_off_the_shipped_profiles_settings_starts_from_reuse_and_says_so(reference, capsys, guidance, differs):
-    """As the diffusers engine does (hyca.profiles.off_settings): the shipped profiles were
+def test_a_run_off_its_profiles_settings_starts_from_reuse_and_says_so(reference, capsys, guidance, differs):
+    """As the diffusers engine does (hyca.profiles.off_settings): eq. 5's profile was
     chosen at 50 steps without guidance; a run of 20 steps, guided or unguided on the
     reference scheduler's even sigmas, starts every solver group from plain reuse with the
     guard on, says so once on the console, and its report lists the switches."""
     pipe, patcher, to_latent, to_image = reference
-    book = ShippedBook(5)
+    book = Eq5Book(pipe, 5)
     assert book.profile.metadata["chosen_for"]["guidance_scale"] in (None, 1.0)
     assert set(book.profile.solvers.flatten().tolist()) - {0}  # some group not on plain reuse
     model = HyCaPatch(Settings(enabled=True, interval=5, warmup=3, guard=True),

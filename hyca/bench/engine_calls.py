@@ -1,5 +1,7 @@
 """The engine's own time per step, without a model (issue 20 item 8): the calls a host
-makes on the reference model's shapes, 50 steps, with a shipped reference profile.
+makes on the reference model's shapes, 50 steps, with eq. 5's profile for N on the reference
+model (50 steps, no guidance, one caption: deterministic, and the profile the repository
+shipped for N until the shipped ones were chosen closed loop).
 
     python -m hyca.bench.engine_calls [N]
     PYTHONPATH=<other checkout> python -m hyca.bench.engine_calls [N]   # another engine
@@ -15,14 +17,21 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
-
 import torch
 
 from hyca.engine import HybridCache, Schedule
-from hyca.profiles.io import load_profile
+from hyca.profiles.profile import Profile
 
 STEPS, BLOCKS, SHAPE = 50, 6, (1, 64, 128)
+
+
+def eq5_profile(interval: int) -> Profile:
+    """Eq. 5's choice for N on the reference model (4 clusters per block, mixed solvers)."""
+    import hyca
+    from hyca.reference import load_pipeline
+
+    return hyca.probe(load_pipeline(), prompt="a large red circle at the center on a white background", steps=50,
+                      interval=interval, warmup=3, selection="eq5", progress=False)
 
 
 def one_run(engine: HybridCache, residuals: list[list[torch.Tensor]]) -> tuple[list[float], list[float]]:
@@ -46,8 +55,7 @@ def one_run(engine: HybridCache, residuals: list[list[torch.Tensor]]) -> tuple[l
 def main() -> None:
     interval = int(sys.argv[1]) if len(sys.argv) > 1 else 4
     torch.set_num_threads(1)
-    root = Path(__file__).resolve().parents[2]  # the source checkout: hyca/bench/ -> the repository
-    profile = load_profile(root / "profiles" / f"FluxTransformer2DModel-69c832fc89ed-n{interval}.safetensors")
+    profile = eq5_profile(interval)
     g = torch.Generator().manual_seed(0)
     base = torch.randn(3, BLOCKS, *SHAPE, generator=g)
     residuals = [[base[0, b] + 0.02 * step * base[1, b] + 0.001 * step * step * base[2, b] for b in range(BLOCKS)]
