@@ -2,7 +2,7 @@
 ComfyUI 0.3.75's own ``Flux`` class (tests/comfy_harness.py ``reference_in_comfy``),
 sampled by ComfyUI (``comfy.sample.sample``, euler over the reference scheduler's sigmas)
 against the diffusers pipeline: the same images with full compute, and with HyCa on both
-sides (eq. 5's residual profile for N, the one shipped until 50d2f88) the same PSNR against full compute, within 0.3 dB, per cell
+sides (eq. 5's residual profile for N, the one shipped before c513cf3) the same PSNR against full compute, within 0.3 dB, per cell
 of a small grid (captions x guidance x N)."""
 
 from __future__ import annotations
