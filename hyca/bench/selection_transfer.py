@@ -12,7 +12,10 @@ over every way of drawing them. The plain call's probe has two samples; the told
 
 Rules: ``best`` (the probe's default), ``se`` and fixed dB margins (the simplest candidate
 level with the best), and the best over a restricted candidate set (the first track only:
-the blocks' residuals on the plain schedule; single solvers only, any track).
+the blocks' residuals on the plain schedule; single solvers only, any track; each track's
+eq. 5 and the short-history singles :data:`hyca.probing.SINGLES`, the probe's default
+candidates since they were measured here: the recorded trials approximate it, their other
+tracks having tried the best three singles of the whole pool).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..probing import selection
+from ..probing import SINGLES, selection
 
 Rule = Callable[[list[selection.Scored]], selection.Scored]
 
@@ -34,6 +37,11 @@ Rule = Callable[[list[selection.Scored]], selection.Scored]
 def _track(name: str) -> int:
     """0 for the first track (``eq5``, ``uniform:...`` and their refinements), 1 otherwise."""
     return 0 if name.startswith(("eq5", "uniform:")) else 1
+
+
+def _single(name: str) -> str | None:
+    """The solver a ``...uniform:<solver>[,no-guard]`` candidate runs alone, else None."""
+    return name.split("uniform:", 1)[1].removesuffix(",no-guard") if "uniform:" in name else None
 
 
 def _restricted(keep: Callable[[selection.Scored], bool]) -> Rule:
@@ -47,6 +55,7 @@ RULES: dict[str, Rule] = {
     "first track only": _restricted(lambda s: s.track == 0),
     "single solvers only": _restricted(lambda s: "uniform:" in s.name),
     "no refinements": _restricted(lambda s: "->" not in s.name),
+    "eq. 5 and SINGLES": _restricted(lambda s: s.name.endswith("eq5") or _single(s.name) in SINGLES),
 }
 
 

@@ -59,8 +59,8 @@ LITE_UNGUARDED = ("taylor-1", "taylor-2")
 #: cached values, exact for lines: FORA's reuse, TaylorSeer 1 and 2, AM2, BDF2). Every
 #: candidate the loop adds is one more chance for a calibration caption's noise to pick a
 #: winner that does not carry over; on the settings grid, fewer candidates scored on more
-#: captions carried over better (``python -m hyca.bench.selection_transfer --pool``,
-#: bench/results/selection_transfer.md). The longer-history solvers stay in eq. 5's pool,
+#: captions carried over better (``python -m hyca.bench.selection_transfer``, rule "eq. 5 and
+#: SINGLES", bench/results/selection_transfer.md). The longer-history solvers stay in eq. 5's pool,
 #: chosen per cluster on the recorded trajectory.
 SINGLES = ("reuse", "taylor-1", "taylor-2", "am2", "bdf2")
 #: Calibration samples a host's default probe scores each candidate on (captions, or the
