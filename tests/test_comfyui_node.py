@@ -100,13 +100,25 @@ def test_automatic_whose_probe_fails_samples_uncached_and_says_so(tmp_path, monk
     assert not list(tmp_path.glob("*.safetensors"))
 
 
+def _reuse_profile(host, run, fp):
+    """What the stand-in probes return: plain reuse everywhere, chosen for ``run``."""
+    from hyca.profiles.profile import Profile
+
+    profile = Profile.uniform("reuse", host.num_blocks, host.hidden_size)
+    profile.metadata.update(fingerprint=fp, chosen_for=run.to_json())
+    return profile
+
+
+def _flux_patcher_and_conditioning():
+    return harness.tiny_patcher("flux", seed=3), harness.conditioning("flux", 1), harness.conditioning("flux", 2)
+
+
 def test_closed_loop_probe_host_samples_like_comfys_own_euler(tmp_path, monkeypatch, capsys):
     """The core probe's view of a run: ComfyProbeHost.sample(None) at the probe's reduced
     latent equals ComfyUI's own euler sampler (``comfy.sample.sample``, the same sigmas,
     guidance and noise) on the unpatched model; the run then caches with the profile the
     probe returned, and the next run finds it in the cache."""
     import hyca.probing
-    from hyca.profiles.profile import Profile
 
     _empty_profile_sources(monkeypatch, tmp_path)
     seen = {}
@@ -114,13 +126,10 @@ def test_closed_loop_probe_host_samples_like_comfys_own_euler(tmp_path, monkeypa
     def probe_host(host, run, schedule, **kwargs):
         seen["probes"] = seen.get("probes", 0) + 1
         seen.update(latent=host.sample(None), shape=host.shape, sigmas=list(host.sigmas), run=run)
-        profile = Profile.uniform("reuse", host.num_blocks, host.hidden_size)
-        profile.metadata.update(fingerprint=kwargs["fingerprint"], chosen_for=run.to_json())
-        return profile
+        return _reuse_profile(host, run, kwargs["fingerprint"])
 
     monkeypatch.setattr(hyca.probing, "probe_host", probe_host)
-    patcher = harness.tiny_patcher("flux", seed=3)
-    pos, neg = harness.conditioning("flux", 1), harness.conditioning("flux", 2)
+    patcher, pos, neg = _flux_patcher_and_conditioning()
     model, _ = apply_hyca(patcher, Settings(enabled=True, interval=3, warmup=2, guard=False))
     first = harness.sample(model, pos, neg, harness.latent("flux", 0, size=32), steps=10, cfg=2.0)
     assert seen["shape"] == (CALIBRATION_SAMPLES, 16, 16, 16) and seen["run"].steps == 10 and seen["run"].guidance_scale == 2.0
@@ -132,6 +141,7 @@ def test_closed_loop_probe_host_samples_like_comfys_own_euler(tmp_path, monkeypa
     again = harness.sample(model, pos, neg, harness.latent("flux", 0, size=32), steps=10, cfg=2.0)
     assert torch.equal(again, first) and seen["probes"] == 1  # the session keeps the profile for these settings
     assert list(tmp_path.glob("Flux-*.safetensors"))  # saved to the cache, not next to the code
+
 
 def test_a_cached_profile_the_node_cannot_apply_is_passed_over_for_its_own_probe(tmp_path, monkeypatch, capsys):
     """The cache holds a profile for the run's exact settings that forecasts the output head
@@ -146,13 +156,10 @@ def test_a_cached_profile_the_node_cannot_apply_is_passed_over_for_its_own_probe
 
     def probe_host(host, run, schedule, **kwargs):
         probes.append(run)
-        profile = Profile.uniform("reuse", host.num_blocks, host.hidden_size)
-        profile.metadata.update(fingerprint=kwargs["fingerprint"], chosen_for=run.to_json())
-        return profile
+        return _reuse_profile(host, run, kwargs["fingerprint"])
 
     monkeypatch.setattr(hyca.probing, "probe_host", probe_host)
-    patcher = harness.tiny_patcher("flux", seed=3)
-    pos, neg = harness.conditioning("flux", 1), harness.conditioning("flux", 2)
+    patcher, pos, neg = _flux_patcher_and_conditioning()
     settings = Settings(enabled=True, interval=3, warmup=2, guard=False)
     first = harness.sample(apply_hyca(patcher, settings)[0], pos, neg, harness.latent("flux", 0, size=32), steps=10,
                            cfg=2.0)
