@@ -63,6 +63,31 @@ def test_the_best_candidate_is_kept_and_every_single_solver_is_tried():
     assert torch.equal(chosen.labels, mixed_profile().labels)  # the clustering is kept
 
 
+def test_a_candidate_that_runs_as_one_already_run_takes_its_scores_without_a_run():
+    """Eq. 5 chose taylor-1 for every cluster: its uniform taylor-1 candidate is the same run
+    (the engine sees the same solver in every dimension), so it is reported with eq. 5's
+    scores and not generated again; the same solver on another start is a run of its own."""
+    generate, reference = scripted({("taylor-1",): 0.2, ("reuse",): 0.3})
+    calls = []
+
+    def counted(profile, *samples):
+        calls.append(profile)
+        return generate(profile)
+
+    uniform = closed_loop.with_solvers(mixed_profile(), torch.full_like(mixed_profile().solvers,
+                                                                        pool_names().index("taylor-1")))
+    short = closed_loop.Track("start2:", closed_loop.with_metadata(uniform, first_interval=2), singles=1)
+    singles = [pool()[pool_names().index(n)] for n in ("reuse", "taylor-1")]
+    _, trials, name = closed_loop.choose([closed_loop.Track("", uniform), short], counted, reference, singles,
+                                         refine=False)
+    names = [t.name for t in trials]
+    assert names == ["eq5", "uniform:reuse", "uniform:taylor-1", "start2:eq5", "start2:uniform:taylor-1"]
+    by_name = {t.name: t for t in trials}
+    assert by_name["uniform:taylor-1"].per_sample_db == by_name["eq5"].per_sample_db
+    assert len(calls) == 3  # eq5, reuse, the short start's eq5 (its taylor-1 twin takes its scores)
+    assert name == "eq5"
+
+
 def test_ties_keep_the_earlier_candidate():
     generate, reference = scripted({("am2", "taylor-2"): 0.3, ("reuse",): 0.3})
     assert closed_loop.choose(mixed_profile(), generate, reference, refine=False)[2] == "eq5"

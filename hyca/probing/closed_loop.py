@@ -184,12 +184,16 @@ def choose(tracks: Profile | Sequence[Track], generate: Callable[..., torch.Tens
     scored_by_name: dict[str, selection.Scored] = {}
     profiles: dict[str, Profile] = {}
     track_index = 0
+    runs: dict[tuple, torch.Tensor] = {}  # what each distinct run gave, by what it runs
 
     def measure(candidate: Candidate, samples: tuple[int, ...] | None) -> selection.Scored:
-        if samples is None:
-            per_sample = selection.fidelities_db(generate(candidate.profile), reference)
-        else:
-            per_sample = selection.fidelities_db(generate(candidate.profile, samples), reference[list(samples)])
+        key = (runs_as(candidate.profile), samples)
+        if key not in runs:  # a candidate that runs exactly as one already run takes its scores
+            if samples is None:
+                runs[key] = selection.fidelities_db(generate(candidate.profile), reference)
+            else:
+                runs[key] = selection.fidelities_db(generate(candidate.profile, samples), reference[list(samples)])
+        per_sample = runs[key]
         trial = Trial(candidate.name, selection.mean_db(per_sample), tuple(per_sample.tolist()), samples or ())
         trials.append(trial)
         if on_trial is not None:
@@ -221,6 +225,16 @@ def choose(tracks: Profile | Sequence[Track], generate: Callable[..., torch.Tens
             trials[-1] = Trial(screened.name, selection.mean_db(per_sample), tuple(per_sample.tolist()))
     best = selection.pick(finalists, tolerance)
     return profiles[best.name], trials, best.name
+
+
+def runs_as(profile: Profile) -> tuple:
+    """What a cached run with ``profile`` depends on: the solver of every dimension and the
+    metadata the engine reads (target, schedule start, last step, guard); two profiles with
+    the same key give the same run (the clustering alone, e.g. eq. 5's choice of one solver
+    for every cluster against that solver's uniform candidate, changes nothing)."""
+    metadata = profile.metadata
+    return (tuple(profile.dim_solvers().flatten().tolist()), tuple(profile.labels.shape),
+            *(repr(metadata.get(k)) for k in ("target", "first_interval", "skip_last", "guard")))
 
 
 def with_metadata(profile: Profile, **updates: Any) -> Profile:
