@@ -88,6 +88,20 @@ def test_a_candidate_that_runs_as_one_already_run_takes_its_scores_without_a_run
     assert name == "eq5"
 
 
+def test_no_solver_outside_the_candidates_runs_not_even_a_peers_strategy():
+    """``solvers`` given (e.g. ``hyca.probe(candidates=["fora"])``): a track's ``always``
+    and guard-off ``unguarded`` solvers (TaylorSeer lite's taylor-1 / taylor-2) are left
+    out when they are not among them; every trial uses reuse only."""
+    generate, reference = scripted({("reuse",): 0.3, ("taylor-1",): 0.1, ("taylor-2",): 0.05})
+    reuse = closed_loop.with_solvers(mixed_profile(), torch.zeros_like(mixed_profile().solvers))
+    lite = closed_loop.Track("model,lite:", closed_loop.with_metadata(reuse, target="model_output"), 3,
+                             always=("reuse", "taylor-1", "taylor-2"), unguarded=("taylor-1", "taylor-2"))
+    chosen, trials, _ = closed_loop.choose([closed_loop.Track("", reuse), lite], generate, reference,
+                                           [pool()[pool_names().index("reuse")]], refine=False)
+    assert [t.name for t in trials] == ["eq5", "uniform:reuse", "model,lite:eq5", "model,lite:uniform:reuse"]
+    assert chosen.solver_names() == ["reuse"]
+
+
 def test_ties_keep_the_earlier_candidate():
     generate, reference = scripted({("am2", "taylor-2"): 0.3, ("reuse",): 0.3})
     assert closed_loop.choose(mixed_profile(), generate, reference, refine=False)[2] == "eq5"

@@ -192,4 +192,8 @@ def test_the_closed_loop_tries_alone_the_singles_it_is_given():
     host = ToyHost(ToyModel())
     with pytest.raises(ValueError, match="not among the candidates"):
         run_probe(host, candidates=["reuse", "taylor-1"], singles=["bdf2"])
+    with pytest.raises(ValueError, match=r"singles must be a list of solver names, e.g. \['taylor-1'\]"):
+        run_probe(host, singles="taylor-1")
+    with pytest.raises(ValueError, match="candidates must be a list of solver names"):
+        run_probe(host, candidates="taylor-2")
     assert host.calls == []

@@ -23,6 +23,8 @@ def candidate_solvers(names: Sequence[str] | None) -> tuple[Solver, ...]:
     histories at run time (one per solver in use)."""
     if names is None:
         return pool()
+    if isinstance(names, str):
+        raise ValueError(f"candidates must be a list of solver names, e.g. [{names!r}], not a string")
     wanted = {get_solver(n).name for n in names}
     if not wanted:
         raise ValueError("candidates must name at least one solver (or be None for the whole pool)")

@@ -28,7 +28,7 @@ This module only decides; the adapter that can run the pipeline supplies ``gener
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -164,7 +164,8 @@ def choose(tracks: Profile | Sequence[Track], generate: Callable[..., torch.Tens
     nearest ``reference`` (the fully computed run's output, same prompt and seed).
 
     ``tracks``: eq. 5's profile (one track), or :class:`Track` s: the first tries every
-    single solver of ``solvers`` (default: the pool), the others the best few of those.
+    single solver of ``solvers`` (default: the pool), the others the best few of those; a
+    track's ``always`` and ``unguarded`` solvers are tried only where ``solvers`` has them.
     Per track, in order: eq. 5, the single solvers, then, with ``refine``, greedy
     refinements of the mixed assignment (each kept only when it improves the run).
     ``generate`` must apply what a candidate's metadata says (``first_interval``,
@@ -206,6 +207,8 @@ def choose(tracks: Profile | Sequence[Track], generate: Callable[..., torch.Tens
         return scored.mean
 
     everything = list(solvers) if solvers is not None else list(pool())
+    allowed = {s.name for s in everything}  # a track's peer strategies too: nothing outside ``solvers`` runs
+    tracks = [replace(t, unguarded=tuple(n for n in t.unguarded if n in allowed)) for t in tracks]
     scored = _run_track(tracks[0], everything, run, refine)
     ranked = sorted((pair for pair in scored if "uniform:" in pair[1].name), key=lambda pair: -pair[0])
     best_singles = [pool()[int(c.profile.solvers.flatten()[0])] for _, c in ranked]

@@ -290,6 +290,8 @@ def _singles(solvers: Sequence[Solver], names: Sequence[str] | None) -> tuple[So
     when ``names`` holds a solver that is not a candidate."""
     if names is None:
         return tuple(solvers)
+    if isinstance(names, str):
+        raise ValueError(f"singles must be a list of solver names, e.g. [{names!r}], not a string")
     wanted = {get_solver(name).name for name in names}
     missing = wanted - {s.name for s in solvers}
     if missing:
