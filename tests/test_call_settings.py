@@ -121,6 +121,27 @@ def test_after_runs_at_other_settings_a_plain_call_gives_the_fresh_cache_image(t
     torch.testing.assert_close(flux_at(used, STEPS), expected, rtol=0, atol=0)
 
 
+def test_a_pipeline_enabled_before_another_on_its_transformer_still_chooses_for_its_own_calls(asked):
+    """``hyca.enable(pipe)``, then ``hyca.enable(other)`` on a pipeline sharing pipe's
+    transformer (a pipeline per request, docs/requests.md): the second enable's settings
+    replace the first's, and a call of ``pipe`` is still a request at its own settings: it
+    probes once for them and gives the image that ``other`` gives at those settings (before,
+    it took the profile made for other settings and never probed)."""
+    import copy
+
+    case = CASES["flux"]
+    pipe = case.build()
+    other = type(pipe)(**{**pipe.components, "scheduler": copy.deepcopy(pipe.scheduler)})
+    enable_plain(pipe, case.experts)
+    enable_plain(other, case.experts)
+    asked.clear()
+    got = flux_at(pipe, STEPS)
+    assert [a["steps"] for a in asked] == [STEPS]
+    assert RunSettings.of_profile(engine_of_last_call(pipe.transformer).profile.metadata).steps == STEPS
+    torch.testing.assert_close(flux_at(other, STEPS), got, rtol=0, atol=0)
+    assert [a["steps"] for a in asked] == [STEPS]  # the second pipeline finds the profile the first probed
+
+
 def engine_of_last_call_profile(pipe, steps: int):
     """The profile ``pipe``'s requests chose for ``steps`` unguided steps."""
     controller = pipe.__dict__["_hyca_requests"]

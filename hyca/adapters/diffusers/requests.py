@@ -153,8 +153,11 @@ class Requests:
         for chooser in self.choosers:
             transformer = getattr(pipe, chooser.attribute, None)
             root = hooks.root_hook(transformer) if isinstance(transformer, torch.nn.Module) else None
+            if root is not None and root.engine is not chooser.template:
+                # enabled again (through this or another pipeline): that enable's settings replaced these
+                chooser = _CHOOSERS.get(transformer, chooser)
             if root is None or root.engine is not chooser.template:
-                continue  # HyCa set aside (a probe running), disabled, or enabled again through another pipeline
+                continue  # HyCa set aside (a probe running) or disabled
             told = read_call(pipe, call, args, kwargs) if told is None else told
             if told is None:
                 break  # arguments the pipeline itself will refuse
