@@ -89,12 +89,24 @@ def test_upscale_repeats_whole_pixels():
 # --- the cluster picture ------------------------------------------------------------------------
 
 
-def _profile(blocks: int = 3, dim: int = 10) -> Profile:
+def _error(b: int, c: int, s: int) -> float:
+    """The replay error the stand-in report gives solver ``s`` on block ``b``, cluster ``c``."""
+    return round(0.1 * b + 0.01 * c + 0.001 * s, 4)
+
+
+def _profile(blocks: int = 3, dim: int = 10, kept: torch.Tensor | None = None) -> Profile:
+    """A probed profile's shape and report: eq. 5 chose ``solvers`` (every candidate's error
+    recorded per cluster); ``kept``: what the closed loop kept instead (default: eq. 5's)."""
     rng = np.random.default_rng(3)
     labels = torch.as_tensor(rng.integers(0, 3, (blocks, dim)))
     solvers = torch.as_tensor(rng.integers(0, len(pool_names()), (blocks, 3)))
-    selection = {"blocks": [[{"error": 0.1 * b + 0.01 * c} for c in range(3)] for b in range(blocks)]}
-    return Profile(labels, solvers, {"selection": selection})
+    names = pool_names()
+    selection = {"candidates": list(names),
+                 "blocks": [[{"solver": names[int(solvers[b, c])], "error": _error(b, c, int(solvers[b, c])),
+                              "errors": [_error(b, c, s) for s in range(len(names))]} for c in range(3)]
+                            for b in range(blocks)],
+                 "replay_error": {"profile": 0.5, "uniform": {n: 0.6 + 0.01 * i for i, n in enumerate(names)}}}
+    return Profile(labels, solvers if kept is None else kept, {"selection": selection})
 
 
 def test_cluster_picture_colours_every_dimension_by_its_cluster_and_solver():
@@ -110,14 +122,22 @@ def test_cluster_picture_colours_every_dimension_by_its_cluster_and_solver():
             assert tuple(by_solver[b, d]) == profile_view.colour(int(p.solvers[b, p.labels[b, d]]))
 
 
-def test_solver_table_lists_each_cluster_with_its_size_solver_and_error():
-    p = _profile()
+@pytest.mark.parametrize("kept", ["eq5", "taylor-2"])
+def test_solver_table_lists_each_cluster_with_its_size_solver_and_error(kept):
+    """The error shown is that of the solver the profile uses in that cluster: eq. 5's, or,
+    when the closed loop kept another assignment (here taylor-2 everywhere), that one's
+    from the same report; so is the whole profile's (fresh-eyes finding: the app showed
+    eq. 5's errors for a profile that had kept another solver)."""
+    index = pool_names().index("taylor-2")
+    p = _profile(kept=None if kept == "eq5" else torch.full((3, 3), index))
     rows = profile_view.solver_rows(p)
     assert len(rows) == 3 * 3
     for block, cluster, dims, solver, error in rows:
         assert dims == int((p.labels[block] == cluster).sum())
         assert solver == pool_names()[int(p.solvers[block, cluster])]
-        assert float(error) == pytest.approx(0.1 * block + 0.01 * cluster)
+        assert float(error) == pytest.approx(_error(block, cluster, int(p.solvers[block, cluster])))
+    expected = "0.5" if kept == "eq5" else f"{0.6 + 0.01 * index:.3g}"
+    assert f"Relative replay error of the profile: {expected};" in profile_view.summary(p)
 
 
 # --- model choices ------------------------------------------------------------------------------

@@ -56,21 +56,47 @@ def legend(profile: Profile, by: str = "cluster") -> str:
     return "Colours: " + " · ".join(swatches) + f" — {profile.num_blocks} blocks (rows) × {profile.dim} dims (columns)"
 
 
+def _replay_error(entry: dict, candidates: list[str], solver: str) -> float | None:
+    """The relative replay error the probe recorded for ``solver`` on one cluster (every
+    candidate's is in the report; the closed loop may keep another than eq. 5's)."""
+    errors = entry.get("errors")
+    if errors and solver in candidates and candidates.index(solver) < len(errors):
+        return errors[candidates.index(solver)]
+    return entry.get("error") if entry.get("solver") == solver else None
+
+
 def solver_rows(profile: Profile) -> list[list[Any]]:
     """``[block, cluster, dims, solver, replay error]`` per cluster; the error (relative, from
-    the probe's replay of the schedule) when the profile's metadata records it."""
+    the probe's replay of the schedule) of the solver the profile uses there, when the
+    profile's metadata records it."""
     names = pool_names()
-    report = (profile.metadata.get("selection") or {}).get("blocks")
+    selection = profile.metadata.get("selection") or {}
+    report, candidates = selection.get("blocks"), list(selection.get("candidates") or [])
     rows = []
     for b in range(profile.num_blocks):
         sizes = np.bincount(profile.labels[b].numpy(), minlength=profile.num_clusters)
         for c in range(profile.num_clusters):
+            solver = names[int(profile.solvers[b, c])]
             error = None
             if report and b < len(report) and c < len(report[b]):
-                error = report[b][c].get("error")
-            rows.append([b, c, int(sizes[c]), names[int(profile.solvers[b, c])],
-                         "" if error is None else f"{error:.4g}"])
+                error = _replay_error(report[b][c], candidates, solver)
+            rows.append([b, c, int(sizes[c]), solver, "" if error is None else f"{error:.4g}"])
     return rows
+
+
+def _profile_replay_error(profile: Profile, selection: dict) -> float | None:
+    """The whole profile's relative replay error, when the probe recorded it for what was kept:
+    eq. 5's own assignment, or one solver everywhere."""
+    replay = selection.get("replay_error") or {}
+    report = selection.get("blocks")
+    eq5 = report and [[entry.get("solver") for entry in block] for block in report]
+    names = pool_names()
+    kept = [[names[int(i)] for i in block] for block in profile.solvers.tolist()]
+    if eq5 == kept:
+        return replay.get("profile")
+    if len(profile.solver_names()) == 1:
+        return (replay.get("uniform") or {}).get(profile.solver_names()[0])
+    return None
 
 
 def summary(profile: Profile) -> str:
@@ -95,7 +121,11 @@ def summary(profile: Profile) -> str:
     replay = (meta.get("selection") or {}).get("replay_error")
     if replay and replay.get("profile") is not None:
         uniform = ", ".join(f"{k} {v:.3g}" for k, v in replay.get("uniform", {}).items() if v is not None)
-        lines.append(f"Relative replay error of the profile: {replay['profile']:.3g} (one solver everywhere: {uniform}).")
+        kept = _profile_replay_error(profile, meta.get("selection") or {})
+        where = " (replayed on the plain schedule)" if meta.get("first_interval") or meta.get("skip_last") else ""
+        said = f"{kept:.3g}" if kept is not None else "not recorded for the closed loop's choice"
+        lines.append(f"Relative replay error of the profile{where}: {said}; eq. 5's choice {replay['profile']:.3g} "
+                     f"(one solver everywhere: {uniform}).")
     timing = meta.get("timing")
     if timing:
         lines.append(f"Probe took {timing.get('record_s', 0) + timing.get('analysis_s', 0):.1f} s.")
