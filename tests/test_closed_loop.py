@@ -84,6 +84,8 @@ def test_a_candidate_that_runs_as_one_already_run_takes_its_scores_without_a_run
     assert names == ["eq5", "uniform:reuse", "uniform:taylor-1", "start2:eq5", "start2:uniform:taylor-1"]
     by_name = {t.name: t for t in trials}
     assert by_name["uniform:taylor-1"].per_sample_db == by_name["eq5"].per_sample_db
+    assert by_name["uniform:taylor-1"].to_json()["same_as"] == "eq5" and by_name["eq5"].same_as is None
+    assert by_name["start2:uniform:taylor-1"].same_as == "start2:eq5"
     assert len(calls) == 3  # eq5, reuse, the short start's eq5 (its taylor-1 twin takes its scores)
     assert name == "eq5"
 

@@ -110,6 +110,8 @@ def test_off_settings_runs_as_every_group_started_from_the_robust_solver_by_hand
     assert expected_stats.off_settings is None and not expected_stats.switches
     assert stats.off_settings.differences == ("steps 50 vs 8",)
     assert stats.switches and all(s.to == start and s.step == 1 and s.solver != start for s in stats.switches)
+    # the starting switches say who made them: no guard check did (fresh-eyes finding 4)
+    assert all(s.by == "robust start" and s.describe().endswith("(robust start)") for s in stats.switches)
     assert stats.off_settings.describe() in stats.notes
     # and it is not what the profile as chosen gives (the test can tell them apart)
     as_chosen, as_chosen_stats = _sample(model, _chosen_at(mixed, ELSEWHERE), path="profile")
@@ -171,6 +173,6 @@ def test_webui_pass_off_its_profiles_settings_says_the_path_in_infotext_and_cons
     assert "HyCa off-settings" not in at.extra_generation_params
     assert off.extra_generation_params["HyCa off-settings"] == "robust (taylor-1 start, guard)"
     switches = off.extra_generation_params["HyCa guard switches"].split(", ")
-    assert switches and all(re.fullmatch(r"taylor-2 -> taylor-1 at step 0", s) for s in switches), switches
+    assert switches and all(re.fullmatch(r"taylor-2 -> taylor-1 at step 0 \(robust start\)", s) for s in switches), switches
     (line,) = [line for line in out.splitlines() if "chosen for other settings" in line]
     assert "steps 10 vs 8" in line and "robust path: the run starts every solver group from taylor-1" in line

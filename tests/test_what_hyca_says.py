@@ -90,7 +90,8 @@ def test_a_probe_logs_one_line_and_its_candidate_runs_only_at_debug(pipe, caplog
     trials = profile.metadata["selection"]["closed_loop"]["trials"]
     assert len(said(caplog, "closed loop chose", logging.INFO)) == 1
     assert not said(caplog, "HyCa [", logging.INFO)
-    assert len(said(caplog, "HyCa [cond]:", logging.DEBUG)) >= len(trials) >= 2  # one per cached run at least
+    runs = [t for t in trials if "same_as" not in t]  # a trial that is an earlier one's run ran once
+    assert len(said(caplog, "HyCa [cond]:", logging.DEBUG)) >= len(runs) >= 2  # one per cached run at least
     hyca.enable(pipe, profile, interval=3, warmup=2)  # the model's own runs keep their INFO line
     generate(pipe)
     assert len(said(caplog, "HyCa [cond]:", logging.INFO)) == 1

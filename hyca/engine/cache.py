@@ -24,7 +24,7 @@ from ..profiles.profile import Profile
 from ..profiles.off_settings import PATHS, OffSettings, decide
 from ..profiles.settings import RunSettings
 from .forecast import finite, forecast, stacked_weights
-from .guard import (SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, measure,
+from .guard import (ROBUST_START, SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, measure,
                     own_verdicts, steady)
 from .schedule import Schedule, with_profiles_start
 from .slots import STACKED_BYTES, block_masks, stacked_masks
@@ -389,7 +389,7 @@ class HybridCache:
             state.computed_steps = deque(state.computed_steps, maxlen=depth)
         for row, active in enumerate(state.active):
             if active != to:
-                self._switch(state, row, to, state.step)
+                self._switch(state, row, to, state.step, by=ROBUST_START)
 
     def _say(self, state: BranchState, message: str) -> None:
         """A note in the run's stats, logged once per engine."""
@@ -427,10 +427,10 @@ class HybridCache:
             return None
         return other, check
 
-    def _switch(self, state: BranchState, row: int, to: int, step: int) -> None:
+    def _switch(self, state: BranchState, row: int, to: int, step: int, by: str = "guard") -> None:
         """Row ``row`` of ``state.active`` (slot-major, see :class:`BranchState`) switches to ``to``."""
         item = row % state.items if state.items is not None and state.items > 1 else None
-        state.stats.switches.append(Switch(step, pool()[state.active[row]].name, pool()[to].name, item))
+        state.stats.switches.append(Switch(step, pool()[state.active[row]].name, pool()[to].name, item, by))
         state.active[row], state.strikes[row] = to, 0
 
     def _share(self, state: BranchState, other: BranchState) -> None:

@@ -72,6 +72,10 @@ SKETCH_ROWS = 32
 ZERO = -1
 
 
+#: ``Switch.by`` of the off-settings path's starting switches (the guard's own: ``"guard"``).
+ROBUST_START = "robust start"
+
+
 @dataclass(frozen=True)
 class Switch:
     """At computed step ``step``, one solver group switched from ``solver`` to ``to`` for
@@ -83,10 +87,16 @@ class Switch:
     #: the batch item whose group switched; None: every item (a batch of one, or a switch
     #: made before the batch was seen)
     item: int | None = None
+    #: who switched it: the guard's check, or the off-settings path's start
+    #: (:meth:`hyca.engine.cache.HybridCache.start_from`, before the first forecast)
+    by: str = "guard"
 
     def describe(self) -> str:
+        """``taylor-2 -> taylor-1 at step 14 (image 2)``; the off-settings path's starting
+        switches say so (``... at step 1 (robust start)``): no check decided them."""
         image = "" if self.item is None else f" (image {self.item + 1})"
-        return f"{self.solver} -> {self.to} at step {self.step}{image}"
+        start = f" ({self.by})" if self.by != "guard" else ""
+        return f"{self.solver} -> {self.to} at step {self.step}{image}{start}"
 
 
 def candidates(original: int, active: int) -> list[int]:

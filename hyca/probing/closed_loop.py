@@ -55,6 +55,8 @@ class Trial:
     fidelity_db: float
     per_sample_db: tuple[float, ...] = ()
     samples: tuple[int, ...] = ()
+    #: the earlier candidate whose run this one's is (the same run: not run again)
+    same_as: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         def rounded(db: float) -> float | None:
@@ -65,6 +67,8 @@ class Trial:
             out["per_sample_db"] = [rounded(db) for db in self.per_sample_db]
         if self.samples:
             out["samples"] = list(self.samples)
+        if self.same_as is not None:
+            out["same_as"] = self.same_as
         return out
 
 
@@ -185,17 +189,20 @@ def choose(tracks: Profile | Sequence[Track], generate: Callable[..., torch.Tens
     scored_by_name: dict[str, selection.Scored] = {}
     profiles: dict[str, Profile] = {}
     track_index = 0
-    runs: dict[tuple, torch.Tensor] = {}  # what each distinct run gave, by what it runs
+    runs: dict[tuple, tuple[str, torch.Tensor]] = {}  # each distinct run: its first candidate, its scores
 
     def measure(candidate: Candidate, samples: tuple[int, ...] | None) -> selection.Scored:
         key = (runs_as(candidate.profile), samples)
-        if key not in runs:  # a candidate that runs exactly as one already run takes its scores
+        same_as = runs[key][0] if key in runs else None
+        if same_as is None:  # a candidate that runs exactly as one already run takes its scores
             if samples is None:
-                runs[key] = selection.fidelities_db(generate(candidate.profile), reference)
+                scores = selection.fidelities_db(generate(candidate.profile), reference)
             else:
-                runs[key] = selection.fidelities_db(generate(candidate.profile, samples), reference[list(samples)])
-        per_sample = runs[key]
-        trial = Trial(candidate.name, selection.mean_db(per_sample), tuple(per_sample.tolist()), samples or ())
+                scores = selection.fidelities_db(generate(candidate.profile, samples), reference[list(samples)])
+            runs[key] = candidate.name, scores
+        per_sample = runs[key][1]
+        trial = Trial(candidate.name, selection.mean_db(per_sample), tuple(per_sample.tolist()), samples or (),
+                      same_as if same_as != candidate.name else None)
         trials.append(trial)
         if on_trial is not None:
             on_trial(trial)
