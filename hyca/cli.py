@@ -236,11 +236,23 @@ def summary(profile: Profile, path: str | Path | None = None) -> str:
         *(["guard:     off at the settings it was chosen for (the closed loop kept it without the guard)"]
           if meta.get("guard") is False else []),
         f"run:       chosen for {_chosen_for(meta)}",
+        *([f"choice:    {_closed_loop(meta)}"] if _closed_loop(meta) else []),
         f"probe:     {', '.join(f'{k}={v}' for k, v in probe.items()) or 'not recorded'}",
         f"created:   {meta.get('created', '?')} by hyca {meta.get('hyca_version', '?')} "
         f"(format {meta.get('format_version', '?')}, solver pool {meta.get('pool_version', '?')})",
     ]
     return "\n".join(lines)
+
+
+def _closed_loop(meta: dict[str, Any]) -> str:
+    """``output:uniform:taylor-1, the nearest of 35 cached runs (31.2 dB)``, or ``""`` when
+    the profile records no closed-loop choice."""
+    report = (meta.get("selection") or {}).get("closed_loop") or {}
+    chosen, trials = report.get("chosen"), report.get("trials") or []
+    if not chosen:
+        return ""
+    db = next((t.get("fidelity_db") for t in trials if t.get("name") == chosen), None)
+    return f"{chosen}, the nearest of {len(trials)} cached runs" + (f" ({db:.1f} dB)" if db is not None else "")
 
 
 def _count(n: int, noun: str) -> str:
@@ -307,7 +319,8 @@ def _add_probe(p: argparse.ArgumentParser) -> None:
                    help='diffusers pipeline path or Hub repo id; "reference" (or a saved reference folder) '
                         "for the shipped reference model")
     for name, kind, what in [
-        ("prompt", str, "prompt of the probing run"), ("height", int, "image height in pixels"),
+        ("prompt", str, "caption of the probing run, sampled under 4 noises (default: the model's own captions)"),
+        ("height", int, "image height in pixels"),
         ("width", int, "image width in pixels"), ("steps", int, "sampling steps"),
         ("interval", int, "interval N it will run at"), ("warmup", int, "fully computed warm-up steps"),
         ("clusters", int, "clusters per block"), ("seed", int, "random seed"),

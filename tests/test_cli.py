@@ -82,6 +82,12 @@ def test_show_names_what_the_closed_loop_chose_beyond_the_solvers(saved, tmp_pat
     out = capsys.readouterr().out
     assert "first computed step 2 after warm-up, last step forecast" in out
     assert "guard:     off at the settings it was chosen for" in out
+    assert "choice:" not in plain  # no closed-loop report in this profile
+    profile.metadata["selection"] = {"closed_loop": {"chosen": "model,lite:uniform:taylor-1,no-guard", "trials": [
+        {"name": "eq5", "fidelity_db": 30.0}, {"name": "model,lite:uniform:taylor-1,no-guard", "fidelity_db": 31.25}]}}
+    main(["show", str(save_profile(profile, tmp_path / "chosen.safetensors"))])
+    assert "choice:    model,lite:uniform:taylor-1,no-guard, the nearest of 2 cached runs (31.2 dB)" in \
+        capsys.readouterr().out
 
 
 def overall(out: str) -> float:

@@ -48,7 +48,7 @@ class Eq5Book:
 
     def __init__(self, pipe, interval: int) -> None:
         if interval not in self._made:
-            self._made[interval] = hyca.probe(pipe, prompt="a large red circle at the center on a white background",
+            self._made[interval] = hyca.probe(pipe, prompt=["a large red circle at the center on a white background"],
                                               steps=50, interval=interval, warmup=3, selection="eq5", progress=False)
         self.profile = self._made[interval]
 

@@ -91,7 +91,7 @@ def test_reference_model_guided_batch_equals_each_alone():
     # eq. 5's profile for 50 steps without guidance (the profile the repository shipped for N=4
     # until the shipped ones were chosen closed loop): the run takes the off-settings path, whose
     # guard decides per item (a plain call would probe for 28 steps / guidance 2.5 instead)
-    unguided = hyca.probe(pipe, prompt=CAPTIONS[0], steps=50, interval=4, warmup=3, selection="eq5", progress=False)
+    unguided = hyca.probe(pipe, prompt=CAPTIONS[:1], steps=50, interval=4, warmup=3, selection="eq5", progress=False)
     hyca.enable(pipe, profile=unguided, interval=4, warmup=3, guard=True)
     stats = {}
 

@@ -18,6 +18,7 @@ from hyca.engine.schedule import Schedule
 from hyca.math.solvers import pool, pool_names
 from hyca.adapters.diffusers.probe import probe, probe_transformer
 from hyca.adapters.diffusers.fingerprint import fingerprint
+from hyca.probing import CALIBRATION_SAMPLES
 
 from references import block_step_mean_error, capture_residuals, flux_blocks
 from tiny import Inputs, conditioning, euler_sample, fresh_copy, sigmas, tiny_flux, tiny_pipeline
@@ -253,9 +254,17 @@ def test_a_pipeline_names_its_own_probe_defaults():
     defaults = type(pipe).hyca_probe_defaults
     assert profile.metadata["probe"]["prompt"] == defaults["prompt"]
     assert (profile.metadata["probe"]["height"], profile.metadata["probe"]["width"]) == (32, 32)
-    mine = probe(pipe, prompt="a small red circle at the center on a white background", steps=6, interval=2,
-                 warmup=1, clusters=2, progress=False, selection="eq5")
+    batches = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        mine = probe(pipe, prompt="a small red circle at the center on a white background", steps=6, interval=2,
+                     warmup=1, clusters=2, progress=False, selection="eq5")
+    finally:
+        hook.remove()
     assert mine.metadata["probe"]["prompt"] == "a small red circle at the center on a white background"
+    # one caption is sampled under CALIBRATION_SAMPLES noises: one noise alone would decide the choice
+    assert set(batches) == {CALIBRATION_SAMPLES}
 
 
 @pytest.mark.parametrize("size", [dict(height=0), dict(width=-8), dict(height=2.5), dict(width=True)])

@@ -30,7 +30,7 @@ def eq5_profile(interval: int) -> Profile:
     import hyca
     from hyca.reference import load_pipeline
 
-    return hyca.probe(load_pipeline(), prompt="a large red circle at the center on a white background", steps=50,
+    return hyca.probe(load_pipeline(), prompt=["a large red circle at the center on a white background"], steps=50,
                       interval=interval, warmup=3, selection="eq5", progress=False)
 
 

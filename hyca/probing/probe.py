@@ -355,7 +355,7 @@ def _closed_loop(host: ProbeHost, schedule: Schedule, positions: str, guard: boo
                    + (len(torch.unique(t.eq5.solvers)) if refine else 0)
                    for t in tracks) + (screen.finalists + 1 if screen is not None and screen.rest else 0)
     done = 0  # counted here: a disabled tqdm bar (progress=False, the app's case) does not count
-    with tqdm(desc="HyCa probe: closed-loop runs", unit="run", disable=not progress) as bar:
+    with tqdm(desc="HyCa probe: closed-loop runs", unit="run", total=expected, disable=not progress) as bar:
         def tick(_: Any) -> None:
             nonlocal done
             done += 1

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Unpack
 import torch
 
 from ...engine.schedule import Schedule
-from ...probing.probe import CLOSED_LOOP, EQ5, SELECTIONS, ProbeOptions, probe_host
+from ...probing.probe import CALIBRATION_SAMPLES, CLOSED_LOOP, EQ5, SELECTIONS, ProbeOptions, probe_host
 from ...probing.recorder import SketchRecorder
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
@@ -223,7 +223,8 @@ def probe(
     warm-up; the profile records them (``chosen_for``) and ``hyca.enable`` prefers a
     profile made for the run's settings.
 
-    Defaults: ``prompt`` :data:`DEFAULT_PROMPT` (four captions) at 256 x 256, latent output, unless the
+    Defaults: ``prompt`` :data:`DEFAULT_PROMPT` (four captions; one caption given is sampled
+    under ``hyca.probing.CALIBRATION_SAMPLES`` noises unless ``latents`` are given) at 256 x 256, latent output, unless the
     pipeline names its own in a ``hyca_probe_defaults`` dict (the shipped reference model
     does: captions it knows, its 32 x 32 pixels).
 
@@ -245,7 +246,9 @@ def probe(
     probe_options = {k: options.pop(k) for k in probe_keys if k in options}
     call = {"output_type": "latent", **options}
     if "prompt_embeds" not in call:
-        call["prompt"] = prompt
+        # one caption: sampled under CALIBRATION_SAMPLES noises (one noise alone lets it decide)
+        alone = isinstance(prompt, str) and "latents" not in call and call.get("num_images_per_prompt", 1) == 1
+        call["prompt"] = [prompt] * CALIBRATION_SAMPLES if alone else prompt
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
         raise TypeError(f"{type(pipe).__name__} has no transformer to probe; for a bare transformer and "
