@@ -185,3 +185,23 @@ def test_a_wrong_positions_axis_is_refused_before_anything_is_probed(pipe, cache
     with caplog.at_level(logging.INFO, logger="hyca"), pytest.raises(ValueError, match="positions must be one of"):
         hyca.enable(pipe, interval=4, warmup=3, positions="time", num_inference_steps=16)
     assert "probing" not in caplog.text and not cache.exists()
+
+
+def test_enable_on_a_pipeline_with_a_profile_for_other_settings_says_its_calls_choose_for_their_own(cache, caplog):
+    """The shipped reference profiles were chosen on the step axis; ``positions="sigma"``
+    makes them a profile for other settings. On a pipeline (whose calls take or probe one
+    for their own settings) the enable-time warning says that, not that runs take the
+    off-settings path (fresh-eyes finding 9); on a bare transformer it says the path."""
+    from hyca.reference import load_pipeline
+
+    caplog.set_level(logging.WARNING, logger="hyca")
+    pipe = load_pipeline()
+    hyca.enable(pipe, interval=4, warmup=3, positions="sigma")
+    (line,) = said(caplog, "was made for other settings")
+    assert "each pipeline call takes or probes one for its own settings" in line and "off-settings path" not in line
+    hyca.disable(pipe)
+    caplog.clear()
+    hyca.enable(pipe.transformer, interval=4, warmup=3, positions="sigma")
+    (line,) = said(caplog, "was made for other settings")
+    assert "takes the off-settings path" in line and "bare transformer cannot be probed" in line
+    hyca.disable(pipe.transformer)
