@@ -33,12 +33,14 @@ REUSE = "single: reuse"
 
 
 def probe_seconds(pipe, captions: int, singles: tuple[str, ...], guidance: float) -> tuple[float, int]:
-    """Seconds and cached runs of one first-use probe at 28 steps, N=4."""
+    """Seconds and cached runs of one first-use probe at 28 steps, N=4 (a trial that took an
+    earlier candidate's run, ``same_as``, is not a run)."""
     prompt = pipe.hyca_probe_defaults["prompt"][:captions]
     started = time.perf_counter()
     profile = hyca.probe(pipe, prompt=prompt, steps=28, interval=4, warmup=3, guidance_scale=guidance,
                          singles=list(singles), progress=False)
-    return time.perf_counter() - started, len(profile.metadata["selection"]["closed_loop"]["trials"])
+    trials = profile.metadata["selection"]["closed_loop"]["trials"]
+    return time.perf_counter() - started, sum("same_as" not in t for t in trials)
 
 
 def grid_quality(path: Path) -> dict[str, float]:
