@@ -107,7 +107,7 @@ def test_a_profile_probed_without_guidance_starts_a_guided_pass_from_plain_reuse
     line = next(line for line in out.splitlines() if "chosen for other settings" in line)
     assert "guidance 1 vs 4" in line and "starts every solver group from plain reuse" in line
     switches = p.extra_generation_params["HyCa guard switches"].split(", ")
-    assert switches and all(re.fullmatch(r"\S+ -> reuse at step 0", s) for s in switches), switches
+    assert switches and all(re.fullmatch(r"\S+ -> reuse at step 0 \(robust start\)", s) for s in switches), switches
     assert "HyCa guard switches" not in p_off.extra_generation_params
 
 
