@@ -245,7 +245,7 @@ def summary(profile: Profile, path: str | Path | None = None) -> str:
 
 
 def _closed_loop(meta: dict[str, Any]) -> str:
-    """``output:uniform:taylor-1, the nearest of 35 cached runs (31.2 dB)``, or ``""`` when
+    """``<candidate>, the nearest of <n> cached runs (<fidelity> dB)``, or ``""`` when
     the profile records no closed-loop choice."""
     report = (meta.get("selection") or {}).get("closed_loop") or {}
     chosen, trials = report.get("chosen"), report.get("trials") or []

@@ -64,6 +64,7 @@ def main() -> int:
                         help="a grid report (.json) made with one configuration")
     parser.add_argument("--out", type=Path, default=Path("bench/results/probe_defaults.md"))
     args = parser.parse_args()
+    grids = [(label, grid_quality(Path(path))) for label, path in (g.split("=", 1) for g in args.grid)]  # fail fast
     torch.set_num_threads(1)
     from hyca.reference import load_pipeline
 
@@ -82,9 +83,7 @@ def main() -> int:
         lines += ["", "Held-out quality of the plain call's row on the grid (dB; margins per cell):", "",
                   "| grid | cells | mean | vs best single: mean | worst | cells >= -0.5 | vs reuse: worst | "
                   "cells >= -0.2 |", "|---|---|---|---|---|---|---|---|"]
-        for entry in args.grid:
-            label, path = entry.split("=", 1)
-            q = grid_quality(Path(path))
+        for label, q in grids:
             lines.append(f"| {label} | {q['cells']} | {q['mean']:.2f} | {q['best_mean']:+.2f} | {q['best_worst']:+.2f} | "
                          f"{q['best_within']} | {q['reuse_worst']:+.2f} | {q['reuse_within']} |")
     args.out.write_text("\n".join(lines) + "\n")
