@@ -202,7 +202,7 @@ def choose(tracks: Profile | Sequence[Track], generate: Callable[..., torch.Tens
             runs[key] = candidate.name, scores
         per_sample = runs[key][1]
         trial = Trial(candidate.name, selection.mean_db(per_sample), tuple(per_sample.tolist()), samples or (),
-                      same_as if same_as != candidate.name else None)
+                      same_as)
         trials.append(trial)
         if on_trial is not None:
             on_trial(trial)
@@ -243,7 +243,7 @@ def runs_as(profile: Profile) -> tuple:
     the same key give the same run (the clustering alone, e.g. eq. 5's choice of one solver
     for every cluster against that solver's uniform candidate, changes nothing)."""
     metadata = profile.metadata
-    return (tuple(profile.dim_solvers().flatten().tolist()), tuple(profile.labels.shape),
+    return (profile.dim_solvers().numpy().tobytes(), tuple(profile.labels.shape),
             *(repr(metadata.get(k)) for k in ("target", "first_interval", "skip_last", "guard")))
 
 

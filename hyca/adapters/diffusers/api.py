@@ -108,17 +108,13 @@ def _resolve(spec: Any, transformer: torch.nn.Module, make: Callable[[], Profile
         _say_chosen(transformer, resolved.profile, may_change=pipeline)
     if resolved.differences and not nothing:  # (nothing forecast: the profile plays no part; the engine says so)
         # what differs and the path a run takes are said by the engine at the run (RunStats.off_settings)
-        if make:  # a pipeline: its calls read their own settings and take or probe a profile for them
-            logger.warning("HyCa: the closest profile (%s) was made for other settings (%s); each pipeline call "
-                           "takes or probes one for its own settings when it runs (docs/requests.md): pass "
-                           "num_inference_steps= and guidance_scale= to hyca.enable to prepare it now",
-                           resolved.path or resolved.source, "; ".join(resolved.differences))
-        else:
-            logger.warning("HyCa: the closest profile (%s) was made for other settings (%s): a run at these "
-                           "settings takes the off-settings path and says which in hyca.stats; a bare transformer "
-                           "cannot be probed here: enable HyCa on its pipeline with those settings, or make one with "
-                           "`python -m hyca probe` (--steps, --guidance-scale, --shift) and pass the file",
-                           resolved.path or resolved.source, "; ".join(resolved.differences))
+        path = ("; each pipeline call takes or probes one for its own settings when it runs (docs/requests.md): "
+                "pass num_inference_steps= and guidance_scale= to hyca.enable to prepare it now" if make else
+                ": a run at these settings takes the off-settings path and says which in hyca.stats; a bare "
+                "transformer cannot be probed here: enable HyCa on its pipeline with those settings, or make one "
+                "with `python -m hyca probe` (--steps, --guidance-scale, --shift) and pass the file")
+        logger.warning("HyCa: the closest profile (%s) was made for other settings (%s)%s",
+                       resolved.path or resolved.source, "; ".join(resolved.differences), path)
     return resolved.profile
 
 

@@ -43,6 +43,12 @@ def console(message: str) -> None:
     logger.info(message)
 
 
+def applied_targets(head: bool) -> tuple[str, ...]:
+    """What a WebUI pass can forecast: the blocks' residuals, and the output head's input
+    when the adapter knows the model's head."""
+    return (RESIDUAL, OUTPUT) if head else (RESIDUAL,)
+
+
 def diffusion_model_of(p: Any) -> tuple[str, Any, torch.nn.Module | None]:
     """``("forge", unet patcher, model)`` or ``("a1111", None, model)``."""
     sd_model = getattr(p, "sd_model", None)
@@ -205,7 +211,7 @@ class Controller:
         pass's, when the session starts part-way (its settings are the whole pass's); ``head``:
         the model's output head is known (output-head profiles are accepted)."""
         # the pass's settings are compared with the profile's here, with the real guidance scale
-        require_target(chosen.profile.metadata, (RESIDUAL, OUTPUT) if head else (RESIDUAL,), "the WebUI extension")
+        require_target(chosen.profile.metadata, applied_targets(head), "the WebUI extension")
         engine = HybridCache(chosen.profile, schedule, cache_dtype=torch_dtype(settings.cache_dtype),
                              guard=settings.guard, compare_settings=False)
         return PassSession(engine, sigmas, label, on_schedule=lambda walked: self._note_settings(
@@ -289,8 +295,8 @@ class Controller:
             finally:
                 self.session = pending
 
-        applied = (RESIDUAL, OUTPUT) if pending.adapter.head_module(pending.model) is not None else (RESIDUAL,)
-        chosen = self.book.for_settings(pending.chosen, run, latent, run_probe, applied)
+        head = pending.adapter.head_module(pending.model) is not None
+        chosen = self.book.for_settings(pending.chosen, run, latent, run_probe, applied_targets(head))
         self.say_once(f"profile ready ({chosen.source})")
         for note in chosen.notes:
             self.say_once(note)
