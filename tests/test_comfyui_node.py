@@ -59,6 +59,24 @@ def test_node_execute_patches_a_clone_and_says_what_it_set_up(node_class):
     assert "ComfyUI FLUX" in text and "N=4" in text and "2 double_blocks, 2 single_blocks" in text
 
 
+def test_the_profile_menu_offers_only_profiles_made_for_comfyuis_models(tmp_path, monkeypatch):
+    """A profile file made for ComfyUI's FLUX class is offered; the diffusers reference
+    profiles shipped in profiles/ and a file that is no profile are not (no ComfyUI model
+    could run them)."""
+    from hyca.adapters.comfyui.node import profile_choices
+    from hyca.profiles import Profile, save_profile
+
+    fp = {"class": "Flux", "hidden_size": 8, "blocks": {"double_blocks": 1}, "config_sha256": "0" * 64}
+    save_profile(Profile.uniform("reuse", 1, 8), tmp_path / "mine.safetensors", fp)
+    save_profile(Profile.uniform("reuse", 1, 8), tmp_path / "diffusers.safetensors",
+                 dict(fp, **{"class": "FluxTransformer2DModel"}))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a profile")
+    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path))
+    menu = profile_choices()
+    assert "mine.safetensors" in menu and not {"diffusers.safetensors", "junk.safetensors"} & set(menu)
+    assert not any(name.startswith("FluxTransformer2DModel-") for name in menu)
+
+
 def test_unsupported_family_is_refused_with_its_reason(capsys):
     harness.load_comfy()
     from comfy.ldm.lumina.model import NextDiT
@@ -173,7 +191,8 @@ def test_a_cached_profile_the_node_cannot_apply_is_passed_over_for_its_own_probe
     again = harness.sample(apply_hyca(patcher, settings)[0], pos, neg, harness.latent("flux", 0, size=32), steps=10,
                            cfg=2.0)
     lines = capsys.readouterr().out
-    assert "passing over" in lines and "forecasts the output" in lines
+    assert "passing over" in lines and "forecasts the output head's input" in lines
+    assert lines.index("passing over") < lines.index("probing")  # the reason first, then what it causes
     assert len(probes) == 2 and "sampled uncached" not in lines
     assert torch.equal(again, first)  # the same probe result, the same cached run
 

@@ -230,12 +230,17 @@ def test_a_profile_chosen_without_the_guard_runs_without_it_at_its_own_settings(
     outcomes = {}
     for unguarded in (False, True):
         for steps in (STEPS, 50):
-            drive(HybridCache(profile(unguarded, steps), Schedule(INTERVAL, WARMUP), guard=True), {"cond": noise(1)})
+            drive(HybridCache(profile(unguarded, steps), Schedule(INTERVAL, WARMUP)), {"cond": noise(1)})
             stats = drive.states["cond"].stats
             outcomes[unguarded, steps] = (stats.switches, stats.off_settings is not None, drive.states["cond"].active)
     assert outcomes[False, STEPS][0] and not outcomes[False, STEPS][1]  # guarded: demoted, at its settings
     assert outcomes[True, STEPS][0] == [] and outcomes[True, STEPS][2] == [pool_names().index("taylor-2")]
     assert outcomes[True, 50][1] and outcomes[True, 50] == outcomes[False, 50]  # off its settings: guarded again
+    # guard=True asks for the guard whatever the profile says: the flagged profile is then
+    # demoted at its own settings exactly as the one without the flag
+    drive(HybridCache(profile(True, STEPS), Schedule(INTERVAL, WARMUP), guard=True), {"cond": noise(1)})
+    stats = drive.states["cond"].stats
+    assert (stats.switches, stats.off_settings is not None, drive.states["cond"].active) == outcomes[False, STEPS]
 
 
 def test_a_run_without_the_guard_by_its_profiles_choice_says_so():
@@ -243,9 +248,10 @@ def test_a_run_without_the_guard_by_its_profiles_choice_says_so():
 
     chosen = uniform("taylor-2")
     chosen.metadata.update(chosen_for={"steps": STEPS}, guard=False)
-    for guard, expected in ((True, [UNGUARDED]), (False, [])):  # guard=False by the caller: nothing to add
+    # guard=False / True by the caller: the caller's choice, nothing to add
+    for guard, expected in ((None, [UNGUARDED]), (False, []), (True, [])):
         drive(HybridCache(chosen, Schedule(INTERVAL, WARMUP), guard=guard), {"cond": noise(1)})
         assert drive.states["cond"].stats.notes == expected
     chosen.metadata["chosen_for"] = {"steps": 50}  # off its settings: the guard is on, no such note
-    drive(HybridCache(chosen, Schedule(INTERVAL, WARMUP), guard=True), {"cond": noise(1)})
+    drive(HybridCache(chosen, Schedule(INTERVAL, WARMUP)), {"cond": noise(1)})
     assert UNGUARDED not in drive.states["cond"].stats.notes

@@ -50,6 +50,9 @@ def test_true_cfg_gets_one_state_per_branch(pipe, caplog):
     messages = [r.message for r in caplog.records]
     assert any("HyCa [cond]: 6 of 12 steps computed" in m for m in messages)
     assert any("HyCa [uncond]: 6 of 12 steps computed" in m for m in messages)
+    # hyca.stats gives the branch that ran last (FluxPipeline: cond, then uncond), named
+    latest = hyca.stats(pipe)[0]
+    assert latest.branch == "uncond" and latest.describe().startswith("[uncond] 6 of 12 steps computed")
 
 
 def test_disable_is_bit_identical_to_a_never_patched_pipeline():

@@ -92,7 +92,7 @@ def psnr(output: torch.Tensor, reference: torch.Tensor) -> float:
     return math.inf if error == 0 else 10 * math.log10(float(reference.double().square().sum()) / error)
 
 
-def cached_run(host: ToyHost, profile: Profile, guard: bool = True) -> torch.Tensor:
+def cached_run(host: ToyHost, profile: Profile, guard: bool | None = None) -> torch.Tensor:
     """A cached generation written out here: Euler steps, computed or forecast as the schedule says."""
     start = Schedule(INTERVAL, WARMUP).with_first_interval(profile.metadata.get("first_interval"))
     return host.sample(HybridCache(profile, start, guard=guard))

@@ -131,7 +131,7 @@ def test_a_profile_of_a_target_the_host_cannot_apply_is_passed_over(dirs, fp):
     shipped = save_profile(model_output, dirs["shipped"] / profile_filename(fp))
     residual = save_profile(random_profile(fp, seed=6), dirs["cache"] / profile_filename(fp))
     assert resolve_profile(fp).path == shipped  # a host that applies every target takes the first
-    with pytest.warns(UserWarning, match="passing over .*forecasts the model output.*applies residual"):
+    with pytest.warns(UserWarning, match="passing over .*forecasts the model output.*applies the blocks' residuals"):
         found = resolve_profile(fp, targets=("residual",))
     assert found.path == residual and len(found.warnings) == 1
     residual.unlink()

@@ -274,7 +274,15 @@ def test_local_profile_file_is_listed_validated_and_used(kind, tmp_path, monkeyp
         save_profile(profile, tmp_path / "mine.safetensors", fp)
         foreign = dict(fp, blocks={"other_blocks": 1}, hidden_size=8)
         save_profile(Profile.uniform("reuse", 1, 8), tmp_path / "foreign.safetensors", foreign)
-        assert {"mine.safetensors", "foreign.safetensors"} <= set(profiles.choices())
+        # a diffusers model's profile (the shipped reference ones) and a file that is no profile:
+        # not offered, as no WebUI model could run them
+        save_profile(Profile.uniform("reuse", 1, 8), tmp_path / "diffusers.safetensors",
+                     dict(foreign, **{"class": "FluxTransformer2DModel"}))
+        (tmp_path / "junk.safetensors").write_bytes(b"not a profile")
+        menu = set(profiles.choices())
+        assert {"mine.safetensors", "foreign.safetensors"} <= menu
+        assert not {"diffusers.safetensors", "junk.safetensors"} & menu
+        assert not any(name.startswith("FluxTransformer2DModel-") for name in menu)  # the shipped ones
         expected = f.reference(profile.dim_solvers(), 3, 2, steps=10)[0]
         out, p = f.run(args(True, 3, 2, profile="mine.safetensors"), steps=10)
         plain, _ = f.run(args(False), steps=10)

@@ -58,7 +58,7 @@ def probes(monkeypatch):
 
             def score(candidate):
                 start = schedule.with_first_interval(candidate.metadata.get("first_interval"))
-                return psnr(host.sample(HybridCache(candidate, start, guard=guard)), reference)
+                return psnr(host.sample(HybridCache(candidate, start, guard=None if guard else False)), reference)
 
             entry["kept"] = score(profile)
             entry["singles"] = {name: score(Profile.uniform(name, blocks, dim)) for name in SINGLES}
@@ -181,6 +181,7 @@ def test_a_cached_profile_the_pass_cannot_apply_is_passed_over_for_its_own_probe
         second, p = f.run(args(True, 3, 2, profile="automatic"), steps=10)
     out = capsys.readouterr().out
     assert "passing over" in out and "forecasts the model output" in out and "runs uncached" not in out
+    assert out.index("passing over") < out.index("probing")  # the reason first, then what it causes
     assert len(seen) == 2
     torch.testing.assert_close(first.images[0], second.images[0], rtol=0, atol=0)
     assert p.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"

@@ -205,3 +205,26 @@ def test_enable_on_a_pipeline_with_a_profile_for_other_settings_says_its_calls_c
     (line,) = said(caplog, "was made for other settings")
     assert "takes the off-settings path" in line and "bare transformer cannot be probed" in line
     hyca.disable(pipe.transformer)
+
+
+def test_a_profile_that_forecasts_the_last_step_says_so_in_the_stats(pipe):
+    """A profile chosen on TaylorSeer lite's end (metadata ``skip_last``) forecasts the last
+    step though the run asked for it computed: the stats say so, and the counts show it
+    (12 steps, N=3, warm-up 2: 0 1 | 4 7 10, plus 11 only when the last step is computed)."""
+    from hyca.engine.cache import LAST_FORECAST
+
+    transformer = pipe.transformer
+    blocks, dim = len(blocks_of(transformer, family_of(transformer))), hidden_size(transformer)
+    counts = {}
+    for skip_last in (False, True):
+        chosen = Profile.uniform("taylor-1", blocks, dim)
+        # what the probe writes (hyca.probing.probe: a lite-start candidate, chosen for N and warm-up)
+        chosen.metadata.update(first_interval=3, chosen_for={"interval": 3, "warmup": 2},
+                               **({"skip_last": True} if skip_last else {}))
+        hyca.enable(pipe, chosen, interval=3, warmup=2)
+        generate(pipe)
+        run = hyca.stats(pipe)[0]
+        counts[skip_last] = run.computed
+        assert (LAST_FORECAST in run.notes) == skip_last
+    hyca.disable(pipe)
+    assert counts == {False: 6, True: 5}

@@ -28,18 +28,13 @@ from .guard import (ROBUST_START, SKETCH_ROWS, STRIKES, Check, Switch, differenc
                     own_verdicts, steady)
 from .schedule import Schedule, with_profiles_start
 from .slots import STACKED_BYTES, block_masks, stacked_masks
-from .state import BranchState, RunStats
+from .state import LAST_FORECAST, NON_FINITE, UNGUARDED, BranchState, RunStats  # noqa: F401 (notes, importable here)
 from .targets import TARGETS  # what a profile forecasts: residuals, the head's input, the model output
 
 
 POSITION_AXES = ("step", "sigma")
 
 logger = logging.getLogger("hyca")
-
-#: The note of a run in which some forecast came out NaN or Inf (and was computed instead).
-NON_FINITE = "a forecast was not finite (NaN or Inf); those steps were computed instead"
-#: The note of a run at its profile's settings whose profile the closed loop chose guard-off.
-UNGUARDED = "guard off: the probe chose this profile without the guard at these settings (metadata guard: false)"
 
 
 class NonFiniteForecast(RuntimeError):
@@ -59,15 +54,16 @@ class HybridCache:
         schedule: Schedule,
         positions: str = "step",
         cache_dtype: torch.dtype | None = None,
-        guard: bool = True,
+        guard: bool | None = None,
         reduce: Reduce | None = None,
         compare_settings: bool = True,
         off_settings: str = "robust",
     ) -> None:
         """``guard``: check every computed step's forecast against what was computed and
-        switch solver groups that did worse than a lower order (:mod:`hyca.engine.guard`);
-        ``False`` is the paper's behaviour (so is a profile whose metadata says ``guard: false``,
-        on runs at its own settings: the closed loop chose it so). ``reduce``: see :data:`Reduce`.
+        switch solver groups that did worse than a lower order (:mod:`hyca.engine.guard`).
+        ``None``: on, except on runs at the settings of a profile whose metadata says
+        ``guard: false`` (the closed loop chose it so); ``True``: on whatever the profile says;
+        ``False``: off, the paper's behaviour. ``reduce``: see :data:`Reduce`.
         ``compare_settings``: at each run's second step, say once what differs between the
         run and the settings the profile was chosen for (a host that knows the run's
         settings up front, such as a WebUI pass, tells them with :meth:`expect` and passes False).
@@ -86,8 +82,9 @@ class HybridCache:
         self.asked_compute_last = schedule.compute_last  # the run's setting, whatever end the profile chose
         self.positions = positions
         self.cache_dtype = cache_dtype
-        self.guard = guard
-        self.unguarded = profile.metadata.get("guard") is False  # see _guarded
+        self.guard_option = guard  # as given: a copy of this engine for another run keeps it
+        self.guard = guard is not False
+        self.unguarded = guard is None and profile.metadata.get("guard") is False  # see _guarded
         self.reduce = reduce
         #: seeds the guard's sketches; ranks of one context-parallel group need different ones
         self.sketch_seed = 0
@@ -179,6 +176,8 @@ class HybridCache:
             self._compare_settings(state)
         if state.step == 1 and self.guard and not self._guarded(state):
             state.stats.note(UNGUARDED)
+        if state.step == 1 and self.asked_compute_last and not self.schedule.compute_last and state.total_steps:
+            state.stats.note(LAST_FORECAST)
         use_step = self.positions == "step" or position is None
         state.current_position = float(state.step) if use_step else float(position)
         state.computing = state.failed or not state.positions or self.schedule.computes(state.step, state.total_steps)

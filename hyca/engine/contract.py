@@ -58,8 +58,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ..profiles.profile import Profile
 from ..profiles.settings import RunSettings
 from .cache import BranchState, RunStats
+from .schedule import Schedule
 
 
 @runtime_checkable
@@ -69,10 +71,14 @@ class Engine(Protocol):
     ``positions``: the axis solvers extrapolate along, ``"step"`` or ``"sigma"``.
     ``target``: what a forecast replaces, ``"residual"`` (the summed block residuals, added
     to the first block's input stream), ``"output"`` (the output head's input) or
-    ``"model_output"`` (the transformer's output, :mod:`hyca.engine.targets`)."""
+    ``"model_output"`` (the transformer's output, :mod:`hyca.engine.targets`).
+    ``profile``: the profile it forecasts with, ``schedule``: which steps it computes (both
+    None: an engine that computes and records every step, the probe's)."""
 
     positions: str
     target: str
+    profile: Profile | None
+    schedule: Schedule | None
 
     def new_state(self) -> BranchState:
         """A fresh branch state (branch lifetime), owned by the host, written by the engine."""
@@ -151,7 +157,8 @@ def missing_from(engine: Any) -> list[str]:
         have = [(p.name, p.kind, p.default) for p in inspect.signature(found).parameters.values()]
         if want != have:
             problems.append(f"{name}: parameters {have} instead of {want}")
-    for name in ("positions", "target"):
-        if not isinstance(getattr(engine, name, None), str):
-            problems.append(f"{name}: not a string attribute")
+    for name, kind in (("positions", str), ("target", str), ("profile", (Profile, type(None))),
+                       ("schedule", (Schedule, type(None)))):
+        if not hasattr(engine, name) or not isinstance(getattr(engine, name), kind):
+            problems.append(f"{name}: not an attribute of type {kind}")
     return problems

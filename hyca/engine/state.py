@@ -11,6 +11,13 @@ import torch
 from ..profiles.off_settings import OffSettings
 from .guard import Switch
 
+#: The note of a run in which some forecast came out NaN or Inf (and was computed instead).
+NON_FINITE = "a forecast was not finite (NaN or Inf); those steps were computed instead"
+#: The note of a run at its profile's settings whose profile the closed loop chose guard-off.
+UNGUARDED = "guard off: the probe chose this profile without the guard at these settings (metadata guard: false)"
+#: The note of a run that asked for its last step computed, on a profile the probe chose with
+#: it forecast (TaylorSeer lite's end).
+LAST_FORECAST = "last step forecast: the probe chose this profile so (metadata skip_last)"
 
 @dataclass
 class RunStats:
@@ -32,6 +39,9 @@ class RunStats:
     #: one, "probed on first use, saved to ..."; :attr:`hyca.profiles.Profile.source`), as the
     #: host knows it; None when the host does not say
     profile: str | None = None
+    #: the guidance branch these are of ("cond", "uncond"; "default": a call outside any
+    #: named branch), as the host names it; None when the host does not say
+    branch: str | None = None
 
     @property
     def total(self) -> int:
@@ -41,12 +51,15 @@ class RunStats:
         if message not in self.notes:
             self.notes.append(message)
 
-    def describe(self) -> str:
+    def describe(self, branch: bool = True) -> str:
+        """One line for a user; ``branch``: begin with the guidance branch's name, when known
+        (a host whose own line names the branch leaves it out)."""
+        text = f"[{self.branch}] " if branch and self.branch not in (None, "default") else ""
         if not self.total:
-            text = "no steps"
+            text += "no steps"
         else:
-            text = (f"{self.computed} of {self.total} steps computed, {self.forecast} forecast "
-                    f"(~{self.forecast / self.total:.0%} fewer transformer FLOPs)")
+            text += (f"{self.computed} of {self.total} steps computed, {self.forecast} forecast "
+                     f"(~{self.forecast / self.total:.0%} fewer transformer FLOPs)")
         if self.profile is not None:
             text += f"; profile: {self.profile}"
         if self.switches:

@@ -345,7 +345,7 @@ def _closed_loop(host: ProbeHost, schedule: Schedule, positions: str, guard: boo
     def generate(candidate: Profile, samples: tuple[int, ...] | None = None) -> torch.Tensor:
         metadata = candidate.metadata
         start = schedule.with_start(metadata.get("first_interval"), metadata.get("skip_last") is True)
-        engine = HybridCache(candidate, start, positions, guard=guard)
+        engine = HybridCache(candidate, start, positions, guard=None if guard else False)  # None: as the candidate says
         output = host.sample(engine) if samples is None else host.sample(engine, samples)
         return output.detach().float().cpu() if isinstance(output, torch.Tensor) else output
 

@@ -64,6 +64,7 @@ class SketchRecorder:
     hooks report as block 0 (``"output"``: the output head's input, one "block")."""
 
     target = "residual"
+    profile = schedule = None  # it records every step; it forecasts none
 
     def __init__(self, num_blocks: int, steps: int, schedule: Schedule, positions: str = "step",
                  rows: int = 8, spectral_rows: int | None = 2, seed: int = 0, branch: str = "cond",

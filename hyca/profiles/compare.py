@@ -20,7 +20,8 @@ from .io import ProfileError
 from .profile import Profile
 
 
-_TARGET_NAMES = {"residual": "blocks' residuals", "output": "output head's input", "model_output": "model output"}
+#: What each forecast target (profile metadata ``target``) is, in a user's words.
+TARGET_WORDS = {"residual": "blocks' residuals", "output": "output head's input", "model_output": "model output"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def compare_profiles(a: Profile, b: Profile) -> Comparison:
     targets = [p.metadata.get("target", "residual") for p in (a, b)]
     if targets[0] != targets[1]:
         raise ProfileError(
-            f"one profile forecasts the {_TARGET_NAMES[targets[0]]}, the other the {_TARGET_NAMES[targets[1]]}: "
+            f"one profile forecasts the {TARGET_WORDS[targets[0]]}, the other the {TARGET_WORDS[targets[1]]}: "
             "their clusterings are of different features and cannot be compared"
         )
     if (a.num_blocks, a.dim) != (b.num_blocks, b.dim):

@@ -248,6 +248,17 @@ def _hyca_header(path: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
     return header
 
 
+def model_class_of(path: Path) -> str | None:
+    """The model class a profile file was made for (its fingerprint's ``class``), from its
+    header alone; None when the file is no readable profile."""
+    try:
+        fingerprint = _hyca_header(path, read_raw_header(path)).get("fingerprint")
+    except ProfileError:
+        return None
+    found = fingerprint.get("class") if isinstance(fingerprint, Mapping) else None
+    return found if isinstance(found, str) else None
+
+
 def settings_header(path: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
     """The metadata keys that say what a profile was chosen for, from a raw safetensors
     header (:func:`read_raw_header`), without loading the tensors: ``chosen_for``,
@@ -394,8 +405,9 @@ def read_profile(path: str | os.PathLike, expected: Any = None, *,
         want = model_fingerprint(expected)
         why = fpmod.mismatch(fp, want)
         if why is not None:
-            raise ProfileError(f"{path}: this profile does not fit the model: {why}; "
-                               "make a profile for this model with: python -m hyca probe")
+            raise ProfileError(f"{path}: this profile does not fit the model: {why}; make one for this model "
+                               "(the \"automatic\" profile in the WebUI and ComfyUI, python -m hyca probe for a "
+                               "diffusers model)")
     chosen = _field(path, header, "interval", int, optional=True)
     if interval is not None and chosen is not None and chosen != interval:
         warns.append(

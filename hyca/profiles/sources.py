@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fingerprint as fpmod
+from .compare import TARGET_WORDS
 from .hub import HubError, download_file, hub_offline, hub_repo_id
 from .io import (ProfileError, model_fingerprint, model_prefix, profile_filename, read_profile, read_raw_header,
                  save_profile, settings_header)
@@ -128,18 +130,30 @@ def _folders(cache_dir: Path) -> Iterator[tuple[str, Path]]:
 
 
 class _Log:
-    """Collects warnings for the result and, with ``warn``, raises each as a UserWarning as it
-    happens (a host that shows the result's warnings itself, a WebUI or ComfyUI console, passes
-    ``warn=False``: a console would show each twice)."""
+    """Collects warnings for the result and tells each as it happens: ``warn=True`` raises it
+    as a UserWarning pointing at the caller's own line; a callable (a WebUI or ComfyUI console)
+    gets it, in order with what the host prints around it; ``False``: listed only."""
 
-    def __init__(self, warn: bool = True) -> None:
+    def __init__(self, warn: bool | Callable[[str], None] = True) -> None:
         self.messages: list[str] = []
         self.warn = warn
 
     def __call__(self, message: str) -> None:
         self.messages.append(message)
-        if self.warn:
-            warnings.warn(message, UserWarning, stacklevel=4)
+        if callable(self.warn):
+            self.warn(message)
+        elif self.warn:
+            warnings.warn(message, UserWarning, stacklevel=caller_stacklevel())
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside the ``hyca`` package, for a warning
+    raised from inside it (the ``skip_file_prefixes`` of Python 3.12's ``warnings.warn``)."""
+    package = str(Path(__file__).resolve().parents[1])
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _try_file(path: Path, fp: Mapping[str, Any], interval: int | None, log: _Log, source: str,
@@ -243,7 +257,7 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
                     own_sigmas: bool = False,
                     cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
                     hub_endpoint: str | None = None, hub_token: str | bool | None = None,
-                    hub_cache_dir: str | os.PathLike | None = None, warn: bool = True,
+                    hub_cache_dir: str | os.PathLike | None = None, warn: bool | Callable[[str], None] = True,
                     targets: Collection[str] | None = None) -> ResolvedProfile:
     """Find the profile for the model with fingerprint ``model``; see the module doc.
 
@@ -256,7 +270,8 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
     scheduler's own schedule, so a profile chosen for given sigmas differs from it and the
     other way round (:func:`~hyca.profiles.settings.differences`). ``offline``: skip the network (the Hub cache is still read);
     default: huggingface_hub's offline mode. ``warn``: raise each warning as a
-    :class:`UserWarning` as well as listing it in the result's ``warnings`` (False: list only).
+    :class:`UserWarning` as well as listing it in the result's ``warnings`` (a callable: hand
+    it each warning as it happens; False: list only).
     ``targets``: the forecast targets the caller's host can apply (``"residual"``,
     ``"output"``, ``"model_output"``; None: all): a found profile of another target (made by
     another host, sharing the cache) is passed over, said in the warnings, as if absent.
@@ -321,8 +336,8 @@ def _runnable(found: ResolvedProfile | None, targets: Collection[str] | None, lo
     target = found.profile.metadata.get("target", "residual")
     if target in targets:
         return found
-    log(f"passing over {found.path or found.source}: it forecasts the {str(target).replace('_', ' ')}, which "
-        f"this host cannot apply (it applies {', '.join(targets)})")
+    log(f"passing over {found.path or found.source}: it forecasts the {TARGET_WORDS.get(target, target)}, which "
+        f"this host cannot apply (it applies the {' and the '.join(TARGET_WORDS.get(t, t) for t in targets)})")
     return None
 
 

@@ -230,7 +230,8 @@ class HyCaPatch:
     def _engine(self, profile: Any, schedule: Schedule) -> HybridCache:
         require_target(profile.metadata, APPLIED, "the ComfyUI node")
         return HybridCache(profile, schedule, cache_dtype=torch_dtype(self.settings.cache_dtype),
-                           guard=self.settings.guard, compare_settings=False)
+                           guard=None if self.settings.guard else False,
+                           compare_settings=False)
 
     def _session(self, engine: Any, run: Run) -> PassSession:
         # a callable schedule: the session prepares a probing engine for the step count
@@ -249,7 +250,7 @@ class HyCaPatch:
         try:
             host = self._probe_host(guider, extra_args["model_options"], latent_image, run)
             chosen = self.book.for_settings(run.chosen, run.settings, host.shape, lambda: self._probe(host, run),
-                                            APPLIED)
+                                            APPLIED, self.say_once)
             engine = self._engine(chosen.profile, run.schedule)
         except Exception as error:  # noqa: BLE001 - the run still samples, uncached
             console(f"no profile for this run ({type(error).__name__}: {error}); this run is sampled uncached")

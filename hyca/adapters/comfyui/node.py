@@ -67,7 +67,11 @@ def register_models_folder() -> None:
 
 
 def profile_choices() -> list[str]:
-    return [AUTOMATIC, *UNIFORM, *local_profiles()]
+    """The node's profile menu: automatic, the one-solver methods, and the profile files made
+    for a model class ComfyUI's adapters serve (not the diffusers profiles shipped beside them)."""
+    from .families import FAMILIES
+
+    return [AUTOMATIC, *UNIFORM, *local_profiles({c for a in FAMILIES for c in a.classes})]
 
 
 def build_node() -> tuple[type, type]:

@@ -193,7 +193,7 @@ def enable(
     cache_dtype: torch.dtype | None = None,
     scheduler: Any = None,
     probe_kwargs: Mapping[str, Any] | None = None,
-    guard: bool = True,
+    guard: bool | None = None,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
 ) -> list[HybridCache]:
@@ -220,8 +220,10 @@ def enable(
     it; a group that forecast worse than a lower order (``taylor-1``, ``reuse``) at two
     steady checks in a row is switched to it (and back when its own solver wins again),
     and with two guidance branches their difference is checked too; no extra model call
-    (:mod:`hyca.engine.guard`). ``False`` is the paper's behaviour. Switches show in
-    :func:`stats` (``switches``).
+    (:mod:`hyca.engine.guard`). ``None`` (the default): on, except where the probe kept a
+    candidate without it (profile metadata ``guard: false``) and the run is at that profile's
+    settings; ``True``: on whatever the profile says; ``False``: off, the paper's behaviour.
+    Switches show in :func:`stats` (``switches``).
     ``num_inference_steps`` / ``guidance_scale``: the settings you will sample with (the
     classifier-free guidance scale: ``true_cfg_scale`` for FLUX and Qwen-Image, 1 for none;
     as in diffusers' pipelines, a scale up to 1 is no guidance), to prepare their profile now.
@@ -313,8 +315,8 @@ def _cache_dtype(value: Any) -> torch.dtype | None:
 
 def _check_run(guard: Any, steps: Any, guidance: Any, profile: Any, target: Any) -> None:
     """Settings that would otherwise be taken silently for something else."""
-    if not isinstance(guard, bool):
-        raise ValueError(f"guard must be True or False, got {guard!r}")
+    if guard is not None and not isinstance(guard, bool):
+        raise ValueError(f"guard must be True or False (or None: as the profile was chosen), got {guard!r}")
     if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"num_inference_steps must be a positive integer or None, got {steps!r}")
     if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)
@@ -369,8 +371,9 @@ def stats(target: Any) -> list[RunStats]:
     transformer (requests running in other threads at the same time have their own; each
     thread sees its own latest); ``notes`` say where HyCa fell back to computing (and why)
     or stayed out of a call (training, gradients). With guidance in separate calls it is
-    the stats of the branch that ran last: both branches compute the same steps, while the
-    guard's switches listed are that branch's (the other's are in the log, a line per branch)."""
+    the stats of the branch that ran last (``branch`` names it, ``describe()`` begins with it):
+    both branches compute the same steps, while the guard's switches listed are that
+    branch's (the other's are in the log, a line per branch)."""
     out = []
     for transformer in transformers_of(target):
         hook = hooks.root_hook(transformer)

@@ -218,9 +218,10 @@ class HyCaRoot(HookChain):
     def _run_notes(self, states: BranchStates, state: BranchState, run: Run) -> None:
         """At a run's first step: the profile it uses (``RunStats.profile``), and a note when
         the interval spans the whole run (:meth:`~hyca.engine.schedule.Schedule.interval_beyond`)."""
-        profile, schedule = getattr(states.engine, "profile", None), getattr(states.engine, "schedule", None)
+        profile, schedule = states.engine.profile, states.engine.schedule
         if profile is not None:
             state.stats.profile = profile.source or "a Profile object given to hyca.enable"
+        state.stats.branch = states.branch_name()
         beyond = schedule.interval_beyond(run.total) if schedule is not None and run.total else None
         if beyond is not None:
             states.engine.note(state, beyond)
@@ -315,7 +316,7 @@ class HyCaRoot(HookChain):
         if state.stats.total:
             if why is not None and state.total_steps is not None and state.step < state.total_steps:
                 states.engine.note(state, f"stopped after {state.step} of {state.total_steps} steps")
-            logger.log(self.run_log_level, "HyCa [%s]: %s", name, state.stats.describe())
+            logger.log(self.run_log_level, "HyCa [%s]: %s", name, state.stats.describe(branch=False))
         state.reset()
 
     # --- resets ---------------------------------------------------------------------------
@@ -337,7 +338,7 @@ class HyCaRoot(HookChain):
         for states in [scope] + ([self.default] if default and scope is not self.default else []):
             for name, state in states.all_states().items():
                 if state.stats.total:
-                    logger.log(self.run_log_level, "HyCa [%s]: %s", name, state.stats.describe())
+                    logger.log(self.run_log_level, "HyCa [%s]: %s", name, state.stats.describe(branch=False))
             states.reset()
             states.engine.end_run()
 
@@ -436,7 +437,7 @@ def _output_tokens(engine: Any, sample: Any) -> torch.Tensor:
         raise TypeError(f"the model output is a {type(sample).__name__}, not one tensor, so a model-output "
                         "profile cannot forecast it; use a residual profile")
     tokens = as_tokens(sample)
-    dim = getattr(getattr(engine, "profile", None), "dim", tokens.shape[-1])
+    dim = engine.profile.dim if engine.profile is not None else tokens.shape[-1]
     if dim != tokens.shape[-1]:
         raise ValueError(f"the profile forecasts {dim} output channels, the model gives {tokens.shape[-1]}: "
                          "make a profile for this model")

@@ -250,7 +250,7 @@ def fresh_engine(engine: Any) -> Any:
     options, none of its run bookkeeping, so that requests running at once never share it."""
     if not isinstance(engine, HybridCache):
         return engine
-    made = HybridCache(engine.profile, engine.schedule, engine.positions, engine.cache_dtype, guard=engine.guard,
+    made = HybridCache(engine.profile, engine.schedule, engine.positions, engine.cache_dtype, guard=engine.guard_option,
                        compare_settings=engine.compare_settings, off_settings=engine.off_settings)
     made.sketch_seed, made._expected = engine.sketch_seed, engine._expected
     made.asked_compute_last = engine.asked_compute_last  # its schedule already has the profile's end

@@ -213,7 +213,7 @@ class Controller:
         # the pass's settings are compared with the profile's here, with the real guidance scale
         require_target(chosen.profile.metadata, applied_targets(head), "the WebUI extension")
         engine = HybridCache(chosen.profile, schedule, cache_dtype=torch_dtype(settings.cache_dtype),
-                             guard=settings.guard, compare_settings=False)
+                             guard=None if settings.guard else False, compare_settings=False)
         return PassSession(engine, sigmas, label, on_schedule=lambda walked: self._note_settings(
             chosen, settings, pass_sigmas_ if pass_sigmas_ is not None else walked, guidance, engine))
 
@@ -296,10 +296,10 @@ class Controller:
                 self.session = pending
 
         head = pending.adapter.head_module(pending.model) is not None
-        chosen = self.book.for_settings(pending.chosen, run, latent, run_probe, applied_targets(head))
-        self.say_once(f"profile ready ({chosen.source})")
-        for note in chosen.notes:
+        chosen = self.book.for_settings(pending.chosen, run, latent, run_probe, applied_targets(head), self.say_once)
+        for note in chosen.notes:  # said as they happened, unless this session settled them earlier
             self.say_once(note)
+        self.say_once(f"profile ready ({chosen.source})")
         return chosen
 
     def _note_settings(self, chosen: Chosen, settings: Settings, sigmas: list[float] | None, guidance: Any,

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 
 from ...engine.targets import target_of
 from ...profiles import sources
-from ...profiles.compare import compare_profiles
+from ...profiles.compare import TARGET_WORDS, compare_profiles
+from ...profiles.io import model_class_of
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
 from .adapter import Adapter
@@ -60,17 +61,25 @@ def profile_dirs() -> list[Path]:
     return [*sources.extra_dirs(), sources.shipped_dir(), sources.default_cache_dir()]
 
 
-def local_profiles() -> dict[str, Path]:
+def local_profiles(classes: Collection[str] | None = None) -> dict[str, Path]:
+    """The profile files of the profile folders by name (the first folder's wins);
+    ``classes``: only those made for one of these model classes (a host's menu leaves out
+    the diffusers profiles shipped beside it, and files that are no readable profile)."""
     found: dict[str, Path] = {}
     for folder in profile_dirs():
         if folder.is_dir():
             for path in sorted(folder.glob("*.safetensors")):
-                found.setdefault(path.name, path)
+                if classes is None or model_class_of(path) in classes:
+                    found.setdefault(path.name, path)
     return found
 
 
 def choices() -> list[str]:
-    return [AUTOMATIC, *UNIFORM, *local_profiles()]
+    """The WebUI's profile menu: automatic, the one-solver methods, and the profile files
+    made for a model class the WebUI adapters serve."""
+    from .registry import ADAPTERS
+
+    return [AUTOMATIC, *UNIFORM, *local_profiles({c for a in ADAPTERS for c in a.classes})]
 
 
 def _solver_named(choice: str) -> str | None:
@@ -125,12 +134,14 @@ class ProfileBook:
                       fp=fp, lora=lora_key if own_lora else "")
 
     def for_settings(self, chosen: Chosen, run: RunSettings, latent: tuple[int, ...],
-                     probe: Callable[[], Profile], targets: tuple[str, ...] | None = None) -> Chosen:
+                     probe: Callable[[], Profile], targets: tuple[str, ...] | None = None,
+                     say: Callable[[str], None] | None = None) -> Chosen:
         """Settle ``chosen`` (no profile yet) for a pass's settings: the profile this session
         already has for them, else (automatic) the one ``resolve_profile`` finds if it was
         chosen for the same settings and forecasts one of ``targets`` (those the host applies;
         None: any), else ``probe()``'s, saved to the cache; a LoRA set's own probe is kept for
-        the session and compared with the base profile."""
+        the session and compared with the base profile. ``say``: told each lookup warning as it
+        happens (a profile passed over before the probe it causes); all are in the result's notes."""
         key = chosen.key + settings_key(run, latent)
         if key in self._known:  # a later pass: the file it was saved to, not "probe" again
             known = self._known[key]
@@ -145,8 +156,8 @@ class ProfileBook:
                 base = known.profile if known is not None else None
             if base is not None and target_of(base.metadata) != target_of(profile.metadata):
                 learned = Chosen(profile, "probe (LoRA set)", [
-                    f"LoRA profile: it forecasts the {target_of(profile.metadata).replace('_', ' ')}, the base profile "
-                    f"the {target_of(base.metadata).replace('_', ' ')}: their clusters are not compared"], key=key)
+                    f"LoRA profile: it forecasts the {TARGET_WORDS[target_of(profile.metadata)]}, the base profile "
+                    f"the {TARGET_WORDS[target_of(base.metadata)]}: their clusters are not compared"], key=key)
             elif base is not None:
                 ari = adjusted_rand_index(base, profile)
                 learned = Chosen(profile, "probe (LoRA set)", [f"LoRA profile: ARI {ari:.3f} against the base profile"],
@@ -157,7 +168,8 @@ class ProfileBook:
         else:
             hub = {"hub_repo": chosen.key[2]} if chosen.key[2] else {}
             resolved = sources.resolve_profile(chosen.fp, interval=run.interval, run=run, probe=probe,
-                                               probe_if_mismatched=True, warn=False, targets=targets, **hub)
+                                               probe_if_mismatched=True, warn=say or False, targets=targets,
+                                               **hub)
             where = f"{PROBED}{resolved.path}" if resolved.source == "probe" and resolved.path else \
                 f"{resolved.source} {resolved.path or ''}".strip()
             learned = Chosen(resolved.profile, where, list(resolved.warnings), key=key)

@@ -241,7 +241,7 @@ class PassSession:
     @property
     def output_target(self) -> bool:
         """The engine forecasts the output head's input, not the blocks' residuals."""
-        return getattr(self.engine, "target", "residual") == "output"
+        return self.engine.target == "output"
 
     def end_call(self, call: Call) -> None:
         """Count the call; the call that began a step closes it in the engine (its
