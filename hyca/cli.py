@@ -174,7 +174,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
             raise CLIError(f"{type(pipe.scheduler).__name__} has no shift setting")
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=args.shift)
     settings = {k: getattr(args, k) for k in ("prompt", "height", "width", "steps", "interval", "warmup", "clusters",
-                                              "seed", "positions", "selection") if getattr(args, k) is not None}
+                                              "seed", "positions", "selection", "candidates", "singles")
+                if getattr(args, k) is not None}
     try:
         profile = probe(pipe, shared=args.shared, progress=True, **settings, **extra)
     except (ValueError, RuntimeError) as err:  # e.g. a prompt the model cannot read, an odd schedule
@@ -334,12 +335,33 @@ def _add_probe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selection", choices=["closed-loop", "eq5"],
                    help="closed-loop (default): validated on cached runs of the probe's prompt; eq5: the paper's "
                         "open-loop choice alone")
+    p.add_argument("--candidates", type=_names, metavar="NAMES",
+                   help="comma-separated solver names to choose from, e.g. reuse,taylor-1,taylor-2 "
+                        "(default: the whole pool; a wrong name is refused with the list of known ones)")
+    p.add_argument("--singles", type=_names, metavar="NAMES",
+                   help="comma-separated candidates the closed loop also tries alone, every cluster on one "
+                        "solver (default: reuse,taylor-1,taylor-2,am2,bdf2; with --candidates: every candidate)")
     p.add_argument("--shared", action="store_true", help="one labelling for all blocks")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16 for diffusers models on a GPU, else float32)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("-o", "--output", help="profile file, or folder to write <Class>-<hash>-n<N>-<settings>.safetensors "
                    "into (default: the local cache, where hyca finds it)")
+
+
+def _names(text: str) -> list[str]:
+    """``--candidates`` / ``--singles``: a comma-separated list of solver names, checked now."""
+    from .math.solvers import get_solver
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give one or more solver names separated by commas, e.g. reuse,taylor-1")
+    for name in names:
+        try:
+            get_solver(name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return names
 
 
 def _add_hub_auth(p: argparse.ArgumentParser) -> None:

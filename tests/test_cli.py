@@ -193,6 +193,26 @@ def test_probe_writes_a_profile_for_a_saved_reference_model(tmp_path, capsys):
     assert profile.metadata["probe"]["prompt"] == "a red circle" and profile.num_clusters == 2
 
 
+def test_probe_takes_candidates_and_singles_as_comma_lists(tmp_path, capsys):
+    """--candidates bounds every solver the profile may use, --singles those tried alone
+    (recorded in the profile's metadata); a wrong name is a usage error naming the known ones."""
+    from hyca.math.solvers import pool_names
+
+    reference = pytest.importorskip("hyca.reference")
+    reference.tiny_components().save_pretrained(tmp_path / "ref")
+    out = tmp_path / "p.safetensors"
+    assert main(["probe", "--model", str(tmp_path / "ref"), "--prompt", "a red circle", "--height", "32",
+                 "--width", "32", "--steps", "8", "--interval", "3", "--warmup", "2", "--clusters", "2",
+                 "--candidates", "reuse, taylor-1", "--singles", "reuse", "-o", str(out)]) == 0
+    profile = load_profile(out)
+    assert profile.metadata["probe"]["singles"] == ["reuse"]
+    assert {pool_names()[i] for i in profile.solvers.unique().tolist()} <= {"reuse", "taylor-1"}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        main(["probe", "--model", "reference", "--candidates", "reuse,taylor-9"])
+    assert err.value.code == 2 and "unknown solver 'taylor-9'; known solvers:" in capsys.readouterr().err
+
+
 def test_probe_without_output_saves_to_the_cache_where_lookup_finds_it(tmp_path, capsys, monkeypatch):
     """No -o: the profile goes to $HYCA_CACHE (not the shipped profiles/ folder, which would
     outrank the cache), under the name the lookup tries first for its settings."""
