@@ -5,8 +5,8 @@ the app, ComfyUI) implements :class:`ProbeHost` and calls :func:`probe_host`."""
 
 from .analysis import analyse, assign, candidate_solvers, selection_report
 from .host import ProbeHost, euler_sample
-from .probe import CALIBRATION_SAMPLES, SINGLES, probe_host
+from .probe import CALIBRATION_SAMPLES, SINGLES, check_options, probe_host
 from .recorder import SketchRecorder
 
-__all__ = ["CALIBRATION_SAMPLES", "ProbeHost", "SINGLES", "SketchRecorder", "analyse", "assign", "candidate_solvers", "euler_sample", "probe_host",
-           "selection_report"]
+__all__ = ["CALIBRATION_SAMPLES", "ProbeHost", "SINGLES", "SketchRecorder", "analyse", "assign", "candidate_solvers",
+           "check_options", "euler_sample", "probe_host", "selection_report"]

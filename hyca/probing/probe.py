@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
+import numbers
 import time
 from dataclasses import replace
 from typing import Any, Callable, Mapping, Sequence, TypedDict
@@ -112,6 +114,34 @@ class ProbeOptions(TypedDict, total=False):
     refine: bool
 
 
+def check_options(options: Mapping[str, Any]) -> None:
+    """The probe's own options (:class:`ProbeOptions`) that can be told wrong before anything
+    runs: ``ValueError`` saying what each expects (a host checks them when they are given, so
+    a wrong one fails there rather than minutes later inside a probe)."""
+    for name in ("candidates", "singles"):
+        names = options.get(name)
+        if names is None:
+            continue
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise ValueError(f"{name} must be a list of solver names, e.g. ['reuse', 'taylor-1'], got {names!r}")
+        wrong = [n for n in names if not isinstance(n, str)]
+        if wrong:
+            raise ValueError(f"{name} must be solver names (strings), got {wrong[0]!r} among them")
+    solvers = candidate_solvers(options.get("candidates"))
+    _singles(solvers, options.get("singles"))
+    tolerance = options.get("tolerance", TOLERANCE)
+    if tolerance not in (picking.BEST, picking.STANDARD_ERROR) and not (
+            isinstance(tolerance, numbers.Real) and not isinstance(tolerance, bool) and 0 <= tolerance < math.inf):
+        raise ValueError(f"tolerance must be {picking.BEST!r}, {picking.STANDARD_ERROR!r} or a margin in dB >= 0, "
+                         f"got {tolerance!r}")
+    for name in ("halving", "refine", "shared", "guard"):
+        if name in options and not isinstance(options[name], bool):
+            raise ValueError(f"{name} must be True or False, got {options[name]!r}")
+    clusters = options.get("clusters", 1)
+    if isinstance(clusters, bool) or not isinstance(clusters, numbers.Integral) or clusters < 1:
+        raise ValueError(f"clusters must be a positive integer (clusters per block), got {clusters!r}")
+
+
 #: The closed loop's default rule: the best mean. The simplest-within-noise rules and halving
 #: are opt-in: over the cells of bench/results/probe_cost.md they bought nothing on average
 #: (the rules) or cost held-out quality (halving) against the probe as it was.
@@ -183,6 +213,8 @@ def probe_host(
     the metadata. ``host.sample`` must give the same latent for the same engine (a fixed
     seed). Raises ``ValueError`` on bad settings, ``RuntimeError`` when a recording fails.
     """
+    check_options(dict(candidates=candidates, singles=singles, tolerance=tolerance, halving=halving, refine=refine,
+                       shared=shared, guard=guard, clusters=clusters))
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     if target not in TARGETS:
@@ -193,7 +225,10 @@ def probe_host(
                          f"{_DESCRIBED[target]} ({_OTHER_TARGETS[target][0]})")
     steps = run.steps
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"run.steps must be the run's number of sampling steps, got {steps!r}")
+        raise ValueError(f"steps must be the run's number of sampling steps (a positive integer), got {steps!r}")
+    beyond = schedule.interval_beyond(steps)
+    if beyond is not None:  # a profile for it can still be made, but the user should hear why it forecasts so much
+        logger.warning("HyCa probe: %s", beyond)
     guidance_scale = run.guidance_scale
     solvers = candidate_solvers(candidates)
     alone = _singles(solvers, singles if singles is not None else (SINGLES if candidates is None else None))
@@ -366,6 +401,8 @@ def _closed_loop(host: ProbeHost, schedule: Schedule, positions: str, guard: boo
 
         chosen, trials, winner = closed_loop.choose(tracks, generate, reference, solvers, refine=refine, on_trial=tick,
                                                     tolerance=tolerance, screen=screen)
+        bar.total = done  # the most expected was an upper bound (runs shared, refinements not needed)
+        bar.refresh()
     if on_progress is not None:  # fewer runs than the most expected: refinements that were not needed
         on_progress(1.0, f"probe: chose {winner} after {len(trials)} closed-loop runs")
     seconds = time.perf_counter() - started

@@ -247,6 +247,10 @@ def enable(
         raise ValueError(f"scheduler must be the diffusers scheduler that drives your sampling loop, got {scheduler!r}")
     if probe_kwargs is not None and not isinstance(probe_kwargs, Mapping):
         raise ValueError(f"probe_kwargs must be a dict of hyca.probe arguments, got {probe_kwargs!r}")
+    if probe_kwargs and not isinstance(target, torch.nn.Module):  # its probe may run much later, in a pipeline call
+        from .probe import check_probe_kwargs
+
+        check_probe_kwargs(target, dict(probe_kwargs))
     guidance = None if guidance_scale is None else max(float(guidance_scale), 1.0)  # diffusers guides above 1 only
     steps = None if num_inference_steps is None else int(num_inference_steps)  # numpy integers too
     run = RunSettings(steps=steps, guidance_scale=guidance, interval=interval, warmup=warmup,

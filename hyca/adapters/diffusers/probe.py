@@ -11,6 +11,7 @@ removed whatever happens, so the model computes exactly as before.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import operator
 from typing import Any, Callable, Iterator, Unpack
@@ -18,7 +19,7 @@ from typing import Any, Callable, Iterator, Unpack
 import torch
 
 from ...engine.schedule import Schedule
-from ...probing.probe import CALIBRATION_SAMPLES, CLOSED_LOOP, EQ5, SELECTIONS, ProbeOptions, probe_host
+from ...probing.probe import CALIBRATION_SAMPLES, CLOSED_LOOP, EQ5, SELECTIONS, ProbeOptions, check_options, probe_host
 from ...probing.recorder import SketchRecorder
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
@@ -31,6 +32,8 @@ from .settings import guidance_of, schedule_shift
 #: (bench/results/webui_path.md measured what that costs).
 #: The probe's captions unless told (as many as ``hyca.probing.CALIBRATION_SAMPLES``): varied
 #: subjects and styles, so that no one image's dynamics decide the choice.
+logger = logging.getLogger("hyca")
+
 DEFAULT_PROMPT = ["a photo of a cat", "a watercolor painting of a lighthouse on a cliff at sunset",
                   "a portrait of an old man with a grey beard, studio lighting",
                   "a red sports car on a mountain road in the morning"]
@@ -197,6 +200,39 @@ def _pixels(name: str, value: Any) -> int:
     return pixels
 
 
+#: :func:`probe`'s own settings besides its named ones (:class:`ProbeOptions`); everything
+#: else it is given goes to the pipeline call.
+PROBE_KEYS = ("compute_last", "rows", "spectral_rows", "n_init", "candidates", "singles", "branch", "accumulate_on",
+              "selection", "guard", "on_progress", "target", "tolerance", "halving", "refine")
+_NAMED = ("prompt", "height", "width", "steps", "interval", "warmup", "positions", "clusters", "shared", "seed",
+          "progress")
+
+
+def _check_prompt(prompt: Any) -> None:
+    if isinstance(prompt, str) and prompt.strip():
+        return
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return
+    raise ValueError(f"prompt must be a caption or a non-empty list of captions, got {prompt!r:.80}")
+
+
+def check_probe_kwargs(pipe: Any, kwargs: dict[str, Any]) -> None:
+    """``probe(pipe, **kwargs)``'s arguments checked without running it (``hyca.enable``'s
+    ``probe_kwargs``, whose probe may run hours later inside a pipeline call): ``ValueError``
+    for one that is neither a probe setting nor an argument of the pipeline's ``__call__``,
+    and for a probe setting of the wrong kind (:func:`hyca.probing.probe.check_options`)."""
+    check_options({k: v for k, v in kwargs.items() if k in PROBE_KEYS or k in ("clusters", "shared")})
+    if kwargs.get("prompt") is not None:
+        _check_prompt(kwargs["prompt"])
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # the pipeline takes any keyword: it checks them itself
+    unknown = [k for k in kwargs if k not in _NAMED and k not in PROBE_KEYS and k not in parameters]
+    if unknown:
+        raise ValueError(f"probe_kwargs: {unknown[0]!r} is neither a hyca.probe setting ({', '.join(_NAMED + PROBE_KEYS)}) "
+                         f"nor an argument of {type(pipe).__name__}.__call__")
+
+
 def probe(
     pipe: Any,
     prompt: str | list[str] | None = None,
@@ -241,14 +277,19 @@ def probe(
     prompt, height, width = (v if v is not None else own.get(k, fallback[k]) for k, v in given.items())
     height, width = (_pixels(name, value) for name, value in (("height", height), ("width", width)))
     options = {**{k: v for k, v in own.items() if k not in given}, **options}
-    probe_keys = ("compute_last", "rows", "spectral_rows", "n_init", "candidates", "singles", "branch", "accumulate_on",
-                  "selection", "guard", "on_progress", "target", "tolerance", "halving", "refine")
-    probe_options = {k: options.pop(k) for k in probe_keys if k in options}
+    probe_options = {k: options.pop(k) for k in PROBE_KEYS if k in options}
+    check_options({**probe_options, "clusters": clusters, "shared": shared})
     call = {"output_type": "latent", **options}
     if "prompt_embeds" not in call:
+        _check_prompt(prompt)
         # one caption: sampled under CALIBRATION_SAMPLES noises (one noise alone lets it decide)
         alone = isinstance(prompt, str) and "latents" not in call and call.get("num_images_per_prompt", 1) == 1
         call["prompt"] = [prompt] * CALIBRATION_SAMPLES if alone else prompt
+        if isinstance(prompt, list) and len(prompt) * call.get("num_images_per_prompt", 1) < CALIBRATION_SAMPLES:
+            logger.warning("HyCa probe: %d calibration sample(s) (the captions given, one noise each); the default "
+                           "scores every candidate on %d, which carries over to other captions better (a single "
+                           "caption string is sampled under %d noises)", len(prompt), CALIBRATION_SAMPLES,
+                           CALIBRATION_SAMPLES)
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
         raise TypeError(f"{type(pipe).__name__} has no transformer to probe; for a bare transformer and "

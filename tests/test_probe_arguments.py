@@ -1,0 +1,78 @@
+"""Probe arguments told wrong fail at once, with what each expects: in ``hyca.probe`` before
+anything samples, and in ``hyca.enable``'s ``probe_kwargs`` when it is called (the plain
+call's probe may run hours later, inside a user's pipeline call, at the first new setting)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import hyca
+from hyca.probing import check_options
+
+from tiny import tiny_flux, tiny_pipeline
+
+WRONG = [
+    (dict(candidates="taylor-1"), "candidates must be a list of solver names"),
+    (dict(candidates=[1, 2]), "candidates must be solver names (strings), got 1"),
+    (dict(candidates=["taylor-9"]), "unknown solver 'taylor-9'"),
+    (dict(singles=[None]), "singles must be solver names (strings), got None"),
+    (dict(candidates=["reuse"], singles=["taylor-1"]), "singles ['taylor-1'] are not among the candidates"),
+    (dict(tolerance="xyz"), "tolerance must be 'best', 'se' or a margin in dB >= 0, got 'xyz'"),
+    (dict(tolerance=-1.0), "tolerance must be 'best', 'se' or a margin in dB >= 0, got -1.0"),
+    (dict(halving="yes"), "halving must be True or False, got 'yes'"),
+    (dict(clusters=0), "clusters must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("options, message", WRONG)
+def test_the_core_check_names_what_each_option_expects(options, message):
+    with pytest.raises(ValueError) as err:
+        check_options(options)
+    assert message in str(err.value)
+
+
+def test_right_options_pass():
+    check_options(dict(candidates=("reuse", "taylor-1"), singles=["reuse"], tolerance=0.5, halving=True, clusters=2))
+    check_options(dict(tolerance="se"))
+    check_options({})
+
+
+@pytest.mark.parametrize("options, message", [
+    *WRONG,
+    (dict(bogus=1), "'bogus' is neither a hyca.probe setting"),
+    (dict(prompt=[]), "prompt must be a caption or a non-empty list of captions"),
+    (dict(prompt=["ok", 5]), "prompt must be a caption or a non-empty list of captions"),
+])
+def test_enable_refuses_wrong_probe_kwargs_when_called(options, message):
+    pipe = tiny_pipeline(tiny_flux())
+    with pytest.raises(ValueError) as err:
+        hyca.enable(pipe, "taylor-1", interval=3, warmup=2, probe_kwargs=options)
+    assert message in str(err.value)
+    assert not hyca.is_enabled(pipe)  # refused before anything was patched
+
+
+def test_enable_takes_the_pipelines_own_call_arguments_and_probe_settings():
+    pipe = tiny_pipeline(tiny_flux())
+    # a named profile: nothing is probed now, the probe_kwargs are checked all the same
+    hyca.enable(pipe, "taylor-1", interval=3, warmup=2,
+                probe_kwargs=dict(guidance_scale=2.0, max_sequence_length=16, candidates=["reuse", "taylor-1"],
+                                  clusters=2))
+    assert hyca.is_enabled(pipe)
+    hyca.disable(pipe)
+
+
+def test_fewer_calibration_captions_than_the_default_are_said(caplog):
+    """A list of one caption is one sample (a caption string is sampled under four noises):
+    said, as the default scores every candidate on four; four captions are not."""
+    from hyca.reference import load_pipeline
+
+    pipe = load_pipeline()
+    said = {}
+    for prompt in (["a red circle"], ["a red circle", "a blue square", "a red square", "a blue circle"]):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hyca"):
+            hyca.probe(pipe, prompt=prompt, steps=6, interval=3, warmup=2, clusters=2, selection="eq5", progress=False)
+        said[len(prompt)] = [r.getMessage() for r in caplog.records if "calibration sample" in r.getMessage()]
+    assert len(said[1]) == 1 and "1 calibration sample(s)" in said[1][0] and not said[4]
