@@ -140,6 +140,15 @@ def test_solver_table_lists_each_cluster_with_its_size_solver_and_error(kept):
     assert f"Relative replay error of the profile: {expected};" in profile_view.summary(p)
 
 
+def test_the_profile_summary_counts_every_timed_part_of_the_probe():
+    """The probe times its recordings, analysis and closed-loop runs apart (metadata
+    ``timing``); the app's "Probe took" is their sum (it showed the first recording and the
+    analysis only: 1.4 s for a 23.5 s probe)."""
+    p = _profile()
+    p.metadata["timing"] = {"record_s": 2.5, "analysis_s": 0.25, "record_output_s": 2.0, "closed_loop_s": 20.0}
+    assert "Probe took 24.8 s (closed-loop runs 20.0 s)." in profile_view.summary(p)
+
+
 # --- model choices ------------------------------------------------------------------------------
 
 

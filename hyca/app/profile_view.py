@@ -126,7 +126,9 @@ def summary(profile: Profile) -> str:
         said = f"{kept:.3g}" if kept is not None else "not recorded for the closed loop's choice"
         lines.append(f"Relative replay error of the profile{where}: {said}; eq. 5's choice {replay['profile']:.3g} "
                      f"(one solver everywhere: {uniform}).")
-    timing = meta.get("timing")
-    if timing:
-        lines.append(f"Probe took {timing.get('record_s', 0) + timing.get('analysis_s', 0):.1f} s.")
+    timing = {k: v for k, v in (meta.get("timing") or {}).items() if isinstance(v, (int, float))}
+    if timing:  # every part the probe timed (hyca.probing.probe: recordings, analysis, the closed loop)
+        closed = timing.get("closed_loop_s", 0.0)
+        lines.append(f"Probe took {sum(timing.values()):.1f} s"
+                     + (f" (closed-loop runs {closed:.1f} s)." if closed else "."))
     return " ".join(lines)
