@@ -88,6 +88,22 @@ def test_order_of_sources(dirs, fp, hub, tmp_path):
     assert found.path.parent == dirs["cache"] and found.profile.source == f"probed on first use, saved to {found.path}"
 
 
+def test_a_profile_a_probe_replaces_is_not_said_to_be_used(dirs, fp):
+    """Only an N=5 profile in the cache, a run at N=7 that probes for its settings: the
+    N=5 file's "it is used at N=7" is not said (the probe's profile is used); without a probe
+    the N=5 profile is used and it is said."""
+    from hyca.profiles.settings import RunSettings
+
+    save_profile(random_profile(fp, seed=1, interval=5), dirs["cache"] / profile_filename(fp))
+    made = Probe(random_profile(fp, seed=2, interval=7))
+    found = resolve_profile(fp, run=RunSettings(interval=7, steps=20), probe=made, probe_if_mismatched=True,
+                            warn=False)
+    assert found.source == "probe" and not any("it is used at N=7" in w for w in found.warnings)
+    found.path.unlink()  # the probe's profile, saved to the cache
+    found = resolve_profile(fp, run=RunSettings(interval=7, steps=20), warn=False)
+    assert found.source == "cache" and any("it is used at N=7" in w for w in found.warnings)
+
+
 def test_interval_specific_file_is_preferred(dirs, fp):
     general = save_profile(random_profile(fp, seed=1, interval=5), dirs["cache"] / profile_filename(fp))
     specific = save_profile(random_profile(fp, seed=2, interval=6), dirs["cache"] / profile_filename(fp, 6))

@@ -65,6 +65,8 @@ class ResolvedProfile:
     differences: list[str] = field(default_factory=list)
     #: the Hub repo it was downloaded from (source ``hub``)
     repo: str | None = None
+    #: what reading the file noted (another interval, ...): said only if this profile is used
+    pending: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         """Where the profile came from, in words: what a run reports as its profile
@@ -163,9 +165,7 @@ def _try_file(path: Path, fp: Mapping[str, Any], interval: int | None, log: _Log
     except ProfileError as err:
         _tell_bad(path, f"skipping {source} profile: {err}", log)
         return None
-    for note in notes:
-        log(note)
-    return ResolvedProfile(profile, source, path, log.messages)
+    return ResolvedProfile(profile, source, path, log.messages, pending=list(notes))
 
 
 #: Bad files already told about in this process, by (path, size, modification time): a file
@@ -315,6 +315,8 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
     if best is not None:
         best.differences = _differences(best, run, own_sigmas)
         if not (best.differences and probe is not None and probe_if_mismatched):
+            for note in best.pending:  # (not said for a profile a probe replaces)
+                log(note)
             return best.named()
         log(f"the closest profile ({best.path or best.source}) was chosen for {_chosen(best).describe()}; "
             f"probing one for this run's settings ({run.describe()})")
