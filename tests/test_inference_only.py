@@ -87,6 +87,8 @@ def test_training_after_validation_images_equals_the_unpatched_model(caplog):
     for i in computed:
         assert torch.equal(got[i], expected[i]), i
     assert any(not torch.equal(got[i], expected[i]) for i in range(STEPS) if i not in computed)  # it does cache
+    # the cached run's stats are its own: no note of the training calls before it
+    assert hyca.stats(pipe)[0].forecast > 0 and not any("inference only" in n for n in hyca.stats(pipe)[0].notes)
 
 
 def _sigmas():

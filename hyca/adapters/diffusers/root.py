@@ -59,7 +59,7 @@ class HyCaRoot(HookChain):
         self._wrappers: list[Any] = []  # per block: the forward wrapper diffusers made for HyCa's hook
         self._seen: list[Any] = []  # per block: its ``forward`` when HyCa last found its hook in the chain
         self.lost: str | None = None  # why HyCa cannot run, once that is known
-        self.notes: list[str] = []  # said once per model, shown in every stats() (calls HyCa stayed out of)
+        self.said_uncached = False  # calls HyCa stayed out of (training, gradients): logged once per model
         self._told_unknown = False  # "step count unknown" said once in the log
         self.told_notes: set[str] = set()  # run notes this root logged (each once)
         self.head = head_of(transformer, family)
@@ -398,10 +398,10 @@ class HyCaRoot(HookChain):
 
     def latest_stats(self) -> RunStats:
         """What the calling thread's latest transformer calls did: its calls computed in
-        full (training mode, gradients) when those came after its latest cached run, else
-        that run's stats; the model's notes (calls HyCa stayed out of) in either."""
+        full (training mode, gradients, with the note why) when those came after its latest
+        cached run, else that run's stats (a copy)."""
         stats = self._uncached.get(threading.get_ident()) or self.latest().engine.last_stats
-        return replace(stats, notes=[*stats.notes, *(n for n in self.notes if n not in stats.notes)])
+        return replace(stats, notes=list(stats.notes), switches=list(stats.switches))
 
     def _remember(self, states: BranchStates) -> None:
         self._uncached.pop(threading.get_ident(), None)
@@ -420,14 +420,14 @@ class HyCaRoot(HookChain):
         uncached.computed += 1
         while len(self._uncached) > MAX_THREADS_REMEMBERED:
             self._uncached.pop(next(iter(self._uncached)))
-        if self.notes:
-            return
         why = "the model is in training mode" if module.training else "gradients are enabled"
         message = (f"{type(module).__name__} was called while {why}: HyCa runs inference only, so such calls are "
                    "computed in full and leave its state alone (sample under torch.no_grad() or "
                    "torch.inference_mode(), with model.eval(), to cache)")
-        self.notes.append(message)
-        logger.warning("HyCa: %s", message)
+        uncached.note(message)  # in the stats of these calls only; a later cached run has its own
+        if not self.said_uncached:
+            self.said_uncached = True
+            logger.warning("HyCa: %s", message)
 
 
 def _output_tokens(engine: Any, sample: Any) -> torch.Tensor:
