@@ -238,7 +238,7 @@ def summary(profile: Profile, path: str | Path | None = None) -> str:
           if meta.get("guard") is False else []),
         f"run:       chosen for {_chosen_for(meta)}",
         *([f"choice:    {_closed_loop(meta)}"] if _closed_loop(meta) else []),
-        f"probe:     {', '.join(f'{k}={v}' for k, v in probe.items()) or 'not recorded'}",
+        f"probe:     {', '.join(f'{k}={v}' for k, v in probe.items() if v is not None) or 'not recorded'}",
         f"created:   {meta.get('created', '?')} by hyca {meta.get('hyca_version', '?')} "
         f"(format {meta.get('format_version', '?')}, solver pool {meta.get('pool_version', '?')})",
     ]
@@ -319,14 +319,14 @@ def _add_probe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help='diffusers pipeline path or Hub repo id; "reference" (or a saved reference folder) '
                         "for the shipped reference model")
-    for name, kind, what in [
-        ("prompt", str, "caption of the probing run, sampled under 4 noises (default: the model's own captions)"),
-        ("height", int, "image height in pixels"),
-        ("width", int, "image width in pixels"), ("steps", int, "sampling steps"),
-        ("interval", int, "interval N it will run at"), ("warmup", int, "fully computed warm-up steps"),
-        ("clusters", int, "clusters per block"), ("seed", int, "random seed"),
+    for name, kind, what, default in [  # the defaults are hyca.probe's (the reference model names its own)
+        ("prompt", str, "caption of the probing run, sampled under 4 noises", "the model's own captions"),
+        ("height", int, "image height in pixels", "256; the reference model 32"),
+        ("width", int, "image width in pixels", "256; the reference model 32"), ("steps", int, "sampling steps", "28"),
+        ("interval", int, "interval N it will run at", "5"), ("warmup", int, "fully computed warm-up steps", "3"),
+        ("clusters", int, "clusters per block", "4"), ("seed", int, "random seed", "0"),
     ]:
-        p.add_argument(f"--{name}", type=kind, help=f"{what} (default: the probe's)")
+        p.add_argument(f"--{name}", type=kind, help=f"{what} (default: {default})")
     p.add_argument("--positions", choices=["step", "sigma"], help="axis the solvers extrapolate along")
     p.add_argument("--guidance-scale", type=float,
                    help="classifier-free guidance scale you sample with (true_cfg_scale for FLUX / Qwen-Image); "
