@@ -255,3 +255,18 @@ def test_a_run_without_the_guard_by_its_profiles_choice_says_so():
     chosen.metadata["chosen_for"] = {"steps": 50}  # off its settings: the guard is on, no such note
     drive(HybridCache(chosen, Schedule(INTERVAL, WARMUP)), {"cond": noise(1)})
     assert UNGUARDED not in drive.states["cond"].stats.notes
+
+
+def test_switches_are_said_once_with_the_images_they_happened_in():
+    """The same switch in several images is one entry listing them (runs of three or more
+    as ranges); the branch is named when asked, the off-settings start's "by" always."""
+    from hyca.engine.guard import Switch, describe_switches
+
+    switches = [(None, Switch(14, "taylor-2", "reuse", i)) for i in (0, 1, 2, 3, 5)]
+    switches += [(None, Switch(22, "reuse", "taylor-1", 1)), (None, Switch(1, "taylor-2", "reuse", by="robust start"))]
+    assert describe_switches(switches) == ("taylor-2 -> reuse at step 14 (images 1-4, 6), reuse -> taylor-1 at step 22 "
+                                           "(image 2), taylor-2 -> reuse at step 1 (robust start)")
+    guided = [("cond", Switch(6, "am2", "taylor-1", 0)), ("uncond", Switch(6, "am2", "taylor-1", 0)),
+              ("uncond", Switch(6, "am2", "taylor-1", 1))]
+    assert describe_switches(guided, branches=True) == ("am2 -> taylor-1 at step 6 (image 1, cond), "
+                                                        "am2 -> taylor-1 at step 6 (images 1, 2, uncond)")

@@ -105,3 +105,31 @@ def test_real_forge_class_equals_the_diffusers_transformer():
                            os.environ["HYCA_FORGE_CHECKOUT"]], capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["max_abs_diff"] <= 2e-5 * max(1.0, result["scale"])
+
+
+def test_guard_switches_name_images_not_the_batched_calls_rows(pipe):
+    """Forge batches cond and uncond into one call: the engine's batch rows are then
+    2 x images. The infotext's guard switches name each switch's branch and, with several
+    images, the image (1 or 2 here), never a row index as an image (the helper saw
+    "(image 2)" for one image and "image 1..4" for two)."""
+    import re
+
+    from hyca.adapters.webui.settings import Settings
+
+    original = pipe.scheduler
+    pipe.scheduler = frontend_scheduler(3.0)
+    said = {}
+    try:
+        with H.Frontend(R.KINDS["forge"]) as frontend:
+            for images in (1, 2):
+                args = Settings(enabled=True, interval=4, warmup=3, profile="TaylorSeer (taylor-2)").args()
+                _, infotexts = R.webui_images(pipe, frontend, [PROMPTS[:images]], 20, 2.5, args)
+                said[images] = re.search(r'HyCa guard switches: "([^"]*)"', infotexts[0]).group(1)
+    finally:
+        pipe.scheduler = original
+    for images, text in said.items():
+        switches = re.split(r", (?=\S+ -> )", text)
+        assert switches and all(re.search(r"(cond|uncond)\)$", s) for s in switches), text
+        numbers = {int(n) for listed in re.findall(r"\(images? ([\d, -]+), (?:cond|uncond)\)", text)
+                   for n in re.findall(r"\d+", listed)}
+        assert numbers <= set(range(1, images + 1)) and (images > 1 or not numbers), text

@@ -298,7 +298,8 @@ def test_a_target_speedup_picks_n_from_the_passs_steps(webui, capsys):
     assert params["HyCa target speed-up"] == "4.0" and f"N={n}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name, same_as", [("fora", "FORA (reuse)"), ("taylor-2", "TaylorSeer (taylor-2)")])
+@pytest.mark.parametrize("name, same_as", [("fora", "FORA (reuse)"), ("taylor-2", "TaylorSeer (taylor-2)"),
+                                           ("Taylorseer (taylor-2)", "TaylorSeer (taylor-2)")])
 def test_a_solver_name_is_that_solver(webui, name, same_as):
     script, _ = build_ui(webui)
     model = model_kinds()["forge_flux"].factory()
@@ -317,9 +318,10 @@ def test_an_unknown_profile_name_runs_automatic_and_says_so(webui, capsys, monke
     script, _ = build_ui(webui)
     model = model_kinds()["forge_flux"].factory()
     with torch.no_grad():
-        generate(Processing("forge_flux", model, steps=8), script,
-                 [True, 3, 2, True, True, "nonexistent.safetensors", "", True, "model", False])
+        done = generate(Processing("forge_flux", model, steps=8), script,
+                        [True, 3, 2, True, True, "nonexistent.safetensors", "", True, "model", False])
     out = capsys.readouterr().out
     assert "profile 'nonexistent.safetensors' is neither a choice of the menu" in out and "using automatic" in out
+    assert "HyCa profile: automatic" in done.infotexts[0]  # what ran, not the name that did not
     saved = list(cache.glob("*.safetensors"))
     assert len(saved) == 1 and f"saved to {saved[0]}" in out  # in the temporary cache, nowhere else

@@ -99,6 +99,39 @@ class Switch:
         return f"{self.solver} -> {self.to} at step {self.step}{image}{start}"
 
 
+def describe_switches(switches: Sequence[tuple[str | None, Switch]], branches: bool = False) -> str:
+    """Switches as one line, each distinct switch once with the images it happened in:
+    ``taylor-2 -> reuse at step 14 (images 1-3, 5), reuse -> taylor-1 at step 22 (image 2)``.
+    Each switch comes with its guidance branch (or None); ``branches``: name it too
+    (``(images 1-8, uncond)``), for a run with several."""
+    groups: dict[tuple, list[int]] = {}
+    for branch, switch in switches:
+        key = (switch.solver, switch.to, switch.step, switch.by, branch if branches else None)
+        groups.setdefault(key, [])
+        if switch.item is not None:
+            groups[key].append(switch.item + 1)
+    said = []
+    for (solver, to, step, by, branch), images in groups.items():
+        where = [_images(sorted(set(images)))] if images else []
+        where += [by] if by != "guard" else []
+        where += [branch] if branch is not None else []
+        said.append(f"{solver} -> {to} at step {step}" + (f" ({', '.join(where)})" if where else ""))
+    return ", ".join(said)
+
+
+def _images(numbers: list[int]) -> str:
+    """``image 3``, ``images 1-4, 7``: sorted image numbers with runs of three or more as ranges."""
+    if len(numbers) == 1:
+        return f"image {numbers[0]}"
+    parts, start = [], 0
+    for i in range(1, len(numbers) + 1):
+        if i == len(numbers) or numbers[i] != numbers[i - 1] + 1:
+            run = numbers[start:i]
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)))
+            start = i
+    return "images " + ", ".join(parts)
+
+
 def candidates(original: int, active: int) -> list[int]:
     """What a check compares for one slot: the solver it forecasts with now (first), the
     profile's own solver (when the guard has switched away from it) and that solver's lower

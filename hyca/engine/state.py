@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..profiles.off_settings import OffSettings
-from .guard import Switch
+from .guard import Switch, describe_switches
 
 #: The note of a run in which some forecast came out NaN or Inf (and was computed instead).
 NON_FINITE = "a forecast was not finite (NaN or Inf); those steps were computed instead"
@@ -63,7 +63,7 @@ class RunStats:
         if self.profile is not None:
             text += f"; profile: {self.profile}"
         if self.switches:
-            text += "; guard: " + ", ".join(d.describe() for d in self.switches)
+            text += "; guard: " + describe_switches([(None, d) for d in self.switches])
         if self.notes:
             text += "; " + "; ".join(self.notes)
         return text

@@ -147,13 +147,7 @@ def _rows_from(out: Any, handed_on: Any, rows: list[slice]) -> Any:
 
 
 def describe_switches(stats: PassStats) -> str:
-    """``taylor-2 -> reuse at step 6 (image 1, uncond), ...``: each switch names its image
+    """``taylor-2 -> reuse at step 6 (images 1-2, uncond), ...``: each switch names its images
     (within its chunk: a chunk's rows are the run's images) and, when the run had several
-    branches, its branch."""
-    several = len({branch for branch, _ in stats.switches}) > 1
-    described = []
-    for branch, switch in stats.switches:
-        where = ([] if switch.item is None else [f"image {switch.item + 1}"]) + ([branch] if several else [])
-        text = f"{switch.solver} -> {switch.to} at step {switch.step}"
-        described.append(text + (f" ({', '.join(where)})" if where else ""))
-    return ", ".join(described)
+    branches, its branch (:func:`hyca.engine.guard.describe_switches`)."""
+    return stats.describe_switches()

@@ -30,10 +30,10 @@ from ...profiles.settings import RunSettings
 from . import gates, kinds, probe
 from .adapter import Adapter
 from .fingerprint import fingerprint
-from .profiles import Chosen, ProfileBook
+from .profiles import AUTOMATIC, Chosen, ProfileBook
 from .registry import recognise, supported
 from .session import PassSession, PassStats, step_of
-from .settings import Settings, torch_dtype
+from .settings import INFOTEXT_KEYS, Settings, torch_dtype
 
 logger = logging.getLogger("hyca.webui")
 
@@ -181,6 +181,8 @@ class Controller:
                                   lora_key, settings.lora_reuse)
         for note in chosen.notes:
             self.say_once(note)
+        if chosen.source == AUTOMATIC and settings.profile != AUTOMATIC and hasattr(p, "extra_generation_params"):
+            p.extra_generation_params[INFOTEXT_KEYS["profile"]] = AUTOMATIC  # what ran: pasting it back asks for that
         if settings.speedup:
             settings = self._interval_for_target(p, settings, hires)
         schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)

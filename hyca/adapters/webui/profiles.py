@@ -179,8 +179,9 @@ class ProfileBook:
     def _resolve(self, fp: dict, choice: str, hub_repo: str, interval: int | None, key: tuple) -> Chosen:
         blocks, dim = sum(fp["blocks"].values()), fp["hidden_size"]
         solver = _solver_named(choice)
-        if choice in UNIFORM or solver is not None:  # a label of the menu, or a solver name (fora, taylor-2, ...)
-            name = UNIFORM.get(choice, solver)
+        label = next((k for k in UNIFORM if k.casefold() == choice.casefold()), None)  # typed by an API caller
+        if label is not None or solver is not None:  # a label of the menu, or a solver name (fora, taylor-2, ...)
+            name = UNIFORM[label] if label is not None else solver
             return Chosen(Profile.uniform(name, blocks, dim), f"uniform {name}")
         files = local_profiles()
         if choice in files:

@@ -39,13 +39,13 @@ engine's forecast, as the diffusers root does (``HyCaRoot._head_pre`` /
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
 from ...engine.cache import BranchState, HybridCache, RunStats
-from ...engine.guard import Switch
+from ...engine.guard import Switch, describe_switches
 from ...engine.residual import ResidualError, ResidualMeter, Snapshot
 from ...profiles.off_settings import OffSettings
 from ...profiles.settings import RunSettings
@@ -134,10 +134,10 @@ class PassStats:
     off_settings: OffSettings | None = None
 
     def describe_switches(self) -> str:
-        """``taylor-2 -> taylor-1 at step 6 (cond), ...``; the branch is named only when
-        the pass had several."""
-        several = len({branch for branch, _ in self.switches}) > 1
-        return ", ".join(d.describe() + (f" ({branch})" if several else "") for branch, d in self.switches)
+        """``taylor-2 -> taylor-1 at step 6 (images 1-4, cond), ...``
+        (:func:`hyca.engine.guard.describe_switches`); the branch is named only when the pass
+        had several."""
+        return describe_switches(self.switches, branches=len({branch for branch, _ in self.switches}) > 1)
 
     @property
     def flops_saving(self) -> float:
@@ -363,16 +363,30 @@ class PassSession:
         for key, branch in self._branches.items():
             steps.computed = max(steps.computed, branch.state.stats.computed)
             steps.forecast = max(steps.forecast, branch.state.stats.forecast)
-            switches += [(branch_name(key), d) for d in branch.state.stats.switches]
+            switches += [_of_image(key, branch.state.items, d) for d in branch.state.stats.switches]
             notes += [n for n in branch.state.stats.notes if n not in notes]
             off_settings = off_settings or branch.state.stats.off_settings
         return PassStats(steps, self.calls_computed, self.calls_forecast, switches, notes, off_settings)
 
 
+_BRANCHES = {0: "cond", 1: "uncond"}  # the frontends' cond_or_uncond values
+
+
 def branch_name(key: tuple) -> str:
     """``cond``, ``uncond``, ``cond+uncond`` (one batched call) or ``call k`` (unnamed calls)."""
     (hint, _shape), slot = key
-    names = {0: "cond", 1: "uncond"}
     if hint:
-        return "+".join(names.get(h, str(h)) for h in hint)
+        return "+".join(_BRANCHES.get(h, str(h)) for h in hint)
     return "batch" if slot == 0 else f"call {slot + 1}"
+
+
+def _of_image(key: tuple, items: int | None, switch: Switch) -> tuple[str, Switch]:
+    """A switch with its branch, and, in a call that batches several branches (chunks of
+    the batch, in the order of the call's ``cond_or_uncond``), the chunk's branch and the
+    image within it: the engine counts the call's batch rows, which are not the images."""
+    (hint, _shape), _slot = key
+    if not hint or len(hint) < 2 or switch.item is None or not items or items % len(hint):
+        return branch_name(key), switch
+    per_chunk = items // len(hint)
+    chunk, image = divmod(switch.item, per_chunk)
+    return _BRANCHES.get(hint[chunk], str(hint[chunk])), replace(switch, item=image if per_chunk > 1 else None)
