@@ -268,5 +268,6 @@ def test_a_lora_probe_of_another_target_than_the_base_is_said_not_compared(isola
                         lora_hash="abc123")
     out = capsys.readouterr().out
     assert len(calls) == 2 and p.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
-    assert "it forecasts the output head's input, the base profile the blocks' residuals: their clusters are not compared" in out, out
+    assert ("it forecasts the output head's input, the base profile the blocks' residuals: their clusters are not "
+            "compared") in out, out
     assert "HyCa LoRA ARI" not in p.extra_generation_params

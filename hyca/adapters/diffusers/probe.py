@@ -229,8 +229,8 @@ def check_probe_kwargs(pipe: Any, kwargs: dict[str, Any]) -> None:
         return  # the pipeline takes any keyword: it checks them itself
     unknown = [k for k in kwargs if k not in _NAMED and k not in PROBE_KEYS and k not in parameters]
     if unknown:
-        raise ValueError(f"probe_kwargs: {unknown[0]!r} is neither a hyca.probe setting ({', '.join(_NAMED + PROBE_KEYS)}) "
-                         f"nor an argument of {type(pipe).__name__}.__call__")
+        raise ValueError(f"probe_kwargs: {unknown[0]!r} is neither a hyca.probe setting "
+                         f"({', '.join(_NAMED + PROBE_KEYS)}) nor an argument of {type(pipe).__name__}.__call__")
 
 
 def probe(

@@ -111,8 +111,9 @@ class Chooser:
         if profile is self.template.profile:
             return hooks.fresh_engine(self.template)
         template = self.template
-        made = HybridCache(profile, self.schedule, template.positions, template.cache_dtype, guard=template.guard_option,
-                           compare_settings=template.compare_settings, off_settings=template.off_settings)
+        made = HybridCache(profile, self.schedule, template.positions, template.cache_dtype,
+                           guard=template.guard_option, compare_settings=template.compare_settings,
+                           off_settings=template.off_settings)
         made._told = template._told  # logged once per enabled model, noted in each run's stats
         return made
 
