@@ -96,6 +96,13 @@ def _check_probe_args(args: argparse.Namespace) -> None:
             raise CLIError(f"-o {args.output}: the folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
             raise CLIError(f"-o {args.output}: the folder {folder} is not writable")
+    if args.candidates is not None or args.singles is not None:
+        from .probing import check_options
+
+        try:
+            check_options({"candidates": args.candidates, "singles": args.singles})
+        except ValueError as err:
+            raise CLIError(f"--singles: {err}") from None
     if args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
         raise CLIError(f"--model {args.model}: no such folder")
     if args.height is not None and args.width is not None:  # before loading: a size no model here can serve
@@ -320,18 +327,21 @@ def _add_probe(p: argparse.ArgumentParser) -> None:
                    help='diffusers pipeline path or Hub repo id; "reference" (or a saved reference folder) '
                         "for the shipped reference model")
     for name, kind, what, default in [  # the defaults are hyca.probe's (the reference model names its own)
-        ("prompt", str, "caption of the probing run, sampled under 4 noises", "the model's own captions"),
+        ("prompt", str, "caption of the probing run, sampled under 4 noises",
+         "four generic captions; the reference model's own four"),
         ("height", int, "image height in pixels", "256; the reference model 32"),
         ("width", int, "image width in pixels", "256; the reference model 32"), ("steps", int, "sampling steps", "28"),
         ("interval", int, "interval N it will run at", "5"), ("warmup", int, "fully computed warm-up steps", "3"),
         ("clusters", int, "clusters per block", "4"), ("seed", int, "random seed", "0"),
     ]:
         p.add_argument(f"--{name}", type=kind, help=f"{what} (default: {default})")
-    p.add_argument("--positions", choices=["step", "sigma"], help="axis the solvers extrapolate along")
+    p.add_argument("--positions", choices=["step", "sigma"], help="axis the solvers extrapolate along (default: step)")
     p.add_argument("--guidance-scale", type=float,
                    help="classifier-free guidance scale you sample with (true_cfg_scale for FLUX / Qwen-Image); "
-                        "with guidance both branches are recorded and the guided output is scored")
-    p.add_argument("--shift", type=float, help="scheduler shift you sample with (flow-matching schedulers)")
+                        "with guidance both branches are recorded and the guided output is scored (default: "
+                        "the pipeline's own)")
+    p.add_argument("--shift", type=float,
+                   help="scheduler shift you sample with (flow-matching schedulers; default: the scheduler's own)")
     p.add_argument("--selection", choices=["closed-loop", "eq5"],
                    help="closed-loop (default): validated on cached runs of the probe's prompt; eq5: the paper's "
                         "open-loop choice alone")

@@ -206,6 +206,7 @@ def test_probe_takes_candidates_and_singles_as_comma_lists(tmp_path, capsys):
                  "--candidates", "reuse, taylor-1", "--singles", "reuse", "-o", str(out)]) == 0
     profile = load_profile(out)
     assert profile.metadata["probe"]["singles"] == ["reuse"]
+    assert profile.metadata["probe"]["candidates"] == ["reuse", "taylor-1"]  # recorded, shown by `show`
     assert {pool_names()[i] for i in profile.solvers.unique().tolist()} <= {"reuse", "taylor-1"}
     capsys.readouterr()
     with pytest.raises(SystemExit) as err:
@@ -248,6 +249,8 @@ def test_probe_of_a_missing_model_is_one_line(tmp_path, capsys):
     (["--shift", "0"], "--shift must be positive, got 0.0"),
     (["--clusters", "0"], "--clusters must be at least 1 (clusters per block), got 0"),
     (["--device", "foo"], "--device 'foo' is not a torch device"),
+    (["--candidates", "reuse", "--singles", "taylor-2"],
+     "--singles: singles ['taylor-2'] are not among the candidates ['reuse']"),
     (["-o", "/no/such/folder/p.safetensors"],
      "-o /no/such/folder/p.safetensors: the folder /no/such/folder does not exist"),
 ])

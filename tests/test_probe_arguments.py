@@ -22,7 +22,14 @@ WRONG = [
     (dict(tolerance="xyz"), "tolerance must be 'best', 'se' or a margin in dB >= 0, got 'xyz'"),
     (dict(tolerance=-1.0), "tolerance must be 'best', 'se' or a margin in dB >= 0, got -1.0"),
     (dict(halving="yes"), "halving must be True or False, got 'yes'"),
-    (dict(clusters=0), "clusters must be a positive integer"),
+    (dict(clusters=0), "clusters must be an integer >= 1, got 0"),
+    (dict(n_init=0), "n_init must be an integer >= 1, got 0"),
+    (dict(spectral_rows="x"), "spectral_rows must be None or an integer >= 0"),
+    (dict(selection="best"), "selection must be one of ('closed-loop', 'eq5'), got 'best'"),
+    (dict(target="blocks"), "target must be one of"),
+    (dict(on_progress=5), "on_progress must be a callable"),
+    (dict(branch=""), "branch must be the cond branch's context name"),
+    (dict(accumulate_on="nowhere"), "accumulate_on must be None or a torch device"),
 ]
 
 
@@ -44,6 +51,12 @@ def test_right_options_pass():
     (dict(bogus=1), "'bogus' is neither a hyca.probe setting"),
     (dict(prompt=[]), "prompt must be a caption or a non-empty list of captions"),
     (dict(prompt=["ok", 5]), "prompt must be a caption or a non-empty list of captions"),
+    (dict(prompt=["ok", " "]), "prompt must be a caption or a non-empty list of captions"),
+    (dict(num_inference_steps=20), "'num_inference_steps' is set by HyCa itself; use steps="),
+    (dict(generator=None), "'generator' is set by HyCa itself; use seed="),
+    (dict(interval=6), "'interval' is set by HyCa itself; use hyca.enable's interval="),
+    (dict(steps=24), "'steps' is set by HyCa itself"),
+    (dict(height=33.5), "height must be a positive number of pixels"),
 ])
 def test_enable_refuses_wrong_probe_kwargs_when_called(options, message):
     pipe = tiny_pipeline(tiny_flux())

@@ -122,7 +122,9 @@ def check_options(options: Mapping[str, Any]) -> None:
         names = options.get(name)
         if names is None:
             continue
-        if isinstance(names, str) or not isinstance(names, Sequence):
+        if isinstance(names, str):
+            raise ValueError(f"{name} must be a list of solver names, e.g. [{names!r}], not a string")
+        if not isinstance(names, Sequence):
             raise ValueError(f"{name} must be a list of solver names, e.g. ['reuse', 'taylor-1'], got {names!r}")
         wrong = [n for n in names if not isinstance(n, str)]
         if wrong:
@@ -137,9 +139,27 @@ def check_options(options: Mapping[str, Any]) -> None:
     for name in ("halving", "refine", "shared", "guard"):
         if name in options and not isinstance(options[name], bool):
             raise ValueError(f"{name} must be True or False, got {options[name]!r}")
-    clusters = options.get("clusters", 1)
-    if isinstance(clusters, bool) or not isinstance(clusters, numbers.Integral) or clusters < 1:
-        raise ValueError(f"clusters must be a positive integer (clusters per block), got {clusters!r}")
+    for name, smallest in (("clusters", 1), ("rows", 1), ("n_init", 1), ("seed", 0)):
+        value = options.get(name, smallest)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < smallest:
+            raise ValueError(f"{name} must be an integer >= {smallest}, got {value!r}")
+    spectral = options.get("spectral_rows")
+    if spectral is not None and (isinstance(spectral, bool) or not isinstance(spectral, numbers.Integral)
+                                 or spectral < 0):
+        raise ValueError(f"spectral_rows must be None or an integer >= 0, got {spectral!r}")
+    for name, allowed in (("selection", SELECTIONS), ("target", TARGETS), ("positions", ("step", "sigma"))):
+        if name in options and options[name] not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {options[name]!r}")
+    if "branch" in options and not (isinstance(options["branch"], str) and options["branch"]):
+        raise ValueError(f"branch must be the cond branch's context name, e.g. 'cond', got {options['branch']!r}")
+    if options.get("on_progress") is not None and not callable(options["on_progress"]):
+        raise ValueError(f"on_progress must be a callable (fraction, text) or None, got {options['on_progress']!r}")
+    where = options.get("accumulate_on")
+    if where is not None:
+        try:
+            torch.device(where)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"accumulate_on must be None or a torch device such as 'cpu', got {where!r}") from None
 
 
 #: The closed loop's default rule: the best mean. The simplest-within-noise rules and halving
@@ -214,7 +234,13 @@ def probe_host(
     seed). Raises ``ValueError`` on bad settings, ``RuntimeError`` when a recording fails.
     """
     check_options(dict(candidates=candidates, singles=singles, tolerance=tolerance, halving=halving, refine=refine,
-                       shared=shared, guard=guard, clusters=clusters))
+                       shared=shared, guard=guard, clusters=clusters, rows=rows, n_init=n_init, seed=seed,
+                       spectral_rows=spectral_rows, selection=selection, target=target, positions=positions,
+                       branch=branch, on_progress=on_progress, accumulate_on=accumulate_on))
+    clusters = int(clusters)  # numpy integers too
+    if clusters > host.hidden_size:
+        raise ValueError(f"clusters ({clusters}) must be at most the hidden size ({host.hidden_size}): "
+                         "a cluster is a group of feature dimensions")
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     if target not in TARGETS:
@@ -308,6 +334,7 @@ def probe_host(
         "chosen_for": chosen_for.to_json(),
         "probe": {**(facts or {}), "steps": steps, "clusters": clusters, "shared": shared, "seed": seed,
                   "rows": rows, "spectral_rows": spectral_rows, "n_init": n_init, "branch": branch,
+                  "candidates": [s.name for s in solvers] if candidates is not None else None,
                   "singles": [s.name for s in alone],
                   "selection": selection, "guard": guard, "tolerance": tolerance,
                   "halving": list(screen.first) if screen is not None else None, "refine": refine},

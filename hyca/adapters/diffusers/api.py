@@ -247,10 +247,13 @@ def enable(
         raise ValueError(f"scheduler must be the diffusers scheduler that drives your sampling loop, got {scheduler!r}")
     if probe_kwargs is not None and not isinstance(probe_kwargs, Mapping):
         raise ValueError(f"probe_kwargs must be a dict of hyca.probe arguments, got {probe_kwargs!r}")
-    if probe_kwargs and not isinstance(target, torch.nn.Module):  # its probe may run much later, in a pipeline call
+    if probe_kwargs and isinstance(target, torch.nn.Module):
+        logger.warning("HyCa: probe_kwargs are not used: a bare transformer is never probed (no pipeline to sample "
+                       "with); pass a profile file, or enable HyCa on the pipeline")
+    elif probe_kwargs:  # its probe may run much later, in a pipeline call
         from .probe import check_probe_kwargs
 
-        check_probe_kwargs(target, dict(probe_kwargs))
+        check_probe_kwargs(target, dict(probe_kwargs), owned=_OWNED_BY_ENABLE)
     guidance = None if guidance_scale is None else max(float(guidance_scale), 1.0)  # diffusers guides above 1 only
     steps = None if num_inference_steps is None else int(num_inference_steps)  # numpy integers too
     run = RunSettings(steps=steps, guidance_scale=guidance, interval=interval, warmup=warmup,
@@ -315,6 +318,12 @@ def _cache_dtype(value: Any) -> torch.dtype | None:
         return value
     raise ValueError(f"cache_dtype must be None (the model's dtype) or a floating dtype such as torch.bfloat16, "
                      f"got {value!r}")
+
+
+#: probe_kwargs that hyca.enable sets for its probes itself (from its own arguments or the call).
+_OWNED_BY_ENABLE = {"interval": "hyca.enable's interval=", "warmup": "hyca.enable's warmup=",
+                    "compute_last": "hyca.enable's compute_last=", "positions": "hyca.enable's positions=",
+                    "steps": "the pipeline call's num_inference_steps= (or hyca.enable's, to probe now)"}
 
 
 def _check_run(guard: Any, steps: Any, guidance: Any, profile: Any, target: Any) -> None:

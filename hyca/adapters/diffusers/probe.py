@@ -14,7 +14,7 @@ import contextlib
 import inspect
 import logging
 import operator
-from typing import Any, Callable, Iterator, Unpack
+from typing import Any, Callable, Iterator, Mapping, Unpack
 
 import torch
 
@@ -211,17 +211,32 @@ _NAMED = ("prompt", "height", "width", "steps", "interval", "warmup", "positions
 def _check_prompt(prompt: Any) -> None:
     if isinstance(prompt, str) and prompt.strip():
         return
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) and p.strip() for p in prompt):
         return
     raise ValueError(f"prompt must be a caption or a non-empty list of captions, got {prompt!r:.80}")
 
 
-def check_probe_kwargs(pipe: Any, kwargs: dict[str, Any]) -> None:
+#: Pipeline-call arguments the probe sets itself, and what to give instead.
+_SET_BY_PROBE = {"num_inference_steps": "steps=", "generator": "seed="}
+
+
+def check_probe_kwargs(pipe: Any, kwargs: dict[str, Any], owned: Mapping[str, str] | None = None) -> None:
     """``probe(pipe, **kwargs)``'s arguments checked without running it (``hyca.enable``'s
     ``probe_kwargs``, whose probe may run hours later inside a pipeline call): ``ValueError``
     for one that is neither a probe setting nor an argument of the pipeline's ``__call__``,
-    and for a probe setting of the wrong kind (:func:`hyca.probing.probe.check_options`)."""
-    check_options({k: v for k, v in kwargs.items() if k in PROBE_KEYS or k in ("clusters", "shared")})
+    one the probe sets itself, one of ``owned`` (name -> where the caller sets it), and a
+    probe setting of the wrong kind (:func:`hyca.probing.probe.check_options`)."""
+    for name, instead in {**_SET_BY_PROBE, **(owned or {})}.items():
+        if name in kwargs:
+            raise ValueError(f"probe_kwargs: {name!r} is set by HyCa itself; use {instead}")
+    check_options({k: v for k, v in kwargs.items() if k in PROBE_KEYS or k in _NAMED})
+    for name in ("steps", "interval", "warmup"):
+        if name in kwargs and (isinstance(kwargs[name], bool) or not isinstance(kwargs[name], int)
+                               or kwargs[name] < 1):
+            raise ValueError(f"{name} must be a positive integer, got {kwargs[name]!r}")
+    for name in ("height", "width"):
+        if kwargs.get(name) is not None:
+            _pixels(name, kwargs[name])
     if kwargs.get("prompt") is not None:
         _check_prompt(kwargs["prompt"])
     parameters = inspect.signature(type(pipe).__call__).parameters
@@ -277,8 +292,9 @@ def probe(
     prompt, height, width = (v if v is not None else own.get(k, fallback[k]) for k, v in given.items())
     height, width = (_pixels(name, value) for name, value in (("height", height), ("width", width)))
     options = {**{k: v for k, v in own.items() if k not in given}, **options}
+    check_probe_kwargs(pipe, {**options, "steps": steps, "interval": interval, "warmup": warmup, "clusters": clusters,
+                              "shared": shared, "seed": seed, "positions": positions})
     probe_options = {k: options.pop(k) for k in PROBE_KEYS if k in options}
-    check_options({**probe_options, "clusters": clusters, "shared": shared})
     call = {"output_type": "latent", **options}
     if "prompt_embeds" not in call:
         _check_prompt(prompt)
