@@ -292,6 +292,7 @@ def test_local_profile_file_is_listed_validated_and_used(kind, tmp_path, monkeyp
     # a profile for another model: one clear line, and the generation runs uncached
     assert torch.equal(wrong.images[0], plain.images[0])
     assert "HyCa steps" not in p_wrong.extra_generation_params
+    assert p_wrong.extra_generation_params["HyCa error"] == "ProfileError, this pass ran uncached"  # said there too
     lines = [line for line in capsys.readouterr().out.splitlines() if "could not start" in line]
     assert len(lines) == 1 and "foreign.safetensors" in lines[0]
 

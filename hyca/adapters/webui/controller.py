@@ -30,10 +30,10 @@ from ...profiles.settings import RunSettings
 from . import gates, kinds, probe
 from .adapter import Adapter
 from .fingerprint import fingerprint
-from .profiles import AUTOMATIC, Chosen, ProfileBook
+from .profiles import AUTOMATIC, Chosen, ProfileBook, menu_label
 from .registry import recognise, supported
 from .session import PassSession, PassStats, step_of
-from .settings import INFOTEXT_KEYS, Settings, torch_dtype
+from .settings import ERROR_KEY, INFOTEXT_KEYS, Settings, torch_dtype
 
 logger = logging.getLogger("hyca.webui")
 
@@ -154,6 +154,8 @@ class Controller:
         except Exception as error:  # noqa: BLE001 - never break the host UI
             self.session = None
             console(f"could not start ({type(error).__name__}: {error}); this pass runs uncached")
+            if hasattr(p, "extra_generation_params"):  # the settings keys say what was asked; this, what ran
+                p.extra_generation_params[ERROR_KEY] = f"{type(error).__name__}, this pass ran uncached"
             return False
 
     def _start_pass(self, p: Any, settings: Settings, hires: bool) -> bool:
@@ -181,8 +183,9 @@ class Controller:
                                   lora_key, settings.lora_reuse)
         for note in chosen.notes:
             self.say_once(note)
-        if chosen.source == AUTOMATIC and settings.profile != AUTOMATIC and hasattr(p, "extra_generation_params"):
-            p.extra_generation_params[INFOTEXT_KEYS["profile"]] = AUTOMATIC  # what ran: pasting it back asks for that
+        ran = AUTOMATIC if chosen.source == AUTOMATIC else menu_label(settings.profile)
+        if ran != settings.profile and hasattr(p, "extra_generation_params"):
+            p.extra_generation_params[INFOTEXT_KEYS["profile"]] = ran  # what ran: pasting it back asks for that
         if settings.speedup:
             settings = self._interval_for_target(p, settings, hires)
         schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)

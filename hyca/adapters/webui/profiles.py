@@ -82,6 +82,12 @@ def choices() -> list[str]:
     return [AUTOMATIC, *UNIFORM, *local_profiles({c for a in ADAPTERS for c in a.classes})]
 
 
+def menu_label(choice: str) -> str:
+    """``choice`` as the menu spells it when it names a menu entry in another case
+    (``Automatic``, ``taylorseer (TAYLOR-2)``: an API caller's typing), else unchanged."""
+    return next((label for label in (AUTOMATIC, *UNIFORM) if label.casefold() == choice.casefold()), choice)
+
+
 def _solver_named(choice: str) -> str | None:
     """The pool solver ``choice`` names (``fora``, ``taylor-2``, ...), or None."""
     from ...math.solvers import get_solver
@@ -119,7 +125,7 @@ class ProfileBook:
                interval: int | None = None, lora_key: str = "", lora_reuse: bool = True) -> Chosen:
         """The profile for a pass about to start, or, for "automatic" and for a LoRA set
         probed on its own, a :class:`Chosen` without one, settled at the first model call."""
-        fp = fingerprint(model, adapter)
+        fp, choice = fingerprint(model, adapter), menu_label(choice)
         base_key = (fp["config_sha256"], choice, hub_repo, interval)
         base = self._known.get(base_key) or self._resolve(fp, choice, hub_repo, interval, base_key)
         if base.profile is not None:
@@ -178,10 +184,10 @@ class ProfileBook:
 
     def _resolve(self, fp: dict, choice: str, hub_repo: str, interval: int | None, key: tuple) -> Chosen:
         blocks, dim = sum(fp["blocks"].values()), fp["hidden_size"]
+        choice = menu_label(choice)
         solver = _solver_named(choice)
-        label = next((k for k in UNIFORM if k.casefold() == choice.casefold()), None)  # typed by an API caller
-        if label is not None or solver is not None:  # a label of the menu, or a solver name (fora, taylor-2, ...)
-            name = UNIFORM[label] if label is not None else solver
+        if choice in UNIFORM or solver is not None:  # a label of the menu, or a solver name (fora, taylor-2, ...)
+            name = UNIFORM.get(choice, solver)
             return Chosen(Profile.uniform(name, blocks, dim), f"uniform {name}")
         files = local_profiles()
         if choice in files:

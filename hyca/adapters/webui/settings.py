@@ -22,7 +22,8 @@ INFOTEXT_KEYS = {
 #: History precision choices; "model" keeps the dtype the blocks compute in.
 CACHE_DTYPES = ("model", "bfloat16", "float16", "float32")
 #: Results, written after sampling.
-RESULT_KEYS = ("HyCa steps", "HyCa saving", "HyCa LoRA ARI", "HyCa guard switches", "HyCa off-settings")
+ERROR_KEY = "HyCa error"  # a pass HyCa could not start ran uncached: why
+RESULT_KEYS = ("HyCa steps", "HyCa saving", "HyCa LoRA ARI", "HyCa guard switches", "HyCa off-settings", ERROR_KEY)
 #: Paste-field name of the enable box (never written: HyCa is on when "HyCa N" is there).
 ENABLED_KEY = "HyCa"
 #: What an infotext written with HyCa on but without a key meant: the key is left out at
