@@ -120,3 +120,17 @@ def test_a_forward_with_gradients_in_eval_mode_passes_through():
     assert torch.equal(got_grad, want_grad)
     stats = hyca.stats(patched)[0]
     assert (stats.computed, stats.forecast) == (5, 0)  # the five forwards with gradients, in full
+
+
+def test_each_pipeline_call_in_training_mode_reports_its_own_calls():
+    """Two pipeline calls with the model in training mode: hyca.stats gives the latest
+    call's transformer calls (STEPS, one branch), not the sum over both calls."""
+    pipe = tiny_pipeline(tiny_flux())
+    hyca.enable(pipe, profile="taylor-2", interval=INTERVAL, warmup=WARMUP)
+    pipe.transformer.train()
+    with torch.no_grad():
+        validation_images(pipe)
+        validation_images(pipe)
+    stats = hyca.stats(pipe)[0]
+    assert (stats.computed, stats.forecast) == (STEPS, 0) and any("training mode" in n for n in stats.notes)
+    hyca.disable(pipe)

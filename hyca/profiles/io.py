@@ -234,11 +234,10 @@ def _hyca_header(path: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
     meta = raw.get("__metadata__")
     text = meta.get(HEADER_KEY) if isinstance(meta, dict) else None
     if not isinstance(text, str):
-        raise ProfileError(
-            f"{path}: not a HyCa profile: a safetensors file without HyCa metadata (tensors: "
-            f"{', '.join(sorted(k for k in raw if k != '__metadata__')) or 'none'}); "
-            "make a profile with: python -m hyca probe"
-        )
+        names = sorted(k for k in raw if k != "__metadata__")
+        shown = ", ".join(names[:4]) + (f", ... ({len(names)} tensors)" if len(names) > 4 else "")
+        raise ProfileError(f"{path}: not a HyCa profile: a safetensors file without HyCa metadata (tensors: "
+                           f"{shown or 'none'}); make a profile with: python -m hyca probe")
     try:
         header = json.loads(text)
     except (json.JSONDecodeError, RecursionError):

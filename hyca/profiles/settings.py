@@ -178,7 +178,7 @@ def _differing(chosen: RunSettings, run: RunSettings, own_sigmas: bool = False) 
         out["guidance"] = f"{chosen.guidance_scale:g} vs {run.guidance_scale:g}"
     if both("sigmas"):
         if _sigmas_differ(chosen.sigmas, run.sigmas):
-            out["sigmas"] = "another sigma schedule"
+            out["sigmas"] = "differ"
     elif own_sigmas and (chosen.sigmas is None) != (run.sigmas is None):
         out["sigmas"] = "the scheduler's own vs given" if run.sigmas is not None else "given vs the scheduler's own"
     elif both("shift") and not _close(chosen.shift, run.shift):

@@ -159,6 +159,7 @@ class Requests:
                 chooser = _CHOOSERS.get(transformer, chooser)
             if root is None or root.engine is not chooser.template:
                 continue  # HyCa set aside (a probe running) or disabled
+            root.forget_uncached()  # this call's uncached calls (training mode) count alone
             told = read_call(pipe, call, args, kwargs) if told is None else told
             if told is None:
                 break  # arguments the pipeline itself will refuse

@@ -411,6 +411,11 @@ class HyCaRoot(HookChain):
         while len(latest) > MAX_THREADS_REMEMBERED:
             latest.pop(next(iter(latest)))
 
+    def forget_uncached(self) -> None:
+        """A pipeline call begins: the calling thread's count of calls HyCa stayed out of
+        starts again (``hyca.stats`` reports one call's, not the sum of every call's)."""
+        self._uncached.pop(threading.get_ident(), None)
+
     def _pass_training(self, module: torch.nn.Module) -> None:
         """A forward with gradients enabled or the model in training mode runs uncached and
         touches no run state (a training step after validation images, ParaAttention #15,
