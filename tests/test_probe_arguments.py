@@ -55,7 +55,6 @@ def test_right_options_pass():
     (dict(num_inference_steps=20), "'num_inference_steps' is set by HyCa itself; use steps="),
     (dict(generator=None), "'generator' is set by HyCa itself; use seed="),
     (dict(interval=6), "'interval' is set by HyCa itself; use hyca.enable's interval="),
-    (dict(steps=24), "'steps' is set by HyCa itself"),
     (dict(height=33.5), "height must be a positive number of pixels"),
 ])
 def test_enable_refuses_wrong_probe_kwargs_when_called(options, message):
@@ -64,6 +63,16 @@ def test_enable_refuses_wrong_probe_kwargs_when_called(options, message):
         hyca.enable(pipe, "taylor-1", interval=3, warmup=2, probe_kwargs=options)
     assert message in str(err.value)
     assert not hyca.is_enabled(pipe)  # refused before anything was patched
+
+
+def test_steps_told_twice_must_agree():
+    """probe_kwargs' steps prepare a profile for those steps; with num_inference_steps as
+    well, the two must be the same (a 24-step profile was saved under a 16-step name)."""
+    pipe = tiny_pipeline(tiny_flux())
+    with pytest.raises(ValueError, match="probe_kwargs steps=24 and num_inference_steps=16 differ"):
+        hyca.enable(pipe, "taylor-1", interval=3, warmup=2, num_inference_steps=16, probe_kwargs=dict(steps=24))
+    hyca.enable(pipe, "taylor-1", interval=3, warmup=2, probe_kwargs=dict(steps=24))  # steps alone: allowed
+    hyca.disable(pipe)
 
 
 def test_enable_takes_the_pipelines_own_call_arguments_and_probe_settings():

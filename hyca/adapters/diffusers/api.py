@@ -254,6 +254,10 @@ def enable(
         from .probe import check_probe_kwargs
 
         check_probe_kwargs(target, dict(probe_kwargs), owned=_OWNED_BY_ENABLE)
+        told_steps = probe_kwargs.get("steps")
+        if num_inference_steps is not None and told_steps is not None and told_steps != num_inference_steps:
+            raise ValueError(f"probe_kwargs steps={told_steps!r} and num_inference_steps={num_inference_steps!r} "
+                             "differ: give the steps you sample with once (num_inference_steps=)")
     guidance = None if guidance_scale is None else max(float(guidance_scale), 1.0)  # diffusers guides above 1 only
     steps = None if num_inference_steps is None else int(num_inference_steps)  # numpy integers too
     run = RunSettings(steps=steps, guidance_scale=guidance, interval=interval, warmup=warmup,
@@ -322,8 +326,7 @@ def _cache_dtype(value: Any) -> torch.dtype | None:
 
 #: probe_kwargs that hyca.enable sets for its probes itself (from its own arguments or the call).
 _OWNED_BY_ENABLE = {"interval": "hyca.enable's interval=", "warmup": "hyca.enable's warmup=",
-                    "compute_last": "hyca.enable's compute_last=", "positions": "hyca.enable's positions=",
-                    "steps": "the pipeline call's num_inference_steps= (or hyca.enable's, to probe now)"}
+                    "compute_last": "hyca.enable's compute_last=", "positions": "hyca.enable's positions="}
 
 
 def _check_run(guard: Any, steps: Any, guidance: Any, profile: Any, target: Any) -> None:
