@@ -10,6 +10,7 @@ import torch
 from diffusers import TaylorSeerCacheConfig
 
 import hyca
+from hyca.engine.cache import LAST_FORECAST
 from hyca.adapters.diffusers.fingerprint import fingerprint
 from hyca.adapters.diffusers.probe import probe_transformer
 from hyca.engine.schedule import Schedule
@@ -115,7 +116,9 @@ def test_taylorseer_lite_order_1_is_the_same_forecast():
     hyca.enable(pipe, profile=profile, interval=INTERVAL, warmup=WARMUP, guard=False)
     ours, theirs, full = run(pipe), run(lite), run(tiny_pipeline(fresh_copy(model)))
     stats = hyca.stats(pipe)[0]
-    assert not stats.notes  # the profile's own schedule: nothing to say
+    # the profile's own schedule: nothing to say but that its end forecasts the last step the
+    # run asked computed (the first helper found it said nowhere but in `hyca show`)
+    assert stats.notes == [LAST_FORECAST]
     assert (stats.computed, stats.forecast) == (5, 7)  # steps 0, 1, 3, 6, 9 of 12
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert (ours - full).abs().max() > 1e-2  # forecasting did change the run: the agreement is not vacuous
