@@ -126,7 +126,7 @@ def forge_p(lora_hash):
 
 
 def test_lora_identity_on_forge_and_neo():
-    from hyca.adapters.webui.controller import lora_identity
+    from hyca.adapters.webui.processing import lora_identity
 
     assert lora_identity(forge_p(str([]))) == ""  # backend/diffusion_engine/base.py default
     assert lora_identity(forge_p("")) == ""
@@ -135,7 +135,7 @@ def test_lora_identity_on_forge_and_neo():
 
 
 def test_lora_identity_on_a1111_follows_loaded_networks(monkeypatch):
-    from hyca.adapters.webui.controller import lora_identity
+    from hyca.adapters.webui.processing import lora_identity
     from webui_harness import standins
 
     with standins("forge"):
