@@ -102,7 +102,7 @@ def _check_probe_args(args: argparse.Namespace) -> None:
         try:
             check_options({"candidates": args.candidates, "singles": args.singles})
         except ValueError as err:
-            raise CLIError(f"--singles: {err}") from None
+            raise CLIError(f"--candidates / --singles: {err}") from None
     if args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
         raise CLIError(f"--model {args.model}: no such folder")
     if args.height is not None and args.width is not None:  # before loading: a size no model here can serve

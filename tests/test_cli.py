@@ -250,7 +250,7 @@ def test_probe_of_a_missing_model_is_one_line(tmp_path, capsys):
     (["--clusters", "0"], "--clusters must be at least 1 (clusters per block), got 0"),
     (["--device", "foo"], "--device 'foo' is not a torch device"),
     (["--candidates", "reuse", "--singles", "taylor-2"],
-     "--singles: singles ['taylor-2'] are not among the candidates ['reuse']"),
+     "--candidates / --singles: singles ['taylor-2'] are not among the candidates ['reuse']"),
     (["-o", "/no/such/folder/p.safetensors"],
      "-o /no/such/folder/p.safetensors: the folder /no/such/folder does not exist"),
 ])

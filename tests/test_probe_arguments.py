@@ -56,6 +56,7 @@ def test_right_options_pass():
     (dict(generator=None), "'generator' is set by HyCa itself; use seed="),
     (dict(interval=6), "'interval' is set by HyCa itself; use hyca.enable's interval="),
     (dict(height=33.5), "height must be a positive number of pixels"),
+    (dict(clusters=1000), "clusters (1000) must be at most the hidden size"),
 ])
 def test_enable_refuses_wrong_probe_kwargs_when_called(options, message):
     pipe = tiny_pipeline(tiny_flux())
@@ -63,6 +64,16 @@ def test_enable_refuses_wrong_probe_kwargs_when_called(options, message):
         hyca.enable(pipe, "taylor-1", interval=3, warmup=2, probe_kwargs=options)
     assert message in str(err.value)
     assert not hyca.is_enabled(pipe)  # refused before anything was patched
+
+
+def test_numpy_integers_are_integers():
+    import numpy as np
+
+    from hyca.adapters.diffusers.probe import check_probe_kwargs
+
+    pipe = tiny_pipeline(tiny_flux())
+    check_probe_kwargs(pipe, dict(steps=np.int64(12), interval=np.int64(3), warmup=np.int64(2), seed=np.int64(1),
+                                  clusters=np.int64(2), height=np.int64(32)))
 
 
 def test_steps_told_twice_must_agree():

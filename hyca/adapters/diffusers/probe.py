@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import numbers
 import operator
 from typing import Any, Callable, Iterator, Mapping, Unpack
 
@@ -231,9 +232,14 @@ def check_probe_kwargs(pipe: Any, kwargs: dict[str, Any], owned: Mapping[str, st
             raise ValueError(f"probe_kwargs: {name!r} is set by HyCa itself; use {instead}")
     check_options({k: v for k, v in kwargs.items() if k in PROBE_KEYS or k in _NAMED})
     for name in ("steps", "interval", "warmup"):
-        if name in kwargs and (isinstance(kwargs[name], bool) or not isinstance(kwargs[name], int)
+        if name in kwargs and (isinstance(kwargs[name], bool) or not isinstance(kwargs[name], numbers.Integral)
                                or kwargs[name] < 1):
             raise ValueError(f"{name} must be a positive integer, got {kwargs[name]!r}")
+    transformer = getattr(pipe, "transformer", None)
+    clusters = kwargs.get("clusters")
+    if clusters is not None and isinstance(transformer, torch.nn.Module) and clusters > hidden_size(transformer):
+        raise ValueError(f"clusters ({clusters}) must be at most the hidden size ({hidden_size(transformer)}): "
+                         "a cluster is a group of feature dimensions")
     for name in ("height", "width"):
         if kwargs.get(name) is not None:
             _pixels(name, kwargs[name])
@@ -294,6 +300,7 @@ def probe(
     options = {**{k: v for k, v in own.items() if k not in given}, **options}
     check_probe_kwargs(pipe, {**options, "steps": steps, "interval": interval, "warmup": warmup, "clusters": clusters,
                               "shared": shared, "seed": seed, "positions": positions})
+    steps, interval, warmup, clusters, seed = (int(v) for v in (steps, interval, warmup, clusters, seed))  # numpy ints
     probe_options = {k: options.pop(k) for k in PROBE_KEYS if k in options}
     call = {"output_type": "latent", **options}
     if "prompt_embeds" not in call:

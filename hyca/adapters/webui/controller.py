@@ -97,7 +97,7 @@ class Controller:
             return self._start_pass(p, settings, bool(getattr(p, "is_hr_pass", False)) if hires is None else hires)
         except Exception as error:  # noqa: BLE001 - never break the host UI
             self.session = None
-            console(f"could not start ({type(error).__name__}: {error}); this pass runs uncached")
+            self.say_once(f"could not start ({type(error).__name__}: {error}); its passes run uncached")
             if hasattr(p, "extra_generation_params"):  # the settings keys say what was asked; this, what ran
                 p.extra_generation_params[ERROR_KEY] = f"{type(error).__name__}, this pass ran uncached"
             return False
