@@ -109,3 +109,15 @@ def test_fewer_calibration_captions_than_the_default_are_said(caplog):
             hyca.probe(pipe, prompt=prompt, steps=6, interval=3, warmup=2, clusters=2, selection="eq5", progress=False)
         said[len(prompt)] = [r.getMessage() for r in caplog.records if "calibration sample" in r.getMessage()]
     assert len(said[1]) == 1 and "1 calibration sample(s)" in said[1][0] and not said[4]
+
+
+def test_singles_with_the_open_loop_choice_are_said_to_be_ignored(caplog):
+    """selection="eq5" tries no candidate alone: singles given with it are said to be
+    ignored, and the profile does not record them as tried."""
+    from hyca.reference import load_pipeline
+
+    with caplog.at_level(logging.WARNING, logger="hyca"):
+        profile = hyca.probe(load_pipeline(), steps=6, interval=3, warmup=2, clusters=2, selection="eq5",
+                             singles=["reuse"], progress=False)
+    assert any("selection='eq5' ignores them" in r.getMessage() for r in caplog.records)
+    assert profile.metadata["probe"]["singles"] is None

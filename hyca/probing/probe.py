@@ -259,6 +259,9 @@ def probe_host(
     solvers = candidate_solvers(candidates)
     alone = _singles(solvers, singles if singles is not None else (SINGLES if candidates is None else None))
     closing = selection == CLOSED_LOOP
+    if not closing and singles is not None:
+        logger.warning("HyCa probe: singles are tried alone by the closed loop only; selection=%r ignores them",
+                       selection)
     screen = None
     short = schedule.short_start(steps) if closing else None  # the other start the closed loop tries
     others = (short,) if short is not None else ()
@@ -335,7 +338,7 @@ def probe_host(
         "probe": {**(facts or {}), "steps": steps, "clusters": clusters, "shared": shared, "seed": seed,
                   "rows": rows, "spectral_rows": spectral_rows, "n_init": n_init, "branch": branch,
                   "candidates": [s.name for s in solvers] if candidates is not None else None,
-                  "singles": [s.name for s in alone],
+                  "singles": [s.name for s in alone] if closing else None,  # eq. 5 tries none alone
                   "selection": selection, "guard": guard, "tolerance": tolerance,
                   "halving": list(screen.first) if screen is not None else None, "refine": refine},
         "pool_version": POOL_VERSION,
