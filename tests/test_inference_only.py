@@ -133,4 +133,13 @@ def test_each_pipeline_call_in_training_mode_reports_its_own_calls():
         validation_images(pipe)
     stats = hyca.stats(pipe)[0]
     assert (stats.computed, stats.forecast) == (STEPS, 0) and any("training mode" in n for n in stats.notes)
+    # with true CFG each step calls the transformer per branch: still STEPS, of the branch called last
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        pipe(prompt_embeds=torch.randn(1, 5, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 24, generator=g),
+             negative_prompt_embeds=torch.randn(1, 5, 32, generator=g),
+             negative_pooled_prompt_embeds=torch.randn(1, 24, generator=g), true_cfg_scale=3.0, height=64, width=64,
+             num_inference_steps=STEPS, output_type="latent")
+    stats = hyca.stats(pipe)[0]
+    assert (stats.branch, stats.computed) == ("uncond", STEPS)
     hyca.disable(pipe)

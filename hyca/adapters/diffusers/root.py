@@ -23,7 +23,7 @@ from .chain import HookChain
 from .conflicts import CacheConflict, conflict_message, other_cache
 from .families import BlockList, Family, head_of
 from .runs import Run, Steps, _weak, calling_pipeline
-from .scopes import ACTIVE, REQUEST, UNANNOUNCED, BranchStates, Request, ScopeRouter, fresh_engine
+from .scopes import ACTIVE, DEFAULT_BRANCH, REQUEST, UNANNOUNCED, BranchStates, Request, ScopeRouter, fresh_engine
 from .settings import guidance_name, guidance_of, schedule_shift
 
 logger = logging.getLogger("hyca")
@@ -47,9 +47,9 @@ class HyCaRoot(HookChain):
         self.router = ScopeRouter(self)
         self.default = BranchStates(engine, self.router, self)
         self._latest: dict[int, BranchStates] = {}  # thread -> the scope of its latest run
-        #: thread -> its transformer calls computed in full since its latest cached run began
-        #: (training mode, gradients): what ``hyca.stats`` reports for that thread then
-        self._uncached: dict[int, RunStats] = {}
+        #: thread -> guidance branch -> its transformer calls computed in full since its latest
+        #: cached run began (training mode, gradients): what ``hyca.stats`` reports for it then
+        self._uncached: dict[int, dict[str, RunStats]] = {}
         self.meter = ResidualMeter()
         self.blocks = [block for _, block in blocks]
         self.block_hooks = [HyCaBlockHook(i, spec, self) for i, (spec, _) in enumerate(blocks)]
@@ -400,7 +400,8 @@ class HyCaRoot(HookChain):
         """What the calling thread's latest transformer calls did: its calls computed in
         full (training mode, gradients, with the note why) when those came after its latest
         cached run, else that run's stats (a copy)."""
-        stats = self._uncached.get(threading.get_ident()) or self.latest().engine.last_stats
+        uncached = self._uncached.get(threading.get_ident())
+        stats = next(reversed(uncached.values())) if uncached else self.latest().engine.last_stats
         return replace(stats, notes=list(stats.notes), switches=list(stats.switches))
 
     def _remember(self, states: BranchStates) -> None:
@@ -412,16 +413,19 @@ class HyCaRoot(HookChain):
             latest.pop(next(iter(latest)))
 
     def forget_uncached(self) -> None:
-        """A pipeline call begins: the calling thread's count of calls HyCa stayed out of
-        starts again (``hyca.stats`` reports one call's, not the sum of every call's)."""
+        """A pipeline call begins: its thread's count of calls HyCa stayed out of starts again."""
         self._uncached.pop(threading.get_ident(), None)
 
     def _pass_training(self, module: torch.nn.Module) -> None:
         """A forward with gradients enabled or the model in training mode runs uncached and
-        touches no run state (a training step after validation images, ParaAttention #15,
-        mflux #136: forecasting it would mix autograd graphs across steps); said once, and
-        counted as computed for the calling thread's ``hyca.stats``."""
-        uncached = self._uncached.setdefault(threading.get_ident(), RunStats())
+        touches no run state (ParaAttention #15, mflux #136: forecasting it would mix autograd
+        graphs across steps); said once, and counted as computed for the calling thread's
+        ``hyca.stats`` per guidance branch (its diffusers cache context), as cached steps are."""
+        branches = self._uncached.setdefault(threading.get_ident(), {})
+        context = self.router._context
+        name = getattr(context, "name", None) or DEFAULT_BRANCH
+        uncached = branches.pop(name, None) or RunStats(branch=name)
+        branches[name] = uncached  # the branch called last is the one reported, as for a cached run
         uncached.computed += 1
         while len(self._uncached) > MAX_THREADS_REMEMBERED:
             self._uncached.pop(next(iter(self._uncached)))
