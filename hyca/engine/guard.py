@@ -93,10 +93,9 @@ class Switch:
 
     def describe(self) -> str:
         """``taylor-2 -> taylor-1 at step 14 (image 2)``; the off-settings path's starting
-        switches say so (``... at step 1 (robust start)``): no check decided them."""
-        image = "" if self.item is None else f" (image {self.item + 1})"
-        start = f" ({self.by})" if self.by != "guard" else ""
-        return f"{self.solver} -> {self.to} at step {self.step}{image}{start}"
+        switches say so (``... at step 1 (robust start)``): no check decided them
+        (:func:`describe_switches` of this one switch)."""
+        return describe_switches([(None, self)])
 
 
 def describe_switches(switches: Sequence[tuple[str | None, Switch]], branches: bool = False) -> str:

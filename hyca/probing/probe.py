@@ -241,10 +241,6 @@ def probe_host(
     if clusters > host.hidden_size:
         raise ValueError(f"clusters ({clusters}) must be at most the hidden size ({host.hidden_size}): "
                          "a cluster is a group of feature dimensions")
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    if target not in TARGETS:
-        raise ValueError(f"target must be None, 'residual', 'output' or 'model_output', got {target!r}")
     offered = [name for name, (attribute, _) in _OTHER_TARGETS.items() if getattr(host, attribute, False)]
     if target in _OTHER_TARGETS and (selection != CLOSED_LOOP or target not in offered):
         raise ValueError(f"target={target!r} needs selection='closed-loop' and a host that offers "

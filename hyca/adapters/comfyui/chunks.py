@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..webui.session import Call, HyCaFailure, PassSession, PassStats
+from ..webui.session import Call, HyCaFailure, PassSession
 
 
 @dataclass
@@ -144,10 +144,3 @@ def _rows_from(out: Any, handed_on: Any, rows: list[slice]) -> Any:
             for part in rows:
                 mixed[key][part] = kept[part]
     return mixed
-
-
-def describe_switches(stats: PassStats) -> str:
-    """``taylor-2 -> reuse at step 6 (images 1-2, uncond), ...``: each switch names its images
-    (within its chunk: a chunk's rows are the run's images) and, when the run had several
-    branches, its branch (:func:`hyca.engine.guard.describe_switches`)."""
-    return stats.describe_switches()

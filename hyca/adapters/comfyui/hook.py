@@ -43,7 +43,7 @@ from ..webui.fingerprint import fingerprint
 from ..webui.profiles import Chosen, ProfileBook
 from ..webui.session import PassSession, PassStats
 from ..webui.settings import Settings, torch_dtype
-from .chunks import ChunkedSession, describe_switches
+from .chunks import ChunkedSession
 from .probe_host import ComfyProbeHost
 
 logger = logging.getLogger("hyca.comfyui")
@@ -87,7 +87,7 @@ class RunReport:
         if self.scheduled is not None and steps.total < self.scheduled:
             text += f"; stopped after {steps.total} of {self.scheduled} steps (interrupted, or an error)"
         if self.stats.switches:
-            text += f"; the guard switched {describe_switches(self.stats)}"
+            text += f"; the guard switched {self.stats.describe_switches()}"
         if self.failed:
             text += "; HyCa stopped caching in this run (see the console)"
         return text
