@@ -158,3 +158,69 @@ def test_a_chunk_that_computes_while_the_other_forecasts_gets_its_own_rows():
     cached = _toy_sampling(False, failing_step=99)
     # step 5 is forecast for cond in both runs, computed for uncond only after the failure
     assert torch.equal(batched[10], cached[10]) and not torch.allclose(batched[11], cached[11])
+
+
+# --- the model-output target: apply_model's output forecast per chunk ------------------------
+
+class OutputReuseReference:
+    """FORA on the model output, by hand: a forward hook on the unpatched diffusion model
+    stores, per ``cond_or_uncond`` chunk, its output (the flow velocity) on the call that
+    begins a computed step, and replaces that chunk's rows by the stored ones on a skipped
+    step. Steps are placed by sigma as :class:`test_comfyui.ReuseReference` places them."""
+
+    def __init__(self, computed: set[int]) -> None:
+        self.computed, self.stored, self.begun = computed, {}, {}
+
+    def __call__(self, module, args, kwargs, output):
+        options = kwargs["transformer_options"]
+        schedule = [float(s) for s in options["sample_sigmas"]]
+        sigma = float(options["sigmas"].flatten()[0])
+        step = next(k for k in range(len(schedule) - 1)
+                    if schedule[k] >= sigma - 1e-6 and sigma > schedule[k + 1] + 1e-6)
+        hints = list(options["cond_or_uncond"])
+        rows, out = output.shape[0] // len(hints), output.clone()
+        for i, hint in enumerate(hints):
+            part = slice(i * rows, (i + 1) * rows)
+            began = self.begun.get(hint, -1) < step
+            self.begun[hint] = max(self.begun.get(hint, -1), step)
+            if step not in self.computed:
+                out[part] = self.stored[hint]
+            elif began:
+                self.stored[hint] = output[part].clone()
+        return out
+
+
+def test_a_model_output_profile_forecasts_apply_model_per_chunk(family, tmp_path, monkeypatch):
+    """A model-output profile (here reuse) on the node: batched and unbatched guidance equal
+    the hand-written reference, and a skipped step never runs the model."""
+    from hyca.adapters.webui.fingerprint import fingerprint
+    from hyca.profiles.io import save_profile
+
+    name, patcher = family
+    noise = harness.latent(name, 0)
+    profile = Profile.uniform("reuse", 1, noise.shape[1])
+    profile.metadata["target"] = "model_output"
+    model = patcher.model.diffusion_model
+    save_profile(profile, tmp_path / "output.safetensors", fingerprint(model, recognise(model)))
+    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path))
+    settings = Settings(enabled=True, interval=3, warmup=2, profile="output.safetensors", guard=False)
+    patch = HyCaPatch(settings, recognise(model))
+    hooked = patch.install(patcher)
+    pos, neg = _prompts(name, (1,))
+    calls = []
+    counting = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        batched = harness.sample(hooked, pos, neg, noise, steps=8, cfg=2.5)
+    finally:
+        counting.remove()
+    apart = _unbatched(patcher, lambda: harness.sample(hooked, pos, neg, noise, steps=8, cfg=2.5))
+    handle = model.register_forward_hook(OutputReuseReference({0, 1, 4, 7}), with_kwargs=True)
+    try:
+        expected = harness.sample(patcher, pos, neg, noise, steps=8, cfg=2.5)
+    finally:
+        handle.remove()
+    plain = harness.sample(patcher, pos, neg, noise, steps=8, cfg=2.5)
+    assert relative_error(batched, expected) < 1e-4 and relative_error(apart, expected) < 1e-4
+    assert relative_error(batched, plain) > 1e-3
+    assert len(calls) == 4  # one batched call per computed step: the four skipped ones ran no model
+    assert "4 of 8 steps computed, 4 forecast" in patch.describe()

@@ -259,26 +259,6 @@ def test_hosts_that_hook_blocks_only_refuse_model_output_profiles():
     require_target({}, ("residual",), "the ComfyUI node")  # old profiles (no target) are residual profiles
 
 
-def test_the_webui_runs_uncached_with_a_model_output_profile_and_says_why(tmp_path, monkeypatch, capsys):
-    """A model-output profile file for the WebUI's own model (valid for the diffusers host)
-    is listed, but the WebUI hooks blocks only: the generation runs as without HyCa and one
-    console line says why."""
-    from hyca.adapters.webui.fingerprint import fingerprint as webui_fingerprint
-    from hyca.adapters.webui.registry import recognise
-    from webui_harness import Frontend, args
-
-    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path))
-    with Frontend("forge_flux") as f:
-        fp = webui_fingerprint(f.model, recognise(f.model))
-        save_profile(model_output_profile("taylor-1", dim=7), tmp_path / "model-output.safetensors", fp)
-        out, p = f.run(args(True, 3, 2, profile="model-output.safetensors"), steps=10)
-        plain, _ = f.run(args(False), steps=10)
-    assert torch.equal(out.images[0], plain.images[0])
-    assert "HyCa steps" not in p.extra_generation_params
-    lines = [line for line in capsys.readouterr().out.splitlines() if "could not start" in line]
-    assert len(lines) == 1 and "model output" in lines[0]
-
-
 @pytest.mark.parametrize("steps, interval, warmup", [(50, 4, 3), (12, 3, 2), (28, 6, 3), (20, 5, 1)])
 def test_lite_start_computes_taylorseers_steps(steps, interval, warmup):
     """diffusers' rule (``TaylorSeerCacheHook._measure_should_compute``, 0.42.1): a step computes

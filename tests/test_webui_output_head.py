@@ -3,8 +3,8 @@ stand-in (tests/standins): the adapters name each model's final linear map; a pa
 such a profile (a file, or the automatic probe's) equals the independent reference
 (webui_reference.HeadReference: plain torch hooks on the unpatched model, the head's
 input replaced on skipped steps by the hand-written forecast of the recorded ones), and
-its blocks run on computed calls only; the model-output target and a model without a
-head stay refused, said once, the pass uncached."""
+its blocks run on computed calls only; a model without a head refuses them, said once, the
+pass uncached (model-output profiles: tests/test_webui_model_output.py)."""
 
 from __future__ import annotations
 
@@ -160,27 +160,31 @@ def test_a_probed_output_head_profile_caches_the_pass_that_asked_for_it(kind, is
     assert "could not" not in out and "profile ready (cache" in out, out
 
 
-def test_a_model_output_profile_from_the_automatic_path_is_refused_and_said(isolated, monkeypatch, capsys):
+def test_an_output_head_profile_from_the_automatic_path_without_a_head_is_refused_and_said(isolated, monkeypatch,
+                                                                                          capsys):
     """A profile the pass cannot run, coming from the probe / cache / Hub at the first model
-    call, leaves the pass uncached with one console line; the generation goes on."""
+    call (here the output head's, on a model whose adapter names no head), leaves the pass
+    uncached with one console line; the generation goes on."""
+    from hyca.adapters.webui import adapter as adapter_module
     from hyca.adapters.webui import probe
 
-    def probe_returning_a_model_output_profile(host, run, schedule, guard, fp, on_progress=None):
-        profile = output_profile(4 * 4, target="model_output")  # the stand-in's 16 output channels
+    def probe_returning_an_output_profile(host, run, schedule, guard, fp, on_progress=None):
+        profile = output_profile(host.hidden_size)
         profile.metadata["chosen_for"] = run.to_json()
         return profile
 
-    monkeypatch.setattr(probe, "run_probe", probe_returning_a_model_output_profile)
+    monkeypatch.setattr(adapter_module.Adapter, "head_module", lambda self, model: None)
+    monkeypatch.setattr(probe, "run_probe", probe_returning_an_output_profile)
     with Frontend("neo_flux") as f:
         refused, p = f.run(args(True, INTERVAL, WARMUP, profile="automatic"), steps=STEPS)
         plain, _ = f.run(args(False), steps=STEPS)
         assert no_hyca_left(f.model)
     assert torch.equal(refused.images[0], plain.images[0]) and "HyCa steps" not in p.extra_generation_params
     lines = [line for line in capsys.readouterr().out.splitlines() if "could not settle a profile" in line]
-    assert len(lines) == 1 and "model output" in lines[0], lines
+    assert len(lines) == 1 and "output head" in lines[0], lines
 
 
-@pytest.mark.parametrize("target,without_head", [("model_output", False), ("output", True)])
+@pytest.mark.parametrize("target,without_head", [("output", True)])
 def test_refused_targets_are_said_once_and_the_pass_runs_uncached(target, without_head, isolated, monkeypatch, capsys):
     from hyca.adapters.webui import adapter as adapter_module
     from hyca.adapters.webui.fingerprint import fingerprint

@@ -8,8 +8,9 @@ expectation is the diffusers path's own choice, computed by its own host.
 Both sides run the blocks' tracks and the output head's (the WebUI adapters hook the
 frontends' final linear map, ``final_layer.linear``, whose input is the tensor diffusers'
 ``proj_out`` receives). Two things are held equal on the diffusers side that its default
-probe does differently: no model-output track (the WebUI refuses that target: its host
-offers none), and the comparison is on the final latent (the pipeline's last scheduler
+probe does differently: no model-output track on either side (the WebUI forecasts the
+frontend's latent, 16 channels for FLUX, diffusers the transformer's packed output, 64: the
+clusterings differ by construction; tests/test_webui_model_output.py checks the WebUI's), and the comparison is on the final latent (the pipeline's last scheduler
 step), as the WebUI probe compares, where the reference pipeline's own output is the image
 clamped to [0, 1] (its clamp alone moves near-tied candidates by a few hundredths of a dB)."""
 
@@ -52,6 +53,7 @@ def webui_choice(pipe, flavour: str, guidance: float, monkeypatch) -> tuple[dict
     real = webui_probe.run_probe
 
     def spy(host, run, schedule, guard, fp, on_progress=None):
+        host.model_output = False  # as on the diffusers side (module doc)
         seen.append(host)
         return real(host, run, schedule, guard, fp, on_progress)
 

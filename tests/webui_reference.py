@@ -142,29 +142,19 @@ class ReferenceHyCa:
         return hook
 
 
-class HeadReference:
-    """The output-head target (``target="output"``) written out with plain torch hooks on an
-    unpatched model: calls are placed on steps and branches as :class:`ReferenceHyCa` places
-    them; the call that begins a computed step stores the head's input (the input of the
-    final linear map, ``head``); on a forecast call the head runs on the per-dimension
-    forecast of the stored inputs (``references.per_block_forecast`` over one "block"), and
-    the blocks run as they are: on such a call nothing the blocks do reaches the output.
-    ``decisions``: per model call, whether its step computes."""
+class _CallReference:
+    """What the one-"block" references share: calls placed on steps and branches as
+    :class:`ReferenceHyCa` places them, one history per branch, ``decisions`` per call."""
 
-    def __init__(self, model, head, dim_solvers: torch.Tensor, interval: int, warmup: int, branches: int,
+    def __init__(self, model, dim_solvers: torch.Tensor, interval: int, warmup: int, branches: int,
                  timestep_multiplier: float, compute_last: bool = True, depth: int = 4):
-        self.model, self.head, self.dim_solvers = model, head, dim_solvers
+        self.model, self.dim_solvers = model, dim_solvers
         self.interval, self.warmup, self.compute_last = interval, warmup, compute_last
         self.branches, self.multiplier, self.depth = branches, timestep_multiplier, depth
         self.handles = []
         self.decisions: list[bool] = []
 
     start_pass = ReferenceHyCa.start_pass
-
-    def __enter__(self):
-        self.handles = [self.model.register_forward_pre_hook(self._begin, with_kwargs=True),
-                        self.head.register_forward_pre_hook(self._head)]
-        return self
 
     def __exit__(self, *exc):
         for h in self.handles:
@@ -176,13 +166,54 @@ class HeadReference:
                      "compute": branch["decision"]}
         self.decisions.append(branch["decision"])
 
+    def _forecast(self) -> torch.Tensor:
+        call = self.call
+        recent = call["branch"]["history"][: self.depth]
+        return per_block_forecast(self.dim_solvers, [[v for _, v in recent]], [p for p, _ in recent], call["position"])
+
+
+class HeadReference(_CallReference):
+    """The output-head target (``target="output"``) written out with plain torch hooks on an
+    unpatched model: the call that begins a computed step stores the head's input (the
+    input of the final linear map, ``head``); on a forecast call the head runs on the
+    per-dimension forecast of the stored inputs, and the blocks run as they are: on such a
+    call nothing the blocks do reaches the output."""
+
+    def __init__(self, model, head, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        self.head = head
+
+    def __enter__(self):
+        self.handles = [self.model.register_forward_pre_hook(self._begin, with_kwargs=True),
+                        self.head.register_forward_pre_hook(self._head)]
+        return self
+
     def _head(self, module, args):
         call, x = self.call, args[0]
         if call["compute"]:
             if call["store"]:
                 call["branch"]["history"].insert(0, (call["position"], x.clone()))
             return None
-        recent = call["branch"]["history"][: self.depth]
-        forecast = per_block_forecast(self.dim_solvers, [[v for _, v in recent]], [p for p, _ in recent],
-                                      call["position"])
-        return (forecast.to(x.dtype),)
+        return (self._forecast().to(x.dtype),)
+
+
+class ModelOutputReference(_CallReference):
+    """The model-output target (``target="model_output"``) written out with plain torch
+    hooks on an unpatched diffusion model: the call that begins a computed step stores the
+    model's output (the transformer's flow-matching velocity, ``(batch, channels,
+    *spatial)``); a forecast call's output is replaced by the per-channel forecast of the
+    stored outputs (one "block" whose dimensions are the latent channels)."""
+
+    def __enter__(self):
+        self.handles = [self.model.register_forward_pre_hook(self._begin, with_kwargs=True),
+                        self.model.register_forward_hook(self._end)]
+        return self
+
+    def _end(self, module, args, output):
+        call = self.call
+        if call["compute"]:
+            if call["store"]:
+                channels_last = output.float().reshape(output.shape[0], output.shape[1], -1).transpose(1, 2)
+                call["branch"]["history"].insert(0, (call["position"], channels_last.clone()))
+            return None
+        return self._forecast().transpose(1, 2).reshape(output.shape).to(output.dtype)

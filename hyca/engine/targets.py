@@ -26,6 +26,8 @@ import torch
 RESIDUAL, OUTPUT, MODEL_OUTPUT = "residual", "output", "model_output"
 #: Every target a profile may name (metadata ``target``; absent means ``"residual"``).
 TARGETS = (RESIDUAL, OUTPUT, MODEL_OUTPUT)
+#: Each target in the words users read (console, warnings, stats).
+TARGET_WORDS = {RESIDUAL: "blocks' residuals", OUTPUT: "output head's input", MODEL_OUTPUT: "model output"}
 
 
 def target_of(metadata: dict[str, Any]) -> str:
@@ -64,5 +66,6 @@ def require_target(profile_metadata: dict[str, Any], supported: tuple[str, ...],
     (a WebUI or ComfyUI session hooks the blocks only)."""
     target = target_of(profile_metadata)
     if target not in supported:
-        raise ValueError(f"HyCa: this profile forecasts the {target.replace('_', ' ')}, which {host} cannot apply "
-                         f"(it supports {', '.join(supported)}); use a residual profile, or let {host} probe its own")
+        raise ValueError(f"HyCa: this profile forecasts the {TARGET_WORDS[target]}, which {host} cannot apply here "
+                         f"(it applies the {' and the '.join(TARGET_WORDS[t] for t in supported)}); use another "
+                         f"profile, or let {host} probe its own")

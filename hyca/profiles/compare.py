@@ -15,13 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine.targets import TARGET_WORDS
 from . import fingerprint as fpmod
 from .io import ProfileError
 from .profile import Profile
-
-
-#: What each forecast target (profile metadata ``target``) is, in a user's words.
-TARGET_WORDS = {"residual": "blocks' residuals", "output": "output head's input", "model_output": "model output"}
 
 
 @dataclass(frozen=True)

@@ -258,7 +258,7 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
                     cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
                     hub_endpoint: str | None = None, hub_token: str | bool | None = None,
                     hub_cache_dir: str | os.PathLike | None = None, warn: bool | Callable[[str], None] = True,
-                    targets: Collection[str] | None = None) -> ResolvedProfile:
+                    targets: Collection[str] | None = None, output_channels: int | None = None) -> ResolvedProfile:
     """Find the profile for the model with fingerprint ``model``; see the module doc.
 
     ``interval``: the N it will run at (prefers a profile made for it; another N warns).
@@ -275,6 +275,9 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
     ``targets``: the forecast targets the caller's host can apply (``"residual"``,
     ``"output"``, ``"model_output"``; None: all): a found profile of another target (made by
     another host, sharing the cache) is passed over, said in the warnings, as if absent.
+    ``output_channels``: the channels of the host's model output (None: unknown): a
+    model-output profile of another width (another host's layout: diffusers' FLUX output is
+    64 packed channels, a WebUI's latent 16) is passed over the same way.
     """
     fp = model_fingerprint(model)
     log = _Log(warn)
@@ -299,7 +302,7 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
             ranked.append((cost, order, rank, source, file))
     best = None
     for cost, _, _, source, file in sorted(ranked, key=lambda item: item[:3]):
-        best = _runnable(_try_file(file, fp, interval, log, source), targets, log)
+        best = _runnable(_try_file(file, fp, interval, log, source), targets, output_channels, log)
         if best is not None:
             break
 
@@ -308,7 +311,7 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
         looked.append(f"Hub repo {repo}")
         found = _runnable(_try_hub(repo, [hub_filename] if hub_filename else names, fp, interval, log,
                                    offline=hub_offline() if offline is None else offline, cache_dir=hub_cache_dir,
-                                   endpoint=hub_endpoint, token=hub_token), targets, log)
+                                   endpoint=hub_endpoint, token=hub_token), targets, output_channels, log)
         if found is not None and (best is None or _cost(found, run, own_sigmas) < _cost(best, run, own_sigmas)):
             best = found
 
@@ -331,16 +334,22 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
     return resolved.named()
 
 
-def _runnable(found: ResolvedProfile | None, targets: Collection[str] | None, log: _Log) -> ResolvedProfile | None:
-    """``found``, unless its target is not one of ``targets`` (then None, said once)."""
-    if found is None or targets is None:
+def _runnable(found: ResolvedProfile | None, targets: Collection[str] | None, output_channels: int | None,
+              log: _Log) -> ResolvedProfile | None:
+    """``found``, unless its target is not one of ``targets`` or it forecasts a model output
+    of other than ``output_channels`` channels (then None, said once)."""
+    if found is None:
         return found
     target = found.profile.metadata.get("target", "residual")
-    if target in targets:
-        return found
-    log(f"passing over {found.path or found.source}: it forecasts the {TARGET_WORDS.get(target, target)}, which "
-        f"this host cannot apply (it applies the {' and the '.join(TARGET_WORDS.get(t, t) for t in targets)})")
-    return None
+    if targets is not None and target not in targets:
+        log(f"passing over {found.path or found.source}: it forecasts the {TARGET_WORDS.get(target, target)}, which "
+            f"this host cannot apply (it applies the {' and the '.join(TARGET_WORDS.get(t, t) for t in targets)})")
+        return None
+    if target == "model_output" and output_channels is not None and found.profile.dim != output_channels:
+        log(f"passing over {found.path or found.source}: it forecasts a model output of {found.profile.dim} channels, "
+            f"this host's model gives {output_channels} (a profile made by another host's layout)")
+        return None
+    return found
 
 
 def _chosen(resolved: ResolvedProfile) -> RunSettings:

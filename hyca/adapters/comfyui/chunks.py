@@ -71,6 +71,12 @@ class ChunkedSession(PassSession):
         chunks = [Chunk(h, part, calls[i]) for i, (h, part) in enumerate(layout)]
         return ChunkedCall(chunks, forecast_pending=[not chunk.call.computing for chunk in chunks])
 
+    def parts(self, call: Call | ChunkedCall) -> list[tuple[slice, Call]]:
+        """Each chunk's rows with its branch's call (model-output target)."""
+        if not isinstance(call, ChunkedCall):
+            return super().parts(call)
+        return [(chunk.rows, chunk.call) for chunk in call.order()]
+
     def end_call(self, call: Call | ChunkedCall) -> None:
         """Each chunk's step ends in its branch, cond first: the uncond branch's guard check
         then pairs with the cond's, as in the diffusers pipelines' two calls."""
@@ -87,7 +93,7 @@ class ChunkedSession(PassSession):
         forecasts (a branch whose forecast was not finite computes alone) are its inputs
         handed on, the first block adding that chunk's forecast."""
         call = self.active
-        if not isinstance(call, ChunkedCall):
+        if not isinstance(call, ChunkedCall) or self.model_target:  # model output: the call is run or forecast whole
             return super().block(index, stream, run, out_stream, passthrough)
         computing = [chunk for chunk in call.chunks if chunk.call.computing]
         if not computing:

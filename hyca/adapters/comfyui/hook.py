@@ -35,7 +35,7 @@ import torch
 
 from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule, interval_for_speedup
-from ...engine.targets import RESIDUAL, require_target
+from ...engine.targets import MODEL_OUTPUT, RESIDUAL, require_target
 from ...profiles.settings import RunSettings
 from ..webui import kinds
 from ..webui.adapter import Adapter
@@ -48,8 +48,9 @@ from .probe_host import ComfyProbeHost
 
 logger = logging.getLogger("hyca.comfyui")
 
-#: The forecast targets the node applies: it hooks the blocks only.
-APPLIED = (RESIDUAL,)
+#: The forecast targets the node applies: the blocks' residuals, and the model call's output
+#: (``apply_model``'s denoised latent, :mod:`hyca.adapters.webui.model_call`).
+APPLIED = (RESIDUAL, MODEL_OUTPUT)
 #: The wrapper key HyCa's wrappers are filed under (``add_wrapper_with_key``).
 WRAPPER_KEY = "hyca"
 
@@ -250,7 +251,7 @@ class HyCaPatch:
         try:
             host = self._probe_host(guider, extra_args["model_options"], latent_image, run)
             chosen = self.book.for_settings(run.chosen, run.settings, host.shape, lambda: self._probe(host, run),
-                                            APPLIED, self.say_once)
+                                            APPLIED, self.say_once, output_channels=int(host.shape[1]))
             engine = self._engine(chosen.profile, run.schedule)
         except Exception as error:  # noqa: BLE001 - the run still samples, uncached
             console(f"no profile for this run ({type(error).__name__}: {error}); this run is sampled uncached")
@@ -308,7 +309,7 @@ class HyCaPatch:
             options = args[3]
         hint = (options or {}).get("cond_or_uncond")
         hint = tuple(hint) if hint is not None else None
-        return session.run_call(x, t, hint, lambda: executor(x, t, *args, **kwargs))
+        return session.run_call(x, t, hint, lambda: executor(x, t, *args, **kwargs), "denoised")
 
     # --- results ------------------------------------------------------------------------
 

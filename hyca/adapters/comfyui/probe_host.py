@@ -77,7 +77,8 @@ class RecorderEngine:
 
 
 class ComfyProbeHost:
-    """:class:`hyca.probing.ProbeHost` over one ComfyUI sampling run.
+    """:class:`hyca.probing.ProbeHost` over one ComfyUI sampling run; it offers the model
+    output (``apply_model``'s, :mod:`hyca.adapters.webui.model_call`) as a target.
 
     ``guider``: the run's ``CFGGuider`` inside its ``SAMPLER_SAMPLE`` wrapper (``inner_model``
     and processed ``conds`` set); ``model_options``: that run's ``extra_args["model_options"]``;
@@ -90,6 +91,7 @@ class ComfyProbeHost:
                  guidance_scale: float | None, seed: int = 0) -> None:
         import comfy.utils
 
+        self.model_output = True
         self.num_blocks, self.hidden_size = num_blocks, hidden_size
         self.guider, self.model_options, self.install = guider, model_options, install
         self.sigmas = [float(s) for s in sigmas]

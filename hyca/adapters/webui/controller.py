@@ -25,7 +25,7 @@ import torch
 
 from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule, interval_for_speedup
-from ...engine.targets import OUTPUT, RESIDUAL, require_target, target_of
+from ...engine.targets import MODEL_OUTPUT, OUTPUT, RESIDUAL, require_target, target_of
 from ...profiles.settings import RunSettings
 from . import gates, kinds, probe
 from .adapter import Adapter
@@ -45,9 +45,9 @@ def console(message: str) -> None:
 
 
 def applied_targets(head: bool) -> tuple[str, ...]:
-    """What a WebUI pass can forecast: the blocks' residuals, and the output head's input
-    when the adapter knows the model's head."""
-    return (RESIDUAL, OUTPUT) if head else (RESIDUAL,)
+    """What a WebUI pass can forecast: the blocks' residuals, the model call's output
+    (:mod:`.model_call`), and the output head's input when the adapter knows the model's head."""
+    return (RESIDUAL, MODEL_OUTPUT, OUTPUT) if head else (RESIDUAL, MODEL_OUTPUT)
 
 
 class Controller:
@@ -245,7 +245,8 @@ class Controller:
                 self.session = pending
 
         head = pending.adapter.head_module(pending.model) is not None
-        chosen = self.book.for_settings(pending.chosen, run, latent, run_probe, applied_targets(head), self.say_once)
+        chosen = self.book.for_settings(pending.chosen, run, latent, run_probe, applied_targets(head), self.say_once,
+                                        output_channels=int(x.shape[1]))
         for note in chosen.notes:  # said as they happened, unless this session settled them earlier
             self.say_once(note)
         self.say_once(f"profile ready ({chosen.source})")
@@ -312,7 +313,7 @@ class Controller:
                                        lambda x2, t2, c: original(x2, t2, *c["args"], **c["kwargs"]), "velocity")
                 if session is None:
                     return original(x, t, *args, **kwargs)
-            return session.run_call(x, sigma, None, lambda: original(x, t, *args, **kwargs))
+            return session.run_call(x, sigma, None, lambda: original(x, t, *args, **kwargs), "velocity")
 
         gates.install(model, call_gate)
         if model not in self.gated:
@@ -337,7 +338,7 @@ class Controller:
                                            "denoised")
                     if session is None:
                         return model_function(x, t, **c)
-                return session.run_call(x, t, hint, lambda: model_function(x, t, **c))
+                return session.run_call(x, t, hint, lambda: model_function(x, t, **c), "denoised")
 
             if previous is not None:  # another extension's wrapper stays in charge of the call
                 return previous(ours, kw)

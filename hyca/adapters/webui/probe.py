@@ -38,9 +38,6 @@ PROBE_SIDE = 32
 PROBE_SAMPLES = CALIBRATION_SAMPLES
 #: Forge / Neo ``cond_or_uncond`` values (ComfyUI's convention): 0 = cond, 1 = uncond.
 HINT_OF = {"cond": 0, "uncond": 1}
-#: What a frontend's model call returns: the denoised latent (Forge / Neo ``apply_model``,
-#: k-diffusion) or the flow-matching velocity (A1111's SD3 ``MMDiT.forward``).
-OUTPUTS = ("denoised", "velocity")
 
 
 def _take(value: Any, batch: int, indices: list[int]) -> Any:
@@ -123,7 +120,7 @@ class WebUIHost:
     """A WebUI pass as a :class:`~hyca.probing.ProbeHost`.
 
     ``model_call(x, t, conditioning)``: the frontend's model call; ``output``: what it
-    returns (:data:`OUTPUTS`); ``timestep_per_sigma``: the ``t`` the frontend passes per
+    returns (:data:`.model_call.OUTPUTS`); ``timestep_per_sigma``: the ``t`` the frontend passes per
     unit of sigma (Forge: 1, A1111's SD3: 1000); ``conditioning``: branch -> the
     conditioning of ``samples`` images (:func:`branches_in_call`; the probe's calls carry no
     hint: the session tells the branches apart by their order, cond first, as the recorder
@@ -149,6 +146,9 @@ class WebUIHost:
     #: the model's output head is hooked (:func:`.kinds.gate_head`): the probe also tries
     #: forecasting its input (``target="output"``), as on diffusers
     output_head: bool = False
+    #: the session records and forecasts the model call's output (:mod:`.model_call`): the
+    #: probe also tries that target (TaylorSeer lite's strategy), as on diffusers
+    model_output: bool = True
     failures: list[str] = field(default_factory=list)
 
     def sample(self, engine: Any) -> torch.Tensor:
@@ -171,7 +171,7 @@ class WebUIHost:
         def call() -> Any:
             return self.model_call(x, t, conditioning)
 
-        out = (call() if session is None else session.run_call(x, s, None, call)).to(x.dtype)
+        out = (call() if session is None else session.run_call(x, s, None, call, self.output)).to(x.dtype)
         if self.output == "velocity":
             return out
         return (x - out) / float(sigma)

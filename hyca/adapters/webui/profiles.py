@@ -141,13 +141,15 @@ class ProfileBook:
 
     def for_settings(self, chosen: Chosen, run: RunSettings, latent: tuple[int, ...],
                      probe: Callable[[], Profile], targets: tuple[str, ...] | None = None,
-                     say: Callable[[str], None] | None = None) -> Chosen:
+                     say: Callable[[str], None] | None = None, output_channels: int | None = None) -> Chosen:
         """Settle ``chosen`` (no profile yet) for a pass's settings: the profile this session
         already has for them, else (automatic) the one ``resolve_profile`` finds if it was
         chosen for the same settings and forecasts one of ``targets`` (those the host applies;
         None: any), else ``probe()``'s, saved to the cache; a LoRA set's own probe is kept for
         the session and compared with the base profile. ``say``: told each lookup warning as it
-        happens (a profile passed over before the probe it causes); all are in the result's notes."""
+        happens (a profile passed over before the probe it causes); all are in the result's notes.
+        ``output_channels``: the model call's output channels (a model-output profile of
+        another width is passed over)."""
         key = chosen.key + settings_key(run, latent)
         if key in self._known:  # a later pass: the file it was saved to, not "probe" again
             known = self._known[key]
@@ -175,7 +177,7 @@ class ProfileBook:
             hub = {"hub_repo": chosen.key[2]} if chosen.key[2] else {}
             resolved = sources.resolve_profile(chosen.fp, interval=run.interval, run=run, probe=probe,
                                                probe_if_mismatched=True, warn=say or False, targets=targets,
-                                               **hub)
+                                               output_channels=output_channels, **hub)
             where = f"{PROBED}{resolved.path}" if resolved.source == "probe" and resolved.path else \
                 f"{resolved.source} {resolved.path or ''}".strip()
             learned = Chosen(resolved.profile, where, list(resolved.warnings), key=key)

@@ -34,6 +34,11 @@ and on a forecast call every block hands its inputs on and the head's input is t
 engine's forecast, as the diffusers root does (``HyCaRoot._head_pre`` /
 ``_record_or_take``). A recording or forecast call that never reaches the head is a
 :class:`HyCaFailure` (its output would be the blocks' pass-through, not the forecast).
+
+Model output (``target`` ``"model_output"``, :mod:`.model_call`): the blocks record nothing;
+the call that begins a computed step records its output's derivative as block 0, and a
+forecast call does not run the model at all: its output is made from the forecast
+(diffusers' TaylorSeer lite strategy, on the frontend's own model call).
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ import torch
 from ...engine.cache import BranchState, HybridCache, RunStats
 from ...engine.guard import Switch, describe_switches
 from ...engine.residual import ResidualError, ResidualMeter, Snapshot
+from ...engine.targets import MODEL_OUTPUT, OUTPUT
 from ...profiles.off_settings import OffSettings
 from ...profiles.settings import RunSettings
+from .model_call import derivative_tokens, output_from_tokens, sigma_rows
 
 logger = logging.getLogger("hyca.webui")
 
@@ -171,6 +178,7 @@ class PassSession:
         self._fallback_steps: list[float] = []    # distinct sigmas seen, when there is no schedule
         self.calls_computed = 0
         self.calls_forecast = 0
+        self._output_dtype: torch.dtype | None = None  # model-output target: the model call's output dtype
         if self._schedule_source is None:
             self._tell_schedule()
 
@@ -241,7 +249,12 @@ class PassSession:
     @property
     def output_target(self) -> bool:
         """The engine forecasts the output head's input, not the blocks' residuals."""
-        return self.engine.target == "output"
+        return self.engine.target == OUTPUT
+
+    @property
+    def model_target(self) -> bool:
+        """The engine forecasts the model call's output (:mod:`.model_call`)."""
+        return self.engine.target == MODEL_OUTPUT
 
     def end_call(self, call: Call) -> None:
         """Count the call; the call that began a step closes it in the engine (its
@@ -266,10 +279,14 @@ class PassSession:
         self.failed = True
         self.active = None
 
-    def run_call(self, x: torch.Tensor, sigma: Any, hint: Any, model_call: Callable[[], Any]) -> Any:
-        """Run one model call under HyCa. A HyCa failure re-runs the call uncached and
-        leaves the rest of the pass uncached; the host's own exceptions (interrupts,
-        out of memory) pass through untouched, with no call left active."""
+    def run_call(self, x: torch.Tensor, sigma: Any, hint: Any, model_call: Callable[[], Any],
+                 output: str = "denoised") -> Any:
+        """Run one model call under HyCa: ``x`` the call's input latent ``(batch, channels,
+        *spatial)``, ``sigma`` its noise level (a float or one per row), ``output`` what the
+        call returns (:data:`.model_call.OUTPUTS`; used by a model-output engine only). A HyCa
+        failure re-runs the call uncached and leaves the rest of the pass uncached; the
+        host's own exceptions (interrupts, out of memory) pass through untouched, with no
+        call left active."""
         if self.failed or self.active is not None:  # nested: HyCa's wrapper ended up in a chain twice
             return model_call()
         try:
@@ -279,7 +296,7 @@ class PassSession:
             return model_call()
         self.active = call
         try:
-            out = model_call()
+            out = self._model_output(call, x, sigma, model_call, output) if self.model_target else model_call()
             self.end_call(call)
             return out
         except HyCaFailure as error:
@@ -287,6 +304,49 @@ class PassSession:
             return model_call()
         finally:
             self.active = None
+
+    def parts(self, call: Any) -> list[tuple[slice, Call]]:
+        """The rows of a call's batch and the branch call each belongs to."""
+        return [(slice(None), call)]
+
+    def _model_output(self, call: Any, x: torch.Tensor, sigma: Any, model_call: Callable[[], Any],
+                      output: str) -> Any:
+        """Model-output target: run the model when a branch of the call computes, record
+        each recording branch's rows, and put each forecasting branch's forecast in its rows
+        (the whole output when no branch computes: the model does not run)."""
+        parts = self.parts(call)
+        out = model_call() if any(part.computing for _, part in parts) else None
+        doing = "record"
+        try:
+            rows_sigma = sigma_rows(sigma, x)
+            of = lambda rows: rows_sigma[rows] if isinstance(rows_sigma, torch.Tensor) else rows_sigma  # noqa: E731
+            for rows, part in parts:
+                if part.record:
+                    self._output_dtype = out.dtype
+                    self.engine.record(part.branch.state, 0, self._checked(derivative_tokens(out[rows], x[rows],
+                                                                                              of(rows), output)))
+            forecasting = [(rows, part) for rows, part in parts if not part.computing]
+            if not forecasting:
+                return out
+            doing = "forecast"
+            dtype = out.dtype if out is not None else self._output_dtype or x.dtype
+            result = torch.empty_like(x, dtype=dtype) if out is None else out.clone()
+            for rows, part in forecasting:
+                tokens = self.engine.predicted_residual(part.branch.state)
+                result[rows] = output_from_tokens(tokens, x[rows], of(rows), output, dtype)
+            return result
+        except HyCaFailure:
+            raise
+        except Exception as error:  # noqa: BLE001
+            raise HyCaFailure(f"could not {doing} the model output ({error})") from error
+
+    def _checked(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` when the profile forecasts as many channels; else :class:`HyCaFailure`."""
+        profile = self.engine.profile
+        if profile is not None and profile.dim != tokens.shape[-1]:
+            raise HyCaFailure(f"the profile forecasts {profile.dim} output channels, the model call gives "
+                              f"{tokens.shape[-1]}: make a profile for this model on this frontend")
+        return tokens
 
     # --- blocks -----------------------------------------------------------------------
 
@@ -298,7 +358,7 @@ class PassSession:
         a forecast call, hand the inputs on (``passthrough(None)``), the first block that
         runs in the call with the forecast added to its stream (``passthrough(stream)``)."""
         call = self.active
-        if call is None:
+        if call is None or self.model_target:  # model output: the call is run or forecast whole
             return run()
         if self.output_target:  # the head's input is recorded or forecast; the blocks run or hand on
             return run() if call.computing else passthrough(None)

@@ -1,0 +1,54 @@
+"""The model-output target (:data:`hyca.engine.targets.MODEL_OUTPUT`) on a frontend's model call.
+
+A frontend's model call returns the denoised latent (Forge / Neo ``KModel.apply_model``,
+ComfyUI ``comfy/model_base.py`` ``BaseModel.apply_model``) or the flow-matching velocity
+(A1111's SD3 ``MMDiT.forward``). The engine records and forecasts one quantity for both:
+the ODE derivative ``d = (x - denoised) / sigma`` (k-diffusion's ``to_d``). For the
+flow-matching models these hosts run (``denoised = x - sigma * v``) that is the
+transformer's velocity output, the tensor diffusers' TaylorSeer lite mode and the diffusers
+root's model-output target forecast; here it is in the latent's own layout
+``(batch, channels, *spatial)``, so a profile's clusters are latent channels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...engine.targets import as_tokens, from_tokens
+
+#: What a frontend's model call returns: the denoised latent, or the derivative itself.
+OUTPUTS = ("denoised", "velocity")
+
+
+def sigma_rows(sigma: Any, x: torch.Tensor) -> torch.Tensor | float:
+    """``sigma`` broadcastable against ``x``: a per-row tensor ``(batch,)`` as
+    ``(batch, 1, ...)``, a scalar as a float. Raises ``ValueError`` for a zero sigma (the
+    derivative is undefined there; samplers never call the model at sigma 0)."""
+    if isinstance(sigma, torch.Tensor) and sigma.numel() == x.shape[0] and sigma.numel() > 1:
+        rows = sigma.to(device=x.device, dtype=torch.float32).reshape(-1, *([1] * (x.dim() - 1)))
+        if bool((rows == 0).any()):
+            raise ValueError("a model call at sigma 0 has no derivative to forecast")
+        return rows
+    value = float(torch.as_tensor(sigma).flatten()[0])
+    if value == 0.0:
+        raise ValueError("a model call at sigma 0 has no derivative to forecast")
+    return value
+
+
+def derivative_tokens(out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float, output: str) -> torch.Tensor:
+    """The call's output as the engine records it: the derivative ``(batch, tokens,
+    channels)`` in float32. ``out`` and ``x``: ``(batch, channels, *spatial)``."""
+    if output not in OUTPUTS:
+        raise ValueError(f"a model call returns one of {OUTPUTS}, got {output!r}")
+    d = out.float() if output == "velocity" else (x.float() - out.float()) / sigma
+    return as_tokens(d)
+
+
+def output_from_tokens(tokens: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float, output: str,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Undo :func:`derivative_tokens` for a forecast: the model call's output (``x``'s
+    shape, ``dtype``) whose derivative is ``tokens``."""
+    d = from_tokens(tokens, x.float())
+    return (d if output == "velocity" else x.float() - sigma * d).to(dtype)
