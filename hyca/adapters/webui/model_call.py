@@ -12,7 +12,7 @@ root's model-output target forecast; here it is in the latent's own layout
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -52,3 +52,43 @@ def output_from_tokens(tokens: torch.Tensor, x: torch.Tensor, sigma: torch.Tenso
     shape, ``dtype``) whose derivative is ``tokens``."""
     d = from_tokens(tokens, x.float())
     return (d if output == "velocity" else x.float() - sigma * d).to(dtype)
+
+
+class ModelOutputs:
+    """One session's model-output calls: what its engine records and forecasts, and the
+    dtype the model call returns (a forecast call, which runs no model, returns that)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.dtype: torch.dtype | None = None
+
+    def record_and_forecast(self, parts: Sequence[tuple[slice, Any]], x: torch.Tensor, sigma: Any,
+                            out: torch.Tensor | None, output: str) -> torch.Tensor | None:
+        """``parts``: the rows of the call's batch and each one's branch call (``record``,
+        ``computing``, ``branch.state``); ``out``: the model call's output (None: it did not
+        run, every branch forecasts). Each recording branch's rows are recorded as block 0;
+        each forecasting branch's rows are its forecast. Returns the call's output. Raises
+        ``ValueError`` when the profile forecasts another channel count."""
+        rows_sigma = sigma_rows(sigma, x)
+        of = lambda rows: rows_sigma[rows] if isinstance(rows_sigma, torch.Tensor) else rows_sigma  # noqa: E731
+        for rows, part in parts:
+            if part.record:
+                self.dtype = out.dtype
+                self.engine.record(part.branch.state, 0, self._checked(derivative_tokens(out[rows], x[rows], of(rows),
+                                                                                          output)))
+        forecasting = [(rows, part) for rows, part in parts if not part.computing]
+        if not forecasting:
+            return out
+        dtype = out.dtype if out is not None else self.dtype or x.dtype
+        result = torch.empty_like(x, dtype=dtype) if out is None else out.clone()
+        for rows, part in forecasting:
+            result[rows] = output_from_tokens(self.engine.predicted_residual(part.branch.state), x[rows], of(rows),
+                                              output, dtype)
+        return result
+
+    def _checked(self, tokens: torch.Tensor) -> torch.Tensor:
+        profile = self.engine.profile
+        if profile is not None and profile.dim != tokens.shape[-1]:
+            raise ValueError(f"the profile forecasts {profile.dim} output channels, the model call gives "
+                             f"{tokens.shape[-1]}: make a profile for this model on this frontend")
+        return tokens

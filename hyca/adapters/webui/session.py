@@ -55,7 +55,7 @@ from ...engine.residual import ResidualError, ResidualMeter, Snapshot
 from ...engine.targets import MODEL_OUTPUT, OUTPUT
 from ...profiles.off_settings import OffSettings
 from ...profiles.settings import RunSettings
-from .model_call import derivative_tokens, output_from_tokens, sigma_rows
+from .model_call import ModelOutputs
 
 logger = logging.getLogger("hyca.webui")
 
@@ -178,7 +178,7 @@ class PassSession:
         self._fallback_steps: list[float] = []    # distinct sigmas seen, when there is no schedule
         self.calls_computed = 0
         self.calls_forecast = 0
-        self._output_dtype: torch.dtype | None = None  # model-output target: the model call's output dtype
+        self.outputs = ModelOutputs(engine)
         if self._schedule_source is None:
             self._tell_schedule()
 
@@ -311,42 +311,14 @@ class PassSession:
 
     def _model_output(self, call: Any, x: torch.Tensor, sigma: Any, model_call: Callable[[], Any],
                       output: str) -> Any:
-        """Model-output target: run the model when a branch of the call computes, record
-        each recording branch's rows, and put each forecasting branch's forecast in its rows
-        (the whole output when no branch computes: the model does not run)."""
+        """Model-output target: the model runs when a branch of the call computes (the host's
+        exceptions pass through); :class:`.model_call.ModelOutputs` records and forecasts."""
         parts = self.parts(call)
         out = model_call() if any(part.computing for _, part in parts) else None
-        doing = "record"
         try:
-            rows_sigma = sigma_rows(sigma, x)
-            of = lambda rows: rows_sigma[rows] if isinstance(rows_sigma, torch.Tensor) else rows_sigma  # noqa: E731
-            for rows, part in parts:
-                if part.record:
-                    self._output_dtype = out.dtype
-                    self.engine.record(part.branch.state, 0, self._checked(derivative_tokens(out[rows], x[rows],
-                                                                                              of(rows), output)))
-            forecasting = [(rows, part) for rows, part in parts if not part.computing]
-            if not forecasting:
-                return out
-            doing = "forecast"
-            dtype = out.dtype if out is not None else self._output_dtype or x.dtype
-            result = torch.empty_like(x, dtype=dtype) if out is None else out.clone()
-            for rows, part in forecasting:
-                tokens = self.engine.predicted_residual(part.branch.state)
-                result[rows] = output_from_tokens(tokens, x[rows], of(rows), output, dtype)
-            return result
-        except HyCaFailure:
-            raise
+            return self.outputs.record_and_forecast(parts, x, sigma, out, output)
         except Exception as error:  # noqa: BLE001
-            raise HyCaFailure(f"could not {doing} the model output ({error})") from error
-
-    def _checked(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` when the profile forecasts as many channels; else :class:`HyCaFailure`."""
-        profile = self.engine.profile
-        if profile is not None and profile.dim != tokens.shape[-1]:
-            raise HyCaFailure(f"the profile forecasts {profile.dim} output channels, the model call gives "
-                              f"{tokens.shape[-1]}: make a profile for this model on this frontend")
-        return tokens
+            raise HyCaFailure(f"could not apply the model-output profile ({error})") from error
 
     # --- blocks -----------------------------------------------------------------------
 
