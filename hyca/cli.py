@@ -18,7 +18,8 @@ from typing import Any
 
 from .profiles import fingerprint as fpmod
 from .profiles.hub import HubError, pull_profile, push_profile
-from .profiles.io import ProfileError, load_profile, profile_filename, save_profile
+from .profiles.io import ProfileError, load_profile, save_profile
+from .profiles.names import profile_filename
 from .profiles.profile import Profile
 
 

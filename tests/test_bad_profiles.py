@@ -14,7 +14,8 @@ import warnings
 
 import pytest
 
-from hyca.profiles.io import FORMAT_VERSION, profile_filename, save_profile
+from hyca.profiles.io import FORMAT_VERSION, save_profile
+from hyca.profiles.names import profile_filename
 from hyca.profiles.sources import resolve_profile
 
 from profile_helpers import random_profile, read_parts, tiny_fingerprint, write_parts

@@ -17,7 +17,8 @@ from hyca.math.solvers import pool_names
 from hyca.adapters.diffusers.fingerprint import fingerprint
 from hyca.profiles.fingerprint import describe
 from hyca.profiles.settings import RunSettings
-from hyca.profiles.io import load_profile, profile_filename, save_profile
+from hyca.profiles.io import load_profile, save_profile
+from hyca.profiles.names import profile_filename
 from hyca.profiles.profile import Profile
 
 from hub_standin import HubStandIn

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hyca
-from hyca import Profile, Schedule
+from hyca import Profile
 from hyca.math.solvers import pool_names
 
 from references import (TaylorSeerFactors, capture_residuals, expected_plan, flux_output_with_residual,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hyca.profiles.hub import HubError, download_file, hub_repo_id, pull_profile, push_profile
-from hyca.profiles.io import ProfileError, load_profile, profile_filename, save_profile
+from hyca.profiles.io import ProfileError, load_profile, save_profile
+from hyca.profiles.names import profile_filename
 
 from hub_standin import closed_port_endpoint, hub, online  # noqa: F401  (fixtures)
 from profile_helpers import random_profile, tiny_fingerprint

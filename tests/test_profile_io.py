@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 import hyca
 from hyca.math.solvers import POOL_VERSION, pool_names
 from hyca.adapters.diffusers.fingerprint import fingerprint
-from hyca.profiles.io import FORMAT_VERSION, ProfileError, load_profile, profile_filename, save_profile
+from hyca.profiles.io import FORMAT_VERSION, ProfileError, load_profile, save_profile
+from hyca.profiles.names import profile_filename
 
 from profile_helpers import random_profile, read_parts, tiny_fingerprint, write_parts
 from tiny import tiny_flux

@@ -11,7 +11,8 @@ import torch
 
 import hyca
 from hyca.adapters.diffusers.fingerprint import fingerprint
-from hyca.profiles.io import profile_filename, save_profile
+from hyca.profiles.io import save_profile
+from hyca.profiles.names import profile_filename
 from hyca.profiles.settings import RunSettings, differences, mismatch_cost
 from hyca.profiles.sources import resolve_profile
 

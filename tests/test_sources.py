@@ -10,7 +10,8 @@ import torch
 
 from hyca.adapters.diffusers.fingerprint import fingerprint
 from hyca.profiles import sources
-from hyca.profiles.io import ProfileError, load_profile, profile_filename, save_profile
+from hyca.profiles.io import ProfileError, load_profile, save_profile
+from hyca.profiles.names import profile_filename
 from hyca.profiles.profile import Profile
 from hyca.profiles.sources import candidate_names, default_cache_dir, resolve_profile
 

@@ -23,7 +23,8 @@ from ..adapters.diffusers.fingerprint import fingerprint as diffusers_fingerprin
 from ..engine.cache import UNGUARDED
 from ..profiles.compare import compare_profiles
 from ..profiles.hub import DEFAULT_HUB_REPO, HubError, hub_offline, pull_profile, push_profile
-from ..profiles.io import ProfileError, load_profile, profile_filename
+from ..profiles.io import ProfileError, load_profile
+from ..profiles.names import profile_filename
 from ..profiles.profile import Profile
 from . import compare, profile_view
 from .metrics import describe_psnr

@@ -16,7 +16,8 @@ from ..engine.schedule import Schedule
 from ..probing import CALIBRATION_SAMPLES
 from ..profiles import fingerprint as fpmod
 from ..profiles.compare import compare_profiles
-from ..profiles.io import ProfileError, profile_filename, save_profile
+from ..profiles.io import ProfileError, save_profile
+from ..profiles.names import profile_filename
 from ..profiles.profile import Profile
 from ..profiles.settings import RunSettings, differences
 from ..profiles.sources import resolve_profile

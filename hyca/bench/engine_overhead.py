@@ -174,7 +174,7 @@ def guard_cost_formula(tokens: int, dim: int, guided: bool, terms: int = 3, solv
 def guard_sketch_flops_tiny(steps: int = 12, interval: int = 3, warmup: int = 2) -> dict:
     """Counted matrix-product FLOPs a guided tiny run adds with the guard on: only the
     sketches are matrix products, so the difference must equal their formula."""
-    from hyca.engine.guard import SKETCH_ROWS, steady
+    from hyca.engine.guard import steady
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(**TINY).eval()

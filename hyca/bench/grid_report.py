@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from .grid import HYCA, HYCA_NO_GUARD, PEERS, SHIPPED, SHIPPED_NO_GUARD, SINGLE, SINGLE_OUTPUT, SINGLE_SHORT, SINGLES, margins
+from .grid import HYCA, HYCA_NO_GUARD, SHIPPED, SHIPPED_NO_GUARD, SINGLE, SINGLE_OUTPUT, SINGLE_SHORT, SINGLES, margins
 from .report import pyplot
 
 FAIL = -0.5  # dB: issue 21's bar, "every cell >= the best single solver - 0.5 dB"

@@ -196,7 +196,7 @@ def markdown(result: dict[str, Any], command: str, plot_name: str | None,
                           f"method at that level): ![samples]({sample_names[steps]})"]
         if "overhead" in info:
             lines += ["", "### HyCa's wall-clock, taken apart", ""] + overhead_lines(info["overhead"])
-        lines += ["", f"HyCa profiles (share of dimensions per solver): "
+        lines += ["", "HyCa profiles (share of dimensions per solver): "
                       + "; ".join(f"N={n}: " + ", ".join(f"{k} {v:.0%}" for k, v in p.items())
                                   for n, p in info["profiles"].items()),
                   f"Probing all {len(info['profiles']) + 1} profiles took {info['probe_seconds']:.1f} s. "

@@ -28,7 +28,8 @@ from .guard import (ROBUST_START, SKETCH_ROWS, STRIKES, Check, Switch, differenc
                     own_verdicts, steady)
 from .schedule import Schedule, with_profiles_start
 from .slots import STACKED_BYTES, block_masks, stacked_masks
-from .state import LAST_FORECAST, NON_FINITE, UNGUARDED, BranchState, RunStats  # noqa: F401 (notes, importable here)
+from .state import (LAST_FORECAST, NON_FINITE, UNGUARDED, BranchState, NonFiniteForecast,  # noqa: F401 (importable here)
+                    RunStats)
 from .targets import TARGETS  # what a profile forecasts: residuals, the head's input, the model output
 
 
@@ -36,9 +37,6 @@ POSITION_AXES = ("step", "sigma")
 
 logger = logging.getLogger("hyca")
 
-
-class NonFiniteForecast(RuntimeError):
-    """A forecast asked for outside :meth:`HybridCache.begin_step` came out NaN or Inf."""
 
 #: ``reduce(tensor) -> tensor``: sums a small float64 tensor over the processes holding shards
 #: of one step (context parallelism), so the guard decides alike on all. ``None``: one process.

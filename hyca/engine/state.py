@@ -19,6 +19,11 @@ UNGUARDED = "guard off: the probe chose this profile without the guard at these 
 #: it forecast (TaylorSeer lite's end).
 LAST_FORECAST = "last step forecast: the probe chose this profile so (metadata skip_last)"
 
+
+class NonFiniteForecast(RuntimeError):
+    """A forecast asked for outside :meth:`HybridCache.begin_step` came out NaN or Inf."""
+
+
 @dataclass
 class RunStats:
     """What one guidance branch of the latest run did: steps computed and forecast,

@@ -51,6 +51,21 @@ def as_tokens(output: torch.Tensor) -> torch.Tensor:
     return output.movedim(1, -1).flatten(1, -2)
 
 
+def output_tokens(sample: Any, profile: Any) -> torch.Tensor:
+    """A transformer's output as an engine records it, ``(batch, tokens, channels)``;
+    ``TypeError`` when it is not one tensor, ``ValueError`` when ``profile`` (None: any)
+    forecasts another channel count."""
+    if not isinstance(sample, torch.Tensor):  # Z-Image: one tensor per image
+        raise TypeError(f"the model output is a {type(sample).__name__}, not one tensor, so a model-output "
+                        "profile cannot forecast it; use a residual profile")
+    tokens = as_tokens(sample)
+    dim = profile.dim if profile is not None else tokens.shape[-1]
+    if dim != tokens.shape[-1]:
+        raise ValueError(f"the profile forecasts {dim} output channels, the model gives {tokens.shape[-1]}: "
+                         "make a profile for this model")
+    return tokens
+
+
 def from_tokens(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Undo :func:`as_tokens`: ``tokens (batch, tokens, channels)`` in the layout, dtype
     and device of ``like`` (an output of the same call shape)."""

@@ -2,7 +2,8 @@
 
 from .compare import Comparison, compare_profiles
 from .hub import DEFAULT_HUB_REPO, HubError, pull_profile, push_profile
-from .io import ProfileError, load_profile, profile_filename, save_profile
+from .io import ProfileError, load_profile, save_profile
+from .names import profile_filename
 from .profile import Profile
 from .sources import ResolvedProfile, resolve_profile
 

@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import fingerprint as fpmod
-from .io import profile_filename, read_profile, save_profile
+from .io import read_profile, save_profile
+from .names import profile_filename
 from .profile import Profile
 
 #: Where hyca looks for shared profiles unless HYCA_HUB_REPO says otherwise.

@@ -42,8 +42,8 @@ from typing import Any
 from . import fingerprint as fpmod
 from .compare import TARGET_WORDS
 from .hub import HubError, download_file, hub_offline, hub_repo_id
-from .io import (ProfileError, model_fingerprint, model_prefix, profile_filename, read_profile, read_raw_header,
-                 save_profile, settings_header)
+from .io import ProfileError, model_fingerprint, read_profile, read_raw_header, save_profile, settings_header
+from .names import model_prefix, profile_filename
 from .profile import Profile
 from .settings import RunSettings, differences, mismatch_cost
 

@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "FAMILIES": ".families",
-    "disable": ".api", "enable": ".api", "is_enabled": ".api", "recommended_settings": ".api",
+    "disable": ".api", "enable": ".api", "is_enabled": ".api", "recommended_settings": ".recommend",
     "reset": ".api", "stats": ".api",
 }
 # The probe lives in the submodule ``.probe`` (``hyca.probe`` is its ``probe``): not exported

@@ -14,7 +14,7 @@ import torch
 from ...engine.cache import BranchState
 from ...engine.state import RunStats
 from ...engine.residual import ResidualMeter
-from ...engine.targets import MODEL_OUTPUT, OUTPUT, as_tokens, from_tokens
+from ...engine.targets import MODEL_OUTPUT, OUTPUT, from_tokens, output_tokens
 from ...profiles.settings import RunSettings
 from . import parallel
 from .block import BLOCK_HOOK, HyCaBlockHook
@@ -181,7 +181,7 @@ class HyCaRoot(HookChain):
         zeroes them; a torch forward hook cannot skip the embeddings and head, which are
         cheap). Returns the replacement output, or None to keep the call's."""
         sample = sample_of(output)
-        forecast = self._record_or_take(states, state, lambda: _output_tokens(states.engine, sample),
+        forecast = self._record_or_take(states, state, lambda: output_tokens(sample, states.engine.profile),
                                         "the model output")
         return None if forecast is None else with_sample(output, from_tokens(forecast, sample))
 
@@ -437,17 +437,3 @@ class HyCaRoot(HookChain):
         if not self.said_uncached:
             self.said_uncached = True
             logger.warning("HyCa: %s", message)
-
-
-def _output_tokens(engine: Any, sample: Any) -> torch.Tensor:
-    """A model output as the engine records it, ``(batch, tokens, channels)``; ``ValueError``
-    / ``TypeError`` when a model-output profile cannot forecast it."""
-    if not isinstance(sample, torch.Tensor):  # Z-Image: one tensor per image
-        raise TypeError(f"the model output is a {type(sample).__name__}, not one tensor, so a model-output "
-                        "profile cannot forecast it; use a residual profile")
-    tokens = as_tokens(sample)
-    dim = engine.profile.dim if engine.profile is not None else tokens.shape[-1]
-    if dim != tokens.shape[-1]:
-        raise ValueError(f"the profile forecasts {dim} output channels, the model gives {tokens.shape[-1]}: "
-                         "make a profile for this model")
-    return tokens
