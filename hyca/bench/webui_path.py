@@ -76,6 +76,18 @@ def fresh_cache() -> Iterator[None]:
                 os.environ["HYCA_CACHE"] = before
 
 
+def chosen_in_cache() -> str:
+    """The closed loop's pick of each profile the path probed into ``$HYCA_CACHE`` (e.g.
+    ``model,lite:uniform:taylor-1``), for the report: which strategy a row ran."""
+    from ..profiles.io import load_profile
+
+    picks = []
+    for file in sorted(Path(os.environ["HYCA_CACHE"]).glob("*.safetensors")):
+        selection = load_profile(file).metadata.get("selection") or {}
+        picks.append(str((selection.get("closed_loop") or {}).get("chosen", "eq. 5 (open loop)")))
+    return ", ".join(picks) or "no profile probed"
+
+
 def fidelity(images: torch.Tensor, full: torch.Tensor) -> tuple[float, float]:
     """Mean PSNR (capped at ``PSNR_CAP`` dB) and SSIM over images ``(n, 3, H, W)``."""
     from .metrics import psnr, ssim
@@ -115,9 +127,10 @@ def diffusers_plain(work: Work, steps: int, guidance: float, interval: int, warm
             images = work.diffusers(steps, guidance)
             stats = hyca.stats(work.pipe)
             described = stats[0].describe() if stats else "no stats"
+            chosen = chosen_in_cache()
         finally:
             hyca.disable(work.pipe)
-    return {"images": images, "seconds": time.perf_counter() - started, "note": described}
+    return {"images": images, "seconds": time.perf_counter() - started, "note": described, "chosen": chosen}
 
 
 def webui_path(work: Work, flavour: str, steps: int, guidance: float, interval: int, warmup: int,
@@ -134,7 +147,8 @@ def webui_path(work: Work, flavour: str, steps: int, guidance: float, interval: 
         R.webui_images(work.pipe, frontend, [work.calibration], steps, guidance, on)
         first_seconds = time.perf_counter() - started
         images, infotexts = R.webui_images(work.pipe, frontend, work.batches, steps, guidance, on)
-    return {"images": images, "seconds": time.perf_counter() - started, "first_seconds": first_seconds,
+        chosen = chosen_in_cache()
+    return {"chosen": chosen, "images": images, "seconds": time.perf_counter() - started, "first_seconds": first_seconds,
             "off_seconds": off_seconds, "off_max_abs_diff": float((off - full).abs().max()),
             "note": infotexts[0]}
 
@@ -218,7 +232,8 @@ def report(cells: list[dict], command: str, flavours: list[str]) -> str:
             row = c["rows"][n]
             extra = (f"; off {row['off_max_abs_diff']:.1e}; first generation {row['first_seconds']:.1f} s"
                      if "off_max_abs_diff" in row else "")
-            lines.append(f"- {n}: {row['seconds']:.1f} s{extra}: {row['note']}")
+            pick = f" (picked {row['chosen']})" if "chosen" in row else ""
+            lines.append(f"- {n}: {row['seconds']:.1f} s{extra}{pick}: {row['note']}")
         lines.append("")
     lines += ["The app's path is not in this table: the app has no guidance or scheduler-shift control and samples "
               "the reference model at its shipped shift 1, so none of these cells is reachable from it.", ""]
