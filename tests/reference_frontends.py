@@ -75,12 +75,13 @@ def harness_noise(batches: int, batch_size: int, latent: tuple[int, ...]) -> lis
 
 
 def webui_images(pipe: Any, frontend: Any, batches: list[list[str]], steps: int, cfg_scale: float,
-                 script_args: list, script: Any = None) -> tuple[torch.Tensor, list[str]]:
+                 script_args: list, script: Any = None, shift: float = 3.0) -> tuple[torch.Tensor, list[str]]:
     """One WebUI generation (``n_iter = len(batches)``, batch size ``len(batches[0])``) through
-    ``frontend`` (a ``webui_harness.Frontend`` of a reference kind): images ``(n, 3, H, W)`` in
-    [0, 1] as the diffusers pipeline returns them, and the infotext of each batch."""
+    ``frontend`` (a ``webui_harness.Frontend`` of a reference kind) on the flow sigmas of
+    ``shift``: images ``(n, 3, H, W)`` in [0, 1] as the diffusers pipeline returns them, and the
+    infotext of each batch."""
     p = CaptionProcessing(frontend.kind, frontend.model, steps=steps, cfg_scale=cfg_scale, batch_size=len(batches[0]),
-                          n_iter=len(batches), captions=[encode(pipe, b) for b in batches])
+                          n_iter=len(batches), captions=[encode(pipe, b) for b in batches], shift=shift)
     with torch.no_grad():
         out = H.generate(p, script or frontend.script, script_args)
     return to_images(pipe, torch.cat(out.images)), out.infotexts

@@ -70,17 +70,20 @@ def test_converter_covers_every_diffusers_weight(pipe):
     assert not any(t.data_ptr() == p.data_ptr() for t in bfl.values() for p in pipe.transformer.parameters())
 
 
-@pytest.mark.parametrize("flavour,guidance", [("forge", 1.0), ("forge", 2.5), ("neo", 2.5)])
-def test_webui_generation_equals_the_diffusers_pipeline(pipe, flavour, guidance):
+@pytest.mark.parametrize("flavour,guidance,shift", [("forge", 1.0, 3.0), ("forge", 2.5, 3.0), ("neo", 2.5, 3.0),
+                                                   ("forge", 2.5, 1.0), ("neo", 1.0, 1.0)])
+def test_webui_generation_equals_the_diffusers_pipeline(pipe, flavour, guidance, shift):
     """HyCa off (the script's checkbox unticked): the harness's Forge / Neo sampling over the
-    shift-3 flow sigmas equals the diffusers pipeline stepping through the same sigmas."""
+    flow sigmas of ``shift`` equals the diffusers pipeline stepping through the same sigmas
+    (every shift the WebUI-path benchmark runs: a WebUI run on other sigmas than the
+    diffusers reference would be scored against images it never aimed at)."""
     steps = 6
     original = pipe.scheduler
-    pipe.scheduler = frontend_scheduler(3.0)
+    pipe.scheduler = frontend_scheduler(shift)
     try:
         with H.Frontend(R.KINDS[flavour]) as frontend:
             noise = R.harness_noise(1, len(PROMPTS), frontend.spec.latent)[0]
-            webui, _ = R.webui_images(pipe, frontend, [PROMPTS], steps, guidance, H.args(False))
+            webui, _ = R.webui_images(pipe, frontend, [PROMPTS], steps, guidance, H.args(False), shift=shift)
         expected = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=latent_to_tokens(noise),
                         output_type="pt").images
     finally:
@@ -89,11 +92,12 @@ def test_webui_generation_equals_the_diffusers_pipeline(pipe, flavour, guidance)
     assert not torch.equal(webui[0], webui[1])
 
 
-def test_frontend_schedule_is_the_webui_one():
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_frontend_schedule_is_the_webui_one(shift):
     """The diffusers scheduler steps through the harness's Forge "Simple" flow sigmas."""
-    scheduler = frontend_scheduler(3.0)
+    scheduler = frontend_scheduler(shift)
     scheduler.set_timesteps(28)
-    torch.testing.assert_close(scheduler.sigmas, H.flow_sigmas(28, 3.0))
+    torch.testing.assert_close(scheduler.sigmas, H.flow_sigmas(28, shift))
 
 
 @pytest.mark.skipif(not os.environ.get("HYCA_FORGE_CHECKOUT"),

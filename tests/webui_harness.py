@@ -131,13 +131,14 @@ def flow_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
 
 
 class Sampler:
-    """``get_sigmas(p, steps)`` as KDiffusionSampler has it; the schedule is a shifted flow one."""
+    """``get_sigmas(p, steps)`` as KDiffusionSampler has it; the schedule is a shifted flow one
+    (the shift the model's sampling carries: ``p.shift``)."""
 
     def __init__(self, name: str):
         self.name = name
 
     def get_sigmas(self, p, steps):
-        return flow_sigmas(steps)
+        return flow_sigmas(steps, p.shift)
 
 
 @dataclass
@@ -158,6 +159,7 @@ class Processing:
     hr_second_pass_steps: int = 0
     lora_hash: str = ""              # a LoRA file name; "" = no LoRA (see lora_state)
     interrupt_at: int | None = None  # model call after which the user presses Interrupt
+    shift: float = 3.0               # the model sampling's flow shift (FLUX's), which sets the sigmas
     extra_generation_params: dict = field(default_factory=dict)
     is_hr_pass: bool = False
     iteration: int = 0
@@ -329,8 +331,8 @@ def pass_schedule(p: Processing) -> list[float]:
     elif p.img2img:
         total, t_enc = p.steps, int(min(p.denoising_strength, 0.999) * p.steps)
     else:
-        return flow_sigmas(p.steps).tolist()
-    return flow_sigmas(total)[total - t_enc - 1:].tolist()
+        return flow_sigmas(p.steps, p.shift).tolist()
+    return flow_sigmas(total, p.shift)[total - t_enc - 1:].tolist()
 
 
 class ReferenceScript:

@@ -47,6 +47,9 @@ PSNR_CAP = 100.0
 DIFFUSERS = "diffusers plain call"
 WEBUI = {"forge": "WebUI (Forge)", "neo": "WebUI (Neo)"}
 BAR_DB = 0.3
+#: Largest pixel difference (images in [0, 1]) allowed between the WebUI with HyCa off and the
+#: diffusers full compute: beyond it the WebUI row would be scored against images it never aimed at.
+OFF_TOLERANCE = 1e-3
 
 
 def _harness() -> tuple[Any, Any]:
@@ -133,7 +136,7 @@ def diffusers_plain(work: Work, steps: int, guidance: float, interval: int, warm
     return {"images": images, "seconds": time.perf_counter() - started, "note": described, "chosen": chosen}
 
 
-def webui_path(work: Work, flavour: str, steps: int, guidance: float, interval: int, warmup: int,
+def webui_path(work: Work, flavour: str, steps: int, guidance: float, shift: float, interval: int, warmup: int,
                full: torch.Tensor) -> dict:
     from ..adapters.webui.settings import Settings
 
@@ -141,12 +144,12 @@ def webui_path(work: Work, flavour: str, steps: int, guidance: float, interval: 
     on = Settings(enabled=True, interval=interval, warmup=warmup).args()
     started = time.perf_counter()
     with fresh_cache(), H.Frontend(R.KINDS[flavour]) as frontend:
-        off, _ = R.webui_images(work.pipe, frontend, work.batches, steps, guidance, Settings().args())
+        off, _ = R.webui_images(work.pipe, frontend, work.batches, steps, guidance, Settings().args(), shift=shift)
         off_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        R.webui_images(work.pipe, frontend, [work.calibration], steps, guidance, on)
+        R.webui_images(work.pipe, frontend, [work.calibration], steps, guidance, on, shift=shift)
         first_seconds = time.perf_counter() - started
-        images, infotexts = R.webui_images(work.pipe, frontend, work.batches, steps, guidance, on)
+        images, infotexts = R.webui_images(work.pipe, frontend, work.batches, steps, guidance, on, shift=shift)
         chosen = chosen_in_cache()
     return {"chosen": chosen, "images": images, "seconds": time.perf_counter() - started, "first_seconds": first_seconds,
             "off_seconds": off_seconds, "off_max_abs_diff": float((off - full).abs().max()),
@@ -162,7 +165,12 @@ def run_cell(work: Work, cell: tuple, warmup: int, flavours: list[str], commit: 
     full = work.diffusers(steps, guidance)
     rows = {DIFFUSERS: diffusers_plain(work, steps, guidance, interval, warmup)}
     for flavour in flavours:
-        rows[WEBUI[flavour]] = webui_path(work, flavour, steps, guidance, interval, warmup, full)
+        rows[WEBUI[flavour]] = webui_path(work, flavour, steps, guidance, shift, interval, warmup, full)
+        if rows[WEBUI[flavour]]["off_max_abs_diff"] > OFF_TOLERANCE:  # its images aim at another reference
+            raise RuntimeError(f"{WEBUI[flavour]} with HyCa off differs from the diffusers full compute by "
+                               f"{rows[WEBUI[flavour]]['off_max_abs_diff']:.3g} (more than {OFF_TOLERANCE:g}) at "
+                               f"{steps} steps, shift {shift:g}: the two paths do not sample the same sigmas, so "
+                               "their rows cannot be compared")
     out = {"commit": commit, "steps": steps, "guidance": guidance, "shift": shift, "interval": interval, "warmup": warmup,
            "prompts": sum(len(b) for b in work.batches), "rows": {}}
     for name, row in rows.items():
