@@ -213,3 +213,29 @@ def test_guided_calls_that_never_tell_uncond_apart_are_said_and_run_uncached(iso
     assert seen == [] and "HyCa steps" not in p.extra_generation_params
     assert capsys.readouterr().out.count("cannot probe with guidance") == 1
     torch.testing.assert_close(out_img.images[0], plain.images[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["forge_flux", "neo_flux", "a1111_sd3"])
+def test_the_hires_pass_of_an_automatic_profile_is_settled_and_cached(kind, isolated, monkeypatch, capsys):
+    """Forge and Neo start the hires pass twice (either side of a unet reset) while its
+    profile is still pending: it is settled at its first model call and cached, as the first
+    pass is, with no "could not start"."""
+    from hyca.adapters.webui import probe
+    from hyca.profiles.settings import RunSettings
+
+    settled = []
+
+    def uniform_probe(host, run, schedule, guard, fp, on_progress=None):
+        profile = Profile.uniform("taylor-1", host.num_blocks, host.hidden_size)
+        profile.metadata["chosen_for"] = run.merged(RunSettings(interval=schedule.interval, warmup=schedule.warmup,
+                                                                compute_last=schedule.compute_last)).to_json()
+        settled.append(run.steps)
+        return profile
+
+    monkeypatch.setattr(probe, "run_probe", uniform_probe)
+    with Frontend(kind) as f:
+        out, p = f.run(args(True, 3, 2, profile="automatic"), steps=10, enable_hr=True, hr_second_pass_steps=8)
+    console = capsys.readouterr().out
+    assert "could not start" not in console and "HyCa error" not in p.extra_generation_params, console
+    assert "hires pass:" in console and len(settled) == 2, console  # the hires pass probed for its own steps
+    assert math.isfinite(float(out.images[0].abs().max()))

@@ -195,6 +195,10 @@ class PendingPass:
     gathered_at: float | None = None
     active: None = None
     failed: bool = False
+    #: model calls run under HyCa: none while the profile is pending (Forge starts a hires pass
+    #: twice, either side of a unet reset, and asks whether the first start ran any)
+    calls_computed: int = 0
+    calls_forecast: int = 0
 
 
 def guidance_of(value: Any) -> float | None:
