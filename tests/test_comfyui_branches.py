@@ -170,6 +170,7 @@ class OutputReuseReference:
 
     def __init__(self, computed: set[int]) -> None:
         self.computed, self.stored, self.begun = computed, {}, {}
+        self.keys: set = set()
 
     def __call__(self, module, args, kwargs, output):
         options = kwargs["transformer_options"]
@@ -178,15 +179,17 @@ class OutputReuseReference:
         step = next(k for k in range(len(schedule) - 1)
                     if schedule[k] >= sigma - 1e-6 and sigma > schedule[k + 1] + 1e-6)
         hints = list(options["cond_or_uncond"])
+        uuids = list(options.get("uuids") or hints)  # each conditioning its own history
         rows, out = output.shape[0] // len(hints), output.clone()
-        for i, hint in enumerate(hints):
+        for i, key in enumerate(zip(hints, uuids)):
+            self.keys.add(key)
             part = slice(i * rows, (i + 1) * rows)
-            began = self.begun.get(hint, -1) < step
-            self.begun[hint] = max(self.begun.get(hint, -1), step)
-            if step not in self.computed:
-                out[part] = self.stored[hint]
-            elif began:
-                self.stored[hint] = output[part].clone()
+            began = self.begun.get(key, -1) < step
+            self.begun[key] = max(self.begun.get(key, -1), step)
+            if step not in self.computed and key in self.stored:
+                out[part] = self.stored[key]
+            elif began:  # a computed step, or the first step of a conditioning that starts part-way
+                self.stored[key] = output[part].clone()
         return out
 
 
@@ -224,3 +227,34 @@ def test_a_model_output_profile_forecasts_apply_model_per_chunk(family, tmp_path
     assert relative_error(batched, plain) > 1e-3
     assert len(calls) == 4  # one batched call per computed step: the four skipped ones ran no model
     assert "4 of 8 steps computed, 4 forecast" in patch.describe()
+
+
+def test_a_conditioning_that_starts_part_way_is_its_own_branch(family, tmp_path, monkeypatch):
+    """Two positive conditionings, the second limited to the run's last 70% (ComfyUI's
+    ConditioningSetTimestepRange): each keeps its own history (ComfyUI names each chunk's
+    conditioning in ``transformer_options["uuids"]``), equal to the hand-written reference;
+    the late one never takes the first one's forecast."""
+    from hyca.adapters.webui.fingerprint import fingerprint
+    from hyca.profiles.io import save_profile
+
+    name, patcher = family
+    noise = harness.latent(name, 0)
+    profile = Profile.uniform("reuse", 1, noise.shape[1])
+    profile.metadata["target"] = "model_output"
+    model = patcher.model.diffusion_model
+    save_profile(profile, tmp_path / "output.safetensors", fingerprint(model, recognise(model)))
+    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path))
+    settings = Settings(enabled=True, interval=3, warmup=2, profile="output.safetensors", guard=False)
+    hooked = HyCaPatch(settings, recognise(model)).install(patcher)
+    first, late = harness.conditioning(name, 1)[0], harness.conditioning(name, 2)[0]
+    positive = [first, [late[0], {**late[1], "start_percent": 0.3, "end_percent": 1.0}]]
+    negative = _prompts(name, (1,))[1]
+    got = harness.sample(hooked, positive, negative, noise, steps=8, cfg=2.5)
+    reference = OutputReuseReference({0, 1, 4, 7})
+    handle = model.register_forward_hook(reference, with_kwargs=True)
+    try:
+        expected = harness.sample(patcher, positive, negative, noise, steps=8, cfg=2.5)
+    finally:
+        handle.remove()
+    assert len({key for key in reference.keys if key[0] == 0}) == 2  # two positive conditionings ran
+    assert relative_error(got, expected) < 1e-4

@@ -52,11 +52,15 @@ class ChunkedSession(PassSession):
     """A :class:`PassSession` that splits a batched model call into one branch per
     ``cond_or_uncond`` chunk (see the module doc). A call of one chunk runs as before."""
 
-    def begin_call(self, x: torch.Tensor, sigma: Any, hint: Any = None) -> Call | ChunkedCall | None:
-        """Each chunk's step begins in its own branch, cond first. Raises
-        :class:`HyCaFailure` when the batch does not split into equal chunks."""
+    def begin_call(self, x: torch.Tensor, sigma: Any, hint: Any = None,
+                   ids: tuple | None = None) -> Call | ChunkedCall | None:
+        """Each chunk's step begins in its own branch, cond first; ``ids``: each chunk's
+        conditioning (``transformer_options["uuids"]``), so two positive conditionings are two
+        branches. Raises :class:`HyCaFailure` when the batch does not split into equal chunks."""
+        if ids is not None and (hint is None or len(ids) != len(hint)):
+            ids = None  # not one per chunk: told apart by their order, as without ids
         if hint is None or len(hint) < 2:
-            return super().begin_call(x, sigma, hint)
+            return super().begin_call(x, sigma, hint, ids)
         if x.shape[0] % len(hint):
             raise HyCaFailure(f"a batch of {x.shape[0]} rows does not split into its {len(hint)} guidance chunks")
         rows = x.shape[0] // len(hint)
@@ -64,7 +68,7 @@ class ChunkedSession(PassSession):
         calls: dict[int, Call] = {}
         for i in sorted(range(len(layout)), key=lambda i: layout[i][0]):  # cond first
             h, part = layout[i]
-            call = super().begin_call(x[part], sigma, (h,))
+            call = super().begin_call(x[part], sigma, (h,), (ids[i],) if ids is not None else None)
             if call is None:
                 return None
             calls[i] = call

@@ -309,7 +309,9 @@ class HyCaPatch:
             options = args[3]
         hint = (options or {}).get("cond_or_uncond")
         hint = tuple(hint) if hint is not None else None
-        return session.run_call(x, t, hint, lambda: executor(x, t, *args, **kwargs), "denoised")
+        ids = (options or {}).get("uuids")  # comfy/samplers.py _calc_cond_batch: one per chunk, stable over a run
+        return session.run_call(x, t, hint, lambda: executor(x, t, *args, **kwargs), "denoised",
+                                tuple(ids) if ids else None)
 
     # --- results ------------------------------------------------------------------------
 

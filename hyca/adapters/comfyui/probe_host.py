@@ -69,7 +69,7 @@ class RecorderEngine:
 
     def begin_step(self, state: BranchState, position: float | None, signature: Any,
                    total_steps: int | None = None, step: int | None = None) -> bool:
-        shape = signature[1] if isinstance(signature, tuple) and len(signature) == 2 else signature
+        shape = signature[1] if isinstance(signature, tuple) and len(signature) >= 2 else signature
         return self.recorder.begin_step(state, position, shape, total_steps, step)
 
     def __getattr__(self, name: str) -> Any:

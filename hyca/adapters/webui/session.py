@@ -221,8 +221,11 @@ class PassSession:
             self._branches[branch_key] = Branch(self.engine.new_state())
         return self._branches[branch_key]
 
-    def begin_call(self, x: torch.Tensor, sigma: Any, hint: Any = None) -> Call | None:
-        """Decide what this call's blocks do; ``None`` when HyCa stays out of it."""
+    def begin_call(self, x: torch.Tensor, sigma: Any, hint: Any = None, ids: tuple | None = None) -> Call | None:
+        """Decide what this call's blocks do; ``None`` when HyCa stays out of it. ``ids``: the
+        identity of the call's conditioning where the host gives one (ComfyUI's per-cond
+        ``uuids``): calls of other conditionings are other branches, however many there were
+        at the first sigma (a cond that starts part-way through the run gets its own)."""
         if self.failed:
             return None
         try:
@@ -233,7 +236,7 @@ class PassSession:
                 self.engine.begin_run(RunSettings(steps=self.total_steps))
                 self._tell_schedule()
             sigma = float(torch.as_tensor(sigma).flatten()[0])
-            key = (hint, tuple(x.shape))
+            key = (hint, tuple(x.shape)) + ((ids,) if ids is not None else ())
             branch = self._branch_for(sigma, key)
             step, fraction = self.locate(sigma)
             began = step > branch.step
@@ -280,17 +283,17 @@ class PassSession:
         self.active = None
 
     def run_call(self, x: torch.Tensor, sigma: Any, hint: Any, model_call: Callable[[], Any],
-                 output: str = "denoised") -> Any:
+                 output: str = "denoised", ids: tuple | None = None) -> Any:
         """Run one model call under HyCa: ``x`` the call's input latent ``(batch, channels,
         *spatial)``, ``sigma`` its noise level (a float or one per row), ``output`` what the
         call returns (:data:`.model_call.OUTPUTS`; used by a model-output engine only). A HyCa
         failure re-runs the call uncached and leaves the rest of the pass uncached; the
         host's own exceptions (interrupts, out of memory) pass through untouched, with no
-        call left active."""
+        call left active. ``ids``: see :meth:`begin_call`."""
         if self.failed or self.active is not None:  # nested: HyCa's wrapper ended up in a chain twice
             return model_call()
         try:
-            call = self.begin_call(x, sigma, hint)
+            call = self.begin_call(x, sigma, hint, ids)
         except HyCaFailure as error:
             self.fail(str(error))
             return model_call()
@@ -406,7 +409,7 @@ _BRANCHES = {0: "cond", 1: "uncond"}  # the frontends' cond_or_uncond values
 
 def branch_name(key: tuple) -> str:
     """``cond``, ``uncond``, ``cond+uncond`` (one batched call) or ``call k`` (unnamed calls)."""
-    (hint, _shape), slot = key
+    (hint, *_), slot = key
     if hint:
         return "+".join(_BRANCHES.get(h, str(h)) for h in hint)
     return "batch" if slot == 0 else f"call {slot + 1}"
@@ -416,7 +419,7 @@ def _of_image(key: tuple, items: int | None, switch: Switch) -> tuple[str, Switc
     """A switch with its branch, and, in a call that batches several branches (chunks of
     the batch, in the order of the call's ``cond_or_uncond``), the chunk's branch and the
     image within it: the engine counts the call's batch rows, which are not the images."""
-    (hint, _shape), _slot = key
+    (hint, *_), _slot = key
     if not hint or len(hint) < 2 or switch.item is None or not items or items % len(hint):
         return branch_name(key), switch
     per_chunk = items // len(hint)
