@@ -193,21 +193,26 @@ class OutputReuseReference:
         return out
 
 
-def test_a_model_output_profile_forecasts_apply_model_per_chunk(family, tmp_path, monkeypatch):
-    """A model-output profile (here reuse) on the node: batched and unbatched guidance equal
-    the hand-written reference, and a skipped step never runs the model."""
+def _reuse_output_node(patcher, noise: torch.Tensor, folder, monkeypatch) -> HyCaPatch:
+    """The node with a model-output reuse profile file (N=3, warm-up 2, guard off) in ``folder``."""
     from hyca.adapters.webui.fingerprint import fingerprint
     from hyca.profiles.io import save_profile
 
-    name, patcher = family
-    noise = harness.latent(name, 0)
     profile = Profile.uniform("reuse", 1, noise.shape[1])
     profile.metadata["target"] = "model_output"
     model = patcher.model.diffusion_model
-    save_profile(profile, tmp_path / "output.safetensors", fingerprint(model, recognise(model)))
-    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path))
-    settings = Settings(enabled=True, interval=3, warmup=2, profile="output.safetensors", guard=False)
-    patch = HyCaPatch(settings, recognise(model))
+    save_profile(profile, folder / "output.safetensors", fingerprint(model, recognise(model)))
+    monkeypatch.setenv("HYCA_PROFILES", str(folder))
+    return HyCaPatch(Settings(enabled=True, interval=3, warmup=2, profile="output.safetensors", guard=False),
+                     recognise(model))
+
+
+def test_a_model_output_profile_forecasts_apply_model_per_chunk(family, tmp_path, monkeypatch):
+    """A model-output profile (here reuse) on the node: batched and unbatched guidance equal
+    the hand-written reference, and a skipped step never runs the model."""
+    name, patcher = family
+    noise = harness.latent(name, 0)
+    model, patch = patcher.model.diffusion_model, _reuse_output_node(patcher, noise, tmp_path, monkeypatch)
     hooked = patch.install(patcher)
     pos, neg = _prompts(name, (1,))
     calls = []
@@ -234,18 +239,10 @@ def test_a_conditioning_that_starts_part_way_is_its_own_branch(family, tmp_path,
     ConditioningSetTimestepRange): each keeps its own history (ComfyUI names each chunk's
     conditioning in ``transformer_options["uuids"]``), equal to the hand-written reference;
     the late one never takes the first one's forecast."""
-    from hyca.adapters.webui.fingerprint import fingerprint
-    from hyca.profiles.io import save_profile
-
     name, patcher = family
     noise = harness.latent(name, 0)
-    profile = Profile.uniform("reuse", 1, noise.shape[1])
-    profile.metadata["target"] = "model_output"
-    model = patcher.model.diffusion_model
-    save_profile(profile, tmp_path / "output.safetensors", fingerprint(model, recognise(model)))
-    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path))
-    settings = Settings(enabled=True, interval=3, warmup=2, profile="output.safetensors", guard=False)
-    hooked = HyCaPatch(settings, recognise(model)).install(patcher)
+    model, patch = patcher.model.diffusion_model, _reuse_output_node(patcher, noise, tmp_path, monkeypatch)
+    hooked = patch.install(patcher)
     first, late = harness.conditioning(name, 1)[0], harness.conditioning(name, 2)[0]
     positive = [first, [late[0], {**late[1], "start_percent": 0.3, "end_percent": 1.0}]]
     negative = _prompts(name, (1,))[1]
