@@ -193,12 +193,13 @@ class OutputReuseReference:
         return out
 
 
-def _reuse_output_node(patcher, noise: torch.Tensor, folder, monkeypatch) -> HyCaPatch:
-    """The node with a model-output reuse profile file (N=3, warm-up 2, guard off) in ``folder``."""
+def _reuse_output_node(patcher, noise: torch.Tensor, folder, monkeypatch, channels: int | None = None) -> HyCaPatch:
+    """The node with a model-output reuse profile file (N=3, warm-up 2, guard off) in ``folder``,
+    of the latent's channels (or ``channels``)."""
     from hyca.adapters.webui.fingerprint import fingerprint
     from hyca.profiles.io import save_profile
 
-    profile = Profile.uniform("reuse", 1, noise.shape[1])
+    profile = Profile.uniform("reuse", 1, channels or noise.shape[1])
     profile.metadata["target"] = "model_output"
     model = patcher.model.diffusion_model
     save_profile(profile, folder / "output.safetensors", fingerprint(model, recognise(model)))
@@ -255,3 +256,19 @@ def test_a_conditioning_that_starts_part_way_is_its_own_branch(family, tmp_path,
         handle.remove()
     assert len({key for key in reference.keys if key[0] == 0}) == 2  # two positive conditionings ran
     assert relative_error(got, expected) < 1e-4
+
+
+def test_a_profile_of_other_width_stops_caching_and_the_report_says_why(family, tmp_path, monkeypatch, capsys):
+    """A model-output profile of another channel count: found before the model runs, the run
+    is sampled uncached (equal to the unpatched model) and its report says HyCa stopped and
+    why, not that sampling stopped."""
+    name, patcher = family
+    noise = harness.latent(name, 0)
+    patch = _reuse_output_node(patcher, noise, tmp_path, monkeypatch, channels=4 * noise.shape[1])
+    pos, neg = _prompts(name, (1,))
+    got = harness.sample(patch.install(patcher), pos, neg, noise, steps=8, cfg=2.5)
+    plain = harness.sample(patcher, pos, neg, noise, steps=8, cfg=2.5)
+    assert torch.equal(got, plain)
+    report = patch.describe()
+    assert "HyCa stopped caching: the profile forecasts" in report and "stopped after" not in report, report
+    assert "for the rest of run 1" in capsys.readouterr().out

@@ -134,15 +134,63 @@ def test_a_probed_model_output_profile_caches_the_pass_that_asked_for_it(isolate
 
 def test_a_profile_of_other_channels_falls_back_to_uncached_and_says_so(isolated, capsys):
     """A model-output profile made for another layout (a diffusers profile of FLUX's 64
-    packed channels) cannot forecast this model call: one console line, the pass uncached."""
+    packed channels) cannot forecast this model call: it is found before the model runs (the
+    model runs once per call, as without HyCa), one console line, the pass uncached, and the
+    infotext says HyCa stopped."""
     with Frontend("forge_flux") as f:
         name = saved(f, isolated, model_output_profile(4 * f.spec.latent[0]))
-        refused, p = f.run(args(True, INTERVAL, WARMUP, profile=name), steps=STEPS)
-        plain, _ = f.run(args(False), steps=STEPS)
+        with ModelCalls(f.model) as calls:
+            refused, p = f.run(args(True, INTERVAL, WARMUP, profile=name), steps=STEPS)
+        with ModelCalls(f.model) as plain_calls:
+            plain, _ = f.run(args(False), steps=STEPS)
         assert no_hyca_left(f.model)
-    assert torch.equal(refused.images[0], plain.images[0]) and "HyCa steps" not in p.extra_generation_params
+    assert torch.equal(refused.images[0], plain.images[0]) and calls.count == plain_calls.count
     lines = [line for line in capsys.readouterr().out.splitlines() if "output channels" in line]
     assert len(lines) == 1 and "16 output channels" in lines[0] and "uncached" in lines[0], lines
+    assert "16 output channels" in p.extra_generation_params["HyCa stopped"]
+
+
+def test_a_failure_part_way_is_in_the_infotext_and_runs_no_call_twice(isolated, monkeypatch):
+    """HyCa stops at its first forecast (an injected fault): that call and the rest run
+    uncached, once each, and the infotext says HyCa stopped and why, beside the steps it ran."""
+    from hyca.engine.cache import HybridCache
+
+    def broken(self, state):
+        raise RuntimeError("injected fault")
+
+    with Frontend("neo_flux") as f:
+        name = saved(f, isolated, model_output_profile(f.spec.latent[0]))
+        monkeypatch.setattr(HybridCache, "predicted_residual", broken)
+        with ModelCalls(f.model) as calls:
+            stopped, p = f.run(args(True, INTERVAL, WARMUP, profile=name), steps=STEPS)
+        monkeypatch.undo()
+        with ModelCalls(f.model) as plain_calls:
+            plain, _ = f.run(args(False), steps=STEPS)
+    assert torch.equal(stopped.images[0], plain.images[0]) and calls.count == plain_calls.count
+    assert "injected fault" in p.extra_generation_params["HyCa stopped"]
+
+
+def test_a_forecast_that_is_not_finite_computes_that_call_and_the_pass_goes_on(isolated, monkeypatch, capsys):
+    """DPM2's midpoint call of a forecast step gets a non-finite forecast: that call runs the
+    model (said once), and the pass stays cached."""
+    from hyca.engine.cache import HybridCache, NonFiniteForecast
+
+    real = HybridCache.predicted_residual
+
+    def nan_between_steps(self, state):
+        if state.current_position % 1:
+            state.stats.non_finite += 1
+            raise NonFiniteForecast("not finite")
+        return real(self, state)
+
+    monkeypatch.setattr(HybridCache, "predicted_residual", nan_between_steps)
+    with Frontend("forge_flux") as f:
+        name = saved(f, isolated, model_output_profile(f.spec.latent[0]))
+        out, p = f.run(args(True, INTERVAL, WARMUP, profile=name), steps=STEPS, sampler_name="dpm2")
+    assert "HyCa stopped" not in p.extra_generation_params
+    assert p.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
+    assert bool(torch.isfinite(out.images[0]).all())
+    assert capsys.readouterr().out.count("a forecast was not finite") == 1
 
 
 def test_the_real_probe_offers_and_can_keep_the_model_output(isolated, capsys):

@@ -9,7 +9,7 @@
    :data:`hyca.profiles.hub.DEFAULT_HUB_REPO`), through huggingface_hub's cache;
 5. an automatic probe, whose result is saved to the local cache for next time.
 
-File names come from the model fingerprint (:func:`hyca.profiles.io.profile_filename`):
+File names come from the model fingerprint (:func:`hyca.profiles.names.profile_filename`):
 ``<Class>-<hash>-n<N>-<settings>.safetensors`` (a profile chosen for one sampling setting),
 ``<Class>-<hash>-n<N>.safetensors``, and the model's general ``<Class>-<hash>.safetensors``.
 

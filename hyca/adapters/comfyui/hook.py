@@ -85,12 +85,15 @@ class RunReport:
         steps = self.stats.steps
         text = (f"{self.label}: {steps.computed} of {steps.total} steps computed, {steps.forecast} forecast; "
                 f"{self.stats.flops_saving:.0%} of block compute skipped (profile: {self.profile})")
-        if self.scheduled is not None and steps.total < self.scheduled:
+        if self.failed:
+            rest = f" (the other {self.scheduled - steps.total} of {self.scheduled} steps)" \
+                if self.scheduled is not None and steps.total < self.scheduled else ""
+            why = f": {self.stats.stopped}" if self.stats.stopped else " (see the console)"
+            text += f"; HyCa stopped caching{why}, the rest of the run was sampled uncached{rest}"
+        elif self.scheduled is not None and steps.total < self.scheduled:
             text += f"; stopped after {steps.total} of {self.scheduled} steps (interrupted, or an error)"
         if self.stats.switches:
             text += f"; the guard switched {self.stats.describe_switches()}"
-        if self.failed:
-            text += "; HyCa stopped caching in this run (see the console)"
         return text
 
 

@@ -86,7 +86,7 @@ class Controller:
     def finish_pass(self) -> None:
         if isinstance(self.session, PassSession):
             stats = self.session.stats()
-            if stats.steps.total:
+            if stats.steps.total or stats.stopped is not None:  # a pass HyCa gave up at its first call says so too
                 self.passes.append((self.session.label, stats))
         self.session, self.pass_key = None, None
 
@@ -369,6 +369,8 @@ class Controller:
             several = len(self.passes) > 1
             total.switches += [(f"{label}, {branch}" if several else branch, d) for branch, d in stats.switches]
             total.off_settings = total.off_settings or stats.off_settings
+            if stats.stopped is not None and total.stopped is None:
+                total.stopped = f"{label}: {stats.stopped}" if several else stats.stopped
         return total
 
     def results(self) -> dict[str, str]:
@@ -377,21 +379,24 @@ class Controller:
         if total is None:
             return {}
         out = {"HyCa steps": f"{total.steps.computed} computed, {total.steps.forecast} forecast",
-               "HyCa saving": f"{total.flops_saving:.0%}"}
+               "HyCa saving": f"{total.flops_saving:.0%}"} if total.steps.total else {}
         if self.chosen is not None and self.chosen.lora_ari is not None:
             out["HyCa LoRA ARI"] = f"{self.chosen.lora_ari:.3f}"
         if total.off_settings is not None:  # the profile ran away from its settings: the path it took
             out["HyCa off-settings"] = total.off_settings.short()
         if total.switches:
             out["HyCa guard switches"] = total.describe_switches()
+        if total.stopped is not None:  # the steps above are those before it: the rest ran uncached
+            out["HyCa stopped"] = f"{total.stopped}; the rest sampled uncached"
         return out
 
     def report(self) -> None:
         """Console lines for the passes not reported yet."""
         fresh, self.reported = self.passes[self.reported:], len(self.passes)
         for label, stats in fresh:
+            stopped = "; HyCa stopped caching there, the rest ran uncached" if stats.stopped is not None else ""
             console(f"{label}: {stats.steps.computed} of {stats.steps.total} steps computed, "
-                    f"{stats.steps.forecast} forecast; {stats.flops_saving:.0%} of block compute skipped")
+                    f"{stats.steps.forecast} forecast{stopped}; {stats.flops_saving:.0%} of block compute skipped")
             if stats.switches:
                 console(f"{label}: the guard switched {stats.describe_switches()}")
             for note in stats.notes:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ...engine.state import NON_FINITE, NonFiniteForecast
 from ...engine.targets import as_tokens, from_tokens
 
 #: What a frontend's model call returns: the denoised latent, or the derivative itself.
@@ -62,12 +63,23 @@ class ModelOutputs:
         self.engine = engine
         self.dtype: torch.dtype | None = None
 
+    def check_width(self, x: torch.Tensor) -> None:
+        """``ValueError`` when the profile forecasts another channel count than the call's
+        latent ``x`` has (its output has ``x``'s shape): said before the model runs."""
+        profile = self.engine.profile
+        if profile is not None and x.dim() >= 3 and profile.dim != x.shape[1]:
+            raise ValueError(f"the profile forecasts {profile.dim} output channels, the model call gives "
+                             f"{x.shape[1]}: make a profile for this model on this frontend")
+
     def record_and_forecast(self, parts: Sequence[tuple[slice, Any]], x: torch.Tensor, sigma: Any,
-                            out: torch.Tensor | None, output: str) -> torch.Tensor | None:
+                            out: torch.Tensor | None, output: str,
+                            model_call: Any = None) -> torch.Tensor | None:
         """``parts``: the rows of the call's batch and each one's branch call (``record``,
         ``computing``, ``branch.state``); ``out``: the model call's output (None: it did not
         run, every branch forecasts). Each recording branch's rows are recorded as block 0;
-        each forecasting branch's rows are its forecast. Returns the call's output. Raises
+        each forecasting branch's rows are its forecast, or, where that forecast is not finite
+        (a second-order sampler's call between steps), the model's own (``model_call()`` runs
+        it then; the engine counts it and the stats say so). Returns the call's output. Raises
         ``ValueError`` when the profile forecasts another channel count."""
         rows_sigma = sigma_rows(sigma, x)
         of = lambda rows: rows_sigma[rows] if isinstance(rows_sigma, torch.Tensor) else rows_sigma  # noqa: E731
@@ -82,8 +94,16 @@ class ModelOutputs:
         dtype = out.dtype if out is not None else self.dtype or x.dtype
         result = torch.empty_like(x, dtype=dtype) if out is None else out.clone()
         for rows, part in forecasting:
-            result[rows] = output_from_tokens(self.engine.predicted_residual(part.branch.state), x[rows], of(rows),
-                                              output, dtype)
+            try:
+                tokens = self.engine.predicted_residual(part.branch.state)
+            except NonFiniteForecast:
+                if model_call is None:
+                    raise
+                out = model_call() if out is None else out
+                result[rows] = out[rows].to(dtype)
+                self.engine.note(part.branch.state, NON_FINITE)
+                continue
+            result[rows] = output_from_tokens(tokens, x[rows], of(rows), output, dtype)
         return result
 
     def _checked(self, tokens: torch.Tensor) -> torch.Tensor:

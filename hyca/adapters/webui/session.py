@@ -61,7 +61,13 @@ logger = logging.getLogger("hyca.webui")
 
 
 class HyCaFailure(RuntimeError):
-    """Something inside HyCa went wrong: the call is re-run uncached, never the host's fault."""
+    """Something inside HyCa went wrong: the call is re-run uncached, never the host's fault.
+    ``output``: the call's own output, when the model already ran it unchanged (it is
+    returned instead of running the model again)."""
+
+    def __init__(self, message: str, output: Any = None) -> None:
+        super().__init__(message)
+        self.output = output
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -139,6 +145,8 @@ class PassStats:
     notes: list[str] = field(default_factory=list)
     #: the pass ran its profile away from the settings it was chosen for (the engine's decision)
     off_settings: OffSettings | None = None
+    #: why HyCa stopped caching part-way (its later calls ran uncached and are not counted above)
+    stopped: str | None = None
 
     def describe_switches(self) -> str:
         """``taylor-2 -> taylor-1 at step 6 (images 1-4, cond), ...``
@@ -169,6 +177,7 @@ class PassSession:
         self.schedule = [float(s) for s in schedule] if schedule is not None and not callable(schedule) else None
         self.label = label
         self.failed = False
+        self.stopped: str | None = None  # why HyCa stopped caching part-way
         self.active: Call | None = None
         self._branches: dict[tuple, Branch] = {}
         self._per_key: dict[Any, int] = {}        # branches per (hint, shape), fixed after the first sigma
@@ -277,8 +286,10 @@ class PassSession:
 
     def fail(self, why: str) -> None:
         if not self.failed:
-            logger.warning("HyCa: %s; sampling continues uncached for the rest of this %s", why, self.label)
-            print(f"[HyCa] {why}; sampling continues uncached for the rest of this {self.label}")
+            where = self.label if self.label.split()[-1].isdigit() else f"this {self.label}"  # "run 2", "this pass"
+            logger.warning("HyCa: %s; sampling continues uncached for the rest of %s", why, where)
+            print(f"[HyCa] {why}; sampling continues uncached for the rest of {where}")
+            self.stopped = why
         self.failed = True
         self.active = None
 
@@ -304,7 +315,7 @@ class PassSession:
             return out
         except HyCaFailure as error:
             self.fail(str(error))
-            return model_call()
+            return error.output if error.output is not None else model_call()
         finally:
             self.active = None
 
@@ -317,11 +328,15 @@ class PassSession:
         """Model-output target: the model runs when a branch of the call computes (the host's
         exceptions pass through); :class:`.model_call.ModelOutputs` records and forecasts."""
         parts = self.parts(call)
+        try:
+            self.outputs.check_width(x)
+        except ValueError as error:  # before the model runs: the fallback runs it once
+            raise HyCaFailure(str(error)) from error
         out = model_call() if any(part.computing for _, part in parts) else None
         try:
-            return self.outputs.record_and_forecast(parts, x, sigma, out, output)
-        except Exception as error:  # noqa: BLE001
-            raise HyCaFailure(f"could not apply the model-output profile ({error})") from error
+            return self.outputs.record_and_forecast(parts, x, sigma, out, output, model_call)
+        except Exception as error:  # noqa: BLE001 - the model's own output, when it ran, is still right
+            raise HyCaFailure(f"could not apply the model-output profile ({error})", out) from error
 
     # --- blocks -----------------------------------------------------------------------
 
@@ -401,7 +416,7 @@ class PassSession:
             switches += [_of_image(key, branch.state.items, d) for d in branch.state.stats.switches]
             notes += [n for n in branch.state.stats.notes if n not in notes]
             off_settings = off_settings or branch.state.stats.off_settings
-        return PassStats(steps, self.calls_computed, self.calls_forecast, switches, notes, off_settings)
+        return PassStats(steps, self.calls_computed, self.calls_forecast, switches, notes, off_settings, self.stopped)
 
 
 _BRANCHES = {0: "cond", 1: "uncond"}  # the frontends' cond_or_uncond values
