@@ -48,6 +48,31 @@ def test_switches_name_the_branch_when_cond_and_uncond_are_split(monkeypatch):
     assert "(cond)" in value and "(uncond)" in value
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_a1111_switches_name_branch_and_image_not_batch_rows(batch_size, monkeypatch):
+    """A1111 batches the cond rows, then the uncond rows, in one unnamed call: a switch on
+    row ``batch_size + i`` is image ``i + 1``'s uncond branch (it read "(images 1, 2)" for one
+    image)."""
+    from hyca.engine.cache import HybridCache
+    from hyca.engine.guard import Switch
+
+    real = HybridCache.end_step
+
+    def end_step(self, state):  # one demotion per batch row at the branch's third computed step
+        computing, step = state.computing, state.step
+        real(self, state)
+        if computing and self.guard and state.stats.computed == 3:
+            state.stats.switches += [Switch(step, "taylor-2", "reuse", item=row) for row in range(2 * batch_size)]
+
+    monkeypatch.setattr(HybridCache, "end_step", end_step)
+    with Frontend("a1111_sd3") as f:
+        _, p = f.run(args(True, 3, 2, guard=True), steps=10, batch_size=batch_size)
+    value = p.extra_generation_params["HyCa guard switches"]
+    images = "" if batch_size == 1 else "images 1, 2, "  # hyca.engine.guard.describe_switches's image list
+    assert f"({images}cond)" in value and f"({images}uncond)" in value, value
+    assert "image 3" not in value and "images 1-4" not in value, value
+
+
 def test_engine_notes_go_to_the_console_once(monkeypatch, capsys):
     from hyca.engine.cache import HybridCache
 

@@ -178,6 +178,9 @@ class PassSession:
         self.label = label
         self.failed = False
         self.stopped: str | None = None  # why HyCa stopped caching part-way
+        #: images per unnamed call that batches cond then uncond (A1111): its switches are named
+        #: by branch and image, as a named call's are; None when calls are not so known
+        self.halves_of: int | None = None
         self.active: Call | None = None
         self._branches: dict[tuple, Branch] = {}
         self._per_key: dict[Any, int] = {}        # branches per (hint, shape), fixed after the first sigma
@@ -413,7 +416,7 @@ class PassSession:
         for key, branch in self._branches.items():
             steps.computed = max(steps.computed, branch.state.stats.computed)
             steps.forecast = max(steps.forecast, branch.state.stats.forecast)
-            switches += [_of_image(key, branch.state.items, d) for d in branch.state.stats.switches]
+            switches += [_of_image(key, branch.state.items, d, self.halves_of) for d in branch.state.stats.switches]
             notes += [n for n in branch.state.stats.notes if n not in notes]
             off_settings = off_settings or branch.state.stats.off_settings
         return PassStats(steps, self.calls_computed, self.calls_forecast, switches, notes, off_settings, self.stopped)
@@ -430,11 +433,14 @@ def branch_name(key: tuple) -> str:
     return "batch" if slot == 0 else f"call {slot + 1}"
 
 
-def _of_image(key: tuple, items: int | None, switch: Switch) -> tuple[str, Switch]:
+def _of_image(key: tuple, items: int | None, switch: Switch, halves_of: int | None = None) -> tuple[str, Switch]:
     """A switch with its branch, and, in a call that batches several branches (chunks of
-    the batch, in the order of the call's ``cond_or_uncond``), the chunk's branch and the
-    image within it: the engine counts the call's batch rows, which are not the images."""
+    the batch, in the order of the call's ``cond_or_uncond``; an unnamed call of twice
+    ``halves_of`` rows: cond then uncond, A1111's order), the chunk's branch and the image
+    within it: the engine counts the call's batch rows, which are not the images."""
     (hint, *_), _slot = key
+    if not hint and halves_of and items == 2 * halves_of:
+        hint = (0, 1)
     if not hint or len(hint) < 2 or switch.item is None or not items or items % len(hint):
         return branch_name(key), switch
     per_chunk = items // len(hint)
