@@ -196,3 +196,16 @@ def test_no_lora_is_the_base_profile_and_a_lora_set_is_probed(kind, automatic, c
     # the probing pass is cached with the set's profile from its first step
     assert p_lora.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
     assert p_lora.extra_generation_params["HyCa LoRA ARI"] == p_again.extra_generation_params["HyCa LoRA ARI"] == "1.000"
+
+
+@pytest.mark.parametrize("kind", ["forge_flux", "a1111_sd3"])
+def test_each_lora_set_is_announced_by_its_own_name(kind, automatic, capsys):
+    """LoRA reuse off, two LoRA sets in turn: each probe is announced with the set's name
+    (Forge's key begins alike for every set: its first 12 characters named them all the same,
+    and the second announcement was swallowed as already said)."""
+    reuse_off = args(True, 3, 2, profile="automatic", lora_reuse=False)
+    with Frontend(kind) as f:
+        f.run(reuse_off, steps=10, lora_hash="outline")
+        f.run(reuse_off, steps=10, lora_hash="detail")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "probing its own profile" in line]
+    assert len(lines) == 2 and "outline" in lines[0] and "detail" in lines[1], lines

@@ -4,7 +4,9 @@ with. Each reader names the frontend source it follows."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 from typing import Any
 
 import torch
@@ -67,3 +69,14 @@ def lora_identity(p: Any) -> str:
     names = tuple((str(getattr(n, "name", n)), getattr(n, "te_multiplier", 1.0), getattr(n, "unet_multiplier", 1.0),
                    getattr(n, "dyn_dim", None)) for n in loaded)
     return repr(names) if names else ""
+
+
+def lora_label(key: str) -> str:
+    """A LoRA set's key in a user's words: the names of its files or networks (Forge:
+    ``[['/models/Lora/a.safetensors', 1.0, 1.0, ...]]``; A1111: ``(('a', 1.0, 1.0, None),)``),
+    with an 8-digit hash of the whole key, which tells apart sets of the same files at
+    other weights."""
+    names = re.findall(r"([^/\\'\"\[\](),]+?)\.(?:safetensors|ckpt|pt)\b", key) or \
+        re.findall(r"\(\s*'([^']+)'", key)
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
+    return f"{', '.join(dict.fromkeys(names))} ({digest})" if names else digest

@@ -29,6 +29,7 @@ from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
 from .adapter import Adapter
 from .fingerprint import fingerprint
+from .processing import lora_label
 
 AUTOMATIC = "automatic"
 #: Choices that need no file: label -> pool solver name.
@@ -135,7 +136,7 @@ class ProfileBook:
             return base
         notes = list(base.notes) if base.profile is None else []
         if own_lora:
-            notes.append(f"LoRA set {lora_key[:12]}: probing its own profile for this pass's settings")
+            notes.append(f"LoRA set {lora_label(lora_key)}: probing its own profile for this pass's settings")
         return Chosen(None, "automatic", notes, key=base_key + ((lora_key,) if own_lora else ()), base=base.profile,
                       fp=fp, lora=lora_key if own_lora else "")
 
