@@ -212,6 +212,15 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 # --- show / compare ---------------------------------------------------------------------------
 
+def _schedule_field(meta: dict, name: str) -> str:
+    """A profile's ``interval`` / ``warmup``: its own field, else the one in ``chosen_for``
+    (a profile saved without the field), else "not recorded"."""
+    value = meta.get(name)
+    if value is None:
+        value = (meta.get("chosen_for") or {}).get(name) if isinstance(meta.get("chosen_for"), dict) else None
+    return "not recorded" if value is None else str(value)
+
+
 def _solver_counts(profile: Profile) -> list[str]:
     """``name: clusters (share of dims)`` per solver, most dims first."""
     from .math.solvers import pool
@@ -239,7 +248,8 @@ def summary(profile: Profile, path: str | Path | None = None) -> str:
          f"shape:     {profile.num_blocks} blocks x {profile.dim} dims, {_count(profile.num_clusters, 'cluster')} per block")
         + f"{' (one labelling shared by all blocks)' if shared else ''}",
         "solvers:   " + "\n           ".join(_solver_counts(profile)),
-        f"schedule:  chosen for interval N={meta.get('interval', '?')}, warm-up {meta.get('warmup', '?')}"
+        f"schedule:  chosen for interval N={_schedule_field(meta, 'interval')}, "
+        f"warm-up {_schedule_field(meta, 'warmup')}"
         + (f", first computed step {meta['first_interval']} after warm-up" if meta.get("first_interval") else "")
         + (", last step forecast" if meta.get("skip_last") else ""),
         *(["guard:     off at the settings it was chosen for (the closed loop kept it without the guard)"]

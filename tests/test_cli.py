@@ -66,6 +66,20 @@ def test_show_summarises_the_file(saved, fp, capsys):
     assert f"created:   {created} by hyca 0.1.0 (format 1, solver pool 1)" in out
 
 
+def test_show_reads_the_schedule_from_chosen_for_or_says_not_recorded(tmp_path, fp, capsys):
+    """A profile saved without ``interval`` / ``warmup`` (a host's own probe): ``show`` gives
+    the ones in ``chosen_for``, or says they are not recorded (it printed ``N=None``)."""
+    profile = random_profile(fp)
+    profile.metadata["chosen_for"] = {"steps": 10, "interval": 3, "warmup": 2}
+    save_profile(profile, tmp_path / "told.safetensors", fp)
+    save_profile(random_profile(fp), tmp_path / "bare.safetensors", fp)
+    assert main(["show", str(tmp_path / "told.safetensors")]) == 0
+    assert "chosen for interval N=3, warm-up 2" in capsys.readouterr().out
+    assert main(["show", str(tmp_path / "bare.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "N=not recorded, warm-up not recorded" in out and "None" not in out
+
+
 def test_show_marks_a_shared_labelling(tmp_path, fp, capsys):
     base = random_profile(fp)
     shared = Profile(base.labels[:1].expand(5, -1).clone(), base.solvers, base.metadata)
