@@ -204,3 +204,21 @@ def test_the_real_probe_offers_and_can_keep_the_model_output(isolated, capsys):
     names = [trial["name"] for trial in load_profile(saved_profile).metadata["selection"]["closed_loop"]["trials"]]
     assert {"model:eq5", "model,lite:eq5", "output:eq5", "eq5"} <= set(names), names  # every target, scored
     assert "HyCa steps" in p.extra_generation_params
+
+
+def test_a_lite_profile_that_forecasts_the_last_step_says_so_in_the_infotext(isolated):
+    """A profile the probe chose with TaylorSeer lite's end (metadata ``skip_last``) forecasts
+    the last step even with "Compute the last step" on, as chosen; the infotext keeps what was
+    asked ("HyCa last step: on") and says what ran."""
+    from hyca.profiles.settings import RunSettings
+
+    with Frontend("forge_flux") as f:
+        profile = model_output_profile(f.spec.latent[0])
+        profile.metadata.update(first_interval=2, skip_last=True, chosen_for=RunSettings(
+            steps=STEPS, interval=INTERVAL, warmup=WARMUP, compute_last=False).to_json())
+        name = saved(f, isolated, profile)
+        _, p = f.run(args(True, INTERVAL, WARMUP, compute_last=True, profile=name), steps=STEPS)
+        _, plain_end = f.run(args(True, INTERVAL, WARMUP, compute_last=True, profile=saved(
+            f, isolated, model_output_profile(f.spec.latent[0]), "plain.safetensors")), steps=STEPS)
+    assert p.extra_generation_params["HyCa last step ran"].startswith("forecast")
+    assert "HyCa last step ran" not in plain_end.extra_generation_params

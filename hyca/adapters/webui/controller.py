@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ...engine.cache import HybridCache
+from ...engine.state import LAST_FORECAST
 from ...engine.schedule import Schedule, interval_for_speedup
 from ...engine.targets import MODEL_OUTPUT, OUTPUT, RESIDUAL, require_target, target_of
 from ...profiles.settings import RunSettings
@@ -389,6 +390,8 @@ class Controller:
             out["HyCa off-settings"] = total.off_settings.short()
         if total.switches:
             out["HyCa guard switches"] = total.describe_switches()
+        if any(LAST_FORECAST in stats.notes for _, stats in self.passes):  # "HyCa last step" is what was asked
+            out["HyCa last step ran"] = "forecast (the profile was chosen so: TaylorSeer lite's end)"
         if total.stopped is not None:  # the steps above are those before it: the rest ran uncached
             out["HyCa stopped"] = f"{total.stopped}; the rest sampled uncached"
         return out
