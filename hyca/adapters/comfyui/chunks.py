@@ -104,6 +104,10 @@ class ChunkedSession(PassSession):
             return passthrough(self._forecast_stream(call, stream))
         recording = [chunk for chunk in computing if chunk.call.record]
         snapshot = self._keep_input(index, stream) if recording else None
+        # the forecasting chunks' hand-on, taken before the block runs: ComfyUI's FLUX blocks
+        # update their img / txt inputs in place (comfy/ldm/flux/layers.py, img += ...)
+        handed_on = None if len(computing) == len(call.chunks) else \
+            _detached(passthrough(self._forecast_stream(call, stream)))
         out = run()
         if recording:
             try:
@@ -112,9 +116,8 @@ class ChunkedSession(PassSession):
                     self.engine.record(chunk.call.branch.state, index, residual[chunk.rows])
             except Exception as error:  # noqa: BLE001
                 raise HyCaFailure(f"could not record block {index} ({error})") from error
-        if len(computing) == len(call.chunks):
+        if handed_on is None:
             return out
-        handed_on = passthrough(self._forecast_stream(call, stream))
         return _rows_from(out, handed_on, [chunk.rows for chunk in call.chunks if not chunk.call.computing])
 
     def _keep_input(self, index: int, stream: torch.Tensor) -> Any:
@@ -140,6 +143,14 @@ class ChunkedSession(PassSession):
             return torch.cat(pieces)
         except Exception as error:  # noqa: BLE001
             raise HyCaFailure(f"could not forecast a guidance chunk ({error})") from error
+
+
+def _detached(handed_on: Any) -> Any:
+    """A replace patch's hand-on dict with its tensors copied (a block that runs afterwards
+    may write into the tensors it references)."""
+    if not isinstance(handed_on, dict):
+        return handed_on
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in handed_on.items()}
 
 
 def _rows_from(out: Any, handed_on: Any, rows: list[slice]) -> Any:
