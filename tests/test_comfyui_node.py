@@ -118,6 +118,26 @@ def test_automatic_whose_probe_fails_samples_uncached_and_says_so(tmp_path, monk
     assert not list(tmp_path.glob("*.safetensors"))
 
 
+def test_cancel_during_the_probe_stops_the_run(tmp_path, monkeypatch):
+    """ComfyUI's Cancel raised inside the automatic probe (every comfy.ops layer checks it,
+    and clears the flag as it raises) reaches ComfyUI: the run stops, it is not sampled
+    uncached as a failed probe is."""
+    import comfy.model_management
+    import hyca.probing
+
+    _empty_profile_sources(monkeypatch, tmp_path)
+
+    def cancelled(host, run, schedule, **kwargs):
+        raise comfy.model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(hyca.probing, "probe_host", cancelled)
+    patcher = harness.tiny_patcher("flux", seed=3)
+    pos, neg, noise = harness.conditioning("flux", 1), harness.conditioning("flux", 2), harness.latent("flux", 0)
+    model, _ = apply_hyca(patcher, Settings(enabled=True, interval=3, warmup=2))
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        harness.sample(model, pos, neg, noise, steps=10, cfg=2.0)
+
+
 def _reuse_profile(host, run, fp):
     """What the stand-in probes return: plain reuse everywhere, chosen for ``run``."""
     from hyca.profiles.profile import Profile

@@ -222,3 +222,40 @@ def test_a_lite_profile_that_forecasts_the_last_step_says_so_in_the_infotext(iso
             f, isolated, model_output_profile(f.spec.latent[0]), "plain.safetensors")), steps=STEPS)
     assert p.extra_generation_params["HyCa last step ran"].startswith("forecast")
     assert "HyCa last step ran" not in plain_end.extra_generation_params
+
+
+def test_the_hosts_exception_from_a_model_call_hyca_asked_for_passes_through():
+    """A forecast that is not finite makes the call run the model; an interrupt (or out of
+    memory) the model raises there is the host's: it passes through untouched, and HyCa does
+    not stop or run the call again (ComfyUI clears its interrupt flag when it raises)."""
+    from hyca.adapters.webui.session import PassSession
+    from hyca.engine.cache import HybridCache, NonFiniteForecast
+    from hyca.engine.schedule import Schedule
+
+    class Interrupted(Exception):
+        pass
+
+    engine = HybridCache(model_output_profile(4), Schedule(interval=3, warmup=2), guard=False, compare_settings=False)
+    sigmas = [1.0 - k / 10 for k in range(11)]
+    session = PassSession(engine, sigmas, "pass")
+    x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def model_call():
+        calls.append(1)
+        return x * 0.5
+
+    for sigma in sigmas[:2]:  # the warm-up computes
+        session.run_call(x, sigma, None, model_call)
+
+    def interrupted():
+        calls.append(1)
+        raise Interrupted
+
+    def not_finite(state):
+        raise NonFiniteForecast("not finite")
+
+    engine.predicted_residual = not_finite
+    with pytest.raises(Interrupted):
+        session.run_call(x, sigmas[2], None, interrupted)  # a forecast step: its forecast is not finite
+    assert len(calls) == 3 and not session.failed and session.stopped is None

@@ -48,8 +48,9 @@ def test_switches_name_the_branch_when_cond_and_uncond_are_split(monkeypatch):
     assert "(cond)" in value and "(uncond)" in value
 
 
+@pytest.mark.parametrize("cfg_scale", [3.0, 1.0])
 @pytest.mark.parametrize("batch_size", [1, 2])
-def test_a1111_switches_name_branch_and_image_not_batch_rows(batch_size, monkeypatch):
+def test_a1111_switches_name_branch_and_image_not_batch_rows(batch_size, cfg_scale, monkeypatch):
     """A1111 batches the cond rows, then the uncond rows, in one unnamed call: a switch on
     row ``batch_size + i`` is image ``i + 1``'s uncond branch (it read "(images 1, 2)" for one
     image)."""
@@ -66,11 +67,26 @@ def test_a1111_switches_name_branch_and_image_not_batch_rows(batch_size, monkeyp
 
     monkeypatch.setattr(HybridCache, "end_step", end_step)
     with Frontend("a1111_sd3") as f:
-        _, p = f.run(args(True, 3, 2, guard=True), steps=10, batch_size=batch_size)
+        _, p = f.run(args(True, 3, 2, guard=True), steps=10, batch_size=batch_size, cfg_scale=cfg_scale)
     value = p.extra_generation_params["HyCa guard switches"]
     images = "" if batch_size == 1 else "images 1, 2, "  # hyca.engine.guard.describe_switches's image list
     assert f"({images}cond)" in value and f"({images}uncond)" in value, value
     assert "image 3" not in value and "images 1-4" not in value, value
+
+
+@pytest.mark.parametrize("key,label", [
+    (str([["/models/Lora/my lora, v2.safetensors", 1.0, 1.0, False]]), "my lora, v2"),   # Forge
+    (str([["C:\\Lora\\Ünï (x).safetensors", 0.5, 0.5, False]]), "Ünï (x)"),
+    (str([["/a/outline.safetensors", 1.0, 1.0], ["/a/detail.pt", 1.0, 1.0]]), "outline, detail"),
+    (repr((("it's", 1.0, 1.0, None),)), "it's"),                                          # A1111
+])
+def test_lora_sets_are_named_by_their_files(key, label):
+    from hyca.adapters.webui.processing import lora_label
+
+    assert re.fullmatch(re.escape(label) + r" \([0-9a-f]{8}\)", lora_label(key))
+    other = key.replace("1.0", "0.7") if "1.0" in key else key.replace("0.5", "0.7")
+    assert lora_label(other) != lora_label(key)  # the same files at other weights
+    assert re.fullmatch(r"[0-9a-f]{8}", lora_label("not a list ["))
 
 
 def test_engine_notes_go_to_the_console_once(monkeypatch, capsys):

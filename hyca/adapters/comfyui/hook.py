@@ -63,6 +63,16 @@ def console(message: str) -> None:
     logger.info(message)
 
 
+def _interrupted(error: BaseException) -> bool:
+    """Whether ``error`` is ComfyUI's Cancel (``comfy.model_management.InterruptProcessingException``,
+    which clears the interrupt flag as it is raised: swallowing it would sample the run anyway)."""
+    try:
+        from comfy.model_management import InterruptProcessingException
+    except ImportError:
+        return False
+    return isinstance(error, InterruptProcessingException)
+
+
 def lora_identity(patcher: Any) -> str:
     """Which weight patches (LoRAs) the run's model carries; ``""`` for none. ComfyUI gives a
     patcher a new ``patches_uuid`` whenever ``add_patches`` changes its weights."""
@@ -257,6 +267,8 @@ class HyCaPatch:
                                             APPLIED, self.say_once, output_channels=int(host.shape[1]))
             engine = self._engine(chosen.profile, run.schedule)
         except Exception as error:  # noqa: BLE001 - the run still samples, uncached
+            if _interrupted(error):  # the user's Cancel (raised by every comfy.ops layer): ComfyUI's to handle
+                raise
             console(f"no profile for this run ({type(error).__name__}: {error}); this run is sampled uncached")
             return
         run.chosen = chosen

@@ -151,8 +151,7 @@ class Controller:
         if frontend == "forge":
             self._patch_unet(p, unet, adapter)
         else:
-            self._gate_calls(model, int(getattr(p, "batch_size", 1) or 1),
-                             (probe.guidance_of(getattr(p, "cfg_scale", None)) or 0.0) > 1.0)
+            self._gate_calls(model, int(getattr(p, "batch_size", 1) or 1))
         return True
 
     def _open(self, chosen: Chosen, settings: Settings, schedule: Schedule, label: str, sigmas: Any,
@@ -302,9 +301,9 @@ class Controller:
         if model not in self.gated:
             self.gated.append(model)
 
-    def _gate_calls(self, model: torch.nn.Module, images: int, guided: bool) -> None:
-        """A1111: the model's own forward opens each call; with guidance a call of ``2 *
-        images`` rows carries the cond rows, then the uncond ones (``CFGDenoiser``)."""
+    def _gate_calls(self, model: torch.nn.Module, images: int) -> None:
+        """A1111: the model's own forward opens each call; a call of ``2 * images`` rows
+        carries the cond rows, then the uncond ones (``CFGDenoiser``, at any CFG scale)."""
 
         def call_gate(original, x, t, *args, **kwargs):
             session = self.session
@@ -316,7 +315,7 @@ class Controller:
                                        lambda x2, t2, c: original(x2, t2, *c["args"], **c["kwargs"]), "velocity")
                 if session is None:
                     return original(x, t, *args, **kwargs)
-            session.halves_of = images if guided else None
+            session.halves_of = images
             return session.run_call(x, sigma, None, lambda: original(x, t, *args, **kwargs), "velocity")
 
         gates.install(model, call_gate)

@@ -71,16 +71,30 @@ class ModelOutputs:
             raise ValueError(f"the profile forecasts {profile.dim} output channels, the model call gives "
                              f"{x.shape[1]}: make a profile for this model on this frontend")
 
-    def record_and_forecast(self, parts: Sequence[tuple[slice, Any]], x: torch.Tensor, sigma: Any,
+    def forecasts(self, parts: Sequence[tuple[slice, Any]]) -> dict[int, torch.Tensor | None]:
+        """Per forecasting part (by index in ``parts``): the engine's forecast, or None where it
+        is not finite (a second-order sampler's call between steps: that call's rows are then
+        the model's own; the engine counts it, the stats say so)."""
+        found: dict[int, torch.Tensor | None] = {}
+        for i, (_, part) in enumerate(parts):
+            if part.computing:
+                continue
+            try:
+                found[i] = self.engine.predicted_residual(part.branch.state)
+            except NonFiniteForecast:
+                found[i] = None
+                self.engine.note(part.branch.state, NON_FINITE)
+        return found
+
+    def record_and_assemble(self, parts: Sequence[tuple[slice, Any]], x: torch.Tensor, sigma: Any,
                             out: torch.Tensor | None, output: str,
-                            model_call: Any = None) -> torch.Tensor | None:
+                            forecasts: dict[int, torch.Tensor | None]) -> torch.Tensor | None:
         """``parts``: the rows of the call's batch and each one's branch call (``record``,
         ``computing``, ``branch.state``); ``out``: the model call's output (None: it did not
-        run, every branch forecasts). Each recording branch's rows are recorded as block 0;
-        each forecasting branch's rows are its forecast, or, where that forecast is not finite
-        (a second-order sampler's call between steps), the model's own (``model_call()`` runs
-        it then; the engine counts it and the stats say so). Returns the call's output. Raises
-        ``ValueError`` when the profile forecasts another channel count."""
+        run, every part forecasts); ``forecasts``: :meth:`forecasts`. Each recording part's
+        rows are recorded as block 0; each forecasting part's rows are its forecast (the
+        model's own where it has none). Returns the call's output. Raises ``ValueError``
+        when the profile forecasts another channel count."""
         rows_sigma = sigma_rows(sigma, x)
         of = lambda rows: rows_sigma[rows] if isinstance(rows_sigma, torch.Tensor) else rows_sigma  # noqa: E731
         for rows, part in parts:
@@ -88,22 +102,14 @@ class ModelOutputs:
                 self.dtype = out.dtype
                 self.engine.record(part.branch.state, 0, self._checked(derivative_tokens(out[rows], x[rows], of(rows),
                                                                                           output)))
-        forecasting = [(rows, part) for rows, part in parts if not part.computing]
-        if not forecasting:
+        if not forecasts:
             return out
         dtype = out.dtype if out is not None else self.dtype or x.dtype
         result = torch.empty_like(x, dtype=dtype) if out is None else out.clone()
-        for rows, part in forecasting:
-            try:
-                tokens = self.engine.predicted_residual(part.branch.state)
-            except NonFiniteForecast:
-                if model_call is None:
-                    raise
-                out = model_call() if out is None else out
-                result[rows] = out[rows].to(dtype)
-                self.engine.note(part.branch.state, NON_FINITE)
-                continue
-            result[rows] = output_from_tokens(tokens, x[rows], of(rows), output, dtype)
+        for i, tokens in forecasts.items():
+            rows = parts[i][0]
+            result[rows] = out[rows].to(dtype) if tokens is None else output_from_tokens(tokens, x[rows], of(rows),
+                                                                                         output, dtype)
         return result
 
     def _checked(self, tokens: torch.Tensor) -> torch.Tensor:

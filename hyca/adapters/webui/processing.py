@@ -4,9 +4,10 @@ with. Each reader names the frontend source it follows."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import logging
-import re
+from pathlib import PurePath
 from typing import Any
 
 import torch
@@ -72,11 +73,14 @@ def lora_identity(p: Any) -> str:
 
 
 def lora_label(key: str) -> str:
-    """A LoRA set's key in a user's words: the names of its files or networks (Forge:
-    ``[['/models/Lora/a.safetensors', 1.0, 1.0, ...]]``; A1111: ``(('a', 1.0, 1.0, None),)``),
-    with an 8-digit hash of the whole key, which tells apart sets of the same files at
-    other weights."""
-    names = re.findall(r"([^/\\'\"\[\](),]+?)\.(?:safetensors|ckpt|pt)\b", key) or \
-        re.findall(r"\(\s*'([^']+)'", key)
+    """A LoRA set's key (:func:`lora_identity`) in a user's words: the names of its files or
+    networks (Forge: ``str([['/models/Lora/a.safetensors', 1.0, 1.0, ...]])``; A1111:
+    ``repr((('a', 1.0, 1.0, None),))``), with an 8-digit hash of the whole key, which tells
+    apart sets of the same files at other weights; the hash alone for a key read otherwise."""
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
-    return f"{', '.join(dict.fromkeys(names))} ({digest})" if names else digest
+    try:
+        entries = ast.literal_eval(key)
+        names = [PurePath(str(entry[0]).replace("\\", "/")).stem for entry in entries]
+    except (ValueError, SyntaxError, TypeError, IndexError, MemoryError, RecursionError):
+        return digest
+    return f"{', '.join(dict.fromkeys(n for n in names if n))} ({digest})" if any(names) else digest

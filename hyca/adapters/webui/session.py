@@ -335,9 +335,16 @@ class PassSession:
             self.outputs.check_width(x)
         except ValueError as error:  # before the model runs: the fallback runs it once
             raise HyCaFailure(str(error)) from error
-        out = model_call() if any(part.computing for _, part in parts) else None
         try:
-            return self.outputs.record_and_forecast(parts, x, sigma, out, output, model_call)
+            forecasts = self.outputs.forecasts(parts)
+        except Exception as error:  # noqa: BLE001
+            raise HyCaFailure(f"could not forecast the model output ({error})") from error
+        # the model runs outside HyCa's error handling: the host's own exceptions (interrupts,
+        # out of memory) pass through untouched
+        needed = any(part.computing for _, part in parts) or any(f is None for f in forecasts.values())
+        out = model_call() if needed else None
+        try:
+            return self.outputs.record_and_assemble(parts, x, sigma, out, output, forecasts)
         except Exception as error:  # noqa: BLE001 - the model's own output, when it ran, is still right
             raise HyCaFailure(f"could not apply the model-output profile ({error})", out) from error
 
