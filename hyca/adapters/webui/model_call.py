@@ -93,15 +93,14 @@ class ModelOutputs:
         ``computing``, ``branch.state``); ``out``: the model call's output (None: it did not
         run, every part forecasts); ``forecasts``: :meth:`forecasts`. Each recording part's
         rows are recorded as block 0; each forecasting part's rows are its forecast (the
-        model's own where it has none). Returns the call's output. Raises ``ValueError``
-        when the profile forecasts another channel count."""
+        model's own where it has none). Returns the call's output. The width was checked
+        before the model ran (:meth:`check_width`)."""
         rows_sigma = sigma_rows(sigma, x)
         of = lambda rows: rows_sigma[rows] if isinstance(rows_sigma, torch.Tensor) else rows_sigma  # noqa: E731
         for rows, part in parts:
             if part.record:
                 self.dtype = out.dtype
-                self.engine.record(part.branch.state, 0, self._checked(derivative_tokens(out[rows], x[rows], of(rows),
-                                                                                          output)))
+                self.engine.record(part.branch.state, 0, derivative_tokens(out[rows], x[rows], of(rows), output))
         if not forecasts:
             return out
         dtype = out.dtype if out is not None else self.dtype or x.dtype
@@ -111,10 +110,3 @@ class ModelOutputs:
             result[rows] = out[rows].to(dtype) if tokens is None else output_from_tokens(tokens, x[rows], of(rows),
                                                                                          output, dtype)
         return result
-
-    def _checked(self, tokens: torch.Tensor) -> torch.Tensor:
-        profile = self.engine.profile
-        if profile is not None and profile.dim != tokens.shape[-1]:
-            raise ValueError(f"the profile forecasts {profile.dim} output channels, the model call gives "
-                             f"{tokens.shape[-1]}: make a profile for this model on this frontend")
-        return tokens
