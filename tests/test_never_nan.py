@@ -72,3 +72,41 @@ def test_a_non_finite_forecast_is_computed_instead_and_said_once(caplog):
     assert computed == [True, True, True, True, False, True, False, True]
     assert state.stats.non_finite == 1 and state.stats.notes == [NON_FINITE]
     assert [r.message for r in caplog.records].count(f"HyCa: {NON_FINITE}") == 1
+
+
+def test_a_forecast_that_overflows_from_finite_values_is_computed_instead():
+    """Finite cached values can still sum past float32's range: their bound says so, the
+    forecast is looked at, and the step is computed."""
+    engine = HybridCache(Profile.uniform("taylor-1", 1, 4), Schedule(2, 2), guard=False)
+    state = engine.new_state()
+    computed = []
+    for step in range(4):
+        computing = engine.begin_step(state, float(4 - step), (1, 3, 4), 4)
+        computed.append(computing)
+        if computing:
+            engine.record(state, 0, torch.full((1, 3, 4), 3e38 if step == 1 else -3e38))
+        engine.end_step(state)
+    # step 2 would be 3e38 + (3e38 - (-3e38)): past float32's largest value
+    assert computed == [True, True, True, True] and state.stats.non_finite == 1
+
+
+def test_the_bound_only_vouches_for_finite_forecasts():
+    """:func:`bounded` against the forecast itself: whenever it says finite, the forecast is
+    finite; NaN and Inf magnitudes never pass."""
+    from hyca.engine.forecast import bounded, finite, forecast, magnitudes
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        terms = int(torch.randint(1, 5, (1,), generator=g))
+        scale = 10.0 ** float(torch.randint(0, 39, (1,), generator=g))
+        values = [torch.randn(2, 3, 4, generator=g) * scale for _ in range(terms)]
+        if trial % 7 == 0:
+            values[0][0, 0, 0] = float("nan") if trial % 2 else float("inf")
+        weights = torch.randn(terms, 1, generator=g) * 3
+        known = bounded(magnitudes(values), weights.abs().amax(dim=1).tolist())
+        if known:
+            assert finite(forecast(values, weights)), trial
+        if trial % 7 == 0:
+            assert not known
+    assert bounded([1.0, 2.0], [2.86, 4.0]) and not bounded([float("nan")], [1.0])
+    assert not bounded([float("inf")], [1.0]) and not bounded([1e38], [1.0])

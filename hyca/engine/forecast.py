@@ -31,14 +31,15 @@ def forecast(history: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Te
 
 @lru_cache(maxsize=4096)
 def stacked_weights(active: tuple[int, ...], positions: tuple[float, ...], target: float,
-                     lengths: tuple[int, ...], items: int) -> tuple[tuple[int, ...], torch.Tensor]:
+                     lengths: tuple[int, ...], items: int) -> tuple[tuple[int, ...], torch.Tensor, tuple[float, ...]]:
     """``active[slot * items + item]``: the solver of each (slot, item). Per slot, the terms
     its items use (the most any of them uses; an item whose solver uses fewer weighs the
     rest 0), and all the weights as one ``(terms, items)`` matrix. Weights are pure
     functions of the history positions and the target, and every generation on one schedule
     repeats the same few, so they are computed once and reused: recomputing them in Python
     was most of a skip step's own cost. The returned tensor is shared between callers and
-    must not be modified."""
+    must not be modified. Third: per term, the largest |weight| over the items (for
+    :func:`bounded`)."""
     counts, blocks = [], []
     for slot, n in enumerate(lengths):
         per_item = [pool()[i].weights(list(positions[:n]), target) for i in active[slot * items:(slot + 1) * items]]
@@ -46,7 +47,7 @@ def stacked_weights(active: tuple[int, ...], positions: tuple[float, ...], targe
         blocks.append([[float(v) for v in w] + [0.0] * (count - len(w)) for w in per_item])
         counts.append(count)
     columns = torch.tensor([[w[j] for w in block] for block, count in zip(blocks, counts) for j in range(count)])
-    return tuple(counts), columns
+    return tuple(counts), columns, tuple(columns.abs().amax(dim=1).tolist())
 
 
 @lru_cache(maxsize=4096)
@@ -55,6 +56,32 @@ def solver_weights(solver: int, positions: tuple[float, ...], target: float) -> 
     ``target``, cached as :func:`stacked_weights` (the guard asks for the same few at every
     check). Shared between callers: must not be modified."""
     return torch.as_tensor(pool()[solver].weights(list(positions), target)).unsqueeze(1)
+
+
+#: A forecast whose terms' bound stays below this is finite: float32's largest value is
+#: 3.4e38, and the float32 rounding of the few terms' products and partial sums adds far less
+#: than the margin.
+FINITE_BOUND = 1e37
+
+
+def magnitudes(values: Sequence[torch.Tensor]) -> list[float]:
+    """The largest ``|element|`` of each tensor, with one host sync for all (NaN where a
+    tensor holds a NaN, Inf where it holds an Inf): what :func:`bounded` needs to know of a
+    cached value, taken once when it is cached."""
+    if not values:
+        return []
+    return torch.stack([torch.linalg.vector_norm(v, float("inf")).float() for v in values]).tolist()
+
+
+def bounded(sizes: Sequence[float], scales: Sequence[float]) -> bool:
+    """Whether a forecast from cached values of largest magnitudes ``sizes`` with weights of
+    largest magnitudes ``scales`` is finite without looking at it: every term is finite and
+    ``sum_j scales[j] * sizes[j]`` bounds every element of the sum far below overflow. False
+    (look at it: :func:`finite`) for a NaN or Inf size or a bound near the range's end."""
+    bound = 0.0
+    for scale, size in zip(scales, sizes):
+        bound += scale * size
+    return bound < FINITE_BOUND  # False for NaN and Inf
 
 
 def finite(forecast: torch.Tensor) -> bool:

@@ -91,6 +91,9 @@ class BranchState:
     positions: deque = field(default_factory=deque)
     computed_steps: deque = field(default_factory=deque)  # step index of each history entry
     histories: list[deque] = field(default_factory=list)
+    #: per slot, the largest |element| of each history value (same order; NaN or Inf for a
+    #: value that is not finite): a skip step's forecast is known finite from these
+    magnitudes: list[deque] = field(default_factory=list)
     #: this computed step's per-slot sums of the recorded residuals (None: no block fed it yet)
     accumulators: list[torch.Tensor | None] = field(default_factory=list)
     #: small residuals: the step's per-slot sums as one (slots, ...) tensor (``accumulators``
