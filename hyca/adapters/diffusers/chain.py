@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 from typing import Any, Callable
 
 import torch
@@ -96,12 +97,18 @@ class HookChain:
             for handle in self._handles:
                 handle.remove()
             self._install_root(transformer)
+        forwards = [block.__dict__.get("forward") for block in self.blocks]
+        ours = [hook.fn_ref.forward for hook in self.block_hooks]
+        if (len(self._seen_ours) == len(ours) and all(map(operator.is_, forwards, self._seen))
+                and all(map(operator.is_, ours, self._seen_ours))):
+            return  # every block's chain as HyCa last found it whole: one identity check per block
         for i, (hook, block) in enumerate(zip(self.block_hooks, self.blocks)):
             current = block.__dict__.get("forward")
             if current is self._seen[i] and _is_ours(hook):
                 continue
             self._repair(hook, block)
             self._seen[i] = block.__dict__.get("forward")
+        self._seen_ours = [hook.fn_ref.forward if _is_ours(hook) else None for hook in self.block_hooks]
 
     def _repair(self, hook: HyCaBlockHook, block: torch.nn.Module) -> None:
         registry = compat.registry(block)

@@ -4,6 +4,7 @@ call and decides whose run the call belongs to and whether its blocks run (see :
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import replace
 import threading
 import weakref
@@ -58,6 +59,7 @@ class HyCaRoot(HookChain):
         self._handles: list[Any] = []
         self._wrappers: list[Any] = []  # per block: the forward wrapper diffusers made for HyCa's hook
         self._seen: list[Any] = []  # per block: its ``forward`` when HyCa last found its hook in the chain
+        self._seen_ours: list[Any] = []  # per block: the hook's ``fn_ref.forward`` then (None: not HyCa's)
         self.lost: str | None = None  # why HyCa cannot run, once that is known
         self.said_uncached = False  # calls HyCa stayed out of (training, gradients): logged once per model
         self._told_unknown = False  # "step count unknown" said once in the log
@@ -76,7 +78,8 @@ class HyCaRoot(HookChain):
             ACTIVE.set(None)
             self._pass_training(module)
             return None
-        states = self.scope_for_call(module)
+        pipe = calling_pipeline(module, sys._getframe(1))  # one stack walk per call, shared below
+        states = self.scope_for_call(module, pipe)
         ACTIVE.set(states)
         if states.open is not None:  # the previous call raised inside the transformer: that run is over
             self._finish(states, states.open, "a transformer call failed")
@@ -98,7 +101,7 @@ class HyCaRoot(HookChain):
         states.name_unnamed_call(position, sample)
         state = states.get_state()
         signature = _shape_signature(sample)
-        run = self._run(module, context)
+        run = self._run(module, context, pipe)
         index = getattr(context, "step_index", None) if context is not None else None
         ended = self._ended(state, run, position, signature, index, "down" if from_context else
                             self.family.timestep_direction)
@@ -106,10 +109,10 @@ class HyCaRoot(HookChain):
             self._finish(states, state, ended)
             self._finish_stale(states, run)
         if state.step == 0:
-            self._other_pipeline_run(states, state, module, run)
+            self._other_pipeline_run(states, state, module, run, pipe)
             self._run_notes(states, state, run)
             self._remember(states)
-            self.engine_facts(states, module)
+            self.engine_facts(states, module, pipe)
             found = other_cache(module, scan=True)
             if found is not None:
                 raise CacheConflict(conflict_message(module, found, hyca_first=True))
@@ -203,11 +206,10 @@ class HyCaRoot(HookChain):
         return forecast
 
     def _other_pipeline_run(self, states: BranchStates, state: BranchState, module: torch.nn.Module, run: Run,
-                            ) -> None:
+                            pipe: Any) -> None:
         """A run of a pipeline not passed to ``hyca.enable`` (no request of its own) begins:
         its scope takes the engine for its call's settings (:mod:`.requests`)."""
-        pipe = calling_pipeline(module) if REQUEST.get() is None and states is not self.default else None
-        if pipe is None:
+        if pipe is None or REQUEST.get() is not None or states is self.default:
             return
         from .requests import engine_for_other_pipeline
 
@@ -236,20 +238,19 @@ class HyCaRoot(HookChain):
                 logger.log(max(self.run_log_level, logging.WARNING) if self.run_log_level >= logging.INFO
                            else self.run_log_level, "HyCa: %s", message)
 
-    def engine_facts(self, states: BranchStates, module: torch.nn.Module) -> None:
+    def engine_facts(self, states: BranchStates, module: torch.nn.Module, pipe: Any) -> None:
         """Tell the scope's engine what is known of the run beginning now: the settings
         read from the pipeline call (:mod:`.requests`), completed from the pipeline."""
         request = REQUEST.get()
         told = request.settings.get(id(module)) if request is not None else None
-        facts = self._run_facts(module)
+        facts = self._run_facts(pipe)
         states.engine.begin_run(told.merged(facts) if told is not None else facts)
 
-    def _run_facts(self, module: torch.nn.Module) -> RunSettings:
+    def _run_facts(self, pipe: Any) -> RunSettings:
         """What this run's pipeline tells beyond the step count: the shift of the scheduler
         driving it (swapped after ``hyca.enable`` or not), and the guidance scale where the
         pipeline keeps it (``_guidance_scale``, when that is its classifier-free guidance;
         FLUX's is distilled guidance, its true CFG scale is not kept)."""
-        pipe = calling_pipeline(module)
         if pipe is None:
             steps = self.total_steps
             scheduler = steps.outside_pipelines()[1] if isinstance(steps, Steps) else None
@@ -259,14 +260,13 @@ class HyCaRoot(HookChain):
         return RunSettings(shift=schedule_shift(pipe.scheduler),
                            guidance_scale=guidance_of(pipe, kept) if kept else None)
 
-    def _run(self, module: torch.nn.Module, context: Any) -> Run:
+    def _run(self, module: torch.nn.Module, context: Any, pipe: Any) -> Run:
         steps = self.total_steps
         if isinstance(steps, Steps):
-            return steps.run(module, context)
+            return steps.run(module, context, pipe)
         # a plain count callable (the probe's): the count is given; the schedule object, if
         # a pipeline is calling, still tells runs apart
         count = steps(getattr(context, "num_inference_steps", None) if context is not None else None)
-        pipe = calling_pipeline(module)
         token = _weak(getattr(pipe.scheduler, "timesteps", None)) if pipe is not None else None
         return Run(count, token, "given")
 
@@ -347,14 +347,14 @@ class HyCaRoot(HookChain):
 
     # --- scopes ---------------------------------------------------------------------------
 
-    def scope_for_call(self, module: torch.nn.Module) -> BranchStates:
+    def scope_for_call(self, module: torch.nn.Module, pipe: Any) -> BranchStates:
         """The scope a transformer call beginning now belongs to (:mod:`.scopes`): the
         pipeline call's, else one per thread / task for a pipeline HyCa was not enabled
         on, else the default scope, claimed for this thread."""
         request = REQUEST.get()
         if request is not None:
             return request.scope(self)
-        if calling_pipeline(module) is not None:
+        if pipe is not None:
             request = UNANNOUNCED.get()
             if request is None or request.thread != threading.get_ident():  # a context copied into another thread
                 request = Request()

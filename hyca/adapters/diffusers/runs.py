@@ -33,17 +33,28 @@ def _weak(obj: Any) -> Any:
         return None
 
 
-def calling_pipeline(transformer: torch.nn.Module) -> Any:
+#: Code objects of methods seen running on a ``torch.nn.Module`` (``_call_impl`` and the
+#: like, between a pipeline and its transformer): never a pipeline's, so their frames are
+#: passed without reading their locals (``f_locals`` copies every local of the frame).
+_MODULE_METHODS: set = set()
+_MODULE_METHODS_MAX = 1024
+
+
+def calling_pipeline(transformer: torch.nn.Module, frame: Any = None) -> Any:
     """The pipeline whose method is calling ``transformer`` now: the nearest frame on the
-    call stack whose ``self`` holds this transformer. ``None`` for hand-written loops."""
-    frame = sys._getframe(1)
+    call stack (from ``frame``, else the caller's) whose ``self`` holds this transformer.
+    ``None`` for hand-written loops."""
+    frame = frame if frame is not None else sys._getframe(1)
     for _ in range(MAX_FRAMES):
         if frame is None:
             return None
         code = frame.f_code
-        if code.co_argcount and code.co_varnames[0] == "self":
+        if code.co_argcount and code.co_varnames[0] == "self" and code not in _MODULE_METHODS:
             owner = frame.f_locals.get("self")
-            if owner is not transformer and not isinstance(owner, torch.nn.Module) and _holds(owner, transformer):
+            if isinstance(owner, torch.nn.Module):
+                if len(_MODULE_METHODS) < _MODULE_METHODS_MAX:
+                    _MODULE_METHODS.add(code)
+            elif _holds(owner, transformer):
                 return owner
         frame = frame.f_back
     return None
@@ -92,13 +103,13 @@ def scheduler_run(scheduler: Any, pipe: Any = None, expert: str | None = None) -
         index = getattr(scheduler, "begin_index", None) or 0
     if index >= len(timesteps):  # a finished run: this scheduler is not the one driving the calls
         return None
-    left = timesteps[index:]
     if expert is not None:
+        left = timesteps[index:]
         boundary = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
         high = int((torch.as_tensor(left) >= boundary).sum())
         total = high if expert == "transformer" else len(left) - high
     else:
-        total = len(left)
+        total = len(timesteps) - index
     return Run(total, _weak(timesteps), "scheduler")
 
 
@@ -111,8 +122,9 @@ class Steps:
         self.scheduler = scheduler
         self._pipeline = _weak(pipeline) if pipeline is not None else None
 
-    def run(self, transformer: torch.nn.Module, context: Any) -> Run:
-        pipe = calling_pipeline(transformer)
+    def run(self, transformer: torch.nn.Module, context: Any, pipe: Any) -> Run:
+        """The run a call of ``transformer`` belongs to; ``pipe``: the pipeline calling it
+        (:func:`calling_pipeline`), or None."""
         if pipe is not None:
             found = scheduler_run(pipe.scheduler, pipe, _expert_of(pipe, transformer))
             if found is not None:
