@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 from typing import Sequence
 
@@ -21,12 +22,34 @@ def forecast(history: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Te
     """
     if len(history) != weights.shape[0]:
         raise ValueError(f"{len(history)} cached values but {weights.shape[0]} weight rows")
-    weights = weights.to(device=history[0].device, dtype=torch.float32)
-    weights = weights.reshape(*weights.shape, *[1] * (history[0].dim() - 1))  # (K, B, 1, ...)
-    out = torch.zeros(history[0].shape, device=history[0].device, dtype=torch.float32)
-    for value, w in zip(history, weights):
+    first = history[0]
+    out = torch.zeros(first.shape, device=first.device, dtype=torch.float32)
+    for value, w in zip(history, _per_term(weights, first.dim(), first.device)):
         out.addcmul_(value, w)
     return out
+
+
+#: id of a weights tensor -> (a weak reference to it, (value dims, device) -> its rows as
+#: float32 ``(B, 1, ...)`` views): the weights of a schedule repeat (:func:`stacked_weights`
+#: shares them), and moving, reshaping and indexing them is most of a small forecast's own
+#: cost. An entry goes when its tensor does.
+_PER_TERM: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _per_term(weights: torch.Tensor, dims: int, device: torch.device) -> list[torch.Tensor]:
+    """``weights`` ``(K, B)`` as K float32 ``(B, 1, ...)`` tensors on ``device`` for values of
+    ``dims`` dimensions (cached per weights tensor; a tensor changed in place would be read
+    stale, and the cached ones are never changed)."""
+    entry = _PER_TERM.get(id(weights))
+    if entry is None or entry[0]() is not weights:
+        forget = lambda _, key=id(weights): _PER_TERM.pop(key, None)  # noqa: E731
+        entry = _PER_TERM[id(weights)] = (weakref.ref(weights, forget), {})
+    found = entry[1]
+    key = (dims, device)
+    if key not in found:
+        moved = weights.to(device=device, dtype=torch.float32)
+        found[key] = list(moved.reshape(*moved.shape, *[1] * (dims - 1)))  # (K, B, 1, ...)
+    return found[key]
 
 
 @lru_cache(maxsize=4096)
@@ -47,7 +70,8 @@ def stacked_weights(active: tuple[int, ...], positions: tuple[float, ...], targe
         blocks.append([[float(v) for v in w] + [0.0] * (count - len(w)) for w in per_item])
         counts.append(count)
     columns = torch.tensor([[w[j] for w in block] for block, count in zip(blocks, counts) for j in range(count)])
-    return tuple(counts), columns, tuple(columns.abs().amax(dim=1).tolist())
+    scales = columns.abs().amax(dim=1).tolist() if columns.dim() == 2 else []  # (no terms: a 1-D empty tensor)
+    return tuple(counts), columns, tuple(scales)
 
 
 @lru_cache(maxsize=4096)

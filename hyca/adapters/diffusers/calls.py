@@ -30,13 +30,19 @@ def _shape_signature(sample: Any) -> tuple | None:
     return None
 
 
+#: Up to this many timestep values (a batch's), the largest is taken on the host.
+SMALL_TIMESTEPS = 64
+
+
 def _scalar(timestep: Any) -> float | None:
     """One number for a call's timestep input: per-sample (and Wan's per-token) timesteps
     are equal but for masked conditioning tokens at 0, so the largest is taken."""
     if timestep is None:
         return None
     value = torch.as_tensor(timestep)
-    return float(value.max() if value.numel() > 1 else value.reshape(()))
+    if value.numel() <= SMALL_TIMESTEPS:  # one per batch item: one copy to the host, no reduction kernel
+        return float(max(value.reshape(-1).tolist()))
+    return float(value.max())
 
 
 def sample_of(output: Any) -> Any:
