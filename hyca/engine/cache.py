@@ -282,7 +282,7 @@ class HybridCache:
                 self._check(state)  # (N=1 forecasts nothing: nothing to check)
             if not state.failed:
                 for history, magnitude, acc, size in zip(state.histories, state.magnitudes, state.accumulators,
-                                                         magnitudes(state.accumulators)):
+                                                         magnitudes(state.accumulators, state.stacked)):
                     # a stacked row would keep every slot's row alive until the slot keeping
                     # history longest drops it: the history holds its own copy
                     history.appendleft(acc if state.stacked is None else acc.clone())

@@ -88,13 +88,16 @@ def solver_weights(solver: int, positions: tuple[float, ...], target: float) -> 
 FINITE_BOUND = 1e37
 
 
-def magnitudes(values: Sequence[torch.Tensor]) -> list[float]:
+def magnitudes(values: Sequence[torch.Tensor], stacked: torch.Tensor | None = None) -> list[float]:
     """The largest ``|element|`` of each tensor, with one host sync for all (NaN where a
     tensor holds a NaN, Inf where it holds an Inf): what :func:`bounded` needs to know of a
-    cached value, taken once when it is cached."""
+    cached value, taken once when it is cached. ``stacked``: the values are its rows (one
+    reduction for all)."""
+    if stacked is not None:
+        return torch.linalg.vector_norm(stacked, float("inf"), dim=tuple(range(1, stacked.dim()))).tolist()
     if not values:
         return []
-    return torch.stack([torch.linalg.vector_norm(v, float("inf")).float() for v in values]).tolist()
+    return torch.stack([torch.linalg.vector_norm(v, float("inf")) for v in values]).tolist()
 
 
 def bounded(sizes: Sequence[float], scales: Sequence[float]) -> bool:
