@@ -2,37 +2,78 @@
 output to compare between two engine versions.
 
     python -m hyca.bench.hot_path [--save out.safetensors]
-    PYTHONPATH=<other checkout> python -m hyca.bench.hot_path --save other.safetensors
+    PYTHONPATH=<other checkout> python -m hyca.bench.hot_path --save other.safetensors --no-timing
 
 Per-call medians (hyca.bench.overhead.decompose: a computed call, a skip call, the block-less
 transformer, full compute) at 50 steps, N=4 and N=7, the shipped reference profile, guard
-on (the default), one torch thread. ``--save``: the N=4 image of prompt 0 (seed 0), for a
-bit-for-bit comparison of two engines.
+on (the default), one torch thread. ``--save``: the images of :data:`SAVED` (shipped
+profiles and plain solvers; guided, batched, sigma axis), for a bit-for-bit comparison of
+two engines (``torch.equal`` per entry).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 import hyca
 from hyca.bench.overhead import decompose
-from hyca.bench.workload import Case, generate
+from hyca.bench.workload import Case
 from hyca.reference import load_pipeline
 
 CASE = Case(prompt="a large red circle at the center on a white background", seed=0)
+PROMPTS = ["a red circle on white", "a small blue square at the top left on a black background"]
+#: name -> (hyca.enable arguments, pipeline call arguments; "batch": both prompts at once). A
+#: profile given as an int is the shipped reference profile for that N.
+SAVED = {
+    "n4_50": (dict(profile=4, interval=4), dict(num_inference_steps=50)),
+    "n7_28_guided": (dict(profile=7, interval=7), dict(num_inference_steps=28, guidance_scale=2.5)),
+    "n4_28_batch_guided": (dict(profile=4, interval=4), dict(num_inference_steps=28, guidance_scale=2.5, batch=True)),
+    "n6_50_batch": (dict(profile=6, interval=6), dict(num_inference_steps=50, batch=True)),
+    "reuse_n4_28": (dict(profile="reuse", interval=4), dict(num_inference_steps=28)),
+    "taylor1_n7_50_guided": (dict(profile="taylor-1", interval=7), dict(num_inference_steps=50, guidance_scale=2.5)),
+    "n5_30_sigma": (dict(profile=5, interval=5, positions="sigma"), dict(num_inference_steps=30)),
+}
+
+
+def shipped(interval: int) -> str:
+    folder = Path(hyca.__file__).resolve().parent.parent / "profiles"
+    return str(next(folder.glob(f"*-n{interval}.safetensors")))
+
+
+def save_images(path: str) -> None:
+    """Every :data:`SAVED` run on a fresh reference pipeline, its images to ``path``."""
+    images = {}
+    for name, (enable, call) in SAVED.items():
+        pipe = load_pipeline()
+        enable = {**enable, "profile": shipped(enable["profile"]) if isinstance(enable["profile"], int)
+                  else enable["profile"]}
+        hyca.enable(pipe, warmup=3, **enable)
+        call = dict(call)
+        prompts = PROMPTS if call.pop("batch", False) else PROMPTS[0]
+        out = pipe(prompts, generator=torch.Generator().manual_seed(3), output_type="pt", **call).images
+        images[name] = torch.as_tensor(out).contiguous()
+        print(name, "|", "; ".join(s.describe() for s in hyca.stats(pipe)))
+    save_file(images, path)
+    print("saved", len(images), "runs to", path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--save")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-timing", action="store_true", help="only --save")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    pipe = load_pipeline()
     print(f"hyca from {hyca.__file__}, torch {torch.__version__}, 1 thread")
+    if args.save:
+        save_images(args.save)
+    if args.no_timing:
+        return
+    pipe = load_pipeline()
     for interval in (4, 7):
         d = decompose(pipe, CASE, 50, interval, "auto", repeats=args.repeats)
         print(f"N={interval}: full call {d['full_call_ms']:.3f} ms, "
@@ -41,10 +82,6 @@ def main() -> None:
               f"block-less {d['blockless_call_ms']:.3f} ms (+{d['hyca_skip_call_ms'] - d['blockless_call_ms']:.3f}); "
               f"speed-up modelled {d['modelled_hyca_speedup']:.2f}x, measured {d['measured_hyca_speedup']:.2f}x, "
               f"FLOPs {d['steps_ratio']:.2f}x")
-    if args.save:
-        hyca.enable(pipe, interval=4, warmup=3)
-        save_file({"image": generate(pipe, CASE, 50).contiguous()}, args.save)
-        print("saved the N=4 image to", args.save, "|", hyca.stats(pipe)[0].describe())
 
 
 if __name__ == "__main__":
