@@ -239,3 +239,34 @@ def test_the_hires_pass_of_an_automatic_profile_is_settled_and_cached(kind, isol
     assert "could not start" not in console and "HyCa error" not in p.extra_generation_params, console
     assert "hires pass:" in console and len(settled) == 2, console  # the hires pass probed for its own steps
     assert math.isfinite(float(out.images[0].abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["forge_flux", "neo_flux", "a1111_sd3"])
+def test_interrupt_during_the_probe_stops_it_and_saves_nothing(kind, isolated, monkeypatch, capsys):
+    """The probe runs inside one of the sampler's model calls, and the frontend checks its
+    Interrupt flag only between them: the probe looks at the flag itself, stops at its next
+    model call, saves nothing, and the generation stops as the frontend stops it; the next
+    generation probes again and runs cached."""
+    from hyca.adapters.webui import probe
+
+    progress = []
+
+    def press_interrupt(fraction, text):  # the user presses Interrupt once the probe shows progress
+        from modules import shared
+
+        progress.append(fraction)
+        shared.state.interrupted = True
+
+    monkeypatch.setattr(probe, "progress_bar", press_interrupt)
+    auto = args(True, 3, 2, profile="automatic")
+    with Frontend(kind) as f:
+        _, p1 = f.run(auto, steps=10, cfg_scale=3.0)
+        first = capsys.readouterr().out
+        assert "probe stopped: the generation was interrupted" in first and "profile ready" not in first
+        assert not list(isolated.rglob("*.safetensors"))  # nothing saved
+        assert p1.calls <= 2  # the frontend stopped at its next model call
+        assert len(progress) == 1  # the probe stopped at its first step after the flag
+        monkeypatch.setattr(probe, "progress_bar", lambda fraction, text: None)
+        _, p2 = f.run(auto, steps=10, cfg_scale=3.0)
+    assert "profile ready (probe, saved to" in capsys.readouterr().out
+    assert p2.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"

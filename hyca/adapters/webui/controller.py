@@ -205,6 +205,11 @@ class Controller:
             chosen = self._probe_for(pending, x, t, sigma_now, sigmas, model_call, output)
             session = self._open(chosen, pending.settings, pending.schedule, pending.label, sigmas[place[0]:],
                                  pending.guidance, sigmas, pending.adapter.head_module(pending.model) is not None)
+        except probe.ProbeInterrupted:  # the sampler stops at its next call, as it would have without HyCa
+            self.session = None
+            console(f"probe stopped: the generation was interrupted; nothing was saved, this {pending.label} runs "
+                    "uncached until the frontend stops it, and the next generation probes again")
+            return None
         except Exception as error:  # noqa: BLE001 - no profile: this pass runs uncached, the next one tries again
             self.session = None
             console(f"could not settle a profile ({type(error).__name__}: {error}); this {pending.label} runs uncached")

@@ -164,6 +164,8 @@ class WebUIHost:
                 raise RuntimeError("a probe run fell back to uncached sampling (see the console)")
 
     def _denoise(self, session: Any, x: torch.Tensor, sigma: float, branch: str) -> torch.Tensor:
+        if interrupted():  # the probe runs inside one of the sampler's calls, which checks only between them
+            raise ProbeInterrupted("the generation was interrupted (Interrupt or Skip) while HyCa probed")
         conditioning = self.conditioning[branch]
         s = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
         t = s * self.timestep_per_sigma
@@ -199,6 +201,21 @@ class PendingPass:
     #: twice, either side of a unet reset, and asks whether the first start ran any)
     calls_computed: int = 0
     calls_forecast: int = 0
+
+
+class ProbeInterrupted(RuntimeError):
+    """The user pressed Interrupt or Skip while the probe ran: it stops, nothing is saved."""
+
+
+def interrupted() -> bool:
+    """The frontend's Interrupt / Skip flags (``modules.shared.state``, which A1111's and
+    Forge's denoisers check at each of their calls); False where there is no frontend."""
+    try:
+        from modules import shared
+
+        return bool(getattr(shared.state, "interrupted", False) or getattr(shared.state, "skipped", False))
+    except Exception:  # noqa: BLE001 - not inside a WebUI (tests of the core, other hosts)
+        return False
 
 
 def guidance_of(value: Any) -> float | None:
