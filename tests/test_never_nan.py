@@ -90,6 +90,21 @@ def test_a_forecast_that_overflows_from_finite_values_is_computed_instead():
     assert computed == [True, True, True, True] and state.stats.non_finite == 1
 
 
+def test_a_forecast_whose_sum_overflows_is_computed_instead_as_before():
+    """Every element finite but their sum past float32's range: the check has always counted
+    that as not finite (the step computes and says so), and the bound keeps it so."""
+    engine = HybridCache(Profile.uniform("reuse", 1, 4), Schedule(2, 2), guard=False)
+    state = engine.new_state()
+    computed = []
+    for step in range(4):
+        computing = engine.begin_step(state, float(4 - step), (1, 16, 4), 4)
+        computed.append(computing)
+        if computing:  # 64 elements of 9e36 (each far from float32's 3.4e38): their sum, 5.8e38, is not
+            engine.record(state, 0, torch.full((1, 16, 4), 9e36))
+        engine.end_step(state)
+    assert computed == [True, True, True, True] and state.stats.non_finite == 1
+
+
 def test_the_bound_only_vouches_for_finite_forecasts():
     """:func:`bounded` against the forecast itself: whenever it says finite, the forecast is
     finite; NaN and Inf magnitudes never pass."""
@@ -103,10 +118,11 @@ def test_the_bound_only_vouches_for_finite_forecasts():
         if trial % 7 == 0:
             values[0][0, 0, 0] = float("nan") if trial % 2 else float("inf")
         weights = torch.randn(terms, 1, generator=g) * 3
-        known = bounded(magnitudes(values), weights.abs().amax(dim=1).tolist())
+        known = bounded(magnitudes(values), weights.abs().amax(dim=1).tolist(), values[0].numel())
         if known:
             assert finite(forecast(values, weights)), trial
         if trial % 7 == 0:
             assert not known
-    assert bounded([1.0, 2.0], [2.86, 4.0]) and not bounded([float("nan")], [1.0])
-    assert not bounded([float("inf")], [1.0]) and not bounded([1e38], [1.0])
+    assert bounded([1.0, 2.0], [2.86, 4.0], 10) and not bounded([float("nan")], [1.0], 10)
+    assert not bounded([float("inf")], [1.0], 10) and not bounded([1e38], [1.0], 1)
+    assert not bounded([1e35], [1.0], 1000)  # each element finite, their sum past float32's range

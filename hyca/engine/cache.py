@@ -258,7 +258,8 @@ class HybridCache:
         for history, magnitude, count in zip(state.histories, state.magnitudes, counts):
             values.extend(islice(history, count))
             sizes.extend(islice(magnitude, count))
-        return forecast(values, column), len(sizes) == len(values) and bounded(sizes, scales)
+        return (forecast(values, column, shared=True),
+                len(sizes) == len(values) > 0 and bounded(sizes, scales, values[0].numel()))
 
     def _weights(self, state: BranchState) -> tuple[tuple[int, ...], torch.Tensor, tuple[float, ...]]:
         """Per slot, how many history terms it uses; all their weights as one (terms, items)

@@ -11,22 +11,31 @@ import torch
 from ..math.solvers import pool
 
 
-def forecast(history: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+def forecast(history: Sequence[torch.Tensor], weights: torch.Tensor, shared: bool = False) -> torch.Tensor:
     """Weighted sum over cached values, per batch item.
 
     ``history[j]`` has shape ``(B, ...)``; ``weights`` has shape ``(K, B)`` (a weight per
     cached value and batch item: each image forecast with its own solver) or ``(K, 1)`` (one
     weight for the whole batch). Accumulates in float32
     whatever the cache dtype, because extrapolation weights such as ``2.86, -4, 5, -2.86``
-    cancel, and bf16 rounding of each term would not.
+    cancel, and bf16 rounding of each term would not. ``shared``: ``weights`` is one of
+    :func:`stacked_weights`' tensors (never modified), whose per-term rows are kept for reuse.
     """
     if len(history) != weights.shape[0]:
         raise ValueError(f"{len(history)} cached values but {weights.shape[0]} weight rows")
     first = history[0]
     out = torch.zeros(first.shape, device=first.device, dtype=torch.float32)
-    for value, w in zip(history, _per_term(weights, first.dim(), first.device)):
+    rows = _per_term(weights, first.dim(), first.device) if shared else _rows(weights, first.dim(), first.device)
+    for value, w in zip(history, rows):
         out.addcmul_(value, w)
     return out
+
+
+def _rows(weights: torch.Tensor, dims: int, device: torch.device) -> list[torch.Tensor]:
+    """``weights`` ``(K, B)`` as K float32 ``(B, 1, ...)`` tensors on ``device`` for values of
+    ``dims`` dimensions."""
+    moved = weights.to(device=device, dtype=torch.float32)
+    return list(moved.reshape(*moved.shape, *[1] * (dims - 1)))  # (K, B, 1, ...)
 
 
 #: id of a weights tensor -> (a weak reference to it, (value dims, device) -> its rows as
@@ -37,9 +46,8 @@ _PER_TERM: dict[int, tuple[weakref.ref, dict]] = {}
 
 
 def _per_term(weights: torch.Tensor, dims: int, device: torch.device) -> list[torch.Tensor]:
-    """``weights`` ``(K, B)`` as K float32 ``(B, 1, ...)`` tensors on ``device`` for values of
-    ``dims`` dimensions (cached per weights tensor; a tensor changed in place would be read
-    stale, and the cached ones are never changed)."""
+    """:func:`_rows`, kept per weights tensor (only for :func:`stacked_weights`' tensors,
+    which are never changed: a tensor changed in place would be read stale)."""
     entry = _PER_TERM.get(id(weights))
     if entry is None or entry[0]() is not weights:
         forget = lambda _, key=id(weights): _PER_TERM.pop(key, None)  # noqa: E731
@@ -47,8 +55,7 @@ def _per_term(weights: torch.Tensor, dims: int, device: torch.device) -> list[to
     found = entry[1]
     key = (dims, device)
     if key not in found:
-        moved = weights.to(device=device, dtype=torch.float32)
-        found[key] = list(moved.reshape(*moved.shape, *[1] * (dims - 1)))  # (K, B, 1, ...)
+        found[key] = _rows(weights, dims, device)
     return found[key]
 
 
@@ -100,15 +107,16 @@ def magnitudes(values: Sequence[torch.Tensor], stacked: torch.Tensor | None = No
     return torch.stack([torch.linalg.vector_norm(v, float("inf")) for v in values]).tolist()
 
 
-def bounded(sizes: Sequence[float], scales: Sequence[float]) -> bool:
-    """Whether a forecast from cached values of largest magnitudes ``sizes`` with weights of
-    largest magnitudes ``scales`` is finite without looking at it: every term is finite and
-    ``sum_j scales[j] * sizes[j]`` bounds every element of the sum far below overflow. False
-    (look at it: :func:`finite`) for a NaN or Inf size or a bound near the range's end."""
+def bounded(sizes: Sequence[float], scales: Sequence[float], elements: int) -> bool:
+    """Whether :func:`finite` would pass a forecast of ``elements`` elements from cached
+    values of largest magnitudes ``sizes`` with weights of largest magnitudes ``scales``,
+    without looking at it: every term is finite, ``sum_j scales[j] * sizes[j]`` bounds every
+    element, and ``elements`` times that bounds their sum, far below overflow. False (look at
+    it) for a NaN or Inf size or a bound near the range's end."""
     bound = 0.0
     for scale, size in zip(scales, sizes):
         bound += scale * size
-    return bound < FINITE_BOUND  # False for NaN and Inf
+    return bound * elements < FINITE_BOUND  # False for NaN and Inf
 
 
 def finite(forecast: torch.Tensor) -> bool:

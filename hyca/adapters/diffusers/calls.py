@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from typing import Any, Callable
 
 import torch
@@ -40,8 +41,9 @@ def _scalar(timestep: Any) -> float | None:
     if timestep is None:
         return None
     value = torch.as_tensor(timestep)
-    if value.numel() <= SMALL_TIMESTEPS:  # one per batch item: one copy to the host, no reduction kernel
-        return float(max(value.reshape(-1).tolist()))
+    if 0 < value.numel() <= SMALL_TIMESTEPS:  # one per batch item: one copy to the host, no reduction kernel
+        values = value.reshape(-1).tolist()
+        return math.nan if any(v != v for v in values) else float(max(values))  # NaN wins, as in torch's max
     return float(value.max())
 
 

@@ -33,11 +33,12 @@ def _weak(obj: Any) -> Any:
         return None
 
 
-#: Code objects of methods seen running on a ``torch.nn.Module`` (``_call_impl`` and the
-#: like, between a pipeline and its transformer): never a pipeline's, so their frames are
-#: passed without reading their locals (``f_locals`` copies every local of the frame).
-_MODULE_METHODS: set = set()
-_MODULE_METHODS_MAX = 1024
+#: torch's own module-call frames, between every pipeline and its transformer: their ``self``
+#: is always the module, so they are passed without reading their locals (``f_locals`` copies
+#: every local of the frame). Only torch's: a method shared by a module and a pipeline class
+#: must be looked at every time.
+_MODULE_CALLS = frozenset(getattr(getattr(torch.nn.Module, name, None), "__code__", None)
+                          for name in ("_call_impl", "_wrapped_call_impl")) - {None}
 
 
 def calling_pipeline(transformer: torch.nn.Module, frame: Any = None) -> Any:
@@ -49,12 +50,9 @@ def calling_pipeline(transformer: torch.nn.Module, frame: Any = None) -> Any:
         if frame is None:
             return None
         code = frame.f_code
-        if code.co_argcount and code.co_varnames[0] == "self" and code not in _MODULE_METHODS:
+        if code.co_argcount and code.co_varnames[0] == "self" and code not in _MODULE_CALLS:
             owner = frame.f_locals.get("self")
-            if isinstance(owner, torch.nn.Module):
-                if len(_MODULE_METHODS) < _MODULE_METHODS_MAX:
-                    _MODULE_METHODS.add(code)
-            elif _holds(owner, transformer):
+            if owner is not transformer and not isinstance(owner, torch.nn.Module) and _holds(owner, transformer):
                 return owner
         frame = frame.f_back
     return None
