@@ -74,34 +74,33 @@ def test_a_non_finite_forecast_is_computed_instead_and_said_once(caplog):
     assert [r.message for r in caplog.records].count(f"HyCa: {NON_FINITE}") == 1
 
 
-def test_a_forecast_that_overflows_from_finite_values_is_computed_instead():
-    """Finite cached values can still sum past float32's range: their bound says so, the
-    forecast is looked at, and the step is computed."""
-    engine = HybridCache(Profile.uniform("taylor-1", 1, 4), Schedule(2, 2), guard=False)
+def four_steps(solver: str, shape: tuple[int, ...], value) -> tuple[list[bool], HybridCache]:
+    """Four steps of an engine at N=2, warm-up 2 (steps 0, 1 and 3 computed on schedule),
+    recording ``value(step)`` at each computed step; which steps computed, and the state."""
+    engine = HybridCache(Profile.uniform(solver, 1, 4), Schedule(2, 2), guard=False)
     state = engine.new_state()
     computed = []
     for step in range(4):
-        computing = engine.begin_step(state, float(4 - step), (1, 3, 4), 4)
-        computed.append(computing)
-        if computing:
-            engine.record(state, 0, torch.full((1, 3, 4), 3e38 if step == 1 else -3e38))
+        computed.append(engine.begin_step(state, float(4 - step), shape, 4))
+        if computed[-1]:
+            engine.record(state, 0, torch.full(shape, value(step)))
         engine.end_step(state)
+    return computed, state
+
+
+def test_a_forecast_that_overflows_from_finite_values_is_computed_instead():
+    """Finite cached values can still sum past float32's range: their bound says so, the
+    forecast is looked at, and the step is computed."""
     # step 2 would be 3e38 + (3e38 - (-3e38)): past float32's largest value
+    computed, state = four_steps("taylor-1", (1, 3, 4), lambda step: 3e38 if step == 1 else -3e38)
     assert computed == [True, True, True, True] and state.stats.non_finite == 1
 
 
 def test_a_forecast_whose_sum_overflows_is_computed_instead_as_before():
     """Every element finite but their sum past float32's range: the check has always counted
     that as not finite (the step computes and says so), and the bound keeps it so."""
-    engine = HybridCache(Profile.uniform("reuse", 1, 4), Schedule(2, 2), guard=False)
-    state = engine.new_state()
-    computed = []
-    for step in range(4):
-        computing = engine.begin_step(state, float(4 - step), (1, 16, 4), 4)
-        computed.append(computing)
-        if computing:  # 64 elements of 9e36 (each far from float32's 3.4e38): their sum, 5.8e38, is not
-            engine.record(state, 0, torch.full((1, 16, 4), 9e36))
-        engine.end_step(state)
+    # 64 elements of 9e36 (each far from float32's 3.4e38): their sum, 5.8e38, is not
+    computed, state = four_steps("reuse", (1, 16, 4), lambda step: 9e36)
     assert computed == [True, True, True, True] and state.stats.non_finite == 1
 
 
