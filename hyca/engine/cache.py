@@ -24,7 +24,7 @@ from ..math.solvers import Solver, pool, pool_names
 from ..profiles.profile import Profile
 from ..profiles.off_settings import PATHS, OffSettings, decide
 from ..profiles.settings import RunSettings
-from .forecast import bounded, finite, forecast, magnitudes, stacked_weights
+from .forecast import bounded, finite, magnitudes, stacked_rows, stacked_weights, weighted_sum
 from .guard import (ROBUST_START, SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, measure,
                     own_verdicts, steady)
 from .schedule import Schedule, with_profiles_start
@@ -253,19 +253,22 @@ class HybridCache:
         (:func:`~hyca.engine.forecast.bounded`; False: not known, look at it). Knowing it
         from the magnitudes taken when the values were cached spares a skip step a reduction
         and a host sync."""
-        counts, column, scales = self._weights(state)
+        key = self._weights_key(state)
+        counts, _, scales = stacked_weights(*key)
         values, sizes = [], []
         for history, magnitude, count in zip(state.histories, state.magnitudes, counts):
             values.extend(islice(history, count))
             sizes.extend(islice(magnitude, count))
-        return (forecast(values, column, shared=True),
-                len(sizes) == len(values) > 0 and bounded(sizes, scales, values[0].numel()))
+        first = values[0]
+        return (weighted_sum(values, stacked_rows(*key, first.dim(), first.device)),
+                len(sizes) == len(values) and bounded(sizes, scales, first.numel()))
 
-    def _weights(self, state: BranchState) -> tuple[tuple[int, ...], torch.Tensor, tuple[float, ...]]:
-        """Per slot, how many history terms it uses; all their weights as one (terms, items)
-        matrix, a column per batch item; per term, its largest |weight|."""
-        return stacked_weights(tuple(state.active), tuple(state.positions), state.current_position,
-                                tuple(len(h) for h in state.histories), state.items or 1)
+    def _weights_key(self, state: BranchState) -> tuple:
+        """What the forecast's weights depend on, as :func:`~hyca.engine.forecast.stacked_weights`
+        takes it: the solver of each (slot, item), the history positions, this step's
+        position, each slot's history length, the batch items."""
+        return (tuple(state.active), tuple(state.positions), state.current_position,
+                tuple(len(h) for h in state.histories), state.items or 1)
 
     def _per_item(self, state: BranchState, items: int) -> None:
         """The batch is known: one solver entry and strike count per (slot, item), each

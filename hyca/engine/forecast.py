@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from functools import lru_cache
 from typing import Sequence
 
@@ -11,52 +10,36 @@ import torch
 from ..math.solvers import pool
 
 
-def forecast(history: Sequence[torch.Tensor], weights: torch.Tensor, shared: bool = False) -> torch.Tensor:
+def forecast(history: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum over cached values, per batch item.
 
     ``history[j]`` has shape ``(B, ...)``; ``weights`` has shape ``(K, B)`` (a weight per
     cached value and batch item: each image forecast with its own solver) or ``(K, 1)`` (one
     weight for the whole batch). Accumulates in float32
     whatever the cache dtype, because extrapolation weights such as ``2.86, -4, 5, -2.86``
-    cancel, and bf16 rounding of each term would not. ``shared``: ``weights`` is one of
-    :func:`stacked_weights`' tensors (never modified), whose per-term rows are kept for reuse.
+    cancel, and bf16 rounding of each term would not.
     """
-    if len(history) != weights.shape[0]:
-        raise ValueError(f"{len(history)} cached values but {weights.shape[0]} weight rows")
+    first = history[0] if history else None
+    return weighted_sum(history, term_rows(weights, first.dim(), first.device) if first is not None else [])
+
+
+def weighted_sum(history: Sequence[torch.Tensor], rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`forecast` from its weights as :func:`term_rows` gives them (the engine's come
+    cached with the schedule's weights: :func:`stacked_rows`)."""
+    if len(history) != len(rows):
+        raise ValueError(f"{len(history)} cached values but {len(rows)} weight rows")
     first = history[0]
     out = torch.zeros(first.shape, device=first.device, dtype=torch.float32)
-    rows = _per_term(weights, first.dim(), first.device) if shared else _rows(weights, first.dim(), first.device)
     for value, w in zip(history, rows):
         out.addcmul_(value, w)
     return out
 
 
-def _rows(weights: torch.Tensor, dims: int, device: torch.device) -> list[torch.Tensor]:
+def term_rows(weights: torch.Tensor, dims: int, device: torch.device) -> list[torch.Tensor]:
     """``weights`` ``(K, B)`` as K float32 ``(B, 1, ...)`` tensors on ``device`` for values of
     ``dims`` dimensions."""
     moved = weights.to(device=device, dtype=torch.float32)
     return list(moved.reshape(*moved.shape, *[1] * (dims - 1)))  # (K, B, 1, ...)
-
-
-#: id of a weights tensor -> (a weak reference to it, (value dims, device) -> its rows as
-#: float32 ``(B, 1, ...)`` views): the weights of a schedule repeat (:func:`stacked_weights`
-#: shares them), and moving, reshaping and indexing them is most of a small forecast's own
-#: cost. An entry goes when its tensor does.
-_PER_TERM: dict[int, tuple[weakref.ref, dict]] = {}
-
-
-def _per_term(weights: torch.Tensor, dims: int, device: torch.device) -> list[torch.Tensor]:
-    """:func:`_rows`, kept per weights tensor (only for :func:`stacked_weights`' tensors,
-    which are never changed: a tensor changed in place would be read stale)."""
-    entry = _PER_TERM.get(id(weights))
-    if entry is None or entry[0]() is not weights:
-        forget = lambda _, key=id(weights): _PER_TERM.pop(key, None)  # noqa: E731
-        entry = _PER_TERM[id(weights)] = (weakref.ref(weights, forget), {})
-    found = entry[1]
-    key = (dims, device)
-    if key not in found:
-        found[key] = _rows(weights, dims, device)
-    return found[key]
 
 
 @lru_cache(maxsize=4096)
@@ -79,6 +62,15 @@ def stacked_weights(active: tuple[int, ...], positions: tuple[float, ...], targe
     columns = torch.tensor([[w[j] for w in block] for block, count in zip(blocks, counts) for j in range(count)])
     scales = columns.abs().amax(dim=1).tolist() if columns.dim() == 2 else []  # (no terms: a 1-D empty tensor)
     return tuple(counts), columns, tuple(scales)
+
+
+@lru_cache(maxsize=4096)
+def stacked_rows(active: tuple[int, ...], positions: tuple[float, ...], target: float, lengths: tuple[int, ...],
+                 items: int, dims: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """:func:`stacked_weights`' matrix as :func:`term_rows` for values of ``dims`` dimensions
+    on ``device``, cached as it is: moving, reshaping and indexing the weights at every skip
+    step was most of a small forecast's own cost. Shared: must not be modified."""
+    return tuple(term_rows(stacked_weights(active, positions, target, lengths, items)[1], dims, device))
 
 
 @lru_cache(maxsize=4096)
