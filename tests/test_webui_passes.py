@@ -100,14 +100,25 @@ def test_batch_count_and_size():
 
 
 @pytest.mark.parametrize("kind", ["forge_flux", "neo_flux", "a1111_sd3"])
-def test_interrupt_leaves_no_state(kind):
+def test_interrupt_leaves_no_state_and_the_image_says_it_was_cut(kind, capsys):
+    """The frontends return the latent they had when Interrupt is pressed and still write
+    its infotext (their ``launch_sampling`` catches ``InterruptedException``): the record
+    says the pass stopped, after how many of its steps, and counts only those."""
     with Frontend(kind) as f:
         fresh, _ = f.run(args(True), steps=10)
+        assert "HyCa interrupted" not in fresh.infotexts[0]
+        capsys.readouterr()
         interrupted, _ = f.run(args(True), steps=10, interrupt_at=5)
         assert no_hyca_left(f.model)
         again, _ = f.run(args(True), steps=10)
     assert not torch.equal(interrupted.images[0], fresh.images[0])
     assert torch.equal(again.images[0], fresh.images[0])
+    # the flag is set at the sixth model call; the sampler's callback stops after that step
+    assert "HyCa interrupted: Interrupt after 6 of 10 steps" in interrupted.infotexts[0]
+    assert f'HyCa steps: "{steps_text(expected_plan(10, 3, 2)[:6])}"' in interrupted.infotexts[0]
+    assert ("pass: stopped by Interrupt after 6 of 10 steps: 3 computed, 3 forecast; 50% of block compute skipped"
+            in capsys.readouterr().out)
+    assert "HyCa interrupted" not in again.infotexts[0]
 
 
 class HostError(RuntimeError):

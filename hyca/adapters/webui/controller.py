@@ -88,6 +88,7 @@ class Controller:
         if isinstance(self.session, PassSession):
             stats = self.session.stats()
             if stats.steps.total or stats.stopped is not None:  # a pass HyCa gave up at its first call says so too
+                stats.interrupted = _interruption(stats.steps.total, self.session.total_steps)
                 self.passes.append((self.session.label, stats))
         self.session, self.pass_key = None, None
 
@@ -379,6 +380,8 @@ class Controller:
             total.off_settings = total.off_settings or stats.off_settings
             if stats.stopped is not None and total.stopped is None:
                 total.stopped = f"{label}: {stats.stopped}" if several else stats.stopped
+            if stats.interrupted is not None and total.interrupted is None:
+                total.interrupted = f"{label}: {stats.interrupted}" if several else stats.interrupted
         return total
 
     def results(self) -> dict[str, str]:
@@ -398,6 +401,8 @@ class Controller:
             out["HyCa last step ran"] = "forecast (the profile was chosen so: TaylorSeer lite's end)"
         if total.stopped is not None:  # the steps above are those before it: the rest ran uncached
             out["HyCa stopped"] = f"{total.stopped}; the rest sampled uncached"
+        if total.interrupted is not None:  # the frontend keeps the latent so far: the steps above are all it had
+            out["HyCa interrupted"] = total.interrupted
         return out
 
     def report(self) -> None:
@@ -405,12 +410,23 @@ class Controller:
         fresh, self.reported = self.passes[self.reported:], len(self.passes)
         for label, stats in fresh:
             stopped = "; HyCa stopped caching there, the rest ran uncached" if stats.stopped is not None else ""
-            console(f"{label}: {stats.steps.computed} of {stats.steps.total} steps computed, "
-                    f"{stats.steps.forecast} forecast{stopped}; {stats.flops_saving:.0%} of block compute skipped")
+            ran = (f"stopped by {stats.interrupted}: {stats.steps.computed} computed"
+                   if stats.interrupted is not None else f"{stats.steps.computed} of {stats.steps.total} steps computed")
+            console(f"{label}: {ran}, {stats.steps.forecast} forecast{stopped}; "
+                    f"{stats.flops_saving:.0%} of block compute skipped")
             if stats.switches:
                 console(f"{label}: the guard switched {stats.describe_switches()}")
             for note in stats.notes:
                 self.say_once(note)
+
+
+def _interruption(seen: int, planned: int | None) -> str | None:
+    """``"Interrupt after 6 of 10 steps"`` when the user's Interrupt or Skip cut the pass
+    short (its steps seen fewer than planned, or the plan unknown); None otherwise."""
+    how = probe.stopped_by_user()
+    if how is None or (planned is not None and seen >= planned):
+        return None
+    return f"{how} after {seen} of {planned} steps" if planned is not None else f"{how} after {seen} steps"
 
 
 CONTROLLER = Controller()

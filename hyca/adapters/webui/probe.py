@@ -207,15 +207,24 @@ class ProbeInterrupted(RuntimeError):
     """The user pressed Interrupt or Skip while the probe ran: it stops, nothing is saved."""
 
 
-def interrupted() -> bool:
-    """The frontend's Interrupt / Skip flags (``modules.shared.state``, which A1111's and
-    Forge's denoisers check at each of their calls); False where there is no frontend."""
+def stopped_by_user() -> str | None:
+    """Which of the frontend's buttons stopped the generation: ``"Interrupt"`` or ``"Skip"``
+    (``modules.shared.state.interrupted`` / ``skipped``, which A1111's and Forge's denoisers
+    check at each of their calls, returning the latent so far); None when neither was
+    pressed or there is no frontend."""
     try:
         from modules import shared
 
-        return bool(getattr(shared.state, "interrupted", False) or getattr(shared.state, "skipped", False))
+        if getattr(shared.state, "interrupted", False):
+            return "Interrupt"
+        return "Skip" if getattr(shared.state, "skipped", False) else None
     except Exception:  # noqa: BLE001 - not inside a WebUI (tests of the core, other hosts)
-        return False
+        return None
+
+
+def interrupted() -> bool:
+    """Whether the frontend's Interrupt or Skip was pressed (:func:`stopped_by_user`)."""
+    return stopped_by_user() is not None
 
 
 def guidance_of(value: Any) -> float | None:

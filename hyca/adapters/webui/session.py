@@ -147,6 +147,8 @@ class PassStats:
     off_settings: OffSettings | None = None
     #: why HyCa stopped caching part-way (its later calls ran uncached and are not counted above)
     stopped: str | None = None
+    #: the user stopped the pass before its last step: ``"Interrupt after 6 of 10 steps"``
+    interrupted: str | None = None
 
     def describe_switches(self) -> str:
         """``taylor-2 -> taylor-1 at step 6 (images 1-4, cond), ...``
