@@ -54,11 +54,15 @@ def test_stacked_and_per_slot_checks_agree_bit_for_bit_and_match_the_formula(mon
             assert stacked.errors[r, c].item() == pytest.approx((forecast - truth).square().sum().item(), rel=1e-5)
 
 
-def _profile() -> Profile:
-    """Three blocks of 16 dims, each dimension's solver drawn from four."""
+def _profile(one_solver_blocks: bool = False) -> Profile:
+    """Three blocks of 16 dims, each dimension's solver drawn from four; with
+    ``one_solver_blocks`` the first two blocks each use one solver for every dimension (the
+    stacked path's one-slot update) and the third stays mixed."""
     g = torch.Generator().manual_seed(3)
     choices = torch.tensor([NAMES.index(n) for n in ("taylor-1", "taylor-2", "am2", "reuse")])
     dim_solvers = choices[torch.randint(0, 4, (3, 16), generator=g)]
+    if one_solver_blocks:
+        dim_solvers[0], dim_solvers[1] = choices[0], choices[2]
     return Profile(labels=torch.arange(16).repeat(3, 1), solvers=dim_solvers, metadata={})
 
 
@@ -76,9 +80,10 @@ def _run(engine: HybridCache) -> list[torch.Tensor]:
     return forecasts
 
 
+@pytest.mark.parametrize("one_solver_blocks", [False, True])
 @pytest.mark.parametrize("use_guard", [True, False])
-def test_stacked_and_per_slot_recording_give_the_same_forecasts(monkeypatch, use_guard):
-    profile = _profile()
+def test_stacked_and_per_slot_recording_give_the_same_forecasts(monkeypatch, use_guard, one_solver_blocks):
+    profile = _profile(one_solver_blocks)
     stacked = _run(HybridCache(profile, Schedule(3, 2), guard=use_guard, compare_settings=False))
     monkeypatch.setattr(cache_module, "STACKED_BYTES", 0)
     monkeypatch.setattr(guard, "STACKED_BYTES", 0)

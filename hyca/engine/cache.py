@@ -224,12 +224,19 @@ class HybridCache:
         ``(slots, dim)`` mask instead of one update per slot (per-operation overhead is most
         of a small model's recording cost). Per element the same operation as the per-slot
         update (a slot the block does not feed adds an exact zero), so the sums are the same
-        bits. At the step's end each slot's history takes a copy of its row (a view would keep
-        the whole stacked tensor alive as long as the longest history keeps its row)."""
+        bits. A block that feeds one slot with every dimension (every block of a one-solver
+        profile) adds to that row alone: the other rows would gain exact zeros (and, from a
+        non-finite residual, NaN, which the per-slot path does not spread either). At the
+        step's end each slot's history takes a copy of its row (a view would keep the whole
+        stacked tensor alive as long as the longest history keeps its row; one slot keeps
+        its row, which is all of it)."""
         if state.stacked is None:
             state.stacked = torch.zeros((len(self.solvers), *residual.shape), device=residual.device, dtype=dtype)
-        masks = stacked_masks(self._one_hot, self._masks_key, residual.device, dtype)[block]
-        state.stacked.addcmul_(residual.unsqueeze(0), masks.view(masks.shape[0], *[1] * (residual.dim() - 1), -1))
+        if len(fed) == 1 and fed[0][1] is None:  # one slot, every dimension (a one-solver profile's blocks):
+            state.stacked[fed[0][0]].add_(residual)  # its row gains exactly what the masked update adds
+        else:
+            masks = stacked_masks(self._one_hot, self._masks_key, residual.device, dtype)[block]
+            state.stacked.addcmul_(residual.unsqueeze(0), masks.view(masks.shape[0], *[1] * (residual.dim() - 1), -1))
         for s, _ in fed:
             if state.accumulators[s] is None:
                 state.accumulators[s] = state.stacked[s]
@@ -288,8 +295,8 @@ class HybridCache:
                 for history, magnitude, acc, size in zip(state.histories, state.magnitudes, state.accumulators,
                                                          magnitudes(state.accumulators, state.stacked)):
                     # a stacked row would keep every slot's row alive until the slot keeping
-                    # history longest drops it: the history holds its own copy
-                    history.appendleft(acc if state.stacked is None else acc.clone())
+                    # history longest drops it: the history holds its own copy (one slot's row is all of it)
+                    history.appendleft(acc if state.stacked is None or len(state.accumulators) == 1 else acc.clone())
                     magnitude.appendleft(size)
                 state.positions.appendleft(state.current_position)
                 state.computed_steps.appendleft(state.step)
