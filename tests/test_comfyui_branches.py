@@ -289,19 +289,26 @@ def test_a_profile_of_other_width_stops_caching_and_the_report_says_why(family, 
     assert "for the rest of run 1" in capsys.readouterr().out
 
 
-def test_a_late_conditioning_batched_equals_one_call_per_chunk_with_residual_profiles(family):
+@pytest.mark.parametrize("guard", [False, True])
+def test_a_late_conditioning_batched_equals_one_call_per_chunk_with_residual_profiles(family, guard):
     """A residual profile with a positive conditioning that starts part-way: on its first
     step its branch computes while the others forecast, in one batched call; that equals
-    ComfyUI's one-call-per-chunk path (it did not on FLUX, whose blocks write in place). The
-    guard is off: it pairs branches by call order, which the two paths give differently when a
-    third branch joins part-way (an open limit, docs/comfyui.md)."""
+    ComfyUI's one-call-per-chunk path (it did not on FLUX, whose blocks write in place).
+    With the guard on, the two paths call the branches in other orders (the batch puts the
+    late conditioning's chunk first); the guard pairs two branches at a step only while the
+    run has two (a cond and an uncond), so both switch alike (with the pairing by call
+    order, cond with cond in one path, they differed by 2-8%)."""
     name, patcher = family
-    model = HyCaPatch(Settings(enabled=True, interval=3, warmup=2, profile="TaylorSeer (taylor-2)", guard=False),
-                      recognise(patcher.model.diffusion_model)).install(patcher)
+    patch = HyCaPatch(Settings(enabled=True, interval=3, warmup=2, profile="TaylorSeer (taylor-2)", guard=guard),
+                      recognise(patcher.model.diffusion_model))
+    model = patch.install(patcher)
     noise = harness.latent(name, 0)
     first, late = harness.conditioning(name, 1)[0], harness.conditioning(name, 2)[0]
     positive = [first, [late[0], {**late[1], "start_percent": 0.3, "end_percent": 1.0}]]
     negative = _prompts(name, (1,))[1]
     batched = harness.sample(model, positive, negative, noise, steps=STEPS, cfg=2.5)
+    batched_switches = _switches(patch)
     apart = _unbatched(patcher, lambda: harness.sample(model, positive, negative, noise, steps=STEPS, cfg=2.5))
     assert relative_error(batched, apart) < 1e-4
+    assert batched_switches == _switches(patch)
+    assert bool(batched_switches) == guard  # the guard acted (taylor-2 at N=3 on these models)

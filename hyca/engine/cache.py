@@ -436,12 +436,16 @@ class HybridCache:
             del self._begun[old]
 
     def _peer_of(self, state: BranchState) -> tuple[BranchState, Check] | None:
-        """The other branch that checked this same step just before (it has moved on by one)."""
+        """The other branch that checked this same step just before (it has moved on by one),
+        while the run has two branches at this step and the one before (see
+        :mod:`hyca.engine.guard`: with three, which two pair is not known)."""
         if self._last_check is None:
             return None
         other, check = self._last_check
         if other is state or check.step != state.step or other.step != state.step + 1:
             return None
+        if len(self._begun.get(state.step - 1, ())) > 2 or len(self._begun.get(state.step, ())) > 2:
+            return None  # a third branch (a conditioning that joined part-way): which two pair is not known
         return other, check
 
     def _switch(self, state: BranchState, row: int, to: int, step: int, by: str = "guard") -> None:

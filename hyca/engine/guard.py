@@ -31,7 +31,10 @@ branches check the same step, the second also compares the candidates on the dif
 the two branches' errors (through random sketches of the error tensors, kept from the first
 branch: ``SKETCH_ROWS`` x ``dim`` per candidate, not the tensors), a loss there counts as a
 strike, and both branches share the outcome. A batched call (both branches in one batch)
-is one branch here.
+is one branch here. Only a run of two branches pairs them: with a third (a conditioning
+that joins part-way, a third guidance term) which two are one image's ``c`` and ``u`` is
+not known, and pairing by call order would make the decisions depend on it (ComfyUI calls
+its chunks in another order batched than one by one); each branch is then judged alone.
 
 Per image. Every decision is made per batch item (issue 18): errors, strikes and the solver
 in use are kept per (group, item), and forecasts weigh each item with its own solver, so
