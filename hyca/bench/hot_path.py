@@ -8,7 +8,10 @@ Per-call medians (hyca.bench.overhead.decompose: a computed call, a skip call, t
 transformer, full compute) at 50 steps, N=4 and N=7, the shipped reference profile, guard
 on (the default), one torch thread. ``--save``: the images of :data:`SAVED` (shipped
 profiles and plain solvers; guided, batched, sigma axis), for a bit-for-bit comparison of
-two engines (``torch.equal`` per entry).
+two engines (``torch.equal`` per entry). ``--peers``: per-call medians of HyCa's plain call,
+FORA in HyCa's engine and diffusers' TaylorSeer lite (order 1) against full compute, their
+runs interleaved in one process (:func:`hyca.bench.overhead.compare_calls`): where a cache's
+time goes, computed calls against skip calls.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 import hyca
-from hyca.bench.overhead import decompose
+from hyca.bench import methods
+from hyca.bench.overhead import compare_calls, decompose
 from hyca.bench.workload import Case
 from hyca.reference import load_pipeline
 
@@ -66,6 +70,7 @@ def main() -> None:
     parser.add_argument("--save")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-timing", action="store_true", help="only --save")
+    parser.add_argument("--peers", action="store_true", help="per-call times of HyCa, FORA and TaylorSeer lite")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"hyca from {hyca.__file__}, torch {torch.__version__}, 1 thread")
@@ -74,6 +79,10 @@ def main() -> None:
     if args.no_timing:
         return
     pipe = load_pipeline()
+    if args.peers:
+        for interval in (4, 7):
+            print_peers(pipe, interval, max(args.repeats, 8))
+        return
     for interval in (4, 7):
         d = decompose(pipe, CASE, 50, interval, "auto", repeats=args.repeats)
         print(f"N={interval}: full call {d['full_call_ms']:.3f} ms, "
@@ -82,6 +91,22 @@ def main() -> None:
               f"block-less {d['blockless_call_ms']:.3f} ms (+{d['hyca_skip_call_ms'] - d['blockless_call_ms']:.3f}); "
               f"speed-up modelled {d['modelled_hyca_speedup']:.2f}x, measured {d['measured_hyca_speedup']:.2f}x, "
               f"FLOPs {d['steps_ratio']:.2f}x")
+
+
+def print_peers(pipe, interval: int, repeats: int) -> None:
+    plain = methods.Method("HyCa plain call", f"N={interval}",
+                           lambda p: hyca.enable(p, interval=interval, warmup=methods.WARMUP), hyca.disable)
+    rows = compare_calls(pipe, CASE, 50, [methods.full(), plain, methods.fora(interval),
+                                          methods.diffusers_taylorseer(interval, 1)], repeats)
+    full = rows[0]["computed_call_ms"]
+    print(f"50 steps, N={interval}, {repeats} interleaved runs each; medians")
+    print("| method | computed calls | computed call ms (vs full) | skip calls | skip call ms | run ms | outside ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        skip = f"{r['skip_call_ms']:.3f}" if r["skip_call_ms"] is not None else "-"
+        print(f"| {r['method']} | {r['computed_calls']:g} | {r['computed_call_ms']:.3f} "
+              f"({r['computed_call_ms'] - full:+.3f}) | {r['skip_calls']:g} | {skip} | {r['run_ms']:.1f} | "
+              f"{r['outside_ms']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -110,3 +110,42 @@ def decompose(pipe: Any, case: Case, steps: int, interval: int, profile: Any, re
             "hyca_compute_call_ms": compute, "hyca_skip_call_ms": skip, "blockless_call_ms": bare,
             "outside_transformer_ms_per_step": out, "steps_ratio": flops_like, "ideal_cache_speedup": ideal,
             "modelled_hyca_speedup": modelled, "measured_hyca_speedup": measured}
+
+
+def compare_calls(pipe: Any, case: Case, steps: int, methods: list[Any], repeats: int = 8) -> list[dict]:
+    """Per-call times of several caches in one process, their runs interleaved (rotated each
+    repeat), so the machine's drift falls alike on all (``methods``: benchmark
+    :class:`~hyca.bench.methods.Method` s, each switched on once on its own copy of the
+    transformer and warmed up by one generation; the first is full compute).
+
+    A call counts as computed when it takes at least half the full call's median (a skip
+    call runs only the embeddings, RoPE and the output layers, well under half of it): the
+    split needs no method's own schedule. Per method, in milliseconds (medians): computed
+    and skip call, the whole run and its time outside the transformer calls (the pipeline's
+    loop, and a cache's work around the pipeline call); the count of each kind of call per run."""
+    from .runner import prepare
+
+    prepared = [prepare(pipe, method) for method in methods]
+    for transformer in prepared:
+        with swapped(pipe, transformer):
+            generate(pipe, case, steps)
+    calls: list[list[float]] = [[] for _ in methods]
+    totals: list[list[float]] = [[] for _ in methods]
+    outside: list[list[float]] = [[] for _ in methods]  # per run: the pipeline's time outside the transformer
+    for r in range(repeats):
+        for i in [*range(r % len(methods), len(methods)), *range(r % len(methods))]:
+            with swapped(pipe, prepared[i]):
+                total, times = _timed(pipe, case, steps)
+            calls[i] += times
+            totals[i].append(total)
+            outside[i].append(total - sum(times))
+    full = statistics.median(calls[0])
+    rows = []
+    for method, times, runs, rest in zip(methods, calls, totals, outside):
+        dear = [t for t in times if t >= full / 2]
+        cheap = [t for t in times if t < full / 2]
+        rows.append({"method": method.name, "computed_calls": len(dear) / repeats, "skip_calls": len(cheap) / repeats,
+                     "computed_call_ms": 1e3 * statistics.median(dear) if dear else None,
+                     "skip_call_ms": 1e3 * statistics.median(cheap) if cheap else None,
+                     "run_ms": 1e3 * statistics.median(runs), "outside_ms": 1e3 * statistics.median(rest)})
+    return rows
