@@ -243,3 +243,26 @@ def test_a_cancelled_guided_run_leaves_nothing_for_the_next_unguided_one(where, 
     assert hyca.stats(pipe)[0].notes == hyca.stats(fresh_pipe)[0].notes
     assert hyca.stats(pipe)[0].switches == hyca.stats(fresh_pipe)[0].switches
     assert not any(s.step < 3 for s in hyca.stats(pipe)[0].switches)  # nothing started from reuse
+
+
+def test_a_run_the_pipeline_interrupts_says_where_it_stopped(pipe, caplog):
+    """diffusers' own interrupt (``pipe._interrupt = True`` from ``callback_on_step_end``: the
+    pipeline skips the remaining steps and still returns the latents it has): the run's record
+    says it stopped after the steps it ran of those planned, not that it was a shorter run,
+    and the next run is as on a fresh pipeline."""
+    hyca.enable(pipe, profile="taylor-2", interval=3, warmup=2)
+    expected = generate(pipe)
+    finished = hyca.stats(pipe)[0]
+
+    def interrupt_after_step_4(p, step, timestep, tensors):
+        if step == 4:
+            p._interrupt = True
+        return tensors
+
+    with caplog.at_level(logging.INFO, logger="hyca"):
+        generate(pipe, callback_on_step_end=interrupt_after_step_4)
+    stats = hyca.stats(pipe)[0]
+    assert stats.total == 5 and f"stopped after 5 of {STEPS} steps" in stats.notes
+    assert any(f"stopped after 5 of {STEPS} steps" in r.message for r in caplog.records)
+    assert torch.equal(generate(pipe), expected)
+    assert hyca.stats(pipe)[0].notes == finished.notes

@@ -336,9 +336,8 @@ class HyCaRoot(HookChain):
         (``hyca.reset``)."""
         scope = self.scope()
         for states in [scope] + ([self.default] if default and scope is not self.default else []):
-            for name, state in states.all_states().items():
-                if state.stats.total:
-                    logger.log(self.run_log_level, "HyCa [%s]: %s", name, state.stats.describe(branch=False))
+            for state in states.all_states().values():  # a run cut short (the pipeline's interrupt) says so
+                self._finish(states, state, "the pipeline call ended")
             states.reset()
             states.engine.end_run()
 
