@@ -200,3 +200,17 @@ def test_gpu_mode_methods_run_on_a_tiny_config():
         names.append(name)
     assert torch.equal(loop(8), plain)
     assert names[0] == "full compute" and any(n.startswith("HyCa") for n in names)
+
+
+def test_a_missing_matplotlib_is_said_before_the_run(monkeypatch):
+    """Without the ``bench`` extra the benchmark stops at once with what to install, not after
+    minutes of measuring (``--no-plot`` runs without it)."""
+    import sys
+
+    from hyca.bench import __main__ as bench_main
+    from hyca.bench import runner
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(SystemExit, match="pip install .*--no-plot"):
+        bench_main.main(["--quick", "--prompts", "1"])

@@ -27,7 +27,7 @@ DEFAULT_OUT = Path("bench/results")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m hyca.bench", description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="4 prompts, 50 steps, levels N=4 and 7 (< 3 min)")
+    mode.add_argument("--quick", action="store_true", help="4 prompts, 50 steps, levels N=4 and 7 (4-7 min on a 2-core CPU)")
     mode.add_argument("--full", action="store_true", help="the default set, explicitly (32 prompts, 50 + 28 steps)")
     mode.add_argument("--gpu", action="store_true", help="FLUX.1-dev architecture on CUDA: latency and memory only")
     p.add_argument("--cp-degree", type=int, default=1, metavar="K",
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     command = ("python -m hyca.bench " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     name = args.name or default_name(args)
     from . import report
+
+    if not args.no_plot and not args.gpu:  # a missing matplotlib is said now, not after the run
+        report.pyplot()
 
     if args.grid:
         return _grid(args, name, command)

@@ -214,7 +214,8 @@ def pyplot() -> Any:
         import matplotlib.pyplot as plt
     except ImportError as error:
         raise SystemExit(f"the benchmark's plots need matplotlib ({error}): pip install \"hyca[bench]\" "
-                         "(in a source checkout: pip install -e \".[bench]\"), or pass --no-plot") from None
+                         "(in a source checkout: pip install -e \".[bench]\"), or pass --no-plot (a results JSON "
+                         "already written is drawn later with --redraw JSON)") from None
     return plt
 
 
