@@ -572,3 +572,16 @@ def test_the_timed_order_alternates_between_requests_and_keeps_each_side_its_own
     for r in results:
         assert np.array_equal(r.full, plain) and not np.array_equal(r.fast, plain)
         assert np.array_equal(r.fast, results[0].fast)
+
+
+@pytest.mark.parametrize("full, fast, said", [(2.0, 1.0, "**2.00x** faster"), (1.0, 1.25, "**1.25x** slower")])
+def test_the_report_says_slower_when_the_cached_run_was(full, fast, said):
+    """A cached run that took longer than full compute (a loaded machine, a tiny model) is
+    reported as slower, not as '0.80x faster'."""
+    from hyca.app.handlers import report_markdown
+
+    n = dict(method="HyCa", interval=4, warmup=3, full_seconds=full, fast_seconds=fast, full_flops=2e9,
+             fast_flops=1e9, computed_steps=10, forecast_steps=18, speedup=full / fast, flops_ratio=2.0, psnr=40.0,
+             ssim=0.99, profile="shipped", off_settings=None, notes=[], guard=[])
+    text = report_markdown(n)
+    assert said in text and ("faster" in text) == (full > fast)

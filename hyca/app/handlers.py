@@ -187,7 +187,8 @@ def report_markdown(n: dict[str, Any]) -> str:
         f"| steps computed | {n['computed_steps'] + n['forecast_steps']} | {n['computed_steps']} "
         f"(+{n['forecast_steps']} forecast) |",
         "",
-        f"**{n['speedup']:.2f}x** faster (wall clock, both runs in this request) · "
+        (f"**{n['speedup']:.2f}x** faster" if n["speedup"] >= 1 else f"**{1 / n['speedup']:.2f}x** slower")
+        + " (wall clock, both runs in this request) · "
         f"**{n['flops_ratio']:.2f}x** fewer transformer FLOPs (torch.utils.flop_counter) · "
         f"PSNR **{psnr}** · SSIM **{n['ssim']:.4f}** (vs full compute)",
         "",
