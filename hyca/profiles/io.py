@@ -411,7 +411,8 @@ def read_profile(path: str | os.PathLike, expected: Any = None, *,
     if interval is not None and chosen is not None and chosen != interval:
         warns.append(
             f"{path}: this profile was chosen for interval N={chosen}, it is used at N={interval}; it works, "
-            f"but forecasts may be less accurate -- probe at N={interval} for the best choice"
+            f"but forecasts may be less accurate -- set N={chosen} (interval={chosen}) to use it as chosen, or "
+            f"probe at N={interval} for the best choice"
         )
     extra = _field(path, header, "metadata", dict, optional=True) or {}
     metadata = {
