@@ -3,6 +3,8 @@ and every broken source is a warning and the next source, never a crash."""
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -283,3 +285,18 @@ def test_first_use_probe_end_to_end(dirs, fp):
         assert hyca.stats(pipe)[0].forecast > 0
     finally:
         hyca.disable(pipe)
+
+
+def test_a_hyca_profiles_entry_that_is_no_folder_is_said_once(tmp_path, monkeypatch, caplog):
+    """A typo in ``$HYCA_PROFILES`` is said once (it would otherwise be skipped without a
+    word); an existing folder is not mentioned."""
+    from hyca.profiles import sources
+
+    missing = tmp_path / "no-such-folder"
+    monkeypatch.setenv("HYCA_PROFILES", os.pathsep.join([str(tmp_path), str(missing)]))
+    monkeypatch.setattr(sources, "_SAID_MISSING", set())
+    with caplog.at_level(logging.WARNING, logger="hyca"):
+        assert sources.extra_dirs() == [tmp_path, missing]
+        sources.extra_dirs()
+    said = [r.message for r in caplog.records if "HYCA_PROFILES" in r.message]
+    assert len(said) == 1 and str(missing) in said[0] and str(tmp_path) + " " not in said[0]

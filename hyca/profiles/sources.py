@@ -90,7 +90,18 @@ def shipped_dir() -> Path:
 
 
 def extra_dirs() -> list[Path]:
-    return [Path(p).expanduser() for p in os.environ.get("HYCA_PROFILES", "").split(os.pathsep) if p.strip()]
+    """The folders of ``$HYCA_PROFILES``; one that is not a folder is said once (a typo there
+    would otherwise leave every lookup to the other sources without a word)."""
+    folders = [Path(p).expanduser() for p in os.environ.get("HYCA_PROFILES", "").split(os.pathsep) if p.strip()]
+    for folder in folders:
+        if not folder.is_dir() and str(folder) not in _SAID_MISSING:
+            _SAID_MISSING.add(str(folder))
+            logger.warning("HyCa: $HYCA_PROFILES names %s, which is not a folder; profiles are looked up in the "
+                           "other sources", folder)
+    return folders
+
+
+_SAID_MISSING: set[str] = set()
 
 
 def default_cache_dir() -> Path:
