@@ -214,3 +214,12 @@ def test_a_missing_matplotlib_is_said_before_the_run(monkeypatch):
     monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("the run started"))
     with pytest.raises(SystemExit, match="pip install .*--no-plot"):
         bench_main.main(["--quick", "--prompts", "1"])
+
+
+@pytest.mark.parametrize("hyca_psnr, peer_psnr, marker", [(39.8599, 39.8601, "**=** "), (39.87, 39.86, "**+** "),
+                                                          (39.85, 39.86, "**−** ")])
+def test_the_marker_compares_what_the_table_shows(hyca_psnr, peer_psnr, marker):
+    """Two PSNRs the table prints alike (39.86) are marked equal, not '−'."""
+    from hyca.bench.report import _marker
+
+    assert _marker(hyca_psnr, peer_psnr) == marker

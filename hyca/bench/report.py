@@ -39,7 +39,7 @@ def hyca_rows(rows: list[dict], steps: int) -> dict[int, dict]:
 
 
 def _marker(hyca_psnr: float, peer_psnr: float) -> str:
-    if hyca_psnr == peer_psnr:
+    if round(hyca_psnr, 2) == round(peer_psnr, 2):  # as the table shows them: "39.86 −" beside 39.86 misleads
         return "**=** "
     return "**+** " if hyca_psnr > peer_psnr else "**−** "
 
@@ -174,7 +174,7 @@ def markdown(result: dict[str, Any], command: str, plot_name: str | None,
         "",
         "PSNR / SSIM against full compute of the same prompt and seed (mean over prompts; PSNR capped at "
         "100 dB per image). **+**: HyCa's PSNR is higher than this peer's at that level; **−**: lower; "
-        "**=**: equal. "
+        "**=**: equal to the 0.01 dB shown. "
         "Peers whose FLOPs speed-up is more than 5% from HyCa's show the speed-up they reached.",
     ]
     if plot_name:
