@@ -300,3 +300,31 @@ def test_a_hyca_profiles_entry_that_is_no_folder_is_said_once(tmp_path, monkeypa
         sources.extra_dirs()
     said = [r.message for r in caplog.records if "HYCA_PROFILES" in r.message]
     assert len(said) == 1 and str(missing) in said[0] and str(tmp_path) + " " not in said[0]
+
+
+def test_a_warning_during_a_pipeline_call_points_at_the_callers_line(tmp_path, monkeypatch):
+    """A profile lookup warned about inside ``pipe(...)`` (HyCa's request handling runs in
+    context managers) is attributed to the line that called the pipeline, not to
+    ``contextlib.py``."""
+    import warnings
+
+    import hyca
+    from hyca.adapters.diffusers.fingerprint import fingerprint
+    from hyca.profiles.names import model_prefix
+    from hyca.reference import load_pipeline
+
+    (tmp_path / "cache").mkdir(), (tmp_path / "extra").mkdir()
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HYCA_PROFILES", str(tmp_path / "extra"))
+    pipe = load_pipeline()
+    (tmp_path / "extra" / f"{model_prefix(fingerprint(pipe.transformer))}-n4-bad.safetensors").write_bytes(b"junk")
+    with pytest.warns(UserWarning):
+        hyca.enable(pipe, interval=4, warmup=3)
+    monkeypatch.setattr(sources, "_TOLD", set())  # the bad file is told again at the call's own lookup
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe("a large red circle at the center on a white background", num_inference_steps=6,
+             generator=torch.Generator().manual_seed(0))
+    hyca.disable(pipe)
+    said = [w for w in caught if "skipping extra profile" in str(w.message)]
+    assert said and all(w.filename == __file__ for w in said), [(w.filename, w.lineno) for w in said]

@@ -160,13 +160,27 @@ class _Log:
 
 
 def caller_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside the ``hyca`` package, for a warning
-    raised from inside it (the ``skip_file_prefixes`` of Python 3.12's ``warnings.warn``)."""
-    package = str(Path(__file__).resolve().parents[1])
+    """The ``stacklevel`` of the first frame outside the ``hyca`` package and the libraries a
+    pipeline call passes through (``contextlib``'s context managers, torch's and diffusers'
+    wrappers), for a warning raised from inside HyCa: it then points at the user's line, not
+    at ``contextlib.py`` (the ``skip_file_prefixes`` of Python 3.12's ``warnings.warn``)."""
+    passed = _passed_through()
     frame, level = sys._getframe(1), 1
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+    while frame is not None and frame.f_code.co_filename.startswith(passed):
         frame, level = frame.f_back, level + 1
-    return level
+    return level if frame is not None else 1
+
+
+def _passed_through() -> tuple[str, ...]:
+    import contextlib
+
+    folders = [Path(__file__).resolve().parents[1]]
+    for name in ("torch", "diffusers"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__file__", None):
+            folders.append(Path(module.__file__).resolve().parent)
+    prefixes = [str(folder) + os.sep for folder in folders] + [str(Path(__file__).parents[1]) + os.sep]
+    return (*dict.fromkeys(prefixes), contextlib.__file__)
 
 
 def _try_file(path: Path, fp: Mapping[str, Any], interval: int | None, log: _Log, source: str,
