@@ -408,6 +408,10 @@ def read_profile(path: str | os.PathLike, expected: Any = None, *,
                                "(the \"automatic\" profile in the WebUI and ComfyUI, python -m hyca probe for a "
                                "diffusers model)")
     chosen = _field(path, header, "interval", int, optional=True)
+    warmup = _field(path, header, "warmup", int, optional=True)
+    if (chosen is not None and chosen < 1) or (warmup is not None and warmup < 0):
+        raise ProfileError(f"{path}: corrupt profile: interval {chosen!r} / warm-up {warmup!r} in its metadata "
+                           "(an interval is at least 1 and a warm-up at least 0); make the profile again")
     if interval is not None and chosen is not None and chosen != interval:
         warns.append(
             f"{path}: this profile was chosen for interval N={chosen}, it is used at N={interval}; it works, "
@@ -415,11 +419,18 @@ def read_profile(path: str | os.PathLike, expected: Any = None, *,
             f"probe at N={interval} for the best choice"
         )
     extra = _field(path, header, "metadata", dict, optional=True) or {}
+    if isinstance(extra.get("chosen_for"), Mapping):  # what lookups rank it by: checked now, not at a run
+        from .settings import RunSettings
+
+        try:
+            RunSettings.from_json(extra["chosen_for"])
+        except ValueError as error:
+            raise ProfileError(f"{path}: corrupt profile: the settings it was chosen for: {error}") from None
     metadata = {
         **extra,
         "fingerprint": fp,
         "interval": chosen,
-        "warmup": _field(path, header, "warmup", int, optional=True),
+        "warmup": warmup,
         "probe": _field(path, header, "probe", dict, optional=True) or {},
         "created": header.get("created"),
         "hyca_version": header.get("hyca_version"),
