@@ -121,6 +121,21 @@ def test_interrupt_leaves_no_state_and_the_image_says_it_was_cut(kind, capsys):
     assert "HyCa interrupted" not in again.infotexts[0]
 
 
+@pytest.mark.parametrize("kind", ["forge_flux", "a1111_sd3"])
+def test_after_a_skipped_batch_the_next_batch_says_nothing_of_it(kind, capsys):
+    """Skip ends one batch (the frontends clear the flag before the next) and every batch's
+    infotext is built from one ``extra_generation_params``: the skipped batch says so, the
+    next one does not, and its image equals the same batch unskipped."""
+    with Frontend(kind) as f:
+        full, _ = f.run(args(True), steps=10, n_iter=2)
+        skipped, _ = f.run(args(True), steps=10, n_iter=2, skip_at=4)
+    assert "HyCa interrupted: Skip after 5 of 10 steps" in skipped.infotexts[0]
+    assert "HyCa interrupted" not in skipped.infotexts[1]
+    assert f'HyCa steps: "{steps_text(expected_plan(10, 3, 2))}"' in skipped.infotexts[1]
+    assert torch.equal(skipped.images[1], full.images[1])
+    assert not torch.equal(skipped.images[0], full.images[0])
+
+
 class HostError(RuntimeError):
     pass
 

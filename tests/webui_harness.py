@@ -159,6 +159,7 @@ class Processing:
     hr_second_pass_steps: int = 0
     lora_hash: str = ""              # a LoRA file name; "" = no LoRA (see lora_state)
     interrupt_at: int | None = None  # model call after which the user presses Interrupt
+    skip_at: int | None = None       # model call (counted over the generation) after which the user presses Skip
     shift: float = 3.0               # the model sampling's flow shift (FLUX's), which sets the sigmas
     extra_generation_params: dict = field(default_factory=dict)
     is_hr_pass: bool = False
@@ -206,6 +207,8 @@ def _denoiser(p: Processing, cond: dict, uncond: dict) -> Callable:
     def denoise(x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
         if p.interrupt_at is not None and p.calls >= p.interrupt_at:
             shared.state.interrupted = True
+        if p.skip_at is not None and p.calls == p.skip_at:
+            shared.state.skipped = True
         sigma_b = torch.full((x.shape[0],), float(sigma))
         p.calls += 1
         if p.spec.frontend != "a1111":
@@ -231,7 +234,7 @@ def sample(p: Processing, x: torch.Tensor, sigmas: torch.Tensor, denoise: Callab
     from modules import sd_samplers_common, shared
 
     def callback(i):
-        if shared.state.interrupted:
+        if shared.state.interrupted or shared.state.skipped:  # sd_samplers_cfg_denoiser.py checks both
             raise sd_samplers_common.InterruptedException
 
     try:
@@ -280,11 +283,12 @@ def _generate(p: Processing, script, args: list, forge: bool) -> SimpleNamespace
     from modules import shared
     from modules.infotext_utils import parameters_line
 
-    shared.state.interrupted = False
+    shared.state.interrupted = shared.state.skipped = False
     latents, infotexts = [], []
     script.process(p, *args)
     for n in range(p.n_iter):
         p.iteration, p.is_hr_pass = n, False
+        shared.state.skipped = False  # modules/processing.py process_images_inner: Skip ends one batch
         p.sampler = Sampler(p.sampler_name) if forge else None
         lora_state(p)  # extra_networks.activate, just before process_batch
         script.process_batch(p, *args, batch_number=n, prompts=[], seeds=[], subseeds=[])

@@ -114,6 +114,9 @@ class Controller:
         self.finish_pass()
         if key[:2] != self.batch_key:
             self.passes, self.reported, self.batch_key = [], 0, key[:2]  # a new batch: its own infotext
+            if hasattr(p, "extra_generation_params"):  # one dict serves every batch: the last one's results go
+                for name in (*RESULT_KEYS, ERROR_KEY):
+                    p.extra_generation_params.pop(name, None)
         if not settings.enabled:
             return False
         if hires and not settings.hires:
@@ -385,7 +388,7 @@ class Controller:
         return total
 
     def results(self) -> dict[str, str]:
-        """Infotext entries for the passes run since the batch began."""
+        """Infotext entries for the passes run since the batch began (keys: :data:`RESULT_KEYS`)."""
         total = self.totals()
         if total is None:
             return {}
@@ -418,6 +421,13 @@ class Controller:
                 console(f"{label}: the guard switched {stats.describe_switches()}")
             for note in stats.notes:
                 self.say_once(note)
+
+
+#: Every infotext entry :meth:`Controller.results` may write: the frontends build each batch's
+#: infotext from one ``p.extra_generation_params`` (``modules/processing.py``), so a new batch
+#: drops the last one's before its own are added.
+RESULT_KEYS = ("HyCa steps", "HyCa saving", "HyCa LoRA ARI", "HyCa off-settings", "HyCa guard switches",
+               "HyCa last step ran", "HyCa stopped", "HyCa interrupted")
 
 
 def _interruption(seen: int, planned: int | None) -> str | None:
