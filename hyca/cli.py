@@ -98,8 +98,9 @@ def _check_probe_args(args: argparse.Namespace) -> None:
         if not os.access(folder, os.W_OK):
             raise CLIError(f"-o {args.output}: the folder {folder} is not writable")
         if Path(args.output).suffix != ".safetensors":  # the lookups and `hyca show` find *.safetensors only
+            stem = Path(args.output).stem.removesuffix(".safetensors")
             raise CLIError(f"-o {args.output}: a profile file is a .safetensors file; name it "
-                           f"{Path(args.output).with_suffix('.safetensors').name}, or give a folder")
+                           f"{stem}.safetensors, or give a folder")
     if args.candidates is not None or args.singles is not None:
         from .probing import check_options
 

@@ -269,6 +269,7 @@ def test_probe_of_a_missing_model_is_one_line(tmp_path, capsys):
     (["-o", "/no/such/folder/p.safetensors"],
      "-o /no/such/folder/p.safetensors: the folder /no/such/folder does not exist"),
     (["-o", "p.txt"], "-o p.txt: a profile file is a .safetensors file; name it p.safetensors, or give a folder"),
+    (["-o", "p.safetensors.bak"], "-o p.safetensors.bak: a profile file is a .safetensors file; name it p.safetensors,"),
 ])
 def test_probe_arguments_are_checked_before_any_model_loads(argv, message, capsys):
     assert main(["probe", "--model", "reference", *argv]) == 1
