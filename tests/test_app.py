@@ -366,6 +366,9 @@ def test_lora_without_reuse_probes_again_and_reports_the_ari(served):
     expected = np.mean([adjusted_rand_score(a.numpy(), b.numpy()) for a, b in zip(base.labels, lora.labels)])
     assert again.numbers["ari_vs_base"] == pytest.approx(expected, abs=1e-12)
     assert f"{expected:.3f}" in again.report
+    # one solver for every dimension in both: the clusters (and the ARI) change nothing, and it says so
+    solvers = {int(i) for p in (base, lora) for i in p.dim_solvers().unique()}
+    assert ("their clusters change nothing" in again.numbers["profile"]) == (len(solvers) == 1)
 
 
 def test_profile_round_trip_through_a_hub_standin(served, hub, tmp_path):

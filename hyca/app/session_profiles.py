@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from ..adapters.diffusers.fingerprint import fingerprint as diffusers_fingerprint
 from ..engine.schedule import Schedule
+from ..math.solvers import pool_names
 from ..probing import CALIBRATION_SAMPLES
 from ..profiles import fingerprint as fpmod
 from ..profiles.compare import compare_profiles
@@ -167,4 +168,14 @@ def profile_for_run(state: dict[str, Any], model: LoadedModel, s: compare.Settin
         ari = compare_profiles(base, lora_profile).ari_overall
     except ProfileError as err:  # e.g. one forecasts the blocks' residuals, the other the output head's input
         return lora_profile, f"probed again with LoRA '{s.lora}' (no ARI: {err})", None
-    return lora_profile, f"probed again with LoRA '{s.lora}'", ari
+    return lora_profile, f"probed again with LoRA '{s.lora}'{_clusters_moot(base, lora_profile)}", ari
+
+
+def _clusters_moot(base: Profile, lora: Profile) -> str:
+    """A note when both profiles forecast every dimension with one and the same solver: their
+    clusters then change nothing, so a low ARI between them says nothing about reuse."""
+    used = {pool_names()[int(i)] for p in (base, lora) for i in p.dim_solvers().unique()}
+    if len(used) != 1:
+        return ""
+    return (f" (both profiles forecast every dimension with {used.pop()}: their clusters change nothing, "
+            "whatever the ARI)")
