@@ -409,9 +409,13 @@ def read_profile(path: str | os.PathLike, expected: Any = None, *,
                                "diffusers model)")
     chosen = _field(path, header, "interval", int, optional=True)
     warmup = _field(path, header, "warmup", int, optional=True)
-    if (chosen is not None and chosen < 1) or (warmup is not None and warmup < 0):
+    from .settings import RunSettings  # the one rule for what a count may be
+
+    try:
+        RunSettings.from_json({"interval": chosen, "warmup": warmup})
+    except ValueError:
         raise ProfileError(f"{path}: corrupt profile: interval {chosen!r} / warm-up {warmup!r} in its metadata "
-                           "(an interval is at least 1 and a warm-up at least 0); make the profile again")
+                           "(an interval is at least 1 and a warm-up at least 0); make the profile again") from None
     if interval is not None and chosen is not None and chosen != interval:
         warns.append(
             f"{path}: this profile was chosen for interval N={chosen}, it is used at N={interval}; it works, "
@@ -420,8 +424,6 @@ def read_profile(path: str | os.PathLike, expected: Any = None, *,
         )
     extra = _field(path, header, "metadata", dict, optional=True) or {}
     if isinstance(extra.get("chosen_for"), Mapping):  # what lookups rank it by: checked now, not at a run
-        from .settings import RunSettings
-
         try:
             RunSettings.from_json(extra["chosen_for"])
         except ValueError as error:
