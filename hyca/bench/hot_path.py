@@ -17,7 +17,6 @@ time goes, computed calls against skip calls.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -26,6 +25,7 @@ import hyca
 from hyca.bench import methods
 from hyca.bench.overhead import compare_calls, decompose
 from hyca.bench.workload import Case
+from hyca.profiles.sources import shipped_dir
 from hyca.reference import load_pipeline
 
 CASE = Case(prompt="a large red circle at the center on a white background", seed=0)
@@ -44,8 +44,7 @@ SAVED = {
 
 
 def shipped(interval: int) -> str:
-    folder = Path(hyca.__file__).resolve().parent.parent / "profiles"
-    return str(next(folder.glob(f"*-n{interval}.safetensors")))
+    return str(next(shipped_dir().glob(f"*-n{interval}.safetensors")))
 
 
 def save_images(path: str) -> None:
