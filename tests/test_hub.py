@@ -63,6 +63,8 @@ def test_push_checks_the_file_and_the_token_before_any_request(hub, fp, tmp_path
     bad.write_bytes(b"not a profile at all")
     with pytest.raises(ProfileError, match="not a profile file"):
         push_profile(bad, REPO, token=hub.token, endpoint=hub.endpoint)
+    with pytest.raises(ProfileError, match="not a profile file"):  # the file's fault is said first, token or not
+        push_profile(bad, REPO, token=False, endpoint=hub.endpoint)
     with pytest.raises(HubError, match="needs a Hugging Face token"):
         push_profile(random_profile(fp), REPO, token=False, endpoint=hub.endpoint)
     assert hub.state.requests == []

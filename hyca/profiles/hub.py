@@ -165,6 +165,8 @@ def push_profile(path_or_profile: str | os.PathLike | Profile, repo_id: str, *, 
                  private: bool = False, path_in_repo: str | None = None, commit_message: str | None = None,
                  model: Any = None, endpoint: str | None = None) -> str:
     """Validate a profile and upload it to ``repo_id`` (created if missing); returns the file's URL.
+    A file that is not a valid profile raises :class:`~hyca.profiles.io.ProfileError` before
+    the token is looked for; no token raises :class:`HubError`.
 
     A :class:`Profile` is written to a temporary file first (``model`` names its model
     when its metadata does not). The default name in the repo is the one
@@ -172,15 +174,15 @@ def push_profile(path_or_profile: str | os.PathLike | Profile, repo_id: str, *, 
     """
     from huggingface_hub import HfApi, get_token
 
-    if token is False or (token in (None, True) and get_token() is None):
-        raise HubError(f"uploading to {repo_id} needs a Hugging Face token with write access: "
-                       "log in with `hf auth login`, set HF_TOKEN, or pass token=", "denied")
     with tempfile.TemporaryDirectory(prefix="hyca-push-") as tmp:
         if isinstance(path_or_profile, Profile):
             path = save_profile(path_or_profile, Path(tmp) / "profile.safetensors", model)
         else:
             path = Path(path_or_profile)
-        profile, _ = read_profile(path, model)
+        profile, _ = read_profile(path, model)  # a bad file is said before the token is asked for
+        if token is False or (token in (None, True) and get_token() is None):
+            raise HubError(f"uploading to {repo_id} needs a Hugging Face token with write access: "
+                           "log in with `hf auth login`, set HF_TOKEN, or pass token=", "denied")
         fp = profile.metadata["fingerprint"]
         name = path_in_repo or _default_path_in_repo(path, fp)
         message = commit_message or f"Add HyCa profile for {fpmod.describe(fp)}"
