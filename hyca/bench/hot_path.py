@@ -8,7 +8,8 @@ Per-call medians (hyca.bench.overhead.decompose: a computed call, a skip call, t
 transformer, full compute) at 50 steps, N=4 and N=7, the shipped reference profile, guard
 on (the default), one torch thread. ``--save``: the images of :data:`SAVED` (shipped
 profiles and plain solvers; guided, batched, sigma axis), for a bit-for-bit comparison of
-two engines (``torch.equal`` per entry). ``--peers``: per-call medians of HyCa's plain call,
+two engines (``torch.equal`` per entry). ``--peers``: per-call medians of HyCa's plain call
+(the shipped profile with its own guard setting, then with the guard forced on and off),
 FORA in HyCa's engine and diffusers' TaylorSeer lite (order 1) against full compute, their
 runs interleaved in one process (:func:`hyca.bench.overhead.compare_calls`): where a cache's
 time goes, computed calls against skip calls.
@@ -17,6 +18,7 @@ time goes, computed calls against skip calls.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -93,9 +95,15 @@ def main() -> None:
 
 
 def print_peers(pipe, interval: int, repeats: int) -> None:
-    plain = methods.Method("HyCa plain call", f"N={interval}",
-                           lambda p: hyca.enable(p, interval=interval, warmup=methods.WARMUP), hyca.disable)
-    rows = compare_calls(pipe, CASE, 50, [methods.full(), plain, methods.fora(interval),
+    def plain(name: str, **kwargs: bool) -> methods.Method:
+        def enable(p: Any) -> None:
+            hyca.enable(p, interval=interval, warmup=methods.WARMUP, **kwargs)
+
+        return methods.Method(name, f"N={interval}", enable, hyca.disable)
+
+    # the shipped profile with the guard forced on and off: what the guard's check costs per computed call
+    rows = compare_calls(pipe, CASE, 50, [methods.full(), plain("HyCa plain call"), plain("HyCa, guard on", guard=True),
+                                          plain("HyCa, guard off", guard=False), methods.fora(interval),
                                           methods.diffusers_taylorseer(interval, 1)], repeats)
     full = rows[0]["computed_call_ms"]
     print(f"50 steps, N={interval}, {repeats} interleaved runs each; medians")

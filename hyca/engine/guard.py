@@ -138,7 +138,12 @@ def candidates(original: int, active: int) -> list[int]:
     """What a check compares for one slot: the solver it forecasts with now (first), the
     profile's own solver (when the guard has switched away from it) and that solver's lower
     orders."""
-    return [active, *(s for s in (original, *lower_orders(original)) if s != active)]
+    return list(_candidates(original, active))
+
+
+@lru_cache(maxsize=None)
+def _candidates(original: int, active: int) -> tuple[int, ...]:  # (the pool is fixed: a few pairs in all)
+    return (active, *(s for s in (original, *lower_orders(original)) if s != active))
 
 
 def lower_orders(solver: int) -> list[int]:
@@ -196,8 +201,15 @@ class Check:
 
 
 def _projection(count: int, rows: int, seed: int, like: torch.Tensor) -> torch.Tensor:
+    """``(rows, count)`` Gaussian sketch matrix, drawn on the CPU from ``seed``, on ``like``'s
+    device; read-only (every check of a run asks for the same one: drawn once)."""
+    return _drawn(count, rows, seed, like.device)
+
+
+@lru_cache(maxsize=16)
+def _drawn(count: int, rows: int, seed: int, device: torch.device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, count, generator=generator) / rows ** 0.5).to(like.device)
+    return (torch.randn(rows, count, generator=generator) / rows ** 0.5).to(device)
 
 
 def measure(histories: Sequence[Sequence[torch.Tensor]], positions: Sequence[float], target: float,
@@ -291,17 +303,25 @@ def _misses(histories: Sequence[Sequence[torch.Tensor]], positions: Sequence[flo
         misses = {s: predict_all(histories[s], positions, target, (*union[s], ZERO)).sub_(actuals[s].float())
                   for s in judged}
         return misses, {s: m.square().sum(dim=tuple(range(2, m.dim())), dtype=torch.float64) for s, m in misses.items()}
-    weights = torch.zeros(terms, len(judged), width)
-    for i, s in enumerate(judged):
-        found = _weight_columns((*union[s], ZERO), tuple(float(p) for p in positions[:len(histories[s])]), float(target))
-        weights[:found.shape[0], i, :found.shape[1]] = found
+    columns = [_weight_columns((*union[s], ZERO), tuple(float(p) for p in positions[:len(histories[s])]),
+                               float(target)) for s in judged]
+    if len(judged) == 1 and columns[0].shape == (terms, width):  # one slot: its columns are the weights
+        weights = columns[0]
+    else:
+        weights = torch.zeros(terms, len(judged), width)
+        for i, found in enumerate(columns):
+            weights[:found.shape[0], i, :found.shape[1]] = found
     weights = weights.to(like.device).reshape(terms, len(judged), width, *[1] * like.dim())
-    zero = torch.zeros_like(histories[judged[0]][0])  # for a slot whose history is shorter: weighed 0
+    # for a slot whose history is shorter: weighed 0
+    zero = torch.zeros_like(histories[judged[0]][0]) if any(len(histories[s]) < terms for s in judged) else None
     out = torch.zeros((len(judged), width, *like.shape), device=like.device, dtype=torch.float32)
-    for j in range(terms):
-        value = torch.stack([histories[s][j] if j < len(histories[s]) else zero for s in judged])
+    for j in range(terms):  # (one slot: its value as it is, where stacking one tensor would copy it)
+        value = (histories[judged[0]][j].unsqueeze(0) if len(judged) == 1 else
+                 torch.stack([histories[s][j] if j < len(histories[s]) else zero for s in judged]))
         out.addcmul_(value.unsqueeze(1), weights[j])
-    out.sub_(torch.stack([actuals[s].float() for s in judged]).unsqueeze(1))
+    truth = actuals[judged[0]].float().unsqueeze(0) if len(judged) == 1 else \
+        torch.stack([actuals[s].float() for s in judged])
+    out.sub_(truth.unsqueeze(1))
     sums = out.square().sum(dim=tuple(range(3, out.dim())), dtype=torch.float64)  # (slots, width, batch)
     return ({s: out[i, :len(union[s]) + 1] for i, s in enumerate(judged)},
             {s: sums[i, :len(union[s]) + 1] for i, s in enumerate(judged)})
@@ -361,11 +381,14 @@ def _weight_columns(solvers: tuple[int, ...], positions: tuple[float, ...], targ
 
 def _verdicts(table: list[list[int]], errors: torch.Tensor, energy: torch.Tensor) -> dict[int, int | None]:
     out: dict[int, int | None] = {}
-    for r, row in enumerate(table):
-        if len(row) == 1:
-            continue
-        best = min(range(1, len(row)), key=lambda c: float(errors[r, c]))
-        lost = float(errors[r, best]) < float(errors[r, 0]) and float(errors[r, 0]) > TOLERANCE * float(energy[r])
+    rows = [r for r, row in enumerate(table) if len(row) > 1]
+    if not rows:
+        return out
+    found, energies = errors.tolist(), energy.tolist()  # one copy to Python floats, not one per element read
+    for r in rows:
+        row, error = table[r], found[r]
+        best = min(range(1, len(row)), key=error.__getitem__)
+        lost = error[best] < error[0] and error[0] > TOLERANCE * energies[r]
         out[r] = row[best] if lost else None
     return out
 
