@@ -318,10 +318,22 @@ def _generate(p: Processing, script, args: list, forge: bool) -> SimpleNamespace
         script.post_sample(p, SimpleNamespace(samples=x), *args)
         script.postprocess_batch(p, *args, images=x, batch_number=n)
         latents.append(x)
+        _check_result_keys(p.extra_generation_params)
         infotexts.append(parameters_line({"Steps": p.steps, **p.extra_generation_params}))
     processed = SimpleNamespace(images=latents, infotexts=infotexts)
     script.postprocess(p, processed, *args)
     return processed
+
+
+def _check_result_keys(params: dict) -> None:
+    """Every HyCa entry of the infotext is a setting (read back on paste) or one of the
+    results a new batch clears: an entry missing from ``RESULT_KEYS`` would carry over into
+    the next batch's infotext."""
+    from hyca.adapters.webui.settings import ENABLED_KEY, INFOTEXT_KEYS, RESULT_KEYS
+
+    known = {ENABLED_KEY, *INFOTEXT_KEYS.values(), *RESULT_KEYS}
+    unknown = sorted(k for k in params if k.startswith("HyCa") and k not in known)
+    assert not unknown, f"infotext entries neither settings nor in RESULT_KEYS: {unknown}"
 
 
 def pass_schedule(p: Processing) -> list[float]:

@@ -35,7 +35,7 @@ from .processing import diffusion_model_of, lora_identity, pass_sigmas
 from .profiles import AUTOMATIC, Chosen, ProfileBook, menu_label
 from .registry import recognise, supported
 from .session import PassSession, PassStats, step_of
-from .settings import ERROR_KEY, INFOTEXT_KEYS, Settings, torch_dtype
+from .settings import ERROR_KEY, INFOTEXT_KEYS, RESULT_KEYS, Settings, torch_dtype
 
 logger = logging.getLogger("hyca.webui")
 
@@ -115,7 +115,7 @@ class Controller:
         if key[:2] != self.batch_key:
             self.passes, self.reported, self.batch_key = [], 0, key[:2]  # a new batch: its own infotext
             if hasattr(p, "extra_generation_params"):  # one dict serves every batch: the last one's results go
-                for name in (*RESULT_KEYS, ERROR_KEY):
+                for name in RESULT_KEYS:
                     p.extra_generation_params.pop(name, None)
         if not settings.enabled:
             return False
@@ -421,13 +421,6 @@ class Controller:
                 console(f"{label}: the guard switched {stats.describe_switches()}")
             for note in stats.notes:
                 self.say_once(note)
-
-
-#: Every infotext entry :meth:`Controller.results` may write: the frontends build each batch's
-#: infotext from one ``p.extra_generation_params`` (``modules/processing.py``), so a new batch
-#: drops the last one's before its own are added.
-RESULT_KEYS = ("HyCa steps", "HyCa saving", "HyCa LoRA ARI", "HyCa off-settings", "HyCa guard switches",
-               "HyCa last step ran", "HyCa stopped", "HyCa interrupted")
 
 
 def _interruption(seen: int, planned: int | None) -> str | None:

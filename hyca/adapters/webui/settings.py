@@ -23,7 +23,11 @@ INFOTEXT_KEYS = {
 CACHE_DTYPES = ("model", "bfloat16", "float16", "float32")
 #: Results, written after sampling.
 ERROR_KEY = "HyCa error"  # a pass HyCa could not start ran uncached: why
-RESULT_KEYS = ("HyCa steps", "HyCa saving", "HyCa LoRA ARI", "HyCa guard switches", "HyCa off-settings", ERROR_KEY)
+#: Every result entry (``Controller.results`` and the start error): the frontends build each
+#: batch's infotext from one ``p.extra_generation_params`` (``modules/processing.py``), so a
+#: new batch drops the last one's before its own are added.
+RESULT_KEYS = ("HyCa steps", "HyCa saving", "HyCa LoRA ARI", "HyCa off-settings", "HyCa guard switches",
+               "HyCa last step ran", "HyCa stopped", "HyCa interrupted", ERROR_KEY)
 #: Paste-field name of the enable box (never written: HyCa is on when "HyCa N" is there).
 ENABLED_KEY = "HyCa"
 #: What an infotext written with HyCa on but without a key meant: the key is left out at
