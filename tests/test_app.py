@@ -529,6 +529,43 @@ def test_a_loaded_profile_for_other_settings_says_what_to_do_in_the_app(served, 
     assert state["profiles"]["reference"]["current"].metadata["chosen_for"]["interval"] == 6
 
 
+def test_a_loaded_profile_is_used_even_where_the_session_has_its_own(served, solo_pipe, own_cache):
+    """Loading a file after a generation at the same settings: the next generation uses the
+    file (the user's choice), not the profile the session found or probed before it."""
+    from hyca.app import handlers as h
+    from hyca.profiles.io import load_profile
+
+    maker = h.new_state()
+    h.run_probe(maker, "reference", "", "a large yellow diamond at the center on a black background", STEPS, 4, 2, 3,
+                "none")
+    file = maker["profiles"]["reference"]["file"]
+    state = h.new_state()
+    before = h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 4, 2, "none", True)
+    assert not before.numbers["profile"].startswith("the profile you loaded")
+    h.use_file(state, "reference", "", file)
+    after = h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 4, 2, "none", True)
+    assert after.numbers["profile"] == f"the profile you loaded ({file})"
+    assert np.array_equal(_shown(after.fast), _as_uint8(_solo(solo_pipe, 0, load_profile(file), interval=4, warmup=2)))
+
+
+def test_a_lora_probe_that_chose_another_target_is_kept_without_an_ari(served, own_cache, monkeypatch):
+    """The Profile tab's LoRA probe may choose another forecast target than the probe without
+    LoRA (their clusters are of different features): the probe's result stands, the message
+    says why there is no ARI, as Generate's does."""
+    from hyca.app import handlers as h
+
+    state = h.new_state()
+    h.run_probe(state, "reference", "", PROMPT, STEPS, 4, 2, 3, "none")
+    base = state["profiles"]["reference"]["base"]
+    other = "model_output" if base.metadata.get("target", "residual") != "model_output" else "residual"
+    real = h.probe_locked
+    monkeypatch.setattr(h, "probe_locked", lambda *a, **k: real(*a, **{**k, "target": other}))
+    message = h.run_probe(state, "reference", "", PROMPT, STEPS, 4, 2, 3, "outline")
+    assert "no ARI against the profile without LoRA" in message and "ARI vs" not in message
+    lora = state["profiles"]["reference"]["current"]
+    assert lora.metadata.get("target", "residual") == other and state["profiles"]["reference"]["base"] is base
+
+
 def test_steps_with_nothing_to_forecast_run_in_full_and_say_so():
     """4 steps at warm-up 3 and N=4 (the steps slider's minimum with the app's defaults):
     every step is computed, so there is nothing to probe; the run is the full run and the

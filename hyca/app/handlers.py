@@ -261,8 +261,10 @@ def run_probe(state: dict[str, Any], model_key: str, custom: str | None, prompt:
     set_current(state, model, profile, s.lora)
     message = f"Probed {c.label} with prompt {s.prompt!r}" + (f" and LoRA '{s.lora}'" if s.lora != "none" else "")
     if s.lora != "none" and base is not None and fits(base, model):
-        cmp = compare_profiles(base, profile)
-        message += f". ARI vs the profile without LoRA: {cmp.ari_overall:.3f}"
+        try:
+            message += f". ARI vs the profile without LoRA: {compare_profiles(base, profile).ari_overall:.3f}"
+        except ProfileError as err:  # the probes chose different targets: the profile stands, the ARI does not
+            message += f" (no ARI against the profile without LoRA: {err})"
     return message + "."
 
 
@@ -297,7 +299,8 @@ def ari_vs_file(state: dict[str, Any], model_key: str, custom: str | None, path:
 
 
 def use_file(state: dict[str, Any], model_key: str, custom: str | None, path: str | None) -> str:
-    """Load a profile file as the current profile (checked against the model)."""
+    """Load a profile file as the current profile (checked against the model): HyCa runs use
+    it at every setting until the next probe on the Profile tab."""
     if not path:
         raise AppError("choose a profile file (.safetensors) first")
     c = chosen_model(model_key, custom)

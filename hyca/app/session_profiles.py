@@ -20,7 +20,7 @@ from ..profiles.compare import compare_profiles
 from ..profiles.io import ProfileError, save_profile
 from ..profiles.names import profile_filename
 from ..profiles.profile import Profile
-from ..profiles.settings import RunSettings, differences
+from ..profiles.settings import RunSettings
 from ..profiles.sources import resolve_profile
 from . import compare
 from .models import REFERENCE, LoadedModel
@@ -118,18 +118,18 @@ IN_APP_REMEDY = ("For a profile made for these settings, press â€œRun the probeâ
 
 def base_profile(state: dict[str, Any], model: LoadedModel, s: compare.Settings,
                   progress: Progress | None) -> tuple[Profile, str]:
-    """The profile without LoRA for this run's settings: the session's for them; else a file
-    or Hub profile the user loaded (said when it was chosen for other settings); else one
-    from the files / Hub made for these settings, or an automatic probe for them."""
+    """The profile without LoRA for this run's settings: a file or Hub profile the user
+    loaded, at every setting until the next probe on the Profile tab (the run says when it
+    was chosen for other settings); else the session's for these settings; else one from the
+    files / Hub made for them, or an automatic probe for them."""
     slot = session_slot(state, model.choice.key)
     key = settings_key(model, s)
+    loaded = slot["loaded"]
+    if fits(loaded, model):  # the user's explicit choice, before anything the session found or probed itself
+        # at other settings the run's own note says what differs and which path it takes (report_numbers)
+        return loaded, named("the profile you loaded", loaded)
     if fits(slot["settings"].get(key), model):
         return slot["settings"][key], named("session profile", slot["settings"][key])
-    loaded = slot["loaded"]
-    if fits(loaded, model):
-        # at other settings the run's own note says what differs and which path it takes (report_numbers)
-        return loaded, named("the profile you loaded" if differences(RunSettings.of_profile(loaded.metadata), key[0])
-                             else "session profile", loaded)
     resolved = resolve_profile(
         diffusers_fingerprint(model.transformer), run=key[0], probe_if_mismatched=True,
         probe=lambda: probe_locked(model, None, s.steps, s.interval, s.warmup, 4, "none", progress))
