@@ -186,6 +186,20 @@ def test_a_custom_path_that_does_not_exist_is_named_as_a_missing_folder():
     assert "hf download" not in verdict.message
 
 
+def test_a_folder_that_is_not_a_pipeline_is_named_so_before_loading(tmp_path):
+    """A custom folder without model_index.json (found by a README-only helper: it read
+    "Ready: about 0.0 GB", then loading failed with a bare FileNotFoundError)."""
+    from hyca.app import handlers as h
+    from hyca.app.models import ModelError, STORE, check, custom_choice
+
+    (tmp_path / "notes.txt").write_text("not a model")
+    verdict = check(custom_choice(str(tmp_path)))
+    assert not verdict.ok and verdict.message.startswith(f"{tmp_path}: not a saved diffusers pipeline")
+    assert h.model_status("", str(tmp_path)).startswith("**Not available:** ")
+    with pytest.raises(ModelError, match="not a saved diffusers pipeline"):
+        STORE.get(custom_choice(str(tmp_path)))
+
+
 def test_an_unknown_menu_entry_reads_without_quotes():
     from hyca.app import handlers as h
 

@@ -118,6 +118,8 @@ class Facts:
     offline: bool
     gpu_free_bytes: int | None  # None: no GPU
     ram_available_bytes: int
+    #: a folder given by path that is not a saved diffusers pipeline (no ``model_index.json``)
+    not_a_pipeline: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,10 @@ def decide(c: ModelChoice, facts: Facts) -> Verdict:
             return Verdict(False, "The shipped reference model is missing (models/reference). Run from a source "
                                   "checkout of hyca, or retrain it with `python -m hyca.reference.train`.")
         return Verdict(True, "the shipped reference model runs on the CPU.")
+    if facts.not_a_pipeline is not None:
+        return Verdict(False, f"{facts.not_a_pipeline}: not a saved diffusers pipeline (it has no model_index.json). "
+                              "Enter the folder that pipe.save_pretrained(...) wrote, or a Hub repo id such as "
+                              "owner/name.")
     if facts.local_folder is None and c.repo_id.startswith(("/", ".", "~")):  # a path, not a Hub id
         return Verdict(False, f"{c.repo_id}: no such folder. Enter the folder of a saved diffusers pipeline "
                               "(it holds model_index.json) or a Hub repo id such as owner/name.")
@@ -198,6 +204,9 @@ def gather_facts(c: ModelChoice) -> Facts:
         folder = reference_folder()
     elif c.repo_id and Path(c.repo_id).expanduser().is_dir():
         folder = Path(c.repo_id).expanduser()
+        if not (folder / "model_index.json").is_file():  # a folder, but not a pipeline: sized and loaded, nothing
+            return Facts(local_folder=None, on_disk_bytes=None, offline=hub_offline(), gpu_free_bytes=None,
+                         ram_available_bytes=0, not_a_pipeline=str(folder))
     else:
         try:
             folder = cached_snapshot(c.repo_id) if c.repo_id else None
