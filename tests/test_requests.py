@@ -149,3 +149,49 @@ def test_two_threads_in_the_default_scope_at_once_are_refused_never_mixed():
     torch.testing.assert_close(outcome["first"], expected, rtol=0, atol=0)
     with torch.no_grad():  # one after another is fine, from any thread
         torch.testing.assert_close(euler_sample(model, inputs, 8)[0], expected, rtol=0, atol=0)
+
+
+def test_two_threads_calling_one_enabled_pipeline_object_take_turns(caplog):
+    """One pipeline object called from two threads at once (docs/requests.md: its scheduler
+    holds the call's timesteps and step index, so diffusers alone gives one call an
+    IndexError and the other a wrong image): with HyCa on, the second call waits for the
+    first, says so once, and each equals its request run alone."""
+    pipe = server()[0]
+    first, second = REQUESTS[0], REQUESTS[1]
+    alone = [request(pipe, *first), request(pipe, *second)]
+    started, out = threading.Event(), {}
+
+    def hold(p, step, timestep, kwargs):
+        if step == 1:
+            started.set()
+            second_thread.join(timeout=0.5)  # time for the second call to get going, if nothing stops it
+        return kwargs
+
+    def run_first():
+        g = torch.Generator().manual_seed(first[1])
+        try:
+            out["first"] = pipe(prompt_embeds=torch.randn(1, 5, 32, generator=g),
+                                pooled_prompt_embeds=torch.randn(1, 24, generator=g), height=64, width=64,
+                                num_inference_steps=first[0], output_type="latent", callback_on_step_end=hold,
+                                generator=torch.Generator().manual_seed(first[2])).images
+        except Exception as error:  # reported by the assertion below
+            out["first"] = error
+
+    def run_second():
+        started.wait(timeout=30)
+        try:
+            out["second"] = request(pipe, *second)
+        except Exception as error:  # reported by the assertion below
+            out["second"] = error
+
+    second_thread = threading.Thread(target=run_second)
+    first_thread = threading.Thread(target=run_first)
+    with caplog.at_level("WARNING", logger="hyca"):
+        second_thread.start()
+        first_thread.start()
+        first_thread.join(timeout=120)
+        second_thread.join(timeout=120)
+    assert isinstance(out["first"], torch.Tensor) and isinstance(out["second"], torch.Tensor), out
+    torch.testing.assert_close(out["first"], alone[0], rtol=0, atol=0)
+    torch.testing.assert_close(out["second"], alone[1], rtol=0, atol=0)
+    assert sum("sampling in another thread" in r.getMessage() for r in caplog.records) == 1

@@ -141,14 +141,46 @@ class Chooser:
 
 
 class Requests:
-    """An enabled pipeline's request controller: one :class:`Chooser` per transformer."""
+    """An enabled pipeline's request controller: one :class:`Chooser` per transformer, and
+    the pipeline object's one call at a time."""
 
     def __init__(self, choosers: list[Chooser]) -> None:
         self.choosers = choosers
+        self._calling = threading.RLock()  # reentrant: a probe inside a call samples with the same pipeline
+        self._said_wait = False
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy(pipe): a lock cannot be copied, the copy gets its own
+        return {"choosers": self.choosers}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["choosers"])
 
     @contextlib.contextmanager
     def request(self, pipe: Any, call: Callable, args: tuple, kwargs: dict) -> Iterator[None]:
         """The scope of one pipeline call (``call`` is the pipeline class's ``__call__``)."""
+        with self._one_call_at_a_time(pipe), self._scope(pipe, call, args, kwargs):
+            yield
+
+    @contextlib.contextmanager
+    def _one_call_at_a_time(self, pipe: Any) -> Iterator[None]:
+        """A call from another thread while this pipeline object samples waits for it (said
+        once): the pipeline's scheduler holds the running call's timesteps and step index, so
+        two calls at once would break diffusers' loop and give one of them a wrong image."""
+        if not self._calling.acquire(blocking=False):
+            if not self._said_wait:
+                self._said_wait = True
+                logger.warning("HyCa: this %s is sampling in another thread; the new call waits for it (a pipeline "
+                               "object runs one call at a time: its scheduler holds the call's steps). For requests "
+                               "at once, build one pipeline per request around the shared transformer "
+                               "(docs/requests.md)", type(pipe).__name__)
+            self._calling.acquire()
+        try:
+            yield
+        finally:
+            self._calling.release()
+
+    @contextlib.contextmanager
+    def _scope(self, pipe: Any, call: Callable, args: tuple, kwargs: dict) -> Iterator[None]:
         engines, settings = {}, {}
         told = None
         for chooser in self.choosers:
