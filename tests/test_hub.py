@@ -70,6 +70,14 @@ def test_push_checks_the_file_and_the_token_before_any_request(hub, fp, tmp_path
     assert hub.state.requests == []
 
 
+def test_push_offline_says_the_upload_needs_the_network(fp, tmp_path):
+    """The suite runs with HF_HUB_OFFLINE=1: an upload is refused before any request, in
+    words about uploading (not the download's "no copy in the Hub cache")."""
+    with pytest.raises(HubError, match=r"needs the network, and offline mode is on") as err:
+        push_profile(random_profile(fp), REPO, token="hf_unused", endpoint=closed_port_endpoint())
+    assert err.value.kind == "offline" and "Hub cache" not in str(err.value)
+
+
 def test_bad_token_is_refused(hub, fp):
     with pytest.raises(HubError, match=r"refused access .*HTTP 401") as err:
         push_profile(random_profile(fp), REPO, token="hf_wrong", endpoint=hub.endpoint)
@@ -123,6 +131,21 @@ def test_unreachable_hub_fails_fast_without_retries(online, tmp_path):
     with pytest.raises(HubError, match="unreachable") as err:
         download_file(REPO, "x.safetensors", cache_dir=tmp_path, endpoint=closed_port_endpoint(), retry=False)
     assert err.value.kind == "unreachable"
+
+
+def test_pull_from_an_unreachable_hub_fails_after_one_request(online, tmp_path, monkeypatch):
+    """`python -m hyca pull` against a Hub that refuses connections took ~25 s of
+    huggingface_hub's retries (found by a README-only helper); it now asks once, as the
+    automatic lookup does, and no download with retries is attempted."""
+    import huggingface_hub
+
+    asked = []
+    real = huggingface_hub.hf_hub_download
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda *a, **k: asked.append(k["local_files_only"]) or real(*a, **k))
+    with pytest.raises(HubError, match="unreachable") as err:
+        pull_profile(REPO, "x.safetensors", cache_dir=tmp_path, endpoint=closed_port_endpoint())
+    assert err.value.kind == "unreachable" and asked == [True]  # only the Hub cache was read after the one request
 
 
 def test_invalid_repo_id(online, tmp_path):

@@ -137,8 +137,10 @@ def pull_profile(repo_id: str, filename: str, *, output_dir: str | os.PathLike |
                  cache_dir: str | os.PathLike | None = None, endpoint: str | None = None) -> Path:
     """Download a profile, validate it (and that it fits ``model`` if given), and return its path:
     in ``output_dir`` when given, else in the Hub cache. ``model``: the fingerprint it must fit. A corrupt
-    download raises ProfileError."""
-    path = download_file(repo_id, filename, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint)
+    download raises ProfileError. An unreachable Hub fails after one request (a cached copy is
+    used), without huggingface_hub's retries, as the automatic lookup does."""
+    path = download_file(repo_id, filename, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint,
+                         retry=False)
     read_profile(path, model)
     if output_dir is None:
         return path
@@ -180,9 +182,13 @@ def push_profile(path_or_profile: str | os.PathLike | Profile, repo_id: str, *, 
         else:
             path = Path(path_or_profile)
         profile, _ = read_profile(path, model)  # a bad file is said before the token is asked for
+        if hub_offline():
+            raise HubError(f"uploading to {repo_id} needs the network, and offline mode is on (HF_HUB_OFFLINE=1): "
+                           "unset it to push", "offline")
         if token is False or (token in (None, True) and get_token() is None):
-            raise HubError(f"uploading to {repo_id} needs a Hugging Face token with write access: "
-                           "log in with `hf auth login`, set HF_TOKEN, or pass token=", "denied")
+            raise HubError(f"uploading to {repo_id} needs a Hugging Face token with write access: log in with "
+                           "`hf auth login`, set HF_TOKEN, or give one (token= in Python, --token on the command line)",
+                           "denied")
         fp = profile.metadata["fingerprint"]
         name = path_in_repo or _default_path_in_repo(path, fp)
         message = commit_message or f"Add HyCa profile for {fpmod.describe(fp)}"
