@@ -294,6 +294,8 @@ def test_labels_out_of_range(tmp_path, saved):
     (lambda h: {**h, "interval": "five"}, "'interval' is 'five'"),
     (lambda h: {**h, "interval": 0}, "interval 0 / warm-up 3 in its metadata"),
     (lambda h: {**h, "warmup": -2}, "interval 5 / warm-up -2 in its metadata"),
+    (lambda h: {**h, "warmup": 0}, r"interval 5 / warm-up 0 in its metadata \(an interval is at least 1 and a warm-up at "
+                                   "least 1\)"),  # hyca.enable refuses warm-up 0 too: the first step has no history
     (lambda h: {**h, "metadata": {"chosen_for": {"steps": -3}}}, "'steps' is -3, expected at least 1"),
     (lambda h: {**h, "fingerprint": {**h["fingerprint"], "hidden_size": "32"}}, "field 'hidden_size' is '32'"),
     (lambda h: {**h, "fingerprint": {**h["fingerprint"], "blocks": {"x": -1}}}, "positive counts"),

@@ -415,7 +415,7 @@ def read_profile(path: str | os.PathLike, expected: Any = None, *,
         RunSettings.from_json({"interval": chosen, "warmup": warmup})
     except ValueError:
         raise ProfileError(f"{path}: corrupt profile: interval {chosen!r} / warm-up {warmup!r} in its metadata "
-                           "(an interval is at least 1 and a warm-up at least 0); make the profile again") from None
+                           "(an interval is at least 1 and a warm-up at least 1); make the profile again") from None
     if interval is not None and chosen is not None and chosen != interval:
         warns.append(
             f"{path}: this profile was chosen for interval N={chosen}, it is used at N={interval}; it works, "

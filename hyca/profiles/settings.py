@@ -88,7 +88,7 @@ class RunSettings:
                     raise ValueError(f"settings field 'sigmas' must be a list of numbers, got {value!r:.60}")
                 value = tuple(float(s) for s in value)
             values[name] = float(value) if kind is float else value
-        least = {"steps": 1, "interval": 1, "warmup": 0}
+        least = {"steps": 1, "interval": 1, "warmup": 1}  # as Schedule: the first step has no history
         for name, low in least.items():  # a count out of range is as corrupt as a wrong type
             if name in values and values[name] < low:
                 raise ValueError(f"settings field {name!r} is {values[name]}, expected at least {low}")
