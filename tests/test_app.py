@@ -590,6 +590,7 @@ def test_steps_with_nothing_to_forecast_run_in_full_and_say_so():
     assert result.numbers["forecast_steps"] == 0
     assert "nothing to forecast" in result.numbers["profile"]
     assert np.array_equal(result.full, result.fast)
+    assert "no step forecast: the same transformer FLOPs" in result.report and "fewer transformer" not in result.report
 
 
 def test_profiles_of_different_targets_are_said_to_be_incomparable():

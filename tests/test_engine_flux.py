@@ -212,7 +212,8 @@ def test_clear_errors_for_bad_setup(model):
         hyca.enable(torch.nn.Linear(2, 2), profile="fora")
     with pytest.raises(ValueError, match="profile is for 3 blocks x 32 dims, but FluxTransformer2DModel has 5 blocks x 32"):
         hyca.enable(model, profile=Profile.uniform("fora", 3, 32))
-    with pytest.raises(ValueError, match="unknown solver 'magic'"):
+    with pytest.raises(ValueError, match="profile='magic' is not 'auto', an existing profile file or a solver name: "
+                                         "unknown solver 'magic'"):
         hyca.enable(model, profile="magic")
     with pytest.raises(ValueError, match="positions must be one of"):
         hyca.enable(model, profile="fora", positions="time")

@@ -59,3 +59,15 @@ def test_the_short_start_never_computes_more_steps(steps, interval):
     assert sum(short.plan(steps)) <= sum(paper.plan(steps))
     assert all(sum(Schedule(interval, 3, first_interval=f).plan(steps)) > sum(paper.plan(steps))
                for f in range(2, short.first_interval))  # the shortest that fits
+
+
+def test_an_interval_beyond_a_short_run_gives_advice_that_still_caches():
+    """With two steps or fewer after the warm-up, "use an N below 2" would mean N=1, which
+    computes every step: the advice is then more steps or a shorter warm-up (and one step
+    is one step)."""
+    two_left = Schedule(interval=4, warmup=3).interval_beyond(5)  # steps 3 forecast, 4 (the last) computed
+    assert "of the 2 steps after the warm-up it computes 1 and forecasts 1" in two_left
+    assert two_left.endswith("use more steps or a shorter warm-up") and "N below" not in two_left
+    one_left = Schedule(interval=4, warmup=3, compute_last=False).interval_beyond(4)
+    assert "of the 1 step after the warm-up it computes 0 and forecasts 1" in one_left
+    assert Schedule(interval=20, warmup=2).interval_beyond(12).endswith("use an N below 10")

@@ -189,8 +189,9 @@ def report_markdown(n: dict[str, Any]) -> str:
         "",
         (f"**{n['speedup']:.2f}x** faster" if n["speedup"] >= 1 else f"**{1 / n['speedup']:.2f}x** slower")
         + " (wall clock, both runs in this request) · "
-        f"**{n['flops_ratio']:.2f}x** fewer transformer FLOPs (torch.utils.flop_counter) · "
-        f"PSNR **{psnr}** · SSIM **{n['ssim']:.4f}** (vs full compute)",
+        + (f"**{n['flops_ratio']:.2f}x** fewer transformer FLOPs (torch.utils.flop_counter) · " if n["forecast_steps"]
+           else "no step forecast: the same transformer FLOPs · ")
+        + f"PSNR **{psnr}** · SSIM **{n['ssim']:.4f}** (vs full compute)",
         "",
         f"Profile: {n['profile']}." + (f" Used away from its settings: {n['off_settings']}." if n.get("off_settings")
                                         else ""),

@@ -98,9 +98,11 @@ class Schedule:
             return None
         remaining = total_steps - self.warmup
         computed = sum(plan[self.warmup:])
+        advice = (f"use an N below {remaining}" if remaining > 2 else  # N=1 computes every step: no caching at all
+                  "use more steps or a shorter warm-up")
         return (f"N={self.interval} does not fit in this run ({total_steps} steps, warm-up {self.warmup}): of the "
-                f"{remaining} steps after the warm-up it computes {computed} and forecasts {remaining - computed}; "
-                f"for caching that follows the run, use an N below {max(remaining, 2)}")
+                f"{remaining} step{'s' if remaining != 1 else ''} after the warm-up it computes {computed} and "
+                f"forecasts {remaining - computed}; for caching that follows the run, {advice}")
 
     def plan(self, total_steps: int) -> list[bool]:
         """``True`` for each computed step of a run of ``total_steps``."""

@@ -65,7 +65,11 @@ def _profile_for(profile: Profile | str, transformer: torch.nn.Module, num_block
             profile.check_fits(num_blocks, dim, type(transformer).__name__)
         return profile
     if isinstance(profile, str):
-        return Profile.uniform(profile, num_blocks, dim)
+        try:
+            return Profile.uniform(profile, num_blocks, dim)
+        except ValueError as err:  # neither 'auto' nor a file (those were taken earlier): a solver name, misspelt
+            raise ValueError(f"profile={profile!r} is not 'auto', an existing profile file or a solver name: "
+                             f"{err}") from None
     raise TypeError(f"profile must be a Profile, 'auto', a profile file, a solver name such as 'fora' or "
                     f"'taylor-2', or a dict of those per transformer attribute ('transformer', "
                     f"'transformer_2'); got {profile!r}")
