@@ -131,6 +131,13 @@ def test_other_interval_loads_with_a_warning(saved):
         load_profile(path, interval=6)
 
 
+def test_a_profile_used_at_n1_draws_no_accuracy_warning(saved, recwarn):
+    """N=1 computes every step: no forecast, so nothing about the profile's accuracy there."""
+    _, path = saved
+    load_profile(path, interval=1)
+    assert not [w for w in recwarn if "chosen for interval" in str(w.message)]
+
+
 def test_other_pool_version_warns(tmp_path, saved):
     _, path = saved
     tensors, header = read_parts(path)

@@ -416,7 +416,7 @@ def read_profile(path: str | os.PathLike, expected: Any = None, *,
     except ValueError:
         raise ProfileError(f"{path}: corrupt profile: interval {chosen!r} / warm-up {warmup!r} in its metadata "
                            "(an interval is at least 1 and a warm-up at least 1); make the profile again") from None
-    if interval is not None and chosen is not None and chosen != interval:
+    if interval is not None and chosen is not None and chosen != interval and interval > 1:  # (N=1 forecasts nothing)
         warns.append(
             f"{path}: this profile was chosen for interval N={chosen}, it is used at N={interval}; it works, "
             f"but forecasts may be less accurate -- set N={chosen} (interval={chosen}) to use it as chosen, or "
