@@ -326,5 +326,5 @@ def test_a_warning_during_a_pipeline_call_points_at_the_callers_line(tmp_path, m
         pipe("a large red circle at the center on a white background", num_inference_steps=6,
              generator=torch.Generator().manual_seed(0))
     hyca.disable(pipe)
-    said = [w for w in caught if "skipping extra profile" in str(w.message)]
+    said = [w for w in caught if "skipping $HYCA_PROFILES profile" in str(w.message)]
     assert said and all(w.filename == __file__ for w in said), [(w.filename, w.lineno) for w in said]

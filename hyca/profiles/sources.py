@@ -183,12 +183,17 @@ def _passed_through() -> tuple[str, ...]:
     return (*dict.fromkeys(prefixes), contextlib.__file__)
 
 
+def _named(source: str) -> str:
+    """A source as a user knows it: "extra" folders are the ones ``$HYCA_PROFILES`` names."""
+    return "$HYCA_PROFILES" if source == "extra" else source
+
+
 def _try_file(path: Path, fp: Mapping[str, Any], interval: int | None, log: _Log, source: str,
               ) -> ResolvedProfile | None:
     try:
         profile, notes = read_profile(path, fp, interval=interval)
     except ProfileError as err:
-        _tell_bad(path, f"skipping {source} profile: {err}", log)
+        _tell_bad(path, f"skipping {_named(source)} profile: {err}", log)
         return None
     return ResolvedProfile(profile, source, path, log.messages, pending=list(notes))
 
@@ -240,7 +245,7 @@ def _bad_files(folder: Path, source: str, fp: Mapping[str, Any], log: _Log) -> s
                 _VERDICTS[key] = str(err)
         if _VERDICTS[key] is not None:
             bad.add(path)
-            _tell_bad(path, f"skipping {source} profile: {_VERDICTS[key]}", log)
+            _tell_bad(path, f"skipping {_named(source)} profile: {_VERDICTS[key]}", log)
     return bad
 
 
