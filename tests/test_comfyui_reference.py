@@ -174,6 +174,48 @@ def test_a_run_off_its_profiles_settings_starts_from_reuse_and_says_so(reference
     assert differs in out and re.search(r"\S+ -> reuse at step 0", out)
 
 
+class OneBook:
+    """The node's profile choice, fixed to one profile (``source`` names it on the console)."""
+
+    def __init__(self, profile: Profile, source: str) -> None:
+        self.profile, self.source = profile, source
+
+    def choose(self, *args, **kwargs) -> Chosen:
+        return Chosen(self.profile, self.source)
+
+
+@pytest.mark.parametrize("sampler, renoises", [("dpmpp_2m_sde", True), ("euler_ancestral", True), ("euler", False)])
+def test_a_sampler_that_adds_noise_every_step_forecasts_residuals_with_reuse(reference, capsys, sampler, renoises):
+    """A model-output profile on a sampler that re-noises every step: the forecast output
+    cannot follow the fresh noise (reference model, 20 steps: 18.5 dB against FORA's 24.1 on
+    dpmpp_2m_sde; bench/results/renoising.md). Such a run forecasts the residuals with plain
+    reuse, so its image equals the FORA node's, and the console says why; a deterministic
+    sampler keeps the profile (its image differs from FORA's)."""
+    pipe, patcher, to_latent, to_image = reference
+    model = patcher.model.diffusion_model
+    noise = to_latent(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    output = Profile(labels=torch.zeros(1, noise.shape[1], dtype=torch.int64), solvers=torch.tensor([[5]]),  # am2
+                     metadata={"target": "model_output"}, source="a model-output profile")
+    blocks, dim = len(recognise(model).blocks(model)), recognise(model).hidden_size(model)
+    fora = Profile.uniform("reuse", blocks, dim)
+    settings = Settings(enabled=True, interval=4, warmup=3, guard=True)
+    hidden, pooled = pipe.encode_prompt([CAPTIONS[0]])
+    empty_hidden, empty_pooled = pipe.encode_prompt([""])
+    images = {}
+    for name, profile in (("output", output), ("fora", fora)):
+        patched = HyCaPatch(settings, recognise(model), OneBook(profile, name)).install(patcher)
+        images[name] = harness.sample(patched, [[hidden, {"pooled_output": pooled}]],
+                                      [[empty_hidden, {"pooled_output": empty_pooled}]], noise, steps=STEPS,
+                                      sampler=sampler)
+    out = capsys.readouterr().out
+    assert "HyCa stopped caching" not in out  # the model-output profile fits the model call
+    assert torch.equal(images["output"], images["fora"]) == renoises
+    assert ("cannot follow that noise, so this run forecasts the blocks' residuals with plain reuse (FORA)" in out) \
+        == renoises
+    if renoises:
+        assert f"sampler: {sampler} adds fresh noise every step" in out and "robust path" in out
+
+
 if __name__ == "__main__":
     # the grid docs/comfyui.md quotes: PYTHONPATH=. python tests/test_comfyui_reference.py; with
     # --one-call-per-chunk, the guarded guided cells on ComfyUI's low-memory path (cond and
@@ -182,6 +224,35 @@ if __name__ == "__main__":
 
     pipe = load_pipeline()
     shared = (pipe, *harness.reference_in_comfy(pipe))
+    if "--renoising" in sys.argv:  # bench/results/renoising.md: a model-output profile (am2) against FORA per sampler
+        _, patcher, to_latent, to_image = shared
+        model = patcher.model.diffusion_model
+        adapter = recognise(model)
+        channels = to_latent(torch.zeros(1, 3, 32, 32)).shape[1]  # the model call's output: the latent's
+        output = Profile(labels=torch.zeros(1, channels, dtype=torch.int64),
+                         solvers=torch.tensor([[5]]), metadata={"target": "model_output"})
+        fora = Profile.uniform("reuse", len(adapter.blocks(model)), adapter.hidden_size(model))
+        empty = pipe.encode_prompt([""])
+        for sampler in ("euler", "euler_ancestral", "dpmpp_sde", "dpmpp_2m_sde"):
+            scores: dict[str, list[float]] = {"output": [], "fora": []}
+            for seed in range(4):
+                for caption in CAPTIONS:
+                    hidden, pooled = pipe.encode_prompt([caption])
+                    noise = to_latent(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
+
+                    def image(m):
+                        out = harness.sample(m, [[hidden, {"pooled_output": pooled}]],
+                                             [[empty[0], {"pooled_output": empty[1]}]], noise, steps=STEPS,
+                                             sampler=sampler)
+                        return (to_image(m.model.process_latent_in(out)).clamp(-1, 1) + 1) / 2
+
+                    full = image(patcher)
+                    for name, profile in (("output", output), ("fora", fora)):
+                        patched = HyCaPatch(Settings(enabled=True, interval=4, warmup=3, guard=True), adapter,
+                                            OneBook(profile, name)).install(patcher)
+                        scores[name].append(psnr(image(patched), full))
+            print(f"| {sampler} | {sum(scores['output']) / 8:.2f} | {sum(scores['fora']) / 8:.2f} |")
+        sys.exit(0)
     apart = "--one-call-per-chunk" in sys.argv
     if apart:
         shared[1].model.memory_required = lambda *args, **kwargs: float("inf")

@@ -259,3 +259,24 @@ def test_the_hosts_exception_from_a_model_call_hyca_asked_for_passes_through():
     with pytest.raises(Interrupted):
         session.run_call(x, sigmas[2], None, interrupted)  # a forecast step: its forecast is not finite
     assert len(calls) == 3 and not session.failed and session.stopped is None
+
+
+@pytest.mark.parametrize("kind", ["forge_flux", "neo_flux", "a1111_sd3"])
+def test_a_sampler_that_adds_noise_every_step_forecasts_residuals_with_reuse(kind, isolated, capsys):
+    """"Euler a" re-noises every step: a model-output profile's forecast cannot follow the
+    fresh noise, so the pass forecasts the residuals with plain reuse, giving the image of
+    the FORA menu entry, and says why on the console and in the infotext (as ComfyUI does:
+    tests/test_comfyui_reference.py); Euler keeps the profile."""
+    with Frontend(kind) as f:
+        name = saved(f, isolated, model_output_profile(f.spec.latent[0], seed=4))
+        noisy, p = f.run(args(True, INTERVAL, WARMUP, profile=name), steps=STEPS, sampler_name="Euler a")
+        fora, _ = f.run(args(True, INTERVAL, WARMUP, profile="FORA (reuse)"), steps=STEPS, sampler_name="Euler a")
+        plain, _ = f.run(args(False), steps=STEPS, sampler_name="Euler a")
+        kept, _ = f.run(args(True, INTERVAL, WARMUP, profile=name), steps=STEPS)
+        fora_euler, _ = f.run(args(True, INTERVAL, WARMUP, profile="FORA (reuse)"), steps=STEPS)
+    out = capsys.readouterr().out
+    torch.testing.assert_close(noisy.images[0], fora.images[0], rtol=0, atol=0)
+    assert (noisy.images[0] - plain.images[0]).abs().max() > 1e-3  # cached: the comparison can tell
+    assert (kept.images[0] - fora_euler.images[0]).abs().max() > 1e-3
+    assert "sampler: Euler a adds fresh noise every step" in out and "plain reuse (FORA) instead of its profile" in out
+    assert "HyCa off-settings" in p.extra_generation_params  # the infotext: the pass ran away from its profile

@@ -252,6 +252,12 @@ def sample(p: Processing, x: torch.Tensor, sigmas: torch.Tensor, denoise: Callab
                 x2 = x + d * (s_mid - s)
                 d2 = (x2 - denoise(x2, s_mid, i)) / s_mid
                 x = x + d2 * (s_next - s)
+            elif p.sampler_name == "Euler a":  # k-diffusion sample_euler_ancestral, eta = s_noise = 1 (the
+                # WebUIs' "Euler a"; crowsonkb/k-diffusion k_diffusion/sampling.py get_ancestral_step at 21d12c9)
+                s_up = min(s_next, (s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2) ** 0.5)
+                s_down = (s_next ** 2 - s_up ** 2) ** 0.5
+                x = x + d * (s_down - s)
+                x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(1000 + i)) * s_up
             callback(i)
     except sd_samplers_common.InterruptedException:
         pass

@@ -16,7 +16,7 @@ import hashlib
 import logging
 from collections import deque
 from itertools import islice
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -370,12 +370,16 @@ class HybridCache:
         if off is not None:
             self._take_path(state, off, log=True)
 
-    def expect(self, run: RunSettings, own_sigmas: bool = False) -> OffSettings | None:
+    def expect(self, run: RunSettings, own_sigmas: bool = False, extra: Sequence[str] = (),
+               start: str | None = None) -> OffSettings | None:
         """For hosts that know the run's settings before it starts (a WebUI pass, a ComfyUI
         sampler): decide the off-settings path for ``run`` now; every branch that begins from
-        now on takes it at its step 0 and carries it in its stats. Returns the decision for
-        the host to say (``None``: the run matches the profile's settings)."""
-        self._expected = decide(self.chosen_for, run, self.guard, self.off_settings, own_sigmas=own_sigmas)
+        now on takes it at its step 0 and carries it in its stats. ``extra`` and ``start``: as
+        :func:`~hyca.profiles.off_settings.decide`'s (what the host sees beyond the settings,
+        such as a sampler that re-noises every step, and where the robust path starts then).
+        Returns the decision for the host to say (``None``: the run matches the profile's settings)."""
+        self._expected = decide(self.chosen_for, run, self.guard, self.off_settings, extra, own_sigmas=own_sigmas,
+                                start=start)
         return self._expected
 
     def _take_path(self, state: BranchState, off: OffSettings, log: bool) -> None:

@@ -111,7 +111,7 @@ def robust_start(run: RunSettings, guided_branches: bool | None = None) -> str:
 
 def decide(chosen_for: RunSettings, run: RunSettings, guard: bool, path: str = "robust",
            extra: Sequence[str] = (), own_sigmas: bool = False,
-           guided_branches: bool | None = None) -> OffSettings | None:
+           guided_branches: bool | None = None, start: str | None = None) -> OffSettings | None:
     """What a run at ``run`` does with a profile chosen for ``chosen_for``; ``None`` when
     nothing known differs (the run uses the profile as it is, no note).
 
@@ -119,7 +119,9 @@ def decide(chosen_for: RunSettings, run: RunSettings, guard: bool, path: str = "
     robust path needs the guard to give a group its solver back). ``path``: one of
     :data:`PATHS`. ``extra``: differences the host or engine saw beyond the settings (two
     guidance branches on a run of unknown scale). ``own_sigmas``: as in
-    :func:`~hyca.profiles.settings.differences`. Raises ``ValueError`` for an unknown path."""
+    :func:`~hyca.profiles.settings.differences`. ``start``: the robust path's first solver when
+    the host knows better than :func:`robust_start` (a sampler that re-noises every step:
+    plain reuse). Raises ``ValueError`` for an unknown path."""
     if path not in PATHS:
         raise ValueError(f"off-settings path must be one of {PATHS}, got {path!r}")
     found = tuple(differences(chosen_for, run, own_sigmas)) + tuple(extra)
@@ -127,5 +129,5 @@ def decide(chosen_for: RunSettings, run: RunSettings, guard: bool, path: str = "
         return None
     if path == "profile" or not guard:
         return OffSettings(chosen_for, found, "profile", None, guard)
-    start = robust_start(run, guided_branches) if path == "robust" else path
-    return OffSettings(chosen_for, found, path, start, guard)
+    first = (start or robust_start(run, guided_branches)) if path == "robust" else path
+    return OffSettings(chosen_for, found, path, first, guard)

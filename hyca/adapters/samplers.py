@@ -1,0 +1,55 @@
+"""What the WebUI and ComfyUI hosts read off a sampler's name: whether it adds fresh noise at
+every step (k-diffusion's ancestral and SDE samplers, LCM, DDPM, Restart, SEEDS, SA-Solver).
+
+A profile is chosen on a deterministic path (the probe's Euler walk over the run's sigmas).
+A re-noising sampler moves the model input by new noise at each step, which extrapolating
+solvers read as motion: such a run takes the off-settings path (start from plain reuse, the
+guard gives a group its profile's solver back where that solver wins its checks on this run).
+Names: ``comfy/k_diffusion/sampling.py`` (``sample_<name>``) and the WebUIs' sampler labels
+(``modules/sd_samplers_kdiffusion.py``: "Euler a", "DPM++ 2M SDE", ...).
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..engine.targets import RESIDUAL, TARGET_WORDS, target_of
+from ..profiles.profile import Profile
+from ..profiles.settings import RunSettings
+
+#: Where the robust path starts on such a run: plain reuse (FORA), which fresh noise does not
+#: mislead; measured on the reference model in ComfyUI: bench/results/renoising.md.
+RENOISING_START = "reuse"
+
+_RENOISING = re.compile(r"ancestral|sde|lcm|ddpm|seeds|restart|sa_solver| a$")
+
+
+def renoising(name: str | None) -> str | None:
+    """The off-settings reason for a sampler that adds fresh noise at every step (the phrase
+    :func:`hyca.profiles.off_settings.decide` lists with the settings that differ), or None
+    for a deterministic one or an unknown name."""
+    if not name:
+        return None
+    label = str(name).strip()
+    if not _RENOISING.search(label.lower()):
+        return None
+    return f"sampler: {label.removeprefix('sample_')} adds fresh noise every step (the profile was chosen without)"
+
+
+def profile_for_renoising(profile: Profile, num_blocks: int, dim: int, run: RunSettings, reason: str,
+                          ) -> tuple[Profile, str | None]:
+    """The profile a re-noising run (``reason``: :func:`renoising`'s) forecasts with, and the
+    note when it is not ``profile``. A residual profile stays (the run takes the robust path
+    from :data:`RENOISING_START`). One that forecasts the model output or the output head's
+    input is set aside for plain reuse of the blocks' residuals (FORA): a skipped step still
+    runs the embeddings and the head on the freshly noised input, where a forecast output
+    cannot follow the new noise (reference model, ComfyUI, 20 steps: dpmpp_2m_sde 18.5 dB with
+    a model-output profile on the robust path, 24.1 dB with FORA; bench/results/renoising.md)."""
+    target = target_of(profile.metadata)
+    if target == RESIDUAL:
+        return profile, None
+    fora = Profile.uniform(RENOISING_START, num_blocks, dim)
+    fora.metadata["chosen_for"] = run.to_json()
+    fora.source = f"plain reuse of the blocks' residuals (FORA), in place of {profile.source or 'the profile'}"
+    return fora, (f"{reason}; a forecast of the {TARGET_WORDS[target]} cannot follow that noise, so this run "
+                  f"forecasts the blocks' residuals with plain reuse (FORA) instead of its profile")
