@@ -118,6 +118,25 @@ def test_automatic_whose_probe_fails_samples_uncached_and_says_so(tmp_path, monk
     assert not list(tmp_path.glob("*.safetensors"))
 
 
+@pytest.mark.parametrize("interval, warmup", [(1, 2), (3, 20)])
+def test_automatic_with_nothing_to_forecast_probes_nothing_and_says_so(tmp_path, monkeypatch, capsys, interval, warmup):
+    """N=1, or a warm-up as long as the run: no step is forecast, so no profile plays a part
+    and none is probed (docs/requests.md); the run equals the plain model and says that every
+    step is computed, with no error line (found by a fresh helper: it probed, then failed)."""
+    import hyca.probing
+
+    _empty_profile_sources(monkeypatch, tmp_path)
+    monkeypatch.setattr(hyca.probing, "probe_host", lambda *a, **k: pytest.fail("probed a run that forecasts nothing"))
+    patcher = harness.tiny_patcher("flux", seed=3)
+    pos, neg, noise = harness.conditioning("flux", 1), harness.conditioning("flux", 2), harness.latent("flux", 0)
+    plain = harness.sample(patcher, pos, neg, noise, steps=10, cfg=2.0)
+    model, _ = apply_hyca(patcher, Settings(enabled=True, interval=interval, warmup=warmup))
+    assert torch.equal(harness.sample(model, pos, neg, noise, steps=10, cfg=2.0), plain)
+    lines = capsys.readouterr().out
+    assert "every step is computed" in lines and "no profile for this run" not in lines and "probing" not in lines
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
 def test_cancel_during_the_probe_stops_the_run(tmp_path, monkeypatch):
     """ComfyUI's Cancel raised inside the automatic probe (every comfy.ops layer checks it,
     and clears the flag as it raises) reaches ComfyUI: the run stops, it is not sampled

@@ -270,3 +270,23 @@ def test_interrupt_during_the_probe_stops_it_and_saves_nothing(kind, isolated, m
         _, p2 = f.run(auto, steps=10, cfg_scale=3.0)
     assert "profile ready (probe, saved to" in capsys.readouterr().out
     assert p2.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
+
+
+@pytest.mark.parametrize("kind", ["forge_flux", "neo_flux", "a1111_sd3"])
+@pytest.mark.parametrize("interval, warmup", [(1, 2), (3, 20)])
+def test_automatic_with_nothing_to_forecast_probes_nothing_and_says_so(kind, interval, warmup, isolated, monkeypatch,
+                                                                      capsys):
+    """N=1, or a warm-up as long as the pass: no step is forecast, so "automatic" probes none
+    (docs/requests.md); the image is the plain model's, the infotext counts every step
+    computed, and the console says so, with no "could not settle" (found by a fresh helper)."""
+    from hyca.adapters.webui import probe
+
+    monkeypatch.setattr(probe, "run_probe", lambda *a, **k: pytest.fail("probed a pass that forecasts nothing"))
+    with Frontend(kind) as f:
+        cached, p = f.run(args(True, interval, warmup, profile="automatic"), steps=10, cfg_scale=3.0)
+        plain, _ = f.run(args(False), steps=10, cfg_scale=3.0)
+    out = capsys.readouterr().out
+    assert torch.equal(cached.images[0], plain.images[0])
+    assert p.extra_generation_params["HyCa steps"] == "10 computed, 0 forecast"
+    assert "every step is computed" in out and "could not settle" not in out and "probing" not in out
+    assert not list(isolated.rglob("*.safetensors"))

@@ -41,7 +41,7 @@ from ..samplers import RENOISING_START, profile_for_renoising, renoising
 from ..webui import kinds
 from ..webui.adapter import Adapter
 from ..webui.fingerprint import fingerprint
-from ..webui.profiles import Chosen, ProfileBook
+from ..webui.profiles import Chosen, ProfileBook, nothing_forecast
 from ..webui.session import PassSession, PassStats
 from ..webui.settings import Settings, torch_dtype
 from .chunks import ChunkedSession
@@ -230,6 +230,8 @@ class HyCaPatch:
         for note in chosen.notes:
             self.say_once(note)
         schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)
+        if chosen.profile is None and all(schedule.plan(steps)):  # nothing forecast: nothing to probe for
+            chosen = nothing_forecast(self.adapter, model)
         run_settings = RunSettings(steps=steps, guidance_scale=float(getattr(guider, "cfg", 1.0)),
                                    sigmas=tuple(schedule_sigmas), interval=settings.interval, warmup=settings.warmup,
                                    compute_last=settings.compute_last, positions="step")

@@ -33,7 +33,7 @@ from ..samplers import RENOISING_START, profile_for_renoising, renoising
 from .adapter import Adapter
 from .fingerprint import fingerprint
 from .processing import diffusion_model_of, lora_identity, pass_sigmas
-from .profiles import AUTOMATIC, Chosen, ProfileBook, menu_label
+from .profiles import AUTOMATIC, Chosen, ProfileBook, menu_label, nothing_forecast
 from .registry import recognise, supported
 from .session import PassSession, PassStats, step_of
 from .settings import ERROR_KEY, INFOTEXT_KEYS, RESULT_KEYS, Settings, torch_dtype
@@ -142,6 +142,8 @@ class Controller:
         if settings.speedup:
             settings = self._interval_for_target(p, settings, hires)
         schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)
+        if chosen.profile is None and all(schedule.plan(pass_steps(p, hires))):  # nothing forecast: no probe
+            chosen = nothing_forecast(adapter, model)
         label = "hires pass" if hires else "pass"
         self.chosen, self.noted_sigma, self.run_settings = chosen, None, None
         guidance = probe.guidance_of(getattr(p, "cfg_scale", None))
@@ -303,8 +305,7 @@ class Controller:
     def _interval_for_target(self, p: Any, settings: Settings, hires: bool) -> Settings:
         """The N that gives the pass ``settings.speedup`` times fewer block passes (with the
         warm-up as set), from the pass's own step count; said once per distinct choice."""
-        sigmas = pass_sigmas(p, hires)
-        steps = len(sigmas) - 1 if sigmas else int(getattr(p, "hr_second_pass_steps", 0) or p.steps if hires else p.steps)
+        steps = pass_steps(p, hires)
         interval, reached = interval_for_speedup(steps, settings.warmup, settings.speedup, settings.compute_last)
         reach = "" if reached >= settings.speedup else f" (the most this pass allows: {reached:.2f}x)"
         self.say_once(f"target speed-up {settings.speedup:g}x over {steps} steps: N={interval}, "
@@ -439,6 +440,12 @@ class Controller:
                 console(f"{label}: the guard switched {stats.describe_switches()}")
             for note in stats.notes:
                 self.say_once(note)
+
+
+def pass_steps(p: Any, hires: bool) -> int:
+    """The pass's step count: its sigmas' when the frontend tells them, else the settings'."""
+    sigmas = pass_sigmas(p, hires)
+    return len(sigmas) - 1 if sigmas else int(getattr(p, "hr_second_pass_steps", 0) or p.steps if hires else p.steps)
 
 
 def _interruption(seen: int, planned: int | None) -> str | None:

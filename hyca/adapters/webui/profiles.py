@@ -56,6 +56,14 @@ class Chosen:
     lora: str = ""                    # a LoRA set probed on its own (LoRA reuse off)
 
 
+def nothing_forecast(adapter: Adapter, model: torch.nn.Module) -> Chosen:
+    """For a run whose schedule forecasts none of its steps (N=1, a warm-up as long as the
+    run): no profile plays a part, so "automatic" probes none (the engine says "every step is
+    computed" at the run's first step); plain reuse stands in."""
+    profile = Profile.uniform("reuse", len(adapter.blocks(model)), adapter.hidden_size(model))
+    return Chosen(profile, "none (the schedule forecasts none of the run's steps)")
+
+
 def profile_dirs() -> list[Path]:
     """Where local profiles are listed from: the folders hyca.profiles.sources searches
     (``$HYCA_PROFILES``, the shipped ``profiles/``, the cache)."""
