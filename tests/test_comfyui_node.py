@@ -6,6 +6,7 @@ caching with the learned profile on the next."""
 from __future__ import annotations
 
 import asyncio
+import os
 import types
 from pathlib import Path
 
@@ -135,6 +136,38 @@ def test_automatic_with_nothing_to_forecast_probes_nothing_and_says_so(tmp_path,
     lines = capsys.readouterr().out
     assert "every step is computed" in lines and "no profile for this run" not in lines and "probing" not in lines
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_a_second_hyca_node_passes_the_model_on_and_says_so(capsys):
+    """Two HyCa nodes in a row: the second gives the first node's model back unchanged, with
+    the reason in its text and on the console, instead of raising and stopping the graph (the
+    way an unsupported family is handled); sampling equals the one-node graph's."""
+    patcher = harness.tiny_patcher("flux", seed=3)
+    pos, neg, noise = harness.conditioning("flux", 1), harness.conditioning("flux", 2), harness.latent("flux", 0)
+    once, _ = apply_hyca(patcher, Settings(enabled=True, interval=3, warmup=2, profile="FORA (reuse)"))
+    twice, text = apply_hyca(once, Settings(enabled=True, interval=5, warmup=2, profile="FORA (reuse)"))
+    assert twice is once and text.startswith("HyCa is off on this node: the model already has HyCa")
+    assert text in capsys.readouterr().out
+    assert torch.equal(harness.sample(twice, pos, neg, noise, steps=10, cfg=2.0),
+                       harness.sample(once, pos, neg, noise, steps=10, cfg=2.0))
+
+
+def test_models_hyca_is_searched_only_once_it_exists(tmp_path, monkeypatch):
+    """A fresh ComfyUI has no models/hyca: registering it must not put a missing folder into
+    $HYCA_PROFILES (every start warned about it); once the folder exists it is searched."""
+    from hyca.adapters.comfyui import node
+
+    harness.load_comfy()
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, node.MODELS_FOLDER, ([str(tmp_path / "hyca")], set()))
+    monkeypatch.setenv("HYCA_PROFILES", "")
+    node.register_models_folder()
+    assert os.environ["HYCA_PROFILES"] == ""
+    (tmp_path / "hyca").mkdir()
+    node.register_models_folder()
+    assert os.environ["HYCA_PROFILES"] == str(tmp_path / "hyca")
 
 
 def test_cancel_during_the_probe_stops_the_run(tmp_path, monkeypatch):

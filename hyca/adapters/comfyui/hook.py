@@ -108,6 +108,13 @@ class RunReport:
         return text
 
 
+def already_applied(patcher: Any) -> bool:
+    """Whether ``patcher`` carries HyCa's wrappers (an earlier HyCa node's clone)."""
+    import comfy.patcher_extension as extension
+
+    return WRAPPER_KEY in patcher.wrappers.get(extension.WrappersMP.OUTER_SAMPLE, {})
+
+
 @dataclass
 class Run:
     """What a sampling run was started with, for when it ends."""
@@ -166,10 +173,11 @@ class HyCaPatch:
 
     def install(self, patcher: Any) -> Any:
         """A clone of ``patcher`` with HyCa's replace patches and wrappers; ``patcher``
-        itself is left as it was. Raises ``ValueError`` when HyCa is already on it."""
+        itself is left as it was. Raises ``ValueError`` when HyCa is already on it
+        (:func:`already_applied`: the node gives such a model back unchanged)."""
         import comfy.patcher_extension as extension
 
-        if WRAPPER_KEY in patcher.wrappers.get(extension.WrappersMP.OUTER_SAMPLE, {}):
+        if already_applied(patcher):
             raise ValueError("HyCa is already applied to this model (two HyCa nodes in a row)")
         clone = patcher.clone()
         model = clone.model.diffusion_model

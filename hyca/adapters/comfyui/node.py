@@ -16,7 +16,7 @@ from typing import Any
 from ..webui.profiles import AUTOMATIC, UNIFORM, local_profiles
 from ..webui.settings import CACHE_DTYPES, Settings
 from .families import REFUSED, recognise, supported
-from .hook import HyCaPatch, console
+from .hook import HyCaPatch, already_applied, console
 
 CATEGORY = "HyCa"
 #: ComfyUI models folder for profiles (``models/hyca``), searched like ``$HYCA_PROFILES``.
@@ -26,7 +26,8 @@ MODELS_FOLDER = "hyca"
 def apply_hyca(model: Any, settings: Settings) -> tuple[Any, str]:
     """``(patched clone, what was set up)``; an unsupported family gives the model back
     unchanged and says why (console and text). ``model``: a ComfyUI ``ModelPatcher``.
-    Raises ``ValueError`` for settings out of range."""
+    A model that already has HyCa (two nodes in a row) is given back unchanged, said the
+    same way. Raises ``ValueError`` for settings out of range."""
     settings = Settings.from_args(settings.args())  # the same validation as the WebUI's arguments
     diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
     name = type(diffusion_model).__name__
@@ -34,6 +35,11 @@ def apply_hyca(model: Any, settings: Settings) -> tuple[Any, str]:
     if adapter is None:
         why = REFUSED.get(name, f"{name} is not a model family HyCa knows")
         text = f"HyCa is off: {why}. Supported: {', '.join(supported())}."
+        console(text)
+        return model, text
+    if already_applied(model):  # a second node would patch HyCa's own patches: the first node's settings stay
+        text = ("HyCa is off on this node: the model already has HyCa from an earlier HyCa node, whose settings "
+                "apply. Remove one of the two nodes.")
         console(text)
         return model, text
     patch = HyCaPatch(settings, adapter)
@@ -61,7 +67,7 @@ def register_models_folder() -> None:
         folder_paths.folder_names_and_paths[MODELS_FOLDER] = ([folder], {".safetensors"})
     paths = [p for p in os.environ.get("HYCA_PROFILES", "").split(os.pathsep) if p]
     for path in folder_paths.folder_names_and_paths[MODELS_FOLDER][0]:
-        if path not in paths:
+        if path not in paths and os.path.isdir(path):  # (a fresh ComfyUI has no models/hyca: nothing to say)
             paths.append(path)
     os.environ["HYCA_PROFILES"] = os.pathsep.join(paths)
 
