@@ -244,3 +244,13 @@ def test_distilled_guidance_is_not_classifier_free_guidance():
     assert guidance_name(bare(diffusers.Flux2KleinPipeline)) == "guidance_scale"
     assert guidance_name(bare(diffusers.StableDiffusion3Pipeline)) == "guidance_scale"
     assert guidance_name(bare(diffusers.FluxPipeline)) == "true_cfg_scale"
+
+
+def test_two_sigma_schedules_with_the_same_ends_read_differently():
+    """ComfyUI's simple and karras schedules both run from 1 to 0: the description names each
+    schedule by its hash (the one in file names), so "probing one for this run's settings"
+    never shows the same settings on both sides (found by a fresh helper)."""
+    simple = RunSettings(steps=4, sigmas=(1.0, 0.75, 0.5, 0.25, 0.0))
+    karras = RunSettings(steps=4, sigmas=(1.0, 0.5, 0.2, 0.05, 0.0))
+    assert simple.describe() != karras.describe()
+    assert f"sigmas 1..0 (#{simple.sigmas_hash()})" in simple.describe()

@@ -145,7 +145,8 @@ class RunSettings:
         if self.guidance_scale is not None:
             parts.append("no guidance" if not self.guided else f"guidance {self.guidance_scale:g}")
         if self.sigmas is not None:
-            parts.append(f"sigmas {self.sigmas[0]:.3g}..{self.sigmas[-1]:.3g}")
+            # the ends alone read alike for two schedules (simple and karras both run 1..0): the hash tells them apart
+            parts.append(f"sigmas {self.sigmas[0]:.3g}..{self.sigmas[-1]:.3g} (#{self.sigmas_hash()})")
         elif self.shift is not None:
             parts.append(f"shift {self.shift:g}")
         if self.interval is not None:
