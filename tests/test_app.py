@@ -385,6 +385,24 @@ def test_lora_without_reuse_probes_again_and_reports_the_ari(served):
     assert ("their clusters change nothing" in again.numbers["profile"]) == (len(solvers) == 1)
 
 
+def test_a_profile_tab_lora_probe_is_what_generate_uses_for_that_lora(served, own_cache, monkeypatch):
+    """The Profile tab's probe with a LoRA makes that LoRA's profile for these settings: a
+    Generate with reuse off uses it (not a second probe) and says where it came from."""
+    from hyca.app import handlers as h
+    from hyca.app import session_profiles
+    from hyca.app.models import reference_folder
+
+    if not (reference_folder() / "loras" / "outline.safetensors").is_file():
+        pytest.skip("the reference LoRAs (models/reference/loras) are not in this checkout yet")
+    state = h.new_state()
+    h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 4, 2, "none", True)  # the base profile
+    h.run_probe(state, "reference", "", PROMPT, STEPS, 4, 2, 3, "outline")
+    made = state["profiles"]["reference"]["current"]
+    monkeypatch.setattr(session_profiles, "probe_locked", lambda *a, **k: pytest.fail("probed the LoRA again"))
+    again = h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 4, 2, "outline", False)
+    assert again.numbers["profile"].startswith(f"the session's profile for LoRA 'outline' ({made.source})")
+
+
 def test_profile_round_trip_through_a_hub_standin(served, hub, tmp_path):
     """Probe in one session, push, pull in a fresh session: the same profile comes back."""
     from hyca.app import handlers as h

@@ -160,15 +160,17 @@ def profile_for_run(state: dict[str, Any], model: LoadedModel, s: compare.Settin
     slot = session_slot(state, model.choice.key)
     key = (s.lora, settings_key(model, s))
     lora_profile = slot["lora"].get(key)
-    if not fits(lora_profile, model):
+    where = named(f"the session's profile for LoRA '{s.lora}'", lora_profile) if fits(lora_profile, model) else None
+    if where is None:
         lora_profile = probe_locked(model, None, s.steps, s.interval, s.warmup, base.num_clusters, s.lora,
                                     progress, target=base.metadata.get("target", "residual"))
         slot["lora"][key] = lora_profile
+        where = f"probed again with LoRA '{s.lora}'"
     try:
         ari = compare_profiles(base, lora_profile).ari_overall
     except ProfileError as err:  # e.g. one forecasts the blocks' residuals, the other the output head's input
-        return lora_profile, f"probed again with LoRA '{s.lora}' (no ARI: {err})", None
-    return lora_profile, f"probed again with LoRA '{s.lora}'{_clusters_moot(base, lora_profile)}", ari
+        return lora_profile, f"{where} (no ARI: {err})", None
+    return lora_profile, f"{where}{_clusters_moot(base, lora_profile)}", ari
 
 
 def _clusters_moot(base: Profile, lora: Profile) -> str:
