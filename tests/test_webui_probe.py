@@ -263,6 +263,7 @@ def test_interrupt_during_the_probe_stops_it_and_saves_nothing(kind, isolated, m
         _, p1 = f.run(auto, steps=10, cfg_scale=3.0)
         first = capsys.readouterr().out
         assert "probe stopped: the generation was interrupted" in first and "profile ready" not in first
+        assert p1.extra_generation_params["HyCa interrupted"] == "Interrupt during the probe, before any step was cached"
         assert not list(isolated.rglob("*.safetensors"))  # nothing saved
         assert p1.calls <= 2  # the frontend stopped at its next model call
         assert len(progress) == 1  # the probe stopped at its first step after the flag
@@ -290,3 +291,21 @@ def test_automatic_with_nothing_to_forecast_probes_nothing_and_says_so(kind, int
     assert p.extra_generation_params["HyCa steps"] == "10 computed, 0 forecast"
     assert "every step is computed" in out and "could not settle" not in out and "probing" not in out
     assert not list(isolated.rglob("*.safetensors"))
+
+
+def test_skip_during_the_probe_is_said_as_a_skip_in_the_console_and_the_infotext(isolated, monkeypatch, capsys):
+    """Skip pressed while the automatic probe runs: the console and the image's infotext say
+    Skip (not "interrupted"), and that no step was cached (found by a fresh helper)."""
+    from hyca.adapters.webui import probe
+
+    def press_skip(fraction, text):
+        from modules import shared
+
+        shared.state.skipped = True
+
+    monkeypatch.setattr(probe, "progress_bar", press_skip)
+    with Frontend("forge_flux") as f:
+        _, p = f.run(args(True, 3, 2, profile="automatic"), steps=10, cfg_scale=3.0)
+    out = capsys.readouterr().out
+    assert "probe stopped: the generation was skipped" in out
+    assert p.extra_generation_params["HyCa interrupted"] == "Skip during the probe, before any step was cached"

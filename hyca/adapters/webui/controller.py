@@ -218,8 +218,12 @@ class Controller:
                                  pending.guidance, sigmas, pending.adapter.head_module(pending.model) is not None)
         except probe.ProbeInterrupted:  # the sampler stops at its next call, as it would have without HyCa
             self.session = None
-            console(f"probe stopped: the generation was interrupted; nothing was saved, this {pending.label} runs "
-                    "uncached until the frontend stops it, and the next generation probes again")
+            how = probe.stopped_by_user() or "Interrupt"
+            console(f"probe stopped: the generation was {'skipped' if how == 'Skip' else 'interrupted'}; nothing was "
+                    f"saved, this {pending.label} runs uncached until the frontend stops it, and the next generation "
+                    "probes again")
+            stopped = PassStats(interrupted=f"{how} during the probe, before any step was cached")
+            self.passes.append((pending.label, stopped))  # the image's infotext says so too
             return None
         except Exception as error:  # noqa: BLE001 - no profile: this pass runs uncached, the next one tries again
             self.session = None
