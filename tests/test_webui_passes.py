@@ -66,14 +66,14 @@ def test_hires_pass_gets_its_own_state_and_schedule(kind):
     assert p.extra_generation_params["HyCa steps"] == steps_text(expected_plan(8, 3, 2), expected_plan(6, 3, 2))
 
 
-@pytest.mark.parametrize("kind", ["forge_mmditx", "a1111_sd3"])
+@pytest.mark.parametrize("kind", ["forge_mmditx", "neo_flux", "a1111_sd3"])
 def test_hires_pass_can_be_left_uncached(kind, capsys):
     settings = dict(steps=8, enable_hr=True, hr_second_pass_steps=6, denoising_strength=0.5)
     with Frontend(kind) as f:
         p, _ = assert_matches_reference(f, settings, hires_off=True)
     assert p.extra_generation_params["HyCa steps"] == steps_text(expected_plan(8, 3, 2))
     assert p.extra_generation_params["HyCa hires"] == "off"
-    assert "off for the hires pass" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("off for the hires pass") == 1  # once, though Forge starts the pass twice
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpm2"])

@@ -64,6 +64,7 @@ class Controller:
         self.book = ProfileBook()
         self.chosen: Chosen | None = None
         self.renoising: str | None = None  # the pass's sampler adds fresh noise every step: why (:mod:`..samplers`)
+        self.hires_off_said: tuple | None = None  # the hires pass "off (as set)" was said for
         self.batch_key: tuple | None = None
         self.reported = 0
         self.run_settings: RunSettings | None = None
@@ -122,7 +123,9 @@ class Controller:
         if not settings.enabled:
             return False
         if hires and not settings.hires:
-            console("off for the hires pass (as set)")
+            if key != self.hires_off_said:  # (Forge starts the hires pass twice, either side of a unet reset)
+                self.hires_off_said = key
+                console("off for the hires pass (as set)")
             return False
         adapter = recognise(model)
         if adapter is None:
