@@ -225,3 +225,18 @@ def test_each_lora_set_is_announced_by_its_own_name(kind, automatic, capsys):
         f.run(reuse_off, steps=10, lora_hash="detail")
     lines = [line for line in capsys.readouterr().out.splitlines() if "probing its own profile" in line]
     assert len(lines) == 2 and "outline" in lines[0] and "detail" in lines[1], lines
+
+
+@pytest.mark.parametrize("kind", ["forge_flux", "a1111_sd3"])
+def test_a_lora_set_is_compared_with_the_base_profile_saved_by_an_earlier_session(kind, automatic, capsys):
+    """LoRA reuse off in a new session whose base profile for these settings is in the cache
+    (an earlier session probed it): the LoRA set's profile is compared with that one, not
+    told "no base profile for these settings yet" (found by a fresh helper in ComfyUI)."""
+    with Frontend(kind) as f:
+        f.run(args(True, 3, 2, profile="automatic"), steps=10)  # probes the base model, saved to the cache
+    capsys.readouterr()
+    with Frontend(kind) as f:  # a new session: nothing known but the cache
+        _, p = f.run(args(True, 3, 2, profile="automatic", lora_reuse=False), steps=10, lora_hash="outline")
+    out = capsys.readouterr().out
+    assert out.count("[HyCa] probing ") == 1 and "no base profile" not in out
+    assert p.extra_generation_params["HyCa LoRA ARI"] == "1.000"  # the stand-in LoRA leaves the clusters as they were

@@ -24,7 +24,7 @@ import torch
 from ...engine.targets import target_of
 from ...profiles import sources
 from ...profiles.compare import TARGET_WORDS, compare_profiles
-from ...profiles.io import model_class_of
+from ...profiles.io import ProfileError, model_class_of
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
 from .adapter import Adapter
@@ -170,7 +170,7 @@ class ProfileBook:
             base = chosen.base
             if base is None:
                 known = self._known.get(chosen.key[:-1] + settings_key(run, latent))
-                base = known.profile if known is not None else None
+                base = known.profile if known is not None else self._saved_base(chosen, run, targets, output_channels)
             if base is not None and target_of(base.metadata) != target_of(profile.metadata):
                 learned = Chosen(profile, "probe (LoRA set)", [
                     f"LoRA profile: it forecasts the {TARGET_WORDS[target_of(profile.metadata)]}, the base profile "
@@ -192,6 +192,21 @@ class ProfileBook:
             learned = Chosen(resolved.profile, where, list(resolved.warnings), key=key)
         self._known[key] = learned
         return learned
+
+    @staticmethod
+    def _saved_base(chosen: Chosen, run: RunSettings, targets: tuple[str, ...] | None,
+                    output_channels: int | None) -> Profile | None:
+        """The base model's profile made for ``run``'s settings in the profile folders or the
+        cache (another session's, or a graph run earlier with LoRA reuse on), to compare a
+        LoRA set's profile with; None when there is none (nothing is probed for it)."""
+        if chosen.fp is None:
+            return None
+        try:
+            found = sources.resolve_profile(chosen.fp, interval=run.interval, run=run, warn=False, targets=targets,
+                                            output_channels=output_channels, hub_repo=None)
+        except ProfileError:
+            return None
+        return found.profile if not found.differences else None
 
     def _resolve(self, fp: dict, choice: str, hub_repo: str, interval: int | None, key: tuple) -> Chosen:
         blocks, dim = sum(fp["blocks"].values()), fp["hidden_size"]
