@@ -12,6 +12,7 @@ schedule start, with that reference directly."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -291,6 +292,16 @@ def test_automatic_with_nothing_to_forecast_probes_nothing_and_says_so(kind, int
     assert p.extra_generation_params["HyCa steps"] == "10 computed, 0 forecast"
     assert "every step is computed" in out and "could not settle" not in out and "probing" not in out
     assert not list(isolated.rglob("*.safetensors"))
+
+
+def test_a_note_is_said_once_on_the_console_not_also_as_a_log_line(isolated, capsys, caplog):
+    """The pass's notes are the console's to show ([HyCa] lines): the engine does not log them
+    as well, which printed "every step is computed" twice in the terminal (a fresh helper)."""
+    with caplog.at_level(logging.INFO, logger="hyca"), Frontend("forge_flux") as f:
+        f.run(args(True, 1, 2, profile="FORA (reuse)"), steps=10)
+    assert capsys.readouterr().out.count("every step is computed") == 1
+    # (the console line itself goes to the "hyca.webui" logger too: the engine's is "hyca")
+    assert not [r for r in caplog.records if r.name == "hyca" and "every step is computed" in r.getMessage()]
 
 
 def test_skip_during_the_probe_is_said_as_a_skip_in_the_console_and_the_infotext(isolated, monkeypatch, capsys):

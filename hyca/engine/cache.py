@@ -57,6 +57,7 @@ class HybridCache:
         reduce: Reduce | None = None,
         compare_settings: bool = True,
         off_settings: str = "robust",
+        log_notes: bool = True,
     ) -> None:
         """``guard``: check every computed step's forecast against what was computed and
         switch solver groups that did worse than a lower order (:mod:`hyca.engine.guard`).
@@ -68,7 +69,9 @@ class HybridCache:
         settings up front, such as a WebUI pass, tells them with :meth:`expect` and passes False).
         ``off_settings``: what a run that differs from the profile's settings does, one of
         :data:`hyca.profiles.off_settings.PATHS` (``"robust"``: start solver groups from a low
-        order, the guard deciding; ``"profile"``: the robust path off)."""
+        order, the guard deciding; ``"profile"``: the robust path off). ``log_notes``: a note
+        (nothing forecast, a non-finite forecast) is also logged once; False for a host that
+        shows every run's notes itself (a WebUI or ComfyUI console), which would say it twice."""
         if off_settings not in PATHS:
             raise ValueError(f"off_settings must be one of {PATHS}, got {off_settings!r}")
         if positions not in POSITION_AXES:
@@ -93,6 +96,7 @@ class HybridCache:
         self.chosen_for = RunSettings.of_profile(profile.metadata)
         self.compare_settings = compare_settings
         self._told: set[str] = set()
+        self.log_notes = log_notes
         self.off_settings = off_settings
         self._expected: OffSettings | None = None  # set by expect: applied to every branch at its step 0
         #: what the host can tell about the run in progress beyond the engine's own view (the
@@ -415,7 +419,7 @@ class HybridCache:
     def _say(self, state: BranchState, message: str) -> None:
         """A note in the run's stats, logged once per engine."""
         state.stats.note(message)
-        if message not in self._told:
+        if message not in self._told and self.log_notes:
             self._told.add(message)
             logger.warning("HyCa: %s", message)
 

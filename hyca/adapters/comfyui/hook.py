@@ -274,7 +274,7 @@ class HyCaPatch:
         require_target(profile.metadata, APPLIED, "the ComfyUI node")
         return HybridCache(profile, schedule, cache_dtype=torch_dtype(self.settings.cache_dtype),
                            guard=None if self.settings.guard else False,
-                           compare_settings=False)
+                           compare_settings=False, log_notes=False)  # the run's report says its notes
 
     def _session(self, engine: Any, run: Run) -> PassSession:
         # a callable schedule: the session prepares a probing engine for the step count

@@ -251,7 +251,8 @@ def fresh_engine(engine: Any) -> Any:
     if not isinstance(engine, HybridCache):
         return engine
     made = HybridCache(engine.profile, engine.schedule, engine.positions, engine.cache_dtype, guard=engine.guard_option,
-                       compare_settings=engine.compare_settings, off_settings=engine.off_settings)
+                       compare_settings=engine.compare_settings, off_settings=engine.off_settings,
+                       log_notes=engine.log_notes)
     made.sketch_seed, made._expected = engine.sketch_seed, engine._expected
     made.asked_compute_last = engine.asked_compute_last  # its schedule already has the profile's end
     made._told = engine._told  # a note is logged once per enabled model, and stays in each run's stats

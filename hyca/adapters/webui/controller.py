@@ -176,7 +176,8 @@ class Controller:
         # the pass's settings are compared with the profile's here, with the real guidance scale
         require_target(chosen.profile.metadata, applied_targets(head), "the WebUI extension")
         engine = HybridCache(chosen.profile, schedule, cache_dtype=torch_dtype(settings.cache_dtype),
-                             guard=None if settings.guard else False, compare_settings=False)
+                             guard=None if settings.guard else False, compare_settings=False,
+                             log_notes=False)  # the pass's report says its notes on the console
         return PassSession(engine, sigmas, label, on_schedule=lambda walked: self._note_settings(
             chosen, settings, pass_sigmas_ if pass_sigmas_ is not None else walked, guidance, engine))
 
