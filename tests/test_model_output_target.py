@@ -269,3 +269,37 @@ def test_lite_start_computes_taylorseers_steps(steps, interval, warmup):
         assert ours is None
     else:
         assert ours.plan(steps) == theirs
+
+
+@pytest.mark.parametrize("stochastic", [True, False], ids=["stochastic_sampling", "deterministic"])
+def test_a_scheduler_that_adds_noise_every_step_forecasts_residuals_with_reuse(stochastic, caplog):
+    """diffusers' side of bench/results/renoising.md: the reference pipeline with the shipped
+    model-output profile on FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) gives
+    FORA's image (the forecast output cannot follow the fresh noise), says so once and notes
+    it in the run's stats; the deterministic scheduler keeps the profile (another image)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from hyca.profiles.sources import shipped_dir
+    from hyca.reference import load_pipeline
+
+    pipe = load_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=stochastic)
+    shipped = str(next(shipped_dir().glob("*-n4.safetensors")))
+    assert load_profile(shipped).metadata["target"] == "model_output"
+
+    def image(profile):
+        hyca.enable(pipe, profile=profile, interval=4, warmup=3)
+        torch.manual_seed(0)  # the scheduler draws its noise from the global generator
+        out = pipe("a large red circle at the center on a white background", num_inference_steps=20,
+                   generator=torch.Generator().manual_seed(1), output_type="pt").images
+        stats = hyca.stats(pipe)[0]
+        hyca.disable(pipe)
+        return out, stats
+
+    with caplog.at_level("WARNING", logger="hyca"):
+        output, stats = image(shipped)
+        fora, _ = image("fora")
+    assert torch.equal(output, fora) == stochastic
+    said = [r for r in caplog.records if "cannot follow that noise" in r.getMessage()]
+    assert len(said) == (1 if stochastic else 0)
+    assert any("adds fresh noise every step" in n for n in stats.notes) == stochastic

@@ -1,5 +1,6 @@
-"""What the WebUI and ComfyUI hosts read off a sampler's name: whether it adds fresh noise at
-every step (k-diffusion's ancestral and SDE samplers, LCM, DDPM, Restart, SEEDS, SA-Solver).
+"""What the hosts read off a sampler's name (WebUI, ComfyUI) or a diffusers scheduler: whether
+it adds fresh noise at every step (k-diffusion's ancestral and SDE samplers, LCM, DDPM, Restart,
+SEEDS, SA-Solver; diffusers' ancestral / SDE / LCM / DDPM schedulers, ``stochastic_sampling``).
 
 A profile is chosen on a deterministic path (the probe's Euler walk over the run's sigmas).
 A re-noising sampler moves the model input by new noise at each step, which extrapolating
@@ -21,7 +22,7 @@ from ..profiles.settings import RunSettings
 #: mislead; measured on the reference model in ComfyUI: bench/results/renoising.md.
 RENOISING_START = "reuse"
 
-_RENOISING = re.compile(r"ancestral|sde|lcm|ddpm|seeds|restart|sa_solver| a$")
+_RENOISING = re.compile(r"ancestral|sde|lcm|ddpm|seeds|restart|sa_solver|stochastic| a$")
 
 
 def renoising(name: str | None) -> str | None:
@@ -34,6 +35,20 @@ def renoising(name: str | None) -> str | None:
     if not _RENOISING.search(label.lower()):
         return None
     return f"sampler: {label.removeprefix('sample_')} adds fresh noise every step (the profile was chosen without)"
+
+
+def scheduler_renoising(scheduler: object) -> str | None:
+    """:func:`renoising` for a diffusers scheduler: its class name (``EulerAncestralDiscreteScheduler``,
+    ``DPMSolverSDEScheduler``, ``LCMScheduler``, ``DDPMScheduler``) or its config
+    (``stochastic_sampling=True``; an SDE ``algorithm_type``)."""
+    name = type(scheduler).__name__
+    config = getattr(scheduler, "config", None)
+    get = config.get if hasattr(config, "get") else (lambda key, default=None: default)
+    if get("stochastic_sampling", False):
+        name += " (stochastic_sampling=True)"
+    elif "sde" in str(get("algorithm_type", "") or "").lower():
+        name += f" ({get('algorithm_type')})"
+    return renoising(name)
 
 
 def profile_for_renoising(profile: Profile, num_blocks: int, dim: int, run: RunSettings, reason: str,

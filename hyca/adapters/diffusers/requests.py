@@ -37,6 +37,7 @@ from ...engine.schedule import Schedule
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings, differences
 from ...profiles.io import ProfileError
+from ..samplers import RENOISING_START, profile_for_renoising, scheduler_renoising
 from . import hooks, parallel, sharing
 from .scopes import REQUEST, Request
 from .settings import guidance_of, schedule_shift
@@ -197,7 +198,9 @@ class Requests:
                 break  # arguments the pipeline itself will refuse
             run = told.merged(chooser.options)
             settings[id(transformer)] = run
-            engines[id(transformer)] = chooser.engine_for(transformer, run)
+            engine = chooser.engine_for(transformer, run)
+            noisy = scheduler_renoising(getattr(pipe, "scheduler", None))
+            engines[id(transformer)] = _for_renoising(chooser, transformer, engine, run, noisy) if noisy else engine
         request = Request(engines, settings)
         held = [t for t in (getattr(pipe, c.attribute, None) for c in self.choosers) if isinstance(t, torch.nn.Module)]
         with sharing.sampling(held):  # no probe swaps the hooks while this call samples
@@ -207,6 +210,28 @@ class Requests:
             finally:
                 REQUEST.reset(token)
                 request.close()
+
+
+def _for_renoising(chooser: Chooser, transformer: torch.nn.Module, engine: HybridCache, run: RunSettings,
+                   reason: str) -> HybridCache:
+    """A call whose scheduler adds fresh noise every step (:mod:`..samplers`): a model-output
+    or output-head profile gives way to plain reuse of the residuals (said once per model),
+    and the run takes the off-settings path from reuse (in its stats), as in the WebUI and
+    ComfyUI (bench/results/renoising.md)."""
+    from .families import blocks_of, family_of, hidden_size
+
+    kept, note = profile_for_renoising(engine.profile, len(blocks_of(transformer, family_of(transformer))),
+                                       hidden_size(transformer), run, reason)
+    if note is not None:
+        engine = chooser.engine_of(kept)
+        if (id(transformer), note) not in _TOLD_RENOISING:
+            _TOLD_RENOISING.add((id(transformer), note))
+            logger.warning("HyCa: %s", note)
+    engine.expect(run, extra=(reason,), start=RENOISING_START)
+    return engine
+
+
+_TOLD_RENOISING: set[tuple[int, str]] = set()
 
 
 def read_call(pipe: Any, call: Callable, args: tuple, kwargs: dict) -> RunSettings | None:
