@@ -298,8 +298,11 @@ def test_a_scheduler_that_adds_noise_every_step_forecasts_residuals_with_reuse(s
 
     with caplog.at_level("WARNING", logger="hyca"):
         output, stats = image(shipped)
-        fora, _ = image("fora")
+        fora, fora_stats = image("fora")
     assert torch.equal(output, fora) == stochastic
     said = [r for r in caplog.records if "cannot follow that noise" in r.getMessage()]
     assert len(said) == (1 if stochastic else 0)
     assert any("adds fresh noise every step" in n for n in stats.notes) == stochastic
+    # FORA asked for by name is what such a run needs: nothing to change, nothing to say (a fresh helper saw
+    # "chosen for other settings (unknown settings)" here)
+    assert fora_stats.off_settings is None and not any("differs" in n for n in fora_stats.notes)

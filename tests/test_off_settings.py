@@ -176,3 +176,15 @@ def test_webui_pass_off_its_profiles_settings_says_the_path_in_infotext_and_cons
     assert switches and all(re.fullmatch(r"taylor-2 -> taylor-1 at step 0 \(robust start\)", s) for s in switches), switches
     (line,) = [line for line in out.splitlines() if "chosen for other settings" in line]
     assert "steps 10 vs 8" in line and "robust path: the run starts every solver group from taylor-1" in line
+
+
+def test_a_profile_chosen_for_no_settings_is_not_said_to_be_chosen_for_other_ones():
+    """A solver named by the user (no chosen_for) on a run the host sees differ (a re-noising
+    sampler): the note says what differs, not "chosen for other settings (unknown settings)"."""
+    from hyca.profiles.off_settings import decide
+    from hyca.profiles.settings import RunSettings
+
+    off = decide(RunSettings(), RunSettings(steps=20), guard=True, extra=("sampler: lcm adds fresh noise",))
+    text = off.describe()
+    assert text.startswith("this run differs from what the profile assumes (sampler: lcm adds fresh noise)")
+    assert "chosen for other settings" not in text

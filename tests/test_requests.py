@@ -195,3 +195,27 @@ def test_two_threads_calling_one_enabled_pipeline_object_take_turns(caplog):
     torch.testing.assert_close(out["first"], alone[0], rtol=0, atol=0)
     torch.testing.assert_close(out["second"], alone[1], rtol=0, atol=0)
     assert sum("sampling in another thread" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_deep_copy_of_an_enabled_pipeline_runs_uncached_and_says_so(caplog):
+    """copy.deepcopy of an enabled pipeline: the copy's hooks still serve the original (a
+    fresh helper saw 'only 0 of 6 block hooks ran' on every call, a message that explains
+    nothing). The copy runs uncached, equal to the plain model, says why once; hyca.enable on
+    the copy caches it like the original; the original is unaffected."""
+    import copy
+
+    pipe = server()[0]
+    cached = request(pipe, *REQUESTS[0])
+    twin = copy.deepcopy(pipe)
+    plain = CASES["flux"].build()
+    plain.set_progress_bar_config(disable=True)
+    with caplog.at_level("WARNING", logger="hyca"):
+        first, second = request(twin, *REQUESTS[0]), request(twin, *REQUESTS[0])
+    torch.testing.assert_close(first, request(plain, *REQUESTS[0]), rtol=0, atol=0)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    said = [r.getMessage() for r in caplog.records if "copy (copy.deepcopy)" in r.getMessage()]
+    assert len(said) == 1 and "hyca.enable on the copy" in said[0]
+    assert not [r for r in caplog.records if "block hooks ran" in r.getMessage()]
+    hyca.enable(twin, profile="taylor-2", interval=INTERVAL, warmup=WARMUP)
+    torch.testing.assert_close(request(twin, *REQUESTS[0]), cached, rtol=0, atol=0)
+    torch.testing.assert_close(request(pipe, *REQUESTS[0]), cached, rtol=0, atol=0)

@@ -16,7 +16,6 @@ import re
 
 from ..engine.targets import RESIDUAL, TARGET_WORDS, target_of
 from ..profiles.profile import Profile
-from ..profiles.settings import RunSettings
 
 #: Where the robust path starts on such a run: plain reuse (FORA), which fresh noise does not
 #: mislead; measured on the reference model in ComfyUI: bench/results/renoising.md.
@@ -51,8 +50,7 @@ def scheduler_renoising(scheduler: object) -> str | None:
     return renoising(name)
 
 
-def profile_for_renoising(profile: Profile, num_blocks: int, dim: int, run: RunSettings, reason: str,
-                          ) -> tuple[Profile, str | None]:
+def profile_for_renoising(profile: Profile, num_blocks: int, dim: int, reason: str) -> tuple[Profile, str | None]:
     """The profile a re-noising run (``reason``: :func:`renoising`'s) forecasts with, and the
     note when it is not ``profile``. A residual profile stays (the run takes the robust path
     from :data:`RENOISING_START`). One that forecasts the model output or the output head's
@@ -64,7 +62,15 @@ def profile_for_renoising(profile: Profile, num_blocks: int, dim: int, run: RunS
     if target == RESIDUAL:
         return profile, None
     fora = Profile.uniform(RENOISING_START, num_blocks, dim)
-    fora.metadata["chosen_for"] = run.to_json()
+    fora.metadata["renoising"] = True  # put in by HyCa, not asked for: its run still says why (plain_reuse)
     fora.source = f"plain reuse of the blocks' residuals (FORA), in place of {profile.source or 'the profile'}"
     return fora, (f"{reason}; a forecast of the {TARGET_WORDS[target]} cannot follow that noise, so this run "
                   f"forecasts the blocks' residuals with plain reuse (FORA) instead of its profile")
+
+
+def plain_reuse(profile: Profile) -> bool:
+    """Whether ``profile`` is plain reuse of every residual (FORA) as the user asked for it:
+    a re-noising run then has nothing to change, and nothing to say (the one
+    :func:`profile_for_renoising` puts in still takes the off-settings path, said in the run's stats)."""
+    return (target_of(profile.metadata) == RESIDUAL and set(profile.solver_names()) == {RENOISING_START}
+            and not profile.metadata.get("renoising"))

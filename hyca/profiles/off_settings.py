@@ -77,7 +77,8 @@ class OffSettings:
     def describe(self) -> str:
         """The note every host shows (one sentence, no host's remedy: each host adds its own)."""
         head = (f"the profile was chosen for other settings ({self.chosen_for.describe()}; this run differs: "
-                f"{'; '.join(self.differences)})")
+                f"{'; '.join(self.differences)})" if self.chosen_for != RunSettings() else  # a solver named by the user
+                f"this run differs from what the profile assumes ({'; '.join(self.differences)})")
         if self.start is None:
             return head + ("; the profile's solvers run as chosen, and the guard checks them" if self.guard else
                            "; the guard is off, so the profile's solvers run as chosen (turn the guard on for "

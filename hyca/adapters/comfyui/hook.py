@@ -37,7 +37,7 @@ from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule, interval_for_speedup
 from ...engine.targets import MODEL_OUTPUT, RESIDUAL, require_target
 from ...profiles.settings import RunSettings
-from ..samplers import RENOISING_START, profile_for_renoising, renoising
+from ..samplers import RENOISING_START, plain_reuse, profile_for_renoising, renoising
 from ..webui import kinds
 from ..webui.adapter import Adapter
 from ..webui.fingerprint import fingerprint
@@ -264,7 +264,7 @@ class HyCaPatch:
             return chosen
         model = guider.model_patcher.model.diffusion_model
         kept, note = profile_for_renoising(chosen.profile, len(self.adapter.blocks(model)),
-                                           self.adapter.hidden_size(model), run.settings, run.differs[0])
+                                           self.adapter.hidden_size(model), run.differs[0])
         if note is None:
             return chosen
         self.say_once(note)
@@ -332,6 +332,7 @@ class HyCaPatch:
         note is said once."""
         if chosen.profile is None:
             return
+        differs = () if plain_reuse(chosen.profile) else differs  # (FORA has nothing to change for a sampler)
         off = engine.expect(run, extra=differs, start=RENOISING_START if differs else None)
         if off is not None:
             self.say_once(off.describe())

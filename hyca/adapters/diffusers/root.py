@@ -62,6 +62,7 @@ class HyCaRoot(HookChain):
         self._seen_ours: list[Any] = []  # per block: the hook's ``fn_ref.forward`` then (None: not HyCa's)
         self.lost: str | None = None  # why HyCa cannot run, once that is known
         self.said_uncached = False  # calls HyCa stayed out of (training, gradients): logged once per model
+        self.said_copied = False  # a deep copy's calls run uncached: logged once per copy
         self._told_unknown = False  # "step count unknown" said once in the log
         self.told_notes: set[str] = set()  # run notes this root logged (each once)
         self.head = head_of(transformer, family)
@@ -77,6 +78,10 @@ class HyCaRoot(HookChain):
         if torch.is_grad_enabled() or module.training:  # training, or a forward to differentiate: not ours
             ACTIVE.set(None)
             self._pass_training(module)
+            return None
+        if self._transformer() is not module:  # copy.deepcopy of an enabled model: its block hooks are the original's
+            ACTIVE.set(None)
+            self._say_copied(module)
             return None
         pipe = calling_pipeline(module, sys._getframe(1))  # one stack walk per call, shared below
         states = self.scope_for_call(module, pipe)
@@ -228,6 +233,16 @@ class HyCaRoot(HookChain):
         if beyond is not None:
             states.engine.note(state, beyond)
             self.say_once(beyond)
+
+    def _say_copied(self, module: torch.nn.Module) -> None:
+        """A deep copy of an enabled transformer runs uncached (its block hooks still serve the
+        original, whose weakref a copy keeps): said once per copy."""
+        if self.said_copied:  # (this root is the copy's own: the deepcopy copied it with the module)
+            return
+        self.said_copied = True
+        logger.warning("HyCa: this %s is a copy (copy.deepcopy) of one HyCa was enabled on; a copy's hooks still "
+                       "serve the original, so it runs uncached. Call hyca.enable on the copy (or its pipeline) to "
+                       "cache it", type(module).__name__)
 
     def say_once(self, message: str, said: bool = False) -> None:
         """Log ``message`` once per root (a probe's candidate runs: at their level, DEBUG);

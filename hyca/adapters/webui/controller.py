@@ -29,7 +29,7 @@ from ...engine.schedule import Schedule, interval_for_speedup
 from ...engine.targets import MODEL_OUTPUT, OUTPUT, RESIDUAL, require_target, target_of
 from ...profiles.settings import RunSettings
 from . import gates, kinds, probe
-from ..samplers import RENOISING_START, profile_for_renoising, renoising
+from ..samplers import RENOISING_START, plain_reuse, profile_for_renoising, renoising
 from .adapter import Adapter
 from .fingerprint import fingerprint
 from .processing import diffusion_model_of, lora_identity, pass_sigmas
@@ -293,8 +293,8 @@ class Controller:
         if chosen.profile is None or not isinstance(engine, HybridCache):
             return
         # the engine decides the path and carries it in the pass's stats (console, infotext)
-        off = engine.expect(self.run_settings, extra=(self.renoising,) if self.renoising else (),
-                            start=RENOISING_START if self.renoising else None)
+        noisy = self.renoising if self.renoising and not plain_reuse(chosen.profile) else None  # (FORA: nothing)
+        off = engine.expect(self.run_settings, extra=(noisy,) if noisy else (), start=RENOISING_START if noisy else None)
         if off is not None:
             self.say_once(off.describe())  # the same sentence as the stats note: said once
 
@@ -304,7 +304,7 @@ class Controller:
         if self.renoising is None or chosen.profile is None:
             return chosen
         kept, note = profile_for_renoising(chosen.profile, len(adapter.blocks(model)), adapter.hidden_size(model),
-                                           RunSettings(), self.renoising)
+                                           self.renoising)
         if note is None:
             return chosen
         self.say_once(note)
