@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import re
 
+from ..engine.cache import HybridCache
 from ..engine.targets import RESIDUAL, TARGET_WORDS, target_of
+from ..profiles.off_settings import OffSettings
 from ..profiles.profile import Profile
+from ..profiles.settings import RunSettings
 
 #: Where the robust path starts on such a run: plain reuse (FORA), which fresh noise does not
 #: mislead; measured on the reference model in ComfyUI: bench/results/renoising.md.
@@ -56,8 +59,7 @@ def profile_for_renoising(profile: Profile, num_blocks: int, dim: int, reason: s
     from :data:`RENOISING_START`). One that forecasts the model output or the output head's
     input is set aside for plain reuse of the blocks' residuals (FORA): a skipped step still
     runs the embeddings and the head on the freshly noised input, where a forecast output
-    cannot follow the new noise (reference model, ComfyUI, 20 steps: dpmpp_2m_sde 18.5 dB with
-    a model-output profile on the robust path, 24.1 dB with FORA; bench/results/renoising.md)."""
+    cannot follow the new noise (measured in bench/results/renoising.md)."""
     target = target_of(profile.metadata)
     if target == RESIDUAL:
         return profile, None
@@ -66,6 +68,14 @@ def profile_for_renoising(profile: Profile, num_blocks: int, dim: int, reason: s
     fora.source = f"plain reuse of the blocks' residuals (FORA), in place of {profile.source or 'the profile'}"
     return fora, (f"{reason}; a forecast of the {TARGET_WORDS[target]} cannot follow that noise, so this run "
                   f"forecasts the blocks' residuals with plain reuse (FORA) instead of its profile")
+
+
+def expect_renoising(engine: HybridCache, run: RunSettings, reason: str | None) -> OffSettings | None:
+    """:meth:`HybridCache.expect` for a host that knows its sampler: a re-noising one
+    (``reason``) makes the run differ from its profile's settings and start from
+    :data:`RENOISING_START`, unless the profile is plain reuse the user asked for."""
+    noisy = reason if reason is not None and not plain_reuse(engine.profile) else None
+    return engine.expect(run, extra=(noisy,) if noisy else (), start=RENOISING_START if noisy else None)
 
 
 def plain_reuse(profile: Profile) -> bool:

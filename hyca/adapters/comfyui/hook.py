@@ -37,11 +37,11 @@ from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule, interval_for_speedup
 from ...engine.targets import MODEL_OUTPUT, RESIDUAL, require_target
 from ...profiles.settings import RunSettings
-from ..samplers import RENOISING_START, plain_reuse, profile_for_renoising, renoising
+from ..samplers import expect_renoising, renoising
 from ..webui import kinds
 from ..webui.adapter import Adapter
 from ..webui.fingerprint import fingerprint
-from ..webui.profiles import Chosen, ProfileBook, nothing_forecast
+from ..webui.profiles import Chosen, ProfileBook, for_sampler, nothing_forecast
 from ..webui.session import PassSession, PassStats
 from ..webui.settings import Settings, torch_dtype
 from .chunks import ChunkedSession
@@ -125,7 +125,7 @@ class Run:
     schedule: Schedule | None = None
     sigmas: list[float] = field(default_factory=list)
     closed_loop: bool = False  # settled before sampling (SAMPLER_SAMPLE), probed if need be, then this run caches
-    differs: tuple[str, ...] = ()  # beyond the settings: a sampler that re-noises every step (:mod:`..samplers`)
+    renoising: str | None = None  # the sampler adds fresh noise every step: why (:mod:`..samplers`)
 
 
 @dataclass
@@ -244,31 +244,16 @@ class HyCaPatch:
                                    sigmas=tuple(schedule_sigmas), interval=settings.interval, warmup=settings.warmup,
                                    compute_last=settings.compute_last, positions="step")
         probe_fp = fingerprint(model, self.adapter) if chosen.profile is None else None
-        noisy = renoising(sampler)
-        run = Run(chosen, run_settings, probe_fp, schedule, schedule_sigmas, differs=(noisy,) if noisy else ())
+        run = Run(chosen, run_settings, probe_fp, schedule, schedule_sigmas, renoising=renoising(sampler))
         if chosen.profile is None:
             # automatic (or a LoRA set's own profile): settled for this run's settings once its
             # conditioning is processed (SAMPLER_SAMPLE), probed closed loop if none was made for them
             run.closed_loop = True
             return None, run
-        run.chosen = chosen = self._for_sampler(chosen, run, guider)
+        run.chosen = chosen = for_sampler(chosen, self.adapter, model, run.renoising, self.say_once)
         engine = self._engine(chosen.profile, schedule)
-        self._note_mismatch(chosen, run_settings, engine, run.differs)
+        self._note_mismatch(chosen, run_settings, engine, run.renoising)
         return self._session(engine, run), run
-
-    def _for_sampler(self, chosen: Chosen, run: Run, guider: Any) -> Chosen:
-        """``chosen``, or for a sampler that re-noises every step and a profile that forecasts
-        the model output, plain reuse of the residuals in its place (said once, and named
-        in the run's report; :mod:`..samplers`)."""
-        if not run.differs:
-            return chosen
-        model = guider.model_patcher.model.diffusion_model
-        kept, note = profile_for_renoising(chosen.profile, len(self.adapter.blocks(model)),
-                                           self.adapter.hidden_size(model), run.differs[0])
-        if note is None:
-            return chosen
-        self.say_once(note)
-        return dataclasses.replace(chosen, profile=kept, source=kept.source)
 
     def _engine(self, profile: Any, schedule: Schedule) -> HybridCache:
         require_target(profile.metadata, APPLIED, "the ComfyUI node")
@@ -294,7 +279,8 @@ class HyCaPatch:
             host = self._probe_host(guider, extra_args["model_options"], latent_image, run)
             chosen = self.book.for_settings(run.chosen, run.settings, host.shape, lambda: self._probe(host, run),
                                             APPLIED, self.say_once, output_channels=int(host.shape[1]))
-            chosen = self._for_sampler(chosen, run, guider)
+            chosen = for_sampler(chosen, self.adapter, guider.model_patcher.model.diffusion_model, run.renoising,
+                                 self.say_once)
             engine = self._engine(chosen.profile, run.schedule)
         except Exception as error:  # noqa: BLE001 - the run still samples, uncached
             if _interrupted(error):  # the user's Cancel (raised by every comfy.ops layer): ComfyUI's to handle
@@ -305,8 +291,8 @@ class HyCaPatch:
         for note in chosen.notes:
             self.say_once(note)
         console(f"profile ready ({chosen.source})")
-        if run.differs:  # made for these settings, not for this sampler
-            self._note_mismatch(chosen, run.settings, engine, run.differs)
+        if run.renoising:  # made for these settings, not for this sampler
+            self._note_mismatch(chosen, run.settings, engine, run.renoising)
         active.session = self._session(engine, run)
 
     def _probe_host(self, guider: Any, model_options: dict, latent_image: torch.Tensor | None,
@@ -325,15 +311,14 @@ class HyCaPatch:
         return probe_host(host, run.settings, run.schedule, fingerprint=run.probe_fp,
                           facts={"frontend": "comfyui", "latent": list(host.shape)})
 
-    def _note_mismatch(self, chosen: Chosen, run: RunSettings, engine: HybridCache, differs: tuple[str, ...] = ()
+    def _note_mismatch(self, chosen: Chosen, run: RunSettings, engine: HybridCache, renoising: str | None = None
                        ) -> None:
-        """A profile chosen for other settings, or a run that differs beyond them (``differs``):
-        the engine takes the off-settings path (:mod:`hyca.profiles.off_settings`) and its
-        note is said once."""
+        """A profile chosen for other settings, or a sampler that re-noises every step
+        (``renoising``): the engine takes the off-settings path (:mod:`hyca.profiles.off_settings`)
+        and its note is said once."""
         if chosen.profile is None:
             return
-        differs = () if plain_reuse(chosen.profile) else differs  # (FORA has nothing to change for a sampler)
-        off = engine.expect(run, extra=differs, start=RENOISING_START if differs else None)
+        off = expect_renoising(engine, run, renoising)
         if off is not None:
             self.say_once(off.describe())
 

@@ -37,7 +37,7 @@ from ...engine.schedule import Schedule
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings, differences
 from ...profiles.io import ProfileError
-from ..samplers import RENOISING_START, plain_reuse, profile_for_renoising, scheduler_renoising
+from ..samplers import expect_renoising, profile_for_renoising, scheduler_renoising
 from . import hooks, parallel, sharing
 from .scopes import REQUEST, Request
 from .settings import guidance_of, schedule_shift
@@ -227,8 +227,7 @@ def _for_renoising(chooser: Chooser, transformer: torch.nn.Module, engine: Hybri
         if (id(transformer), note) not in _TOLD_RENOISING:
             _TOLD_RENOISING.add((id(transformer), note))
             logger.warning("HyCa: %s", note)
-    if not plain_reuse(engine.profile):  # (FORA, asked for or put in above, has nothing to change)
-        engine.expect(run, extra=(reason,), start=RENOISING_START)
+    expect_renoising(engine, run, reason)
     return engine
 
 

@@ -29,11 +29,11 @@ from ...engine.schedule import Schedule, interval_for_speedup
 from ...engine.targets import MODEL_OUTPUT, OUTPUT, RESIDUAL, require_target, target_of
 from ...profiles.settings import RunSettings
 from . import gates, kinds, probe
-from ..samplers import RENOISING_START, plain_reuse, profile_for_renoising, renoising
+from ..samplers import expect_renoising, renoising
 from .adapter import Adapter
 from .fingerprint import fingerprint
 from .processing import diffusion_model_of, lora_identity, pass_sigmas
-from .profiles import AUTOMATIC, Chosen, ProfileBook, menu_label, nothing_forecast
+from .profiles import AUTOMATIC, Chosen, ProfileBook, for_sampler, menu_label, nothing_forecast
 from .registry import recognise, supported
 from .session import PassSession, PassStats, step_of
 from .settings import ERROR_KEY, INFOTEXT_KEYS, RESULT_KEYS, Settings, torch_dtype
@@ -138,7 +138,7 @@ class Controller:
         for note in chosen.notes:
             self.say_once(note)
         self.renoising = renoising(getattr(p, "sampler_name", None))
-        chosen = self._for_sampler(chosen, adapter, model)
+        chosen = for_sampler(chosen, adapter, model, self.renoising, self.say_once)
         ran = AUTOMATIC if chosen.source == AUTOMATIC else menu_label(settings.profile)
         if ran != settings.profile and hasattr(p, "extra_generation_params"):
             p.extra_generation_params[INFOTEXT_KEYS["profile"]] = ran  # what ran: pasting it back asks for that
@@ -216,8 +216,8 @@ class Controller:
         if place is None or place[1] != 0.0:
             return None  # a midpoint call (DPM2): wait for a call on the schedule
         try:  # a profile this pass cannot run (another target, from the cache or the Hub) is refused too
-            chosen = self._for_sampler(self._probe_for(pending, x, t, sigma_now, sigmas, model_call, output),
-                                       pending.adapter, pending.model)
+            chosen = for_sampler(self._probe_for(pending, x, t, sigma_now, sigmas, model_call, output),
+                                 pending.adapter, pending.model, self.renoising, self.say_once)
             session = self._open(chosen, pending.settings, pending.schedule, pending.label, sigmas[place[0]:],
                                  pending.guidance, sigmas, pending.adapter.head_module(pending.model) is not None)
         except probe.ProbeInterrupted:  # the sampler stops at its next call, as it would have without HyCa
@@ -293,22 +293,9 @@ class Controller:
         if chosen.profile is None or not isinstance(engine, HybridCache):
             return
         # the engine decides the path and carries it in the pass's stats (console, infotext)
-        noisy = self.renoising if self.renoising and not plain_reuse(chosen.profile) else None  # (FORA: nothing)
-        off = engine.expect(self.run_settings, extra=(noisy,) if noisy else (), start=RENOISING_START if noisy else None)
+        off = expect_renoising(engine, self.run_settings, self.renoising)
         if off is not None:
             self.say_once(off.describe())  # the same sentence as the stats note: said once
-
-    def _for_sampler(self, chosen: Chosen, adapter: Adapter, model: Any) -> Chosen:
-        """``chosen``, or on a sampler that re-noises every step in place of a profile that
-        forecasts the model output or the head's input, plain reuse of the residuals (said once)."""
-        if self.renoising is None or chosen.profile is None:
-            return chosen
-        kept, note = profile_for_renoising(chosen.profile, len(adapter.blocks(model)), adapter.hidden_size(model),
-                                           self.renoising)
-        if note is None:
-            return chosen
-        self.say_once(note)
-        return dataclasses.replace(chosen, profile=kept, source=kept.source)
 
     def _interval_for_target(self, p: Any, settings: Settings, hires: bool) -> Settings:
         """The N that gives the pass ``settings.speedup`` times fewer block passes (with the

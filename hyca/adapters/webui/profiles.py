@@ -27,6 +27,7 @@ from ...profiles.compare import TARGET_WORDS, compare_profiles
 from ...profiles.io import ProfileError, model_class_of
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
+from ..samplers import profile_for_renoising
 from .adapter import Adapter
 from .fingerprint import fingerprint
 from .processing import lora_label
@@ -62,6 +63,20 @@ def nothing_forecast(adapter: Adapter, model: torch.nn.Module) -> Chosen:
     computed" at the run's first step); plain reuse stands in."""
     profile = Profile.uniform("reuse", len(adapter.blocks(model)), adapter.hidden_size(model))
     return Chosen(profile, "none (the schedule forecasts none of the run's steps)")
+
+
+def for_sampler(chosen: Chosen, adapter: Adapter, model: torch.nn.Module, reason: str | None,
+                say: Callable[[str], None]) -> Chosen:
+    """``chosen``, or on a sampler that re-noises every step (``reason``) in place of a profile
+    that forecasts the model output or the head's input, plain reuse of the residuals, said
+    with ``say`` (:func:`hyca.adapters.samplers.profile_for_renoising`)."""
+    if reason is None or chosen.profile is None:
+        return chosen
+    kept, note = profile_for_renoising(chosen.profile, len(adapter.blocks(model)), adapter.hidden_size(model), reason)
+    if note is None:
+        return chosen
+    say(note)
+    return replace(chosen, profile=kept, source=kept.source)
 
 
 def profile_dirs() -> list[Path]:
