@@ -25,8 +25,9 @@ from ..profiles.profile import Profile
 from ..profiles.off_settings import PATHS, OffSettings, decide
 from ..profiles.settings import RunSettings
 from .forecast import bounded, finite, magnitudes, stacked_rows, stacked_weights, weighted_sum
-from .guard import (ROBUST_START, SKETCH_ROWS, STRIKES, Check, Switch, difference_verdicts, measure,
+from .guard import (ROBUST_START, SKETCH_ROWS, STRIKES, difference_verdicts, measure,
                     own_verdicts, steady)
+from .run_branches import RunBranches, share
 from .schedule import Schedule, with_profiles_start
 from .slots import STACKED_BYTES, block_masks, stacked_masks
 from .state import (LAST_FORECAST, NON_FINITE, UNGUARDED, BranchState, NonFiniteForecast,  # noqa: F401 (importable here)
@@ -90,8 +91,7 @@ class HybridCache:
         self.reduce = reduce
         #: seeds the guard's sketches; ranks of one context-parallel group need different ones
         self.sketch_seed = 0
-        self._last_check: tuple[BranchState, Check] | None = None  # the guard's, for the next branch
-        self._begun: dict[int, set[int]] = {}  # step -> ids of the branch states that began it (recent steps)
+        self.branches = RunBranches()  # which branch states make up the run in progress
         #: what the profile was chosen for; a run that differs is told so (once) and noted in its stats
         self.chosen_for = RunSettings.of_profile(profile.metadata)
         self.compare_settings = compare_settings
@@ -159,7 +159,7 @@ class HybridCache:
                                (position is not None and position == state.first_position)):
             state.reset()
         if state.step == 0:
-            if self._left_over(state):
+            if self.branches.left_over(state):
                 self.forget_runs()
             if total_steps is not None and all(self.schedule.plan(total_steps)):
                 self._say(state, f"the schedule (warm-up {self.schedule.warmup}, N={self.schedule.interval}) "
@@ -175,7 +175,7 @@ class HybridCache:
             state.strikes = [0] * len(self.solver_ids)
             if self._expected is not None:
                 self._take_path(state, self._expected, log=False)
-        self._note_branch(state)
+        self.branches.began(state)
         if state.step == 1 and self.compare_settings:
             self._compare_settings(state)
         if state.step == 1 and self.guard and not self._guarded(state):
@@ -326,7 +326,7 @@ class HybridCache:
         forecast for it; a second guidance branch at the same step also checks the forecasts
         of their difference (see :mod:`hyca.engine.guard`)."""
         judged = [steady([state.step, *state.computed_steps], self.schedule.interval)] * len(self.solver_ids)
-        branches = max(len(self._begun.get(state.step - 1, ())), len(self._begun.get(state.step, ())))
+        branches = max(self.branches.at(state.step - 1), self.branches.at(state.step))
         rows = SKETCH_ROWS if branches > 1 else 0  # sketches only serve a second guidance branch
         check = measure(list(state.histories), list(state.positions), state.current_position, state.accumulators,
                         state.active, judged, state.step, self.reduce, rows, self.sketch_seed, self.solver_ids,
@@ -334,16 +334,16 @@ class HybridCache:
         if not check.judged:
             return
         verdicts = own_verdicts(check)
-        peer = self._peer_of(state)
+        peer = self.branches.peer_of(state)
         if peer is not None:  # the guided-aware verdict decides where there is one
             verdicts.update(difference_verdicts(check, peer[1]))
         for row, better in verdicts.items():
             state.strikes[row] = 0 if better is None else state.strikes[row] + 1
             if state.strikes[row] >= STRIKES:
-                self._switch(state, row, better, state.step)
+                state.switch(row, better, state.step)
         if peer is not None:
-            self._share(state, peer[0])
-        self._last_check = (state, check)
+            share(state, peer[0])
+        self.branches.last_check = (state, check)
 
     def run_settings(self, state: BranchState) -> RunSettings:
         """What this engine can tell about the run ``state`` belongs to: its schedule and
@@ -354,7 +354,7 @@ class HybridCache:
     def guidance_branches(self) -> int:
         """How many branch states began the current run's first step: 2 with classifier-free
         guidance in separate calls (a batched call is one branch: its guidance cannot be seen)."""
-        return len(self._begun.get(0, ()))
+        return self.branches.at(0)
 
     def _compare_settings(self, state: BranchState) -> None:
         """At a branch's second step (the branches of step 0 have all begun): compare the
@@ -414,7 +414,7 @@ class HybridCache:
             state.computed_steps = deque(state.computed_steps, maxlen=depth)
         for row, active in enumerate(state.active):
             if active != to:
-                self._switch(state, row, to, state.step, by=ROBUST_START)
+                state.switch(row, to, state.step, by=ROBUST_START)
 
     def _say(self, state: BranchState, message: str) -> None:
         """A note in the run's stats, logged once per engine."""
@@ -428,49 +428,12 @@ class HybridCache:
         each step, the last guard check): a host calls it when it resets its branch states
         (a pipeline call's end); :meth:`begin_step` also does when a new run begins with
         bookkeeping left over from a run that was cut short."""
-        self._begun.clear()
-        self._last_check = None
+        self.branches.reset()
 
-    def _left_over(self, state: BranchState) -> bool:
-        """Whether ``state``, beginning its step 0, finds an earlier run's bookkeeping: it
-        is already counted at step 0 (it began there before). A guided run cancelled early
-        would otherwise leave its uncond branch counted in the next run's step 0."""
-        return id(state) in self._begun.get(0, ())
 
-    def _note_branch(self, state: BranchState) -> None:
-        """Which branch states begin each step: more than one means guidance branches."""
-        self._begun.setdefault(state.step, set()).add(id(state))
-        for old in [k for k in self._begun if k < state.step - 2 or k > state.step + 2]:
-            del self._begun[old]
 
-    def _peer_of(self, state: BranchState) -> tuple[BranchState, Check] | None:
-        """The other branch that checked this same step just before (it has moved on by one),
-        while the run has two branches at this step and the one before (see
-        :mod:`hyca.engine.guard`: with three, which two pair is not known)."""
-        if self._last_check is None:
-            return None
-        other, check = self._last_check
-        if other is state or check.step != state.step or other.step != state.step + 1:
-            return None
-        if len(self._begun.get(state.step - 1, ())) > 2 or len(self._begun.get(state.step, ())) > 2:
-            return None  # a third branch (a conditioning that joined part-way): which two pair is not known
-        return other, check
 
-    def _switch(self, state: BranchState, row: int, to: int, step: int, by: str = "guard") -> None:
-        """Row ``row`` of ``state.active`` (slot-major, see :class:`BranchState`) switches to ``to``."""
-        item = row % state.items if state.items is not None and state.items > 1 else None
-        state.stats.switches.append(Switch(step, pool()[state.active[row]].name, pool()[to].name, item, by))
-        state.active[row], state.strikes[row] = to, 0
 
-    def _share(self, state: BranchState, other: BranchState) -> None:
-        """The branch that checked first adopts the decisions of the second, which also saw
-        the difference of the two, item by item."""
-        if len(state.active) != len(other.active):
-            return  # batches of different sizes: their items do not pair
-        for row in range(len(state.active)):
-            if other.active[row] != state.active[row]:
-                self._switch(other, row, state.active[row], state.step)
-            other.strikes[row] = state.strikes[row]
 
     def _fresh_accumulator(self, state: BranchState, s: int, residual: torch.Tensor) -> torch.Tensor:
         dtype = self.cache_dtype or residual.dtype

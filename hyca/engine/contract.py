@@ -16,8 +16,9 @@ Lifetimes, who owns each, and its explicit reset:
   root (one engine per request where the host serves requests at once). Reset: build a new
   engine (profile or settings changed).
 * **run**: one generation (one pipeline call / WebUI pass), all its guidance branches. The
-  engine keeps what spans branches (which branches began each step, the last branch's
-  guard check, the host's facts from :meth:`Engine.begin_run`). Owned by the engine; the
+  engine keeps what spans branches (which branches began each step and the last branch's
+  guard check, in :class:`~hyca.engine.run_branches.RunBranches`; the host's facts from
+  :meth:`Engine.begin_run`). Owned by the engine; the
   host brackets it: :meth:`Engine.begin_run` at its first step, :meth:`Engine.end_run` when
   it ends (also when cancelled; a run left open is closed by the next one's step 0).
 * **branch**: one guidance branch (cond, uncond, or one batched call) of one run: a

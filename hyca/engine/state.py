@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..math.solvers import pool
 from ..profiles.off_settings import OffSettings
 from .guard import Switch, describe_switches
 
@@ -110,3 +111,10 @@ class BranchState:
 
     def reset(self) -> None:
         self.__init__()
+
+    def switch(self, row: int, to: int, step: int, by: str = "guard") -> None:
+        """Row ``row`` of :attr:`active` switches to pool index ``to`` at ``step``; the
+        switch shows in the stats (``by``: the guard, or the robust start)."""
+        item = row % self.items if self.items is not None and self.items > 1 else None
+        self.stats.switches.append(Switch(step, pool()[self.active[row]].name, pool()[to].name, item, by))
+        self.active[row], self.strikes[row] = to, 0

@@ -6,7 +6,7 @@ and says which chunk is which in ``transformer_options["cond_or_uncond"]`` (0 co
 1 uncond, one entry per chunk of equal rows). The diffusers pipelines call the transformer
 once per branch, and the engine pairs two branches at one step: the second to check judges
 the forecasts of their difference ``cond - uncond``, which guidance multiplies
-(:meth:`hyca.engine.cache.HybridCache._peer_of`). Kept as one branch, a batched call gets
+(:meth:`hyca.engine.run_branches.RunBranches.peer_of`). Kept as one branch, a batched call gets
 no such verdicts and its guard decides otherwise than the diffusers path.
 
 :class:`ChunkedSession` keeps each chunk as its own branch, keyed as a call of that chunk
