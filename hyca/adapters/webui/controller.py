@@ -24,7 +24,6 @@ from typing import Any, Callable
 import torch
 
 from ...engine.cache import HybridCache
-from ...engine.state import LAST_FORECAST
 from ...engine.schedule import Schedule, interval_for_speedup
 from ...engine.targets import MODEL_OUTPUT, OUTPUT, RESIDUAL, require_target, target_of
 from ...profiles.settings import RunSettings
@@ -32,9 +31,10 @@ from . import gates, kinds, probe
 from ..samplers import expect_renoising, renoising
 from .adapter import Adapter
 from .fingerprint import fingerprint
-from .processing import diffusion_model_of, lora_identity, pass_sigmas
+from .processing import diffusion_model_of, lora_identity, pass_sigmas, pass_steps
 from .profiles import AUTOMATIC, Chosen, ProfileBook, for_sampler, menu_label, nothing_forecast
 from .registry import recognise, supported
+from .results import infotext
 from .session import PassSession, PassStats, step_of
 from .settings import ERROR_KEY, INFOTEXT_KEYS, RESULT_KEYS, Settings, torch_dtype
 
@@ -383,44 +383,9 @@ class Controller:
 
     # --- results ----------------------------------------------------------------------
 
-    def totals(self) -> PassStats | None:
-        if not self.passes:
-            return None
-        total = PassStats()
-        for label, stats in self.passes:
-            total.steps.computed += stats.steps.computed
-            total.steps.forecast += stats.steps.forecast
-            total.calls_computed += stats.calls_computed
-            total.calls_forecast += stats.calls_forecast
-            several = len(self.passes) > 1
-            total.switches += [(f"{label}, {branch}" if several else branch, d) for branch, d in stats.switches]
-            total.off_settings = total.off_settings or stats.off_settings
-            if stats.stopped is not None and total.stopped is None:
-                total.stopped = f"{label}: {stats.stopped}" if several else stats.stopped
-            if stats.interrupted is not None and total.interrupted is None:
-                total.interrupted = f"{label}: {stats.interrupted}" if several else stats.interrupted
-        return total
-
     def results(self) -> dict[str, str]:
         """Infotext entries for the passes run since the batch began (keys: :data:`RESULT_KEYS`)."""
-        total = self.totals()
-        if total is None:
-            return {}
-        out = {"HyCa steps": f"{total.steps.computed} computed, {total.steps.forecast} forecast",
-               "HyCa saving": f"{total.flops_saving:.0%}"} if total.steps.total else {}
-        if self.chosen is not None and self.chosen.lora_ari is not None:
-            out["HyCa LoRA ARI"] = f"{self.chosen.lora_ari:.3f}"
-        if total.off_settings is not None:  # the profile ran away from its settings: the path it took
-            out["HyCa off-settings"] = total.off_settings.short()
-        if total.switches:
-            out["HyCa guard switches"] = total.describe_switches()
-        if any(LAST_FORECAST in stats.notes for _, stats in self.passes):  # "HyCa last step" is what was asked
-            out["HyCa last step ran"] = "forecast (the profile was chosen so: TaylorSeer lite's end)"
-        if total.stopped is not None:  # the steps above are those before it: the rest ran uncached
-            out["HyCa stopped"] = f"{total.stopped}; the rest sampled uncached"
-        if total.interrupted is not None:  # the frontend keeps the latent so far: the steps above are all it had
-            out["HyCa interrupted"] = total.interrupted
-        return out
+        return infotext(self.passes, self.chosen.lora_ari if self.chosen is not None else None)
 
     def report(self) -> None:
         """Console lines for the passes not reported yet."""
@@ -435,12 +400,6 @@ class Controller:
                 console(f"{label}: the guard switched {stats.describe_switches()}")
             for note in stats.notes:
                 self.say_once(note)
-
-
-def pass_steps(p: Any, hires: bool) -> int:
-    """The pass's step count: its sigmas' when the frontend tells them, else the settings'."""
-    sigmas = pass_sigmas(p, hires)
-    return len(sigmas) - 1 if sigmas else int(getattr(p, "hr_second_pass_steps", 0) or p.steps if hires else p.steps)
 
 
 def _interruption(seen: int, planned: int | None) -> str | None:

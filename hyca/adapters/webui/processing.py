@@ -45,6 +45,12 @@ def pass_sigmas(p: Any, hires: bool) -> list[float] | None:
         return None
 
 
+def pass_steps(p: Any, hires: bool) -> int:
+    """The pass's step count: its sigmas' when the frontend tells them, else the settings'."""
+    sigmas = pass_sigmas(p, hires)
+    return len(sigmas) - 1 if sigmas else int(getattr(p, "hr_second_pass_steps", 0) or p.steps if hires else p.steps)
+
+
 #: Forge / Forge Neo ``current_lora_hash`` with no LoRA loaded: ``str([])``
 #: (``backend/diffusion_engine/base.py``; ``extensions-builtin/sd_forge_lora/networks.py``
 #: sets ``str(compiled_lora_targets)``, ``"[]"`` again when the LoRA set is empty).
