@@ -57,7 +57,9 @@ def test_compiled_hyca_equals_eager_hyca_with_bounded_recompiles(fresh_dynamo, h
     case.run(pipe, 5)
     assert (sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"],
             counters["frames"]["total"]) == after_first  # nothing traced again after the first run
-    assert after_first[0] <= 8 and after_first[1] <= 10  # docs/compile.md: HyCa's two calls per block
+    # docs/compile.md: HyCa's two calls per block; compiled whole, Dynamo also breaks the block
+    # hooks' calls where it resumes inside the transformer's skip hook (hyca/adapters/diffusers/outputs.py)
+    assert after_first[0] <= (8 if how == "regional" else 10) and after_first[1] <= 10
     stats = hyca.stats(pipe)[0]
     assert (stats.computed, stats.forecast) == (3, 2)  # the 5-step run: 0, 2, 4
 

@@ -12,13 +12,14 @@ from diffusers import TaylorSeerCacheConfig
 import hyca
 from hyca.engine.cache import LAST_FORECAST
 from hyca.adapters.diffusers.fingerprint import fingerprint
+from hyca.adapters.diffusers.hooks import root_hook
 from hyca.adapters.diffusers.probe import probe_transformer
 from hyca.engine.schedule import Schedule
 from hyca.engine.targets import as_tokens, from_tokens, require_target
 from hyca.probing.closed_loop import fidelity_db
 from hyca.profiles import Profile, load_profile, save_profile
 
-from tiny import Inputs, conditioning, euler_sample, fresh_copy, tiny_flux, tiny_pipeline
+from tiny import Inputs, conditioning, euler_sample, fresh_copy, sigmas, tiny_flux, tiny_pipeline
 from test_output_target import _known_length  # the steps told through a cache context, as there
 from tiny_families import CASES
 
@@ -90,6 +91,77 @@ def test_a_skip_step_runs_no_block():
     plan = Schedule(INTERVAL, WARMUP).plan(STEPS)
     cached_run(model, inputs, model_output_profile("taylor-1"))
     assert len(calls) == blocks * sum(plan)
+
+
+class ChildCalls:
+    """Per transformer call (a hook registered after HyCa's), whether any direct child module
+    ran inside it: False for a call whose forward was skipped (not only its blocks).
+    ``skipped_args``: calls given any of these arguments (not None) are not counted (a
+    family's ``bypass_args``: SD3's skip-layer guidance pass, which HyCa stays out of)."""
+
+    def __init__(self, transformer: torch.nn.Module, skipped_args: tuple[str, ...] = ()) -> None:
+        self.ran: list[bool] = []
+        self._now, self._counted = False, True
+        self._skipped_args = skipped_args
+        for child in transformer.children():
+            child.register_forward_pre_hook(self._child)
+        transformer.register_forward_pre_hook(self._begin, with_kwargs=True)
+        transformer.register_forward_hook(self._end)
+
+    def _child(self, *_) -> None:
+        self._now = True
+
+    def _begin(self, module, args, kwargs) -> None:
+        self._now = False
+        self._counted = all(kwargs.get(name) is None for name in self._skipped_args)
+
+    def _end(self, *_) -> None:
+        if self._counted:
+            self.ran.append(self._now)
+
+
+def test_a_skip_step_runs_no_transformer_and_gives_the_same_bits():
+    """A model-output skip call returns its forecast without entering the transformer
+    (hyca/adapters/diffusers/outputs.py); with that hook out of the chain the call runs and
+    its blocks pass their inputs on, and the run gives the same bits."""
+    model, inputs = tiny_flux(), Inputs()
+    plan = Schedule(INTERVAL, WARMUP).plan(STEPS)
+    runs = {}
+    for inert in (False, True):
+        copy = fresh_copy(model)
+        calls = ChildCalls(copy)
+        hyca.enable(copy, profile=model_output_profile("taylor-1"), interval=INTERVAL, warmup=WARMUP, scheduler=None)
+        root_hook(copy).skip_hook.inert = inert  # the hook left in a chain HyCa cannot rewire: plain forward
+        with torch.no_grad():
+            runs[inert] = euler_sample(copy, inputs, STEPS, lambda m, x, s, i: _known_length(m, inputs, x, s))[0]
+        assert calls.ran == (list(plan) if not inert else [True] * STEPS)
+        assert hyca.stats(copy)[0].forecast == STEPS - sum(plan)
+        hyca.disable(copy)
+    assert torch.equal(runs[False], runs[True])
+
+
+def test_a_skip_call_with_another_return_dict_runs_the_transformer():
+    """The skipped call's output takes the form of the branch's latest computed one: a call
+    asking for another form (``return_dict``) runs, and gets its own type."""
+    model, inputs = tiny_flux(), Inputs()
+    calls = ChildCalls(model)
+    hyca.enable(model, profile=model_output_profile("reuse"), interval=INTERVAL, warmup=WARMUP, scheduler=None)
+    x, outputs = inputs.noise, []
+    with torch.no_grad():
+        for k, sigma in enumerate(sigmas(STEPS)[:STEPS]):
+            with model.cache_context("cond", num_inference_steps=STEPS):
+                outputs.append(model(hidden_states=x, encoder_hidden_states=inputs.text,
+                                     pooled_projections=inputs.pooled, timestep=sigma.expand(1), img_ids=inputs.img_ids,
+                                     txt_ids=inputs.txt_ids, return_dict=k >= WARMUP))
+    hyca.disable(model)
+    plan = Schedule(INTERVAL, WARMUP).plan(STEPS)
+    # the calls asking for a dataclass run until one of them is computed; then they skip again
+    computed = next(k for k in range(WARMUP, STEPS) if plan[k])
+    assert WARMUP < computed < STEPS - 1 and not all(plan[computed + 1:])
+    assert calls.ran == [plan[k] or WARMUP <= k < computed for k in range(STEPS)]
+    assert all(isinstance(o, tuple) for o in outputs[:WARMUP])
+    assert all(type(o).__name__ == "Transformer2DModelOutput" for o in outputs[WARMUP:])
+    assert torch.equal(outputs[WARMUP].sample, outputs[WARMUP - 1][0])  # reuse: the last computed output
 
 
 def test_taylorseer_lite_order_1_is_the_same_forecast():
@@ -176,9 +248,11 @@ def test_every_family_reuses_its_model_output(name):
     profiles = {e: model_output_profile("reuse", channels[e]) for e in case.experts}
     hyca.enable(pipe, profile=profiles if len(case.experts) > 1 else profiles["transformer"], interval=INTERVAL,
                 warmup=WARMUP)
+    children = {}
     for expert in case.experts:  # registered after HyCa's hook: sees what the pipeline gets
         seen = outputs.setdefault(expert, [])
         getattr(pipe, expert).register_forward_hook(lambda m, a, o, seen=seen: seen.append(o))
+        children[expert] = ChildCalls(getattr(pipe, expert), root_hook(getattr(pipe, expert)).family.bypass_args)
     try:
         out = case.run(pipe, 8)
         stats = hyca.stats(pipe)
@@ -195,6 +269,8 @@ def test_every_family_reuses_its_model_output(name):
         assert all(type(o) is type(seen[0]) for o in seen)  # the family's own output type throughout
         repeats += sum(any(torch.equal(s, e) for e in samples[:i]) for i, s in enumerate(samples))
     assert repeats == sum(s.forecast for s in stats)
+    # a forecast call ran no transformer at all: only computed calls entered a child module
+    assert sum(sum(c.ran) for c in children.values()) == sum(s.computed for s in stats)
 
 
 def test_probe_offers_the_model_output_track_and_keeps_to_it_when_asked():

@@ -13,6 +13,7 @@ import torch
 
 from . import compat
 from .block import BLOCK_HOOK, HyCaBlockHook
+from .outputs import SKIP_HOOK
 
 logger = logging.getLogger("hyca")
 ROOT_ATTRIBUTE = "_hyca"
@@ -26,6 +27,8 @@ class HookChain:
         for hook, block in zip(self.block_hooks, self.blocks):
             self._register_block(hook, block)
         self._install_root(transformer)
+        compat.registry(transformer).register_hook(self.skip_hook, SKIP_HOOK)  # see .outputs
+        self._skip_wrapper = transformer.__dict__.get("forward")
         setattr(transformer, ROOT_ATTRIBUTE, self)
         if not hasattr(type(transformer), compat.RESET_METHOD):
             # Transformers without diffusers' CacheMixin (SD3, Lumina2, Z-Image, HiDream, Sana):
@@ -56,6 +59,7 @@ class HookChain:
         self._handles = []
         for hook, block in zip(self.block_hooks, self.blocks):
             self._unregister_block(hook, block)
+        self.skip_hook.inert = not _take_out(transformer, SKIP_HOOK, self.skip_hook, self._skip_wrapper)
         if transformer.__dict__.get(compat.RESET_METHOD) == self._pipeline_cleanup:
             delattr(transformer, compat.RESET_METHOD)
         if transformer.__dict__.get(ROOT_ATTRIBUTE) is self:
@@ -64,28 +68,7 @@ class HookChain:
         compat.refresh_children(transformer)
 
     def _unregister_block(self, hook: HyCaBlockHook, block: torch.nn.Module) -> None:
-        """Take HyCa's hook out of the block's forward chain without disturbing hooks
-        others added after it (accelerate's offloading wraps the block from outside the
-        diffusers registry, and diffusers' ``remove_hook`` would drop it)."""
-        registry = compat.registry_of(block)
-        if registry is None or registry.get_hook(BLOCK_HOOK) is not hook:
-            hook.inert = True
-            return
-        order = compat.hook_order(registry)
-        index = order.index(BLOCK_HOOK)
-        wrapper = self._wrappers[hook.index]
-        below = hook.fn_ref.original_forward
-        if index < len(order) - 1 or block.__dict__.get("forward") is wrapper:
-            registry.remove_hook(BLOCK_HOOK, recurse=False)  # diffusers rewires the chain itself
-            return
-        if block.__dict__.get("_old_forward") is wrapper:  # accelerate wrapped HyCa's wrapper
-            block._old_forward = below
-            compat.forget(registry, BLOCK_HOOK)
-            return
-        if not _reaches(block, wrapper):  # already out of the chain
-            compat.forget(registry, BLOCK_HOOK)
-            return
-        hook.inert = True  # wrapped by something HyCa cannot rewire: stay in the chain, do nothing
+        hook.inert = not _take_out(block, BLOCK_HOOK, hook, self._wrappers[hook.index])
 
     # --- keeping the hooks in place -------------------------------------------------------
 
@@ -140,6 +123,31 @@ class HookChain:
             return False
         return not any(hook.inert for hook in self.block_hooks)
 
+
+
+def _take_out(module: torch.nn.Module, name: str, hook: Any, wrapper: Any) -> bool:
+    """Take HyCa's hook ``name`` out of ``module``'s forward chain without disturbing hooks
+    others added after it (accelerate's offloading wraps the module from outside the
+    diffusers registry, and diffusers' ``remove_hook`` would drop it). ``wrapper``: the
+    forward diffusers made for the hook. False where it must stay in the chain (wrapped by
+    something HyCa cannot rewire): the caller makes it do nothing."""
+    registry = compat.registry_of(module)
+    if registry is None or registry.get_hook(name) is not hook:
+        return False
+    order = compat.hook_order(registry)
+    index = order.index(name)
+    below = hook.fn_ref.original_forward
+    if index < len(order) - 1 or module.__dict__.get("forward") is wrapper:
+        registry.remove_hook(name, recurse=False)  # diffusers rewires the chain itself
+        return True
+    if module.__dict__.get("_old_forward") is wrapper:  # accelerate wrapped HyCa's wrapper
+        module._old_forward = below
+        compat.forget(registry, name)
+        return True
+    if not _reaches(module, wrapper):  # already out of the chain
+        compat.forget(registry, name)
+        return True
+    return False
 
 
 def _mark(hook: HyCaBlockHook) -> None:

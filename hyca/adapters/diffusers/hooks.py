@@ -6,7 +6,8 @@ which survive anything that rewraps ``forward``: accelerate's CPU offload, cache
 to and whether its blocks run. One diffusers ``ModelHook`` per block either runs the block
 and records its residual, or passes its inputs through; on a skip step the first block
 adds the forecast of the summed residuals, so the rest of the stack is a chain of cheap
-identities and the embeddings and output layers run as usual.
+identities and the embeddings and output layers run as usual. (A profile that forecasts the
+model output skips the whole forward of a forecast call: :mod:`.outputs`.)
 
 What a call belongs to is read from what the transformer is fed and who calls it, never
 from state that can go stale:
@@ -38,7 +39,8 @@ did not all report is never forecast from.
 
 Modules: :mod:`.root` (the controller: per call, runs, resets, scopes), :mod:`.block` (the
 block hook), :mod:`.chain` (keeping the hooks in other libraries' chains), :mod:`.runs`
-(the step count and the calling pipeline), :mod:`.conflicts` (other caches),
+(the step count and the calling pipeline), :mod:`.outputs` (the output-head and
+model-output targets), :mod:`.conflicts` (other caches),
 :mod:`.scopes` (per-request state), :mod:`.calls` (call arguments), :mod:`.compat` (every
 use of diffusers' private hook API). This module registers and finds HyCa on a transformer.
 """

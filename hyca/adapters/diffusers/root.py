@@ -15,12 +15,13 @@ import torch
 from ...engine.cache import BranchState
 from ...engine.state import RunStats
 from ...engine.residual import ResidualMeter
-from ...engine.targets import MODEL_OUTPUT, OUTPUT, from_tokens, output_tokens
+from ...engine.targets import MODEL_OUTPUT, OUTPUT
 from ...profiles.settings import RunSettings
 from . import parallel
 from .block import BLOCK_HOOK, HyCaBlockHook
-from .calls import _argument, _parameter_names, _scalar, _shape_signature, sample_of, with_sample
+from .calls import _argument, _parameter_names, _scalar, _shape_signature
 from .chain import HookChain
+from .outputs import OutputTargets, SkipHook
 from .conflicts import CacheConflict, conflict_message, other_cache
 from .families import BlockList, Family, head_of
 from .runs import Run, Steps, _weak, calling_pipeline
@@ -33,7 +34,7 @@ logger = logging.getLogger("hyca")
 MAX_THREADS_REMEMBERED = 256
 
 
-class HyCaRoot(HookChain):
+class HyCaRoot(HookChain, OutputTargets):
     """Per transformer: the engine it was enabled with, the scopes' router, the step source
     and the hooks. The run state lives in scopes (:mod:`.scopes`): one per request, and the
     default scope, whose engine is ``engine``, for calls made outside any pipeline call."""
@@ -54,6 +55,8 @@ class HyCaRoot(HookChain):
         self.meter = ResidualMeter()
         self.blocks = [block for _, block in blocks]
         self.block_hooks = [HyCaBlockHook(i, spec, self) for i, (spec, _) in enumerate(blocks)]
+        self.skip_hook = SkipHook(self)  # on the transformer: a model-output skip call runs no forward
+        self._skip_wrapper: Any = None  # the forward diffusers made for it
         self._transformer = weakref.ref(transformer)
         self._names = _parameter_names(type(transformer).forward)[1:]
         self._handles: list[Any] = []
@@ -89,7 +92,7 @@ class HyCaRoot(HookChain):
         if states.open is not None:  # the previous call raised inside the transformer: that run is over
             self._finish(states, states.open, "a transformer call failed")
             states.open = None
-        states.current, states.reports = None, 0
+        states.current, states.reports, states.may_skip, states.skipped = None, 0, False, False
         found = other_cache(module, scan=False)
         if found is not None:
             raise CacheConflict(conflict_message(module, found, hyca_first=True))
@@ -130,26 +133,12 @@ class HyCaRoot(HookChain):
                     self._told_unknown = True
                     logger.warning("HyCa: %s", message)
         states.engine.begin_step(state, position, signature, run.total)
+        states.may_skip = self._may_skip(states, state, args, kwargs)
         state.run = run.token if state.run is None else state.run
         state.last_position, state.last_index = position, index
         states.current = state
         states.open = state
         return None
-
-    @torch.compiler.disable
-    def _head_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Output target: record the head's input on a computed step; replace it with the
-        forecast made at the first block on a skipped one."""
-        states = ACTIVE.get()
-        state = None if states is None or states.root is not self else states.current
-        if state is None or states.bypass or states.engine.target != OUTPUT:
-            return None
-        x = args[0] if args else kwargs["input"]
-        forecast = self._record_or_take(states, state, lambda: x, "the output head")
-        if forecast is None:
-            return None
-        forecast = forecast.to(device=x.device, dtype=x.dtype)
-        return ((forecast, *args[1:]), kwargs) if args else (args, {**kwargs, "input": forecast})
 
     @torch.compiler.disable
     def _post(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
@@ -164,7 +153,7 @@ class HyCaRoot(HookChain):
             return None
         if state is None:
             return None
-        if states.reports != len(self.block_hooks) and not state.failed:
+        if states.reports != len(self.block_hooks) and not state.failed and not states.skipped:
             if not state.computing:
                 states.engine.fail(state, "block hooks were removed during a forecast step")
                 raise RuntimeError(
@@ -181,34 +170,6 @@ class HyCaRoot(HookChain):
         if state.total_steps is not None and state.step >= state.total_steps:
             self._finish(states, state, None)  # the run is complete: free its cache now
         return replaced
-
-    def _model_output(self, states: BranchStates, state: BranchState, output: Any) -> Any:
-        """Target ``"model_output"`` (:mod:`hyca.engine.targets`): record the call's output
-        at a computed step; at a skip step return the output with the forecast in place of
-        its sample (the blocks only passed their inputs on, as diffusers' TaylorSeer lite
-        zeroes them; a torch forward hook cannot skip the embeddings and head, which are
-        cheap). Returns the replacement output, or None to keep the call's."""
-        sample = sample_of(output)
-        forecast = self._record_or_take(states, state, lambda: output_tokens(sample, states.engine.profile),
-                                        "the model output")
-        return None if forecast is None else with_sample(output, from_tokens(forecast, sample))
-
-    @staticmethod
-    def _record_or_take(states: BranchStates, state: BranchState, value: Any, where: str) -> torch.Tensor | None:
-        """The output targets' part: at a computed step record ``value()`` as block 0 (a
-        failure computes the rest of the run and says why) and return None; at a skip step
-        return the forecast the first block made (``where`` names the place, for the error)."""
-        if state.computing:
-            if not state.failed:
-                try:
-                    states.engine.record(state, 0, value())
-                except Exception as error:
-                    states.engine.fail(state, f"caching failed ({error})")
-            return None
-        forecast, states.head_forecast = states.head_forecast, None
-        if forecast is None:
-            raise RuntimeError(f"HyCa: a forecast step reached {where} without a forecast")
-        return forecast
 
     def _other_pipeline_run(self, states: BranchStates, state: BranchState, module: torch.nn.Module, run: Run,
                             pipe: Any) -> None:

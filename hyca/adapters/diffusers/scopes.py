@@ -54,6 +54,10 @@ class HostState(BranchState):
     run: Any = None  # weak reference to the schedule (scheduler.timesteps) this generation runs on
     last_position: float | None = None
     last_index: int | None = None  # the cache context's step_index at the previous call
+    #: model-output target: the latest computed call's output and its ``return_dict``, the
+    #: shape of a forecast call's output when the forward is skipped (:mod:`.skip`)
+    output_like: Any = None
+    output_return_dict: Any = None
 
 
 class Request:
@@ -98,6 +102,9 @@ class BranchStates:
         self.current: BranchState | None = None
         self.reports = 0
         self.head_forecast: torch.Tensor | None = None  # output targets: made at the first block, used at the head / output
+        self.may_skip = False  # this call may return its forecast without running the forward (:mod:`.skip`)
+        self.skipped = False  # ... and did
+        self.return_dict: Any = None  # this call's return_dict argument
         self.open: BranchState | None = None
         self.parallel: Any = None
         self.owner: int | None = None  # default scope: the thread whose run it holds
@@ -170,6 +177,7 @@ class BranchStates:
         self._state_cache.clear()
         self.current, self.bypass, self.reports, self.open, self.owner = None, False, 0, None, None
         self.head_forecast = None
+        self.may_skip = self.skipped = False
         self._forget_unnamed()
 
 
