@@ -2,10 +2,11 @@
 
 Per-call times (a pre- and a post-hook on the transformer) in a fully computed run and a
 HyCa run: a computed call, a skip call, the same transformer with its block lists
-emptied (what any skip step must still run: embeddings, RoPE, norm_out, proj_out), and the
+emptied (what a skip step that enters the transformer must still run: embeddings, RoPE,
+norm_out, proj_out; a model-output profile's skip step does not enter it), and the
 pipeline's time outside the transformer per step (scheduler, token ids). From these, the
-speed-up an ideal cache would reach (a skip call costing only the block-less
-transformer) separates what HyCa adds from what no cache can remove.
+speed-up of a block-hook cache at its floor (a skip call costing only the block-less
+transformer) separates what HyCa adds from what such a cache cannot remove.
 """
 
 from __future__ import annotations
