@@ -42,7 +42,8 @@ from ..webui import kinds
 from ..webui.adapter import Adapter
 from ..webui.fingerprint import fingerprint
 from ..webui.profiles import Chosen, ProfileBook, for_sampler, nothing_forecast
-from ..webui.session import PassSession, PassStats
+from ..webui.results import PassStats
+from ..webui.session import PassSession
 from ..webui.settings import Settings, torch_dtype
 from .chunks import ChunkedSession
 from .probe_host import ComfyProbeHost

@@ -34,8 +34,8 @@ from .fingerprint import fingerprint
 from .processing import diffusion_model_of, lora_identity, pass_sigmas, pass_steps
 from .profiles import AUTOMATIC, Chosen, ProfileBook, for_sampler, menu_label, nothing_forecast
 from .registry import recognise, supported
-from .results import infotext
-from .session import PassSession, PassStats, step_of
+from .results import PassStats, infotext
+from .session import PassSession, step_of
 from .settings import ERROR_KEY, INFOTEXT_KEYS, RESULT_KEYS, Settings, torch_dtype
 
 logger = logging.getLogger("hyca.webui")

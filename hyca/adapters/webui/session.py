@@ -44,18 +44,19 @@ forecast call does not run the model at all: its output is made from the forecas
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from ...engine.cache import BranchState, HybridCache, RunStats
-from ...engine.guard import Switch, describe_switches
+from ...engine.guard import Switch
 from ...engine.residual import ResidualError, ResidualMeter, Snapshot
 from ...engine.targets import MODEL_OUTPUT, OUTPUT
 from ...profiles.off_settings import OffSettings
 from ...profiles.settings import RunSettings
 from .model_call import ModelOutputs
+from .results import PassStats, of_image
 
 logger = logging.getLogger("hyca.webui")
 
@@ -133,35 +134,6 @@ class Call:
     @property
     def record(self) -> bool:
         return self.computing and self.began
-
-
-@dataclass
-class PassStats:
-    steps: RunStats = field(default_factory=RunStats)
-    calls_computed: int = 0
-    calls_forecast: int = 0
-    #: ``(branch, switch)`` for every solver group the guard switched in this pass
-    switches: list[tuple[str, Switch]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    #: the pass ran its profile away from the settings it was chosen for (the engine's decision)
-    off_settings: OffSettings | None = None
-    #: why HyCa stopped caching part-way (its later calls ran uncached and are not counted above)
-    stopped: str | None = None
-    #: the user stopped the pass before its last step: ``"Interrupt after 6 of 10 steps"``
-    interrupted: str | None = None
-
-    def describe_switches(self) -> str:
-        """``taylor-2 -> taylor-1 at step 6 (images 1-4, cond), ...``
-        (:func:`hyca.engine.guard.describe_switches`); the branch is named only when the pass
-        had several."""
-        return describe_switches(self.switches, branches=len({branch for branch, _ in self.switches}) > 1)
-
-    @property
-    def flops_saving(self) -> float:
-        """Fraction of block-stack evaluations skipped (embeddings and output layers run
-        on every call and are not counted)."""
-        total = self.calls_computed + self.calls_forecast
-        return self.calls_forecast / total if total else 0.0
 
 
 class PassSession:
@@ -425,33 +397,7 @@ class PassSession:
         for key, branch in self._branches.items():
             steps.computed = max(steps.computed, branch.state.stats.computed)
             steps.forecast = max(steps.forecast, branch.state.stats.forecast)
-            switches += [_of_image(key, branch.state.items, d, self.halves_of) for d in branch.state.stats.switches]
+            switches += [of_image(key, branch.state.items, d, self.halves_of) for d in branch.state.stats.switches]
             notes += [n for n in branch.state.stats.notes if n not in notes]
             off_settings = off_settings or branch.state.stats.off_settings
         return PassStats(steps, self.calls_computed, self.calls_forecast, switches, notes, off_settings, self.stopped)
-
-
-_BRANCHES = {0: "cond", 1: "uncond"}  # the frontends' cond_or_uncond values
-
-
-def branch_name(key: tuple) -> str:
-    """``cond``, ``uncond``, ``cond+uncond`` (one batched call) or ``call k`` (unnamed calls)."""
-    (hint, *_), slot = key
-    if hint:
-        return "+".join(_BRANCHES.get(h, str(h)) for h in hint)
-    return "batch" if slot == 0 else f"call {slot + 1}"
-
-
-def _of_image(key: tuple, items: int | None, switch: Switch, halves_of: int | None = None) -> tuple[str, Switch]:
-    """A switch with its branch, and, in a call that batches several branches (chunks of
-    the batch, in the order of the call's ``cond_or_uncond``; an unnamed call of twice
-    ``halves_of`` rows: cond then uncond, A1111's order), the chunk's branch and the image
-    within it: the engine counts the call's batch rows, which are not the images."""
-    (hint, *_), _slot = key
-    if not hint and halves_of and items == 2 * halves_of:
-        hint = (0, 1)
-    if not hint or len(hint) < 2 or switch.item is None or not items or items % len(hint):
-        return branch_name(key), switch
-    per_chunk = items // len(hint)
-    chunk, image = divmod(switch.item, per_chunk)
-    return _BRANCHES.get(hint[chunk], str(hint[chunk])), replace(switch, item=image if per_chunk > 1 else None)
