@@ -9,8 +9,10 @@ pipeline without HyCa."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -158,6 +160,87 @@ def test_a_probe_waits_for_a_request_sampling_and_both_equal_their_runs_alone(tm
     assert isinstance(out["a"], torch.Tensor) and isinstance(out["b"], torch.Tensor), out
     torch.testing.assert_close(out["a"], alone_a, rtol=0, atol=0)
     torch.testing.assert_close(out["b"], alone_b, rtol=0, atol=0)
+
+
+def test_two_enabled_pipelines_probing_at_once_on_one_transformer_both_finish(tmp_path, monkeypatch):
+    """docs/requests.md's server pattern: several pipelines passed to hyca.enable around one
+    transformer, each call at settings of its own. A's call probes while B's call has begun
+    and waits for A's probe. The probe samples with A's pipeline: sampling with the pipeline
+    enabled last (B's, busy in B's call) deadlocked both (a README-only helper's finding)."""
+    no_profiles_but_a_cache(tmp_path, monkeypatch)
+    b_called = threading.Event()
+
+    def probe_sampling_with(pipe, **options):
+        """Samples with the pipeline it is given through its __call__, HyCa's hooks swapped for
+        the run's (the real probe's own ``_hooked``)."""
+        if threading.current_thread().name == "request-a":
+            assert b_called.wait(timeout=30)
+            time.sleep(0.3)  # B is inside its call, waiting for this probe
+        profile = stand_in_profile(pipe, options)
+        steps = options.get("steps", 28)
+        with _hooked(pipe.transformer, HybridCache(profile, Schedule(interval=INTERVAL, warmup=WARMUP)), steps):
+            flux(pipe, steps)
+        return profile
+
+    monkeypatch.setattr("hyca.adapters.diffusers.probe.probe", probe_sampling_with)
+    base = CASES["flux"].build()
+    alone = {}
+    for name, steps in (("a", STEPS), ("b", 8)):
+        monkeypatch.setenv("HYCA_CACHE", str(tmp_path / f"alone-{name}"))
+        alone[name] = flux(plain_around(base.transformer, base), steps)
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path / "shared"))
+    pipe_a, pipe_b = plain_around(base.transformer, base), plain_around(base.transformer, base)
+    out: dict[str, object] = {}
+
+    def request(name, pipe, steps):
+        if name == "b":
+            b_called.set()
+        try:
+            out[name] = flux(pipe, steps)
+        except Exception as error:  # pragma: no cover - reported by the assertion below
+            out[name] = error
+
+    threads = [threading.Thread(target=request, args=("a", pipe_a, STEPS), name="request-a", daemon=True),
+               threading.Thread(target=request, args=("b", pipe_b, 8), name="request-b", daemon=True)]
+    threads[0].start()
+    time.sleep(0.2)  # A holds the choice (and probes) first
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "deadlocked"
+    for name in ("a", "b"):
+        torch.testing.assert_close(out[name], alone[name], rtol=0, atol=0)
+
+
+def test_a_call_probes_with_its_own_pipeline_when_several_are_enabled(tmp_path, monkeypatch):
+    """Two enabled pipelines around one transformer: a call at new settings probes with the
+    pipeline making it (its scheduler, its components), not with the pipeline enabled last,
+    whose scheduler's shift the profile would otherwise be made for (found on the reference
+    pipeline with shifts 1 and 3; the tiny FLUX scheduler shifts by image size, so here the
+    identity of the pipeline sampled is the check)."""
+    no_profiles_but_a_cache(tmp_path, monkeypatch)
+    probed_with = []
+
+    def recording_probe(pipe, **options):
+        probed_with.append(pipe)
+        return stand_in_profile(pipe, options)
+
+    monkeypatch.setattr("hyca.adapters.diffusers.probe.probe", recording_probe)
+    base = CASES["flux"].build()
+    pipe_a, pipe_b = plain_around(base.transformer, base), plain_around(base.transformer, base)
+    before = len(probed_with)  # (hyca.enable's own probe, with the pipeline given to it)
+    flux(pipe_a, STEPS)
+    assert len(probed_with) == before + 1 and probed_with[-1] is pipe_a
+    flux(pipe_b, 8)
+    assert len(probed_with) == before + 2 and probed_with[-1] is pipe_b
+
+
+def plain_around(transformer, like, **settings):
+    """A pipeline of its own around ``transformer`` (its own scheduler), passed to hyca.enable."""
+    pipe = FluxPipeline(**{**like.components, "transformer": transformer,
+                           "scheduler": copy.deepcopy(like.scheduler)})
+    hyca.enable(pipe, **{"interval": INTERVAL, "warmup": WARMUP, **settings})
+    return pipe
 
 
 # --- 4. pipelines built around the enabled pipeline's transformer --------------------------

@@ -308,8 +308,9 @@ def _chooser(pipeline: Any, attribute: str, spec: Any, engine: HybridCache, sche
     options = RunSettings(interval=run.interval, warmup=run.warmup, compute_last=run.compute_last,
                           positions=run.positions)
 
-    def probe_for(call: RunSettings) -> Callable[[], Profile] | None:
-        return None if _has_experts(pipeline) else _first_use_probe(pipeline, attribute, call, probe_kwargs, True)
+    def probe_for(call: RunSettings, calling: Any = None) -> Callable[[], Profile] | None:
+        sampler = calling if calling is not None else pipeline  # the probe samples with the calling pipeline
+        return None if _has_experts(sampler) else _first_use_probe(sampler, attribute, call, probe_kwargs, True)
 
     def resolve(transformer: torch.nn.Module, make: Callable[[], Profile] | None, call: RunSettings) -> Profile:
         return _profile_for(_resolve(AUTO, transformer, make, call, True, per_call=True), transformer, num_blocks,

@@ -60,7 +60,8 @@ class Chooser:
     template: HybridCache  # the engine ``hyca.enable`` made (and returned)
     schedule: Schedule  # HyCa's schedule as given (each profile may set its own start)
     options: RunSettings  # interval, warm-up, last step, positions axis as given
-    probe: Callable[[RunSettings], Callable[[], Profile] | None]  # the first-use probe for given settings
+    #: the first-use probe for given settings, run with the pipeline making the call (None: the enabled one)
+    probe: Callable[[RunSettings, Any], Callable[[], Profile] | None]
     resolve: Callable[[torch.nn.Module, Callable[[], Profile] | None, RunSettings], Profile]
     chosen: dict[RunSettings, Profile] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -72,14 +73,17 @@ class Chooser:
         self.__dict__.update(state)
         self.lock = threading.Lock()
 
-    def engine_for(self, transformer: torch.nn.Module, run: RunSettings) -> HybridCache:
-        """A fresh engine for one request at ``run`` (see the module doc)."""
+    def engine_for(self, transformer: torch.nn.Module, run: RunSettings, pipe: Any = None) -> HybridCache:
+        """A fresh engine for one request at ``run`` (see the module doc); ``pipe``: the
+        pipeline making the call, which a first-use probe samples with. (Not the pipeline this
+        chooser was enabled with: with several enabled pipelines around one transformer that one
+        may be sampling in another thread, waiting for this lock, and would never be free.)"""
         with self.lock:  # two requests at new settings: one probe, not two at once on one transformer
             profile = self.chosen.get(run)
             if profile is None and transformer.training:  # runs uncached (the root hook says so): choose later
                 profile = self.template.profile
             elif profile is None:
-                profile = self.chosen[run] = self._choose(transformer, run)
+                profile = self.chosen[run] = self._choose(transformer, run, pipe)
         return self.engine_of(profile)
 
     def known(self, transformer: torch.nn.Module, run: RunSettings) -> Profile | None:
@@ -118,7 +122,7 @@ class Chooser:
         made._told = template._told  # logged once per enabled model, noted in each run's stats
         return made
 
-    def _choose(self, transformer: torch.nn.Module, run: RunSettings) -> Profile:
+    def _choose(self, transformer: torch.nn.Module, run: RunSettings, pipe: Any = None) -> Profile:
         from .api import AUTO
 
         chosen_for = RunSettings.of_profile(self.template.profile.metadata)
@@ -132,7 +136,7 @@ class Chooser:
             # no rank can probe: the engine says what differs
             return self.template.profile
         try:  # without a probe (a second expert): the closest profile found
-            profile = self.resolve(transformer, self.probe(run), run)
+            profile = self.resolve(transformer, self.probe(run, pipe), run)
         except ProfileError:
             return self.template.profile
         if profile.source != self.template.profile.source:  # once per settings: chosen[run] remembers it
@@ -198,7 +202,7 @@ class Requests:
                 break  # arguments the pipeline itself will refuse
             run = told.merged(chooser.options)
             settings[id(transformer)] = run
-            engine = chooser.engine_for(transformer, run)
+            engine = chooser.engine_for(transformer, run, pipe)
             noisy = scheduler_renoising(getattr(pipe, "scheduler", None))
             engines[id(transformer)] = _for_renoising(chooser, transformer, engine, run, noisy) if noisy else engine
         request = Request(engines, settings)
