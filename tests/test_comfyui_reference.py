@@ -215,3 +215,27 @@ def test_a_sampler_that_adds_noise_every_step_forecasts_residuals_with_reuse(ref
     if renoises:
         assert f"sampler: {sampler} adds fresh noise every step" in out and "robust path" in out
 
+
+def test_a_sampler_that_replaces_the_noise_every_step_computes_every_step(reference, capsys):
+    """ComfyUI's ``lcm`` draws the whole noise anew at every step: no forecast follows it
+    (bench/results/renoising.md), so the node computes every step, its image is the one
+    without the node, and the console says why."""
+    pipe, patcher, to_latent, to_image = reference
+    model = patcher.model.diffusion_model
+    noise = to_latent(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    adapter = recognise(model)
+    fora = Profile.uniform("reuse", len(adapter.blocks(model)), adapter.hidden_size(model))
+    hidden, pooled = pipe.encode_prompt([CAPTIONS[0]])
+    empty_hidden, empty_pooled = pipe.encode_prompt([""])
+
+    def image(m):
+        return harness.sample(m, [[hidden, {"pooled_output": pooled}]],
+                              [[empty_hidden, {"pooled_output": empty_pooled}]], noise, steps=STEPS, sampler="lcm")
+
+    plain = image(patcher)
+    patched = HyCaPatch(Settings(enabled=True, interval=4, warmup=3, guard=True), adapter,
+                        OneBook(fora, "fora")).install(patcher)
+    assert torch.equal(image(patched), plain)
+    out = capsys.readouterr().out
+    assert "sampler: lcm replaces the sample's noise at every step" in out and "HyCa stopped caching" not in out
+

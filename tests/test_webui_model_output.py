@@ -280,3 +280,21 @@ def test_a_sampler_that_adds_noise_every_step_forecasts_residuals_with_reuse(kin
     assert (kept.images[0] - fora_euler.images[0]).abs().max() > 1e-3
     assert "sampler: Euler a adds fresh noise every step" in out and "plain reuse (FORA) instead of its profile" in out
     assert "HyCa off-settings" in p.extra_generation_params  # the infotext: the pass ran away from its profile
+
+
+@pytest.mark.parametrize("kind", ["forge_flux", "a1111_sd3"])
+def test_a_sampler_that_replaces_the_noise_every_step_computes_every_step(kind, isolated, capsys):
+    """"LCM" draws the whole noise anew at every step: no forecast follows it
+    (bench/results/renoising.md), so the pass computes every step (its image is the one with
+    HyCa off) and the console says why; the infotext counts no forecast step."""
+    with Frontend(kind) as f:
+        cached, p = f.run(args(True, INTERVAL, WARMUP, profile="FORA (reuse)"), steps=STEPS, sampler_name="LCM")
+        plain, _ = f.run(args(False), steps=STEPS, sampler_name="LCM")
+        euler, _ = f.run(args(True, INTERVAL, WARMUP, profile="FORA (reuse)"), steps=STEPS)
+        euler_plain, _ = f.run(args(False), steps=STEPS)
+    out = capsys.readouterr().out
+    torch.testing.assert_close(cached.images[0], plain.images[0], rtol=0, atol=0)
+    assert (euler.images[0] - euler_plain.images[0]).abs().max() > 1e-3  # FORA does forecast on Euler
+    assert "sampler: LCM replaces the sample's noise at every step" in out
+    assert p.extra_generation_params["HyCa steps"] == f"{STEPS} computed, 0 forecast"
+

@@ -258,6 +258,9 @@ def sample(p: Processing, x: torch.Tensor, sigmas: torch.Tensor, denoise: Callab
                 s_down = (s_next ** 2 - s_up ** 2) ** 0.5
                 x = x + d * (s_down - s)
                 x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(1000 + i)) * s_up
+            elif p.sampler_name == "LCM":  # A1111 modules/sd_samplers_lcm.py sample_lcm (at 82a973c): the
+                # denoised sample plus fresh noise at the next sigma, the whole noise drawn anew each step
+                x = denoise(x, s, i) + torch.randn(x.shape, generator=torch.Generator().manual_seed(1000 + i)) * s_next
             callback(i)
     except sd_samplers_common.InterruptedException:
         pass

@@ -6,6 +6,8 @@ A profile is chosen on a deterministic path (the probe's Euler walk over the run
 A re-noising sampler moves the model input by new noise at each step, which extrapolating
 solvers read as motion: such a run takes the off-settings path (start from plain reuse, the
 guard gives a group its profile's solver back where that solver wins its checks on this run).
+A sampler that replaces the noise at every step (LCM, ``stochastic_sampling``) computes every
+step: no forecast follows it.
 Names: ``comfy/k_diffusion/sampling.py`` (``sample_<name>``) and the WebUIs' sampler labels
 (``modules/sd_samplers_kdiffusion.py``: "Euler a", "DPM++ 2M SDE", ...).
 """
@@ -25,6 +27,15 @@ from ..profiles.settings import RunSettings
 RENOISING_START = "reuse"
 
 _RENOISING = re.compile(r"ancestral|sde|lcm|ddpm|seeds|restart|sa_solver|stochastic| a$")
+#: Samplers whose every step *replaces* the sample's noise (``x = (1 - s) x0 + s * noise``):
+#: k-diffusion's and diffusers' LCM, flow-matching Euler with ``stochastic_sampling``. No
+#: forecast follows such a run: FORA at N=4 lands further from the full image than a sample
+#: with other noise (bench/results/renoising.md), so these runs compute every step.
+_REPLACING = re.compile(r"lcm|stochastic_sampling")
+
+#: What such a run says (after the sampler's name).
+COMPUTED_EVERY_STEP = ("replaces the sample's noise at every step, which no forecast can follow: HyCa computes every "
+                       "step of this run (no speed-up; the image is the uncached one)")
 
 
 def renoising(name: str | None) -> str | None:
@@ -61,7 +72,7 @@ def profile_for_renoising(profile: Profile, num_blocks: int, dim: int, reason: s
     runs the embeddings and the head on the freshly noised input, where a forecast output
     cannot follow the new noise (measured in bench/results/renoising.md)."""
     target = target_of(profile.metadata)
-    if target == RESIDUAL:
+    if target == RESIDUAL or replaces_noise(reason):  # (the latter forecasts nothing: expect_renoising)
         return profile, None
     fora = Profile.uniform(RENOISING_START, num_blocks, dim)
     fora.metadata["renoising"] = True  # put in by HyCa, not asked for: its run still says why (plain_reuse)
@@ -73,9 +84,23 @@ def profile_for_renoising(profile: Profile, num_blocks: int, dim: int, reason: s
 def expect_renoising(engine: HybridCache, run: RunSettings, reason: str | None) -> OffSettings | None:
     """:meth:`HybridCache.expect` for a host that knows its sampler: a re-noising one
     (``reason``) makes the run differ from its profile's settings and start from
-    :data:`RENOISING_START`, unless the profile is plain reuse the user asked for."""
+    :data:`RENOISING_START`, unless the profile is plain reuse the user asked for; one that
+    replaces the noise every step (:func:`replaces_noise`) computes every step, said once."""
+    if replaces_noise(reason):
+        engine.expect(run, compute_all=f"sampler: {sampler_label(reason)} {COMPUTED_EVERY_STEP}")
+        return None
     noisy = reason if reason is not None and not plain_reuse(engine.profile) else None
     return engine.expect(run, extra=(noisy,) if noisy else (), start=RENOISING_START if noisy else None)
+
+
+def replaces_noise(reason: str | None) -> bool:
+    """Whether :func:`renoising`'s ``reason`` names a sampler that replaces the noise at every step."""
+    return reason is not None and bool(_REPLACING.search(sampler_label(reason).lower()))
+
+
+def sampler_label(reason: str) -> str:
+    """The sampler's name in :func:`renoising`'s ``reason``."""
+    return reason.removeprefix("sampler: ").split(" adds fresh noise")[0]
 
 
 def plain_reuse(profile: Profile) -> bool:

@@ -99,6 +99,7 @@ class HybridCache:
         self.log_notes = log_notes
         self.off_settings = off_settings
         self._expected: OffSettings | None = None  # set by expect: applied to every branch at its step 0
+        self._compute_all: str | None = None  # set by expect: why every step of the runs computes
         #: what the host can tell about the run in progress beyond the engine's own view (the
         #: scheduler's shift, a guidance scale the pipeline keeps); set by the host at step 0
         self.host_run = RunSettings()
@@ -175,16 +176,20 @@ class HybridCache:
             state.strikes = [0] * len(self.solver_ids)
             if self._expected is not None:
                 self._take_path(state, self._expected, log=False)
+            if self._compute_all is not None:
+                self._say(state, self._compute_all)
         self.branches.began(state)
-        if state.step == 1 and self.compare_settings:
-            self._compare_settings(state)
-        if state.step == 1 and self.guard and not self._guarded(state):
-            state.stats.note(UNGUARDED)
-        if state.step == 1 and self.asked_compute_last and not self.schedule.compute_last and state.total_steps:
-            state.stats.note(LAST_FORECAST)
+        if state.step == 1 and self._forecasts(state):  # (a run that forecasts nothing: said at step 0)
+            if self.compare_settings:
+                self._compare_settings(state)
+            if self.guard and not self._guarded(state):
+                state.stats.note(UNGUARDED)
+            if self.asked_compute_last and not self.schedule.compute_last and state.total_steps:
+                state.stats.note(LAST_FORECAST)
         use_step = self.positions == "step" or position is None
         state.current_position = float(state.step) if use_step else float(position)
-        state.computing = state.failed or not state.positions or self.schedule.computes(state.step, state.total_steps)
+        state.computing = (state.failed or not state.positions or self._compute_all is not None
+                           or self.schedule.computes(state.step, state.total_steps))
         state.forecast = state.forecast_position = None
         if not state.computing:
             forecast, known_finite = self._forecast(state)
@@ -312,6 +317,11 @@ class HybridCache:
         state.step += 1
         self.last_stats = state.stats
 
+    def _forecasts(self, state: BranchState) -> bool:
+        """Whether ``state``'s run forecasts any step (the profile plays a part in it)."""
+        return self._compute_all is None and not (state.total_steps is not None
+                                                  and all(self.schedule.plan(state.total_steps)))
+
     def _guarded(self, state: BranchState) -> bool:
         """On, unless the profile was chosen guard-off and the run is at its settings."""
         return self.guard and not (self.unguarded and state.stats.off_settings is None)
@@ -360,8 +370,6 @@ class HybridCache:
         """At a branch's second step (the branches of step 0 have all begun): compare the
         run with the settings the profile was chosen for and, where they differ, take the
         off-settings path (:func:`hyca.profiles.off_settings.decide`) and say so once."""
-        if state.total_steps is not None and all(self.schedule.plan(state.total_steps)):
-            return  # nothing forecast: the profile plays no part (said at step 0)
         run = self.run_settings(state).merged(self.host_run)
         branches = self.guidance_branches()
         extra = []
@@ -375,15 +383,17 @@ class HybridCache:
             self._take_path(state, off, log=True)
 
     def expect(self, run: RunSettings, own_sigmas: bool = False, extra: Sequence[str] = (),
-               start: str | None = None) -> OffSettings | None:
+               start: str | None = None, compute_all: str | None = None) -> OffSettings | None:
         """For hosts that know the run's settings before it starts (a WebUI pass, a ComfyUI
         sampler): decide the off-settings path for ``run`` now; every branch that begins from
         now on takes it at its step 0 and carries it in its stats. ``extra`` and ``start``: as
         :func:`~hyca.profiles.off_settings.decide`'s (what the host sees beyond the settings,
         such as a sampler that re-noises every step, and where the robust path starts then).
+        ``compute_all``: every step of the runs computes, for this reason (said once, in the stats).
         Returns the decision for the host to say (``None``: the run matches the profile's settings)."""
-        self._expected = decide(self.chosen_for, run, self.guard, self.off_settings, extra, own_sigmas=own_sigmas,
-                                start=start)
+        self._compute_all = compute_all
+        self._expected = None if compute_all else decide(self.chosen_for, run, self.guard, self.off_settings, extra,
+                                                         own_sigmas=own_sigmas, start=start)
         return self._expected
 
     def _take_path(self, state: BranchState, off: OffSettings, log: bool) -> None:
