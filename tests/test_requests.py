@@ -15,6 +15,7 @@ import torch
 from diffusers import FluxPipeline
 
 import hyca
+from hyca.adapters.diffusers import hooks
 from hyca.adapters.diffusers.scopes import ScopeBusy
 
 from tiny import Inputs, euler_sample, tiny_flux
@@ -207,6 +208,7 @@ def test_a_deep_copy_of_an_enabled_pipeline_runs_uncached_and_says_so(caplog):
     pipe = server()[0]
     cached = request(pipe, *REQUESTS[0])
     twin = copy.deepcopy(pipe)
+    assert hyca.is_enabled(pipe) and not hyca.is_enabled(twin)  # (a helper saw True on the copy)
     plain = CASES["flux"].build()
     plain.set_progress_bar_config(disable=True)
     with caplog.at_level("WARNING", logger="hyca"):
@@ -217,5 +219,31 @@ def test_a_deep_copy_of_an_enabled_pipeline_runs_uncached_and_says_so(caplog):
     assert len(said) == 1 and "hyca.enable on the copy" in said[0]
     assert not [r for r in caplog.records if "block hooks ran" in r.getMessage()]
     hyca.enable(twin, profile="taylor-2", interval=INTERVAL, warmup=WARMUP)
+    assert hyca.is_enabled(twin)
     torch.testing.assert_close(request(twin, *REQUESTS[0]), cached, rtol=0, atol=0)
     torch.testing.assert_close(request(pipe, *REQUESTS[0]), cached, rtol=0, atol=0)
+
+
+def test_a_transformer_replaced_after_enable_is_said_and_disable_removes_hyca_from_both(caplog):
+    """``pipe.transformer = other`` after hyca.enable: the new one runs uncached (said once);
+    hyca.disable(pipe) also takes HyCa off the transformer it was enabled on (a helper put it
+    back after disable and still got cached images)."""
+    import copy
+
+    pipe = server()[0]
+    old = pipe.transformer
+    plain = CASES["flux"].build()
+    plain.set_progress_bar_config(disable=True)
+    full = request(plain, *REQUESTS[0])
+    assert not torch.equal(request(pipe, *REQUESTS[0]), full)  # cached: the comparison can tell
+    pipe.transformer = copy.deepcopy(plain.transformer)
+    with caplog.at_level("WARNING", logger="hyca"):
+        torch.testing.assert_close(request(pipe, *REQUESTS[0]), full, rtol=0, atol=0)
+        request(pipe, *REQUESTS[0])
+    said = [r.getMessage() for r in caplog.records if "was replaced after hyca.enable" in r.getMessage()]
+    assert len(said) == 1
+    hyca.disable(pipe)
+    assert hooks.root_hook(old) is None and not hyca.is_enabled(old)
+    pipe.transformer = old
+    torch.testing.assert_close(request(pipe, *REQUESTS[0]), full, rtol=0, atol=0)
+

@@ -71,3 +71,15 @@ def test_an_interval_beyond_a_short_run_gives_advice_that_still_caches():
     one_left = Schedule(interval=4, warmup=3, compute_last=False).interval_beyond(4)
     assert "of the 1 step after the warm-up it computes 0 and forecasts 1" in one_left
     assert Schedule(interval=20, warmup=2).interval_beyond(12).endswith("use an N below 10")
+
+
+def test_numpy_integers_are_integers():
+    """A sweep over ``np.arange`` passes numpy integers (a helper saw ``interval=np.int64(4)``
+    refused as if 4 were invalid); they plan as the Python int does, bools stay refused."""
+    import numpy as np
+
+    schedule = Schedule(np.int64(4), np.int32(3), first_interval=np.int64(2))
+    assert type(schedule.interval) is int and schedule == Schedule(4, 3, first_interval=2)
+    assert schedule.plan(20) == Schedule(4, 3, first_interval=2).plan(20)
+    with pytest.raises(ValueError, match="interval must be an integer"):
+        Schedule(np.bool_(True), 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 
 from ..profiles.profile import Profile
@@ -33,6 +34,10 @@ class Schedule:
     first_interval: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("interval", "warmup", "first_interval"):  # numpy's integers (a sweep over np.arange) too
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                object.__setattr__(self, name, int(value))
         if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
             raise ValueError(f"interval must be an integer >= 1 (1 = compute every step), got {self.interval!r}")
         if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 1:

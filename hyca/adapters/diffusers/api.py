@@ -372,6 +372,10 @@ def disable(target: Any) -> None:
     for transformer in transformers_of(target):
         hooks.unregister(transformer)
     if not isinstance(target, torch.nn.Module):
+        for transformer in requests.replaced(target):  # pipe.transformer replaced since hyca.enable
+            hooks.unregister(transformer)
+            logger.info("HyCa: removed from the %s this pipeline was enabled with (replaced on it since)",
+                        type(transformer).__name__)
         requests.release(target)
 
 
@@ -405,9 +409,11 @@ def stats(target: Any) -> list[RunStats]:
 
 def is_enabled(target: Any) -> bool:
     """Whether HyCa will cache the next run: its hooks are in every block's forward chain
-    (any that another library unwrapped are put back first) and no other cache is on."""
+    (any that another library unwrapped are put back first), they serve this transformer (not
+    the original of a ``copy.deepcopy``, which runs uncached) and no other cache is on."""
     for transformer in transformers_of(target):
         hook = hooks.root_hook(transformer)
-        if hook is None or not hook.live(transformer) or hooks.other_cache(transformer) is not None:
+        if (hook is None or not hook.serves(hooks._uncompiled(transformer)) or not hook.live(transformer)
+                or hooks.other_cache(transformer) is not None):
             return False
     return True

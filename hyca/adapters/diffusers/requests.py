@@ -65,6 +65,7 @@ class Chooser:
     resolve: Callable[[torch.nn.Module, Callable[[], Profile] | None, RunSettings], Profile]
     chosen: dict[RunSettings, Profile] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    enabled_on: Any = None  # weak reference to the transformer hyca.enable hooked (set by intercept)
 
     def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy of an enabled pipeline: a lock of its own
         return {k: v for k, v in self.__dict__.items() if k != "lock"}
@@ -152,10 +153,20 @@ class Requests:
     def __init__(self, choosers: list[Chooser]) -> None:
         self.choosers = choosers
         self._calling = threading.RLock()  # reentrant: a probe inside a call samples with the same pipeline
-        self._said_wait = False
+        self._said_wait = self._said_replaced = False
 
     def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy(pipe): a lock cannot be copied, the copy gets its own
         return {"choosers": self.choosers}
+
+    def _say_replaced(self, pipe: Any, chooser: Chooser, transformer: Any) -> None:
+        """Once per pipeline object: its transformer is not the one ``hyca.enable`` hooked."""
+        enabled_on = chooser.enabled_on() if chooser.enabled_on is not None else None
+        if transformer is enabled_on or enabled_on is None or self._said_replaced:
+            return
+        self._said_replaced = True
+        logger.warning("HyCa: %s.%s was replaced after hyca.enable, so this call runs uncached; call hyca.enable "
+                       "on the pipeline again to cache the new one (hyca.disable(pipe) also removes HyCa from the "
+                       "%s it was enabled on)", type(pipe).__name__, chooser.attribute, type(enabled_on).__name__)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["choosers"])
@@ -195,6 +206,7 @@ class Requests:
                 # enabled again (through this or another pipeline): that enable's settings replaced these
                 chooser = _CHOOSERS.get(transformer, chooser)
             if root is None or root.engine is not chooser.template:
+                self._say_replaced(pipe, chooser, transformer)
                 continue  # HyCa set aside (a probe running) or disabled
             root.forget_uncached()  # this call's uncached calls (training mode) count alone
             told = read_call(pipe, call, args, kwargs) if told is None else told
@@ -311,6 +323,7 @@ def intercept(pipe: Any, choosers: list[Chooser]) -> None:
         transformer = getattr(pipe, chooser.attribute, None)
         if isinstance(transformer, torch.nn.Module):
             _CHOOSERS[transformer] = chooser
+            chooser.enabled_on = weakref.ref(transformer)
 
 
 #: transformer -> the chooser of the pipeline it was last enabled through (for the calls of
@@ -353,6 +366,20 @@ def engine_for_other_pipeline(transformer: torch.nn.Module, pipe: Any, steps: in
     if getattr(current, "profile", None) is profile:
         return current, note
     return chooser.engine_of(profile), note
+
+
+def replaced(pipe: Any) -> list[torch.nn.Module]:
+    """The transformers ``hyca.enable`` hooked through ``pipe`` that the pipeline no longer
+    holds (``pipe.transformer = other`` since), still hooked with that enable's settings."""
+    controller = pipe.__dict__.get(CONTROLLER)
+    out = []
+    for chooser in controller.choosers if controller is not None else ():
+        enabled_on = chooser.enabled_on() if chooser.enabled_on is not None else None
+        root = hooks.root_hook(enabled_on) if enabled_on is not None else None
+        held = getattr(pipe, chooser.attribute, None)
+        if root is not None and root.engine is chooser.template and held is not enabled_on:
+            out.append(enabled_on)
+    return out
 
 
 def release(pipe: Any) -> None:

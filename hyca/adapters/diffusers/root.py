@@ -82,7 +82,7 @@ class HyCaRoot(HookChain, OutputTargets):
             ACTIVE.set(None)
             self._pass_training(module)
             return None
-        if self._transformer() is not module:  # copy.deepcopy of an enabled model: its block hooks are the original's
+        if not self.serves(module):  # copy.deepcopy of an enabled model: its block hooks are the original's
             ACTIVE.set(None)
             self._say_copied(module)
             return None
@@ -194,6 +194,11 @@ class HyCaRoot(HookChain, OutputTargets):
         if beyond is not None:
             states.engine.note(state, beyond)
             self.say_once(beyond)
+
+    def serves(self, module: torch.nn.Module) -> bool:
+        """Whether this root caches ``module`` (False on a deep copy of an enabled model: see
+        :meth:`_say_copied`)."""
+        return self._transformer() is module
 
     def _say_copied(self, module: torch.nn.Module) -> None:
         """A deep copy of an enabled transformer runs uncached (its block hooks still serve the
