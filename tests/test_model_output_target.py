@@ -401,3 +401,22 @@ def test_a_run_that_forecasts_nothing_says_nothing_of_its_profiles_guard_or_last
     assert stats.forecast == 0 and any("forecasts none of this run's 3 steps" in n for n in stats.notes)
     assert not any("guard off" in n or "last step forecast" in n for n in stats.notes), stats.notes
 
+
+@pytest.mark.parametrize("compute_last, last_computed", [(None, False), (True, True), (False, False)])
+def test_compute_last_true_computes_the_last_step_of_a_lite_end_profile(compute_last, last_computed):
+    """A profile chosen on TaylorSeer lite's schedule forecasts the last step (metadata
+    skip_last). hyca.enable's default lets it and says so; compute_last=True always computes
+    the last step (a helper found no way to have it with profile="auto"); False leaves it to
+    the interval."""
+    pipe = tiny_pipeline(tiny_flux())
+    profile = model_output_profile("taylor-1", first_interval=2, skip_last=True, interval=INTERVAL, warmup=WARMUP,
+                                   compute_last=True)
+    hyca.enable(pipe, profile=profile, interval=INTERVAL, warmup=WARMUP, compute_last=compute_last, guard=False)
+    calls = ChildCalls(pipe.transformer)
+    pipe(num_inference_steps=12, height=32, width=32, output_type="latent",
+         generator=torch.Generator().manual_seed(0), **conditioning())
+    stats = hyca.stats(pipe)[0]
+    hyca.disable(pipe)
+    assert calls.ran[-1] == last_computed and sum(calls.ran) == stats.computed
+    assert (LAST_FORECAST in stats.notes) == (compute_last is None)
+

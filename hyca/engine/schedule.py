@@ -25,13 +25,16 @@ class Schedule:
     schedule and hurts on a shifted one (docs/engine.md), so the probe chooses it closed
     loop (:mod:`hyca.probing.closed_loop`) and a profile carries it.
 
-    ``interval=1`` computes every step (caching off, a useful baseline).
+    ``interval=1`` computes every step (caching off, a useful baseline). ``keep_last``: the
+    last step stays computed whatever a profile's end (:func:`with_profiles_start`): the user
+    asked for it explicitly.
     """
 
     interval: int = 5
     warmup: int = 3
     compute_last: bool = True
     first_interval: int | None = None
+    keep_last: bool = False
 
     def __post_init__(self) -> None:
         for name in ("interval", "warmup", "first_interval"):  # numpy's integers (a sweep over np.arange) too
@@ -46,6 +49,8 @@ class Schedule:
             )
         if not isinstance(self.compute_last, bool):
             raise ValueError(f"compute_last must be True or False, got {self.compute_last!r}")
+        if not isinstance(self.keep_last, bool) or (self.keep_last and not self.compute_last):
+            raise ValueError(f"keep_last must be True or False, and True only with compute_last, got {self.keep_last!r}")
         if self.first_interval is not None and (not isinstance(self.first_interval, int)
                                                  or not 1 <= self.first_interval <= self.interval):
             raise ValueError(f"first_interval must be an integer from 1 to interval={self.interval}, "
@@ -150,4 +155,4 @@ def with_profiles_start(schedule: Schedule, profile: Profile) -> Schedule:
             or chosen.warmup not in (None, schedule.warmup) or not isinstance(first, int)
             or not 1 <= first <= schedule.interval):
         return schedule
-    return schedule.with_start(first, profile.metadata.get("skip_last") is True)
+    return schedule.with_start(first, profile.metadata.get("skip_last") is True and not schedule.keep_last)

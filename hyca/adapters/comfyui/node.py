@@ -47,7 +47,8 @@ def apply_hyca(model: Any, settings: Settings) -> tuple[Any, str]:
     counts = ", ".join(f"{len(getattr(diffusion_model, b.attribute))} {b.dit_key}s" for b in adapter.block_lists)
     n = f"target {settings.speedup:g}x (N chosen per run)" if settings.speedup else f"N={settings.interval}"
     text = (f"HyCa on {adapter.name}: replace patches on {counts}; {n}, warm-up {settings.warmup}, "
-            f"last step {'computed' if settings.compute_last else 'as scheduled'}, profile {settings.profile}"
+            f"last step {'computed (unless the profile forecasts it)' if settings.compute_last else 'as scheduled'}, "
+            f"profile {settings.profile}"
             f"{' (' + settings.hub_repo + ')' if settings.hub_repo else ''}, guard {'on' if settings.guard else 'off'}, "
             f"LoRA reuse {'on' if settings.lora_reuse else 'off'}, cache {settings.cache_dtype}. "
             "Each sampling run's computed / forecast steps are printed on the console.")
@@ -113,7 +114,8 @@ def build_node() -> tuple[type, type]:
                                      "(off: a LoRA set is probed for its own profile)."),
                     io.Combo.Input("cache_precision", options=list(CACHE_DTYPES), default="model",
                                    tooltip="Precision of the kept residual history (model: the blocks' own dtype)."),
-                    io.Boolean.Input("compute_last", default=True, tooltip="Always compute the final step."),
+                    io.Boolean.Input("compute_last", default=True, tooltip="Compute the final step (a profile chosen on TaylorSeer lite's schedule forecasts "
+                                     "it; the console then says so)."),
                 ],
                 outputs=[io.Model.Output(tooltip="The model with HyCa."),
                          io.String.Output(display_name="setup", tooltip="How HyCa was set up on this model.")],

@@ -192,7 +192,7 @@ def enable(
     profile: Profile | str | os.PathLike | Mapping[str, Profile | str] = AUTO,
     interval: int = 5,
     warmup: int = 3,
-    compute_last: bool = True,
+    compute_last: bool | None = None,
     positions: str = "step",
     cache_dtype: torch.dtype | None = None,
     scheduler: Any = None,
@@ -211,7 +211,10 @@ def enable(
     transformers (Wan 2.2 A14B) a dict ``{"transformer": p1, "transformer_2": p2}``.
     Each transformer counts its own calls: warm-up is its first ``warmup`` calls and
     ``compute_last`` computes its last one (for Wan 2.2's high-noise expert, the step
-    before the switch). ``interval``: one computed step in every N after ``warmup``
+    before the switch): ``None`` (the default) computes it unless the profile was chosen
+    forecasting it (TaylorSeer lite's end, which the probe may choose: said in :func:`stats`
+    as "last step forecast"); ``True`` always computes it; ``False`` computes it only where
+    the interval falls on it. ``interval``: one computed step in every N after ``warmup``
     computed steps (:func:`recommended_settings` picks both from the step count).
     ``positions``: ``"step"`` (step index) or ``"sigma"`` (the pipeline's sigma when its
     cache context gives one, else the model's timestep input) as the axis the solvers
@@ -242,7 +245,10 @@ def enable(
     starts from a low order and the guard moves it (:mod:`hyca.profiles.off_settings`).
     Enabling again replaces the previous settings. Returns the engine of each transformer.
     """
-    schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last)
+    if compute_last not in (None, True, False):
+        raise ValueError(f"compute_last must be None, True or False, got {compute_last!r}")
+    schedule = Schedule(interval=interval, warmup=warmup, compute_last=compute_last is not False,
+                        keep_last=compute_last is True)
     cache_dtype = _cache_dtype(cache_dtype)
     _check_run(guard, num_inference_steps, guidance_scale, profile, target)
     if positions not in POSITION_AXES:  # before any profile is looked up or probed
@@ -265,7 +271,7 @@ def enable(
     guidance = None if guidance_scale is None else max(float(guidance_scale), 1.0)  # diffusers guides above 1 only
     steps = None if num_inference_steps is None else int(num_inference_steps)  # numpy integers too
     run = RunSettings(steps=steps, guidance_scale=guidance, interval=interval, warmup=warmup,
-                      compute_last=compute_last, positions=positions,
+                      compute_last=compute_last is not False, positions=positions,
                       shift=schedule_shift(scheduler if scheduler is not None else getattr(target, "scheduler", None)))
     told_settings = num_inference_steps is not None or guidance_scale is not None
     pipeline = None if isinstance(target, torch.nn.Module) else target
