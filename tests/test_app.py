@@ -186,6 +186,16 @@ def test_a_custom_path_that_does_not_exist_is_named_as_a_missing_folder():
     assert "hf download" not in verdict.message
 
 
+def test_text_that_is_no_repo_id_is_named_so_not_sent_to_hf_download():
+    """A helper typed ``not a repo id!!`` and was told to run ``hf download not a repo id!!``."""
+    from hyca.app.models import custom_choice
+
+    verdict = decide(custom_choice("not a repo id!!"), _facts(offline=True))
+    assert not verdict.ok and "neither a folder nor a Hugging Face repo id" in verdict.message
+    assert "hf download" not in verdict.message
+    assert "hf download owner/model" in decide(custom_choice("owner/model"), _facts(offline=True)).message
+
+
 def test_a_folder_that_is_not_a_pipeline_is_named_so_before_loading(tmp_path):
     """A custom folder without model_index.json (found by a README-only helper: it read
     "Ready: about 0.0 GB", then loading failed with a bare FileNotFoundError)."""
@@ -347,6 +357,15 @@ def test_unavailable_model_and_offline_hub_are_explained_not_crashes(served):
     assert "FLUX.1-dev" in status and ("offline" in status or "GPU" in status)
     full, fast, _, _ = _generate(client, method="FORA")  # the app still works
     assert Path(full).is_file() and Path(fast).is_file()
+
+
+def test_a_method_the_app_does_not_offer_is_refused_by_name(served):
+    """The UI's radio offers three methods; a direct handler call with another got a bare
+    KeyError (a helper's finding)."""
+    from hyca.app import handlers as h
+
+    with pytest.raises(h.AppError, match="method must be one of HyCa, FORA, TaylorSeer, got 'Magic'"):
+        h.generate(h.new_state(), "reference", "", PROMPT, 0, STEPS, "Magic", 4, 2, "none", True)
 
 
 def test_a_local_diffusers_folder_loads_as_a_custom_model(served, tmp_path):

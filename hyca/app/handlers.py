@@ -145,6 +145,8 @@ def _settings(model: LoadedModel, prompt: str, seed: Any, steps: Any, method: st
               lora: str) -> compare.Settings:
     if not (prompt or "").strip():
         raise AppError("enter a prompt")
+    if method not in compare.METHODS:  # (the UI's radio offers these only; a direct call may not)
+        raise AppError(f"method must be one of {', '.join(compare.METHODS)}, got {method!r}")
     steps, interval, warmup = _whole("steps", steps), _whole("N", interval), _whole("warm-up", warmup)
     height, width = model.size
     why = size_problem(height, width, size_multiple(model.pipe))

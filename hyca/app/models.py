@@ -148,6 +148,9 @@ def decide(c: ModelChoice, facts: Facts) -> Verdict:
     if facts.local_folder is None and c.repo_id.startswith(("/", ".", "~")):  # a path, not a Hub id
         return Verdict(False, f"{c.repo_id}: no such folder. Enter the folder of a saved diffusers pipeline "
                               "(it holds model_index.json) or a Hub repo id such as owner/name.")
+    if facts.local_folder is None and not _repo_id(c.repo_id):
+        return Verdict(False, f"{c.repo_id!r} is neither a folder nor a Hugging Face repo id (owner/name, letters, "
+                              "digits, '-', '_', '.'). Enter the folder of a saved diffusers pipeline or a repo id.")
     need = estimated_bytes(c, facts)
     size = f"about {need / GB:.1f} GB" if need else "of unknown size"
     if facts.local_folder is None and facts.offline:
@@ -429,3 +432,15 @@ def configure_cpu_threads() -> int:
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(os.environ.get("HYCA_APP_THREADS", "1"))))
     return torch.get_num_threads()
+
+
+def _repo_id(text: str) -> bool:
+    """Whether ``text`` is a valid Hugging Face repo id (huggingface_hub's own rule)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
