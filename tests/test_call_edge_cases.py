@@ -235,6 +235,57 @@ def test_a_call_probes_with_its_own_pipeline_when_several_are_enabled(tmp_path, 
     assert len(probed_with) == before + 2 and probed_with[-1] is pipe_b
 
 
+def test_a_pipeline_not_enabled_that_samples_during_a_probe_is_refused_by_name(tmp_path, monkeypatch):
+    """docs/requests.md: calls of a pipeline not passed to hyca.enable do not wait for a
+    probe. One that samples while another thread probes got internal errors on both sides
+    ("the probe's recording failed: 'cond'", "step 0 recorded no 'cond' branch"); it is now
+    refused with what to do, and the probe's run is untouched (the enabled call's image equals
+    its run alone)."""
+    from hyca.adapters.diffusers.root import ProbeBusy
+
+    no_profiles_but_a_cache(tmp_path, monkeypatch)
+    probing, tried = threading.Event(), threading.Event()
+
+    def probe_sampling_with(pipe, **options):
+        profile = stand_in_profile(pipe, options)
+        steps = options.get("steps", 28)
+        with _hooked(pipe.transformer, HybridCache(profile, Schedule(interval=INTERVAL, warmup=WARMUP)), steps):
+            if threading.current_thread().name == "request-a":
+                probing.set()
+                assert tried.wait(timeout=30)  # the other pipeline tries to sample now
+            flux(pipe, steps)
+        return profile
+
+    monkeypatch.setattr("hyca.adapters.diffusers.probe.probe", probe_sampling_with)
+    base = CASES["flux"].build()
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path / "alone"))
+    alone = flux(plain_around(base.transformer, base), STEPS)
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path / "shared"))
+    enabled = plain_around(base.transformer, base)
+    other = FluxPipeline(**{**base.components, "scheduler": copy.deepcopy(base.scheduler)})  # not enabled
+    out: dict[str, object] = {}
+
+    def request_a():
+        out["a"] = flux(enabled, STEPS)
+
+    def request_other():
+        assert probing.wait(timeout=30)
+        try:
+            out["other"] = flux(other, 8)
+        except Exception as error:
+            out["other"] = error
+        tried.set()
+
+    threads = [threading.Thread(target=request_a, name="request-a", daemon=True),
+               threading.Thread(target=request_other, daemon=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert isinstance(out["other"], ProbeBusy) and "pass this one too (hyca.enable(pipe))" in str(out["other"])
+    torch.testing.assert_close(out["a"], alone, rtol=0, atol=0)
+
+
 def plain_around(transformer, like, **settings):
     """A pipeline of its own around ``transformer`` (its own scheduler), passed to hyca.enable."""
     pipe = FluxPipeline(**{**like.components, "transformer": transformer,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import threading
 import numbers
 import operator
 from typing import Any, Callable, Iterator, Mapping, Unpack
@@ -65,8 +66,9 @@ def _hooked(transformer: torch.nn.Module, engine: Any, steps: int) -> Iterator[A
         hooks.unregister(transformer)
         try:
             # a line per candidate run at DEBUG: the probe logs one summary of them all
-            hooks.register(transformer, blocks, engine, family, lambda *_: steps, run_log_level=logging.DEBUG)
-            yield hooks.root_hook(transformer)
+            root = hooks.register(transformer, blocks, engine, family, lambda *_: steps, run_log_level=logging.DEBUG)
+            root.probing = threading.get_ident()  # calls from other threads meanwhile are refused (HyCaRoot._pre)
+            yield root
         finally:
             hooks.unregister(transformer)
             if previous is not None:

@@ -34,6 +34,10 @@ logger = logging.getLogger("hyca")
 MAX_THREADS_REMEMBERED = 256
 
 
+class ProbeBusy(RuntimeError):
+    """A transformer call from another thread while HyCa probes the transformer."""
+
+
 class HyCaRoot(HookChain, OutputTargets):
     """Per transformer: the engine it was enabled with, the scopes' router, the step source
     and the hooks. The run state lives in scopes (:mod:`.scopes`): one per request, and the
@@ -66,6 +70,7 @@ class HyCaRoot(HookChain, OutputTargets):
         self.lost: str | None = None  # why HyCa cannot run, once that is known
         self.said_uncached = False  # calls HyCa stayed out of (training, gradients): logged once per model
         self.said_copied = False  # a deep copy's calls run uncached: logged once per copy
+        self.probing: int | None = None  # a probe's root: the thread probing (set by the probe's _hooked)
         self._told_unknown = False  # "step count unknown" said once in the log
         self.told_notes: set[str] = set()  # run notes this root logged (each once)
         self.head = head_of(transformer, family)
@@ -86,6 +91,12 @@ class HyCaRoot(HookChain, OutputTargets):
             ACTIVE.set(None)
             self._say_copied(module)
             return None
+        if self.probing is not None and threading.get_ident() != self.probing:
+            ACTIVE.set(None)
+            raise ProbeBusy(f"HyCa is probing this {type(module).__name__} in another thread (a first call at new "
+                            "settings, or hyca.probe), so it cannot sample here meanwhile: its calls would mix with "
+                            "the probe's runs. A pipeline passed to hyca.enable waits for the probe; pass this one "
+                            "too (hyca.enable(pipe)), or call it after the probe")
         pipe = calling_pipeline(module, sys._getframe(1))  # one stack walk per call, shared below
         states = self.scope_for_call(module, pipe)
         ACTIVE.set(states)
