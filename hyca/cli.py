@@ -163,7 +163,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         from .adapters.diffusers.fingerprint import fingerprint as diffusers_fingerprint
         from .adapters.diffusers.probe import probe
     except ImportError as err:
-        raise CLIError(f"the probe is not available in this install ({err})") from None
+        missing = getattr(err, "name", None) or ""
+        hint = f"; pip install {'scikit-learn' if missing.startswith('sklearn') else missing}" if missing else ""
+        raise CLIError(f"the probe is not available in this install ({err}){hint}") from None
     _check_probe_args(args)
     pipe = _load_pipeline(args.model, args.dtype, args.device)
     transformer = getattr(pipe, "transformer", None)

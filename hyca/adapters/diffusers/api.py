@@ -365,8 +365,8 @@ def _check_not_compiled(transformer: torch.nn.Module, attribute: str) -> None:
         return
     model = type(transformer._orig_mod).__name__
     raise RuntimeError(
-        f"pipe.{attribute} ({model}) was compiled with torch.compile before hyca.enable, and the compiled graph "
-        f"would not run HyCa's hooks. Undo it (pipe.{attribute} = pipe.{attribute}._orig_mod), call "
+        f"pipe.{attribute} ({model}) is a torch.compile wrapper (pipe.{attribute} = torch.compile(...)), and its "
+        f"compiled graph would not run the hooks hyca.enable adds now. Undo it (pipe.{attribute} = pipe.{attribute}._orig_mod), call "
         f"hyca.enable(pipe, ...), then compile: pipe.{attribute}.compile_repeated_blocks() (regional "
         f"compilation, recommended) or pipe.{attribute}.compile() (see docs/compile.md)"
     )
