@@ -557,14 +557,17 @@ def test_a_changed_n_gets_a_profile_probed_for_it_and_known_settings_are_not_pro
     assert np.array_equal(_shown(other_session.fast), _shown(at_10.fast))
 
 
-def test_a_loaded_profile_for_other_settings_says_what_to_do_in_the_app(served, own_cache):
+def test_a_loaded_profile_for_other_settings_says_what_to_do_in_the_app(served, own_cache, caplog):
     from hyca.app import handlers as h
 
     maker = h.new_state()
     h.run_probe(maker, "reference", "", PROMPT, STEPS, 4, 2, 3, "none")
     state = h.new_state()
     h.use_file(state, "reference", "", maker["profiles"]["reference"]["file"])
-    off = h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 6, 2, "none", True)
+    with caplog.at_level("WARNING", logger="hyca"):
+        off = h.generate(state, "reference", "", PROMPT, 0, STEPS, "HyCa", 6, 2, "none", True)
+    # said once in the log, as README promises (the FLOPs count's second run said it again: a helper)
+    assert sum("chosen for other settings" in r.getMessage() for r in caplog.records) == 1
     said = off.numbers["profile"] + " ".join(off.numbers["notes"]) + off.report
     # the engine's off-settings decision, in the app's words: what differs, the path, what to press
     assert off.numbers["profile"] == f"the profile you loaded ({maker['profiles']['reference']['file']})"
