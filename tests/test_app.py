@@ -506,8 +506,8 @@ def test_a_cleared_or_odd_number_box_is_explained(box, value, message):
     boxes = {**dict(steps=28.0, interval=4, warmup=3), box: value}
     model = type("Loaded", (), {"size": (32, 32), "pipe": None, "choice": type("Choice", (), {"guidance": None})()})()
     with pytest.raises(h.AppError, match=message):
-        h._settings(model, "a red circle", 0, boxes["steps"], "hyca", boxes["interval"], boxes["warmup"], "none")
-    settings = h._settings(model, "a red circle", 0, 28.0, "hyca", 4, 3, "none")
+        h._settings(model, "a red circle", 0, boxes["steps"], "HyCa", boxes["interval"], boxes["warmup"], "none")
+    settings = h._settings(model, "a red circle", 0, 28.0, "HyCa", 4, 3, "none")
     assert (settings.steps, settings.interval, settings.warmup) == (28, 4, 3)
 
 

@@ -116,7 +116,7 @@ def test_auto_profile_for_a_bare_transformer_needs_a_file(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(interval=True), "interval must be an integer"),
-    (dict(compute_last="no"), "compute_last must be True or False"),
+    (dict(compute_last="no"), "compute_last must be None, True or False"),
     (dict(guard="yes"), "guard must be True or False"),
     (dict(cache_dtype=torch.int8), "cache_dtype must be None"),
     (dict(guidance_scale=float("nan")), "guidance_scale must be a number"),
