@@ -95,7 +95,7 @@ def expect_renoising(engine: HybridCache, run: RunSettings, reason: str | None) 
 
 def replaces_noise(reason: str | None) -> bool:
     """Whether :func:`renoising`'s ``reason`` names a sampler that replaces the noise at every step."""
-    return reason is not None and bool(_REPLACING.search(sampler_label(reason).lower()))
+    return reason is not None and bool(_REPLACING.search(reason.lower()))
 
 
 def sampler_label(reason: str) -> str:

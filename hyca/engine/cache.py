@@ -440,11 +440,6 @@ class HybridCache:
         bookkeeping left over from a run that was cut short."""
         self.branches.reset()
 
-
-
-
-
-
     def _fresh_accumulator(self, state: BranchState, s: int, residual: torch.Tensor) -> torch.Tensor:
         dtype = self.cache_dtype or residual.dtype
         history = state.histories[s]

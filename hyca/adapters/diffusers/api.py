@@ -366,7 +366,8 @@ def _check_not_compiled(transformer: torch.nn.Module, attribute: str) -> None:
     model = type(transformer._orig_mod).__name__
     raise RuntimeError(
         f"pipe.{attribute} ({model}) is a torch.compile wrapper (pipe.{attribute} = torch.compile(...)), and its "
-        f"compiled graph would not run the hooks hyca.enable adds now. Undo it (pipe.{attribute} = pipe.{attribute}._orig_mod), call "
+        f"compiled graph would not run the hooks hyca.enable adds now. Undo it "
+        f"(pipe.{attribute} = pipe.{attribute}._orig_mod), call "
         f"hyca.enable(pipe, ...), then compile: pipe.{attribute}.compile_repeated_blocks() (regional "
         f"compilation, recommended) or pipe.{attribute}.compile() (see docs/compile.md)"
     )

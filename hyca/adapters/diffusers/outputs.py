@@ -60,11 +60,13 @@ class OutputTargets:
 
     def _may_skip(self, states: BranchStates, state: HostState, args: tuple, kwargs: dict) -> bool:
         """Whether this call (begun, not computing) may return its forecast without running
-        the forward (see the module doc); notes the call's ``return_dict``."""
+        the forward (see the module doc); notes the call's ``return_dict`` (model-output target)."""
+        if states.engine.target != MODEL_OUTPUT:
+            return False
         states.return_dict = (_argument(self._names, "return_dict", args, kwargs) if "return_dict" in self._names
                               else None)
-        return (not state.computing and states.engine.target == MODEL_OUTPUT and states.parallel is None
-                and state.output_like is not None and state.output_return_dict == states.return_dict)
+        return (not state.computing and states.parallel is None and state.output_like is not None
+                and state.output_return_dict == states.return_dict)
 
     def skipped_call(self, states: BranchStates) -> Any:
         """For :class:`SkipHook`: make this skip step's forecast (as the first block would)

@@ -74,6 +74,10 @@ class Chooser:
         self.__dict__.update(state)
         self.lock = threading.Lock()
 
+    def hooked(self) -> torch.nn.Module | None:
+        """The transformer ``hyca.enable`` hooked for this chooser, while it exists."""
+        return self.enabled_on() if self.enabled_on is not None else None
+
     def engine_for(self, transformer: torch.nn.Module, run: RunSettings, pipe: Any = None) -> HybridCache:
         """A fresh engine for one request at ``run`` (see the module doc); ``pipe``: the
         pipeline making the call, which a first-use probe samples with. (Not the pipeline this
@@ -158,18 +162,18 @@ class Requests:
     def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy(pipe): a lock cannot be copied, the copy gets its own
         return {"choosers": self.choosers}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["choosers"])
+
     def _say_replaced(self, pipe: Any, chooser: Chooser, transformer: Any) -> None:
         """Once per pipeline object: its transformer is not the one ``hyca.enable`` hooked."""
-        enabled_on = chooser.enabled_on() if chooser.enabled_on is not None else None
+        enabled_on = chooser.hooked()
         if transformer is enabled_on or enabled_on is None or self._said_replaced:
             return
         self._said_replaced = True
         logger.warning("HyCa: %s.%s was replaced after hyca.enable, so this call runs uncached; call hyca.enable "
                        "on the pipeline again to cache the new one (hyca.disable(pipe) also removes HyCa from the "
                        "%s it was enabled on)", type(pipe).__name__, chooser.attribute, type(enabled_on).__name__)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["choosers"])
 
     @contextlib.contextmanager
     def request(self, pipe: Any, call: Callable, args: tuple, kwargs: dict) -> Iterator[None]:
@@ -374,7 +378,7 @@ def replaced(pipe: Any) -> list[torch.nn.Module]:
     controller = pipe.__dict__.get(CONTROLLER)
     out = []
     for chooser in controller.choosers if controller is not None else ():
-        enabled_on = chooser.enabled_on() if chooser.enabled_on is not None else None
+        enabled_on = chooser.hooked()
         root = hooks.root_hook(enabled_on) if enabled_on is not None else None
         held = getattr(pipe, chooser.attribute, None)
         if root is not None and root.engine is chooser.template and held is not enabled_on:
