@@ -420,3 +420,36 @@ def test_compute_last_true_computes_the_last_step_of_a_lite_end_profile(compute_
     assert calls.ran[-1] == last_computed and sum(calls.ran) == stats.computed
     assert (LAST_FORECAST in stats.notes) == (compute_last is None)
 
+
+def test_a_noise_replacing_scheduler_at_new_settings_probes_nothing(tmp_path, monkeypatch):
+    """profile="auto" at settings without a profile: such a run computes every step, so no
+    probe runs (a second README-only helper saw one run for 39 s and draw from the global
+    generator the scheduler's noise comes from, so the image differed from the uncached one
+    while the note said it was the uncached one)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from hyca.reference import load_pipeline
+    from profile_helpers import no_profiles_but_a_cache
+
+    no_profiles_but_a_cache(tmp_path, monkeypatch)
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("probed a run that computes every step")
+
+    monkeypatch.setattr("hyca.adapters.diffusers.probe.probe", no_probe)
+    pipe = load_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+
+    def image():
+        torch.manual_seed(0)  # the scheduler draws its noise from the global generator
+        return pipe("a red circle", num_inference_steps=20, generator=torch.Generator().manual_seed(1),
+                    output_type="pt").images
+
+    full = image()
+    hyca.enable(pipe, interval=4, warmup=3)
+    cached = image()
+    stats = hyca.stats(pipe)[0]
+    hyca.disable(pipe)
+    assert torch.equal(cached, full) and stats.forecast == 0
+    assert any("replaces the sample's noise" in n for n in stats.notes)
+

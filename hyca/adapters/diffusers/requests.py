@@ -37,7 +37,7 @@ from ...engine.schedule import Schedule
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings, differences
 from ...profiles.io import ProfileError
-from ..samplers import expect_renoising, profile_for_renoising, scheduler_renoising
+from ..samplers import expect_renoising, profile_for_renoising, replaces_noise, scheduler_renoising
 from . import hooks, parallel, sharing
 from .scopes import REQUEST, Request
 from .settings import guidance_of, schedule_shift
@@ -218,8 +218,11 @@ class Requests:
                 break  # arguments the pipeline itself will refuse
             run = told.merged(chooser.options)
             settings[id(transformer)] = run
-            engine = chooser.engine_for(transformer, run, pipe)
             noisy = scheduler_renoising(getattr(pipe, "scheduler", None))
+            # a scheduler that replaces the noise computes every step: no profile to choose, nothing to probe
+            # (a probe would also draw from the global generator the run's noise comes from)
+            engine = (chooser.engine_of(chooser.template.profile) if replaces_noise(noisy)
+                      else chooser.engine_for(transformer, run, pipe))
             engines[id(transformer)] = _for_renoising(chooser, transformer, engine, run, noisy) if noisy else engine
         request = Request(engines, settings)
         held = [t for t in (getattr(pipe, c.attribute, None) for c in self.choosers) if isinstance(t, torch.nn.Module)]
