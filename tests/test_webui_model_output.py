@@ -290,10 +290,13 @@ def test_a_sampler_that_replaces_the_noise_every_step_computes_every_step(kind, 
     with Frontend(kind) as f:
         cached, p = f.run(args(True, INTERVAL, WARMUP, profile="FORA (reuse)"), steps=STEPS, sampler_name="LCM")
         plain, _ = f.run(args(False), steps=STEPS, sampler_name="LCM")
+        automatic, _ = f.run(args(True, INTERVAL, WARMUP, profile="automatic"), steps=STEPS, sampler_name="LCM")
         euler, _ = f.run(args(True, INTERVAL, WARMUP, profile="FORA (reuse)"), steps=STEPS)
         euler_plain, _ = f.run(args(False), steps=STEPS)
     out = capsys.readouterr().out
     torch.testing.assert_close(cached.images[0], plain.images[0], rtol=0, atol=0)
+    torch.testing.assert_close(automatic.images[0], plain.images[0], rtol=0, atol=0)
+    assert "probing" not in out  # "automatic" probes nothing for a run that forecasts nothing
     assert (euler.images[0] - euler_plain.images[0]).abs().max() > 1e-3  # FORA does forecast on Euler
     assert "sampler: LCM replaces the sample's noise at every step" in out
     assert p.extra_generation_params["HyCa steps"] == f"{STEPS} computed, 0 forecast"

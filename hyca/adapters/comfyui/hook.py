@@ -37,7 +37,7 @@ from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule, interval_for_speedup
 from ...engine.targets import MODEL_OUTPUT, RESIDUAL, require_target
 from ...profiles.settings import RunSettings
-from ..samplers import expect_renoising, renoising
+from ..samplers import expect_renoising, renoising, replaces_noise
 from ..webui import kinds
 from ..webui.adapter import Adapter
 from ..webui.fingerprint import fingerprint
@@ -239,8 +239,10 @@ class HyCaPatch:
         for note in chosen.notes:
             self.say_once(note)
         schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)
-        if chosen.profile is None and all(schedule.plan(steps)):  # nothing forecast: nothing to probe for
-            chosen = nothing_forecast(self.adapter, model)
+        if chosen.profile is None and (all(schedule.plan(steps)) or replaces_noise(renoising(sampler))):
+            # nothing forecast (the schedule, or a sampler that replaces the noise): nothing to probe for
+            chosen = (nothing_forecast(self.adapter, model, "the sampler replaces the noise every step")
+                      if replaces_noise(renoising(sampler)) else nothing_forecast(self.adapter, model))
         run_settings = RunSettings(steps=steps, guidance_scale=float(getattr(guider, "cfg", 1.0)),
                                    sigmas=tuple(schedule_sigmas), interval=settings.interval, warmup=settings.warmup,
                                    compute_last=settings.compute_last, positions="step")

@@ -28,7 +28,7 @@ from ...engine.schedule import Schedule, interval_for_speedup
 from ...engine.targets import MODEL_OUTPUT, OUTPUT, RESIDUAL, require_target, target_of
 from ...profiles.settings import RunSettings
 from . import gates, kinds, probe
-from ..samplers import expect_renoising, renoising
+from ..samplers import expect_renoising, renoising, replaces_noise
 from .adapter import Adapter
 from .fingerprint import fingerprint
 from .processing import diffusion_model_of, lora_identity, pass_sigmas, pass_steps
@@ -145,8 +145,10 @@ class Controller:
         if settings.speedup:
             settings = self._interval_for_target(p, settings, hires)
         schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)
-        if chosen.profile is None and all(schedule.plan(pass_steps(p, hires))):  # nothing forecast: no probe
-            chosen = nothing_forecast(adapter, model)
+        if chosen.profile is None and (all(schedule.plan(pass_steps(p, hires))) or replaces_noise(self.renoising)):
+            # nothing forecast (the schedule, or a sampler that replaces the noise): no probe
+            chosen = (nothing_forecast(adapter, model, "the sampler replaces the noise every step")
+                      if replaces_noise(self.renoising) else nothing_forecast(adapter, model))
         label = "hires pass" if hires else "pass"
         self.chosen, self.noted_sigma, self.run_settings = chosen, None, None
         guidance = probe.guidance_of(getattr(p, "cfg_scale", None))

@@ -57,12 +57,13 @@ class Chosen:
     lora: str = ""                    # a LoRA set probed on its own (LoRA reuse off)
 
 
-def nothing_forecast(adapter: Adapter, model: torch.nn.Module) -> Chosen:
-    """For a run whose schedule forecasts none of its steps (N=1, a warm-up as long as the
-    run): no profile plays a part, so "automatic" probes none (the engine says "every step is
-    computed" at the run's first step); plain reuse stands in."""
+def nothing_forecast(adapter: Adapter, model: torch.nn.Module, why: str = "the schedule forecasts none of the run's "
+                     "steps") -> Chosen:
+    """For a run that forecasts none of its steps (N=1, a warm-up as long as the run, a sampler
+    that replaces the noise): no profile plays a part, so "automatic" probes none (the engine
+    says "every step is computed" at the run's first step); plain reuse stands in."""
     profile = Profile.uniform("reuse", len(adapter.blocks(model)), adapter.hidden_size(model))
-    return Chosen(profile, "none (the schedule forecasts none of the run's steps)")
+    return Chosen(profile, f"none ({why})")
 
 
 def for_sampler(chosen: Chosen, adapter: Adapter, model: torch.nn.Module, reason: str | None,
