@@ -242,7 +242,11 @@ def test_a_transformer_replaced_after_enable_is_said_and_disable_removes_hyca_fr
         request(pipe, *REQUESTS[0])
     said = [r.getMessage() for r in caplog.records if "was replaced after hyca.enable" in r.getMessage()]
     assert len(said) == 1
+    (uncached,) = hyca.stats(pipe)  # the stats say it too (they were [] before)
+    assert uncached.computed == uncached.forecast == 0
+    assert "uncached" in uncached.describe() and "was replaced after hyca.enable" in uncached.describe()
     hyca.disable(pipe)
+    assert hyca.stats(pipe) == []
     assert hooks.root_hook(old) is None and not hyca.is_enabled(old)
     pipe.transformer = old
     torch.testing.assert_close(request(pipe, *REQUESTS[0]), full, rtol=0, atol=0)

@@ -379,7 +379,7 @@ def disable(target: Any) -> None:
     for transformer in transformers_of(target):
         hooks.unregister(transformer)
     if not isinstance(target, torch.nn.Module):
-        for transformer in requests.replaced(target):  # pipe.transformer replaced since hyca.enable
+        for transformer in requests.replaced(target).values():  # pipe.transformer replaced since hyca.enable
             hooks.unregister(transformer)
             logger.info("HyCa: removed from the %s this pipeline was enabled with (replaced on it since)",
                         type(transformer).__name__)
@@ -405,13 +405,19 @@ def stats(target: Any) -> list[RunStats]:
     or stayed out of a call (training, gradients). With guidance in separate calls it is
     the stats of the branch that ran last (``branch`` names it, ``describe()`` begins with it):
     both branches compute the same steps, while the guard's switches listed are that
-    branch's (the other's are in the log, a line per branch)."""
+    branch's (the other's are in the log, a line per branch). A transformer put on the
+    pipeline after ``hyca.enable`` (``pipe.transformer = other``) runs uncached: its entry
+    has no steps and a note that says so."""
     out = []
-    for transformer in transformers_of(target):
+    swapped = requests.replaced(target) if not isinstance(target, torch.nn.Module) else {}
+    for attribute, transformer in named_transformers(target):
         hook = hooks.root_hook(transformer)
         if hook is not None:
             out.append(hook.latest_stats())
+        elif attribute in swapped:
+            out.append(RunStats(notes=[requests.replaced_note(target, attribute, swapped[attribute])]))
     return out
+
 
 
 def is_enabled(target: Any) -> bool:

@@ -171,9 +171,7 @@ class Requests:
         if transformer is enabled_on or enabled_on is None or self._said_replaced:
             return
         self._said_replaced = True
-        logger.warning("HyCa: %s.%s was replaced after hyca.enable, so this call runs uncached; call hyca.enable "
-                       "on the pipeline again to cache the new one (hyca.disable(pipe) also removes HyCa from the "
-                       "%s it was enabled on)", type(pipe).__name__, chooser.attribute, type(enabled_on).__name__)
+        logger.warning("HyCa: this call runs %s", replaced_note(pipe, chooser.attribute, enabled_on))
 
     @contextlib.contextmanager
     def request(self, pipe: Any, call: Callable, args: tuple, kwargs: dict) -> Iterator[None]:
@@ -375,17 +373,18 @@ def engine_for_other_pipeline(transformer: torch.nn.Module, pipe: Any, steps: in
     return chooser.engine_of(profile), note
 
 
-def replaced(pipe: Any) -> list[torch.nn.Module]:
+def replaced(pipe: Any) -> dict[str, torch.nn.Module]:
     """The transformers ``hyca.enable`` hooked through ``pipe`` that the pipeline no longer
-    holds (``pipe.transformer = other`` since), still hooked with that enable's settings."""
+    holds (``pipe.transformer = other`` since), still hooked with that enable's settings, by
+    the pipeline attribute that held them."""
     controller = pipe.__dict__.get(CONTROLLER)
-    out = []
+    out = {}
     for chooser in controller.choosers if controller is not None else ():
         enabled_on = chooser.hooked()
         root = hooks.root_hook(enabled_on) if enabled_on is not None else None
         held = getattr(pipe, chooser.attribute, None)
         if root is not None and root.engine is chooser.template and held is not enabled_on:
-            out.append(enabled_on)
+            out[chooser.attribute] = enabled_on
     return out
 
 
@@ -394,3 +393,10 @@ def release(pipe: Any) -> None:
     if WRAPS in type(pipe).__dict__:
         object.__setattr__(pipe, "__class__", original_class(pipe))
     pipe.__dict__.pop(CONTROLLER, None)
+
+
+def replaced_note(pipe: Any, attribute: str, enabled_on: torch.nn.Module) -> str:
+    """What a pipeline whose ``attribute`` was replaced after ``hyca.enable`` says (log, stats)."""
+    return (f"uncached: {type(pipe).__name__}.{attribute} was replaced after hyca.enable; call hyca.enable on the "
+            f"pipeline again to cache the new one (hyca.disable(pipe) also removes HyCa from the "
+            f"{type(enabled_on).__name__} it was enabled on)")
