@@ -38,19 +38,36 @@ COMPUTED_EVERY_STEP = ("replaces the sample's noise at every step, which no fore
                        "step of this run (no speed-up; the image is the uncached one)")
 
 
-def renoising(name: str | None) -> str | None:
-    """The off-settings reason for a sampler that adds fresh noise at every step (the phrase
-    :func:`hyca.profiles.off_settings.decide` lists with the settings that differ), or None
+class Renoising(str):
+    """The off-settings reason for a sampler that adds fresh noise at every step: the phrase
+    :func:`hyca.profiles.off_settings.decide` lists with the settings that differ (a ``str``,
+    as the hosts pass it on), and what was read off the sampler's name: ``label`` (as the
+    user knows it) and ``replaces`` (it replaces the noise at every step: :func:`replaces_noise`)."""
+
+    label: str
+    replaces: bool
+
+    def __new__(cls, label: str) -> "Renoising":
+        reason = super().__new__(cls, f"sampler: {label} adds fresh noise every step (the profile was chosen without)")
+        reason.label, reason.replaces = label, bool(_REPLACING.search(label.lower()))
+        return reason
+
+    def __getnewargs__(self) -> tuple[str]:  # copies are made from the label, not the phrase
+        return (self.label,)
+
+
+def renoising(name: str | None) -> Renoising | None:
+    """The :class:`Renoising` reason for a sampler that adds fresh noise at every step, or None
     for a deterministic one or an unknown name."""
     if not name:
         return None
     label = str(name).strip()
     if not _RENOISING.search(label.lower()):
         return None
-    return f"sampler: {label.removeprefix('sample_')} adds fresh noise every step (the profile was chosen without)"
+    return Renoising(label.removeprefix("sample_"))
 
 
-def scheduler_renoising(scheduler: object) -> str | None:
+def scheduler_renoising(scheduler: object) -> Renoising | None:
     """:func:`renoising` for a diffusers scheduler: its class name (``EulerAncestralDiscreteScheduler``,
     ``DPMSolverSDEScheduler``, ``LCMScheduler``, ``DDPMScheduler``) or its config
     (``stochastic_sampling=True``; an SDE ``algorithm_type``)."""
@@ -64,7 +81,8 @@ def scheduler_renoising(scheduler: object) -> str | None:
     return renoising(name)
 
 
-def profile_for_renoising(profile: Profile, num_blocks: int, dim: int, reason: str) -> tuple[Profile, str | None]:
+def profile_for_renoising(profile: Profile, num_blocks: int, dim: int,
+                          reason: Renoising) -> tuple[Profile, str | None]:
     """The profile a re-noising run (``reason``: :func:`renoising`'s) forecasts with, and the
     note when it is not ``profile``. A residual profile stays (the run takes the robust path
     from :data:`RENOISING_START`). One that forecasts the model output or the output head's
@@ -81,26 +99,21 @@ def profile_for_renoising(profile: Profile, num_blocks: int, dim: int, reason: s
                   f"forecasts the blocks' residuals with plain reuse (FORA) instead of its profile")
 
 
-def expect_renoising(engine: HybridCache, run: RunSettings, reason: str | None) -> OffSettings | None:
+def expect_renoising(engine: HybridCache, run: RunSettings, reason: Renoising | None) -> OffSettings | None:
     """:meth:`HybridCache.expect` for a host that knows its sampler: a re-noising one
     (``reason``) makes the run differ from its profile's settings and start from
     :data:`RENOISING_START`, unless the profile is plain reuse the user asked for; one that
     replaces the noise every step (:func:`replaces_noise`) computes every step, said once."""
     if replaces_noise(reason):
-        engine.expect(run, compute_all=f"sampler: {sampler_label(reason)} {COMPUTED_EVERY_STEP}")
+        engine.expect(run, compute_all=f"sampler: {reason.label} {COMPUTED_EVERY_STEP}")
         return None
     noisy = reason if reason is not None and not plain_reuse(engine.profile) else None
     return engine.expect(run, extra=(noisy,) if noisy else (), start=RENOISING_START if noisy else None)
 
 
-def replaces_noise(reason: str | None) -> bool:
+def replaces_noise(reason: Renoising | None) -> bool:
     """Whether :func:`renoising`'s ``reason`` names a sampler that replaces the noise at every step."""
-    return reason is not None and bool(_REPLACING.search(reason.lower()))
-
-
-def sampler_label(reason: str) -> str:
-    """The sampler's name in :func:`renoising`'s ``reason``."""
-    return reason.removeprefix("sampler: ").split(" adds fresh noise")[0]
+    return reason is not None and reason.replaces
 
 
 def plain_reuse(profile: Profile) -> bool:

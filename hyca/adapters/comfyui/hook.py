@@ -37,7 +37,7 @@ from ...engine.cache import HybridCache
 from ...engine.schedule import Schedule, interval_for_speedup
 from ...engine.targets import MODEL_OUTPUT, RESIDUAL, require_target
 from ...profiles.settings import RunSettings
-from ..samplers import expect_renoising, renoising, replaces_noise
+from ..samplers import Renoising, expect_renoising, renoising, replaces_noise
 from ..webui import kinds
 from ..webui.adapter import Adapter
 from ..webui.fingerprint import fingerprint
@@ -126,7 +126,7 @@ class Run:
     schedule: Schedule | None = None
     sigmas: list[float] = field(default_factory=list)
     closed_loop: bool = False  # settled before sampling (SAMPLER_SAMPLE), probed if need be, then this run caches
-    renoising: str | None = None  # the sampler adds fresh noise every step: why (:mod:`..samplers`)
+    renoising: Renoising | None = None  # the sampler adds fresh noise every step: why (:mod:`..samplers`)
 
 
 @dataclass
@@ -239,15 +239,16 @@ class HyCaPatch:
         for note in chosen.notes:
             self.say_once(note)
         schedule = Schedule(interval=settings.interval, warmup=settings.warmup, compute_last=settings.compute_last)
-        if chosen.profile is None and (all(schedule.plan(steps)) or replaces_noise(renoising(sampler))):
+        noisy = renoising(sampler)
+        if chosen.profile is None and (all(schedule.plan(steps)) or replaces_noise(noisy)):
             # nothing forecast (the schedule, or a sampler that replaces the noise): nothing to probe for
             chosen = (nothing_forecast(self.adapter, model, "the sampler replaces the noise every step")
-                      if replaces_noise(renoising(sampler)) else nothing_forecast(self.adapter, model))
+                      if replaces_noise(noisy) else nothing_forecast(self.adapter, model))
         run_settings = RunSettings(steps=steps, guidance_scale=float(getattr(guider, "cfg", 1.0)),
                                    sigmas=tuple(schedule_sigmas), interval=settings.interval, warmup=settings.warmup,
                                    compute_last=settings.compute_last, positions="step")
         probe_fp = fingerprint(model, self.adapter) if chosen.profile is None else None
-        run = Run(chosen, run_settings, probe_fp, schedule, schedule_sigmas, renoising=renoising(sampler))
+        run = Run(chosen, run_settings, probe_fp, schedule, schedule_sigmas, renoising=noisy)
         if chosen.profile is None:
             # automatic (or a LoRA set's own profile): settled for this run's settings once its
             # conditioning is processed (SAMPLER_SAMPLE), probed closed loop if none was made for them

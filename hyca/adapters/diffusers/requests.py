@@ -37,7 +37,7 @@ from ...engine.schedule import Schedule
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings, differences
 from ...profiles.io import ProfileError
-from ..samplers import expect_renoising, profile_for_renoising, replaces_noise, scheduler_renoising
+from ..samplers import Renoising, expect_renoising, profile_for_renoising, replaces_noise, scheduler_renoising
 from . import hooks, parallel, sharing
 from .scopes import REQUEST, Request
 from .settings import guidance_of, schedule_shift
@@ -234,7 +234,7 @@ class Requests:
 
 
 def _for_renoising(chooser: Chooser, transformer: torch.nn.Module, engine: HybridCache, run: RunSettings,
-                   reason: str) -> HybridCache:
+                   reason: Renoising) -> HybridCache:
     """A call whose scheduler adds fresh noise every step (:mod:`..samplers`): a model-output
     or output-head profile gives way to plain reuse of the residuals (said once per model),
     and the run takes the off-settings path from reuse (in its stats), as in the WebUI and
@@ -245,14 +245,16 @@ def _for_renoising(chooser: Chooser, transformer: torch.nn.Module, engine: Hybri
                                        hidden_size(transformer), reason)
     if note is not None:
         engine = chooser.engine_of(kept)
-        if (id(transformer), note) not in _TOLD_RENOISING:
-            _TOLD_RENOISING.add((id(transformer), note))
+        told = _TOLD_RENOISING.setdefault(transformer, set())
+        if note not in told:
+            told.add(note)
             logger.warning("HyCa: %s", note)
     expect_renoising(engine, run, reason)
     return engine
 
 
-_TOLD_RENOISING: set[tuple[int, str]] = set()
+#: per transformer (weakly: a freed one's id can come back on another), the notes said once
+_TOLD_RENOISING: "weakref.WeakKeyDictionary[torch.nn.Module, set[str]]" = weakref.WeakKeyDictionary()
 
 
 def read_call(pipe: Any, call: Callable, args: tuple, kwargs: dict) -> RunSettings | None:

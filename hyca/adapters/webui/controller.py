@@ -28,7 +28,7 @@ from ...engine.schedule import Schedule, interval_for_speedup
 from ...engine.targets import MODEL_OUTPUT, OUTPUT, RESIDUAL, require_target, target_of
 from ...profiles.settings import RunSettings
 from . import gates, kinds, probe
-from ..samplers import expect_renoising, renoising, replaces_noise
+from ..samplers import Renoising, expect_renoising, renoising, replaces_noise
 from .adapter import Adapter
 from .fingerprint import fingerprint
 from .processing import diffusion_model_of, lora_identity, pass_sigmas, pass_steps
@@ -63,7 +63,7 @@ class Controller:
         self.noted_sigma: float | None = None
         self.book = ProfileBook()
         self.chosen: Chosen | None = None
-        self.renoising: str | None = None  # the pass's sampler adds fresh noise every step: why (:mod:`..samplers`)
+        self.renoising: Renoising | None = None  # the pass's sampler adds fresh noise every step: why (:mod:`..samplers`)
         self.hires_off_said: tuple | None = None  # the hires pass "off (as set)" was said for
         self.batch_key: tuple | None = None
         self.reported = 0

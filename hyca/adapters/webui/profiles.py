@@ -27,7 +27,7 @@ from ...profiles.compare import TARGET_WORDS, compare_profiles
 from ...profiles.io import ProfileError, model_class_of
 from ...profiles.profile import Profile
 from ...profiles.settings import RunSettings
-from ..samplers import profile_for_renoising
+from ..samplers import Renoising, profile_for_renoising
 from .adapter import Adapter
 from .fingerprint import fingerprint
 from .processing import lora_label
@@ -66,7 +66,7 @@ def nothing_forecast(adapter: Adapter, model: torch.nn.Module, why: str = "the s
     return Chosen(profile, f"none ({why})")
 
 
-def for_sampler(chosen: Chosen, adapter: Adapter, model: torch.nn.Module, reason: str | None,
+def for_sampler(chosen: Chosen, adapter: Adapter, model: torch.nn.Module, reason: Renoising | None,
                 say: Callable[[str], None]) -> Chosen:
     """``chosen``, or on a sampler that re-noises every step (``reason``) in place of a profile
     that forecasts the model output or the head's input, plain reuse of the residuals, said
