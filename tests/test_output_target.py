@@ -130,3 +130,49 @@ def test_the_probe_keeps_to_a_target_when_asked(target):
     assert profile.metadata.get("target", "residual") == target
     names = [t["name"] for t in profile.metadata["selection"]["closed_loop"]["trials"]]
     assert all(n.startswith("output") == (target == "output") for n in names)
+
+
+@pytest.mark.parametrize("solver", ["reuse", "taylor-1", "taylor-2", "bdf2"])
+def test_forecasting_the_heads_input_gives_the_image_of_forecasting_the_model_output(solver):
+    """Why the probe leaves the output head's tracks out where it tries the model output: the
+    head is a Linear (a linear map away from the model output), and a solver's weights sum to
+    one, so ``proj_out(sum w x) = sum w proj_out(x)``: with the guard off (it judges in each
+    target's own space) both targets sample the same image, up to float rounding."""
+    model, inputs = tiny_flux(), Inputs()
+    head = head_of(model, family_of(model))
+    channels = head.out_features
+    images = {}
+    for target, dim in (("output", head.in_features), ("model_output", channels)):
+        profile = Profile.uniform(solver, 1, dim)
+        profile.metadata["target"] = target
+        hyca.enable(model, profile=profile, interval=INTERVAL, warmup=WARMUP, guard=False)
+        try:
+            images[target] = euler_sample(model, inputs, STEPS)[0]
+            assert hyca.stats(model)[0].forecast > 0
+        finally:
+            hyca.disable(model)
+    full = euler_sample(model, inputs, STEPS)[0]
+    assert (images["output"] - full).abs().max() > 1e-3  # forecasts made a difference
+    torch.testing.assert_close(images["output"], images["model_output"], rtol=1e-4, atol=1e-5)
+
+
+def test_the_output_head_is_tried_only_where_the_model_output_is_not():
+    """By default the closed loop tries the model output's tracks and not the head's; a host
+    that offers the head alone (no model output) still gets the head's tracks."""
+    from hyca.adapters.diffusers.probe import TransformerHost
+    from hyca.probing import probe_host
+    from hyca.profiles.settings import RunSettings
+
+    model, inputs = tiny_flux(), Inputs()
+    host = TransformerHost(model, lambda: euler_sample(model, inputs, STEPS), STEPS)
+    schedule = Schedule(interval=INTERVAL, warmup=WARMUP)
+
+    def names() -> set[str]:
+        profile = probe_host(host, RunSettings(steps=STEPS), schedule, progress=False, candidates=("reuse", "taylor-1"))
+        return {t["name"] for t in profile.metadata["selection"]["closed_loop"]["trials"]}
+
+    both = names()
+    assert "model:eq5" in both and "eq5" in both and not any(n.startswith("output") for n in both), both
+    host.model_output = False
+    head_only = names()
+    assert "output:eq5" in head_only and not any(n.startswith("model") for n in head_only), head_only

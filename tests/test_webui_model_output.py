@@ -202,7 +202,8 @@ def test_the_real_probe_offers_and_can_keep_the_model_output(isolated, capsys):
         cached, p = f.run(args(True, 2, WARMUP, profile="automatic"), steps=STEPS)
     saved_profile, = (isolated / "cache").glob("*.safetensors")
     names = [trial["name"] for trial in load_profile(saved_profile).metadata["selection"]["closed_loop"]["trials"]]
-    assert {"model:eq5", "model,lite:eq5", "output:eq5", "eq5"} <= set(names), names  # every target, scored
+    assert {"model:eq5", "model,lite:eq5", "eq5"} <= set(names), names  # both default targets, scored
+    assert not [n for n in names if n.startswith("output")], names  # the head's: the model output's linear image
     assert "HyCa steps" in p.extra_generation_params
 
 

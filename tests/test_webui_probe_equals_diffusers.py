@@ -115,7 +115,7 @@ def test_webui_probe_chooses_as_the_diffusers_probe_on_the_same_input(pipe, isol
     assert ours["branches"] == theirs["branches"] == (["cond", "uncond"] if guidance > 1 else ["cond"])
     names = [t["name"] for t in theirs["closed_loop"]["trials"]]
     assert [t["name"] for t in ours["closed_loop"]["trials"]] == names and len(names) > 12
-    assert "output:eq5" in names  # the output head's track, on both sides
+    assert "output:eq5" in names  # the output head's track, on both sides (no model output offered: module doc)
     assert ours["closed_loop"]["chosen"] == theirs["closed_loop"]["chosen"]
     assert torch.equal(webui.dim_solvers(), diffusers.dim_solvers())
     assert webui.metadata.get("first_interval") == diffusers.metadata.get("first_interval")

@@ -15,7 +15,9 @@ level with the best), and the best over a restricted candidate set (the first tr
 the blocks' residuals on the plain schedule; single solvers only, any track; each track's
 eq. 5 and the short-history singles :data:`hyca.probing.SINGLES`, the probe's default
 candidates since they were measured here: the recorded trials approximate it, their other
-tracks having tried the best three singles of the whole pool).
+tracks having tried the best three singles of the whole pool); the same without the output
+head's tracks (``output...``: the default where the host offers the model output, of which
+the head is a linear map), and without the short starts too.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def _single(name: str) -> str | None:
     return name.split("uniform:", 1)[1].removesuffix(",no-guard") if "uniform:" in name else None
 
 
+def _default(scored: selection.Scored) -> bool:
+    """Among the probe's default candidates: each track's eq. 5 and the singles of :data:`SINGLES`."""
+    return scored.name.endswith("eq5") or _single(scored.name) in SINGLES
+
+
 def _restricted(keep: Callable[[selection.Scored], bool]) -> Rule:
     return lambda scored: selection.pick([s for s in scored if keep(s)] or scored, selection.BEST)
 
@@ -55,7 +62,10 @@ RULES: dict[str, Rule] = {
     "first track only": _restricted(lambda s: s.track == 0),
     "single solvers only": _restricted(lambda s: "uniform:" in s.name),
     "no refinements": _restricted(lambda s: "->" not in s.name),
-    "eq. 5 and SINGLES": _restricted(lambda s: s.name.endswith("eq5") or _single(s.name) in SINGLES),
+    "eq. 5 and SINGLES": _restricted(_default),
+    "eq. 5 and SINGLES, no output head": _restricted(lambda s: _default(s) and not s.name.startswith("output")),
+    "eq. 5 and SINGLES, no output head, no short starts": _restricted(
+        lambda s: _default(s) and not s.name.startswith(("output", "start", "model,start"))),
 }
 
 

@@ -29,8 +29,9 @@ class ProbeHost(Protocol):
 
     Optional: ``output_head: bool`` (read with ``getattr``, default False): the host can
     record and forecast the output head's input (an engine whose ``target`` is
-    ``"output"``, one block), so the probe also tries that target. ``model_output: bool``
-    (default False): likewise for the model's output (target ``"model_output"``, one
+    ``"output"``, one block), so the probe can try that target: when asked for by name, or
+    where the host offers no model output (the head maps its input linearly to that output).
+    ``model_output: bool`` (default False): likewise for the model's output (target ``"model_output"``, one
     block of output channels: the host records its model call's output at computed steps
     and returns the engine's forecast in its place at skip steps)."""
 
