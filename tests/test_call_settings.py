@@ -210,3 +210,35 @@ def test_a_schedule_that_forecasts_the_last_step_keeps_its_own_cached_profile(tm
     assert len(probes) == 2
     names = sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors"))
     assert len(names) == 2 and sum(n.endswith("-nolast.safetensors") for n in names) == 1, names
+
+
+def test_a_first_use_probe_that_fails_does_not_fail_the_call_and_is_said(tmp_path, monkeypatch):
+    """A probe for the call's settings that raises (a recording it could not make, memory)
+    leaves the call to the profile ``hyca.enable`` found, on its off-settings path, said in
+    the log and the stats, once per settings: the same image as that profile given by name.
+    (A helper's custom sigmas made the probe fail, and with it every call at those settings.)"""
+    from hyca.profiles.sources import shipped_dir
+    from hyca.reference import load_pipeline
+
+    no_profiles_but_a_cache(tmp_path, monkeypatch)
+    monkeypatch.setenv("HYCA_PROFILES", str(shipped_dir()))  # the shipped profiles stay a source
+    tried = stand_in_probes(monkeypatch, lambda pipe, options: (_ for _ in ()).throw(RuntimeError("boom")))
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    hyca.enable(pipe, interval=4, warmup=3)
+    made_for = hooks.root_hook(pipe.transformer).engine.profile  # what hyca.enable found: a shipped profile
+
+    def call(p):
+        return p("a red circle", num_inference_steps=12, seed=0, output_type="pt").images
+
+    first, second = call(pipe), call(pipe)
+    assert len(tried) == 1  # once per settings, not on every call
+    (stats,) = hyca.stats(pipe)
+    said = [n for n in stats.notes if "the probe for 12 steps" in n]
+    assert said and "failed (RuntimeError: boom)" in said[0] and stats.off_settings is not None
+    named = load_pipeline()
+    named.set_progress_bar_config(disable=True)
+    hyca.enable(named, profile=made_for, interval=4, warmup=3)
+    expected = call(named)
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)

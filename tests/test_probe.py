@@ -275,3 +275,41 @@ def test_a_probe_of_no_pixels_is_refused(size):
 
     with pytest.raises(ValueError, match="must be a positive number of pixels"):
         probe(tiny_components(seed=0), steps=6, interval=2, warmup=1, **size)
+
+
+@pytest.mark.parametrize("names, guided", [(("cond", "uncond"), False), ((None, None), False),
+                                           (("cond", "uncond"), True), ((None, None), True)])
+def test_a_schedule_that_repeats_a_sigma_is_recorded_step_by_step(names, guided):
+    """A custom schedule may repeat a sigma (a helper's ``sigmas=`` with four equal values made
+    the first-use probe fail: consecutive calls at one timestep were taken for one step). The
+    recording of such a run equals the recording of the same run with the repeats moved by
+    1e-7 (distinct timesteps, which were always recorded step by step)."""
+    model, inputs, other = tiny_flux(), Inputs(seed=1), Inputs(seed=7)
+    repeated = sigmas(STEPS)[:STEPS].clone()
+    repeated[5:8] = repeated[4]
+    nudged = repeated.clone()
+    nudged[5:8] -= 1e-7 * torch.arange(1, 4)
+
+    def loop(window):
+        def velocity(m, x, sigma, step):
+            def call(name, inp):
+                if name is None:
+                    return inp.call(m, x, window[step])
+                with m.cache_context(name):
+                    return inp.call(m, x, window[step])
+
+            out = call(names[0], inputs)
+            if guided:
+                uncond = call(names[1], other)
+                out = uncond + 2.0 * (out - uncond)
+            return out
+
+        return lambda: euler_sample(model, inputs, STEPS, velocity)
+
+    guidance = 2.0 if guided else None
+    profiles = [probe_transformer(model, loop(w), STEPS, interval=INTERVAL, warmup=WARMUP, progress=False,
+                                  selection="eq5", guidance_scale=guidance) for w in (repeated, nudged)]
+    errors = [p.metadata["selection"]["replay_error"]["uniform"] for p in profiles]
+    for name in ("reuse", "taylor-1", "bdf2"):
+        assert errors[0][name] == pytest.approx(errors[1][name], rel=1e-3), name
+    assert profiles[0].metadata["selection"]["branches"] == (["cond", "uncond"] if guided else ["cond"])

@@ -100,6 +100,9 @@ class HybridCache:
         self.off_settings = off_settings
         self._expected: OffSettings | None = None  # set by expect: applied to every branch at its step 0
         self._compute_all: str | None = None  # set by expect: why every step of the runs computes
+        #: what every run of this engine says at its step 0 (log once, each run's stats): set by
+        #: the host that made it (a probe for the run's settings that failed, say)
+        self.run_notes: tuple[str, ...] = ()
         #: what the host can tell about the run in progress beyond the engine's own view (the
         #: scheduler's shift, a guidance scale the pipeline keeps); set by the host at step 0
         self.host_run = RunSettings()
@@ -178,6 +181,8 @@ class HybridCache:
                 self._take_path(state, self._expected, log=False)
             if self._compute_all is not None:
                 self._say(state, self._compute_all)
+            for message in self.run_notes:
+                self._say(state, message)
         self.branches.began(state)
         if state.step == 1 and self._forecasts(state):  # (a run that forecasts nothing: said at step 0)
             if self.compare_settings:

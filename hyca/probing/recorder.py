@@ -138,7 +138,8 @@ class SketchRecorder:
     def begin_step(self, state: Any, position: float | None, signature: tuple | None,
                    total_steps: int | None = None, step: int | None = None) -> bool:
         state.computing = True
-        new_step = position is None or position != self._position or not self._pending
+        new_step = (position is None or position != self._position or not self._pending
+                    or self._recorded_here(state))
         if new_step:
             self._flush()
             self._position, self._calls_here = position, 0
@@ -207,6 +208,16 @@ class SketchRecorder:
         return [replay.result() for replay in self.replays[1:]]
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def _recorded_here(self, state: Any) -> bool:
+        """Whether the call beginning now is the sampler's next step at the same timestep (a
+        schedule that repeats a sigma): its named branch was already recorded at this
+        timestep, or (unnamed calls) every call one step makes here was made."""
+        context = getattr(self.states, "_context", None)
+        if context is not None:
+            return {self.branch: "cond", self.uncond_branch: "uncond"}.get(context.name) in self._sketches
+        calls_per_step = 2 if self.guidance_scale is not None and self.batched_guidance is None else 1
+        return self._calls_here >= calls_per_step
 
     def _role_of(self, state: Any) -> str | None:
         """"cond", "uncond" or None (not recorded) for the call beginning now."""

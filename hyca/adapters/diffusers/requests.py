@@ -64,6 +64,8 @@ class Chooser:
     probe: Callable[[RunSettings, Any], Callable[[], Profile] | None]
     resolve: Callable[[torch.nn.Module, Callable[[], Profile] | None, RunSettings], Profile]
     chosen: dict[RunSettings, Profile] = field(default_factory=dict)
+    #: settings whose first-use probe failed: what their runs say (they use ``template``'s profile)
+    failed: dict[RunSettings, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     enabled_on: Any = None  # weak reference to the transformer hyca.enable hooked (set by intercept)
 
@@ -89,7 +91,10 @@ class Chooser:
                 profile = self.template.profile
             elif profile is None:
                 profile = self.chosen[run] = self._choose(transformer, run, pipe)
-        return self.engine_of(profile)
+        engine = self.engine_of(profile)
+        if run in self.failed:
+            engine.run_notes = (self.failed[run],)
+        return engine
 
     def known(self, transformer: torch.nn.Module, run: RunSettings) -> Profile | None:
         """The profile made for ``run`` without probing (a call that cannot probe: another
@@ -144,6 +149,10 @@ class Chooser:
             profile = self.resolve(transformer, self.probe(run, pipe), run)
         except ProfileError:
             return self.template.profile
+        except Exception as error:  # noqa: BLE001 - a probe that failed must not fail the user's call
+            self.failed[run] = (f"the probe for {run.describe()} failed ({type(error).__name__}: {error}); calls at "
+                                f"these settings use {self.template.profile.source or 'the profile hyca.enable found'}")
+            return self.template.profile  # (said by each of their runs: engine_for)
         if profile.source != self.template.profile.source:  # once per settings: chosen[run] remembers it
             logger.info("HyCa: %s: calls at %s use profile %s (in place of %s, which hyca.enable named)",
                         type(transformer).__name__, run.describe(), profile.source, self.template.profile.source)
