@@ -107,6 +107,27 @@ def test_a_profile_a_probe_replaces_is_not_said_to_be_used(dirs, fp):
     assert found.source == "cache" and any("it is used at N=7" in w for w in found.warnings)
 
 
+def test_a_profile_for_given_sigmas_is_not_taken_for_the_schedulers_own(dirs, fp):
+    """A run told without ``sigmas`` samples its scheduler's own schedule (the app, a pipeline
+    call): a cached profile chosen for custom sigmas at the same step count differs from it and
+    is probed past (a helper's app run took one without a word); ``own_sigmas=False`` (the
+    schedule unknown) still takes it."""
+    from hyca.profiles.settings import RunSettings
+
+    sigmas = (1.0, 0.8, 0.5, 0.3, 0.1)
+    custom = RunSettings(steps=5, sigmas=sigmas, interval=2, warmup=1)
+    save_profile(random_profile(fp, seed=1, interval=2, chosen_for=custom.to_json()),
+                 dirs["cache"] / profile_filename(fp, 2, custom))
+    own = RunSettings(steps=5, interval=2, warmup=1)
+    made = Probe(random_profile(fp, seed=2, interval=2, chosen_for=own.to_json()))
+    found = resolve_profile(fp, run=own, probe=made, probe_if_mismatched=True, warn=False)
+    assert found.source == "probe" and made.calls == 1
+    found.path.unlink()
+    found = resolve_profile(fp, run=own, warn=False)  # no probe: the closest, what differs said
+    assert found.source == "cache" and any("sigmas" in d for d in found.differences), found.differences
+    assert resolve_profile(fp, run=own, warn=False, own_sigmas=False).differences == []
+
+
 def test_interval_specific_file_is_preferred(dirs, fp):
     general = save_profile(random_profile(fp, seed=1, interval=5), dirs["cache"] / profile_filename(fp))
     specific = save_profile(random_profile(fp, seed=2, interval=6), dirs["cache"] / profile_filename(fp, 6))

@@ -131,7 +131,7 @@ def base_profile(state: dict[str, Any], model: LoadedModel, s: compare.Settings,
     if fits(slot["settings"].get(key), model):
         return slot["settings"][key], named("session profile", slot["settings"][key])
     resolved = resolve_profile(
-        diffusers_fingerprint(model.transformer), run=key[0], probe_if_mismatched=True,
+        diffusers_fingerprint(model.transformer), run=key[0], probe_if_mismatched=True, own_sigmas=True,
         probe=lambda: probe_locked(model, None, s.steps, s.interval, s.warmup, 4, "none", progress))
     slot["settings"][key] = resolved.profile
     set_current(state, model, resolved.profile)

@@ -284,7 +284,7 @@ def _try_hub(repo: str, names: list[str], fp: Mapping[str, Any], interval: int |
 def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_repo: str | None = DEFAULT,
                     hub_filename: str | None = None, interval: int | None = None, run: RunSettings | None = None,
                     probe: Callable[[], Profile] | None = None, probe_if_mismatched: bool = False,
-                    own_sigmas: bool = False,
+                    own_sigmas: bool = True,
                     cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
                     hub_endpoint: str | None = None, hub_token: str | bool | None = None,
                     hub_cache_dir: str | os.PathLike | None = None, warn: bool | Callable[[str], None] = True,
@@ -296,9 +296,10 @@ def resolve_profile(model: Any, *, path: str | os.PathLike | None = None, hub_re
     still differs is in the result's ``differences``). ``probe``: zero-argument callable
     making a profile when no source has one (or, with ``probe_if_mismatched``, when the
     closest one was made for other settings); without it, finding nothing raises
-    :class:`ProfileError`. ``own_sigmas``: a run without ``sigmas`` samples on its
+    :class:`ProfileError`. ``own_sigmas`` (default): a run without ``sigmas`` samples on its
     scheduler's own schedule, so a profile chosen for given sigmas differs from it and the
-    other way round (:func:`~hyca.profiles.settings.differences`). ``offline``: skip the network (the Hub cache is still read);
+    other way round (:func:`~hyca.profiles.settings.differences`); False: the run's schedule
+    is not known, and a profile for any sigmas at its step count is as good as exact. ``offline``: skip the network (the Hub cache is still read);
     default: huggingface_hub's offline mode. ``warn``: raise each warning as a
     :class:`UserWarning` as well as listing it in the result's ``warnings`` (a callable: hand
     it each warning as it happens; False: list only).
