@@ -128,6 +128,26 @@ def test_a_profile_for_given_sigmas_is_not_taken_for_the_schedulers_own(dirs, fp
     assert resolve_profile(fp, run=own, warn=False, own_sigmas=False).differences == []
 
 
+def test_a_profile_under_a_name_of_the_users_choosing_is_found_by_its_header(dirs, fp):
+    """Names only order the search (docs/profiles.md): a file the user named
+    ``my-profile.safetensors`` in $HYCA_PROFILES or the cache, chosen for the run's settings,
+    is used (it was skipped without a word, and a duplicate probed); one made for another
+    model under such a name stays out, without a warning (folders are shared by models)."""
+    from hyca.profiles.settings import RunSettings
+
+    run = RunSettings(steps=20, interval=4, warmup=3)
+    mine = save_profile(random_profile(fp, seed=3, interval=4, chosen_for=run.to_json()),
+                        dirs["extra"] / "my-profile.safetensors")
+    other_fp = {**fp, "config_sha256": "0" * 64}
+    save_profile(random_profile(other_fp, seed=4, interval=4, chosen_for=run.to_json()),
+                 dirs["extra"] / "aaa-other-model.safetensors")
+    made = Probe(random_profile(fp, seed=5, interval=4))
+    found = resolve_profile(fp, run=run, probe=made, probe_if_mismatched=True, warn=False)
+    assert found.path == mine and found.differences == [] and made.calls == 0 and found.warnings == []
+    mine.rename(dirs["cache"] / "mine.safetensors")
+    assert resolve_profile(fp, run=run, warn=False).path == dirs["cache"] / "mine.safetensors"
+
+
 def test_interval_specific_file_is_preferred(dirs, fp):
     general = save_profile(random_profile(fp, seed=1, interval=5), dirs["cache"] / profile_filename(fp))
     specific = save_profile(random_profile(fp, seed=2, interval=6), dirs["cache"] / profile_filename(fp, 6))

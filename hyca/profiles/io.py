@@ -247,14 +247,20 @@ def _hyca_header(path: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
     return header
 
 
-def model_class_of(path: Path) -> str | None:
-    """The model class a profile file was made for (its fingerprint's ``class``), from its
-    header alone; None when the file is no readable profile."""
+def fingerprint_of(path: Path) -> Mapping[str, Any] | None:
+    """The model fingerprint a profile file was made for, from its header alone; None when
+    the file is no readable profile or names no model."""
     try:
         fingerprint = _hyca_header(path, read_raw_header(path)).get("fingerprint")
     except ProfileError:
         return None
-    found = fingerprint.get("class") if isinstance(fingerprint, Mapping) else None
+    return fingerprint if isinstance(fingerprint, Mapping) else None
+
+
+def model_class_of(path: Path) -> str | None:
+    """The model class a profile file was made for (its fingerprint's ``class``), from its
+    header alone; None when the file is no readable profile."""
+    found = (fingerprint_of(path) or {}).get("class")
     return found if isinstance(found, str) else None
 
 

@@ -42,7 +42,8 @@ from typing import Any
 from . import fingerprint as fpmod
 from .compare import TARGET_WORDS
 from .hub import HubError, download_file, hub_offline, hub_repo_id
-from .io import ProfileError, model_fingerprint, read_profile, read_raw_header, save_profile, settings_header
+from .io import (ProfileError, fingerprint_of, model_fingerprint, read_profile, read_raw_header, save_profile,
+                 settings_header)
 from .names import model_prefix, profile_filename
 from .profile import Profile
 from .settings import RunSettings, differences, mismatch_cost
@@ -120,11 +121,23 @@ def candidate_names(fp: Mapping[str, Any], interval: int | None, run: RunSetting
 
 
 def _model_files(folder: Path, fp: Mapping[str, Any], names: list[str]) -> list[Path]:
-    """The exact names that exist, then every other profile file of the model in ``folder``."""
+    """The exact names that exist, then every other profile file of the model in ``folder``:
+    those named for it, then those named otherwise whose header names this model (a user's
+    ``-o my-profile.safetensors``: names only order the search)."""
+    if not folder.is_dir():
+        return []
     exact = [folder / n for n in names if (folder / n).is_file()]
-    others = sorted(p for p in folder.glob(f"{model_prefix(fp)}*.safetensors") if p not in exact) \
-        if folder.is_dir() else []
-    return exact + others
+    prefix = model_prefix(fp)
+    named = sorted(p for p in folder.glob(f"{prefix}*.safetensors") if p not in exact)
+    renamed = [p for p in sorted(folder.glob("*.safetensors"))
+               if not p.name.startswith(prefix) and p.is_file() and _made_for(p, fp)]
+    return exact + named + renamed
+
+
+def _made_for(path: Path, fp: Mapping[str, Any]) -> bool:
+    """Whether the profile file at ``path`` names the model ``fp`` in its header."""
+    found = fingerprint_of(path)
+    return found is not None and fpmod.mismatch(found, fp) is None
 
 
 def _settings_of(path: Path) -> RunSettings | None:
