@@ -400,7 +400,9 @@ def _add_push(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="profile file to upload (validated first)")
     p.add_argument("--repo", required=True, help="Hub repo id, e.g. your-name/hyca-profiles (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
-    p.add_argument("--path-in-repo", help="file name in the repo (default: <Class>-<config hash>.safetensors)")
+    p.add_argument("--path-in-repo", help="file name in the repo (default: the file's own name when it starts with "
+                                          "<Class>-<config hash>, as a probed file's does with its settings, e.g. "
+                                          "-n4-w3-s28-g1-sh1; else <Class>-<config hash>.safetensors)")
     p.add_argument("--message", help="commit message")
     _add_hub_auth(p)
 

@@ -308,6 +308,12 @@ def test_labels_out_of_range(tmp_path, saved):
     (lambda h: {**h, "fingerprint": {**h["fingerprint"], "blocks": {"x": -1}}}, "positive counts"),
     (lambda h: {**h, "solver_pool": {"version": 1, "names": "reuse"}}, "list of solver names"),
     (lambda h: {**h, "metadata": ["not", "a", "dict"]}, "'metadata' is"),
+    # the keys the engine runs by: a value it could not apply was ignored without a word
+    (lambda h: {**h, "metadata": {"target": "banana"}}, "target 'banana' in its metadata; HyCa forecasts one of"),
+    *[(lambda h, v=v: {**h, "metadata": {"first_interval": v}}, rf"first_interval {v!r} in its metadata")
+      for v in (-3, 0, 6, "two", 2.0, True)],
+    (lambda h: {**h, "metadata": {"skip_last": "yes"}}, "skip_last 'yes' in its metadata"),
+    (lambda h: {**h, "metadata": {"guard": 0}}, "guard 0 in its metadata"),
 ])
 def test_hostile_metadata(tmp_path, saved, edit, message):
     _, path = saved

@@ -302,6 +302,26 @@ def _check_fingerprint(fp: Any, where: str = "the fingerprint") -> None:
         raise ProfileError(f"{where} field 'hidden_size' must be positive, got {fp['hidden_size']}")
 
 
+def _check_run_keys(path: Path, metadata: Mapping[str, Any], interval: Any) -> None:
+    """The metadata keys the engine runs by (:mod:`hyca.engine.targets`, :class:`~hyca.engine.schedule.Schedule`):
+    a value the engine could not apply is a :class:`ProfileError` now, not a run that ignores it."""
+    from ..engine.targets import TARGETS
+
+    target = metadata.get("target")
+    if target is not None and target not in TARGETS:
+        raise ProfileError(f"{path}: corrupt profile: target {target!r} in its metadata; HyCa forecasts one of "
+                           f"{', '.join(TARGETS)}")
+    first = metadata.get("first_interval")
+    if first is not None:
+        whole = isinstance(first, int) and not isinstance(first, bool)
+        if not whole or first < 1 or (isinstance(interval, int) and first > interval):
+            raise ProfileError(f"{path}: corrupt profile: first_interval {first!r} in its metadata (the first "
+                               f"computed step after warm-up: a whole number from 1 to the interval N={interval})")
+    for key in ("skip_last", "guard"):
+        if key in metadata and not isinstance(metadata[key], bool):
+            raise ProfileError(f"{path}: corrupt profile: {key} {metadata[key]!r} in its metadata (true or false)")
+
+
 def _check_shapes(labels_shape: Any, solvers_shape: Any, fp: Mapping[str, Any], where: str = "profile",
                   target: Any = None) -> None:
     """A profile covers every block x hidden dim; one that forecasts the output head
@@ -390,6 +410,7 @@ def read_profile(path: str | os.PathLike, expected: Any = None, *,
         if t.dtype not in _INT_DTYPES:
             raise ProfileError(f"{path}: corrupt profile: {name} has dtype {t.dtype}, expected an integer dtype")
     extra_meta = header.get("metadata") if isinstance(header.get("metadata"), dict) else {}
+    _check_run_keys(path, extra_meta, header.get("interval"))
     _check_shapes(labels.shape, solvers.shape, fp, where=str(path), target=extra_meta.get("target"))
     labels, solvers = labels.to(torch.int64), solvers.to(torch.int64)
     if labels.min() < 0 or labels.max() >= solvers.shape[1]:
