@@ -25,6 +25,7 @@ from hyca.adapters.diffusers.fingerprint import fingerprint
 from hyca.adapters.diffusers.probe import _hooked
 from hyca.engine.cache import HybridCache
 from hyca.engine.schedule import Schedule
+from hyca.profiles import Profile
 from hyca.profiles.settings import RunSettings
 
 from profile_helpers import no_profiles_but_a_cache, random_profile, stand_in_probes
@@ -354,3 +355,31 @@ def test_probing_a_model_in_training_mode_names_the_cause(tmp_path, monkeypatch)
         hyca.probe(pipe, height=64, width=64, steps=8, interval=2, warmup=1, clusters=2, progress=False,
                    selection="eq5", **conditioning())
     assert hooks.root_hook(pipe.transformer) is None  # nothing of the probe's left behind
+
+
+@pytest.mark.parametrize("sigmas", [
+    [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.6, 0.4, 0.3, 0.2, 0.1, 0.05],  # moves back up once (a restart-style bump)
+    [1.0, 0.9, 0.8, 0.7, 0.7, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],  # repeats one
+])
+def test_a_call_whose_own_sigmas_move_back_or_repeat_is_one_run(sigmas):
+    """One pipeline call is one run, whatever its sigmas do: a schedule that revisits a noise
+    level was split in two mid-call (a helper's stats read "7 of 16 steps" for a 28-step
+    call, a fresh warm-up spent in the middle). The counts are the schedule's plan for the
+    call's step count, and the image equals the same engine driven by hand over the call's steps."""
+    pipe = tiny_pipeline(tiny_flux())
+    schedule = Schedule(interval=3, warmup=2)
+    hyca.enable(pipe, profile="taylor-1", interval=3, warmup=2)
+
+    def call(p):
+        return p(**conditioning(), sigmas=sigmas, num_inference_steps=len(sigmas), height=32, width=32,
+                 generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    cached = call(pipe)
+    (stats,) = hyca.stats(pipe)
+    plan = schedule.plan(len(sigmas))
+    assert (stats.computed, stats.forecast) == (sum(plan), len(plan) - sum(plan)), stats.describe()
+    hyca.disable(pipe)
+    by_hand = HybridCache(Profile.uniform("taylor-1", 5, 32), schedule)
+    with _hooked(pipe.transformer, by_hand, len(sigmas)):  # the probe's hooks: step by step, no run splitting
+        expected = call(pipe)
+    torch.testing.assert_close(cached, expected, rtol=0, atol=0)

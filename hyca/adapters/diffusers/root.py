@@ -270,13 +270,16 @@ class HyCaRoot(HookChain, OutputTargets):
             return None
         if signature != state.signature:
             return "the input shape changed"
-        if run.token is not None and state.run is not None and run.token() is not state.run():
+        same_schedule = run.token is not None and state.run is not None and run.token() is state.run()
+        if run.token is not None and state.run is not None and not same_schedule:
             return "a new schedule"
         if state.total_steps is not None and state.step >= state.total_steps:
             return "the previous run was complete"
         if index is not None and state.last_index is not None and index < state.last_index:
             return "the step index went back"
-        if position is not None and state.last_position is not None:
+        # on the same schedule object, unfinished, a timestep that moves back is the schedule's own
+        # (custom sigmas that revisit a noise level): one run, as the pipeline call is one
+        if position is not None and state.last_position is not None and not same_schedule:
             back = position > state.last_position if direction == "down" else position < state.last_position
             if back or (position == state.first_position and state.step > 0):
                 return "the timestep went back"
