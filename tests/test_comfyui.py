@@ -208,3 +208,32 @@ def test_bypassed_node_and_interval_one_are_bit_identical(family):
     every_step = hyca(patcher, Settings(enabled=True, interval=1, warmup=1, profile="FORA (reuse)", guard=False))
     assert torch.equal(harness.sample(every_step, pos, neg, noise, steps=6, cfg=2.5), before)
     assert not torch.equal(harness.sample(patched, pos, neg, noise, steps=6, cfg=2.5), before)
+
+
+class CountingReference(ReuseReference):
+    """:class:`ReuseReference` placing each call by its branch's count of calls (Euler: one
+    call per branch and step), not by its sigma: right for any schedule, also one that
+    repeats or revisits a sigma."""
+
+    def _place(self, options: dict, img: torch.Tensor) -> tuple[tuple, int]:
+        branch = (tuple(options["cond_or_uncond"]), tuple(img.shape))
+        counts = self.__dict__.setdefault("_counts", {})
+        counts[branch] = counts.get(branch, -1) + 1
+        return branch, counts[branch]
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5], ids=["cfg-off", "cfg-on"])
+def test_custom_sigmas_that_repeat_or_go_back_up_count_every_step(family, cfg, capsys):
+    """A SIGMAS input of the user's own (SamplerCustom) that repeats a sigma and goes back up
+    once: every step is a step (they were merged into earlier ones), as a reference that
+    counts calls gives it."""
+    name, patcher = family
+    sigmas = torch.tensor([1.0, 0.8, 0.6, 0.6, 0.4, 0.5, 0.3, 0.15, 0.0])
+    pos, neg = _prompts(name, (1,))
+    noise = harness.latent(name, 0)
+    reference = CountingReference(patcher, name, COMPUTED_8)
+    expected = harness.sample(reference.model, pos, neg, noise, cfg=cfg, sigmas=sigmas)
+    got = harness.sample(hyca(patcher), pos, neg, noise, cfg=cfg, sigmas=sigmas)
+    assert reference.calls_skipped > 0
+    assert relative_error(got, expected) < 1e-4
+    assert "4 of 8 steps computed, 4 forecast" in capsys.readouterr().out

@@ -66,9 +66,10 @@ def test_neo_flux_forecast_steps_match_the_reference_and_the_probe_sees_real_res
     assert (cached.images[0] - plain.images[0]).abs().max() > 1e-2
     assert p.extra_generation_params["HyCa steps"] == "5 computed, 5 forecast"
     blocks = [value for target, value in seen if target == "residual"]
-    head = [value for target, value in seen if target == "output"]  # the output-head track's recording
+    # the model output's recording (the head's input is recorded only when asked for: probe._SUBSUMED_BY_MODEL_OUTPUT)
+    outputs = [value for target, value in seen if target == "model_output"]
     assert len(blocks) == 10 * 2 * 5 and min(blocks) > 0  # 10 steps x 2 branches (CFG 3) x 5 blocks, none zero
-    assert len(head) == 10 * 2 and min(head) > 0  # the head's input, once per step and branch
+    assert len(outputs) == 10 * 2 and min(outputs) > 0  # the model call's output, once per step and branch
 
 
 def test_block_that_starts_writing_in_place_is_a_failure_not_a_zero_residual(monkeypatch, capsys):

@@ -53,6 +53,22 @@ def test_heun_calls_are_steps_by_sigma_not_by_count():
     assert s.stats().steps.computed == 3 and s.stats().steps.forecast == 2
 
 
+@pytest.mark.parametrize("hints", [[None], [(0,), (1,)]], ids=["one branch", "cond and uncond"])
+def test_a_schedule_that_repeats_or_revisits_a_sigma_counts_every_step(hints):
+    """Custom sigmas (ComfyUI's SIGMAS input) may repeat a value or go back up: each
+    first-order step is its own step (they were taken for calls at a fraction of an earlier step)."""
+    schedule = [1.0, 0.8, 0.5, 0.5, 0.25, 0.4, 0.1, 0.0]
+    s = session(schedule)
+    calls = [(sigma, hint) for sigma in schedule[:-1] for hint in hints]
+    got = run_calls(s, calls)
+    for hint_index in range(len(hints)):
+        mine = got[hint_index::len(hints)]
+        assert [g[0] for g in mine] == list(range(7)) and all(g[2] for g in mine)
+        assert len({g[3] for g in mine}) == 1
+    # interval 2, warm-up 1, 7 steps, last computed: steps 0, 2, 4, 6 compute
+    assert [g[1] for g in got[::len(hints)]] == [True, False, True, False, True, False, True]
+
+
 def test_split_branches_get_their_own_state_even_with_repeats():
     s = session()
     calls = [(1.0, (0,)), (1.0, (1,)), (0.8, (0,)), (0.8, (1,)), (0.8, (0,)), (0.8, (1,))]

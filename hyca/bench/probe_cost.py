@@ -124,16 +124,25 @@ def flux_call_tflops(side_px: int = 256, text_tokens: int = 512) -> float:
     return counted.get_total_flops() / 1e12
 
 
-def flux_probe_calls(steps: int = 28, interval: int = 5, warmup: int = 3) -> tuple[int, int]:
-    """Transformer calls of the default probe on a guidance-distilled FLUX (one branch, one
-    prompt): two recordings (residuals, output head's input) plus the fewest and the most
-    cached runs the closed loop makes (residual track: eq. 5, 11 singles, a refinement per
-    other solver eq. 5 uses, up to 10; output track, one block of 4 clusters: eq. 5, 3
-    singles, up to 3 refinements; no short start at these settings)."""
-    from hyca.engine.schedule import Schedule
+def probe_block_calls(steps: int = 28, interval: int = 5, warmup: int = 3) -> tuple[int, int]:
+    """Computed transformer calls of the default probe (``hyca.probe`` with its defaults, no
+    guidance, as on guidance-distilled FLUX.1-dev), counted on the reference model: calls
+    that enter the first block (recordings and cached runs' computed steps; a skip step's
+    call runs no block, and a model-output candidate's none of the transformer). The count
+    depends on the schedule and on which candidates run, not on the model's size. Returns
+    the calls and the images each call carries (the calibration samples)."""
+    from hyca.probing import CALIBRATION_SAMPLES
+    from hyca.reference import load_pipeline
 
-    computed = sum(bool(c) for c in Schedule(interval=interval, warmup=warmup).plan(steps))
-    return 2 * steps + (12 + 4) * computed, 2 * steps + (22 + 7) * computed
+    pipe = load_pipeline()
+    calls = []
+    handle = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda module, args: calls.append(1))
+    try:
+        hyca.probe(pipe, steps=steps, interval=interval, warmup=warmup, progress=False)
+    finally:
+        handle.remove()
+    return len(calls), CALIBRATION_SAMPLES
 
 
 def main() -> int:
@@ -148,9 +157,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/probe_cost.md"))
     args = parser.parse_args()
     if args.flops:
-        per_call, (fewest, most) = flux_call_tflops(), flux_probe_calls()
-        print(f"FLUX.1-dev 256 px: {per_call:.2f} TFLOPs per call; default probe {fewest}-{most} calls, "
-              f"{fewest * per_call / 1000:.2f}-{most * per_call / 1000:.2f} PFLOPs")
+        torch.set_num_threads(1)
+        per_call, (calls, images) = flux_call_tflops(), probe_block_calls()
+        print(f"FLUX.1-dev 256 px: {per_call:.2f} TFLOPs per image and call; the default probe (28 steps, N=5, "
+              f"warm-up 3, no guidance) makes {calls} computed calls of {images} images each: "
+              f"{calls * images * per_call / 1000:.2f} PFLOPs")
         return 0
     torch.set_num_threads(1)
     from hyca.reference import load_pipeline

@@ -99,12 +99,13 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-5 * max(1.0, abs(a), abs(b))
 
 
-def step_of(sigma: float, schedule: list[float]) -> tuple[int, float] | None:
+def step_of(sigma: float, schedule: list[float], start: int = 0) -> tuple[int, float] | None:
     """Step ``k`` with ``s_k >= sigma > s_{k+1}`` and the fraction of the way from
-    ``s_k`` to ``s_{k+1}``; ``None`` when ``sigma`` lies outside the schedule."""
-    if not schedule or sigma > schedule[0] and not _close(sigma, schedule[0]):
+    ``s_k`` to ``s_{k+1}``, the first from step ``start`` on; ``None`` when ``sigma`` lies
+    outside the schedule (from ``start``)."""
+    if not schedule or start == 0 and sigma > schedule[0] and not _close(sigma, schedule[0]):
         return None
-    for k in range(len(schedule) - 1):
+    for k in range(start, len(schedule) - 1):
         high, low = schedule[k], schedule[k + 1]
         if _close(sigma, high):
             return k, 0.0
@@ -118,6 +119,7 @@ class Branch:
     state: BranchState
     step: int = -1              # the pass step this branch last began
     decision: bool = True       # whether that step computes
+    sigma: float | None = None  # the sigma of its last call
 
 
 @dataclass
@@ -181,9 +183,19 @@ class PassSession:
     def total_steps(self) -> int | None:
         return len(self.schedule) - 1 if self.schedule else None
 
-    def locate(self, sigma: float) -> tuple[int, float]:
+    def locate(self, sigma: float, branch: Branch | None = None) -> tuple[int, float]:
+        """The step (and fraction of it) of a call at ``sigma``. With the branch it comes from,
+        searched from the branch's step on, so a schedule of its own that repeats a sigma
+        (``s_{k+1} = s_k``) or revisits one counts each step: the branch's call at its step's
+        sigma again is the next step when the schedule repeats that sigma there (a Heun
+        step's call after its correction, at the same sigma, is not)."""
         if self.schedule is not None:
-            found = step_of(sigma, self.schedule)
+            start = max(branch.step, 0) if branch is not None else 0
+            if (branch is not None and branch.sigma is not None and _close(sigma, branch.sigma)
+                    and 0 <= branch.step < len(self.schedule) - 2
+                    and _close(self.schedule[branch.step], sigma) and _close(self.schedule[branch.step + 1], sigma)):
+                start = branch.step + 1
+            found = step_of(sigma, self.schedule, start) or step_of(sigma, self.schedule)
             if found is not None:
                 return found
             logger.warning("HyCa: sigma %.6g is not on this pass's schedule; counting steps by sigma instead", sigma)
@@ -224,7 +236,8 @@ class PassSession:
             sigma = float(torch.as_tensor(sigma).flatten()[0])
             key = (hint, tuple(x.shape)) + ((ids,) if ids is not None else ())
             branch = self._branch_for(sigma, key)
-            step, fraction = self.locate(sigma)
+            step, fraction = self.locate(sigma, branch)
+            branch.sigma = sigma
             began = step > branch.step
             if began:  # steps are counted by sigma, not by calls
                 branch.decision = self.engine.begin_step(branch.state, sigma, key, self.total_steps,
