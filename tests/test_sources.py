@@ -38,6 +38,7 @@ def dirs(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "shipped_dir", lambda: d["shipped"])
     monkeypatch.setenv("HYCA_CACHE", str(d["cache"]))
     monkeypatch.setenv("HYCA_HUB_REPO", "none")
+    monkeypatch.setattr(sources, "_TOLD_ONCE", set())  # what is said once per process: said afresh per test
     return d
 
 
@@ -208,6 +209,15 @@ def test_offline_skips_the_hub_with_one_warning(dirs, fp, monkeypatch):
     with pytest.warns(UserWarning, match=r"offline mode \(HF_HUB_OFFLINE=1\)"):
         found = resolve_profile(fp, probe=probe, hub_cache_dir=dirs["hf"])
     assert found.source == "probe" and len(found.warnings) == 1 and REPO in found.warnings[0]
+    # a deliberately offline user hears it once per process, not at every new setting; the
+    # result still lists it
+    import warnings
+
+    found.path.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = resolve_profile(fp, probe=probe, hub_cache_dir=dirs["hf"], interval=7)
+    assert again.source == "probe" and len(again.warnings) == 1 and "offline mode" in again.warnings[0]
 
 
 def test_offline_still_reads_a_prepopulated_hub_cache(dirs, fp, hub, monkeypatch, tmp_path):

@@ -164,12 +164,22 @@ class _Log:
         self.messages: list[str] = []
         self.warn = warn
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, message: str, once: str | None = None) -> None:
+        """``once``: a key told once per process (later lookups list the message only): the
+        Hub skipped in offline mode, which a deliberately offline user need not hear at every
+        new setting."""
         self.messages.append(message)
+        if once is not None:
+            if once in _TOLD_ONCE:
+                return
+            _TOLD_ONCE.add(once)
         if callable(self.warn):
             self.warn(message)
         elif self.warn:
             warnings.warn(message, UserWarning, stacklevel=caller_stacklevel())
+
+
+_TOLD_ONCE: set[str] = set()
 
 
 def caller_stacklevel() -> int:
@@ -287,7 +297,10 @@ def _try_hub(repo: str, names: list[str], fp: Mapping[str, Any], interval: int |
             return found
     cut_off = [err for err in misses if err.kind != "no-file"]
     if cut_off:
-        log(f"{cut_off[0]}; trying the next source")
+        offline = all(err.kind == "offline" for err in cut_off)
+        log(f"{cut_off[0]}; trying the next source" + ("" if not offline else
+            " (said once per process; every later lookup in offline mode skips the Hub alike)"),
+            once=f"offline:{repo}" if offline else None)
     elif misses:
         log(f"Hub repo {repo} has no profile for {fpmod.describe(fp)} (looked for {', '.join(names)}); "
             "trying the next source")
