@@ -188,7 +188,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
             raise CLIError(f"{type(pipe.scheduler).__name__} has no shift setting")
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=args.shift)
     settings = {k: getattr(args, k) for k in ("prompt", "height", "width", "steps", "interval", "warmup", "clusters",
-                                              "seed", "positions", "selection", "candidates", "singles")
+                                              "seed", "positions", "selection", "candidates", "singles", "target")
                 if getattr(args, k) is not None}
     try:
         profile = probe(pipe, shared=args.shared, progress=True, **settings, **extra)
@@ -368,6 +368,9 @@ def _add_probe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--singles", type=_names, metavar="NAMES",
                    help="comma-separated candidates the closed loop also tries alone, every cluster on one "
                         "solver (default: reuse,taylor-1,taylor-2,am2,bdf2; with --candidates: every candidate)")
+    p.add_argument("--target", choices=["residual", "output", "model_output"],
+                   help="what the profile forecasts (default: the closed loop chooses between the blocks' "
+                        "residuals and the model output; output: the output head's input, tried only when named)")
     p.add_argument("--shared", action="store_true", help="one labelling for all blocks")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16 for diffusers models on a GPU, else float32)")

@@ -229,6 +229,27 @@ def test_probe_takes_candidates_and_singles_as_comma_lists(tmp_path, capsys):
     assert err.value.code == 2 and "unknown solver 'taylor-9'; known solvers:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("target", ["output", "residual"])
+def test_probe_keeps_to_the_target_named(tmp_path, capsys, target):
+    """--target output probes the output head's input, which the default no longer tries (it
+    tries the model output, a linear map away); the profile forecasts what was named, and
+    `show` says so."""
+    reference = pytest.importorskip("hyca.reference")
+    reference.tiny_components().save_pretrained(tmp_path / "ref")
+    out = tmp_path / "p.safetensors"
+    assert main(["probe", "--model", str(tmp_path / "ref"), "--prompt", "a red circle", "--height", "32",
+                 "--width", "32", "--steps", "8", "--interval", "3", "--warmup", "2", "--clusters", "2",
+                 "--candidates", "reuse,taylor-1", "--target", target, "-o", str(out)]) == 0
+    profile = load_profile(out)
+    assert profile.metadata.get("target", "residual") == target
+    names = [t["name"] for t in profile.metadata["selection"]["closed_loop"]["trials"]]
+    assert all(n.startswith("output") == (target == "output") for n in names), names
+    capsys.readouterr()
+    assert main(["show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert ("output head's input" in shown) == (target == "output"), shown
+
+
 def test_probe_without_output_saves_to_the_cache_where_lookup_finds_it(tmp_path, capsys, monkeypatch):
     """No -o: the profile goes to $HYCA_CACHE (not the shipped profiles/ folder, which would
     outrank the cache), under the name the lookup tries first for its settings."""
