@@ -224,6 +224,30 @@ def test_a_deep_copy_of_an_enabled_pipeline_runs_uncached_and_says_so(caplog):
     torch.testing.assert_close(request(pipe, *REQUESTS[0]), cached, rtol=0, atol=0)
 
 
+def test_a_transformer_set_to_none_after_enable_leaves_stats_disable_and_reset_working():
+    """``pipe.transformer = None`` (to free memory) after hyca.enable: stats, is_enabled,
+    reset and disable raised TypeError and the old transformer kept HyCa's hooks, so putting
+    it back ran cached after "disable"."""
+    pipe = server()[0]
+    old = pipe.transformer
+    plain = CASES["flux"].build()
+    plain.set_progress_bar_config(disable=True)
+    full = request(plain, *REQUESTS[0])
+    assert not torch.equal(request(pipe, *REQUESTS[0]), full)  # cached: the comparison can tell
+    pipe.transformer = None
+    (said,) = hyca.stats(pipe)
+    assert said.total == 0 and "was replaced after hyca.enable" in said.describe()
+    assert not hyca.is_enabled(pipe)
+    hyca.reset(pipe)
+    hyca.disable(pipe)
+    assert hooks.root_hook(old) is None
+    pipe.transformer = old
+    torch.testing.assert_close(request(pipe, *REQUESTS[0]), full, rtol=0, atol=0)
+    assert hyca.stats(pipe) == [] and not hyca.is_enabled(pipe)
+    with pytest.raises(TypeError, match="neither a transformer nor a pipeline with one"):
+        hyca.stats(pipe.__class__.__new__(pipe.__class__))  # a pipeline never enabled, with no transformer
+
+
 def test_a_transformer_replaced_after_enable_is_said_and_disable_removes_hyca_from_both(caplog):
     """``pipe.transformer = other`` after hyca.enable: the new one runs uncached (said once);
     hyca.disable(pipe) also takes HyCa off the transformer it was enabled on (a helper put it

@@ -35,8 +35,8 @@ def named_transformers(target: Any) -> list[tuple[str, torch.nn.Module]]:
     if isinstance(target, torch.nn.Module):
         return [(TRANSFORMER_ATTRIBUTES[0], target)]
     found = [(a, getattr(target, a)) for a in TRANSFORMER_ATTRIBUTES if getattr(target, a, None) is not None]
-    if not found:
-        raise TypeError(f"{type(target).__name__} is neither a transformer nor a pipeline with one")
+    if not found and not requests.enabled_through(target):  # (an enabled pipeline whose transformer was set
+        raise TypeError(f"{type(target).__name__} is neither a transformer nor a pipeline with one")  # to None)
     return found
 
 
@@ -410,8 +410,9 @@ def stats(target: Any) -> list[RunStats]:
     has no steps and a note that says so."""
     out = []
     swapped = requests.replaced(target) if not isinstance(target, torch.nn.Module) else {}
-    for attribute, transformer in named_transformers(target):
-        hook = hooks.root_hook(transformer)
+    held = dict(named_transformers(target))
+    for attribute in [*held, *(a for a in swapped if a not in held)]:  # (set to None: in swapped only)
+        hook = hooks.root_hook(held[attribute]) if attribute in held else None
         if hook is not None:
             out.append(hook.latest_stats())
         elif attribute in swapped:
@@ -419,12 +420,15 @@ def stats(target: Any) -> list[RunStats]:
     return out
 
 
-
 def is_enabled(target: Any) -> bool:
     """Whether HyCa will cache the next run: its hooks are in every block's forward chain
     (any that another library unwrapped are put back first), they serve this transformer (not
-    the original of a ``copy.deepcopy``, which runs uncached) and no other cache is on."""
-    for transformer in transformers_of(target):
+    the original of a ``copy.deepcopy``, which runs uncached) and no other cache is on. False
+    for a pipeline that holds no transformer now."""
+    transformers = transformers_of(target)
+    if not transformers:
+        return False
+    for transformer in transformers:
         hook = hooks.root_hook(transformer)
         if (hook is None or not hook.serves(hooks._uncompiled(transformer)) or not hook.live(transformer)
                 or hooks.other_cache(transformer) is not None):

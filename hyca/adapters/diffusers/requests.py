@@ -384,6 +384,11 @@ def engine_for_other_pipeline(transformer: torch.nn.Module, pipe: Any, steps: in
     return chooser.engine_of(profile), note
 
 
+def enabled_through(pipe: Any) -> bool:
+    """Whether ``hyca.enable`` was called on the pipeline ``pipe`` (and not disabled since)."""
+    return not isinstance(pipe, torch.nn.Module) and CONTROLLER in getattr(pipe, "__dict__", {})
+
+
 def replaced(pipe: Any) -> dict[str, torch.nn.Module]:
     """The transformers ``hyca.enable`` hooked through ``pipe`` that the pipeline no longer
     holds (``pipe.transformer = other`` since), still hooked with that enable's settings, by
