@@ -224,16 +224,22 @@ def test_a_deep_copy_of_an_enabled_pipeline_runs_uncached_and_says_so(caplog):
     torch.testing.assert_close(request(pipe, *REQUESTS[0]), cached, rtol=0, atol=0)
 
 
-def test_a_transformer_set_to_none_after_enable_leaves_stats_disable_and_reset_working():
-    """``pipe.transformer = None`` (to free memory) after hyca.enable: stats, is_enabled,
-    reset and disable raised TypeError and the old transformer kept HyCa's hooks, so putting
-    it back ran cached after "disable"."""
+def enabled_and_full():
+    """An enabled server pipeline that has run cached, its transformer, an unpatched twin and
+    the twin's full-compute image of the first request."""
     pipe = server()[0]
-    old = pipe.transformer
     plain = CASES["flux"].build()
     plain.set_progress_bar_config(disable=True)
     full = request(plain, *REQUESTS[0])
     assert not torch.equal(request(pipe, *REQUESTS[0]), full)  # cached: the comparison can tell
+    return pipe, pipe.transformer, plain, full
+
+
+def test_a_transformer_set_to_none_after_enable_leaves_stats_disable_and_reset_working():
+    """``pipe.transformer = None`` (to free memory) after hyca.enable: stats, is_enabled,
+    reset and disable raised TypeError and the old transformer kept HyCa's hooks, so putting
+    it back ran cached after "disable"."""
+    pipe, old, plain, full = enabled_and_full()
     pipe.transformer = None
     (said,) = hyca.stats(pipe)
     assert said.total == 0 and "was replaced after hyca.enable" in said.describe()
@@ -254,12 +260,7 @@ def test_a_transformer_replaced_after_enable_is_said_and_disable_removes_hyca_fr
     back after disable and still got cached images)."""
     import copy
 
-    pipe = server()[0]
-    old = pipe.transformer
-    plain = CASES["flux"].build()
-    plain.set_progress_bar_config(disable=True)
-    full = request(plain, *REQUESTS[0])
-    assert not torch.equal(request(pipe, *REQUESTS[0]), full)  # cached: the comparison can tell
+    pipe, old, plain, full = enabled_and_full()
     pipe.transformer = copy.deepcopy(plain.transformer)
     with caplog.at_level("WARNING", logger="hyca"):
         torch.testing.assert_close(request(pipe, *REQUESTS[0]), full, rtol=0, atol=0)
