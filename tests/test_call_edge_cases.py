@@ -360,6 +360,9 @@ def test_probing_a_model_in_training_mode_names_the_cause(tmp_path, monkeypatch)
 @pytest.mark.parametrize("sigmas", [
     [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.6, 0.4, 0.3, 0.2, 0.1, 0.05],  # moves back up once (a restart-style bump)
     [1.0, 0.9, 0.8, 0.7, 0.7, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],  # repeats one
+    [0.5, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05],  # comes back to its first sigma
+    [1.0, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05],  # repeats its first
+    [0.7] * 10,
 ])
 def test_a_call_whose_own_sigmas_move_back_or_repeat_is_one_run(sigmas):
     """One pipeline call is one run, whatever its sigmas do: a schedule that revisits a noise

@@ -228,7 +228,7 @@ def test_custom_sigmas_that_repeat_or_go_back_up_count_every_step(family, cfg, c
     once: every step is a step (they were merged into earlier ones), as a reference that
     counts calls gives it."""
     name, patcher = family
-    sigmas = torch.tensor([1.0, 0.8, 0.6, 0.6, 0.4, 0.5, 0.3, 0.15, 0.0])
+    sigmas = torch.tensor([1.0, 1.0, 0.8, 0.6, 0.6, 0.4, 0.5, 0.3, 0.0])  # its first sigma repeated, too
     pos, neg = _prompts(name, (1,))
     noise = harness.latent(name, 0)
     reference = CountingReference(patcher, name, COMPUTED_8)

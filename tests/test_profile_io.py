@@ -314,6 +314,10 @@ def test_labels_out_of_range(tmp_path, saved):
       for v in (-3, 0, 6, "two", 2.0, True)],
     (lambda h: {**h, "metadata": {"skip_last": "yes"}}, "skip_last 'yes' in its metadata"),
     (lambda h: {**h, "metadata": {"guard": 0}}, "guard 0 in its metadata"),
+    (lambda h: {**h, "metadata": {"compute_last": "x"}}, "compute_last 'x' in its metadata"),
+    (lambda h: {**h, "metadata": {"positions": "bogus"}}, "positions 'bogus' in its metadata"),
+    (lambda h: {**h, "metadata": {"chosen_for": "x"}}, "chosen_for 'x' in its metadata"),
+    (lambda h: {**h, "metadata": {"chosen_for": {"interval": 4}}}, "N=4 in its settings but N=5 in its header"),
 ])
 def test_hostile_metadata(tmp_path, saved, edit, message):
     _, path = saved

@@ -154,13 +154,16 @@ class HybridCache:
     def begin_step(self, state: BranchState, position: float | None, signature: tuple,
                    total_steps: int | None = None, step: int | None = None) -> bool:
         """Decide whether this step runs the blocks. Resets the branch when the input
-        shape changes (batch or resolution) or the sampler is back at its first position
-        (a new generation that nobody reset). ``step``: the host's step index, when it
-        counts steps itself (see :class:`~hyca.engine.contract.Engine`)."""
+        shape changes (batch or resolution) or, for a host that gives no ``step``, the
+        sampler is back at its first position (a new generation that nobody reset).
+        ``step``: the host's step index, when it counts steps or tells generations apart
+        itself (see :class:`~hyca.engine.contract.Engine`)."""
         if step is not None:
             state.step = step
+        # back at the run's first position: a new generation nobody reset, unless the host tells
+        # generations apart itself (it gives ``step``), where a schedule of its own may revisit it
         if state.step > 0 and (signature != state.signature or
-                               (position is not None and position == state.first_position)):
+                               (step is None and position is not None and position == state.first_position)):
             state.reset()
         if state.step == 0:
             if self.branches.left_over(state):

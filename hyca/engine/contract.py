@@ -94,8 +94,11 @@ class Engine(Protocol):
                    total_steps: int | None = None, step: int | None = None) -> bool:
         """Begin a step of ``state``'s branch at ``position`` (sigma or timestep; None when
         the host has none) for inputs of ``signature`` (shape facts; a change starts a new
-        generation). ``step``: the host's step index when it counts steps itself (a WebUI
-        counts by sigma, and a pass may begin past step 0); None: the engine counts calls.
+        generation). ``step``: the host's step index when it counts steps or tells
+        generations apart itself (a WebUI counts by sigma, and a pass may begin past step 0;
+        diffusers' root hook ends a run on a new schedule, and a schedule of a call's own may
+        come back to its first sigma); None: the engine counts calls, and a call back at the
+        run's first position begins a new generation.
         Returns whether the blocks run (True) or the step is forecast (False)."""
         ...
 

@@ -116,6 +116,9 @@ def build_header(profile: Profile, model: Any = None, *, interval: int | None = 
     _check_fingerprint(fp)
     _check_shapes(profile.labels.shape, profile.solvers.shape, fp, target=meta.get("target"))
     extra = {k: v for k, v in meta.items() if k not in STRUCTURED + DERIVED}
+    chosen_for = extra.get("chosen_for")
+    if interval is not None and isinstance(chosen_for, Mapping) and chosen_for.get("interval") not in (None, interval):
+        extra["chosen_for"] = {**chosen_for, "interval": interval}  # the argument overrides it there too
     from .. import __version__
 
     header = {
@@ -317,9 +320,20 @@ def _check_run_keys(path: Path, metadata: Mapping[str, Any], interval: Any) -> N
         if not whole or first < 1 or (isinstance(interval, int) and first > interval):
             raise ProfileError(f"{path}: corrupt profile: first_interval {first!r} in its metadata (the first "
                                f"computed step after warm-up: a whole number from 1 to the interval N={interval})")
-    for key in ("skip_last", "guard"):
+    for key in ("skip_last", "guard", "compute_last"):
         if key in metadata and not isinstance(metadata[key], bool):
             raise ProfileError(f"{path}: corrupt profile: {key} {metadata[key]!r} in its metadata (true or false)")
+    positions = metadata.get("positions")
+    if positions is not None and positions not in ("step", "sigma"):
+        raise ProfileError(f"{path}: corrupt profile: positions {positions!r} in its metadata (step or sigma)")
+    chosen_for = metadata.get("chosen_for")
+    if chosen_for is not None and not isinstance(chosen_for, Mapping):
+        raise ProfileError(f"{path}: corrupt profile: chosen_for {chosen_for!r} in its metadata (the settings it was "
+                           "chosen for, a mapping)")
+    told = chosen_for.get("interval") if isinstance(chosen_for, Mapping) else None
+    if told is not None and isinstance(interval, int) and told != interval:
+        raise ProfileError(f"{path}: corrupt profile: chosen for interval N={told} in its settings but N={interval} "
+                           "in its header; the file contradicts itself")
 
 
 def _check_shapes(labels_shape: Any, solvers_shape: Any, fp: Mapping[str, Any], where: str = "profile",

@@ -143,7 +143,7 @@ class HyCaRoot(HookChain, OutputTargets):
                 if not self._told_unknown:
                     self._told_unknown = True
                     logger.warning("HyCa: %s", message)
-        states.engine.begin_step(state, position, signature, run.total)
+        states.engine.begin_step(state, position, signature, run.total, state.step)  # runs told apart above
         states.may_skip = self._may_skip(states, state, args, kwargs)
         state.run = run.token if state.run is None else state.run
         state.last_position, state.last_index = position, index

@@ -213,7 +213,10 @@ class PassSession:
                 self._first_sigma = sigma
         ordinal = self._ordinals.get(key, 0)
         self._ordinals[key] = ordinal + 1
-        slot = ordinal % self._per_key[key] if key in self._per_key else ordinal
+        if len(key) > 2:  # named by the conditioning's ids (ComfyUI): the same ids again is the same branch, at
+            slot = 0      # a sigma the schedule repeats its next step (:meth:`locate`)
+        else:
+            slot = ordinal % self._per_key[key] if key in self._per_key else ordinal
         branch_key = (key, slot)
         if branch_key not in self._branches:
             self._branches[branch_key] = Branch(self.engine.new_state())
