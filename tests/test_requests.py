@@ -251,7 +251,14 @@ def test_a_transformer_set_to_none_after_enable_leaves_stats_disable_and_reset_w
     torch.testing.assert_close(request(pipe, *REQUESTS[0]), full, rtol=0, atol=0)
     assert hyca.stats(pipe) == [] and not hyca.is_enabled(pipe)
     with pytest.raises(TypeError, match="neither a transformer nor a pipeline with one"):
-        hyca.stats(pipe.__class__.__new__(pipe.__class__))  # a pipeline never enabled, with no transformer
+        hyca.stats(object())
+    never = CASES["flux"].build()  # a pipeline never enabled, its transformer set to None: False, not a crash
+    never.transformer = None
+    assert not hyca.is_enabled(never) and hyca.stats(never) == []
+    hyca.reset(never)
+    hyca.disable(never)
+    with pytest.raises(TypeError, match=r"transformer is None"):
+        hyca.enable(never, interval=INTERVAL)
 
 
 def test_a_transformer_replaced_after_enable_is_said_and_disable_removes_hyca_from_both(caplog):

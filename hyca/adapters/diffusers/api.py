@@ -29,15 +29,20 @@ PROBE_STEPS = 28
 logger = logging.getLogger("hyca")
 
 
-def named_transformers(target: Any) -> list[tuple[str, torch.nn.Module]]:
+def named_transformers(target: Any, holding: bool = False) -> list[tuple[str, torch.nn.Module]]:
     """``(attribute, transformer)`` for a transformer itself (named ``"transformer"``) or
-    for every transformer a pipeline holds (Wan 2.2 A14B has two)."""
+    for every transformer a pipeline holds (Wan 2.2 A14B has two): none for a pipeline whose
+    transformer is set to None (to free memory), unless ``holding`` (``hyca.enable``: it
+    needs one). ``TypeError`` for anything else."""
     if isinstance(target, torch.nn.Module):
         return [(TRANSFORMER_ATTRIBUTES[0], target)]
     found = [(a, getattr(target, a)) for a in TRANSFORMER_ATTRIBUTES if getattr(target, a, None) is not None]
-    if not found and not requests.enabled_through(target):  # (an enabled pipeline whose transformer was set
-        raise TypeError(f"{type(target).__name__} is neither a transformer nor a pipeline with one")  # to None)
-    return found
+    if found:
+        return found
+    if not holding and (requests.enabled_through(target) or hasattr(target, TRANSFORMER_ATTRIBUTES[0])):
+        return []
+    held = f" ({type(target).__name__}.transformer is None)" if hasattr(target, TRANSFORMER_ATTRIBUTES[0]) else ""
+    raise TypeError(f"{type(target).__name__} is neither a transformer nor a pipeline with one{held}")
 
 
 def transformers_of(target: Any) -> list[torch.nn.Module]:
@@ -280,7 +285,7 @@ def enable(
     if beyond is not None:
         logger.warning("HyCa: %s (hyca.recommended_settings(pipe, %d) picks one)", beyond, steps)
     engines, choosers = [], []
-    for attribute, transformer in named_transformers(target):
+    for attribute, transformer in named_transformers(target, holding=True):
         _check_not_compiled(transformer, attribute)
         family = family_of(transformer)
         found = hooks.other_cache(transformer)
@@ -350,7 +355,7 @@ def _check_run(guard: Any, steps: Any, guidance: Any, profile: Any, target: Any)
                                  or not math.isfinite(guidance) or guidance < 0):
         raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance) or None, got {guidance!r}")
     if isinstance(profile, Mapping):
-        names = {attribute for attribute, _ in named_transformers(target)}
+        names = {attribute for attribute, _ in named_transformers(target, holding=True)}
         unknown = sorted(set(profile) - names)
         if unknown:
             raise KeyError(f"profile has entries for {unknown}, which this target does not have; its transformers "

@@ -393,7 +393,7 @@ def replaced(pipe: Any) -> dict[str, torch.nn.Module]:
     """The transformers ``hyca.enable`` hooked through ``pipe`` that the pipeline no longer
     holds (``pipe.transformer = other`` since), still hooked with that enable's settings, by
     the pipeline attribute that held them."""
-    controller = pipe.__dict__.get(CONTROLLER)
+    controller = getattr(pipe, "__dict__", {}).get(CONTROLLER)
     out = {}
     for chooser in controller.choosers if controller is not None else ():
         enabled_on = chooser.hooked()
