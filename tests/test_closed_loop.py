@@ -104,6 +104,22 @@ def test_no_solver_outside_the_candidates_runs_not_even_a_peers_strategy():
     assert chosen.solver_names() == ["reuse"]
 
 
+def test_the_plan_told_after_the_first_track_is_the_number_of_trials():
+    """``on_plan`` gives a progress bar its total once the first track has run: without
+    refinements or screening exactly the trials the choice makes (a track's peer strategies
+    that are among the best singles already are not counted twice; a helper saw 41 shrink to 35)."""
+    generate, reference = scripted({("reuse",): 0.3, ("taylor-1",): 0.1, ("taylor-2",): 0.05, ("am2",): 0.2,
+                                    ("am2", "taylor-2"): 0.15})
+    profile = mixed_profile()
+    lite = closed_loop.Track("model,lite:", closed_loop.with_metadata(profile, target="model_output"), 3,
+                             always=("reuse", "taylor-1", "taylor-2"), unguarded=("taylor-1", "taylor-2"))
+    told = []
+    _, trials, _ = closed_loop.choose([closed_loop.Track("", profile), lite], generate, reference,
+                                      [pool()[pool_names().index(n)] for n in ("reuse", "taylor-1", "taylor-2", "am2")],
+                                      refine=False, on_plan=told.append)
+    assert told == [len(trials)] and len(trials) == 1 + 4 + 1 + 4 + 2  # eq5, 4 singles; eq5, 3 best + reuse, 2
+
+
 def test_ties_keep_the_earlier_candidate():
     generate, reference = scripted({("am2", "taylor-2"): 0.3, ("reuse",): 0.3})
     assert closed_loop.choose(mixed_profile(), generate, reference, refine=False)[2] == "eq5"

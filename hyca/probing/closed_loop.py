@@ -163,7 +163,8 @@ def _run_track(track: Track, singles: Sequence[Solver], run: Callable[[Candidate
 def choose(tracks: Profile | Sequence[Track], generate: Callable[..., torch.Tensor], reference: torch.Tensor,
            solvers: Sequence[Solver] | None = None, refine: bool = True,
            on_trial: Callable[[Trial], None] | None = None, tolerance: str | float = selection.BEST,
-           screen: selection.Screen | None = None) -> tuple[Profile, list[Trial], str]:
+           screen: selection.Screen | None = None,
+           on_plan: Callable[[int], None] | None = None) -> tuple[Profile, list[Trial], str]:
     """Run every candidate through ``generate(profile) -> final output`` and keep the one
     nearest ``reference`` (the fully computed run's output, same prompt and seed).
 
@@ -181,8 +182,10 @@ def choose(tracks: Profile | Sequence[Track], generate: Callable[..., torch.Tens
     (:class:`~hyca.probing.selection.Screen`): every candidate runs on the screen's samples
     only, ``generate(profile, samples)`` with ``samples`` a tuple of indices into
     ``reference``'s batch, and the finalists on the rest; the greedy steps compare screened
-    scores. Returns the chosen profile, every trial (the finalists' again, on all samples),
-    and the winner's name.
+    scores. ``on_plan(trials)``: once the first track has run, how many trials the choice
+    makes in all (exact without refinements or screening, else at most), for a progress bar.
+    Returns the chosen profile, every trial (the finalists' again, on all samples), and the
+    winner's name.
     """
     tracks = [Track("", tracks)] if isinstance(tracks, Profile) else list(tracks)
     trials: list[Trial] = []
@@ -219,10 +222,17 @@ def choose(tracks: Profile | Sequence[Track], generate: Callable[..., torch.Tens
     scored = _run_track(tracks[0], everything, run, refine)
     ranked = sorted((pair for pair in scored if "uniform:" in pair[1].name), key=lambda pair: -pair[0])
     best_singles = [pool()[int(c.profile.solvers.flatten()[0])] for _, c in ranked]
-    for track_index, track in enumerate(tracks[1:], start=1):
+
+    def singles_of(track: Track) -> list[Solver]:
         singles = everything if track.singles is None else best_singles[:track.singles]
-        singles = [*singles, *(s for s in everything if s.name in track.always and s not in singles)]
-        _run_track(track, singles, run, refine)
+        return [*singles, *(s for s in everything if s.name in track.always and s not in singles)]
+
+    if on_plan is not None:  # the trials still to come are known now (refinements and finalists: at most)
+        on_plan(len(trials) + sum(1 + len(singles_of(t)) + len(t.unguarded)
+                                  + (len(torch.unique(t.eq5.solvers)) if refine else 0) for t in tracks[1:])
+                + (screen.finalists + 1 if screen is not None and screen.rest else 0))
+    for track_index, track in enumerate(tracks[1:], start=1):
+        _run_track(track, singles_of(track), run, refine)
     finalists = list(scored_by_name.values())
     if screen is not None and screen.rest:
         finalists = []

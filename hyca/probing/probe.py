@@ -434,8 +434,13 @@ def _closed_loop(host: ProbeHost, schedule: Schedule, positions: str, guard: boo
                 on_progress(_Progress.SHARE + (1 - _Progress.SHARE) * min(done, expected) / expected,
                             f"probe: closed-loop run {done} (of at most {expected})")
 
+        def plan(total: int) -> None:  # known once the first track ran: the bar's total from then on
+            nonlocal expected
+            expected = bar.total = max(total, done)
+            bar.refresh()
+
         chosen, trials, winner = closed_loop.choose(tracks, generate, reference, solvers, refine=refine, on_trial=tick,
-                                                    tolerance=tolerance, screen=screen)
+                                                    tolerance=tolerance, screen=screen, on_plan=plan)
         bar.total = done  # the most expected was an upper bound (runs shared, refinements not needed)
         bar.refresh()
     if on_progress is not None:  # fewer runs than the most expected: refinements that were not needed
