@@ -273,6 +273,27 @@ def test_every_family_reuses_its_model_output(name):
     assert sum(sum(c.ran) for c in children.values()) == sum(s.computed for s in stats)
 
 
+def test_a_model_whose_output_is_no_one_tensor_is_probed_without_that_track(caplog, tmp_path, monkeypatch):
+    """Z-Image returns one tensor per image: the model output's recording failed, and with it
+    every first-use probe of a Z-Image pipeline. Its candidates are left out, said once; the
+    probe keeps a residual profile; asking for that target still fails, naming why."""
+    from tiny_families import _embeds
+
+    monkeypatch.setenv("HYCA_CACHE", str(tmp_path))
+    pipe = CASES["zimage"].build()
+    call = dict(steps=8, interval=3, warmup=2, progress=False, height=64, width=64, guidance_scale=1.0,
+                prompt_embeds=[_embeds(16, 3)[0]], negative_prompt_embeds=[_embeds(16, 7)[0]])
+    with caplog.at_level("WARNING", logger="hyca"):
+        profile = hyca.probe(pipe, **call)
+    names = [t["name"] for t in profile.metadata["selection"]["closed_loop"]["trials"]]
+    assert names and not any(n.startswith("model") for n in names) and "eq5" in names
+    assert profile.metadata.get("target", "residual") == "residual"
+    assert "model_output" in profile.metadata["selection"]["left_out"]
+    assert [r for r in caplog.records if "leaving out the candidates that forecast the model output" in r.getMessage()]
+    with pytest.raises(RuntimeError, match="not one tensor"):
+        hyca.probe(pipe, target="model_output", **call)
+
+
 def test_probe_offers_the_model_output_track_and_keeps_to_it_when_asked():
     model, inputs = tiny_flux(), Inputs()
     loop = lambda: euler_sample(model, inputs, STEPS)  # noqa: E731

@@ -302,8 +302,16 @@ def probe_host(
                 continue
             started = time.perf_counter()
             starts = others + ((lite,) if name == "model_output" and lite is not None else ())
-            more, other_reports[name] = _target_tracks(host, name, recorder(1, None, starts), starts, clusters,
-                                                       shared, seed, n_init)
+            try:
+                more, other_reports[name] = _target_tracks(host, name, recorder(1, None, starts), starts, clusters,
+                                                           shared, seed, n_init)
+            except RuntimeError as error:  # e.g. Z-Image's model output, one tensor per image: no such track
+                if target == name:
+                    raise
+                logger.warning("HyCa probe: leaving out the candidates that forecast %s: %s", _DESCRIBED[name],
+                               str(error))
+                report.setdefault("left_out", {})[name] = str(error)
+                continue
             tracks += more
             timing[f"record_{name}_s"] = round(time.perf_counter() - started, 3)
         if not guard:  # every candidate runs without the guard already
