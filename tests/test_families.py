@@ -311,3 +311,39 @@ def test_sigma_positions(name, sigma_of):
     result = case.run(hyca_pipe, STEPS, cfg=True)
     torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4)
     assert (result - case.run(step_pipe, STEPS, cfg=True)).abs().max() > 1e-3  # the axis matters
+
+
+#: the guided call's extra arguments per family whose pipeline has classifier-free guidance
+#: (tests/tiny_families.py: ``cfg=True``); FLUX.2 (guidance-distilled) has none
+GUIDED = sorted(set(CASES) - {"flux2"})
+
+
+@pytest.mark.parametrize("name, guided", [(n, False) for n in sorted(CASES)] + [(n, True) for n in GUIDED])
+def test_the_closed_loop_probe_records_and_chooses_in_every_family(name, guided):
+    """The probe on each family's own pipeline call (recording, then every candidate's cached
+    run): it completes and records the branches the run has. Before this test, the probe of
+    two families failed outright: HunyuanVideo 1.5 names its passes as diffusers' guiders do
+    (pred_cond / pred_uncond) and recorded nothing; Z-Image's model output is one tensor per
+    image and its recording failed the whole probe. Wan 2.2 probes its first expert over the
+    steps it runs."""
+    from hyca.adapters.diffusers.probe import probe_transformer
+
+    case = CASES[name]
+    pipe = case.build()
+    run = (lambda: case.run(pipe, STEPS, cfg=True)) if guided else (lambda: case.run(pipe, STEPS))
+    steps = STEPS
+    if len(case.experts) > 1:  # the first expert runs the high-noise part of the steps
+        seen = []
+        handle = pipe.transformer.register_forward_pre_hook(lambda module, args: seen.append(1))
+        run()
+        handle.remove()
+        steps = len(seen) // (2 if guided else 1)
+    profile = probe_transformer(pipe.transformer, run, steps, interval=INTERVAL, warmup=WARMUP, progress=False,
+                                candidates=("reuse", "taylor-1"), guidance_scale=3.0 if guided else None)
+    selection = profile.metadata["selection"]
+    # eq. 5 and both singles on the residuals at least (Z-Image: no model-output track, said)
+    assert {"eq5", "uniform:reuse", "uniform:taylor-1"} <= {t["name"] for t in selection["closed_loop"]["trials"]}
+    assert set(selection.get("left_out", {})) == ({"model_output"} if name == "zimage" else set())
+    assert selection["branches"][0].startswith("cond")
+    if guided and name in SEPARATE_CFG | {"qwenimage-edit"}:  # separate calls: both branches recorded
+        assert selection["branches"] == ["cond", "uncond"]
