@@ -197,10 +197,9 @@ def test_few_step_defaults(steps, plan):
 
 def test_recommended_settings_scale_with_steps():
     pipe = CASES["wan2.2"].build()
-    assert hyca.recommended_settings(pipe.transformer, 28) == dict(interval=4, warmup=3, compute_last=True,
-                                                                   num_inference_steps=28)
+    assert hyca.recommended_settings(pipe.transformer, 28) == dict(interval=4, warmup=3, num_inference_steps=28)
     assert hyca.recommended_settings(pipe.transformer, 50)["interval"] == 5
-    assert hyca.recommended_settings(pipe, 16) == dict(interval=2, warmup=1, compute_last=True)  # two experts
+    assert hyca.recommended_settings(pipe, 16) == dict(interval=2, warmup=1)  # two experts; the last step: the profile's
     with pytest.raises(ValueError, match="num_inference_steps must be a positive integer"):
         hyca.recommended_settings(pipe, 0)
 

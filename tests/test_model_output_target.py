@@ -442,6 +442,25 @@ def test_compute_last_true_computes_the_last_step_of_a_lite_end_profile(compute_
     assert (LAST_FORECAST in stats.notes) == (compute_last is None)
 
 
+def test_recommended_settings_leave_the_last_step_to_the_profile_as_a_plain_enable_does():
+    """recommended_settings returned compute_last=True, so the README's path computed the last
+    step of a profile chosen with it forecast, where a plain enable (and the app) did not, with
+    no word (a helper: 10 of 28 steps computed against 9)."""
+    counts = []
+    for extra in (dict(interval=INTERVAL, warmup=WARMUP), None):
+        pipe = tiny_pipeline(tiny_flux())
+        profile = model_output_profile("taylor-1", first_interval=2, skip_last=True, interval=INTERVAL,
+                                       warmup=WARMUP, compute_last=True)
+        settings = extra if extra is not None else hyca.recommended_settings(pipe, 12)
+        settings = {**settings, "interval": INTERVAL, "warmup": WARMUP}  # the profile's N and warm-up
+        hyca.enable(pipe, profile=profile, guard=False, **settings)
+        pipe(num_inference_steps=12, height=32, width=32, output_type="latent",
+             generator=torch.Generator().manual_seed(0), **conditioning())
+        counts.append((hyca.stats(pipe)[0].computed, LAST_FORECAST in hyca.stats(pipe)[0].notes))
+        hyca.disable(pipe)
+    assert counts[0] == counts[1] and counts[0][1]
+
+
 def test_a_noise_replacing_scheduler_at_new_settings_probes_nothing(tmp_path, monkeypatch):
     """profile="auto" at settings without a profile: such a run computes every step, so no
     probe runs (a second README-only helper saw one run for 39 s and draw from the global
