@@ -646,6 +646,20 @@ def test_profiles_of_different_targets_are_said_to_be_incomparable():
     assert "ARI current vs previous profile" in h.describe_comparison(head, head, "previous profile")
 
 
+def test_an_ari_of_one_solver_profiles_says_their_clusters_change_nothing():
+    """Two profiles that each give every dimension one solver read "ARI 1.000 ... the same
+    solver for 0% of dimensions", as if the clusters mattered (a fourth helper); the line now
+    says they do not. A profile of several solvers gets no such words."""
+    from hyca.app import handlers as h
+    from hyca.profiles.profile import Profile
+
+    fora, taylor = Profile.uniform("reuse", 2, 8), Profile.uniform("taylor-1", 2, 8)
+    both = h.describe_comparison(fora, taylor, "file")
+    assert "ARI current vs file: **1.000**" in both and "The current and the file profiles give every" in both
+    mixed = Profile(torch.arange(16).reshape(2, 8) % 2, torch.tensor([[0, 1], [1, 2]]))
+    assert "one solver" not in h.describe_comparison(mixed, mixed, "file")
+
+
 def test_the_timed_order_alternates_between_requests_and_keeps_each_side_its_own(monkeypatch):
     """The run timed second was measured faster even where both do the same work (a
     fresh-eyes finding): requests alternate which side runs first; each side's image and

@@ -205,7 +205,9 @@ def report_markdown(n: dict[str, Any]) -> str:
     ]
     if "ari_vs_base" in n:
         lines.append(f"ARI of the LoRA profile vs the base profile: **{n['ari_vs_base']:.3f}** "
-                     "(1 = same clusters; the paper reports > 0.8, which is what makes reuse safe).")
+                     "(1 = same clusters; the paper reports > 0.8 between a model and its LoRA variants, which "
+                     "is what makes reuse safe; where a profile gives every dimension one solver its clusters "
+                     "change nothing it forecasts).")
     return "\n".join(lines)
 
 
@@ -280,8 +282,12 @@ def describe_comparison(a: Profile, b: Profile, what: str) -> str:
     except ProfileError as error:
         raise AppError(f"the current profile and the {what} cannot be compared: {error}") from error
     per_block = ", ".join(f"{v:.2f}" for v in cmp.ari_per_block)
+    single = [name for name, p in (("current", a), (what, b)) if len(set(p.solver_names())) == 1]
+    caveat = (f" The {' and the '.join(single)} profile{'s give' if len(single) > 1 else ' gives'} every dimension "
+              "one solver: its clusters change nothing it forecasts, so the ARI says nothing about it."
+              if single else "")
     return (f"ARI current vs {what}: **{cmp.ari_overall:.3f}** (per block: {per_block}); the same solver for "
-            f"{cmp.solver_agreement:.0%} of dimensions.")
+            f"{cmp.solver_agreement:.0%} of dimensions.{caveat}")
 
 
 def ari_vs_previous(state: dict[str, Any], model_key: str, custom: str | None) -> str:
