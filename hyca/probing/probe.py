@@ -55,9 +55,8 @@ _DESCRIBED = {"output": "the output head", "model_output": "the model output"}
 #: Targets the closed loop leaves out unless asked for by name where the host offers the model
 #: output: the output head is a linear map away from it (:attr:`hyca.adapters.diffusers.families.Family.head`),
 #: so a solver (a linear extrapolator whose weights sum to one) forecasts the same image on
-#: either, up to where the guard judges; its tracks cost one more recording and about eight
-#: runs. On the grid's recorded trials, picks on four samples without them carried over 0.03 dB
-#: better on average, worst cell -0.10 dB (``python -m hyca.bench.selection_transfer``).
+#: either, up to where the guard judges; its tracks cost one more recording and several runs.
+#: What leaving them out measured: docs/bench.md (``python -m hyca.bench.selection_transfer``).
 _SUBSUMED_BY_MODEL_OUTPUT = ("output",)
 #: Solvers the model-output tracks always try: the strategies of peers that forecast the
 #: model output (FORA-style reuse, diffusers' TaylorSeer lite orders 1 and 2).
