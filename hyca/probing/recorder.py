@@ -23,9 +23,10 @@ forecasts that beat reuse on each branch lose to it on the guided image). So bot
 branches are recorded and the step's sketch is that of the guided residual
 ``R_u + g (R_c - R_u)``: every solver is linear, so its forecast error on this
 combination is the combination of its errors on the branches. Branches are the contexts
-named ``branch`` and ``uncond_branch`` ("uncond"; diffusers' guiders name them ``pred_cond`` /
-``pred_uncond``), or the first and second unnamed call at a timestep; with ``batched_guidance`` ("uncond-first" or "cond-first", the order of
-the halves of a batched call such as SD3's) the halves of each residual. A step is
+named ``branch`` and ``uncond_branch`` ("uncond"; diffusers' guiders name them
+``pred_cond`` / ``pred_uncond``), or the first and second unnamed call at a timestep; with
+``batched_guidance`` ("uncond-first" or "cond-first", the order of the halves of a batched
+call such as SD3's) the halves of each residual. A step is
 complete when a call at another timestep begins, or at :meth:`finish`. A batch of several
 images is one sketch over all of them.
 
@@ -83,6 +84,11 @@ class SketchRecorder:
         self.num_blocks, self.steps, self.positions = num_blocks, steps, positions
         self.rows, self.spectral_rows, self.seed, self.branch = rows, spectral_rows, seed, branch
         self.uncond_branch = uncond_branch
+        #: context name -> role: ``branch`` / ``uncond_branch``, and the names diffusers' guiders
+        #: give the same passes (``diffusers/guiders``: ``_input_predictions`` "pred_cond" /
+        #: "pred_uncond", which HunyuanVideo 1.5's pipeline passes to ``cache_context``)
+        self._roles = {branch: "cond", uncond_branch: "uncond", f"pred_{branch}": "cond",
+                       f"pred_{uncond_branch}": "uncond"}
         guided = guidance_scale is not None and abs(float(guidance_scale) - 1.0) > 1e-9
         self.guidance_scale = float(guidance_scale) if guided else None
         self.batched_guidance = batched_guidance if guided else None
@@ -209,20 +215,13 @@ class SketchRecorder:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _roles(self) -> dict[str, str]:
-        """Context name -> role: ``branch`` / ``uncond_branch``, and the names diffusers' guiders
-        give the same passes (``diffusers/guiders``: ``_input_predictions`` "pred_cond" /
-        "pred_uncond", which HunyuanVideo 1.5's pipeline passes to ``cache_context``)."""
-        return {self.branch: "cond", self.uncond_branch: "uncond",
-                f"pred_{self.branch}": "cond", f"pred_{self.uncond_branch}": "uncond"}
-
     def _recorded_here(self, state: Any) -> bool:
         """Whether the call beginning now is the sampler's next step at the same timestep (a
         schedule that repeats a sigma): its named branch was already recorded at this
         timestep, or (unnamed calls) every call one step makes here was made."""
         context = getattr(self.states, "_context", None)
         if context is not None:
-            return self._roles().get(context.name) in self._sketches
+            return self._roles.get(context.name) in self._sketches
         calls_per_step = 2 if self.guidance_scale is not None and self.batched_guidance is None else 1
         return self._calls_here >= calls_per_step
 
@@ -230,7 +229,7 @@ class SketchRecorder:
         """"cond", "uncond" or None (not recorded) for the call beginning now."""
         context = getattr(self.states, "_context", None)
         if context is not None:
-            role = self._roles().get(context.name)
+            role = self._roles.get(context.name)
         else:  # unnamed: the first call at a timestep is cond, the second uncond
             role = {1: "cond", 2: "uncond"}.get(self._calls_here + 1)
         if role == "uncond" and self.guidance_scale is None or self.batched_guidance is not None and role != "cond":

@@ -308,6 +308,7 @@ def _check_fingerprint(fp: Any, where: str = "the fingerprint") -> None:
 def _check_run_keys(path: Path, metadata: Mapping[str, Any], interval: Any) -> None:
     """The metadata keys the engine runs by (:mod:`hyca.engine.targets`, :class:`~hyca.engine.schedule.Schedule`):
     a value the engine could not apply is a :class:`ProfileError` now, not a run that ignores it."""
+    from ..engine.cache import POSITION_AXES
     from ..engine.targets import TARGETS
 
     target = metadata.get("target")
@@ -324,8 +325,9 @@ def _check_run_keys(path: Path, metadata: Mapping[str, Any], interval: Any) -> N
         if key in metadata and not isinstance(metadata[key], bool):
             raise ProfileError(f"{path}: corrupt profile: {key} {metadata[key]!r} in its metadata (true or false)")
     positions = metadata.get("positions")
-    if positions is not None and positions not in ("step", "sigma"):
-        raise ProfileError(f"{path}: corrupt profile: positions {positions!r} in its metadata (step or sigma)")
+    if positions is not None and positions not in POSITION_AXES:
+        raise ProfileError(f"{path}: corrupt profile: positions {positions!r} in its metadata (one of "
+                           f"{', '.join(POSITION_AXES)})")
     chosen_for = metadata.get("chosen_for")
     if chosen_for is not None and not isinstance(chosen_for, Mapping):
         raise ProfileError(f"{path}: corrupt profile: chosen_for {chosen_for!r} in its metadata (the settings it was "

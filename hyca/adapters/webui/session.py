@@ -204,7 +204,7 @@ class PassSession:
             self._fallback_steps.append(sigma)
         return len(self._fallback_steps) - 1, 0.0
 
-    def _branch_for(self, sigma: float, key: Any) -> Branch:
+    def _branch_for(self, sigma: float, key: Any, named: bool = False) -> Branch:
         if self._sigma is None or not _close(sigma, self._sigma):
             if self._sigma is not None and self._first_sigma is not None and _close(self._sigma, self._first_sigma):
                 self._per_key.update({k: n for k, n in self._ordinals.items() if k not in self._per_key})
@@ -213,8 +213,8 @@ class PassSession:
                 self._first_sigma = sigma
         ordinal = self._ordinals.get(key, 0)
         self._ordinals[key] = ordinal + 1
-        if len(key) > 2:  # named by the conditioning's ids (ComfyUI): the same ids again is the same branch, at
-            slot = 0      # a sigma the schedule repeats its next step (:meth:`locate`)
+        if named:  # by the conditioning's ids (ComfyUI): the same ids again is the same branch (at a sigma
+            slot = 0  # the schedule repeats, its next step: :meth:`locate`)
         else:
             slot = ordinal % self._per_key[key] if key in self._per_key else ordinal
         branch_key = (key, slot)
@@ -238,7 +238,7 @@ class PassSession:
                 self._tell_schedule()
             sigma = float(torch.as_tensor(sigma).flatten()[0])
             key = (hint, tuple(x.shape)) + ((ids,) if ids is not None else ())
-            branch = self._branch_for(sigma, key)
+            branch = self._branch_for(sigma, key, named=ids is not None)
             step, fraction = self.locate(sigma, branch)
             branch.sigma = sigma
             began = step > branch.step
